@@ -1,0 +1,16 @@
+"""peft-ft: parameter-efficient fine-tuning of encoder and seq2seq models from TOML recipes."""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Heavy entry points are imported on first use so `import peft_ft` (and the CLI) stays instant.
+    if name == "load_run":
+        from peft_ft.run import load_run
+
+        return load_run
+    if name == "run":
+        from peft_ft.run import run
+
+        return run
+    raise AttributeError(f"module 'peft_ft' has no attribute {name!r}")

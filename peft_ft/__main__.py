@@ -1,0 +1,3 @@
+from peft_ft.cli import main
+
+raise SystemExit(main())

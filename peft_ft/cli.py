@@ -1,0 +1,81 @@
+"""`peft-ft`: a table from subcommand to function. Heavy libraries load only inside `run`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from peft_ft.errors import PeftFtError
+
+
+def cmd_run(args) -> int:
+    from peft_ft.run import run
+    from peft_ft.schema import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    run_dir = run(recipe, data_dir=args.data_dir)
+    print(f"done: {run_dir}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from peft_ft.data import resolve_data_dir, split_sources
+    from peft_ft.models import resolve_model
+    from peft_ft.schema import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    model = resolve_model(recipe)
+    data_dir = None if recipe.data.hub else resolve_data_dir(recipe, args.data_dir)
+    splits = split_sources(recipe, data_dir)
+    print(f"{args.recipe}: valid")
+    print(f"  task {recipe.task.type}, method {recipe.adapter.method}, model {model}")
+    for name, _, location in splits:
+        print(f"  {name}: {location}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from peft_ft.schema import explain
+
+    print(explain(args.section))
+    return 0
+
+
+COMMANDS = {
+    "run": (cmd_run, "train, evaluate and save a recipe"),
+    "validate": (cmd_validate, "check a recipe and its files without training"),
+    "explain": (cmd_explain, "print every recipe field with its type, default and help"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from peft_ft import __version__
+
+    parser = argparse.ArgumentParser(prog="peft-ft", description="Parameter-efficient fine-tuning from TOML recipes.")
+    parser.add_argument("--version", action="version", version=f"peft-ft {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        if name in ("run", "validate"):
+            p.add_argument("recipe", help="path of a TOML recipe, e.g. recipes/scientsbank_lora.toml")
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. train.lr=3e-4 (repeatable)")
+            p.add_argument("--data-dir", default=None, help="data directory (overrides $PEFT_FT_DATA_DIR and data.dir)")
+        if name == "explain":
+            p.add_argument("section", nargs="?", help="one section: model, task, data, adapter, train, eval, output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except PeftFtError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

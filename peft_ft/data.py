@@ -1,0 +1,185 @@
+"""Finding and reading data files: the data directory setting, table readers, the hub path.
+
+Every reader returns plain rows (list of dicts) and raises `DataError` naming the file (and the
+row or line) on anything it cannot read. Task families turn rows into their own examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from peft_ft.errors import DataError
+from peft_ft.schema import Recipe
+
+DATA_DIR_ENV = "PEFT_FT_DATA_DIR"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir_candidates(recipe: Recipe, cli_dir: str | None = None) -> list[tuple[Path, str]]:
+    """Where to look, most specific first: --data-dir, $PEFT_FT_DATA_DIR, data.dir, ../shared/data."""
+    if cli_dir:
+        return [(Path(cli_dir), "--data-dir")]
+    if os.environ.get(DATA_DIR_ENV):
+        return [(Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}")]
+    if recipe.data.dir:
+        given = Path(recipe.data.dir).expanduser()
+        if given.is_absolute():
+            return [(given, "data.dir")]
+        return [(Path.cwd() / given, "data.dir"), (Path(recipe.source).resolve().parent / given, "data.dir")]
+    # A checkout beside shared/ just works, whether run from the repo root or from elsewhere.
+    return [(Path.cwd() / "../shared/data", "default"), (PROJECT_ROOT / "../shared/data", "default")]
+
+
+def resolve_data_dir(recipe: Recipe, cli_dir: str | None = None) -> Path:
+    candidates = data_dir_candidates(recipe, cli_dir)
+    for path, _ in candidates:
+        if path.is_dir():
+            return path.resolve()
+    looked = ", ".join(f"{p.resolve()} ({why})" for p, why in candidates)
+    raise DataError(
+        f"{recipe.source}: data directory not found; looked in {looked}. "
+        f"Set data.dir in the recipe, pass --data-dir, or set ${DATA_DIR_ENV}."
+    )
+
+
+def resolve_file(data_dir: Path, name: str, key: str, source: str) -> Path:
+    path = Path(name).expanduser()
+    path = path if path.is_absolute() else data_dir / path
+    if not path.is_file():
+        near = sorted(p.name for p in path.parent.glob("*"))[:20] if path.parent.is_dir() else []
+        hint = f" Files there: {', '.join(near)}." if near else f" Folder {path.parent} does not exist."
+        raise DataError(f"{source}: {key}: file not found: {path}.{hint} Fix the name or data.dir.")
+    return path
+
+
+FORMATS_BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+def table_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if path.suffix.lower() not in FORMATS_BY_SUFFIX:
+        raise DataError(f"{path}: cannot tell the format from the extension; set data.format ({', '.join(FORMATS_BY_SUFFIX.values())})")
+    return FORMATS_BY_SUFFIX[path.suffix.lower()]
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 ({e.reason}); re-save the file as UTF-8") from None
+
+
+def read_table(path: Path, fmt: str = "auto") -> list[dict]:
+    """Rows of a CSV / TSV / JSONL / JSON-list / parquet file, as dicts."""
+    fmt = table_format(path, fmt)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    text = read_text(path)
+    if fmt in ("csv", "tsv"):
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(text), delimiter="," if fmt == "csv" else "\t")
+        rows = []
+        for row in reader:
+            if None in row:  # more fields than the header has
+                raise DataError(f"{path}: line {reader.line_num}: more fields than the header's {len(reader.fieldnames)}")
+            rows.append(row)
+        return rows
+    if fmt == "jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+        return rows
+    if fmt == "json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of records; for one record per line use .jsonl")
+        return rows
+    raise DataError(f"{path}: unknown data.format {fmt!r}; use one of {', '.join(FORMATS_BY_SUFFIX.values())}")
+
+
+def read_hub_split(recipe: Recipe, split: str) -> list[dict]:
+    """A split of a hub dataset (users with internet). Offline, one clear error."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(recipe.data.hub, recipe.data.hub_config or None, split=split)
+    except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, ValueError... by version
+        raise DataError(
+            f"{recipe.source}: data.hub: cannot load {recipe.data.hub!r}"
+            f"{' (' + recipe.data.hub_config + ')' if recipe.data.hub_config else ''} split {split!r}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Offline, the dataset must already be in "
+            f"the Hugging Face cache ({os.environ.get('HF_DATASETS_CACHE', '~/.cache/huggingface/datasets')}); "
+            f"otherwise download the files and point data.train/validation/test at them."
+        ) from None
+    return ds.to_list()
+
+
+def require_columns(rows: list[dict], columns: dict[str, str], path: str):
+    """`columns` maps recipe key -> column name; one error listing every missing column."""
+    if not rows:
+        raise DataError(f"{path}: the split is empty; check the file or the split name")
+    have = list(rows[0].keys())
+    missing = [f"{key} = {name!r}" for key, name in columns.items() if name and name not in rows[0]]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the file has: {', '.join(map(str, have))}")
+
+
+def split_sources(recipe: Recipe, data_dir: Path | None) -> list[tuple[str, str, str]]:
+    """(split name, recipe key, file path or hub split) for train, validation and each test split.
+
+    Test splits are named by file stem (`test_ua.parquet` -> `test_ua`) or by hub split name.
+    """
+    d = recipe.data
+    entries = [("train", "data.train", d.train)]
+    if d.validation:
+        entries.append(("validation", "data.validation", d.validation))
+    entries += [(Path(t).stem if not d.hub else t, f"data.test[{i}]", t) for i, t in enumerate(d.test)]
+    names = [name for name, _, _ in entries]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"{recipe.source}: data.test: several splits would be named {', '.join(dupes)}; give the files distinct names")
+    if d.hub:
+        return [(name, key, f"{d.hub}:{value}") for name, key, value in entries]
+    return [(name, key, str(resolve_file(data_dir, value, key, recipe.source))) for name, key, value in entries]
+
+
+def read_split_rows(recipe: Recipe, location: str) -> list[dict]:
+    if recipe.data.hub:
+        return read_hub_split(recipe, location.split(":", 1)[1])
+    return read_table(Path(location), recipe.data.format)
+
+
+def carve_validation(examples: list[dict], fraction: float, seed: int, stratify_key: str | None) -> tuple[list, list]:
+    """Hold out `fraction` of the rows, seeded, keeping each label's share when `stratify_key` is set."""
+    import random
+
+    rng = random.Random(seed)
+    groups: dict = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex[stratify_key] if stratify_key else None, []).append(i)
+    held = set()
+    for key in sorted(groups, key=str):
+        members = groups[key]
+        rng.shuffle(members)
+        held.update(members[: round(len(members) * fraction)])
+    keep = [ex for i, ex in enumerate(examples) if i not in held]
+    out = [ex for i, ex in enumerate(examples) if i in held]
+    return keep, out

@@ -1,0 +1,23 @@
+"""One exception type for everything a user can fix.
+
+The CLI prints these without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+
+class PeftFtError(Exception):
+    """A problem the user can fix: bad recipe, missing file, bad row. The message says what and how."""
+
+
+class RecipeError(PeftFtError):
+    """Every problem found in one recipe, reported together."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {p}" for p in problems]
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{len(problems)} {noun} in the recipe:\n  " + "\n  ".join(lines))
+
+
+class DataError(PeftFtError):
+    """A data file is missing, unreadable, or has a bad row."""

