@@ -40,14 +40,15 @@ def pad_batch(features: list[dict], pad_id: int, label_pad: int = -100):
     """Pad list-valued fields to the longest row and stack everything into tensors.
 
     `input_ids` pads with the tokenizer's pad id, `labels` (when a list) with -100 so the loss
-    ignores it, everything else with 0; `attention_mask` is built from the lengths.
+    ignores it, everything else with 0; `attention_mask` is built from the lengths. Keys starting
+    with `_` (and `length`) are a task's bookkeeping (offsets, example ids) and stay out of the batch.
     """
     import torch
 
     width = max(len(f["input_ids"]) for f in features)
     batch = {}
     for key in features[0]:
-        if key == "length":
+        if key == "length" or key.startswith("_"):
             continue
         values = [f[key] for f in features]
         if isinstance(values[0], list):

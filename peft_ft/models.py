@@ -107,8 +107,12 @@ def load_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
 
     quiet_transformers()
     cls = getattr(transformers, auto_class)
-    model, info = _hub_call(cls.from_pretrained, location, recipe, "model", dtype=torch.float32, output_loading_info=True, **kwargs)
-    return model, head_modules(model, info["missing_keys"])
+    # ignore_mismatched_sizes: a checkpoint with a head of another size (an MNLI model fine-tuned
+    # on a 2-label task) gets a fresh head, reported as a head below, instead of an error.
+    model, info = _hub_call(cls.from_pretrained, location, recipe, "model", dtype=torch.float32,
+                            output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
+    return model, head_modules(model, [*info["missing_keys"], *mismatched])
 
 
 def quiet_transformers():

@@ -36,7 +36,7 @@ def run(recipe: Recipe, data_dir: str | None = None) -> Path:
         log.info(note)
     log.info("splits: %s", ", ".join(f"{n} {len(s.examples)}" for n, s in data.splits.items()))
 
-    from peft_ft.train import predict, setup_torch, train
+    from peft_ft.train import setup_torch, train
 
     device = setup_torch(recipe)
     tokenizer = load_tokenizer(location, recipe)
@@ -52,7 +52,7 @@ def run(recipe: Recipe, data_dir: str | None = None) -> Path:
     pad_id = tokenizer.pad_token_id or 0
 
     def evaluate(name: str) -> tuple[dict, list[dict]]:
-        outputs = predict(model, task, features[name], pad_id, recipe.eval.batch_size, device)
+        outputs = task.predict(model, features[name], pad_id, recipe.eval.batch_size, device)
         return task.score(data.splits[name], features[name], outputs, data)
 
     result = train(

@@ -59,6 +59,13 @@ class Task:
         """Token-id features, one dict per model row, each with a `length`."""
         raise NotImplementedError
 
+    def predict(self, model, features: list[dict], pad_id: int, batch_size: int, device) -> list[Any]:
+        """Per-row outputs for a split, in feature order. The default runs the model forward on
+        length-sorted batches and cuts the outputs with `unpack`; generative tasks override it."""
+        from peft_ft.train import predict
+
+        return predict(model, self, features, pad_id, batch_size, device)
+
     def unpack(self, outputs, batch) -> list[Any]:
         """Cut a batch's model outputs into one numpy output per row."""
         raise NotImplementedError
