@@ -43,6 +43,7 @@ class Task:
     default_metric: str  # validation metric that picks the best checkpoint (higher is better)
     metrics: tuple[str, ...]  # scalar metrics `score` reports, any of which may pick the best checkpoint
     formats: tuple[str, ...]  # data.format values this family reads
+    pipeline_task: str  # the transformers pipeline that serves this family's models
 
     def validate(self, recipe: Recipe) -> list[str]:
         """Recipe checks specific to this family, without reading data (runs in `validate`)."""

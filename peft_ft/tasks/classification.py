@@ -54,6 +54,7 @@ class Classification(Task):
     default_metric = "macro_f1"
     metrics = ("accuracy", "macro_f1", "weighted_f1")
     formats = ("csv", "tsv", "jsonl", "json", "parquet")
+    pipeline_task = "text-classification"
 
     def load(self, recipe: Recipe, data_dir: Path | None) -> TaskData:
         d = recipe.data
