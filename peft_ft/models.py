@@ -55,6 +55,28 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def settle_hub_mode(recipe: Recipe) -> None:
+    """Without a network, the HF libraries retry for ~25 s before failing. When the recipe needs the
+    hub and it cannot be reached, switch them to their local cache at once (must run before they are
+    imported): cached models and datasets still load, anything else fails fast with our message."""
+    needs_hub = bool(recipe.data.hub) or (recipe.model.name and not Path(recipe.model.name).expanduser().exists()
+                                           and not looks_like_path(recipe.model.name))
+    if needs_hub and not hub_offline() and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def resolve_model(recipe: Recipe) -> str:
     """A loadable name: a checked local folder, or a hub id that is cached or may be downloaded."""
     name = recipe.model.name
@@ -70,7 +92,8 @@ def resolve_model(recipe: Recipe) -> str:
         raise PeftFtError(f"{recipe.source}: model.name: no model folder at {path.resolve()}; fix the path")
     if hub_offline() and not _in_hub_cache(name, recipe.model.revision):
         raise PeftFtError(
-            f"{recipe.source}: model.name: {name!r} is a hub id, HF_HUB_OFFLINE is set and it is not in the local cache "
+            f"{recipe.source}: model.name: {name!r} is a hub id, the hub cannot be reached (no network, or HF_HUB_OFFLINE=1) "
+            f"and the model is not in the local cache "
             f"({_hub_cache_dir()}). Download it where you have internet (it is then cached), or set model.name to a "
             f"local model folder; leave model.name empty for the embedded MiniLM-L6."
         )

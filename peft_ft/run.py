@@ -14,7 +14,7 @@ from peft_ft import __version__
 from peft_ft.adapters import METHODS
 from peft_ft.data import resolve_data_dir
 from peft_ft.log import setup_logging
-from peft_ft.models import EMBEDDED_NAME, embedded_model_dir, load_model, load_tokenizer, quiet_transformers, resolve_model
+from peft_ft.models import EMBEDDED_NAME, embedded_model_dir, load_model, load_tokenizer, quiet_transformers, resolve_model, settle_hub_mode
 from peft_ft.output import create_run_dir, folder_size, human_size, model_card, save_pretrained_atomic, write_atomic, write_json
 from peft_ft.schema import Recipe, load_recipe, to_toml
 from peft_ft.tasks import TASKS, Task, TaskData
@@ -26,6 +26,7 @@ INFO_FILE = "peft_ft.json"
 def run(recipe: Recipe, data_dir: str | None = None) -> Path:
     """Train and evaluate one recipe; returns the run folder."""
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
+    settle_hub_mode(recipe)
     location = resolve_model(recipe)
     data = task.load(recipe, None if recipe.data.hub else resolve_data_dir(recipe, data_dir))
     run_dir = create_run_dir(recipe)

@@ -397,7 +397,10 @@ def toml_value(value) -> str:
 def to_toml(recipe: Recipe) -> str:
     """The fully resolved recipe, every field written out, so a run folder says exactly what ran."""
     out = [f"# resolved from {recipe.source}"]
-    for name, values in recipe.to_dict().items():
-        out.append(f"\n[{name}]")
-        out += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+    for section in section_fields():
+        out.append(f"\n[{section.name}]")
+        for f in dataclasses.fields(getattr(recipe, section.name)):
+            # Keys of other methods / task families are left out: they would not apply (and are rejected).
+            if all(recipe.get(other) in allowed for other, allowed in f.metadata["only"].items()):
+                out.append(f"{f.name} = {toml_value(recipe.get(section.name + '.' + f.name))}")
     return "\n".join(out) + "\n"

@@ -1,0 +1,191 @@
+"""Classification end to end on the tiny BERT: run folder, metrics from real predictions, reload."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import write_jsonl, write_recipe
+from peft_ft.errors import DataError, PeftFtError
+from peft_ft.run import load_run, run
+from peft_ft.schema import load_recipe
+from peft_ft.tasks import TASKS
+from peft_ft.tasks.classification import classification_metrics
+
+RECIPE = """
+[model]
+name = "{model}"
+max_length = 64
+[task]
+type = "classification"
+[data]
+dir = "{data}"
+train = "train.jsonl"
+validation = "valid.jsonl"
+test = ["test.jsonl"]
+[adapter]
+method = "{method}"
+[train]
+epochs = 8
+batch_size = 8
+lr = {lr}
+threads = 1
+[output]
+dir = "{out}"
+"""
+
+RUN_FILES = {
+    "lora": {"adapter_model.safetensors", "adapter_config.json"},
+    "full": {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"},
+}
+COMMON_FILES = {"README.md", "recipe.toml", "train.log", "metrics.json", "peft_ft.json",
+                "predictions_validation.jsonl", "predictions_test.jsonl"}
+
+
+def make_run(tmp_path, tiny_bert, data_dir, method="lora", lr=5e-3, extra=""):
+    text = RECIPE.format(model=tiny_bert, data=data_dir, method=method, lr=lr, out=tmp_path / "runs") + extra
+    return run(load_recipe(write_recipe(tmp_path / f"{method}.toml", text)))
+
+
+@pytest.fixture(scope="module", params=["lora", "full"])
+def trained(request, tmp_path_factory, tiny_bert):
+    from conftest import sentiment_rows
+
+    tmp = tmp_path_factory.mktemp(request.param)
+    d = tmp / "data"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", sentiment_rows(64, seed=1))
+    write_jsonl(d / "valid.jsonl", sentiment_rows(16, seed=2))
+    write_jsonl(d / "test.jsonl", sentiment_rows(16, seed=3))
+    lr = 1e-2 if request.param == "lora" else 2e-3
+    return request.param, make_run(tmp, tiny_bert, d, request.param, lr)
+
+
+def test_run_folder_holds_exactly_the_expected_files(trained):
+    method, run_dir = trained
+    files = {p.name for p in run_dir.iterdir()}
+    assert files == COMMON_FILES | RUN_FILES[method]
+
+
+def test_metrics_equal_a_recomputation_from_the_predictions(trained):
+    _, run_dir = trained
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    info = json.loads((run_dir / "peft_ft.json").read_text())
+    names = info["labels"]
+    for split in ("validation", "test"):
+        rows = [json.loads(line) for line in (run_dir / f"predictions_{split}.jsonl").read_text().splitlines()]
+        gold = np.array([names.index(r["gold"]) for r in rows])
+        predicted = np.array([names.index(r["predicted"]) for r in rows])
+        assert all(r["predicted"] == max(r["probabilities"], key=r["probabilities"].get) for r in rows)
+        again = classification_metrics(gold, predicted, names)
+        assert metrics[split]["accuracy"] == pytest.approx(again["accuracy"])
+        assert metrics[split]["macro_f1"] == pytest.approx(again["macro_f1"])
+        assert metrics[split]["n"] == 16
+    assert metrics["train"]["steps"] == 64 and metrics["train"]["tokens_per_second"] > 0
+
+
+def test_model_learns_the_toy_task(trained):
+    _, run_dir = trained
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] >= 0.75, metrics["test"]
+
+
+def test_reload_gives_identical_predictions(trained):
+    import torch
+
+    _, run_dir = trained
+    model, tokenizer, info = load_run(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "predictions_test.jsonl").read_text().splitlines()]
+    enc = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        probs = model(**enc).logits.softmax(-1).numpy()
+    saved = np.array([[r["probabilities"][n] for n in info["labels"]] for r in rows])
+    assert np.abs(probs - saved).max() < 1e-5
+
+
+def test_lora_trains_only_adapter_and_head(trained):
+    method, run_dir = trained
+    info = json.loads((run_dir / "peft_ft.json").read_text())
+    if method == "full":
+        assert info["trainable_params"] == info["total_params"]
+        return
+    # tiny BERT: hidden 32, intermediate 64, 2 layers; r = 8 on query/key/value/attention-output dense (32->32),
+    # intermediate dense (32->64), output dense (64->32), and the pooler dense (32->32); head 32*2+2.
+    r, h, i = 8, 32, 64
+    per_layer = 4 * r * (h + h) + r * (h + i) + r * (i + h)
+    lora = 2 * per_layer + r * (h + h)
+    assert info["trainable_params"] == lora + (h * 2 + 2)
+    assert info["heads"] == ["classifier"]
+
+
+def test_an_existing_run_folder_is_never_reused(tmp_path, tiny_bert, sentiment_dir):
+    import datetime
+
+    from peft_ft.output import create_run_dir
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", RECIPE.format(model=tiny_bert, data=sentiment_dir, method="lora", lr=1e-3, out=tmp_path / "runs")))
+    now = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    first = create_run_dir(recipe, now)
+    (first / "metrics.json").write_text("{}")
+    with pytest.raises(PeftFtError, match="already exists"):
+        create_run_dir(recipe, now)
+    assert (first / "metrics.json").read_text() == "{}"
+
+
+def pair_rows(n):
+    rows = []
+    for i in range(n):
+        label = i % 3
+        rows.append({"ref": "plants need water", "answer": ["plants need water", "the sun", "john lives in paris"][label], "label": label})
+    rows.append({"ref": "x", "answer": "y", "label": -1})  # MNLI-style unlabelled row
+    return rows
+
+
+def test_pairs_integer_labels_names_and_held_out_validation(tmp_path, tiny_bert):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", pair_rows(60))
+    write_jsonl(d / "test.jsonl", pair_rows(9))
+    recipe = load_recipe(write_recipe(tmp_path / "pair.toml", f"""
+[model]
+name = "{tiny_bert}"
+[task]
+labels = ["correct", "contradictory", "irrelevant"]
+[data]
+dir = "{d}"
+train = "train.jsonl"
+validation_fraction = 0.2
+test = ["test.jsonl"]
+text_column = "ref"
+text_pair_column = "answer"
+[train]
+epochs = 1
+threads = 1
+"""))
+    data = TASKS["classification"].load(recipe, d)
+    assert len(data.splits["validation"].examples) == 12 and len(data.splits["train"].examples) == 48
+    assert sorted(e["label"] for e in data.splits["validation"].examples) == [0] * 4 + [1] * 4 + [2] * 4
+    assert any("dropped 1 unlabelled" in n for n in data.notes)
+    assert data.splits["test"].examples[1]["text_pair"] == "the sun"
+    assert data.labels == ["correct", "contradictory", "irrelevant"]
+
+
+def test_unknown_eval_label_names_file_row_and_label(tmp_path, tiny_bert, sentiment_dir):
+    rows = [{"text": "good", "label": "pos"}, {"text": "meh", "label": "neutral"}]
+    write_jsonl(sentiment_dir / "test.jsonl", rows)
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", RECIPE.format(model=tiny_bert, data=sentiment_dir, method="lora", lr=1e-3, out=tmp_path / "runs")))
+    with pytest.raises(DataError, match=r"test.jsonl: row 2: label 'neutral' is not among the training labels \(neg, pos\)"):
+        TASKS["classification"].load(recipe, sentiment_dir)
+
+
+def test_missing_column_and_missing_file_are_clear(tmp_path, tiny_bert, sentiment_dir):
+    text = RECIPE.format(model=tiny_bert, data=sentiment_dir, method="lora", lr=1e-3, out=tmp_path / "runs")
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", text), ["data.text_column=sentence"])
+    with pytest.raises(DataError, match=r"train.jsonl: missing column\(s\) data.text_column = 'sentence'; the file has: text, label"):
+        TASKS["classification"].load(recipe, sentiment_dir)
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", text), ["data.train=nope.jsonl"])
+    with pytest.raises(DataError, match=r"data.train: file not found: .*nope.jsonl\. Files there: test.jsonl, train.jsonl, valid.jsonl"):
+        run(recipe)
+    assert not (tmp_path / "runs").exists()  # nothing is created before the inputs are known good
