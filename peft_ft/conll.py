@@ -25,7 +25,7 @@ def _columns(line: str, separator: str) -> list[str]:
     return [c.strip() for c in stripped.split(sep)]
 
 
-def read_conll(path: Path, *, token_column: int = 0, tag_column: int = -1, separator: str = "whitespace",
+def read_conll(path: Path | str, *, token_column: int = 0, tag_column: int = -1, separator: str = "whitespace",
                comment_prefix: str = "") -> list[dict]:
     """Sentences of a column file: one token per line, a blank line between sentences.
 
@@ -35,7 +35,7 @@ def read_conll(path: Path, *, token_column: int = 0, tag_column: int = -1, separ
     sentences: list[dict] = []
     current: dict | None = None
     width = None
-    for number, line in enumerate(read_text(path).splitlines(), 1):
+    for number, line in enumerate(read_text(Path(path)).splitlines(), 1):
         if comment_prefix and line.lstrip().startswith(comment_prefix):
             continue
         columns = _columns(line, separator) if line.strip() else []
@@ -97,10 +97,10 @@ def read_tagged_rows(rows: list[tuple[int, dict]], where: str, *, tokens_field: 
     return sentences, empty
 
 
-def read_jsonl(path: Path, **fields) -> tuple[list[dict], int]:
+def read_jsonl(path: Path | str, **fields) -> tuple[list[dict], int]:
     """Sentences of a JSONL file, one record per line (see `read_tagged_rows`); blank lines are skipped."""
     rows = []
-    for number, line in enumerate(read_text(path).splitlines(), 1):
+    for number, line in enumerate(read_text(Path(path)).splitlines(), 1):
         if line.strip():
             try:
                 rows.append((number, json.loads(line)))

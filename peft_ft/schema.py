@@ -53,7 +53,7 @@ class TaskSection:
     )
     convert_iob1: bool = opt(True, "NER: convert IOB1 tags (I- opening an entity) to BIO2; false = report them as an error.", only=_NER)
     seqeval_mode: Literal["strict", "default"] = opt(
-        "strict", "NER: seqeval scoring: strict = BIO2 entities exactly as conlleval; default = seqeval's lenient mode.", only=_NER
+        "strict", "NER: seqeval scoring: strict = BIO2 spans only (an entity must open with B-); default = lenient, as the conlleval script (I- after O opens an entity).", only=_NER
     )
     doc_stride: int = opt(128, "Extractive QA: token overlap between windows of a long context.", min=1, only=_QA)
     max_answer_length: int = opt(30, "Extractive QA: longest answer span in tokens.", min=1, only=_QA)

@@ -1,0 +1,298 @@
+"""Named-entity recognition (token classification): CoNLL-2003 and any BIO-tagged file, scored with seqeval.
+
+The model sees subwords; everything a user sees is per word. Each word is labelled on its first
+subword (the others get -100, or with `task.label_all_subwords` the word's tag, B- turned into
+I-), predicted from its first subword, and scored at entity level by seqeval. A sentence longer
+than `model.max_length` is cut at word boundaries into several model rows (windows), so every
+word gets exactly one prediction.
+
+seqeval modes: `strict` (the default) counts an entity only when its tags form a valid BIO2
+span, so a predicted entity that starts with I- is an error. `default` is seqeval's lenient mode,
+which reads such an I- as the start of an entity exactly as the conlleval script does. Gold tags
+are valid BIO2 either way (IOB1 input is converted or refused on reading), so the two modes
+differ only in how ill-formed predictions count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from peft_ft.conll import check_bio_tags, check_known_tags, fix_iob1, label_list, read_conll, read_jsonl, read_tagged_rows
+from peft_ft.data import carve_validation, read_hub_split, split_sources
+from peft_ft.errors import DataError
+from peft_ft.schema import Recipe
+from peft_ft.tasks import Split, Task, TaskData, register_task
+
+log = logging.getLogger("peft_ft")
+
+
+@dataclass
+class NerData(TaskData):
+    seqeval_mode: str = "strict"  # task.seqeval_mode, needed by `score`, which sees no recipe
+
+
+def file_format(recipe: Recipe, location: str) -> str:
+    """data.format, or from the name: .jsonl is JSONL, anything else a CoNLL-style column file."""
+    if recipe.data.format != "auto":
+        return recipe.data.format
+    return "jsonl" if location.lower().endswith(".jsonl") else "conll"
+
+
+def read_sentences(recipe: Recipe, location: str) -> tuple[list[dict], int]:
+    """Sentences of one split and how many empty ones were skipped."""
+    d = recipe.data
+    fields = {"tokens_field": d.tokens_field, "tags_field": d.tags_field, "labels": recipe.task.labels}
+    if d.hub:
+        return read_tagged_rows(list(enumerate(read_hub_split(recipe, location.split(":", 1)[1]), 1)), location, **fields)
+    if file_format(recipe, location) == "jsonl":
+        return read_jsonl(Path(location), **fields)
+    sentences = read_conll(Path(location), token_column=d.token_column, tag_column=d.tag_column,
+                           separator=d.separator, comment_prefix=d.comment_prefix)
+    return sentences, 0
+
+
+def cap_splits(splits: dict[str, Split], recipe: Recipe) -> None:
+    for name, split in splits.items():
+        cap = recipe.data.max_train_samples if name == "train" else recipe.data.max_eval_samples
+        if cap:
+            split.examples = split.examples[:cap]
+
+
+# --- subwords -----------------------------------------------------------------------------------
+
+
+def tokenizable_words(tokenizer, sentences: list[list[str]]) -> tuple[list[list[str]], list[list[int]], int]:
+    """The words as the model will see them, each word's subword count, and how many words were replaced.
+
+    A word the tokenizer turns into nothing (a zero-width space, a lone control character) would
+    get no prediction: it is replaced by the unknown token, which keeps one position for it.
+    """
+    enc = tokenizer(sentences, is_split_into_words=True, add_special_tokens=False)
+    words_out, counts_out, replaced = [], [], 0
+    for i, words in enumerate(sentences):
+        counts = [0] * len(words)
+        for w in enc.word_ids(i):
+            if w is not None:
+                counts[w] += 1
+        if 0 in counts:
+            replaced += counts.count(0)
+            words = [w if n else tokenizer.unk_token for w, n in zip(words, counts)]
+            counts = [n or len(tokenizer(tokenizer.unk_token, add_special_tokens=False)["input_ids"]) for n in counts]
+        words_out.append(words)
+        counts_out.append(counts)
+    return words_out, counts_out, replaced
+
+
+def word_windows(counts: list[int], budget: int) -> list[tuple[int, int]]:
+    """Word ranges [start, end) whose subwords fit in `budget`; a single longer word gets its own
+    window (the tokenizer then truncates it, keeping its first subword, which carries its label)."""
+    windows, start, used = [], 0, 0
+    for i, n in enumerate(counts):
+        if used and used + n > budget:
+            windows.append((start, i))
+            start, used = i, 0
+        used += n
+    windows.append((start, len(counts)))
+    return windows
+
+
+def align_labels(word_ids: list[int | None], tags: list[int], inside: list[int], label_all: bool) -> list[int]:
+    """Subword labels: a word's tag on its first subword; on the others -100, or with `label_all`
+    the tag with B- turned into I- (`inside` maps each tag id to its I- id) as run_ner.py does."""
+    labels, previous = [], None
+    for w in word_ids:
+        if w is None:
+            labels.append(-100)
+        elif w != previous:
+            labels.append(tags[w])
+        else:
+            labels.append(inside[tags[w]] if label_all else -100)
+        previous = w
+    return labels
+
+
+def inside_ids(labels: list[str]) -> list[int]:
+    index = {n: i for i, n in enumerate(labels)}
+    return [index.get("I-" + n[2:], i) if n.startswith("B-") else i for i, n in enumerate(labels)]
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+def word_predictions(examples: list[dict], features: list[dict], outputs: list) -> tuple[list[list[int]], list[list[float]]]:
+    """One tag id and its probability per word of every example, read at each word's first subword."""
+    tags = [[None] * len(e["tokens"]) for e in examples]
+    probs = [[0.0] * len(e["tokens"]) for e in examples]
+    for feature, (ids, best) in zip(features, outputs):
+        row, row_probs = tags[feature["_example"]], probs[feature["_example"]]
+        for position, w in enumerate(feature["_word_ids"]):
+            if w is not None and row[w] is None:
+                row[w], row_probs[w] = int(ids[position]), float(best[position])
+    for e, row in zip(examples, tags):
+        if None in row:  # encode gives every word a first subword; a gap here is a bug, not bad data
+            raise RuntimeError(f"line {e['line']}: word {row.index(None)} got no prediction")
+    return tags, probs
+
+
+def entity_metrics(gold: list[list[str]], predicted: list[list[str]], mode: str = "strict") -> dict:
+    """Entity-level precision / recall / F1 overall (micro) and per type, plus word accuracy (seqeval)."""
+    import warnings
+
+    from seqeval.metrics import accuracy_score, classification_report
+    from seqeval.scheme import IOB2
+
+    kwargs = {"mode": "strict", "scheme": IOB2} if mode == "strict" else {}
+    with warnings.catch_warnings():  # seqeval's macro average over zero types warns; we report micro
+        warnings.simplefilter("ignore")
+        report = classification_report(gold, predicted, output_dict=True, zero_division=0, **kwargs)
+    overall = report["micro avg"]
+    return {
+        "f1": float(overall["f1-score"]),
+        "precision": float(overall["precision"]),
+        "recall": float(overall["recall"]),
+        "accuracy": float(accuracy_score(gold, predicted)),
+        "n": len(gold),
+        "words": sum(len(s) for s in gold),
+        "entities": int(overall["support"]),
+        "seqeval_mode": mode,
+        "per_type": {
+            name: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]), "support": int(v["support"])}
+            for name, v in report.items() if not name.endswith(" avg")
+        },
+    }
+
+
+def conll_text(records: list[dict]) -> str:
+    """`token gold predicted` per word, a blank line after each sentence: what conlleval reads."""
+    lines = []
+    for r in records:
+        for token, gold, predicted in zip(r["tokens"], r["gold"], r["predicted"]):
+            lines.append(f"{'_'.join(token.split()) or '_'} {gold} {predicted}")  # conlleval splits on whitespace
+        lines.append("")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+@register_task
+class Ner(Task):
+    name = "ner"
+    auto_class = "AutoModelForTokenClassification"
+    peft_task_type = "TOKEN_CLS"
+    default_metric = "f1"
+    metrics = ("f1", "precision", "recall", "accuracy")
+    formats = ("conll", "jsonl")
+    pipeline_task = "token-classification"
+
+    def validate(self, recipe: Recipe) -> list[str]:
+        d = recipe.data
+        if d.token_column == d.tag_column:
+            return [f"data.tag_column: the same column as data.token_column ({d.token_column}); "
+                    f"the default reads the token from column 0 and the tag from the last"]
+        return []
+
+    def load(self, recipe: Recipe, data_dir: Path | None) -> NerData:
+        notes, raw = [], {}
+        for name, _key, location in split_sources(recipe, data_dir):
+            sentences, empty = read_sentences(recipe, location)
+            if empty:
+                notes.append(f"{name}: skipped {empty} empty sentence(s) in {location}")
+            if not sentences:
+                raise DataError(f"{location}: no sentences; check data.format, data.separator and the columns")
+            check_bio_tags(sentences, location)
+            converted = fix_iob1(sentences, location, recipe.task.convert_iob1)
+            if converted:
+                notes.append(f"{name}: converted {converted} IOB1 tag(s) (I- opening an entity) to B- in {location}")
+            raw[name] = (location, sentences)
+        train_location = raw["train"][0]
+        if recipe.task.labels:
+            labels, fix = list(recipe.task.labels), "is not in task.labels; add it there"
+        else:
+            labels = label_list({t for s in raw["train"][1] for t in s["tags"]})
+            fix = f"never occurs in the training file {train_location}; list every tag in task.labels to allow it"
+        splits = {}
+        for name, (location, sentences) in raw.items():
+            check_known_tags(sentences, labels, location, fix)
+            index = {n: i for i, n in enumerate(labels)}
+            examples = [{"tokens": s["tokens"], "tags": [index[t] for t in s["tags"]], "line": s["line"]} for s in sentences]
+            splits[name] = Split(name, location, examples)
+        if recipe.data.validation_fraction:
+            keep, held = carve_validation(splits["train"].examples, recipe.data.validation_fraction, recipe.train.seed, None)
+            validation = Split("validation", f"{recipe.data.validation_fraction:.0%} of {train_location}", held)
+            splits = {"train": Split("train", train_location, keep), "validation": validation,
+                      **{k: v for k, v in splits.items() if k != "train"}}
+            notes.append(f"validation: held out {len(held)} of {len(held) + len(keep)} training sentences (seed {recipe.train.seed})")
+        cap_splits(splits, recipe)
+        return NerData(splits, labels, notes, seqeval_mode=recipe.task.seqeval_mode)
+
+    def model_kwargs(self, data: TaskData) -> dict:
+        # Real tag names in the config: a pipeline then answers "B-PER", never "LABEL_3".
+        return {
+            "num_labels": len(data.labels),
+            "id2label": dict(enumerate(data.labels)),
+            "label2id": {n: i for i, n in enumerate(data.labels)},
+        }
+
+    def encode(self, split: Split, tokenizer, recipe: Recipe, data: TaskData) -> list[dict]:
+        max_length = recipe.model.max_length
+        words, counts, replaced = tokenizable_words(tokenizer, [e["tokens"] for e in split.examples])
+        budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+        spans = [(i, start, end) for i, c in enumerate(counts) for start, end in word_windows(c, budget)]
+        enc = tokenizer([words[i][s:e] for i, s, e in spans], is_split_into_words=True, truncation=True, max_length=max_length)
+        inside, label_all = inside_ids(data.labels), recipe.task.label_all_subwords
+        keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+        features = []
+        for row, (i, start, _end) in enumerate(spans):
+            word_ids = [None if w is None else w + start for w in enc.word_ids(row)]
+            features.append({
+                **{k: enc[k][row] for k in keys},
+                "labels": align_labels(word_ids, split.examples[i]["tags"], inside, label_all),
+                "length": len(enc["input_ids"][row]),
+                "_example": i,
+                "_word_ids": word_ids,
+            })
+        self._note(data, split, len(spans), len({i for i, s, _ in spans if s > 0}), replaced, max_length)
+        return features
+
+    @staticmethod
+    def _note(data: TaskData, split: Split, rows: int, windowed: int, replaced: int, max_length: int) -> None:
+        # encode runs after the runner has logged the load notes: log here as well as keeping the note.
+        notes = []
+        if windowed:
+            notes.append(f"{split.name}: {windowed} sentence(s) longer than model.max_length ({max_length} tokens) "
+                         f"split into windows ({rows} model rows for {len(split.examples)} sentences)")
+        if replaced:
+            notes.append(f"{split.name}: {replaced} word(s) that the tokenizer reads as nothing were given the unknown token")
+        for note in notes:
+            log.info(note)
+        data.notes.extend(notes)
+
+    def unpack(self, outputs, batch) -> list:
+        logits = outputs.logits.float()
+        # Prompt-learning methods prepend virtual positions to the logits: keep the last ones.
+        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1]:]
+        best, ids = logits.softmax(-1).max(-1)
+        lengths = batch["attention_mask"].sum(1).tolist()
+        return [(ids[i, :n].cpu().numpy(), best[i, :n].cpu().numpy()) for i, n in enumerate(lengths)]
+
+    def score(self, split: Split, features: list[dict], outputs: list, data: TaskData) -> tuple[dict, list[dict]]:
+        predicted, probs = word_predictions(split.examples, features, outputs)
+        names = data.labels
+        gold_tags = [[names[t] for t in e["tags"]] for e in split.examples]
+        predicted_tags = [[names[t] for t in row] for row in predicted]
+        metrics = entity_metrics(gold_tags, predicted_tags, getattr(data, "seqeval_mode", "strict"))
+        rows_per_example = Counter(f["_example"] for f in features)
+        metrics["windowed"] = sum(1 for n in rows_per_example.values() if n > 1)  # sentences cut into several rows
+        records = [
+            {"line": e["line"], "tokens": e["tokens"], "gold": g, "predicted": p, "confidence": [round(q, 4) for q in c]}
+            for e, g, p, c in zip(split.examples, gold_tags, predicted_tags, probs)
+        ]
+        return metrics, records
+
+    def write_predictions(self, run_dir: Path, split: Split, records: list[dict]) -> list[Path]:
+        from peft_ft.output import write_atomic
+
+        path = run_dir / f"predictions_{split.name}.conll"
+        write_atomic(path, conll_text(records))
+        return [*super().write_predictions(run_dir, split, records), path]
