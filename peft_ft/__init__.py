@@ -13,4 +13,8 @@ def __getattr__(name):
         from peft_ft.run import run
 
         return run
+    if name == "pipeline":
+        from peft_ft.pipelines import pipeline
+
+        return pipeline
     raise AttributeError(f"module 'peft_ft' has no attribute {name!r}")

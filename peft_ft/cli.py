@@ -41,10 +41,35 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from peft_ft.merge import merge_run
+
+    print(f"merged: {merge_run(args.run_dir, args.out)}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from peft_ft.predict import run_predict
+
+    n = run_predict(args.adapter, args.input, args.format, args.use, args.adapter_field, args.output, args.batch_size, args.device)
+    if args.output:
+        print(f"{n} predictions: {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from peft_ft.serve import run_serve
+
+    return run_serve(args.adapter, args.host, args.port, args.batch_size, args.device)
+
+
 COMMANDS = {
     "run": (cmd_run, "train, evaluate and save a recipe"),
     "validate": (cmd_validate, "check a recipe and its files without training"),
     "explain": (cmd_explain, "print every recipe field with its type, default and help"),
+    "merge": (cmd_merge, "fold a run's adapter and head into its base: a plain transformers model folder"),
+    "predict": (cmd_predict, "answer JSONL/CSV/text rows with one or more trained adapters on one loaded base"),
+    "serve": (cmd_serve, "serve trained adapters over HTTP (POST /predict/{adapter}, GET /adapters)"),
 }
 
 
@@ -64,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data-dir", default=None, help="data directory (overrides $PEFT_FT_DATA_DIR and data.dir)")
         if name == "explain":
             p.add_argument("section", nargs="?", help="one section: model, task, data, adapter, train, eval, output")
+        if name == "merge":
+            p.add_argument("run_dir", help="run folder of an adapter method (written by peft-ft run)")
+            p.add_argument("--out", required=True, help="new (or empty) folder for the merged model; never overwritten")
+        if name in ("predict", "serve"):
+            p.add_argument("--adapter", action="append", default=[], required=True, metavar="NAME=RUN_DIR",
+                           help="a run folder to load under NAME (repeatable); adapters on the same base share one loaded base")
+            p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+            p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
+        if name == "predict":
+            p.add_argument("input", nargs="?", default="-", help="JSONL, CSV/TSV or text-lines file; - or nothing: stdin")
+            p.add_argument("--format", default="auto", choices=("auto", "jsonl", "csv", "tsv", "text"), help="input format (auto: from the extension, else JSONL if the first line is an object)")
+            p.add_argument("--use", default=None, metavar="NAME", help="answer every row with this adapter")
+            p.add_argument("--adapter-field", default=None, metavar="FIELD", help="JSON/CSV field whose value names each row's adapter")
+            p.add_argument("--output", default=None, help="write the JSONL answers here instead of stdout")
+        if name == "serve":
+            p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; the server has no authentication)")
+            p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (printed at start)")
     return parser
 
 

@@ -1,0 +1,77 @@
+"""`peft-ft merge`: fold an adapter and its trained head into the base, as a plain transformers folder.
+
+The result loads with `AutoModelFor...from_pretrained(DIR)` without peft: safetensors weights, a
+config with the real label names, the tokenizer. It also keeps `peft_ft.json` (is_adapter false,
+`merged_from`) and `recipe.toml`, so `peft-ft predict` and `peft_ft.pipeline` take it like any run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peft_ft.errors import PeftFtError
+from peft_ft.pipelines import read_info
+
+
+def check_mergeable(run_dir: Path, info: dict) -> None:
+    """Refuse, saying why, what has no adapter weights to fold in."""
+    if not info["is_adapter"]:
+        if info.get("merged_from"):
+            raise PeftFtError(f"{run_dir}: already merged (from {info['merged_from']}): it is a plain transformers model folder; use it as it is")
+        raise PeftFtError(
+            f"{run_dir}: method {info['method']!r} trained every weight and saved a complete model: the folder already is "
+            f"a plain transformers model (config.json, model.safetensors, tokenizer); load it with "
+            f"{info['auto_class']}.from_pretrained or copy it, there is no adapter to merge"
+        )
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(run_dir))
+    if config.is_prompt_learning:
+        raise PeftFtError(
+            f"{run_dir}: method {info['method']!r} ({getattr(config.peft_type, 'value', config.peft_type)}) cannot be merged: it learns virtual tokens that are "
+            f"fed to the model with every input, not a change to existing weights, so there is nothing to fold into the base. "
+            f"Serve it as an adapter (peft-ft predict / serve) instead"
+        )
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PeftFtError(f"--out {out}: already exists and is not an empty folder; it is kept as it is. Choose a new folder")
+
+
+def merge_run(run_dir: str | Path, out: str | Path) -> Path:
+    """Merge the adapter of a run folder into its base and save the plain model in `out` (new or empty).
+
+    Written into a hidden folder beside `out` and renamed into place, so `out` is complete or absent.
+    """
+    from peft_ft.output import write_json
+    from peft_ft.run import load_run
+
+    run_dir, out = Path(run_dir), Path(out)
+    info = read_info(run_dir)
+    check_out(out)
+    check_mergeable(run_dir, info)
+    model, tokenizer, info = load_run(run_dir)
+    # merge_and_unload keeps the active adapter's head (modules_to_save) as a plain module
+    merged = model.merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
+    try:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.copyfile(run_dir / "recipe.toml", staging / "recipe.toml")
+        weights = sorted(p.name for p in staging.glob("*.safetensors"))
+        write_json(staging / "peft_ft.json", {
+            **info, "run_dir": str(out.resolve()), "is_adapter": False, "merged_from": str(run_dir.resolve()),
+            "weight_files": weights, "weight_bytes": sum((staging / w).stat().st_size for w in weights),
+        })
+        check_out(out)  # again: something may have appeared there while we merged
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -1,0 +1,255 @@
+"""Several trained adapters behind one loaded base: `peft-ft predict` (and the model side of `serve`).
+
+Adapters are attached to a base with peft's own multi-adapter API (`load_adapter`, then
+`set_adapter` per request): switching is a pointer change, not a reload. A model object has one
+head class, and peft's per-adapter head copies must share one shape, so adapters are grouped by
+(base model, head class, head size): each group is one base model in memory, with every adapter of
+the group attached to it. Only the tokenizer is shared between groups. Full (and merged) runs are
+complete models: each is a group of its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peft_ft.errors import DataError, PeftFtError
+from peft_ft.pipelines import ANSWERS, Answers, read_info
+from peft_ft.schema import Recipe, load_recipe
+
+NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # adapter names end up in URLs and peft module keys
+
+
+@dataclass
+class Group:
+    """One model object in memory and the adapters attached to it; the lock serialises requests
+    because the active adapter (and the label names the pipeline reads) is state of the model."""
+
+    model: object
+    tokenizer: object
+    shared: bool  # a PeftModel with adapters to switch between (False: a full or merged run)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class Adapter:
+    name: str
+    run_dir: Path
+    info: dict
+    recipe: Recipe
+    answers: Answers
+    group: Group
+    pipe: object  # the answering callable over the group's model, built with this run's recipe
+
+
+def parse_adapter_args(values: list[str]) -> dict[str, str]:
+    """`NAME=DIR` pairs (a bare DIR is named by its run name) -> {name: dir}, names checked."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = read_info(value).get("run_name", Path(value).name), value
+        if not NAME.match(name):
+            raise PeftFtError(f"--adapter {value}: name {name!r} may use only letters, digits, '_' and '-'")
+        if name in adapters:
+            raise PeftFtError(f"--adapter {value}: the name {name!r} is given twice; give each adapter its own NAME=DIR")
+        adapters[name] = path
+    if not adapters:
+        raise PeftFtError("no adapters: pass at least one --adapter NAME=RUN_DIR")
+    return adapters
+
+
+class AdapterSet:
+    """Named runs loaded once, answering lists of request rows by adapter name."""
+
+    def __init__(self, adapters: dict[str, str | Path], device: str = "cpu", batch_size: int = 32):
+        from peft_ft.models import quiet_transformers
+
+        quiet_transformers()
+        self.device, self.batch_size = device, batch_size
+        self.adapters: dict[str, Adapter] = {}
+        groups: dict[tuple, Group] = {}
+        tokenizers: dict[str, object] = {}
+        for name, run_dir in adapters.items():
+            if not NAME.match(name):
+                raise PeftFtError(f"adapter name {name!r} may use only letters, digits, '_' and '-'")
+            self.adapters[name] = self._attach(name, Path(run_dir), groups, tokenizers)
+        for group in groups.values():
+            group.model.eval()
+
+    def _attach(self, name: str, run_dir: Path, groups: dict, tokenizers: dict) -> Adapter:
+        import torch
+        import transformers
+
+        from peft_ft.models import load_tokenizer
+        from peft_ft.run import base_location, load_run
+        from peft_ft.tasks import TASKS, TaskData
+
+        info = read_info(run_dir)
+        recipe = load_recipe(run_dir / "recipe.toml")
+        task = TASKS[info["task"]]
+        answers = ANSWERS[task.pipeline_task]
+        if not info["is_adapter"]:
+            model, tokenizer, _ = load_run(run_dir, self.device)
+            group = groups[("run", str(run_dir.resolve()))] = Group(model, tokenizer, shared=False)
+            return Adapter(name, run_dir, info, recipe, answers, group, answers.build(model, tokenizer, recipe))
+        kwargs = task.model_kwargs(TaskData(splits={}, labels=info["labels"]))
+        location = base_location(info)
+        key = (location, info["auto_class"], kwargs.get("num_labels"))
+        group = groups.get(key)
+        if group is None:
+            from peft import PeftModel
+
+            base = getattr(transformers, info["auto_class"]).from_pretrained(location, dtype=torch.float32, **kwargs)
+            model = PeftModel.from_pretrained(base, run_dir, adapter_name=name).to(self.device)
+            if location not in tokenizers:
+                tokenizers[location] = load_tokenizer(location, recipe)
+            group = groups[key] = Group(model, tokenizers[location], shared=True)
+        else:
+            group.model.load_adapter(run_dir, adapter_name=name)
+            group.model.to(self.device)
+        return Adapter(name, run_dir, info, recipe, answers, group, answers.build(group.model, group.tokenizer, recipe))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def describe(self) -> dict:
+        """What each adapter is, for GET /adapters and logs."""
+        from peft_ft.tasks import TASKS
+
+        return {
+            a.name: {"run_dir": str(a.run_dir), "task": a.info["task"], "pipeline_task": TASKS[a.info["task"]].pipeline_task,
+                     "method": a.info["method"], "base_model": a.info["base_model"], "labels": a.info["labels"]}
+            for a in self.adapters.values()
+        }
+
+    def get(self, name: str) -> Adapter:
+        if name not in self.adapters:
+            raise PeftFtError(f"unknown adapter {name!r}; loaded: {', '.join(self.adapters)}")
+        return self.adapters[name]
+
+    def answer(self, name: str, rows: list[dict], where: list[str] | None = None) -> list[dict]:
+        """Answers of adapter `name` for request rows, in order, each saying which adapter answered.
+        `where` names each row for error messages (file and line, or request index)."""
+        adapter = self.get(name)
+        where = where or [f"row {i}" for i in range(1, len(rows) + 1)]
+        inputs = [adapter.answers.to_input(row, adapter.recipe, w) for row, w in zip(rows, where)]
+        group = adapter.group
+        with group.lock:
+            if group.shared:
+                activate(group.model, name, adapter.info["labels"])
+            outputs = adapter.pipe(inputs, batch_size=self.batch_size)
+        return [{"adapter": name, **adapter.answers.to_answer(o)} for o in outputs]
+
+
+def activate(model, name: str, labels: list[str]) -> None:
+    """Make `name` the active adapter, frozen, and give the config its label names: adapters of one
+    group share the base config, and the stock pipelines read label names from it."""
+    model.set_adapter(name, inference_mode=True)
+    if labels:
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {n: i for i, n in enumerate(labels)}
+
+
+# Reading request rows: JSONL, CSV/TSV or plain text lines, from a file or stdin.
+
+INPUT_FORMATS = ("auto", "jsonl", "csv", "tsv", "text")
+
+
+def read_inputs(path: str, fmt: str = "auto") -> tuple[list[dict], list[str]]:
+    """Rows (dicts) and where each came from (`file: line N`). A text line becomes {"text": line}."""
+    from peft_ft.data import read_text
+
+    name = "<stdin>" if path == "-" else path
+    if path == "-":
+        text = sys.stdin.read()
+    elif not Path(path).is_file():
+        raise DataError(f"{path}: input file not found")
+    else:
+        text = read_text(Path(path))
+    fmt = _input_format(path, fmt, text)
+    lines = text.splitlines()
+    if fmt == "text":
+        numbered = [(n, {"text": line}) for n, line in enumerate(lines, 1) if line.strip()]
+    elif fmt == "jsonl":
+        numbered = [(n, _json_row(line, f"{name}: line {n}")) for n, line in enumerate(lines, 1) if line.strip()]
+    else:
+        reader = csv.DictReader(io.StringIO(text), delimiter="," if fmt == "csv" else "\t")
+        numbered = [(reader.line_num, row) for row in reader]
+    return [r for _, r in numbered], [f"{name}: line {n}" for n, _ in numbered]
+
+
+def _input_format(path: str, fmt: str, text: str) -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jsonl", ".csv", ".tsv"):
+        return suffix[1:]
+    # stdin or another extension: JSON objects if the first line is one, else text lines
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return "jsonl" if first.lstrip().startswith("{") else "text"
+
+
+def _json_row(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+    return row
+
+
+def route(rows: list[dict], where: list[str], names: list[str], use: str | None, field_name: str | None) -> list[str]:
+    """The adapter answering each row: `use` for all, or the row's `field_name`; alone, the only one."""
+    if use and field_name:
+        raise PeftFtError("give either --use NAME or --adapter-field FIELD, not both")
+    if use or (not field_name and len(names) == 1):
+        chosen = use or names[0]
+        if chosen not in names:
+            raise PeftFtError(f"--use {chosen}: no adapter of that name; loaded: {', '.join(names)}")
+        return [chosen] * len(rows)
+    if not field_name:
+        raise PeftFtError(f"{len(names)} adapters loaded ({', '.join(names)}): pick one with --use NAME, or per row with --adapter-field FIELD")
+    picked = []
+    for row, w in zip(rows, where):
+        value = row.get(field_name)
+        if value not in names:
+            raise DataError(f"{w}: field {field_name!r} is {value!r}; expected one of the adapters: {', '.join(names)}")
+        picked.append(value)
+    return picked
+
+
+def predict_rows(adapters: AdapterSet, rows: list[dict], where: list[str], routes: list[str]) -> list[dict]:
+    """Every row answered by its adapter; rows of one adapter go together (one switch per adapter)."""
+    results: list[dict] = [{} for _ in rows]
+    for name in dict.fromkeys(routes):
+        indices = [i for i, r in enumerate(routes) if r == name]
+        answers = adapters.answer(name, [rows[i] for i in indices], [where[i] for i in indices])
+        for i, a in zip(indices, answers):
+            results[i] = {"row": i + 1, **({"id": rows[i]["id"]} if "id" in rows[i] else {}), **a}
+    return results
+
+
+def run_predict(adapter_args: list[str], input_path: str, fmt: str, use: str | None, field_name: str | None,
+                output: str | None, batch_size: int, device: str = "cpu") -> int:
+    """`peft-ft predict`: read every row (and route it) before loading any model, then answer as JSONL."""
+    specs = parse_adapter_args(adapter_args)
+    rows, where = read_inputs(input_path, fmt)
+    routes = route(rows, where, list(specs), use, field_name)
+    adapters = AdapterSet(specs, device, batch_size)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predict_rows(adapters, rows, where, routes))
+    if output:
+        from peft_ft.output import write_atomic
+
+        write_atomic(Path(output), text)
+    else:
+        sys.stdout.write(text)
+    return len(rows)

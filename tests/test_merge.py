@@ -1,0 +1,101 @@
+"""`peft-ft merge`: the adapter and its head folded into the base, as a plain transformers folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peft_ft.errors import PeftFtError
+from peft_ft.merge import merge_run
+from test_predict import TEXTS, train_sentiment
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_bert) -> Path:
+    return train_sentiment(tmp_path_factory.mktemp("merge"), tiny_bert, "pos")
+
+
+def test_merged_folder_is_plain_and_predicts_like_the_adapter(trained, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from peft_ft.run import load_run
+
+    out = merge_run(trained, tmp_path / "merged")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "model.safetensors", "peft_ft.json", "recipe.toml", "tokenizer.json", "tokenizer_config.json",
+    ]
+    assert not list(tmp_path.glob(".merged.merging-*"))  # the staging folder is gone
+    adapter, tokenizer, _ = load_run(trained)
+    merged = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    assert merged.config.id2label == {0: "neg", 1: "pos"} and merged.config.label2id == {"neg": 0, "pos": 1}
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        expected, got = adapter(**enc).logits, merged(**enc).logits
+    assert torch.allclose(expected, got, atol=1e-4, rtol=0)
+    info = json.loads((out / "peft_ft.json").read_text())
+    assert info["is_adapter"] is False and info["merged_from"] == str(trained.resolve())
+
+
+def test_merged_folder_loads_without_peft(trained, tmp_path):
+    out = merge_run(trained, tmp_path / "merged")
+    # peft made unimportable: the folder must not need it
+    code = (
+        "import sys; sys.modules['peft'] = None\n"
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+        f"m = AutoModelForSequenceClassification.from_pretrained({str(out)!r}); t = AutoTokenizer.from_pretrained({str(out)!r})\n"
+        "print(type(m).__name__, m.config.id2label[0], m.config.id2label[1], len(t('good film')['input_ids']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["BertForSequenceClassification", "neg", "pos", "4"]
+
+
+def test_never_writes_into_a_non_empty_folder(trained, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(PeftFtError, match="already exists and is not an empty folder"):
+        merge_run(trained, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (merge_run(trained, empty) / "model.safetensors").is_file()
+
+
+def test_methods_that_cannot_merge_say_why(trained, tmp_path, tiny_bert):
+    from peft import PromptTuningConfig
+
+    full = train_sentiment(tmp_path, tiny_bert, "full", method="full")
+    with pytest.raises(PeftFtError, match="method 'full' trained every weight.*already is a plain transformers model"):
+        merge_run(full, tmp_path / "out-full")
+    merged = merge_run(trained, tmp_path / "merged")
+    with pytest.raises(PeftFtError, match="already merged"):
+        merge_run(merged, tmp_path / "out-again")
+    # a prompt-tuning run folder (the method itself arrives later): its adapter config is what decides
+    prompt = tmp_path / "prompt"
+    prompt.mkdir()
+    shutil.copyfile(trained / "recipe.toml", prompt / "recipe.toml")
+    info = json.loads((trained / "peft_ft.json").read_text())
+    (prompt / "peft_ft.json").write_text(json.dumps({**info, "method": "prompt_tuning"}))
+    PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4, base_model_name_or_path=str(tiny_bert)).save_pretrained(prompt)
+    with pytest.raises(PeftFtError, match=r"'prompt_tuning' \(PROMPT_TUNING\) cannot be merged: it learns virtual tokens"):
+        merge_run(prompt, tmp_path / "out-prompt")
+    assert not (tmp_path / "out-prompt").exists()
+
+
+def test_cli_merge_and_the_merged_folder_serves_like_a_run(trained, tmp_path, capsys):
+    from peft_ft.cli import main
+    from peft_ft.pipelines import pipeline
+
+    out = tmp_path / "m"
+    assert main(["merge", str(trained), "--out", str(out)]) == 0
+    assert f"merged: {out}" in capsys.readouterr().out
+    assert main(["merge", str(trained), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [a["label"] for a in pipeline(out)(TEXTS)] == [a["label"] for a in pipeline(trained)(TEXTS)]

@@ -1,0 +1,214 @@
+"""`peft-ft predict`: several adapters on one loaded base, routing, input formats, hot-swap correctness."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import sentiment_rows, write_jsonl, write_recipe
+from peft_ft.errors import DataError, PeftFtError
+from peft_ft.predict import AdapterSet, read_inputs, route
+
+TEXTS = ["the movie was good", "the plot is awful", "great acting", "terrible film", "the film was fine", "bad plot"]
+FLIP = {"pos": "neg", "neg": "pos"}
+
+
+def train_sentiment(root: Path, tiny_bert: Path, name: str, *, flip: bool = False, method: str = "lora") -> Path:
+    """A run folder of the toy sentiment task on the tiny BERT (about a second); `flip` swaps the labels,
+    so the adapter learns the opposite answers."""
+    from peft_ft.run import run
+    from peft_ft.schema import load_recipe
+
+    data = root / f"data-{name}"
+    data.mkdir(parents=True)
+    rows = [{**r, "label": FLIP[r["label"]] if flip else r["label"]} for r in sentiment_rows(64, seed=1)]
+    write_jsonl(data / "train.jsonl", rows)
+    recipe = write_recipe(root / f"{name}.toml", f"""
+[model]
+name = "{tiny_bert}"
+[data]
+dir = "{data}"
+train = "train.jsonl"
+[adapter]
+method = "{method}"
+[train]
+epochs = 20
+batch_size = 16
+lr = {1e-2 if method == "lora" else 2e-3}
+threads = 1
+[output]
+dir = "{root / 'runs'}"
+name = "{name}"
+""")
+    return run(load_recipe(recipe))
+
+
+def train_ner(root: Path, tiny_bert: Path) -> Path:
+    from peft_ft.run import run
+    from peft_ft.schema import load_recipe
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        person, place = rng.choice(["john", "mary"]), rng.choice(["paris", "london", "berlin"])
+        rows.append({"tokens": [person, rng.choice(["lives", "works"]), "in", place, "."], "tags": ["B-PER", "O", "O", "B-LOC", "O"]})
+    data = root / "data-ner"
+    data.mkdir(parents=True)
+    write_jsonl(data / "train.jsonl", rows)
+    recipe = write_recipe(root / "ner.toml", f"""
+[model]
+name = "{tiny_bert}"
+max_length = 32
+[task]
+type = "ner"
+[data]
+dir = "{data}"
+train = "train.jsonl"
+[train]
+epochs = 20
+batch_size = 16
+lr = 1e-2
+threads = 1
+[output]
+dir = "{root / 'runs'}"
+name = "ner"
+""")
+    return run(load_recipe(recipe))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_bert) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("predict")
+    return {"pos": train_sentiment(root, tiny_bert, "pos"), "flip": train_sentiment(root, tiny_bert, "flip", flip=True)}
+
+
+def reference(run_dir: Path, texts: list[str]) -> list[dict]:
+    """Answers of one run loaded on its own (load_run + the stock pipeline, no adapter switching)."""
+    from peft_ft.pipelines import pipeline
+
+    return [{"label": o["label"], "score": round(float(o["score"]), 6)} for o in pipeline(run_dir)(texts)]
+
+
+def test_each_adapter_gives_its_own_answers_after_any_sequence_of_switches(runs, tiny_bert):
+    import torch
+    from transformers import BertModel
+
+    expected = {name: reference(d, TEXTS) for name, d in runs.items()}
+    # trained on flipped labels: the two adapters disagree on these clear-cut texts
+    disagree = sum(a["label"] != b["label"] for a, b in zip(expected["pos"], expected["flip"]))
+    assert disagree >= len(TEXTS) - 1
+    adapters = AdapterSet(runs)
+    groups = {id(a.group) for a in adapters.adapters.values()}
+    assert len(groups) == 1  # one base in memory, both adapters attached to it
+    model = adapters.get("pos").group.model
+    assert set(model.peft_config) == {"pos", "flip"}
+    rows = [{"text": t} for t in TEXTS]
+    for name in ["pos", "flip", "flip", "pos", "flip", "pos", "pos"]:
+        answers = adapters.answer(name, rows)
+        assert [{k: a[k] for k in ("label", "score")} for a in answers] == expected[name]
+        assert {a["adapter"] for a in answers} == {name}
+        assert model.active_adapter == name
+    # the frozen base weights under the adapters are the checkpoint's, untouched by switching
+    base = BertModel.from_pretrained(tiny_bert).state_dict()
+    compared = 0
+    for key, value in model.state_dict().items():
+        plain = key.removeprefix("base_model.model.bert.").replace(".base_layer", "")
+        if plain in base:
+            assert torch.equal(value, base[plain]), key
+            compared += 1
+    assert compared == len(base)
+
+
+def test_different_head_classes_get_their_own_base_and_real_tag_names(runs, tiny_bert, tmp_path):
+    ner = train_ner(tmp_path, tiny_bert)
+    adapters = AdapterSet({"ner": ner, "pos": runs["pos"], "flip": runs["flip"]})
+    groups = {name: id(a.group) for name, a in adapters.adapters.items()}
+    assert groups["pos"] == groups["flip"] != groups["ner"]
+    for name in ["ner", "pos", "ner", "flip"]:
+        [answer] = adapters.answer(name, [{"text": "mary lives in london ."}])
+        assert answer["adapter"] == name
+        if name == "ner":
+            found = {(e["entity_group"], e["word"], e["start"], e["end"]) for e in answer["entities"]}
+            assert ("PER", "mary", 0, 4) in found and ("LOC", "london", 14, 20) in found
+        else:
+            assert answer["label"] in ("pos", "neg")
+    assert set(adapters.describe()["ner"]["labels"]) == {"O", "B-LOC", "I-LOC", "B-PER", "I-PER"}
+
+
+def test_cli_routes_each_row_by_its_field(runs, tmp_path):
+    from peft_ft.cli import main
+
+    rows = [{"text": t, "model": "pos" if i % 2 else "flip", "id": f"r{i}"} for i, t in enumerate(TEXTS)]
+    out = tmp_path / "answers.jsonl"
+    args = ["predict", "--adapter", f"pos={runs['pos']}", "--adapter", f"flip={runs['flip']}", "--adapter-field", "model"]
+    assert main([*args, str(write_jsonl(tmp_path / "in.jsonl", rows)), "--output", str(out)]) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = {name: reference(d, TEXTS) for name, d in runs.items()}
+    assert [a["row"] for a in answers] == list(range(1, len(TEXTS) + 1))
+    assert [a["id"] for a in answers] == [r["id"] for r in rows]
+    for i, (row, answer) in enumerate(zip(rows, answers)):
+        assert answer["adapter"] == row["model"]
+        assert answer["label"] == expected[row["model"]][i]["label"]
+
+
+def test_cli_reads_text_lines_from_stdin_and_csv(runs, tmp_path, monkeypatch, capsys):
+    from peft_ft.cli import main
+
+    expected = reference(runs["flip"], TEXTS[:2])
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(TEXTS[:2]) + "\n"))
+    assert main(["predict", "--adapter", f"pos={runs['pos']}", "--adapter", f"flip={runs['flip']}", "--use", "flip"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["label"] for a in answers] == [e["label"] for e in expected] and {a["adapter"] for a in answers} == {"flip"}
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_text("text,who\n" + "\n".join(f'"{t}",pos' for t in TEXTS[:2]) + "\n")
+    assert main(["predict", "--adapter", f"solo={runs['pos']}", str(csv_file)]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["label"] for a in answers] == [e["label"] for e in reference(runs["pos"], TEXTS[:2])]
+
+
+def test_input_formats_and_where_each_row_came_from(tmp_path):
+    jsonl = write_jsonl(tmp_path / "a.jsonl", [{"text": "good"}, {"text": "bad"}])
+    rows, where = read_inputs(str(jsonl))
+    assert rows == [{"text": "good"}, {"text": "bad"}] and where == [f"{jsonl}: line 1", f"{jsonl}: line 2"]
+    lines = tmp_path / "a.txt"
+    lines.write_text("good film\n\n{not json}\n")
+    assert read_inputs(str(lines))[0] == [{"text": "good film"}, {"text": "{not json}"}]
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "good"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"b\.jsonl: line 2: not valid JSON"):
+        read_inputs(str(bad))
+    with pytest.raises(DataError, match="input file not found"):
+        read_inputs(str(tmp_path / "missing.jsonl"))
+
+
+def test_routing_errors_name_the_row_and_the_choices():
+    rows, where = [{"text": "a", "m": "x"}, {"text": "b", "m": "z"}], ["in.jsonl: line 1", "in.jsonl: line 2"]
+    with pytest.raises(DataError, match=r"in\.jsonl: line 2: field 'm' is 'z'; expected one of the adapters: x, y"):
+        route(rows, where, ["x", "y"], None, "m")
+    with pytest.raises(PeftFtError, match="2 adapters loaded .*--use NAME.*--adapter-field"):
+        route(rows, where, ["x", "y"], None, None)
+    with pytest.raises(PeftFtError, match="--use q: no adapter of that name"):
+        route(rows, where, ["x", "y"], "q", None)
+    assert route(rows, where, ["x"], None, None) == ["x", "x"]
+    assert route(rows, where, ["x", "y"], "y", None) == ["y", "y"]
+
+
+def test_unknown_adapter_and_missing_text_are_clear_errors(runs):
+    adapters = AdapterSet({"pos": runs["pos"]})
+    with pytest.raises(PeftFtError, match="unknown adapter 'nope'; loaded: pos"):
+        adapters.answer("nope", [{"text": "good"}])
+    with pytest.raises(DataError, match=r"row 1: expected a text field 'text'; got fields 'sentence'"):
+        adapters.answer("pos", [{"sentence": "good"}])
+
+
+def test_not_a_run_folder_is_named(tmp_path):
+    from peft_ft.predict import parse_adapter_args
+
+    with pytest.raises(PeftFtError, match="not a peft-ft run folder.*no peft_ft.json"):
+        AdapterSet({"x": tmp_path})
+    with pytest.raises(PeftFtError, match="name 'a.b' may use only"):
+        parse_adapter_args([f"a.b={tmp_path}"])
