@@ -32,17 +32,34 @@ def run(recipe: Recipe, data_dir: str | None = None) -> Path:
     run_dir = create_run_dir(recipe)
     write_atomic(run_dir / "recipe.toml", to_toml(recipe))
     setup_logging(run_dir)
-    log.info("run folder %s", run_dir)
-    for note in data.notes:
-        log.info(note)
-    log.info("splits: %s", ", ".join(f"{n} {len(s.examples)}" for n, s in data.splits.items()))
+    try:
+        log.info("run folder %s", run_dir)
+        for note in data.notes:
+            log.info(note)
+        log.info("splits: %s", ", ".join(f"{n} {len(s.examples)}" for n, s in data.splits.items()))
+        _train_evaluate_save(recipe, task, method, location, data, run_dir)
+    finally:
+        setup_logging(None)  # detach train.log so later log lines of this process do not land in it
+    return run_dir
 
-    from peft_ft.train import setup_torch, train
 
-    device = setup_torch(recipe)
+def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskData, device):
+    """Tokenizer, and the model with its head, wrapped by the adapter method."""
     tokenizer = load_tokenizer(location, recipe)
     model, heads = load_model(location, recipe, task.auto_class, **task.model_kwargs(data))
     model = method.wrap(model, recipe, heads, task.peft_task_type).to(device)
+    if recipe.train.fast_kernels:
+        from peft_ft.fastlora import speed_up
+
+        log.info("fast kernels: %s", ", ".join(f"{k} {v}" for k, v in speed_up(model).items()))
+    return model, tokenizer, heads
+
+
+def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path) -> None:
+    from peft_ft.train import setup_torch, train
+
+    device = setup_torch(recipe)
+    model, tokenizer, heads = build_model(recipe, task, method, location, data, device)
     trainable, total = count_parameters(model)
     log.info("base %s (%s), method %s: %s trainable of %s parameters (%.3f %%), head: %s",
              recipe.model.name or EMBEDDED_NAME, model.config.model_type, method.name, f"{trainable:,}", f"{total:,}",
@@ -88,11 +105,11 @@ def run(recipe: Recipe, data_dir: str | None = None) -> Path:
         "weight_bytes": folder_size(weight_files),
         "train": result.summary(),
     }
+    params = {k: info[k] for k in ("trainable_params", "total_params", "trainable_percent", "weight_bytes")}
     write_json(run_dir / INFO_FILE, info)
-    write_json(run_dir / "metrics.json", {**metrics, "train": info["train"], "params": {k: info[k] for k in ("trainable_params", "total_params", "trainable_percent", "weight_bytes")}})
+    write_json(run_dir / "metrics.json", {**metrics, "train": info["train"], "params": params})
     write_atomic(run_dir / "README.md", model_card(recipe, info, metrics))
     log.info("saved %s (%s) in %s", ", ".join(info["weight_files"]), human_size(info["weight_bytes"]), run_dir)
-    return run_dir
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -118,6 +118,10 @@ class TrainSection:
     seed: int = opt(42, "Seed for data order, initialisation and dropout.", min=0)
     threads: int = opt(0, "CPU threads for torch (0 = every core).", min=0)
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to train: auto = CUDA when available, else CPU.")
+    fast_kernels: bool = opt(
+        True, "Fused LoRA layers and integer-generator dropout while training (same maths, faster and leaner on CPU); "
+        "false = peft's stock layers."
+    )
 
 
 @dataclass

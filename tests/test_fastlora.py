@@ -1,0 +1,128 @@
+"""The fused LoRA path and fast dropout compute what peft computes, and train."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from peft_ft.fastlora import FastDropout, LoraLinearFunction, dropout_mask, speed_up
+
+
+def tiny_lora(dropout: float, hidden_dropout: float = 0.0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        hidden_dropout_prob=hidden_dropout, attention_probs_dropout_prob=0.0)
+    model = get_peft_model(BertForTokenClassification(config), LoraConfig(
+        task_type="TOKEN_CLS", r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["query", "key", "value", "dense"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; make the LoRA term matter
+            torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
+def loss_and_grads(model, seed=1):
+    torch.manual_seed(seed)
+    ids, labels = torch.randint(0, 100, (3, 7)), torch.randint(0, 2, (3, 7))
+    model.train()
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_without_dropout_the_fused_path_equals_peft_exactly():
+    stock = tiny_lora(0.0)
+    fused = copy.deepcopy(stock)
+    assert speed_up(fused)["fused_lora_layers"] == 2 * 6  # q, k, v, attention dense, intermediate, output per layer
+    loss_a, grads_a = loss_and_grads(stock)
+    loss_b, grads_b = loss_and_grads(fused)
+    assert loss_a == loss_b
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_with_dropout_the_fused_layer_equals_the_reference_with_the_same_mask():
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, 16, requires_grad=True)
+    weight, bias = torch.randn(12, 16), torch.randn(12)
+    a = torch.randn(4, 16, requires_grad=True)
+    b = torch.randn(12, 4, requires_grad=True)
+    scale, p, seed = 2.0, 0.3, 1234
+    out = LoraLinearFunction.apply(x, weight, bias, a, b, scale, p, seed)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    fused = [t.grad.clone() for t in (x, a, b)]
+    for t in (x, a, b):
+        t.grad = None
+    mask = dropout_mask((30, 16), p, seed, "cpu", torch.float32).view(5, 6, 16)
+    reference = torch.nn.functional.linear(x, weight, bias) + scale * ((x * mask) @ a.t()) @ b.t()
+    reference.backward(grad)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    for got, want in zip(fused, (x.grad, a.grad, b.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_mask_keeps_one_minus_p_and_rescales():
+    mask = dropout_mask((200_000,), 0.1, 7, "cpu", torch.float32)
+    kept = (mask > 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.005
+    assert torch.allclose(mask[mask > 0], torch.tensor(1 / 0.9))
+    assert torch.equal(mask, dropout_mask((200_000,), 0.1, 7, "cpu", torch.float32))  # regenerated exactly from the seed
+
+
+def test_layers_reading_the_same_input_share_one_mask():
+    model = tiny_lora(0.5)
+    speed_up(model)
+    seeds = []
+    original = LoraLinearFunction.apply
+
+    def spy(*args):
+        seeds.append(args[-1])
+        return original(*args)
+
+    LoraLinearFunction.apply = spy
+    try:
+        loss_and_grads(model)
+    finally:
+        LoraLinearFunction.apply = original
+    # per layer: q, k, v share one seed; attention dense, intermediate and output each draw their own
+    layer0 = seeds[:6]
+    assert layer0[0] == layer0[1] == layer0[2]
+    assert len(set(layer0)) == 4
+
+
+def test_evaluation_is_untouched_and_training_with_dropout_learns():
+    stock = tiny_lora(0.1, hidden_dropout=0.1)
+    fused = copy.deepcopy(stock)
+    changes = speed_up(fused)
+    assert changes["fast_dropouts"] > 0
+    left = [n for n, m in fused.named_modules() if type(m) is torch.nn.Dropout and m.p > 0 and "lora_dropout" not in n]
+    assert left == []
+    ids = torch.randint(0, 100, (4, 9))
+    stock.eval(), fused.eval()
+    with torch.no_grad():
+        assert torch.equal(stock(input_ids=ids).logits, fused(input_ids=ids).logits)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 4, (4, 9))
+    labels = ids % 2  # learnable from 4 distinct token embeddings
+    optimizer = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad], lr=1e-2)
+    fused.train()
+    losses = []
+    for _ in range(60):
+        loss = fused(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_fast_dropout_is_identity_in_eval_and_at_zero():
+    x = torch.randn(10, 10)
+    d = FastDropout(0.2).eval()
+    assert d(x) is x
+    assert FastDropout(0.0).train()(x) is x
