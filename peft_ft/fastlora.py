@@ -7,10 +7,10 @@ peft's LoRA layer spends more time in elementwise work than in its matmuls:
   input three times) and keeps it for backward.
 - `result + lora_B(lora_A(x)) * scaling` makes two more full-size passes over the output.
 
-`LoraLinearFunction` does the same computation in one autograd node: the dropout mask comes from
-a seeded integer generator (fast), is never stored (it is regenerated from its seed in backward),
-and is shared by layers that read the same input tensor; the scale is folded into the rank-r
-product and the LoRA term is added inside the matmul (`addmm_`). The base weight stays frozen, so
+`LoraLinearFunction` does the same computation in one autograd node: the dropout mask is drawn
+as integers (fast), once per input tensor, and shared with its dropped copy by every layer that
+reads that input; backward keeps the dropped input and a 1-byte mask, not the input itself; the
+LoRA term is added inside the matmul (`addmm_`). The base weight stays frozen, so
 backward computes no weight gradient for it. Parameters, names and the saved adapter are peft's
 own: only `forward` of each eligible LoRA layer is replaced, and only while training.
 
@@ -20,69 +20,72 @@ integer generator instead of bernoulli).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 _THRESHOLD_SCALE = 2**31  # int32 random_() draws uniformly from [0, 2**31)
 
 
-def dropout_mask(shape, p: float, seed: int, device, dtype) -> torch.Tensor:
-    """Keep-mask scaled by 1/(1-p), regenerated exactly from `seed`."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    draws = torch.empty(shape, dtype=torch.int32, device=device).random_(generator=gen)
-    return (draws >= int(p * _THRESHOLD_SCALE)).to(dtype).mul_(1.0 / (1.0 - p))
-
-
-def _new_seed() -> int:
-    # Drawn from torch's default generator, so a run seeded with torch.manual_seed is reproducible.
-    return int(torch.randint(0, 2**62, (1,)).item())
+def keep_mask(shape, p: float, device) -> torch.Tensor:
+    """Bernoulli(1 - p) keep-mask drawn as integers: several times faster than bernoulli on CPU."""
+    draws = torch.empty(shape, dtype=torch.int32, device=device).random_()
+    return draws >= int(p * _THRESHOLD_SCALE)
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + scale * (drop(x) A^T) B^T with W, b frozen; grads for x, A, B."""
+    """y = x W^T + b + scale * (drop(x) A^T) B^T with W, b frozen; gradients for x, A and B.
+
+    `dropped` (= x * keep / (1 - p), or x itself when p = 0) and `keep` are computed once per
+    input tensor by `_SharedDropout` and passed in, so layers reading the same input share them.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, p: float, seed: int):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dropped, keep, p: float):
         flat = x.reshape(-1, x.shape[-1])
+        dropped = dropped.reshape(flat.shape)
         out = torch.nn.functional.linear(flat, weight, bias)
-        dropped = flat * dropout_mask(flat.shape, p, seed, flat.device, flat.dtype) if p > 0 else flat
         z = dropped @ lora_a.t()
         out.addmm_(z, lora_b.t(), alpha=scale)
-        ctx.save_for_backward(flat, weight, lora_a, lora_b, z)
-        ctx.scale, ctx.p, ctx.seed, ctx.x_shape = scale, p, seed, x.shape
+        ctx.save_for_backward(weight, lora_a, lora_b, z, dropped, keep)
+        ctx.scale, ctx.p, ctx.x_shape = scale, p, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        flat, weight, lora_a, lora_b, z = ctx.saved_tensors
+        weight, lora_a, lora_b, z, dropped, keep = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         gz = (g @ lora_b).mul_(ctx.scale)  # N x r
-        mask = dropout_mask(flat.shape, ctx.p, ctx.seed, flat.device, flat.dtype) if ctx.p > 0 else None
-        grad_a = gz.t() @ (flat * mask if mask is not None else flat)
+        grad_a = gz.t() @ dropped
         grad_b = (g.t() @ z).mul_(ctx.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if mask is None:
+            if ctx.p == 0:
                 grad_x = torch.addmm(g @ weight, gz, lora_a)
             else:
-                grad_x = (g @ weight).add_((gz @ lora_a).mul_(mask))
+                lora_part = (gz @ lora_a).mul_(keep.reshape(g.shape[0], -1)).mul_(1.0 / (1.0 - ctx.p))
+                grad_x = (g @ weight).add_(lora_part)
             grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
-class _SharedSeed:
-    """One dropout mask per distinct input tensor: q, k and v read the same hidden states."""
+class _SharedDropout:
+    """One dropout mask per distinct input tensor: q, k and v read the same hidden states, so they
+    share one draw, one dropped copy and one saved mask (peft keeps three of each)."""
 
     def __init__(self):
-        self.last_input = None
-        self.seed = 0
+        self.last = None  # weak reference to the last input: a new tensor never matches a dead one
+        self.out = (None, None)
 
-    def for_input(self, x) -> int:
-        if x is not self.last_input:
-            self.last_input, self.seed = x, _new_seed()
-        return self.seed
-
-    def clear(self):
-        self.last_input = None
+    def __call__(self, x, p: float):
+        if p == 0:
+            return x, None
+        if self.last is None or self.last() is not x:
+            with torch.no_grad():
+                keep = keep_mask(x.shape, p, x.device)
+                self.out = (x * keep * (1.0 / (1.0 - p)), keep)
+            self.last = weakref.ref(x)
+        return self.out
 
 
 def _fast_path_ok(layer, x) -> bool:
@@ -101,16 +104,17 @@ def _fast_path_ok(layer, x) -> bool:
     )
 
 
-def _make_forward(layer, original, shared: _SharedSeed):
+def _make_forward(layer, original, shared: _SharedDropout):
     def forward(x, *args, **kwargs):
         if args or kwargs or not _fast_path_ok(layer, x):
             return original(x, *args, **kwargs)
         name = layer.active_adapters[0]
         p = getattr(layer.lora_dropout[name], "p", 0.0)  # nn.Identity when peft's dropout is 0
         base = layer.base_layer
+        dropped, keep = shared(x, p)
         return LoraLinearFunction.apply(
             x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-            float(layer.scaling[name]), p, shared.for_input(x) if p > 0 else 0,
+            float(layer.scaling[name]), dropped, keep, p,
         )
 
     return forward
@@ -126,7 +130,7 @@ class FastDropout(torch.nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        return x * dropout_mask(x.shape, self.p, _new_seed(), x.device, x.dtype)
+        return x * keep_mask(x.shape, self.p, x.device) * (1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -140,7 +144,7 @@ def speed_up(model) -> dict:
     """
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    shared, lora_layers, dropouts, lora_dropouts = _SharedSeed(), 0, 0, set()
+    shared, lora_layers, dropouts, lora_dropouts = _SharedDropout(), 0, 0, set()
     for module in model.modules():
         if type(module) is LoraLinear:
             module.forward = _make_forward(module, module.forward, shared)

@@ -10,6 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP's spinning workers
+# can make a 6 ms step take a second. Runs started by tests set train.threads = 1 for the same reason.
+torch.set_num_threads(1)
 
 WORDS = (
     "the a an is was not good bad movie film great awful fine terrible plot acting "
