@@ -45,16 +45,18 @@ def pad_batch(features: list[dict], pad_id: int, label_pad: int = -100):
     """
     import torch
 
-    width = max(len(f["input_ids"]) for f in features)
     batch = {}
     for key in features[0]:
         if key == "length" or key.startswith("_"):
             continue
         values = [f[key] for f in features]
         if isinstance(values[0], list):
+            # Each field to its own longest row: seq2seq targets are shorter (or longer) than inputs.
             fill = pad_id if key == "input_ids" else (label_pad if key == "labels" else 0)
-            values = [v + [fill] * (width - len(v)) for v in values]
+            key_width = max(len(v) for v in values)
+            values = [v + [fill] * (key_width - len(v)) for v in values]
         batch[key] = torch.tensor(values)
+    width = batch["input_ids"].shape[1]
     lengths = torch.tensor([len(f["input_ids"]) for f in features])
     batch["attention_mask"] = (torch.arange(width)[None, :] < lengths[:, None]).long()
     return batch

@@ -20,10 +20,11 @@ def cmd_run(args) -> int:
 
 def cmd_validate(args) -> int:
     from peft_ft.data import resolve_data_dir, split_sources
-    from peft_ft.models import resolve_model
+    from peft_ft.models import resolve_model, settle_hub_mode
     from peft_ft.schema import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
+    settle_hub_mode(recipe)
     model = resolve_model(recipe)
     data_dir = None if recipe.data.hub else resolve_data_dir(recipe, args.data_dir)
     splits = split_sources(recipe, data_dir)

@@ -77,7 +77,7 @@ def model_card(recipe: Recipe, info: dict, metrics: dict) -> str:
         "",
         f"- base model: `{info['base_model']}` ({info['model_type']})",
         f"- method: `{recipe.adapter.method}`",
-        f"- task: `{recipe.task.type}`; labels: {', '.join(info['labels'])}",
+        f"- task: `{recipe.task.type}`" + (f"; labels: {', '.join(info['labels'])}" if info["labels"] else ""),
         f"- data: " + "; ".join(f"{k}: `{v}`" for k, v in info["data"].items()),
         f"- trainable parameters: {info['trainable_params']:,} of {info['total_params']:,} ({info['trainable_percent']:.3f} %)",
         f"- saved weights: {', '.join(info['weight_files'])} ({human_size(info['weight_bytes'])})",

@@ -3,7 +3,7 @@
 Pure Python (no torch, no numpy): `peft-ft validate` may use it, and the metric functions are the
 official evaluate-v1.1.py logic, written out as small functions so tests can pin them down.
 
-An example is a dict `{"id", "question", "context", "answers": {"text": [...], "answer_start": [...]}}`,
+An example is a dict `{"id", "title", "question", "context", "answers": {"text": [...], "answer_start": [...]}}`,
 the layout of the Hugging Face `squad` dataset, whichever file it came from.
 """
 
@@ -18,6 +18,24 @@ from pathlib import Path
 from peft_ft.errors import DataError
 
 FLAT_COLUMNS = ("id", "question", "context", "answers")
+FLAT_FORMATS = ("jsonl", "parquet")
+
+
+def read_squad_split(recipe, location: str) -> list[dict]:
+    """Examples of one split: official SQuAD JSON (`.json`, or data.format = "squad"), flat JSONL or
+    parquet in the `datasets` layout, or a hub split."""
+    from peft_ft.data import read_split_rows, read_table, table_format
+
+    if recipe.data.hub:
+        return examples_from_rows(read_split_rows(recipe, location), location)
+    path, fmt = Path(location), recipe.data.format
+    if fmt == "squad" or (fmt == "auto" and path.suffix.lower() == ".json"):
+        return read_squad_json(path)
+    fmt = table_format(path, fmt)
+    if fmt not in FLAT_FORMATS:
+        raise DataError(f"{path}: SQuAD-style data is read from official .json, or flat .jsonl / .parquet; "
+                        f"set data.format to squad, jsonl or parquet")
+    return examples_from_rows(read_table(path, fmt), path)
 
 
 def read_squad_json(path: Path) -> list[dict]:
@@ -35,12 +53,14 @@ def read_squad_json(path: Path) -> list[dict]:
         )
     examples = []
     for article in document["data"]:
+        title = str(article.get("title") or "")
         for paragraph in article.get("paragraphs", []):
             context = paragraph.get("context")
             for qa in paragraph.get("qas", []):
                 answers = qa.get("answers", [])
                 examples.append({
                     "id": str(qa.get("id", "")),
+                    "title": title,
                     "question": qa.get("question"),
                     "context": context,
                     "answers": {"text": [a.get("text") for a in answers], "answer_start": [a.get("answer_start") for a in answers]},
@@ -54,9 +74,14 @@ def examples_from_rows(rows: list[dict], path) -> list[dict]:
     `answers` is `{"text": [...], "answer_start": [...]}` as in `datasets`; a list of
     `{"text", "answer_start"}` records (the official nesting) is accepted too.
     """
-    from peft_ft.data import require_columns
-
-    require_columns(rows, {f"SQuAD column {c!r}": c for c in FLAT_COLUMNS}, str(path))
+    if not rows:
+        raise DataError(f"{path}: the split is empty; check the file or the split name")
+    missing = [c for c in FLAT_COLUMNS if c not in rows[0]]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; a flat SQuAD file needs {', '.join(FLAT_COLUMNS)} "
+            f"(answers = {{\"text\": [...], \"answer_start\": [...]}}); the file has: {', '.join(map(str, rows[0]))}"
+        )
     examples = []
     for row in rows:
         answers = row["answers"]
@@ -66,6 +91,7 @@ def examples_from_rows(rows: list[dict], path) -> list[dict]:
             raise DataError(f"{path}: question {row['id']}: answers is {answers!r}; expected {{\"text\": [...], \"answer_start\": [...]}}")
         examples.append({
             "id": str(row["id"]),
+            "title": str(row.get("title") or ""),
             "question": row["question"],
             "context": row["context"],
             "answers": {"text": list(answers.get("text") or []), "answer_start": list(answers.get("answer_start") or [])},

@@ -96,3 +96,5 @@ def register_task(cls):
 
 # Importing a family registers it. Each module is light at import time.
 from peft_ft.tasks import classification  # noqa: E402,F401
+from peft_ft.tasks import ner  # noqa: E402,F401
+from peft_ft.tasks import qa, seq2seq  # noqa: E402,F401

@@ -1,0 +1,208 @@
+"""Extractive question answering (SQuAD v1.1 style) with an encoder and a start/end head.
+
+The logic of transformers' `run_qa.py` / `utils_qa.py`, as module-level functions: a long context is
+cut into overlapping windows (`model.max_length`, `task.doc_stride`), each window is one model row;
+at evaluation the n-best start/end pairs of every window are mapped back to the context through the
+offset mapping and the best-scoring span over all windows of a question is its answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft_ft.errors import DataError, PeftFtError
+from peft_ft.schema import Recipe
+from peft_ft.squad import read_squad_split, squad_metrics
+from peft_ft.tasks import Split, Task, TaskData, register_task
+
+# Questions named in an error message about their length (the rest are counted).
+SHOWN_IDS = 5
+
+
+def cap_examples(splits: dict[str, Split], recipe: Recipe) -> dict[str, Split]:
+    """data.max_train_samples / max_eval_samples: keep the first N questions of each split."""
+    for name, split in splits.items():
+        cap = recipe.data.max_train_samples if name == "train" else recipe.data.max_eval_samples
+        if cap:
+            split.examples = split.examples[:cap]
+    return splits
+
+
+def load_squad_splits(recipe: Recipe, data_dir: Path | None) -> dict[str, Split]:
+    from peft_ft.data import split_sources
+
+    splits = {name: Split(name, location, read_squad_split(recipe, location)) for name, _, location in split_sources(recipe, data_dir)}
+    return cap_examples(splits, recipe)
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+
+
+def check_question_lengths(questions: list[str], ids: list[str], tokenizer, recipe: Recipe, source: str) -> None:
+    """Every window holds the question, the special tokens and more than doc_stride context tokens;
+    otherwise the tokenizer panics (a Rust panic, not a Python error) mid-split."""
+    room = recipe.model.max_length - tokenizer.num_special_tokens_to_add(pair=True) - recipe.task.doc_stride
+    lengths = [len(ids_) for ids_ in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    long = [(qid, n) for qid, n in zip(ids, lengths) if n >= room]
+    if long:
+        shown = ", ".join(f"{qid} ({n} tokens)" for qid, n in long[:SHOWN_IDS])
+        more = f" and {len(long) - SHOWN_IDS} more" if len(long) > SHOWN_IDS else ""
+        raise DataError(
+            f"{source}: question(s) {shown}{more} leave no more than task.doc_stride ({recipe.task.doc_stride}) context "
+            f"tokens in a window of model.max_length ({recipe.model.max_length}); raise model.max_length or lower task.doc_stride"
+        )
+
+
+def context_offsets(offsets, sequence_ids) -> list[tuple[int, int] | None]:
+    """Character spans of the context tokens; None for question and special tokens, so no answer can come from them."""
+    return [tuple(o) if s == 1 else None for o, s in zip(offsets, sequence_ids)]
+
+
+def answer_token_span(offsets: list, start_char: int, end_char: int, cls_index: int) -> tuple[int, int]:
+    """Start/end token of the answer `[start_char, end_char)` in one window; (cls, cls) when the window
+    does not hold the whole answer (not at all, or cut by the window's edge)."""
+    context = [k for k, o in enumerate(offsets) if o is not None]
+    if not context:
+        return cls_index, cls_index
+    first, last = context[0], context[-1]
+    if not (offsets[first][0] <= start_char and offsets[last][1] >= end_char):
+        return cls_index, cls_index
+    start = first
+    while start <= last and offsets[start][0] <= start_char:
+        start += 1
+    end = last
+    while end >= first and offsets[end][1] >= end_char:
+        end -= 1
+    return start - 1, end + 1
+
+
+def encode_windows(examples: list[dict], tokenizer, recipe: Recipe, *, with_positions: bool, source: str = "") -> list[dict]:
+    """One feature per window: token ids (and segment ids when the tokenizer makes them), the
+    answer's start/end token for training, and `_example` / `_offsets` for post-processing."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise PeftFtError(f"model.name: extractive QA needs a fast (Rust) tokenizer for offset mappings; {type(tokenizer).__name__} is not one")
+    # Leading spaces (some SQuAD questions have many) only waste window room.
+    questions = [e["question"].lstrip() for e in examples]
+    check_question_lengths(questions, [e["id"] for e in examples], tokenizer, recipe, source)
+    enc = tokenizer(
+        questions, [e["context"] for e in examples], truncation="only_second", max_length=recipe.model.max_length,
+        stride=recipe.task.doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,
+    )
+    features = []
+    for i, ids in enumerate(enc["input_ids"]):
+        example = enc["overflow_to_sample_mapping"][i]
+        offsets = context_offsets(enc["offset_mapping"][i], enc.sequence_ids(i))
+        feature = {"input_ids": ids, "length": len(ids), "_example": example, "_offsets": offsets}
+        if "token_type_ids" in enc:
+            feature["token_type_ids"] = enc["token_type_ids"][i]
+        if with_positions:
+            answers = examples[example]["answers"]
+            start_char = answers["answer_start"][0]
+            cls_index = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+            span = answer_token_span(offsets, start_char, start_char + len(answers["text"][0]), cls_index)
+            feature["start_positions"], feature["end_positions"] = span
+        features.append(feature)
+    return features
+
+
+# --- post-processing ----------------------------------------------------------------------------
+
+
+def window_candidates(start_logits, end_logits, offsets: list, n_best: int, max_answer_length: int) -> list[tuple[float, int, int]]:
+    """(score, start_char, end_char) for the valid pairs among the n-best starts and ends of one window:
+    both in the context, end not before start, at most max_answer_length tokens."""
+    import numpy as np
+
+    starts = np.argsort(start_logits)[::-1][:n_best].tolist()
+    ends = np.argsort(end_logits)[::-1][:n_best].tolist()
+    candidates = []
+    for s in starts:
+        for e in ends:
+            if s >= len(offsets) or e >= len(offsets) or offsets[s] is None or offsets[e] is None:
+                continue
+            if e < s or e - s + 1 > max_answer_length:
+                continue
+            candidates.append((float(start_logits[s] + end_logits[e]), offsets[s][0], offsets[e][1]))
+    return candidates
+
+
+def best_answer(context: str, windows: list[tuple], n_best: int, max_answer_length: int) -> str:
+    """The best-scoring span over all windows `(start_logits, end_logits, offsets)` of one question,
+    as a substring of the context; "" when no window has a valid span."""
+    candidates = [c for s, e, offsets in windows for c in window_candidates(s, e, offsets, n_best, max_answer_length)]
+    if not candidates:
+        return ""
+    _, start, end = max(candidates)
+    return context[start:end]
+
+
+def answers_by_example(examples: list[dict], features: list[dict], outputs: list, n_best: int, max_answer_length: int) -> list[str]:
+    """One answer per example from the per-window (start_logits, end_logits) outputs."""
+    windows: dict[int, list] = {}
+    for feature, (start_logits, end_logits) in zip(features, outputs):
+        windows.setdefault(feature["_example"], []).append((start_logits, end_logits, feature["_offsets"]))
+    return [best_answer(ex["context"], windows.get(i, []), n_best, max_answer_length) for i, ex in enumerate(examples)]
+
+
+def write_official_predictions(run_dir: Path, split: Split, records: list[dict]) -> list[Path]:
+    """`predictions_<split>.json` = {question id: answer}, the file the official evaluate-v1.1.py scores."""
+    from peft_ft.output import write_json
+
+    path = run_dir / f"predictions_{split.name}.json"
+    write_json(path, {r["id"]: r["predicted"] for r in records})
+    return [path]
+
+
+@register_task
+class ExtractiveQA(Task):
+    name = "qa"
+    auto_class = "AutoModelForQuestionAnswering"
+    # Not QUESTION_ANS: peft's QA wrapper drops token_type_ids. The generic PeftModel passes them on,
+    # and the runner lists the new `qa_outputs` head in modules_to_save, so it trains and saves.
+    peft_task_type = None
+    default_metric = "f1"
+    metrics = ("exact_match", "f1")
+    formats = ("squad", "jsonl", "parquet")
+    pipeline_task = "question-answering"
+
+    def validate(self, recipe: Recipe) -> list[str]:
+        problems = []
+        if recipe.task.doc_stride >= recipe.model.max_length:
+            problems.append(
+                f"task.doc_stride: {recipe.task.doc_stride} must be well below model.max_length ({recipe.model.max_length}); "
+                f"the usual pair is max_length 384, doc_stride 128"
+            )
+        if recipe.data.validation_fraction:
+            problems.append("data.validation_fraction: not for QA (questions on one paragraph would land in both splits); "
+                            "name a data.validation file")
+        return problems
+
+    def load(self, recipe: Recipe, data_dir: Path | None) -> TaskData:
+        return TaskData(load_squad_splits(recipe, data_dir), labels=[])
+
+    def encode(self, split: Split, tokenizer, recipe: Recipe, data: TaskData) -> list[dict]:
+        features = encode_windows(split.examples, tokenizer, recipe, with_positions=split.name == "train", source=split.source)
+        # `score` gets no recipe: the post-processing settings travel with the features.
+        settings = {"n_best": recipe.task.n_best, "max_answer_length": recipe.task.max_answer_length}
+        for f in features:
+            f["_postprocess"] = settings
+        return features
+
+    def unpack(self, outputs, batch) -> list:
+        starts = outputs.start_logits.float().cpu().numpy()
+        ends = outputs.end_logits.float().cpu().numpy()
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        return [(starts[i, :n], ends[i, :n]) for i, n in enumerate(lengths)]
+
+    def score(self, split: Split, features: list[dict], outputs: list, data: TaskData) -> tuple[dict, list[dict]]:
+        answers = answers_by_example(split.examples, features, outputs, **features[0]["_postprocess"])
+        predictions = {ex["id"]: a for ex, a in zip(split.examples, answers)}
+        metrics = squad_metrics(predictions, {ex["id"]: ex["answers"]["text"] for ex in split.examples})
+        records = [
+            {"id": ex["id"], "question": ex["question"], "predicted": a, "gold": ex["answers"]["text"]}
+            for ex, a in zip(split.examples, answers)
+        ]
+        return metrics, records
+
+    def write_predictions(self, run_dir: Path, split: Split, records: list[dict]) -> list[Path]:
+        return write_official_predictions(run_dir, split, records)

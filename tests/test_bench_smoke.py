@@ -1,0 +1,68 @@
+"""The benchmark scripts run end to end (`--smoke`: tiny BERT and tiny data built in code) and
+print a table with every configuration and positive numbers. No timings are asserted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from peft_ft.tasks import TASKS
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_smoke(script: str, tmp_path: Path, *args: str) -> list[dict]:
+    """Run `bench/<script> --smoke`, return the rows of its markdown table as dicts."""
+    out = tmp_path / f"{script}.md"
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in out.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def number(text: str) -> float:
+    return float(text.rstrip("x").replace(",", ""))
+
+
+def expected(configs) -> set[tuple]:
+    return {c for c in configs if not (c[0] == "conll" and c[1] == "peft-ft" and "ner" not in TASKS)}
+
+
+def test_throughput_smoke(tmp_path):
+    rows = run_smoke("throughput.py", tmp_path)
+    keys = {(r["data"], r["runner"], r["method"], r["batches"]) for r in rows}
+    want = expected((data, runner, method, batches) for data in ("scientsbank", "conll") for runner, method, batches in [
+        ("peft-ft", "lora", "grouped"), ("peft-ft", "full", "grouped"), ("trainer", "lora", "random"),
+        ("trainer", "lora", "grouped"), ("trainer", "lora", "pad512"), ("trainer", "full", "random"),
+        ("trainer", "full", "grouped")])
+    assert keys == want and len(rows) == len(want)
+    for r in rows:
+        assert number(r["steps"]) == 2
+        for column in ("s/step", "samples/s", "real tok/s", "real/computed tokens"):
+            assert number(r[column]) > 0, (r, column)
+        assert number(r["real/computed tokens"]) <= 1
+        if r["runner"] == "peft-ft":
+            assert r["tok/s vs peft-ft"] == "1.00x"
+    # padding every row to 512 computes far more tokens than it uses
+    pad512 = [r for r in rows if r["batches"] == "pad512"]
+    assert pad512 and all(number(r["real/computed tokens"]) < 0.2 for r in pad512)
+
+
+def test_memory_smoke(tmp_path):
+    rows = run_smoke("memory.py", tmp_path)
+    keys = {(r["data"], r["runner"], r["method"]) for r in rows}
+    want = expected((data, runner, method) for data in ("scientsbank", "conll")
+                    for runner in ("peft-ft", "trainer") for method in ("lora", "full"))
+    assert keys == want and len(rows) == len(want)
+    for r in rows:
+        for column in ("trainable params", "steps", "widest batch", "RSS before (MiB)", "peak RSS (MiB)"):
+            assert number(r[column]) > 0, (r, column)
+        assert number(r["peak RSS (MiB)"]) >= number(r["RSS before (MiB)"])
+    by_key = {(r["data"], r["runner"], r["method"]): r for r in rows}
+    for (data, runner, method), r in by_key.items():
+        if method == "lora":  # LoRA trains a small fraction of what full fine-tuning trains
+            assert number(r["trainable params"]) < number(by_key[(data, runner, "full")]["trainable params"]) / 2
+

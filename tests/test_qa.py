@@ -1,0 +1,307 @@
+"""Extractive QA: window preprocessing, post-processing on hand-made logits, and end to end on the tiny BERT."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from conftest import write_jsonl, write_recipe
+from peft_ft.errors import DataError
+from peft_ft.run import load_run, run
+from peft_ft.schema import build_recipe, load_recipe
+from peft_ft.squad import squad_metrics
+from peft_ft.tasks import TASKS, Split
+from peft_ft.tasks.qa import answer_token_span, best_answer, encode_windows, window_candidates
+
+CONTEXT = "john lives in paris . mary works at acme corp in london ."
+# Tokens of "where is john ?" with max_length 14: [CLS] where is john ? [SEP] + 7 context tokens + [SEP],
+# stride 3 -> windows over context tokens 0-6, 4-10 and 8-12:
+#   window 0: john lives in paris . mary works
+#   window 1: . mary works at acme corp in
+#   window 2: acme corp in london .
+FIRST_CONTEXT_TOKEN = 6
+
+
+def small_recipe(**task):
+    return build_recipe({"model": {"max_length": 14}, "task": {"type": "qa", "doc_stride": 3, **task}, "data": {"train": "t.json"}}, "test.toml")
+
+
+def example(answer: str, qid: str = "q1", question: str = "where is john ?") -> dict:
+    start = CONTEXT.index(answer)
+    return {"id": qid, "title": "", "question": question, "context": CONTEXT, "answers": {"text": [answer], "answer_start": [start]}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_bert):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_bert)
+
+
+def spans(features) -> list[tuple[int, int]]:
+    return [(f["start_positions"], f["end_positions"]) for f in features]
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+
+
+def test_answer_only_in_the_second_window_maps_there(tokenizer):
+    features = encode_windows([example("at acme")], tokenizer, small_recipe(), with_positions=True)
+    assert len(features) == 3 and all(f["_example"] == 0 for f in features)
+    # Window 1 holds ". mary works at acme ...": "at" is its 4th context token, "acme" the 5th.
+    assert spans(features) == [(0, 0), (FIRST_CONTEXT_TOKEN + 3, FIRST_CONTEXT_TOKEN + 4), (0, 0)]
+    f = features[1]
+    assert CONTEXT[f["_offsets"][f["start_positions"]][0]:f["_offsets"][f["end_positions"]][1]] == "at acme"
+
+
+def test_answer_cut_by_a_window_edge_maps_to_cls(tokenizer):
+    # "mary works at": window 0 ends after "works", window 2 starts at "acme"; only window 1 holds all of it.
+    features = encode_windows([example("mary works at")], tokenizer, small_recipe(), with_positions=True)
+    assert spans(features) == [(0, 0), (FIRST_CONTEXT_TOKEN + 1, FIRST_CONTEXT_TOKEN + 3), (0, 0)]
+    assert features[0]["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_offsets_cover_only_the_context_and_map_back_exactly(tokenizer):
+    features = encode_windows([example("london")], tokenizer, small_recipe(), with_positions=True)
+    for f in features:
+        offsets = f["_offsets"]
+        assert offsets[:FIRST_CONTEXT_TOKEN] == [None] * FIRST_CONTEXT_TOKEN and offsets[-1] is None  # question, [CLS], [SEP]
+        words = [CONTEXT[s:e] for s, e in offsets[FIRST_CONTEXT_TOKEN:-1]]
+        assert " ".join(words) in CONTEXT
+    last = features[-1]
+    assert CONTEXT[last["_offsets"][last["start_positions"]][0]:last["_offsets"][last["end_positions"]][1]] == "london"
+    assert "token_type_ids" in last and last["token_type_ids"][FIRST_CONTEXT_TOKEN] == 1
+
+
+def test_evaluation_windows_carry_no_positions_and_no_segment_ids_without_them(tiny_bert):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    tok.model_input_names = ["input_ids", "attention_mask"]  # as a RoBERTa / DistilBERT tokenizer
+    features = encode_windows([example("london")], tok, small_recipe(), with_positions=False)
+    assert set(features[0]) == {"input_ids", "length", "_example", "_offsets"}
+
+
+def test_a_question_too_long_for_a_window_is_named(tokenizer):
+    long = example("london", qid="long-one", question="where is john ? " * 3)
+    with pytest.raises(DataError, match=r"dev\.json: question\(s\) long-one \(12 tokens\) leave no more than task\.doc_stride \(3\)"):
+        encode_windows([example("paris"), long], tokenizer, small_recipe(), with_positions=False, source="dev.json")
+
+
+def test_answer_token_span_edges():
+    offsets = [None, None, (0, 4), (5, 10), (11, 13), None]
+    assert answer_token_span(offsets, 5, 13, cls_index=0) == (3, 4)
+    assert answer_token_span(offsets, 0, 4, cls_index=0) == (2, 2)
+    assert answer_token_span(offsets, 11, 19, cls_index=0) == (0, 0)  # runs past the window
+    assert answer_token_span([None, None], 0, 4, cls_index=0) == (0, 0)  # a window without context
+
+
+# --- post-processing ----------------------------------------------------------------------------
+
+# [CLS] where is john ? [SEP] john lives in paris . [SEP]
+OFFSETS = [None, None, None, None, None, None, (0, 4), (5, 10), (11, 13), (14, 19), (20, 21), None]
+
+
+def logits(peaks: dict[int, float]) -> np.ndarray:
+    out = np.zeros(len(OFFSETS), dtype=np.float32)
+    for index, value in peaks.items():
+        out[index] = value
+    return out
+
+
+def test_best_span_never_comes_from_the_question_or_special_tokens():
+    start = logits({3: 50.0, 0: 40.0, 9: 5.0})  # "john" in the question and [CLS] score highest
+    end = logits({3: 50.0, 11: 40.0, 9: 5.0})
+    assert best_answer(CONTEXT, [(start, end, OFFSETS)], n_best=20, max_answer_length=30) == "paris"
+
+
+def test_max_answer_length_limits_the_span():
+    start = logits({6: 10.0, 8: 5.0})   # john, in
+    end = logits({9: 10.0, 7: 6.0})     # paris, lives
+    window = [(start, end, OFFSETS)]
+    assert best_answer(CONTEXT, window, n_best=20, max_answer_length=4) == "john lives in paris"   # 10 + 10
+    assert best_answer(CONTEXT, window, n_best=20, max_answer_length=2) == "john lives"            # 10 + 6 beats in paris (5 + 10)
+    assert all(e - s <= len("john lives") for _, s, e in window_candidates(start, end, OFFSETS, n_best=20, max_answer_length=2))
+
+
+def test_end_before_start_is_skipped_and_n_best_bounds_the_search():
+    start = logits({9: 10.0, 3: 9.0})
+    end = logits({7: 10.0, 9: 1.0})
+    assert best_answer(CONTEXT, [(start, end, OFFSETS)], n_best=20, max_answer_length=30) == "paris"
+    # With one candidate each, the only pair (paris .. lives) ends before it starts: no answer.
+    assert best_answer(CONTEXT, [(start, end, OFFSETS)], n_best=1, max_answer_length=30) == ""
+
+
+def test_the_best_window_wins_and_maps_to_the_context():
+    second = [None, None, None, None, None, None, (22, 26), (27, 32), (33, 35), (36, 40), (41, 45), None]
+    weak = (logits({9: 2.0}), logits({9: 2.0}), OFFSETS)
+    strong = (logits({9: 7.0}), logits({10: 7.0}), second)  # "acme corp" in the second window
+    assert best_answer(CONTEXT, [weak, strong], n_best=20, max_answer_length=30) == "acme corp"
+    assert best_answer(CONTEXT, [weak], n_best=20, max_answer_length=30) == "paris"
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+PEOPLE, CITIES = ["john", "mary"], ["paris", "london", "berlin"]
+FILLER = ["the film was great .", "the plot was not bad .", "plants need water and light ."]
+
+
+def qa_rows(n: int, seed: int) -> list[dict]:
+    """`<person> lives in <city> .` among filler sentences; "where is <person> ?" asks for the city."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        person, city = rng.choice(PEOPLE), rng.choice(CITIES)
+        before, after = " ".join(rng.sample(FILLER, rng.randint(0, 2))), " ".join(rng.sample(FILLER, rng.randint(0, 2)))
+        fact = f"{person} lives in {city} ."
+        context = " ".join(p for p in (before, fact, after) if p)
+        start = context.index(fact) + len(f"{person} lives in ")
+        rows.append({"id": f"{seed}-{i}", "title": "toy", "question": f"where is {person} ?", "context": context,
+                     "answers": {"text": [city], "answer_start": [start]}})
+    return rows
+
+
+def official_file(path, rows):
+    """The same questions in the official nesting (one paragraph per question)."""
+    data = [{"title": r["title"], "paragraphs": [{"context": r["context"], "qas": [
+        {"id": r["id"], "question": r["question"],
+         "answers": [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]}]}]}
+        for r in rows]
+    path.write_text(json.dumps({"version": "1.1", "data": data}))
+
+
+RECIPE = """
+[model]
+name = "{model}"
+max_length = 24
+[task]
+type = "qa"
+doc_stride = 6
+[data]
+dir = "{data}"
+train = "train.json"
+validation = "valid.jsonl"
+[adapter]
+method = "{method}"
+[train]
+epochs = 6
+batch_size = 8
+lr = {lr}
+threads = 1
+[output]
+dir = "{out}"
+"""
+
+RUN_FILES = {
+    "lora": {"adapter_model.safetensors", "adapter_config.json"},
+    "full": {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"},
+}
+COMMON_FILES = {"README.md", "recipe.toml", "train.log", "metrics.json", "peft_ft.json", "predictions_validation.json"}
+
+
+@pytest.fixture(scope="module", params=["lora", "full"])
+def trained(request, tmp_path_factory, tiny_bert):
+    tmp = tmp_path_factory.mktemp(f"qa-{request.param}")
+    d = tmp / "data"
+    d.mkdir()
+    official_file(d / "train.json", qa_rows(48, seed=1))
+    write_jsonl(d / "valid.jsonl", qa_rows(12, seed=2))
+    lr = 1e-2 if request.param == "lora" else 2e-3
+    text = RECIPE.format(model=tiny_bert, data=d, method=request.param, lr=lr, out=tmp / "runs")
+    return request.param, run(load_recipe(write_recipe(tmp / f"{request.param}.toml", text))), d
+
+
+def test_run_folder_holds_exactly_the_expected_files(trained):
+    method, run_dir, _ = trained
+    assert {p.name for p in run_dir.iterdir()} == COMMON_FILES | RUN_FILES[method]
+
+
+def test_predictions_are_official_and_metrics_recompute_from_them(trained):
+    _, run_dir, d = trained
+    predictions = json.loads((run_dir / "predictions_validation.json").read_text())
+    gold = {r["id"]: r["answers"]["text"] for r in qa_rows(12, seed=2)}
+    assert set(predictions) == set(gold) and all(isinstance(v, str) for v in predictions.values())
+    contexts = {r["id"]: r["context"] for r in qa_rows(12, seed=2)}
+    assert all(p in contexts[q] for q, p in predictions.items())  # every answer is a span of its own context
+    metrics = json.loads((run_dir / "metrics.json").read_text())["validation"]
+    again = squad_metrics(predictions, gold)
+    assert metrics["exact_match"] == pytest.approx(again["exact_match"]) and metrics["f1"] == pytest.approx(again["f1"])
+    assert metrics["n"] == 12
+
+
+def test_the_model_learns_the_toy_task(trained):
+    _, run_dir, _ = trained
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["validation"]["f1"] >= 50.0, metrics["validation"]
+
+
+def test_lora_saves_the_qa_head_with_the_adapter(trained):
+    method, run_dir, _ = trained
+    info = json.loads((run_dir / "peft_ft.json").read_text())
+    if method == "full":
+        assert info["trainable_params"] == info["total_params"]
+        return
+    from safetensors import safe_open
+
+    with safe_open(run_dir / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert info["heads"] == ["qa_outputs"]
+    assert any("qa_outputs" in k for k in keys) and any("lora_A" in k for k in keys)
+    assert json.loads((run_dir / "adapter_config.json").read_text())["task_type"] is None
+
+
+def test_reload_gives_the_same_answers(trained):
+    _, run_dir, d = trained
+    model, tokenizer, _ = load_run(run_dir)
+    recipe = load_recipe(run_dir / "recipe.toml")
+    task = TASKS["qa"]
+    data = task.load(recipe, d)
+    split = data.splits["validation"]
+    features = task.encode(split, tokenizer, recipe, data)
+    assert len(features) > len(split.examples)  # long contexts were cut into several windows
+    outputs = task.predict(model, features, tokenizer.pad_token_id, 4, "cpu")
+    _, records = task.score(split, features, outputs, data)
+    saved = json.loads((run_dir / "predictions_validation.json").read_text())
+    assert {r["id"]: r["predicted"] for r in records} == saved
+
+
+def test_segment_ids_reach_the_lora_model(tiny_bert):
+    """peft's QUESTION_ANS wrapper would drop token_type_ids; the generic PeftModel the runner builds keeps them."""
+    import torch
+
+    from peft_ft.adapters import METHODS
+    from peft_ft.models import load_model
+
+    recipe = build_recipe({"model": {"name": str(tiny_bert)}, "task": {"type": "qa"}, "data": {"train": "t.json"}}, "test.toml")
+    model, heads = load_model(str(tiny_bert), recipe, TASKS["qa"].auto_class)
+    model = METHODS["lora"].wrap(model, recipe, heads, TASKS["qa"].peft_task_type).eval()
+    ids = torch.tensor([[2, 10, 11, 3, 12, 13, 3]])
+    with torch.inference_mode():
+        zeros = model(input_ids=ids, token_type_ids=torch.zeros_like(ids)).start_logits
+        segments = model(input_ids=ids, token_type_ids=torch.tensor([[0, 0, 0, 0, 1, 1, 1]])).start_logits
+    assert heads == ["qa_outputs"]
+    assert not torch.allclose(zeros, segments)
+
+
+def test_qa_recipe_checks(tmp_path):
+    from peft_ft.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"task\.doc_stride: 256 must be well below model\.max_length \(256\)"):
+        build_recipe({"task": {"type": "qa", "doc_stride": 256}, "data": {"train": "t.json"}}, "r.toml")
+    with pytest.raises(RecipeError, match=r"data\.validation_fraction: not for QA"):
+        build_recipe({"task": {"type": "qa"}, "data": {"train": "t.json", "validation_fraction": 0.1}}, "r.toml")
+
+
+def test_max_samples_cap_questions_not_windows(tmp_path, tiny_bert):
+    d = tmp_path / "data"
+    d.mkdir()
+    official_file(d / "train.json", qa_rows(20, seed=1))
+    write_jsonl(d / "valid.jsonl", qa_rows(10, seed=2))
+    text = RECIPE.format(model=tiny_bert, data=d, method="lora", lr=1e-3, out=tmp_path / "runs")
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", text), ["data.max_train_samples=5", "data.max_eval_samples=3"])
+    data = TASKS["qa"].load(recipe, d)
+    assert [len(s.examples) for s in data.splits.values()] == [5, 3]
+    assert isinstance(data.splits["train"], Split)
