@@ -30,6 +30,7 @@ def opt(default, help: str, *, min=None, max=None, below=None, only: dict | None
     return field(default=default, metadata=meta)
 
 
+_CLS = {"task.type": ("classification",)}
 _NER = {"task.type": ("ner",)}
 _QA = {"task.type": ("qa",)}
 _S2S = {"task.type": ("seq2seq",)}
@@ -48,6 +49,10 @@ class ModelSection:
 class TaskSection:
     type: str = opt("classification", "Task family: one of the registered families (see `peft-ft explain task`).")
     labels: list[str] = opt([], "Label names (or NER tags) in id order; empty = read from the training data.")
+    glue: Literal["", "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"] = opt(
+        "", "GLUE preset: text columns, labels and the official metric(s) of that GLUE task.", only=_CLS
+    )
+    regression: bool = opt(False, "Classification family: the label is a number (e.g. STS-B): one output, MSE loss.", only=_CLS)
     label_all_subwords: bool = opt(
         False, "NER: label every subword of a word (default: the first subword only; the rest get -100).", only=_NER
     )
@@ -76,6 +81,9 @@ class DataSection:
         0.0, "Without data.validation: fraction of train held out (seeded, stratified) for validation.", min=0.0, below=1.0
     )
     test: list[str] = opt([], "Test files or splits, each evaluated on the best checkpoint; named by file stem.")
+    predict: list[str] = opt(
+        [], "Unlabelled files or splits (e.g. GLUE test sets): predictions written (GLUE: a submission file), no metrics."
+    )
     text_column: str = opt("text", "Column holding the text (the first text of a pair).")
     text_pair_column: str = opt("", "Column holding the second text of a pair (NLI hypothesis, student answer); empty = single text.")
     label_column: str = opt("label", "Column holding the label (a name or an integer id).")
@@ -99,7 +107,22 @@ class AdapterSection:
     alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r).", min=1, only={"adapter.method": ("lora",)})
     dropout: float = opt(0.1, "Dropout on the LoRA input.", min=0.0, below=1.0, only={"adapter.method": ("lora",)})
     target_modules: list[str] = opt(
-        [], "Module names to adapt; empty = the default for the model's architecture.", only={"adapter.method": ("lora",)}
+        [], "Module names to adapt; empty = the default for the model's architecture.", only={"adapter.method": ("lora", "ia3")}
+    )
+    feedforward_modules: list[str] = opt(
+        [], "IA3: which target modules are feed-forward (scaled on their input); empty = the architecture's default.",
+        only={"adapter.method": ("ia3",)},
+    )
+    num_virtual_tokens: int = opt(
+        20, "Prompt/prefix tuning: number of virtual tokens.", min=1, only={"adapter.method": ("prompt_tuning", "prefix_tuning")}
+    )
+    init_text: str = opt(
+        "", "Prompt tuning: initialise the virtual tokens from this text's embeddings (empty = random).",
+        only={"adapter.method": ("prompt_tuning",)},
+    )
+    prefix_projection: bool = opt(
+        False, "Prefix tuning: reparametrise the prefix through a 2-layer MLP (more parameters, often steadier).",
+        only={"adapter.method": ("prefix_tuning",)},
     )
     bias: Literal["none", "all", "lora_only"] = opt("none", "Which biases train with LoRA.", only={"adapter.method": ("lora",)})
     use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).", only={"adapter.method": ("lora",)})
