@@ -143,19 +143,21 @@ def require_columns(rows: list[dict], columns: dict[str, str], path: str):
 
 
 def split_sources(recipe: Recipe, data_dir: Path | None) -> list[tuple[str, str, str]]:
-    """(split name, recipe key, file path or hub split) for train, validation and each test split.
+    """(split name, recipe key, file path or hub split) for train, validation, each test split and
+    each unlabelled predict split (key `data.predict[i]`).
 
-    Test splits are named by file stem (`test_ua.parquet` -> `test_ua`) or by hub split name.
+    Test and predict splits are named by file stem (`test_ua.parquet` -> `test_ua`) or by hub split name.
     """
     d = recipe.data
     entries = [("train", "data.train", d.train)]
     if d.validation:
         entries.append(("validation", "data.validation", d.validation))
-    entries += [(Path(t).stem if not d.hub else t, f"data.test[{i}]", t) for i, t in enumerate(d.test)]
+    for key in ("test", "predict"):
+        entries += [(Path(t).stem if not d.hub else t, f"data.{key}[{i}]", t) for i, t in enumerate(getattr(d, key))]
     names = [name for name, _, _ in entries]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise DataError(f"{recipe.source}: data.test: several splits would be named {', '.join(dupes)}; give the files distinct names")
+        raise DataError(f"{recipe.source}: data.test / data.predict: several splits would be named {', '.join(dupes)}; give the files distinct names")
     if d.hub:
         return [(name, key, f"{d.hub}:{value}") for name, key, value in entries]
     return [(name, key, str(resolve_file(data_dir, value, key, recipe.source))) for name, key, value in entries]

@@ -1,13 +1,66 @@
-"""Single-text and text-pair classification: grading (SciEntsBank), NLI, sentiment, GLUE-style tasks."""
+"""Single-text and text-pair classification and regression: grading (SciEntsBank), NLI, sentiment, GLUE.
+
+A GLUE preset (`task.glue`, table in `peft_ft.glue`) supplies the columns, label names and official
+metrics of a GLUE task; a column the recipe sets to other than its default wins over the preset. With `task.regression`
+(or `task.glue = "stsb"`) the label is a number: a one-output head trained with mean squared error.
+Files listed in `data.predict` need no label column: they get predictions only (GLUE: a submission file).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from peft_ft import glue
 from peft_ft.data import carve_validation, read_split_rows, require_columns, split_sources
 from peft_ft.errors import DataError
-from peft_ft.schema import Recipe
+from peft_ft.schema import DataSection, Recipe
 from peft_ft.tasks import Split, Task, TaskData, register_task
+
+# A regression head has one output; its one "label" names it. One label <=> regression (a
+# classifier needs two classes), which is all a saved run needs to rebuild its head.
+REGRESSION_LABELS = ["score"]
+REGRESSION_METRICS = ("pearson", "spearman")
+CLASS_METRICS = ("accuracy", "macro_f1", "weighted_f1", "matthews", "f1")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a recipe reads and predicts once its GLUE preset is applied."""
+
+    text: str
+    text_pair: str
+    label: str
+    labels: tuple[str, ...]  # () = read from the training data
+    regression: bool
+    preset: glue.Preset | None
+
+
+def settings(recipe: Recipe) -> Settings:
+    d, preset = recipe.data, glue.PRESETS.get(recipe.task.glue)
+    if preset is None:
+        return Settings(d.text_column, d.text_pair_column, d.label_column, tuple(recipe.task.labels), recipe.task.regression, None)
+
+    def pick(key: str, value: str) -> str:
+        # A column the recipe changed from the default wins. Not `recipe.explicit`: a run folder's
+        # resolved recipe.toml writes every key, defaults included.
+        given = recipe.get(key)
+        return given if given != getattr(DataSection(), key.split(".")[1]) else value
+
+    return Settings(pick("data.text_column", preset.text), pick("data.text_pair_column", preset.text_pair),
+                    pick("data.label_column", "label"), preset.labels, preset.regression, preset)
+
+
+def is_regression(labels: list[str]) -> bool:
+    return len(labels) == 1
+
+
+@dataclass
+class PredictSplit(Split):
+    """An unlabelled split (`data.predict`): predictions only, no metrics."""
+
+    glue: str = ""  # the GLUE task whose submission file this split gets ("" = none)
+    submission: str = ""  # that file's name (CoLA.tsv, MNLI-m.tsv, ...)
 
 
 def _as_index(value) -> int | None:
@@ -41,8 +94,10 @@ def label_id(value, names: list[str]) -> int | None:
     return None
 
 
-def _is_unlabeled(value) -> bool:
-    # MNLI's test rows and GLUE's hub splits mark "no label" with -1.
+def _is_unlabeled(value, regression: bool = False) -> bool:
+    # MNLI's test rows and GLUE's hub splits mark "no label" with -1; a score of -1 is a real score.
+    if regression:
+        return value is None or (isinstance(value, str) and not value.strip())
     return value is None or _as_index(value) == -1
 
 
@@ -52,87 +107,104 @@ class Classification(Task):
     auto_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
     default_metric = "macro_f1"
-    metrics = ("accuracy", "macro_f1", "weighted_f1")
-    formats = ("csv", "tsv", "jsonl", "json", "parquet")
+    metrics = CLASS_METRICS + REGRESSION_METRICS  # mse is reported too, but lower is better: it cannot pick
+    formats = ("csv", "tsv", "jsonl", "json", "parquet", "glue")
     pipeline_task = "text-classification"
+    predicts_unlabelled = True  # reads data.predict
+
+    def validate(self, recipe: Recipe) -> list[str]:
+        s, t, metric = settings(recipe), recipe.task, recipe.eval.metric
+        problems = []
+        if s.preset:
+            # Checked by value, not by `recipe.explicit`: a run's resolved recipe.toml writes every key.
+            if t.labels and tuple(t.labels) != s.preset.labels:
+                problems.append(f"task.labels: task.glue = {t.glue!r} fixes the labels to {list(s.preset.labels)}; remove task.labels")
+            if t.regression and not s.preset.regression:
+                problems.append(f"task.regression: task.glue = {t.glue!r} is a classification task; remove task.regression")
+            if recipe.data.hub and not recipe.data.hub_config:
+                problems.append(f"data.hub_config: set it to the GLUE task's configuration, e.g. hub_config = {t.glue!r}")
+        elif recipe.data.format == "glue":
+            problems.append("data.format: \"glue\" reads GLUE's TSV files and needs task.glue (cola, sst2, ...)")
+        if s.regression:
+            if t.labels and not s.preset:
+                problems.append("task.labels: a regression task predicts a number and has no label names; remove task.labels")
+            if metric not in REGRESSION_METRICS:
+                problems.append(f"eval.metric: a regression task is scored by {' or '.join(REGRESSION_METRICS)}; set eval.metric = \"pearson\"")
+        elif metric in REGRESSION_METRICS:
+            problems.append(f"eval.metric: {metric!r} scores regression (task.regression = true); choose one of {', '.join(CLASS_METRICS)}")
+        elif metric == "f1" and s.labels and len(s.labels) != 2:
+            problems.append("eval.metric: \"f1\" is the F1 of the positive class (id 1) of a two-label task; use macro_f1")
+        return problems
 
     def load(self, recipe: Recipe, data_dir: Path | None) -> TaskData:
-        d = recipe.data
-        columns = {"data.text_column": d.text_column, "data.text_pair_column": d.text_pair_column, "data.label_column": d.label_column}
-        raw = {}
-        for name, _key, location in split_sources(recipe, data_dir):
-            rows = read_split_rows(recipe, location)
-            require_columns(rows, columns, location)
-            raw[name] = (location, rows)
-        train_values = [r[d.label_column] for r in raw["train"][1] if not _is_unlabeled(r[d.label_column])]
+        s, d = settings(recipe), recipe.data
+        raw, notes = {}, []
+        for name, key, location in split_sources(recipe, data_dir):
+            predict = key.startswith("data.predict")
+            rows = _read_rows(recipe, s, name, location, predict, notes)
+            columns = {"data.text_column": s.text, "data.text_pair_column": s.text_pair}
+            require_columns(rows, columns if predict else {**columns, "data.label_column": s.label}, location)
+            raw[name] = (location, rows, predict)
+        train_values = [r[s.label] for r in raw["train"][1] if not _is_unlabeled(r[s.label], s.regression)]
         if not train_values:
             raise DataError(f"{raw['train'][0]}: no labelled rows in the training split")
-        names = label_names(recipe, train_values)
-        notes, splits = [], {}
-        for name, (location, rows) in raw.items():
-            examples, dropped = self._examples(rows, names, location, recipe)
+        names = REGRESSION_LABELS if s.regression else list(s.labels) or label_names(recipe, train_values)
+        if not s.regression and len(names) < 2:
+            raise DataError(f"{raw['train'][0]}: only one label ({names[0]!r}) in the training split; a classifier needs two "
+                            f"(for a numeric target set task.regression = true)")
+        if recipe.eval.metric == "f1" and len(names) != 2:
+            raise DataError(f"{recipe.source}: eval.metric: \"f1\" needs two labels, the data has {len(names)}; use macro_f1")
+        splits = {}
+        for name, (location, rows, predict) in raw.items():
+            if predict:
+                splits[name] = _predict_split(name, location, rows, s)
+                continue
+            examples, dropped = _examples(rows, names, location, s)
             if dropped:
                 notes.append(f"{name}: dropped {dropped} unlabelled rows (label -1 or empty) from {location}")
             splits[name] = Split(name, location, examples)
         if d.validation_fraction:
-            keep, held = carve_validation(splits["train"].examples, d.validation_fraction, recipe.train.seed, "label")
+            # A float score is no class to stratify by.
+            stratify = None if s.regression else "label"
+            keep, held = carve_validation(splits["train"].examples, d.validation_fraction, recipe.train.seed, stratify)
             source = f"{d.validation_fraction:.0%} of {splits['train'].source}"
             splits["train"] = Split("train", splits["train"].source, keep)
             splits = {"train": splits["train"], "validation": Split("validation", source, held), **{k: v for k, v in splits.items() if k != "train"}}
-            notes.append(f"validation: held out {len(held)} of {len(held) + len(keep)} training rows, stratified by label (seed {recipe.train.seed})")
+            how = "" if s.regression else ", stratified by label"
+            notes.append(f"validation: held out {len(held)} of {len(held) + len(keep)} training rows{how} (seed {recipe.train.seed})")
+        _check_submissions(splits)
         return TaskData(self._cap(splits, recipe), names, notes)
-
-    @staticmethod
-    def _examples(rows: list[dict], names: list[str], location: str, recipe: Recipe) -> tuple[list[dict], int]:
-        d = recipe.data
-        examples, dropped = [], 0
-        for number, row in enumerate(rows, 1):
-            value = row[d.label_column]
-            if _is_unlabeled(value):
-                dropped += 1
-                continue
-            label = label_id(value, names)
-            if label is None:
-                raise DataError(
-                    f"{location}: row {number}: label {value!r} is not among the training labels ({', '.join(names)}); "
-                    f"fix the row or list every label in task.labels"
-                )
-            text = row[d.text_column]
-            if not isinstance(text, str):
-                raise DataError(f"{location}: row {number}: column {d.text_column!r} is {text!r}, expected text")
-            example = {"text": text, "label": label, "row": number}
-            if d.text_pair_column:
-                example["text_pair"] = str(row[d.text_pair_column] or "")
-            examples.append(example)
-        if not examples:
-            raise DataError(f"{location}: no labelled rows; check data.label_column ({d.label_column!r})")
-        return examples, dropped
 
     @staticmethod
     def _cap(splits: dict[str, Split], recipe: Recipe) -> dict[str, Split]:
         d = recipe.data
         for name, split in splits.items():
-            cap = d.max_train_samples if name == "train" else d.max_eval_samples
+            # Predict splits stay whole: a GLUE submission must answer every test row.
+            cap = d.max_train_samples if name == "train" else 0 if isinstance(split, PredictSplit) else d.max_eval_samples
             if cap:
                 split.examples = split.examples[:cap]
         return splits
 
     def model_kwargs(self, data: TaskData) -> dict:
-        return {
+        kwargs = {
             "num_labels": len(data.labels),
             "id2label": dict(enumerate(data.labels)),
             "label2id": {n: i for i, n in enumerate(data.labels)},
         }
+        # transformers trains a one-output head with MSELoss for this problem type, and its
+        # text-classification pipeline then returns the raw score instead of a sigmoid.
+        return {**kwargs, "problem_type": "regression"} if is_regression(data.labels) else kwargs
 
     def encode(self, split: Split, tokenizer, recipe: Recipe, data: TaskData) -> list[dict]:
         texts = [e["text"] for e in split.examples]
-        pairs = [e["text_pair"] for e in split.examples] if recipe.data.text_pair_column else None
+        pairs = [e["text_pair"] for e in split.examples] if "text_pair" in split.examples[0] else None
         enc = tokenizer(texts, pairs, truncation=True, max_length=recipe.model.max_length)
         keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
-        return [
-            {**{k: enc[k][i] for k in keys}, "labels": e["label"], "length": len(enc["input_ids"][i])}
-            for i, e in enumerate(split.examples)
-        ]
+        features = [{**{k: enc[k][i] for k in keys}, "length": len(enc["input_ids"][i])} for i in range(len(texts))]
+        for feature, e in zip(features, split.examples):
+            if "label" in e:  # unlabelled (predict) splits have none
+                feature["labels"] = e["label"]
+        return features
 
     def unpack(self, outputs, batch) -> list:
         return list(outputs.logits.float().cpu().numpy())
@@ -141,27 +213,117 @@ class Classification(Task):
         import numpy as np
 
         logits = np.stack(outputs)
+        labelled = not isinstance(split, PredictSplit)
+        if is_regression(data.labels):
+            predicted = logits[:, 0]  # unrounded: the metrics recompute exactly from the predictions file
+            records = [{**_record(e), **({"gold": e["label"]} if labelled else {}), "predicted": float(p)}
+                       for e, p in zip(split.examples, predicted)]
+            if not labelled:
+                return {}, records
+            gold = np.array([e["label"] for e in split.examples])
+            return {**glue.regression_metrics(gold, predicted), "n": int(len(gold))}, records
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         predicted = probs.argmax(axis=1)
-        gold = np.array([e["label"] for e in split.examples])
-        metrics = classification_metrics(gold, predicted, data.labels)
         records = [
             {
-                "row": e["row"],
-                "text": e["text"],
-                **({"text_pair": e["text_pair"]} if "text_pair" in e else {}),
-                "gold": data.labels[e["label"]],
+                **_record(e),
+                **({"gold": data.labels[e["label"]]} if labelled else {}),
                 "predicted": data.labels[p],
                 "probabilities": {n: round(float(q), 6) for n, q in zip(data.labels, row)},
             }
             for e, p, row in zip(split.examples, predicted, probs)
         ]
-        return metrics, records
+        if not labelled:
+            return {}, records
+        gold = np.array([e["label"] for e in split.examples])
+        return classification_metrics(gold, predicted, data.labels), records
+
+    def write_predictions(self, run_dir: Path, split: Split, records: list[dict]) -> list[Path]:
+        from peft_ft.output import write_atomic
+
+        paths = super().write_predictions(run_dir, split, records)
+        if isinstance(split, PredictSplit) and split.glue:
+            preset = glue.PRESETS[split.glue]
+            values = [r["predicted"] if preset.regression else preset.labels.index(r["predicted"]) for r in records]
+            text = glue.submission_text(preset, [r["index"] for r in records], values)
+            paths.append(run_dir / split.submission)
+            write_atomic(paths[-1], text)
+        return paths
+
+
+def _read_rows(recipe: Recipe, s: Settings, name: str, location: str, predict: bool, notes: list[str]) -> list[dict]:
+    """A split's rows; GLUE's own TSV files through the GLUE reader, with the rows read (and skipped) noted."""
+    if not (s.preset and not recipe.data.hub and glue.reads_glue_tsv(location, recipe.data.format)):
+        return read_split_rows(recipe, location)
+    # A submission must answer every test row: a malformed line in a predict file is an error even for QQP.
+    rows, skipped = glue.read_glue_tsv(Path(location), s.preset, skip_malformed=s.preset.skip_malformed and not predict)
+    notes.append(f"{name}: read {len(rows)} rows from {location} (GLUE {s.preset.folder} TSV)")
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        notes.append(f"{name}: skipped {len(skipped)} malformed lines (wrong field count) of {location}: lines {shown}")
+    return rows
+
+
+def _examples(rows: list[dict], names: list[str], location: str, s: Settings) -> tuple[list[dict], int]:
+    examples, dropped = [], 0
+    for number, row in enumerate(rows, 1):
+        value = row[s.label]
+        if _is_unlabeled(value, s.regression):
+            dropped += 1
+            continue
+        label = _score_value(value) if s.regression else label_id(value, names)
+        if label is None:
+            if s.regression:
+                raise DataError(f"{location}: row {number}: label {value!r} is not a number; a regression label is a score such as 3.8")
+            raise DataError(
+                f"{location}: row {number}: label {value!r} is not among the training labels ({', '.join(names)}); "
+                f"fix the row or list every label in task.labels"
+            )
+        examples.append({**_text_fields(row, number, location, s), "label": label, "row": number})
+    if not examples:
+        raise DataError(f"{location}: no labelled rows; check data.label_column ({s.label!r})")
+    return examples, dropped
+
+
+def _predict_split(name: str, location: str, rows: list[dict], s: Settings) -> PredictSplit:
+    """Unlabelled rows; `index` is GLUE's test-row id (the `idx`/index column), else the row number from 0."""
+    examples = [{**_text_fields(row, number, location, s), "row": number, "index": row.get("idx", number - 1)}
+                for number, row in enumerate(rows, 1)]
+    if not s.preset:
+        return PredictSplit(name, location, examples)
+    return PredictSplit(name, location, examples, glue=s.preset.name, submission=glue.submission_name(s.preset, name))
+
+
+def _check_submissions(splits: dict[str, Split]) -> None:
+    files = [s.submission for s in splits.values() if isinstance(s, PredictSplit) and s.submission]
+    twice = sorted({f for f in files if files.count(f) > 1})
+    if twice:
+        raise DataError(f"data.predict: several splits would write the submission file {', '.join(twice)}; list each GLUE test file once")
+
+
+def _text_fields(row: dict, number: int, location: str, s: Settings) -> dict:
+    text = row[s.text]
+    if not isinstance(text, str):
+        raise DataError(f"{location}: row {number}: column {s.text!r} is {text!r}, expected text")
+    return {"text": text, **({"text_pair": str(row[s.text_pair] or "")} if s.text_pair else {})}
+
+
+def _record(example: dict) -> dict:
+    keys = ("row", "index", "text", "text_pair")
+    return {k: example[k] for k in keys if k in example}
+
+
+def _score_value(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def classification_metrics(gold, predicted, names: list[str]) -> dict:
-    """Accuracy, macro/weighted F1 and a per-class report.
+    """Accuracy, macro/weighted F1, Matthews correlation, the positive class's F1 (two labels:
+    GLUE's F1 for MRPC and QQP) and a per-class report.
 
     Macro-F1 averages over the classes that occur in the gold or predicted labels (scikit-learn's
     default): a class absent from both has no defined F1 and would only drag the mean to 0.
@@ -174,6 +336,8 @@ def classification_metrics(gold, predicted, names: list[str]) -> dict:
         "accuracy": float(accuracy_score(gold, predicted)),
         "macro_f1": float(f1_score(gold, predicted, average="macro", zero_division=0)),
         "weighted_f1": float(f1_score(gold, predicted, average="weighted", zero_division=0)),
+        "matthews": glue.matthews(gold, predicted),
+        **({"f1": glue.positive_f1(gold, predicted)} if len(names) == 2 else {}),
         "n": int(len(gold)),
         "per_class": {
             n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
