@@ -1,0 +1,245 @@
+"""`peft-ft compare` on the tiny BERT: a comparison of lora and full through the CLI, resume after an
+interruption, several seeds. Runs train in the test process (a subprocess spends ~10 s importing torch
+on a busy machine); one test trains a variant in its own subprocess, as the CLI does."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import struct
+
+import pytest
+
+from conftest import sentiment_rows, write_jsonl, write_recipe
+from peft_ft import compare as cmp
+from peft_ft.adapters import METHODS
+from peft_ft.cli import main
+from peft_ft.errors import PeftFtError, RecipeError
+from peft_ft.schema import load_recipe
+
+RECIPE = """
+[model]
+name = "{model}"
+max_length = 32
+[task]
+type = "classification"
+[data]
+dir = "{data}"
+train = "train.jsonl"
+validation = "valid.jsonl"
+test = ["test.jsonl", "test2.jsonl"]
+[adapter]
+method = "lora"
+r = 4
+alpha = 8
+[train]
+epochs = 1
+batch_size = 8
+lr = 1e-2
+threads = 1
+[output]
+dir = "{out}"
+"""
+RUN_NUMBERS = {  # comparison.csv column -> where the run folder says it
+    "trainable_params": ("metrics.json", "params", "trainable_params"),
+    "trainable_percent": ("metrics.json", "params", "trainable_percent"),
+    "adapter_bytes": ("metrics.json", "params", "weight_bytes"),
+    "train_seconds": ("metrics.json", "train", "seconds"),
+    "train_samples_per_second": ("metrics.json", "train", "samples_per_second"),
+    "peak_memory_mib": ("compare.json", "peak_memory_mib", None),
+    "eval_latency_ms": ("compare.json", "eval_latency_ms", None),
+}
+
+
+def make_recipe(tmp, tiny_bert):
+    data = tmp / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", sentiment_rows(24, seed=1))
+    write_jsonl(data / "valid.jsonl", sentiment_rows(8, seed=2))
+    write_jsonl(data / "test.jsonl", sentiment_rows(8, seed=3))
+    write_jsonl(data / "test2.jsonl", sentiment_rows(6, seed=4))
+    return write_recipe(tmp / "sent.toml", RECIPE.format(model=tiny_bert, data=data, out=tmp / "runs"))
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def read_json(path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def in_process(variant, recipe_file, isolate=True, _real=cmp.run_variant):
+    return _real(variant, recipe_file, isolate=False)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_bert):
+    """`peft-ft compare sent.toml --methods lora,full` through the CLI."""
+    tmp = tmp_path_factory.mktemp("compare")
+    recipe = make_recipe(tmp, tiny_bert)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cmp, "run_variant", in_process)
+        assert main(["compare", str(recipe), "--methods", "lora,full"]) == 0
+    return tmp / "runs" / "compare-sent"
+
+
+def test_compare_writes_every_file(compared):
+    assert {"comparison.md", "comparison.csv", "comparison.png", "runs.csv", "recipes", "lora-seed42", "full-seed42"} == {
+        p.name for p in compared.iterdir()}
+    assert {p.name for p in (compared / "recipes").iterdir()} == {"lora-seed42.toml", "full-seed42.toml"}
+    for name in ("lora-seed42", "full-seed42"):
+        (run_dir,) = (compared / name).iterdir()  # exactly one run folder per variant
+        assert {"metrics.json", "peft_ft.json", "recipe.toml", cmp.MEASURE_FILE} <= {p.name for p in run_dir.iterdir()}
+        assert read_json(run_dir / "peft_ft.json")["method"] == name.split("-")[0]
+
+
+def test_table_rows_come_from_the_runs_own_files(compared):
+    rows = read_csv(compared / "comparison.csv")
+    assert [r["variant"] for r in rows] == ["lora", "full"]
+    for row in rows:
+        (run_dir,) = [compared / d for d in row["run_dirs"].split()]
+        files = {"metrics.json": read_json(run_dir / "metrics.json"), "compare.json": read_json(run_dir / cmp.MEASURE_FILE)}
+        for split in ("test", "test2"):
+            for metric in ("accuracy", "macro_f1", "weighted_f1"):
+                assert float(row[f"{split}/{metric}"]) == pytest.approx(files["metrics.json"][split][metric])
+        assert "validation/accuracy" not in row  # test splits only: validation picked the epoch
+        for column, (name, key, sub) in RUN_NUMBERS.items():
+            expected = files[name][key] if sub is None else files[name][key][sub]
+            assert float(row[column]) == pytest.approx(expected), column
+            assert row[f"{column}_std"] == ""  # one seed: no spread
+        assert float(row["eval_latency_ms"]) > 0 and float(row["peak_memory_mib"]) > 100  # torch alone takes more
+        assert row["memory_kind"].startswith("peak RSS") and row["n_runs"] == "1"
+    lora, full = rows
+    assert int(full["trainable_params"]) > int(lora["trainable_params"]) and float(full["trainable_percent"]) == 100.0
+    assert int(full["adapter_bytes"]) > int(lora["adapter_bytes"])
+
+
+def test_each_method_keeps_its_own_learning_rate_and_keys(compared):
+    rows = {r["variant"]: r for r in read_csv(compared / "comparison.csv")}
+    assert float(rows["lora"]["lr"]) == 1e-2  # the recipe's, tuned for its own method
+    assert float(rows["full"]["lr"]) == METHODS["full"].default_lr  # the recipe's rate is not for full
+    full = load_recipe(compared / "recipes" / "full-seed42.toml")
+    assert full.adapter.method == "full" and full.train.lr == 0.0 and "adapter.r" not in full.explicit
+    assert load_recipe(compared / "recipes" / "lora-seed42.toml").adapter.r == 4
+
+
+def test_markdown_and_console_table(compared, capsys):
+    text = (compared / "comparison.md").read_text(encoding="utf-8")
+    rows = read_csv(compared / "comparison.csv")
+    table = [line for line in text.splitlines() if line.startswith("| lora ") or line.startswith("| full ")]
+    assert len(table) == 2
+    for line, row in zip(table, rows):
+        assert f"{float(row['test/macro_f1']):.4f}" in line and f"{int(row['trainable_params']):,}" in line
+
+
+def test_png_is_a_real_image(compared):
+    data = (compared / "comparison.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 800 and height >= 300 and len(data) > 10_000
+
+
+def test_without_resume_an_existing_comparison_is_refused(compared):
+    recipe = compared.parent.parent / "sent.toml"
+    with pytest.raises(PeftFtError, match="--resume"):
+        cmp.compare([str(recipe)], ["lora", "full"])
+
+
+def test_resume_after_an_interruption_skips_the_finished_runs(tmp_path, tiny_bert, monkeypatch):
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    trained, interrupt = [], [True]
+    real_run_variant = cmp.run_variant
+
+    def interrupted_on_full(variant, recipe_file, isolate=True):
+        trained.append(variant.run_name)
+        if variant.method == "full" and interrupt[0]:
+            raise KeyboardInterrupt
+        return real_run_variant(variant, recipe_file, isolate=False)
+
+    monkeypatch.setattr(cmp, "run_variant", interrupted_on_full)
+    with pytest.raises(KeyboardInterrupt):
+        cmp.compare([recipe], ["lora", "full"])
+    out = tmp_path / "runs" / "compare-sent"
+    (lora_run,) = (out / "lora-seed42").iterdir()
+    assert cmp.finished_run(out, "lora-seed42") == lora_run and not (out / "comparison.csv").exists()
+
+    trained.clear()
+    interrupt[0] = False
+    cmp.compare([recipe], ["lora", "full"], resume=True)
+    assert trained == ["full-seed42"]  # lora was finished: skipped
+    assert list((out / "lora-seed42").iterdir()) == [lora_run]
+    rows = {r["variant"]: r for r in read_csv(out / "comparison.csv")}
+    assert rows["lora"]["run_dirs"] == str(lora_run.relative_to(out)) and rows["full"]["n_runs"] == "1"
+
+    # A finished run trained from a different recipe is not "the same command": refuse to mix them.
+    with pytest.raises(PeftFtError, match="different recipe"):
+        cmp.compare([recipe], ["lora", "full"], overrides=["train.epochs=2"], resume=True)
+
+
+def test_seeds_give_mean_and_std(tmp_path, tiny_bert):
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    out = cmp.compare([recipe], ["lora"], seeds=2, lrs=["lora=5e-2"], isolate=False)
+    (row,) = read_csv(out / "comparison.csv")
+    runs = [cmp.finished_run(out, f"lora-seed{s}") for s in (42, 43)]
+    assert row["seeds"] == "42 43" and row["n_runs"] == "2" and float(row["lr"]) == 5e-2
+    assert [load_recipe(r / "recipe.toml").train.seed for r in runs] == [42, 43]
+    losses = [read_json(r / "metrics.json")["train"]["history"][0]["train_loss"] for r in runs]
+    assert losses[0] != losses[1]  # the seeds really differ
+    for column in ("test/macro_f1", "train_seconds"):
+        key = column.split("/")
+        values = [read_json(r / "metrics.json")[key[0]][key[1]] if len(key) == 2
+                  else read_json(r / "metrics.json")["train"]["seconds"] for r in runs]
+        assert float(row[column]) == pytest.approx(statistics.fmean(values))
+        std = statistics.stdev(values)
+        assert (float(row[f"{column}_std"]) if row[f"{column}_std"] else 0.0) == pytest.approx(std)
+    assert "±" in (out / "comparison.md").read_text(encoding="utf-8")
+    assert len(read_csv(out / "runs.csv")) == 2
+
+
+def test_variants_and_learning_rates_are_checked_before_training(tmp_path, tiny_bert):
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    variants = cmp.build_variants([recipe], ["full", "lora"], 1, {"full": 1e-3}, ["adapter.r=2"], tmp_path / "c", None)
+    assert [(v.method, v.lr) for v in variants] == [("full", 1e-3), ("lora", 1e-2)]
+    assert "r = 2" in variants[1].toml and "\nr = " not in variants[0].toml  # --set adapter.r only reaches lora
+    with pytest.raises(RecipeError, match="ia3"):
+        cmp.parse_lrs(["ia3=1e-3"], ["lora", "full"])
+    with pytest.raises(RecipeError, match="--methods"):
+        cmp.parse_methods("lora,nope")
+    assert main(["compare", recipe, "--methods", "lora", "--lr", "lora=fast"]) == 2
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_a_variant_trains_in_a_process_of_its_own(tmp_path, tiny_bert):
+    """What the CLI does for every variant: `python -m peft_ft.compare VARIANT.toml` in a subprocess."""
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    (variant,) = cmp.build_variants([recipe], ["lora"], 1, {}, [], tmp_path / "c", None)
+    (tmp_path / "c").mkdir()
+    write_recipe(tmp_path / "c" / "lora.toml", variant.toml)
+    assert cmp.run_variant(variant, tmp_path / "c" / "lora.toml") == 0
+    run_dir = cmp.finished_run(tmp_path / "c", "lora-seed42")
+    measured = read_json(run_dir / cmp.MEASURE_FILE)
+    assert measured["memory_kind"] == "peak RSS"  # the child's own peak, not this test process's
+    assert measured["peak_memory_mib"] == read_json(run_dir / "metrics.json")["train"]["peak_rss_mib"]
+    assert measured["latency_split"] == "test" and measured["latency_examples"] == 8 and measured["eval_latency_ms"] > 0
+
+
+def test_several_recipes_are_labelled_by_file(tmp_path, tiny_bert):
+    first = make_recipe(tmp_path, tiny_bert)
+    second = write_recipe(tmp_path / "longer.toml", first.read_text().replace("epochs = 1", "epochs = 2"))
+    variants = cmp.build_variants([str(first), str(second)], ["lora", "full"], 1, {}, [], tmp_path / "c", None)
+    assert [v.run_name for v in variants] == ["sent-lora-seed42", "sent-full-seed42", "longer-lora-seed42", "longer-full-seed42"]
+    assert cmp.budget_differences([str(first), str(second)], []) == ["train.epochs"]
+
+
+def test_a_failed_variant_is_reported_and_the_others_tabulated(tmp_path, tiny_bert, monkeypatch):
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    monkeypatch.setattr(cmp, "run_variant", lambda v, f, isolate=True: 2 if v.method == "full" else in_process(v, f))
+    with pytest.raises(PeftFtError, match="1 run\\(s\\) failed: full-seed42"):
+        cmp.compare([recipe], ["lora", "full"])
+    rows = {r["variant"]: r for r in read_csv(tmp_path / "runs" / "compare-sent" / "comparison.csv")}
+    assert rows["lora"]["n_runs"] == "1" and float(rows["lora"]["test/accuracy"]) >= 0
+    assert rows["full"]["n_runs"] == "0" and rows["full"]["failed"] == "1"
+    assert (tmp_path / "runs" / "compare-sent" / "comparison.png").stat().st_size > 0
