@@ -31,9 +31,15 @@ def embedded_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def check_model_folder(path: Path, key: str = "model.name") -> None:
+def check_model_folder(path: Path, key: str = "model.name", allow_pickle: bool = False) -> None:
+    """A complete local model folder whose weights load without pickle (safetensors), or a clear error."""
+    from peft_ft.safety import SAFE_WEIGHTS, check_no_pickle
+
     if not path.is_dir():
         raise PeftFtError(f"{key}: model folder not found: {path}")
+    # Loaders pass use_safetensors=True, so pickle files beside safetensors weights are never read.
+    if not any(p.suffix in SAFE_WEIGHTS or p.name.endswith(".safetensors.index.json") for p in path.iterdir()):
+        check_no_pickle(path, f"{key}: model folder", allow_pickle)
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
@@ -128,14 +134,50 @@ def load_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
     import torch
     import transformers
 
+    from peft_ft.safety import remote_code
+
     quiet_transformers()
     cls = getattr(transformers, auto_class)
+    if recipe.model.load_in_8bit:
+        kwargs.update(int8_kwargs(location, recipe, cls, kwargs))
     # ignore_mismatched_sizes: a checkpoint with a head of another size (an MNLI model fine-tuned
     # on a 2-label task) gets a fresh head, reported as a head below, instead of an error.
+    remote_code(recipe)  # a warning when the recipe turns it on (_hub_call passes it)
+    kwargs.setdefault("use_safetensors", True)  # never fall back to a pickle pytorch_model.bin by itself
     model, info = _hub_call(cls.from_pretrained, location, recipe, "model", dtype=torch.float32,
                             output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
     return model, head_modules(model, [*info["missing_keys"], *mismatched])
+
+
+def int8_kwargs(location: str, recipe: Recipe, cls, kwargs: dict) -> dict:
+    """`from_pretrained` arguments for an 8-bit base (bitsandbytes) on the current CUDA device.
+
+    The quantizer would also turn the task head into int8, which cannot train ("only Tensors of
+    floating point dtype can require gradients"): everything of the task model beside its backbone
+    (classifier, pre_classifier, qa_outputs...) and any pooler stay float, read from the model's
+    structure, built on the meta device (no weights are read).
+    """
+    import torch
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    config = _hub_call(AutoConfig.from_pretrained, location, recipe, "config", **kwargs)
+    with torch.device("meta"):
+        skeleton = cls.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    return {
+        "quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=float_modules(skeleton) or None),
+        "device_map": {"": torch.cuda.current_device()},
+    }
+
+
+def float_modules(model) -> list[str]:
+    """Module paths an 8-bit load must leave in float: the head (the task model's children other than
+    its backbone) and poolers. A model without a separate backbone (T5) gets transformers' defaults."""
+    backbone = getattr(model, model.base_model_prefix, None)
+    if backbone is None or backbone is model:
+        return []
+    heads = [n for n, m in model.named_children() if m is not backbone and any(True for _ in m.parameters())]
+    return heads + [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "pooler" and n not in heads]
 
 
 def quiet_transformers():

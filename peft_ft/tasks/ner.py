@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from peft_ft.adapters import virtual_positions
 from peft_ft.conll import check_bio_tags, check_known_tags, fix_iob1, label_list, read_conll, read_jsonl, read_tagged_rows
 from peft_ft.data import carve_validation, read_hub_split, split_sources
 from peft_ft.errors import DataError
@@ -241,13 +242,15 @@ class Ner(Task):
         spans = [(i, start, end) for i, c in enumerate(counts) for start, end in word_windows(c, budget)]
         enc = tokenizer([words[i][s:e] for i, s, e in spans], is_split_into_words=True, truncation=True, max_length=max_length)
         inside, label_all = inside_ids(data.labels), recipe.task.label_all_subwords
+        # Prompt tuning prepends virtual positions to the logits (peft does not strip them): label them -100.
+        virtual = [-100] * virtual_positions(recipe)
         keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
         features = []
         for row, (i, start, _end) in enumerate(spans):
             word_ids = [None if w is None else w + start for w in enc.word_ids(row)]
             features.append({
                 **{k: enc[k][row] for k in keys},
-                "labels": align_labels(word_ids, split.examples[i]["tags"], inside, label_all),
+                "labels": virtual + align_labels(word_ids, split.examples[i]["tags"], inside, label_all),
                 "length": len(enc["input_ids"][row]),
                 "_example": i,
                 "_word_ids": word_ids,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft_ft.adapters import virtual_positions
 from peft_ft.errors import DataError, PeftFtError
 from peft_ft.schema import Recipe
 from peft_ft.squad import read_squad_split, squad_metrics
@@ -184,13 +185,20 @@ class ExtractiveQA(Task):
         features = encode_windows(split.examples, tokenizer, recipe, with_positions=split.name == "train", source=split.source)
         # `score` gets no recipe: the post-processing settings travel with the features.
         settings = {"n_best": recipe.task.n_best, "max_answer_length": recipe.task.max_answer_length}
+        # Prompt tuning prepends virtual positions to the start/end logits: the answer sits that much later.
+        shift = virtual_positions(recipe)
         for f in features:
             f["_postprocess"] = settings
+            if shift and "start_positions" in f:
+                f["start_positions"] += shift
+                f["end_positions"] += shift
         return features
 
     def unpack(self, outputs, batch) -> list:
-        starts = outputs.start_logits.float().cpu().numpy()
-        ends = outputs.end_logits.float().cpu().numpy()
+        # Prompt-learning methods prepend virtual positions to the logits: keep the last ones.
+        virtual = outputs.start_logits.shape[1] - batch["input_ids"].shape[1]
+        starts = outputs.start_logits[:, virtual:].float().cpu().numpy()
+        ends = outputs.end_logits[:, virtual:].float().cpu().numpy()
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         return [(starts[i, :n], ends[i, :n]) for i, n in enumerate(lengths)]
 
