@@ -132,7 +132,7 @@ class AdapterSection:
 class TrainSection:
     epochs: int = opt(3, "Passes over the training data.", min=1)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = no cap); for quick runs.", min=0)
-    lr: float = opt(0.0, "Peak learning rate; 0 = the method's default (5e-4 for adapters, 5e-5 for full).", min=0.0)
+    lr: float = opt(0.0, "Peak learning rate; 0 = the method's default (lora 5e-4, ia3 5e-3, prefix 1e-2, prompt 2e-2, full 5e-5).", min=0.0)
     batch_size: int = opt(32, "Rows per batch.", min=1)
     group_by_length: bool = opt(True, "Batch rows of similar length together (less padding, same rows per epoch).")
     warmup: float = opt(0.06, "Fraction of the steps spent warming the learning rate up linearly.", min=0.0, below=1.0)
@@ -140,6 +140,13 @@ class TrainSection:
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 = off).", min=0.0)
     seed: int = opt(42, "Seed for data order, initialisation and dropout.", min=0)
     threads: int = opt(0, "CPU threads for torch (0 = every core).", min=0)
+    checkpoint_every: int = opt(
+        0, "Also write a resumable checkpoint every N optimizer steps (0 = only at the end of each epoch).", min=0
+    )
+    keep_checkpoints: int = opt(
+        1, "Newest checkpoints kept in <run>/checkpoints/ while training (the best epoch's is kept besides); "
+        "a finished run removes them.", min=1
+    )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to train: auto = CUDA when available, else CPU.")
     fast_kernels: bool = opt(
         True, "Fused LoRA layers and integer-generator dropout while training (same maths, faster and leaner on CPU); "
@@ -366,6 +373,8 @@ def _check_cross_field(recipe: Recipe) -> list[str]:
             problems.append(_choice_error("data.format", recipe.data.format, ["auto", *task.formats]))
         if recipe.eval.metric and recipe.eval.metric not in task.metrics:
             problems.append(_choice_error("eval.metric", recipe.eval.metric, list(task.metrics)))
+        if recipe.data.predict and not getattr(task, "predicts_unlabelled", False):
+            problems.append(f"data.predict: the {task.name} family does not read unlabelled splits; remove data.predict")
         problems += task.validate(recipe)
     if method is not None:
         problems += method.validate(recipe)

@@ -1,0 +1,266 @@
+"""Load test of `peft-ft serve`: concurrent clients on 127.0.0.1, mixed adapters, some malformed requests.
+
+    python bench/loadtest.py --smoke                                 # tiny BERT adapters trained here, ~1 min
+    python bench/loadtest.py --adapter a=RUN_DIR --adapter b=RUN_DIR --clients 16 --seconds 60
+
+Starts the server as a subprocess (`peft-ft serve --port 0`, an API key in $PEFT_FT_API_KEY), asks
+every (adapter, text) pair alone first (the reference answers), then runs `--clients` threads for at
+most `--seconds` and `--max-requests`. Each request is, at random, 1-4 texts for a random adapter, or
+(`--bad` of them) a malformed one with a known expected status (bad JSON 400, no key 401, unknown or
+path-like adapter 404, empty list 422). Reports requests/s, p50/p99 latency, statuses, answers that
+differ from the reference (a label, entity or text that differs, or a score off by more than 1e-4:
+batching pads inputs together, which moves scores by float noise only), and the server's RSS at the
+start, middle and end of the load. Ends the server with SIGTERM and reports its exit status.
+Exit status 1 when an answer differs or a status was not the expected one. Text-input adapters only
+(classification, NER, seq2seq); QA adapters are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"  # never anything else: this script loads a machine on purpose
+SCORE_TOLERANCE = 1e-4
+TEXTS = [
+    "the plant needs water and light", "it is not the answer", "john lives in paris", "mary works at acme corp",
+    "the student said on monday", "google works in london", "energy from the sun", "it is the reference answer because",
+    "plant " * 300,  # over model.max_length: answered truncated, with the flag
+]
+POSITIVE = ["water", "light", "grow", "energy", "sun"]
+NEGATIVE = ["not", "because", "said", "monday", "is"]
+
+
+def train_smoke_adapters(root: Path) -> dict[str, str]:
+    """Two classification adapters that disagree (one learns flipped labels) and one NER adapter, on a
+    2-layer hidden-32 BERT: seconds each."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import SMOKE_WORDS, write_smoke_inputs
+
+    from peft_ft.run import run
+    from peft_ft.schema import load_recipe
+
+    model_dir, data_dir = write_smoke_inputs(root)
+    rng = random.Random(0)
+    runs = {}
+    for name, flip in (("pos", False), ("flip", True)):
+        rows = []
+        for i in range(64):
+            good = i % 2 == 0
+            words = [rng.choice(SMOKE_WORDS) for _ in range(rng.randint(1, 6))] + [rng.choice(POSITIVE if good else NEGATIVE)]
+            rows.append({"text": " ".join(words), "label": "pos" if good != flip else "neg"})
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    specs = {name: f'[data]\ndir = "{root}"\ntrain = "{name}.jsonl"\n[train]\nepochs = 30\nbatch_size = 16\nlr = 1e-2\n'
+             for name in ("pos", "flip")}
+    specs["ner"] = f'[task]\ntype = "ner"\n[data]\ndir = "{data_dir}"\ntrain = "conll2003/train.txt"\n[train]\nepochs = 10\nbatch_size = 16\nlr = 1e-2\n'
+    for name, spec in specs.items():
+        recipe = root / f"{name}.toml"
+        recipe.write_text(f'[model]\nname = "{model_dir}"\nmax_length = 64\n{spec}threads = 1\n[output]\ndir = "{root / "runs"}"\nname = "{name}"\n',
+                          encoding="utf-8")
+        runs[name] = str(run(load_recipe(recipe)))
+    return runs
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def call(url: str, body: bytes | None = None, key: str | None = None, timeout: float = 60) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def start_server(adapters: dict[str, str], key: str, args, log_path: Path) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "peft_ft", "serve", "--host", HOST, "--port", "0", "--max-batch", str(args.max_batch),
+               "--max-wait-ms", str(args.max_wait_ms), "--batch-size", str(args.max_batch)]
+    for name, path in adapters.items():
+        command += ["--adapter", f"{name}={path}"]
+    env = {**os.environ, "PEFT_FT_API_KEY": key, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
+    # stderr (a log line per request) to a file: a pipe nobody reads would fill and stall the server
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True, env=env)
+    line = process.stdout.readline()
+    if not line.startswith("serving "):
+        process.kill()
+        raise SystemExit(f"the server did not start: {line!r}; see {log_path}")
+    return process, line.split()[-1]
+
+
+def same_answer(got: dict, want: dict) -> bool:
+    """Equal, except scores (anywhere in the answer) may differ by float noise."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and got.keys() == want.keys() and all(
+            abs(got[k] - want[k]) <= SCORE_TOLERANCE if k == "score" else same_answer(got[k], want[k]) for k in want)
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(same_answer(g, w) for g, w in zip(got, want))
+    return got == want
+
+
+def malformed(names: list[str], key: str) -> list[tuple[str, str, bytes | None, str | None, int]]:
+    """(what, path, body, key, expected status) of the bad requests mixed into the load."""
+    one = json.dumps({"texts": ["water"]}).encode()
+    return [
+        ("bad JSON", f"/predict/{names[0]}", b'{"texts": ["water"', key, 400),
+        ("no key", f"/predict/{names[0]}", one, None, 401),
+        ("wrong key", f"/predict/{names[0]}", one, key + "x", 401),
+        ("unknown adapter", "/predict/nope", one, key, 404),
+        ("path-like adapter", "/predict/..%2F..%2Fetc%2Fpasswd", one, key, 404),
+        ("empty list", f"/predict/{names[0]}", json.dumps({"texts": []}).encode(), key, 422),
+    ]
+
+
+class Load:
+    """What the client threads record, under one lock."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.latency: dict[str, list[float]] = {}
+        self.statuses: dict[str, int] = {}
+        self.unexpected: list[str] = []
+        self.mismatches: list[str] = []
+        self.requests = 0
+
+    def record(self, adapter: str, status: int, seconds: float, problem: str | None = None, mismatch: str | None = None):
+        with self.lock:
+            self.latency.setdefault(adapter, []).append(seconds)
+            self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+            if problem:
+                self.unexpected.append(problem)
+            if mismatch:
+                self.mismatches.append(mismatch)
+
+
+def client(seed: int, url: str, key: str, reference: dict, bad: list, args, load: Load, deadline: float) -> None:
+    rng = random.Random(seed)
+    names = sorted({name for name, _ in reference})
+    while time.monotonic() < deadline:
+        with load.lock:
+            if load.requests >= args.max_requests:
+                return
+            load.requests += 1
+        if rng.random() < args.bad:
+            what, path, body, use_key, want = rng.choice(bad)
+            start = time.monotonic()
+            status, _ = call(url + path, body, use_key)
+            load.record("(malformed)", status, time.monotonic() - start, None if status == want else f"{what}: {status}, expected {want}")
+            continue
+        name = rng.choice(names)
+        texts = rng.sample(TEXTS, rng.randint(1, 4))
+        start = time.monotonic()
+        try:
+            status, answer = call(f"{url}/predict/{name}", json.dumps({"texts": texts}).encode(), key)
+        except OSError as e:
+            load.record(name, 599, time.monotonic() - start, f"{name}: {type(e).__name__}: {e}")
+            continue
+        seconds = time.monotonic() - start
+        if status != 200:
+            load.record(name, status, seconds, f"{name}: {status} {answer.get('error')}")
+            continue
+        wrong = next((f"{name}: {t[:30]!r}: {p} != {reference[(name, t)]}" for t, p in zip(texts, answer["predictions"])
+                      if not same_answer(p, reference[(name, t)])), None)
+        load.record(name, status, seconds, mismatch=wrong)
+
+
+def percentiles_ms(values: list[float]) -> str:
+    ordered = sorted(values)
+    pick = lambda q: 1000 * ordered[max(0, min(len(ordered) - 1, int(q * len(ordered) + 0.999999) - 1))]
+    return f"p50 {pick(0.5):.1f} ms, p99 {pick(0.99):.1f} ms" if ordered else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="train tiny BERT adapters here (pos, flip, ner) and use them")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR", help="adapters to serve (repeatable)")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent client threads")
+    parser.add_argument("--seconds", type=float, default=20.0, help="upper bound on the load phase")
+    parser.add_argument("--max-requests", type=int, default=5000, help="upper bound on requests in the load phase")
+    parser.add_argument("--bad", type=float, default=0.1, help="share of malformed requests")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seconds, args.max_requests = min(args.seconds, 10.0), min(args.max_requests, 1500)
+    elif not args.adapter:
+        parser.error("give --adapter NAME=RUN_DIR (repeatable) or --smoke")
+
+    workdir = Path(tempfile.mkdtemp(prefix="peft-ft-loadtest-"))
+    adapters = train_smoke_adapters(workdir) if args.smoke else dict(a.split("=", 1) for a in args.adapter)
+    key = secrets.token_hex(16)
+    process, url = start_server(adapters, key, args, workdir / "server.log")
+    try:
+        listing = call(f"{url}/adapters", key=key)[1]["adapters"]
+        names = [n for n, a in listing.items() if a["pipeline_task"] != "question-answering"]
+        described = ", ".join(f"{n} ({listing[n]['pipeline_task']})" for n in names)
+        print(f"server pid {process.pid} on {url}; adapters: {described}")
+        reference = {}
+        for name in names:  # every input alone: the answers the load must reproduce
+            for text in TEXTS:
+                status, answer = call(f"{url}/predict/{name}", json.dumps({"texts": [text]}).encode(), key)
+                if status != 200:
+                    raise SystemExit(f"reference answer of {name} failed: {status} {answer}")
+                reference[(name, text)] = answer["predictions"][0]
+        truncated = sorted({n for (n, _), a in reference.items() if a.get("truncated")})
+        load, bad = Load(), malformed(names, key)
+        rss = {"start": rss_mib(process.pid)}
+        started = time.monotonic()
+        deadline = started + args.seconds
+        threads = [threading.Thread(target=client, args=(args.seed + i, url, key, reference, bad, args, load, deadline), daemon=True)
+                   for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        while time.monotonic() < started + args.seconds / 2 and any(t.is_alive() for t in threads):
+            time.sleep(0.05)
+        rss["middle"] = rss_mib(process.pid)
+        for t in threads:
+            t.join(timeout=args.seconds + 120)
+        elapsed = time.monotonic() - started
+        rss["end"] = rss_mib(process.pid)
+        metrics = call(f"{url}/metrics", key=key)[1]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            exit_status = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            exit_status = "killed after 60 s"
+
+    served = sum(load.statuses.values())
+    print(f"{served} requests by {args.clients} clients in {elapsed:.1f} s: {served / elapsed:.1f} requests/s, {percentiles_ms([s for v in load.latency.values() for s in v])}")
+    for name, values in sorted(load.latency.items()):
+        server_side = metrics["adapters"].get(name)
+        extra = f"; server: {server_side['batches']} batches for {server_side['requests']} requests, p50 {server_side['p50_ms']} ms, p99 {server_side['p99_ms']} ms" if server_side else ""
+        print(f"  {name}: {len(values)} requests, {percentiles_ms(values)}{extra}")
+    print(f"statuses: {', '.join(f'{k}: {v}' for k, v in sorted(load.statuses.items()))}; server counted {metrics['requests']} requests, errors {metrics['errors']}")
+    print(f"unexpected statuses: {len(load.unexpected)}" + "".join(f"\n  {p}" for p in load.unexpected[:10]))
+    print(f"answers differing from the same input sent alone: {len(load.mismatches)}" + "".join(f"\n  {m}" for m in load.mismatches[:10]))
+    print(f"adapters answering the long text truncated (flagged): {', '.join(truncated) or 'none'}")
+    growth = rss["end"] - rss["start"]
+    print(f"server RSS: start {rss['start']:.1f} MiB, middle {rss['middle']:.1f} MiB, end {rss['end']:.1f} MiB "
+          f"({'+' if growth >= 0 else ''}{growth:.1f} MiB{'; GREW' if growth > max(20.0, 0.1 * rss['start']) else ''})")
+    print(f"server exit status after SIGTERM: {exit_status}")
+    return 1 if load.unexpected or load.mismatches or exit_status != 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
