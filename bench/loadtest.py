@@ -102,7 +102,15 @@ def start_server(adapters: dict[str, str], key: str, args, log_path: Path) -> tu
     if not line.startswith("serving "):
         process.kill()
         raise SystemExit(f"the server did not start: {line!r}; see {log_path}")
+    # its log (a line per request) goes on to stdout: keep reading it, or the full pipe stalls the server
+    threading.Thread(target=copy_lines, args=(process.stdout, log_path.with_suffix(".out")), daemon=True).start()
     return process, line.split()[-1]
+
+
+def copy_lines(stream, path: Path) -> None:
+    with path.open("w") as out:
+        for line in stream:
+            out.write(line)
 
 
 def same_answer(got: dict, want: dict) -> bool:

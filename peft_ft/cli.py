@@ -9,11 +9,17 @@ from peft_ft.errors import PeftFtError
 
 
 def cmd_run(args) -> int:
-    from peft_ft.run import run
+    from peft_ft.run import resume, run
     from peft_ft.schema import load_recipe
 
-    recipe = load_recipe(args.recipe, args.set)
-    run_dir = run(recipe, data_dir=args.data_dir)
+    if args.resume:
+        if args.recipe or args.set:
+            raise PeftFtError("--resume RUN_DIR continues with the run's own recipe.toml: give no recipe and no --set")
+        run_dir = resume(args.resume, data_dir=args.data_dir)
+    elif not args.recipe:
+        raise PeftFtError("give a recipe (peft-ft run recipes/NAME.toml) or --resume RUN_DIR")
+    else:
+        run_dir = run(load_recipe(args.recipe, args.set), data_dir=args.data_dir)
     print(f"done: {run_dir}")
     return 0
 
@@ -45,23 +51,33 @@ def cmd_explain(args) -> int:
 def cmd_merge(args) -> int:
     from peft_ft.merge import merge_run
 
-    print(f"merged: {merge_run(args.run_dir, args.out)}")
+    print(f"merged: {merge_run(args.run_dir, args.out, allow_pickle=args.allow_pickle)}")
     return 0
 
 
 def cmd_predict(args) -> int:
     from peft_ft.predict import run_predict
 
-    n = run_predict(args.adapter, args.input, args.format, args.use, args.adapter_field, args.output, args.batch_size, args.device)
+    n = run_predict(args.adapter, args.input, args.format, args.use, args.adapter_field, args.output, args.batch_size, args.device,
+                    allow_pickle=args.allow_pickle)
     if args.output:
         print(f"{n} predictions: {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from peft_ft.compare import compare, parse_methods
+
+    out = compare(args.recipes, parse_methods(args.methods), args.seeds, args.lr, args.set, args.out, args.resume, args.data_dir)
+    print(f"comparison: {out}")
     return 0
 
 
 def cmd_serve(args) -> int:
     from peft_ft.serve import run_serve
 
-    return run_serve(args.adapter, args.host, args.port, args.batch_size, args.device)
+    return run_serve(args.adapter, args.host, args.port, args.batch_size, args.device, api_key=args.api_key, allow_pickle=args.allow_pickle,
+                     max_body=args.max_body_bytes, max_texts=args.max_texts, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
 
 
 COMMANDS = {
@@ -71,6 +87,7 @@ COMMANDS = {
     "merge": (cmd_merge, "fold a run's adapter and head into its base: a plain transformers model folder"),
     "predict": (cmd_predict, "answer JSONL/CSV/text rows with one or more trained adapters on one loaded base"),
     "serve": (cmd_serve, "serve trained adapters over HTTP (POST /predict/{adapter}, GET /adapters)"),
+    "compare": (cmd_compare, "train one recipe with several methods (and seeds) on the same data; tables and a plot"),
 }
 
 
@@ -85,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
         if name in ("run", "validate"):
-            p.add_argument("recipe", help="path of a TOML recipe, e.g. recipes/scientsbank_lora.toml")
+            p.add_argument("recipe", nargs="?" if name == "run" else None, help="path of a TOML recipe, e.g. recipes/scientsbank_lora.toml")
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. train.lr=3e-4 (repeatable)")
             p.add_argument("--data-dir", default=None, help="data directory (overrides $PEFT_FT_DATA_DIR and data.dir)")
+        if name == "run":
+            p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint, in the same folder")
         if name == "explain":
             p.add_argument("section", nargs="?", help="one section: model, task, data, adapter, train, eval, output")
         if name == "merge":
@@ -98,15 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a run folder to load under NAME (repeatable); adapters on the same base share one loaded base")
             p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
             p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
+        if name in ("predict", "serve", "merge"):
+            p.add_argument("--allow-pickle", action="store_true",
+                           help="load run/model folders holding pickle files (.bin, .pt, .pth, .pkl, .ckpt): they can run code; only for folders you trust")
         if name == "predict":
             p.add_argument("input", nargs="?", default="-", help="JSONL, CSV/TSV or text-lines file; - or nothing: stdin")
             p.add_argument("--format", default="auto", choices=("auto", "jsonl", "csv", "tsv", "text"), help="input format (auto: from the extension, else JSONL if the first line is an object)")
             p.add_argument("--use", default=None, metavar="NAME", help="answer every row with this adapter")
             p.add_argument("--adapter-field", default=None, metavar="FIELD", help="JSON/CSV field whose value names each row's adapter")
             p.add_argument("--output", default=None, help="write the JSONL answers here instead of stdout")
+        if name == "compare":
+            p.add_argument("recipes", nargs="+", help="TOML recipe(s); several recipes are compared method by method")
+            p.add_argument("--methods", default=None, metavar="M1,M2", help="adapter methods to compare, e.g. full,lora,ia3 (default: each recipe's own)")
+            p.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds train.seed, +1, ...; tables show mean ± std")
+            p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="learning rate of one method (repeatable); default: the recipe's for its own method, the method's default for the others")
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value in every variant, e.g. train.max_steps=200 (repeatable)")
+            p.add_argument("--data-dir", default=None, help="data directory (overrides $PEFT_FT_DATA_DIR and data.dir)")
+            p.add_argument("--out", default=None, help="comparison folder (default: <output.dir>/compare-<recipe name>)")
+            p.add_argument("--resume", action="store_true", help="continue a comparison in the same folder: finished runs are skipped")
         if name == "serve":
-            p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; the server has no authentication)")
+            p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; set an API key before binding others)")
             p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (printed at start)")
+            p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $PEFT_FT_API_KEY; the variable keeps the key out of `ps`)")
+            p.add_argument("--max-body-bytes", type=int, default=1024 * 1024, help="larger request bodies get 413 (default 1 MiB)")
+            p.add_argument("--max-texts", type=int, default=256, help="more texts in one request get 422 (default 256)")
+            p.add_argument("--max-batch", type=int, default=32, help="texts of concurrent requests to one adapter answered together (default 32)")
+            p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests to its adapter (default 5)")
     return parser
 
 

@@ -169,19 +169,95 @@ def read_split_rows(recipe: Recipe, location: str) -> list[dict]:
     return read_table(Path(location), recipe.data.format)
 
 
-def carve_validation(examples: list[dict], fraction: float, seed: int, stratify_key: str | None) -> tuple[list, list]:
-    """Hold out `fraction` of the rows, seeded, keeping each label's share when `stratify_key` is set."""
+def carve_fractions(examples: list[dict], fractions: list[float], seed: int, stratify_key: str | None) -> list[list]:
+    """Hold out each of `fractions` of the rows, seeded, keeping each label's share when
+    `stratify_key` is set. Returns [kept, part 1, part 2, ...], each in the input order.
+
+    Part k takes the next round(n * fraction_k) shuffled rows of every label group, so the first
+    part is the same whether or not later parts are asked for."""
     import random
 
     rng = random.Random(seed)
     groups: dict = {}
     for i, ex in enumerate(examples):
         groups.setdefault(ex[stratify_key] if stratify_key else None, []).append(i)
-    held = set()
+    part_of: dict[int, int] = {}
     for key in sorted(groups, key=str):
         members = groups[key]
         rng.shuffle(members)
-        held.update(members[: round(len(members) * fraction)])
-    keep = [ex for i, ex in enumerate(examples) if i not in held]
-    out = [ex for i, ex in enumerate(examples) if i in held]
-    return keep, out
+        start = 0
+        for k, fraction in enumerate(fractions, 1):
+            count = round(len(members) * fraction)
+            part_of.update((i, k) for i in members[start:start + count])
+            start += count
+    parts: list[list] = [[] for _ in range(len(fractions) + 1)]
+    for i, ex in enumerate(examples):
+        parts[part_of.get(i, 0)].append(ex)
+    return parts
+
+
+def carve_validation(examples: list[dict], fraction: float, seed: int, stratify_key: str | None) -> tuple[list, list]:
+    """Hold out `fraction` of the rows, seeded, keeping each label's share when `stratify_key` is set."""
+    keep, held = carve_fractions(examples, [fraction], seed, stratify_key)
+    return keep, held
+
+
+def carve_splits(splits: dict, recipe: Recipe, stratify_key: str | None, unit: str) -> tuple[dict, list[str]]:
+    """Carve `validation` (data.validation_fraction) and `test` (data.test_fraction) out of the
+    training split, seeded by train.seed. Returns the splits in order (train, validation, test,
+    the rest) and a note per carved split."""
+    from peft_ft.tasks import Split
+
+    d, seed = recipe.data, recipe.train.seed
+    wanted = {n: f for n, f in (("validation", d.validation_fraction), ("test", d.test_fraction)) if f}
+    if not wanted:
+        return splits, []
+    train = splits["train"]
+    keep, *parts = carve_fractions(train.examples, list(wanted.values()), seed, stratify_key)
+    total, how = len(train.examples), f", stratified by {stratify_key}" if stratify_key else ""
+    carved, notes = {}, []
+    for (name, fraction), held in zip(wanted.items(), parts):
+        if not held:
+            raise DataError(f"{train.source}: data.{name}_fraction = {fraction} of {total} training {unit} holds out none; "
+                            f"raise the fraction or add data")
+        carved[name] = Split(name, f"{fraction:.0%} of {train.source}", held)
+        notes.append(f"{name}: held out {len(held)} of {total} training {unit}{how} (seed {seed})")
+    if not keep:
+        raise DataError(f"{train.source}: the held-out fractions leave no training {unit}; lower data.validation_fraction / data.test_fraction")
+    ordered = {"train": Split("train", train.source, keep)}
+    for name in ("validation", "test"):
+        if name in carved or name in splits:
+            ordered[name] = carved.get(name) or splits[name]
+    return {**ordered, **{n: s for n, s in splits.items() if n not in ordered}}, notes
+
+
+def split_summary(splits: dict, labels: list[str]) -> dict:
+    """Each split's source, size and label counts: classes (classification) or entities by type (NER)."""
+    from collections import Counter
+
+    summary = {}
+    for name, split in splits.items():
+        counts, key = Counter(), "labels"
+        for e in split.examples:
+            if "tags" in e:
+                key = "entities"
+                counts.update(labels[t][2:] for t in e["tags"] if labels[t].startswith("B-"))
+            elif isinstance(e.get("label"), int) and not isinstance(e.get("label"), bool):
+                counts[labels[e["label"]]] += 1
+        summary[name] = {"source": split.source, "size": len(split.examples), key: dict(sorted(counts.items()))}
+    return summary
+
+
+def record_splits(splits: dict, labels: list[str], run_dir: Path) -> None:
+    """Log every split's size and label counts and write them to <run>/splits.json."""
+    import logging
+
+    from peft_ft.output import write_json
+
+    summary = split_summary(splits, labels)
+    for name, s in summary.items():
+        counts = s.get("labels", s.get("entities", {}))
+        what = "entities" if "entities" in s else "labels"
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+        logging.getLogger("peft_ft").info("%s: %d rows; %s: %s", name, s["size"], what, shown)
+    write_json(run_dir / "splits.json", summary)

@@ -18,10 +18,19 @@ def create_run_dir(recipe: Recipe, now: datetime.datetime | None = None) -> Path
     name = recipe.output.name or Path(recipe.source).stem
     stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(recipe.output.dir) / name / stamp
+    taken = f"output: run folder {run_dir} already exists; it is kept as it is. Wait a second and run again, or set output.name"
     if run_dir.exists():
-        raise PeftFtError(f"output: run folder {run_dir} already exists; it is kept as it is. Wait a second and run again, or set output.name")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    run_dir.mkdir()
+        raise PeftFtError(taken)
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir()  # not exist_ok: two runs started in the same second never share a folder
+    except OSError as e:
+        if run_dir.is_dir():
+            raise PeftFtError(taken) from None
+        blocking = next((p for p in run_dir.parents if p.is_file()), None)
+        why = f"{blocking} is a file" if blocking else e.strerror
+        raise PeftFtError(f"{recipe.source}: output.dir: cannot make the run folder {run_dir} ({why}); "
+                          f"set output.dir to a folder you can write") from None
     return run_dir
 
 
@@ -87,7 +96,8 @@ def model_card(recipe: Recipe, info: dict, metrics: dict) -> str:
         "## Metrics",
         "",
     ]
-    keys = [k for k in ("accuracy", "macro_f1", "weighted_f1", "precision", "recall", "f1", "exact_match") if any(k in m for m in metrics.values())]
+    keys = [k for k in ("accuracy", "macro_f1", "weighted_f1", "matthews", "pearson", "spearman", "precision", "recall",
+                        "f1", "exact_match") if any(k in m for m in metrics.values())]
     lines.append("| split | " + " | ".join(keys) + " | n |")
     lines.append("|---" * (len(keys) + 2) + "|")
     for split, m in metrics.items():

@@ -57,13 +57,14 @@ def pipeline(run_dir: str | Path, device: str = "cpu", **kwargs):
 
     `text-classification` and `token-classification` (aggregation_strategy="simple") runs get a stock
     transformers pipeline; QA and seq2seq runs get `QuestionAnswerer` / `Generator`, because transformers
-    5 no longer has those pipelines. `kwargs` go to `transformers.pipeline` (stock pipelines only).
+    5 no longer has those pipelines. `kwargs` go to `transformers.pipeline` (stock pipelines only), except
+    `allow_pickle=True`, which lets a folder holding pickle files load (see peft_ft.safety).
     """
     from peft_ft.run import load_run
     from peft_ft.schema import load_recipe
     from peft_ft.tasks import TASKS
 
-    model, tokenizer, info = load_run(run_dir, device)
+    model, tokenizer, info = load_run(run_dir, device, allow_pickle=kwargs.pop("allow_pickle", False))
     task = TASKS[info["task"]]
     return ANSWERS[task.pipeline_task].build(model, tokenizer, load_recipe(Path(run_dir) / "recipe.toml"), **kwargs)
 
@@ -182,6 +183,31 @@ def _seq2seq_input(row: dict, recipe: Recipe, where: str) -> str:
     return render(recipe.task.input_template, row, where)
 
 
+def _token_classification(model, tokenizer, recipe: Recipe, **kwargs):
+    """The stock token-classification pipeline, cut at the run's `model.max_length` as in training.
+
+    The pipeline takes no truncation option: it truncates at `tokenizer.model_max_length`, which a
+    tokenizer saved without one sets to ~1e30, so a long text overflowed the position embeddings (500).
+    A shallow copy gets the run's length; the (Rust) tokenizer underneath stays shared."""
+    import copy
+
+    import transformers
+
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.model_max_length = recipe.model.max_length
+    return transformers.pipeline("token-classification", model=model, tokenizer=tokenizer, **{"aggregation_strategy": "simple", **kwargs})
+
+
+def truncated(tokenizer, item, max_length: int) -> bool:
+    """Whether the model sees only the start of this pipeline input (over `max_length` tokens with its
+    special tokens). QA inputs never are: their windows cover the whole context."""
+    if isinstance(item, str):
+        return len(tokenizer(item, truncation=False)["input_ids"]) > max_length
+    if isinstance(item, dict) and "text" in item:
+        return len(tokenizer(item["text"], item.get("text_pair"), truncation=False)["input_ids"]) > max_length
+    return False
+
+
 def _entities(output: list[dict]) -> dict:
     keys = ("entity_group", "word", "start", "end")
     return {"entities": [{**{k: e[k] for k in keys}, "score": round(float(e["score"]), 6)} for e in output]}
@@ -199,7 +225,7 @@ ANSWERS: dict[str, Answers] = {
         # Truncate as in training: the pipeline does not by default, and a long text then fails.
         _stock("text-classification", lambda r: {"truncation": True, "max_length": r.model.max_length}), _classification_input, lambda o: {"label": o["label"], "score": round(float(o["score"]), 6)}
     ),
-    "token-classification": Answers(_stock("token-classification", lambda r: {"aggregation_strategy": "simple"}), _text_input, _entities),
+    "token-classification": Answers(_token_classification, _text_input, _entities),
     "question-answering": Answers(QuestionAnswerer, _qa_input, lambda o: {**o, "score": round(o["score"], 6)}),
     "text2text-generation": Answers(Generator, _seq2seq_input, lambda o: {"generated_text": o[0]["generated_text"]}),
 }

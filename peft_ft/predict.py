@@ -4,7 +4,8 @@ Adapters are attached to a base with peft's own multi-adapter API (`load_adapter
 `set_adapter` per request): switching is a pointer change, not a reload. A model object has one
 head class, and peft's per-adapter head copies must share one shape, so adapters are grouped by
 (base model, head class, head size): each group is one base model in memory, with every adapter of
-the group attached to it. Only the tokenizer is shared between groups. Full (and merged) runs are
+the group attached to it. Each group has its own tokenizer: a fast tokenizer keeps its truncation
+setting as state, so two groups answering at once must not share one. Full (and merged) runs are
 complete models: each is a group of its own.
 """
 
@@ -68,35 +69,36 @@ def parse_adapter_args(values: list[str]) -> dict[str, str]:
 class AdapterSet:
     """Named runs loaded once, answering lists of request rows by adapter name."""
 
-    def __init__(self, adapters: dict[str, str | Path], device: str = "cpu", batch_size: int = 32):
+    def __init__(self, adapters: dict[str, str | Path], device: str = "cpu", batch_size: int = 32, allow_pickle: bool = False):
         from peft_ft.models import quiet_transformers
 
         quiet_transformers()
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.allow_pickle = device, batch_size, allow_pickle
         self.adapters: dict[str, Adapter] = {}
         groups: dict[tuple, Group] = {}
-        tokenizers: dict[str, object] = {}
         for name, run_dir in adapters.items():
             if not NAME.match(name):
                 raise PeftFtError(f"adapter name {name!r} may use only letters, digits, '_' and '-'")
-            self.adapters[name] = self._attach(name, Path(run_dir), groups, tokenizers)
+            self.adapters[name] = self._attach(name, Path(run_dir), groups)
         for group in groups.values():
             group.model.eval()
 
-    def _attach(self, name: str, run_dir: Path, groups: dict, tokenizers: dict) -> Adapter:
+    def _attach(self, name: str, run_dir: Path, groups: dict) -> Adapter:
         import torch
         import transformers
 
-        from peft_ft.models import load_tokenizer
+        from peft_ft.models import check_model_folder, load_tokenizer
         from peft_ft.run import base_location, load_run
+        from peft_ft.safety import check_no_pickle, remote_code, safetensors_only
         from peft_ft.tasks import TASKS, TaskData
 
         info = read_info(run_dir)
+        check_no_pickle(run_dir, f"adapter {name}: run folder", self.allow_pickle)
         recipe = load_recipe(run_dir / "recipe.toml")
         task = TASKS[info["task"]]
         answers = ANSWERS[task.pipeline_task]
         if not info["is_adapter"]:
-            model, tokenizer, _ = load_run(run_dir, self.device)
+            model, tokenizer, _ = load_run(run_dir, self.device, self.allow_pickle)
             group = groups[("run", str(run_dir.resolve()))] = Group(model, tokenizer, shared=False)
             return Adapter(name, run_dir, info, recipe, answers, group, answers.build(model, tokenizer, recipe))
         kwargs = task.model_kwargs(TaskData(splits={}, labels=info["labels"]))
@@ -106,11 +108,12 @@ class AdapterSet:
         if group is None:
             from peft import PeftModel
 
-            base = getattr(transformers, info["auto_class"]).from_pretrained(location, dtype=torch.float32, **kwargs)
+            if Path(location).is_dir():
+                check_model_folder(Path(location), f"adapter {name}: base model", self.allow_pickle)
+            base = getattr(transformers, info["auto_class"]).from_pretrained(
+                location, dtype=torch.float32, trust_remote_code=remote_code(recipe, str(run_dir)), **safetensors_only(self.allow_pickle), **kwargs)
             model = PeftModel.from_pretrained(base, run_dir, adapter_name=name).to(self.device)
-            if location not in tokenizers:
-                tokenizers[location] = load_tokenizer(location, recipe)
-            group = groups[key] = Group(model, tokenizers[location], shared=True)
+            group = groups[key] = Group(model, load_tokenizer(location, recipe), shared=True)
         else:
             group.model.load_adapter(run_dir, adapter_name=name)
             group.model.to(self.device)
@@ -136,17 +139,30 @@ class AdapterSet:
         return self.adapters[name]
 
     def answer(self, name: str, rows: list[dict], where: list[str] | None = None) -> list[dict]:
-        """Answers of adapter `name` for request rows, in order, each saying which adapter answered.
+        """Answers of adapter `name` for request rows, in order, each saying which adapter answered and
+        whether the input was cut to the run's `model.max_length` (`truncated`).
         `where` names each row for error messages (file and line, or request index)."""
+        return self.run_inputs(name, self.inputs(name, rows, where))
+
+    def inputs(self, name: str, rows: list[dict], where: list[str] | None = None) -> list:
+        """Request rows as adapter `name`'s pipeline inputs (a DataError naming the row when one cannot be)."""
         adapter = self.get(name)
         where = where or [f"row {i}" for i in range(1, len(rows) + 1)]
-        inputs = [adapter.answers.to_input(row, adapter.recipe, w) for row, w in zip(rows, where)]
+        return [adapter.answers.to_input(row, adapter.recipe, w) for row, w in zip(rows, where)]
+
+    def run_inputs(self, name: str, inputs: list) -> list[dict]:
+        """Answer pipeline inputs with adapter `name` active. The whole call holds the group's lock:
+        the active adapter, the label names and the tokenizer's truncation setting are shared state."""
+        from peft_ft.pipelines import truncated
+
+        adapter = self.get(name)
         group = adapter.group
         with group.lock:
             if group.shared:
                 activate(group.model, name, adapter.info["labels"])
+            cut = [truncated(group.tokenizer, item, adapter.recipe.model.max_length) for item in inputs]
             outputs = adapter.pipe(inputs, batch_size=self.batch_size)
-        return [{"adapter": name, **adapter.answers.to_answer(o)} for o in outputs]
+        return [{"adapter": name, **adapter.answers.to_answer(o), "truncated": c} for o, c in zip(outputs, cut)]
 
 
 def activate(model, name: str, labels: list[str]) -> None:
@@ -239,12 +255,12 @@ def predict_rows(adapters: AdapterSet, rows: list[dict], where: list[str], route
 
 
 def run_predict(adapter_args: list[str], input_path: str, fmt: str, use: str | None, field_name: str | None,
-                output: str | None, batch_size: int, device: str = "cpu") -> int:
+                output: str | None, batch_size: int, device: str = "cpu", allow_pickle: bool = False) -> int:
     """`peft-ft predict`: read every row (and route it) before loading any model, then answer as JSONL."""
     specs = parse_adapter_args(adapter_args)
     rows, where = read_inputs(input_path, fmt)
     routes = route(rows, where, list(specs), use, field_name)
-    adapters = AdapterSet(specs, device, batch_size)
+    adapters = AdapterSet(specs, device, batch_size, allow_pickle)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predict_rows(adapters, rows, where, routes))
     if output:
         from peft_ft.output import write_atomic

@@ -6,13 +6,15 @@ checked before the run folder is made and before any training starts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 from peft_ft import __version__
 from peft_ft.adapters import METHODS
-from peft_ft.data import resolve_data_dir
+from peft_ft.data import record_splits, resolve_data_dir
+from peft_ft.errors import PeftFtError
 from peft_ft.log import setup_logging
 from peft_ft.models import EMBEDDED_NAME, embedded_model_dir, load_model, load_tokenizer, quiet_transformers, resolve_model, settle_hub_mode
 from peft_ft.output import create_run_dir, folder_size, human_size, model_card, save_pretrained_atomic, write_atomic, write_json
@@ -26,28 +28,76 @@ INFO_FILE = "peft_ft.json"
 def run(recipe: Recipe, data_dir: str | None = None) -> Path:
     """Train and evaluate one recipe; returns the run folder."""
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
-    settle_hub_mode(recipe)
-    location = resolve_model(recipe)
-    data = task.load(recipe, None if recipe.data.hub else resolve_data_dir(recipe, data_dir))
+    location, data, resolved_dir = _check_inputs(recipe, task, data_dir)
     run_dir = create_run_dir(recipe)
     write_atomic(run_dir / "recipe.toml", to_toml(recipe))
+    _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=None)
+    return run_dir
+
+
+def resume(run_dir: str | Path, data_dir: str | None = None) -> Path:
+    """Continue a run that stopped (killed, Ctrl-C, crash) from its newest checkpoint, in the same folder."""
+    from peft_ft import checkpoint
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.toml").is_file():
+        raise PeftFtError(f"--resume {run_dir}: not a run folder (no recipe.toml); give the folder `peft-ft run` printed")
+    if (run_dir / "metrics.json").is_file():
+        raise PeftFtError(f"--resume {run_dir}: this run finished (metrics.json exists); there is nothing to resume")
+    saved = checkpoint.listed(run_dir)
+    if not saved:
+        raise PeftFtError(f"--resume {run_dir}: no checkpoint in {run_dir / checkpoint.FOLDER} (the run stopped before its "
+                          f"first one: the end of epoch 1, or train.checkpoint_every steps); start it again instead")
+    state = checkpoint.read_state(saved[-1])["run"]
+    # Messages, relative data.dir and the run name refer to the recipe the run was started from.
+    recipe = dataclasses.replace(load_recipe(run_dir / "recipe.toml"), source=state.get("recipe_source", str(run_dir / "recipe.toml")))
+    task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
+    location, data, resolved_dir = _check_inputs(recipe, task, data_dir or state.get("data_dir"))
+    checkpoint.clean_partial(run_dir)
+    _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=saved[-1])
+    return run_dir
+
+
+def _check_inputs(recipe: Recipe, task: Task, data_dir: str | None):
+    """Everything knowable before a run folder is made: model, device, data files and rows."""
+    from peft_ft.train import check_device
+
+    settle_hub_mode(recipe)
+    location = resolve_model(recipe)
+    check_device(recipe)
+    resolved_dir = None if recipe.data.hub else resolve_data_dir(recipe, data_dir)
+    return location, task.load(recipe, resolved_dir), resolved_dir
+
+
+def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, data: TaskData, data_dir: Path | None,
+            resume_from: Path | None) -> None:
     setup_logging(run_dir)
     try:
         log.info("run folder %s", run_dir)
         for note in data.notes:
             log.info(note)
         log.info("splits: %s", ", ".join(f"{n} {len(s.examples)}" for n, s in data.splits.items()))
-        _train_evaluate_save(recipe, task, method, location, data, run_dir)
+        if recipe.data.format == "label_studio" or recipe.data.validation_fraction or recipe.data.test_fraction:
+            record_splits(data.splits, data.labels, run_dir)  # splits carved or exported: log and keep what went where
+        run_state = {"recipe_source": recipe.source, "data_dir": str(data_dir) if data_dir else None}
+        _train_evaluate_save(recipe, task, method, location, data, run_dir, resume_from, run_state)
     finally:
         setup_logging(None)  # detach train.log so later log lines of this process do not land in it
-    return run_dir
 
 
 def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskData, device):
     """Tokenizer, and the model with its head, wrapped by the adapter method."""
     tokenizer = load_tokenizer(location, recipe)
     model, heads = load_model(location, recipe, task.auto_class, **task.model_kwargs(data))
-    model = method.wrap(model, recipe, heads, task.peft_task_type).to(device)
+    if recipe.model.load_in_8bit:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the int8 base and keeps norms and the head in float32. No activation checkpointing:
+        # the loop's memory is small next to the base's, and it would slow every step.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = method.wrap(model, recipe, heads, task.peft_task_type)
+    if not recipe.model.load_in_8bit:  # an 8-bit base is placed on the GPU as it loads and cannot be moved
+        model = model.to(device)
     if recipe.train.fast_kernels:
         from peft_ft.fastlora import speed_up
 
@@ -55,7 +105,11 @@ def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskDat
     return model, tokenizer, heads
 
 
-def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path) -> None:
+def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,
+                         resume_from: Path | None = None, run_state: dict | None = None) -> None:
+    import shutil
+
+    from peft_ft.checkpoint import FOLDER
     from peft_ft.train import setup_torch, train
 
     device = setup_torch(recipe)
@@ -76,10 +130,16 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
     result = train(
         model, features["train"], recipe, lr=recipe.train.lr or method.default_lr, pad_id=pad_id, device=device,
         validate=(lambda epoch: evaluate("validation")[0][metric]) if "validation" in data.splits else None, metric=metric,
+        run_dir=run_dir, resume_from=resume_from, run_state=run_state,
     )
     metrics = {}
     for name in data.eval_names:
-        metrics[name], records = evaluate(name)
+        scores, records = evaluate(name)
+        if not scores:  # an unlabelled split (data.predict): its predictions are its only result
+            paths = task.write_predictions(run_dir, data.splits[name], records)
+            log.info("%s: no labels, %d predictions in %s", name, len(records), ", ".join(p.name for p in paths))
+            continue
+        metrics[name] = scores
         if recipe.eval.predictions:
             task.write_predictions(run_dir, data.splits[name], records)
         log.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in metrics[name].items() if isinstance(v, float)))
@@ -109,6 +169,8 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
     write_json(run_dir / INFO_FILE, info)
     write_json(run_dir / "metrics.json", {**metrics, "train": info["train"], "params": params})
     write_atomic(run_dir / "README.md", model_card(recipe, info, metrics))
+    # The saved weights are the best epoch's: the checkpoints only served to resume an unfinished run.
+    shutil.rmtree(run_dir / FOLDER, ignore_errors=True)
     log.info("saved %s (%s) in %s", ", ".join(info["weight_files"]), human_size(info["weight_bytes"]), run_dir)
 
 
@@ -130,25 +192,34 @@ def base_location(info: dict) -> str:
     return str(embedded_model_dir()) if info["base_model"] == EMBEDDED_NAME else info["base_model"]
 
 
-def load_run(run_dir: str | Path, device: str = "cpu"):
-    """Rebuild a trained model from a run folder: returns (model, tokenizer, info) in eval mode."""
+def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = False):
+    """Rebuild a trained model from a run folder: returns (model, tokenizer, info) in eval mode.
+    A run or base folder holding pickle files is refused unless `allow_pickle` (peft_ft.safety)."""
     import torch
     import transformers
 
+    from peft_ft.models import check_model_folder
+    from peft_ft.safety import check_no_pickle, remote_code, safetensors_only
+
     run_dir = Path(run_dir)
+    check_no_pickle(run_dir, "run folder", allow_pickle)
     info = json.loads((run_dir / INFO_FILE).read_text(encoding="utf-8"))
     recipe = load_recipe(run_dir / "recipe.toml")
     task: Task = TASKS[info["task"]]
-    kwargs = task.model_kwargs(TaskData(splits={}, labels=info["labels"]))
+    kwargs = {**task.model_kwargs(TaskData(splits={}, labels=info["labels"])), **safetensors_only(allow_pickle),
+              "trust_remote_code": remote_code(recipe, str(run_dir))}
     quiet_transformers()
     cls = getattr(transformers, info["auto_class"])
     if info["is_adapter"]:
         from peft import PeftModel
 
-        base = cls.from_pretrained(base_location(info), dtype=torch.float32, **kwargs)
-        model = PeftModel.from_pretrained(base, run_dir)
-        tokenizer = load_tokenizer(base_location(info), recipe)
+        base = base_location(info)
+        if Path(base).is_dir():
+            check_model_folder(Path(base), f"{run_dir}: base model", allow_pickle)
+        model = PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32, **kwargs), run_dir)
+        tokenizer = load_tokenizer(base, recipe)
     else:
-        model = cls.from_pretrained(run_dir, dtype=torch.float32)
+        model = cls.from_pretrained(run_dir, dtype=torch.float32, **safetensors_only(allow_pickle),
+                                    trust_remote_code=kwargs["trust_remote_code"])
         tokenizer = load_tokenizer(str(run_dir), recipe)
     return model.to(device).eval(), tokenizer, info

@@ -34,6 +34,7 @@ _CLS = {"task.type": ("classification",)}
 _NER = {"task.type": ("ner",)}
 _QA = {"task.type": ("qa",)}
 _S2S = {"task.type": ("seq2seq",)}
+_LS = {"data.format": ("label_studio",)}
 
 
 @dataclass
@@ -81,6 +82,10 @@ class DataSection:
         0.0, "Without data.validation: fraction of train held out (seeded, stratified) for validation.", min=0.0, below=1.0
     )
     test: list[str] = opt([], "Test files or splits, each evaluated on the best checkpoint; named by file stem.")
+    test_fraction: float = opt(
+        0.0, "Without data.test: fraction of train held out (seeded; stratified by label for classification) as the split `test`.",
+        min=0.0, below=1.0, only={"task.type": ("classification", "ner")},
+    )
     predict: list[str] = opt(
         [], "Unlabelled files or splits (e.g. GLUE test sets): predictions written (GLUE: a submission file), no metrics."
     )
@@ -96,6 +101,14 @@ class DataSection:
     tokens_field: str = opt("tokens", "NER (JSONL): field holding the list of tokens.", only=_NER)
     tags_field: str = opt("tags", "NER (JSONL): field holding the list of tags.", only=_NER)
     target_column: str = opt("", "Seq2seq: column holding the target text (empty = the first gold answer of a QA row).", only=_S2S)
+    annotation_choice: Literal["first", "latest", "skip_conflicting"] = opt(
+        "first", "Label Studio: a task with several annotations keeps the first (earliest created), the latest "
+        "(last updated), or with skip_conflicting is left out unless they all agree; the log counts them.", only=_LS
+    )
+    label_studio_control: str = opt(
+        "", "Label Studio: name (from_name) of the <Labels> or <Choices> control to read; empty = the only one in the export.",
+        only=_LS,
+    )
     max_train_samples: int = opt(0, "Use only the first N training rows (0 = all); for quick runs.", min=0)
     max_eval_samples: int = opt(0, "Use only the first N rows of each validation/test split (0 = all).", min=0)
 
@@ -366,6 +379,12 @@ def _check_cross_field(recipe: Recipe) -> list[str]:
         problems.append("data.train: required; name the training file (relative to data.dir) or hub split")
     if recipe.data.validation and recipe.data.validation_fraction:
         problems.append("data.validation_fraction: set either data.validation or data.validation_fraction, not both")
+    if recipe.data.test and recipe.data.test_fraction:
+        problems.append("data.test_fraction: set either data.test or data.test_fraction, not both")
+    if recipe.data.validation_fraction + recipe.data.test_fraction >= 1:
+        problems.append("data.test_fraction: data.validation_fraction + data.test_fraction must leave some training data (sum below 1)")
+    if recipe.data.hub and recipe.data.format == "label_studio":
+        problems.append("data.format: \"label_studio\" reads an exported file; remove data.hub and name the export in data.train")
     if recipe.model.load_in_8bit and recipe.adapter.method == "full":
         problems.append("model.load_in_8bit: an 8-bit base cannot be fully fine-tuned; use adapter.method = \"lora\"")
     if task is not None:

@@ -9,15 +9,20 @@ evaluation once per epoch; the best epoch's trainable weights kept in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from peft_ft.batching import eval_batches, pad_batch, train_batches
+from peft_ft.errors import PeftFtError
 from peft_ft.schema import Recipe
 
 log = logging.getLogger("peft_ft")
@@ -62,12 +67,17 @@ def setup_torch(recipe: Recipe):
     np.random.seed(recipe.train.seed)
     torch.manual_seed(recipe.train.seed)
     torch.set_num_threads(recipe.train.threads or os.cpu_count() or 1)
-    if recipe.train.device == "cuda" and not torch.cuda.is_available():
-        from peft_ft.errors import PeftFtError
-
-        raise PeftFtError(f"{recipe.source}: train.device: \"cuda\" asked for, but torch sees no CUDA GPU; use \"auto\" or \"cpu\"")
+    check_device(recipe)
     use_cuda = recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if use_cuda else "cpu")
+
+
+def check_device(recipe: Recipe) -> None:
+    """A CUDA-only choice on a machine without CUDA; the runner calls this before making the run folder."""
+    import torch
+
+    if recipe.train.device == "cuda" and not torch.cuda.is_available():
+        raise PeftFtError(f"{recipe.source}: train.device: \"cuda\" asked for, but torch sees no CUDA GPU; use \"auto\" or \"cpu\"")
 
 
 def make_optimizer(model, lr: float, weight_decay: float):
@@ -123,10 +133,18 @@ def restore(model, state: dict) -> None:
 
 
 def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int, device,
-          validate: Callable[[int], float] | None, metric: str) -> TrainResult:
+          validate: Callable[[int], float] | None, metric: str, run_dir: Path | None = None,
+          resume_from: Path | None = None, run_state: dict | None = None) -> TrainResult:
     """Train; after each epoch `validate(epoch)` returns the metric (higher is better) and the
-    best epoch's trainable weights are restored at the end."""
+    best epoch's trainable weights are restored at the end.
+
+    With `run_dir`, a resumable checkpoint is written at each epoch end (and every
+    `train.checkpoint_every` steps), Ctrl-C saves one before stopping, and `resume_from` (a
+    checkpoint folder) continues from one. `run_state` is stored in each checkpoint for the runner.
+    """
     import torch
+
+    from peft_ft import checkpoint
 
     t = recipe.train
     lengths = [f["length"] for f in features]
@@ -135,29 +153,56 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     optimizer = make_optimizer(model, lr, t.weight_decay)
     scheduler = linear_schedule(optimizer, int(t.warmup * total), total)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    result, best_state = TrainResult(best_metric=metric), None
-    with _progress() as progress:
-        bar = progress.add_task("train", total=total, loss=float("nan"), speed=0.0)
-        for epoch in range(1, t.epochs + 1):
+    result, best_state, best_name, start_epoch, skip, losses = TrainResult(best_metric=metric), None, None, 1, 0, []
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, model, optimizer, scheduler)
+        result = TrainResult(**state["result"])
+        start_epoch, skip, losses, best_name = state["epoch"], state["batches_done"], state["epoch_losses"], state["best"]
+        best_state = checkpoint.load_weights(resume_from.parent / best_name) if best_name else None
+        log.info("resumed from %s: epoch %d, step %d", resume_from, start_epoch, result.steps)
+
+    def save(epoch: int, batches_done: int) -> Path:
+        state = {"epoch": epoch, "batches_done": batches_done, "epoch_losses": losses, "best": best_name,
+                 "result": dataclasses.asdict(result), "run": run_state or {}}
+        path = checkpoint.save(run_dir, result.steps, model, optimizer, scheduler, state)
+        checkpoint.prune(run_dir, t.keep_checkpoints, best_name)
+        return path
+
+    with _progress() as progress, _StopRequests(enabled=run_dir is not None) as stop:
+        bar = progress.add_task("train", total=total, completed=result.steps, loss=float("nan"), speed=0.0)
+        for epoch in range(start_epoch, t.epochs + 1):
+            if result.steps >= total:
+                break
             model.train()
-            losses, epoch_start = [], time.perf_counter()  # result.seconds counts training only, not evaluation
-            for indices in train_batches(lengths, t.batch_size, group_by_length=t.group_by_length, seed=t.seed, epoch=epoch):
+            epoch_start = time.perf_counter()  # result.seconds counts training only, not evaluation
+            batches = train_batches(lengths, t.batch_size, group_by_length=t.group_by_length, seed=t.seed, epoch=epoch)
+            for done, indices in enumerate(batches[skip:], skip + 1):  # on resume: skip the batches already trained
                 batch = {k: v.to(device) for k, v in pad_batch([features[i] for i in indices], pad_id).items()}
                 loss = model(**batch).loss
                 loss.backward()
                 if t.grad_clip:
                     torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):  # checked before the step, so the weights stay finite
+                    raise _numerical_error(loss_value, result.steps + 1, epoch, scheduler.get_last_lr()[0], t, run_dir)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                losses.append(loss_value)
                 result.steps += 1
                 result.samples += len(indices)
                 result.tokens += sum(lengths[i] for i in indices)
                 elapsed = result.seconds + time.perf_counter() - epoch_start
-                progress.update(bar, advance=1, description=f"epoch {epoch}", loss=losses[-1], speed=result.tokens / elapsed)
+                progress.update(bar, advance=1, description=f"epoch {epoch}", loss=loss_value, speed=result.tokens / elapsed)
+                periodic = t.checkpoint_every and result.steps % t.checkpoint_every == 0 and done < len(batches)
+                if run_dir is not None and (stop.requested or (periodic and result.steps < total)):
+                    result.seconds += time.perf_counter() - epoch_start  # saving is not training time
+                    path = save(epoch, done)
+                    epoch_start = time.perf_counter()
+                    stop.check(path)
                 if result.steps >= total:
                     break
+            skip = 0
             result.epochs_run = epoch
             result.seconds += time.perf_counter() - epoch_start
             entry = {"epoch": epoch, "steps": result.steps, "train_loss": sum(losses) / len(losses)}
@@ -168,13 +213,56 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
             log.info("epoch %d: train loss %.4f%s", epoch, entry["train_loss"], f", validation {metric} {value:.4f}" if value is not None else "")
             if value is None or result.best_value is None or value > result.best_value:
                 result.best_epoch, result.best_value, best_state = epoch, value, snapshot(model)
-            if result.steps >= total:
-                break
+                best_name = checkpoint.name_of(result.steps)  # the epoch-end checkpoint written next
+            losses = []
+            if run_dir is not None:
+                stop.check(save(epoch + 1, 0))
     if best_state is not None and result.best_epoch != result.epochs_run:
         restore(model, best_state)
         log.info("restored the best epoch (%d) by validation %s", result.best_epoch, metric)
     result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def _numerical_error(value: float, step: int, epoch: int, lr: float, t, run_dir: Path | None) -> PeftFtError:
+    from peft_ft import checkpoint
+
+    saved = checkpoint.listed(run_dir) if run_dir is not None else []
+    kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint had been written yet"
+    return PeftFtError(
+        f"training stopped: the loss is {value} at step {step} (epoch {epoch}, learning rate {lr:.3g}); this step was not "
+        f"applied and {kept}. Hint: lower train.lr (or raise train.warmup, now {t.warmup}), keep train.grad_clip on "
+        f"(now {t.grad_clip}), and look for empty or extreme rows in the training data; then start a new run."
+    )
+
+
+class _StopRequests:
+    """While training, Ctrl-C asks the loop to stop after the current step, which then writes a
+    checkpoint; a second Ctrl-C stops at once. Signal handlers exist only in the main thread."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.requested, self.previous = enabled, False, None
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self, saved: Path) -> None:
+        """After a checkpoint: stop here if Ctrl-C was pressed."""
+        if self.requested:
+            log.warning("interrupted: checkpoint %s written; continue with `peft-ft run --resume %s`", saved, saved.parent.parent)
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def _progress():

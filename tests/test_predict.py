@@ -36,7 +36,7 @@ train = "train.jsonl"
 [adapter]
 method = "{method}"
 [train]
-epochs = 20
+epochs = 40
 batch_size = 16
 lr = {1e-2 if method == "lora" else 2e-3}
 threads = 1

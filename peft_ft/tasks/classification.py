@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peft_ft import glue
-from peft_ft.data import carve_validation, read_split_rows, require_columns, split_sources
+from peft_ft.data import carve_splits, read_split_rows, require_columns, split_sources
 from peft_ft.errors import DataError
+from peft_ft.label_studio import read_classification
 from peft_ft.schema import DataSection, Recipe
 from peft_ft.tasks import Split, Task, TaskData, register_task
 
@@ -108,7 +109,7 @@ class Classification(Task):
     peft_task_type = "SEQ_CLS"
     default_metric = "macro_f1"
     metrics = CLASS_METRICS + REGRESSION_METRICS  # mse is reported too, but lower is better: it cannot pick
-    formats = ("csv", "tsv", "jsonl", "json", "parquet", "glue")
+    formats = ("csv", "tsv", "jsonl", "json", "parquet", "glue", "label_studio")
     pipeline_task = "text-classification"
     predicts_unlabelled = True  # reads data.predict
 
@@ -137,7 +138,7 @@ class Classification(Task):
         return problems
 
     def load(self, recipe: Recipe, data_dir: Path | None) -> TaskData:
-        s, d = settings(recipe), recipe.data
+        s = settings(recipe)
         raw, notes = {}, []
         for name, key, location in split_sources(recipe, data_dir):
             predict = key.startswith("data.predict")
@@ -163,15 +164,9 @@ class Classification(Task):
             if dropped:
                 notes.append(f"{name}: dropped {dropped} unlabelled rows (label -1 or empty) from {location}")
             splits[name] = Split(name, location, examples)
-        if d.validation_fraction:
-            # A float score is no class to stratify by.
-            stratify = None if s.regression else "label"
-            keep, held = carve_validation(splits["train"].examples, d.validation_fraction, recipe.train.seed, stratify)
-            source = f"{d.validation_fraction:.0%} of {splits['train'].source}"
-            splits["train"] = Split("train", splits["train"].source, keep)
-            splits = {"train": splits["train"], "validation": Split("validation", source, held), **{k: v for k, v in splits.items() if k != "train"}}
-            how = "" if s.regression else ", stratified by label"
-            notes.append(f"validation: held out {len(held)} of {len(held) + len(keep)} training rows{how} (seed {recipe.train.seed})")
+        # A float score is no class to stratify by.
+        splits, carved = carve_splits(splits, recipe, None if s.regression else "label", "rows")
+        notes += carved
         _check_submissions(splits)
         return TaskData(self._cap(splits, recipe), names, notes)
 
@@ -254,6 +249,10 @@ class Classification(Task):
 
 def _read_rows(recipe: Recipe, s: Settings, name: str, location: str, predict: bool, notes: list[str]) -> list[dict]:
     """A split's rows; GLUE's own TSV files through the GLUE reader, with the rows read (and skipped) noted."""
+    if recipe.data.format == "label_studio":
+        rows, read = read_classification(recipe, Path(location), s.label, unlabelled=predict)
+        notes.extend(f"{name}: {note}" for note in read)
+        return rows
     if not (s.preset and not recipe.data.hub and glue.reads_glue_tsv(location, recipe.data.format)):
         return read_split_rows(recipe, location)
     # A submission must answer every test row: a malformed line in a predict file is an error even for QQP.

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from peft_ft.adapters import virtual_positions
 from peft_ft.conll import check_bio_tags, check_known_tags, fix_iob1, label_list, read_conll, read_jsonl, read_tagged_rows
-from peft_ft.data import carve_validation, read_hub_split, split_sources
+from peft_ft.data import carve_splits, read_hub_split, split_sources
 from peft_ft.errors import DataError
+from peft_ft.label_studio import read_ner
 from peft_ft.schema import Recipe
 from peft_ft.tasks import Split, Task, TaskData, register_task
 
@@ -183,7 +184,7 @@ class Ner(Task):
     peft_task_type = "TOKEN_CLS"
     default_metric = "f1"
     metrics = ("f1", "precision", "recall", "accuracy")
-    formats = ("conll", "jsonl")
+    formats = ("conll", "jsonl", "label_studio")
     pipeline_task = "token-classification"
 
     def validate(self, recipe: Recipe) -> list[str]:
@@ -196,7 +197,12 @@ class Ner(Task):
     def load(self, recipe: Recipe, data_dir: Path | None) -> NerData:
         notes, raw = [], {}
         for name, _key, location in split_sources(recipe, data_dir):
-            sentences, empty = read_sentences(recipe, location)
+            if recipe.data.format == "label_studio":  # a Label Studio export: its notes say what was left out
+                sentences, read = read_ner(recipe, Path(location))
+                notes += [f"{name}: {note}" for note in read]
+                empty = 0
+            else:
+                sentences, empty = read_sentences(recipe, location)
             if empty:
                 notes.append(f"{name}: skipped {empty} empty sentence(s) in {location}")
             if not sentences:
@@ -218,12 +224,8 @@ class Ner(Task):
             index = {n: i for i, n in enumerate(labels)}
             examples = [{"tokens": s["tokens"], "tags": [index[t] for t in s["tags"]], "line": s["line"]} for s in sentences]
             splits[name] = Split(name, location, examples)
-        if recipe.data.validation_fraction:
-            keep, held = carve_validation(splits["train"].examples, recipe.data.validation_fraction, recipe.train.seed, None)
-            validation = Split("validation", f"{recipe.data.validation_fraction:.0%} of {train_location}", held)
-            splits = {"train": Split("train", train_location, keep), "validation": validation,
-                      **{k: v for k, v in splits.items() if k != "train"}}
-            notes.append(f"validation: held out {len(held)} of {len(held) + len(keep)} training sentences (seed {recipe.train.seed})")
+        splits, carved = carve_splits(splits, recipe, None, "sentences")
+        notes += carved
         cap_splits(splits, recipe)
         return NerData(splits, labels, notes, seqeval_mode=recipe.task.seqeval_mode)
 

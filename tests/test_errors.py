@@ -1,0 +1,264 @@
+"""Every bad input through the CLI (`peft_ft.cli.main`): exit code 2, one message naming the file,
+key or row and how to fix it, no traceback, and no run folder made (all are known before training)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import sentiment_rows, write_jsonl, write_recipe
+from peft_ft.cli import main
+
+CLASSIFICATION = """
+[model]
+name = "{model}"
+[data]
+dir = "{data}"
+train = "train.jsonl"
+validation = "valid.jsonl"
+[train]
+epochs = 1
+threads = 1
+[output]
+dir = "{out}"
+name = "r"
+"""
+
+NER = """
+[model]
+name = "{model}"
+[task]
+type = "ner"
+[data]
+dir = "{data}"
+train = "train.txt"
+[train]
+threads = 1
+[output]
+dir = "{out}"
+"""
+
+QA = """
+[model]
+name = "{model}"
+[task]
+type = "qa"
+[data]
+dir = "{data}"
+train = "train.jsonl"
+[train]
+threads = 1
+[output]
+dir = "{out}"
+"""
+
+
+class Case:
+    """A folder with a valid classification setup, changed by each case; `argv` runs the CLI on it."""
+
+    def __init__(self, tmp: Path, model: Path):
+        self.tmp, self.model, self.data, self.out = tmp, model, tmp / "data", tmp / "runs"
+        self.data.mkdir()
+        write_jsonl(self.data / "train.jsonl", sentiment_rows(8, seed=1))
+        write_jsonl(self.data / "valid.jsonl", sentiment_rows(4, seed=2))
+
+    def recipe(self, template: str = CLASSIFICATION, extra: str = "", model: Path | str | None = None) -> str:
+        text = template.format(model=model if model is not None else self.model, data=self.data, out=self.out) + extra
+        return str(write_recipe(self.tmp / "recipe.toml", text))
+
+
+def unknown_key(c):
+    return ["run", c.recipe(), "--set", "train.lrr=0.1"], ["recipe.toml", "train.lrr: unknown key (did you mean `lr`?)"]
+
+
+def unknown_section(c):
+    return ["run", c.recipe(extra="[trainer]\nlr = 1\n")], ["recipe.toml", "[trainer]: unknown key (did you mean `train`?)"]
+
+
+def wrong_type(c):
+    return ["run", c.recipe(extra='[eval]\nbatch_size = "fast"\n')], ["recipe.toml", "eval.batch_size: expected an integer, got \"fast\""]
+
+
+def negative_lr(c):
+    return ["run", c.recipe(), "--set", "train.lr=-0.001"], ["recipe.toml", "train.lr: must be at least 0.0, got -0.001"]
+
+
+def zero_rank(c):
+    return ["run", c.recipe(), "--set", "adapter.r=0"], ["recipe.toml", "adapter.r: must be at least 1, got 0"]
+
+
+def recipe_not_utf8(c):
+    path = c.tmp / "latin1.toml"
+    path.write_bytes('[output]\nname = "caf\xe9"\n'.encode("latin-1"))
+    return ["run", str(path)], ["latin1.toml", "not UTF-8", "save the recipe as UTF-8"]
+
+
+def missing_data_file(c):
+    return ["run", c.recipe(), "--set", "data.train=nope.jsonl"], ["data.train: file not found", "nope.jsonl", "Files there: train.jsonl, valid.jsonl"]
+
+
+def missing_split(c):
+    return ["run", c.recipe(), "--set", "data.test=['test.jsonl']"], ["data.test[0]: file not found", "test.jsonl", "Fix the name or data.dir"]
+
+
+def no_train_split(c):
+    return ["run", c.recipe(), "--set", 'data.train=""'], ["recipe.toml", "data.train: required"]
+
+
+def data_dir_missing(c):
+    return ["run", c.recipe(), "--data-dir", str(c.tmp / "nodata")], ["data directory not found", "nodata", "--data-dir"]
+
+
+def csv_missing_column(c):
+    (c.data / "train.csv").write_text("sentence,label\ngood movie,pos\nbad film,neg\n", encoding="utf-8")
+    return ["run", c.recipe(), "--set", "data.train=train.csv"], ["train.csv: missing column(s) data.text_column = 'text'", "the file has: sentence, label"]
+
+
+def parquet_missing_column(c):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["good", "bad"], "gold": ["pos", "neg"]}), c.data / "train.parquet")
+    return ["run", c.recipe(), "--set", "data.train=train.parquet"], ["train.parquet: missing column(s) data.label_column = 'label'"]
+
+
+def empty_split(c):
+    (c.data / "valid.jsonl").write_text("\n", encoding="utf-8")
+    return ["run", c.recipe()], ["valid.jsonl: the split is empty"]
+
+
+def unseen_eval_label(c):
+    write_jsonl(c.data / "valid.jsonl", [{"text": "good", "label": "pos"}, {"text": "meh", "label": "neutral"}])
+    return ["run", c.recipe()], ["valid.jsonl: row 2: label 'neutral' is not among the training labels (neg, pos)", "task.labels"]
+
+
+def data_not_utf8(c):
+    (c.data / "train.jsonl").write_bytes(b'{"text": "good", "label": "pos"}\n{"text": "caf\xe9", "label": "neg"}\n')
+    return ["run", c.recipe()], ["train.jsonl: line 2: not UTF-8", "re-save the file as UTF-8"]
+
+
+def bad_jsonl_line(c):
+    (c.data / "train.jsonl").write_text('{"text": "good", "label": "pos"}\n{"text": "bad", \n', encoding="utf-8")
+    return ["run", c.recipe()], ["train.jsonl: line 2: not valid JSON"]
+
+
+def conll_wrong_columns(c):
+    (c.data / "train.txt").write_text("John B-PER\nlives O\nin O O\nParis B-LOC\n", encoding="utf-8")
+    return ["run", c.recipe(NER)], ["train.txt: line 3: 3 column(s) where the file's first line has 2", "data.separator"]
+
+
+def squad_answer_start(c):
+    row = {"id": "q7", "question": "who lives in paris?", "context": "john lives in paris",
+           "answers": {"text": ["john"], "answer_start": [3]}}
+    write_jsonl(c.data / "train.jsonl", [row])
+    return ["run", c.recipe(QA)], ["train.jsonl: question q7: answer_start 3 does not match the answer text 'john'",
+                                   "the text occurs at 0", "fix answer_start"]
+
+
+def model_without_weights(c):
+    folder = c.tmp / "noweights"
+    shutil.copytree(c.model, folder)
+    (folder / "model.safetensors").unlink()
+    return ["run", c.recipe(model=folder)], ["model.name:", "noweights is not a complete model folder: missing weights"]
+
+
+def model_without_tokenizer(c):
+    folder = c.tmp / "notokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(c.model / name, folder / name)
+    return ["run", c.recipe(model=folder)], ["model.name:", "missing tokenizer files", "it holds: config.json, model.safetensors"]
+
+
+def model_path_missing(c):
+    return ["run", c.recipe(model=c.tmp / "nomodel")], ["recipe.toml: model.name: no model folder at", "nomodel"]
+
+
+def hub_id_offline(c):
+    return ["run", c.recipe(model="peft-ft-test/no-such-model")], [
+        "recipe.toml: model.name: 'peft-ft-test/no-such-model' is a hub id, the hub cannot be reached", "local model folder"]
+
+
+def cuda_on_cpu(c):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    return ["run", c.recipe(), "--set", "train.device=cuda"], ["recipe.toml: train.device: \"cuda\" asked for, but torch sees no CUDA GPU"]
+
+
+def output_folder_exists(c):
+    # The run folder's name is the second it starts: pretend that second's folder is already there.
+    import datetime
+
+    import peft_ft.output
+
+    frozen = datetime.datetime(2026, 1, 2, 3, 4, 5)
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return frozen
+
+    c.monkeypatch.setattr(peft_ft.output.datetime, "datetime", Clock)
+    taken = c.out / "r" / "20260102-030405"
+    taken.mkdir(parents=True)
+    (taken / "metrics.json").write_text("{}")
+    return ["run", c.recipe()], ["run folder", "20260102-030405 already exists; it is kept as it is", "output.name"]
+
+
+def output_dir_is_a_file(c):
+    c.out.write_text("not a folder")
+    return ["run", c.recipe()], ["output.dir", "runs", "is a file"]
+
+
+def validate_command_too(c):
+    return ["validate", c.recipe(), "--set", "data.train=nope.jsonl"], ["data.train: file not found"]
+
+
+CASES = [
+    unknown_key, unknown_section, wrong_type, negative_lr, zero_rank, recipe_not_utf8,
+    missing_data_file, missing_split, no_train_split, data_dir_missing,
+    csv_missing_column, parquet_missing_column, empty_split, unseen_eval_label, data_not_utf8, bad_jsonl_line,
+    conll_wrong_columns, squad_answer_start,
+    model_without_weights, model_without_tokenizer, model_path_missing, hub_id_offline,
+    cuda_on_cpu, output_folder_exists, output_dir_is_a_file, validate_command_too,
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f.__name__ for f in CASES])
+def test_bad_input_gives_one_clear_error(case, tmp_path, tiny_bert, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("PEFT_FT_DATA_DIR", raising=False)
+    c = Case(tmp_path, tiny_bert)
+    c.monkeypatch = monkeypatch
+    argv, expected = case(c)
+    before = sorted(p.name for p in c.out.rglob("*")) if c.out.is_dir() else None
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for piece in expected:
+        assert piece in err, f"{piece!r} not in {err!r}"
+    after = sorted(p.name for p in c.out.rglob("*")) if c.out.is_dir() else None
+    assert after == before  # nothing was created: every case is caught before the run folder is made
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_bert):
+    c = Case(tmp_path, tiny_bert)
+    from peft_ft.errors import DataError
+
+    with pytest.raises(DataError, match="data.train: file not found"):
+        main(["--debug", "run", c.recipe(), "--set", "data.train=nope.jsonl"])
+
+
+def test_error_exits_non_zero_from_the_console_script(tmp_path):
+    import subprocess
+    import sys
+
+    recipe = write_recipe(tmp_path / "r.toml", "[train]\nlr = -1\n")
+    done = subprocess.run([sys.executable, "-m", "peft_ft", "validate", str(recipe)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "train.lr: must be at least 0.0" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""

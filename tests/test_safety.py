@@ -1,0 +1,118 @@
+"""Loading without pickle: run, adapter and model folders holding pickle files are refused unless allowed."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from peft_ft.errors import PeftFtError
+from peft_ft.safety import check_no_pickle, pickle_files, remote_code
+from test_predict import TEXTS, reference, train_sentiment
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_bert) -> Path:
+    return train_sentiment(tmp_path_factory.mktemp("safety"), tiny_bert, "pos")
+
+
+def with_pickle(run_dir: Path, tmp_path: Path, name: str = "extra.pt") -> Path:
+    """A copy of a run folder with one pickle file dropped in."""
+    copy = shutil.copytree(run_dir, tmp_path / "tainted")
+    (copy / name).write_bytes(b"\x80\x04K\x01.")  # pickle of the int 1: never unpickled by the check
+    return copy
+
+
+def test_a_run_folder_written_by_peft_ft_has_no_pickle(run_dir):
+    assert pickle_files(run_dir) == []
+    assert any(p.suffix == ".safetensors" for p in run_dir.iterdir())
+
+
+@pytest.mark.parametrize("name", ["adapter_model.bin", "extra.pt", "w.pth", "x.pkl", "last.ckpt"])
+def test_check_names_the_file_and_the_flag(tmp_path, name, caplog):
+    (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"x")
+    with pytest.raises(PeftFtError, match=rf"refused: it holds pickle file\(s\) {re.escape(name)}\. Loading a pickle can run any code.*--allow-pickle"):
+        check_no_pickle(tmp_path, "run folder")
+    with caplog.at_level(logging.WARNING, logger="peft_ft"):
+        check_no_pickle(tmp_path, "run folder", allow_pickle=True)
+    assert name in caplog.text and "--allow-pickle" in caplog.text
+
+
+def test_every_loader_refuses_a_pickle_in_an_adapter_folder_unless_allowed(run_dir, tmp_path):
+    from peft_ft.merge import merge_run
+    from peft_ft.pipelines import pipeline
+    from peft_ft.predict import AdapterSet
+    from peft_ft.run import load_run
+
+    tainted = with_pickle(run_dir, tmp_path)
+    for load in (lambda: AdapterSet({"pos": tainted}), lambda: load_run(tainted), lambda: pipeline(tainted),
+                 lambda: merge_run(tainted, tmp_path / "merged")):
+        with pytest.raises(PeftFtError, match=r"tainted: refused: it holds pickle file\(s\) extra\.pt"):
+            load()
+    assert not (tmp_path / "merged").exists()
+    # allowed explicitly: the same answers as the clean folder (the extra file is never read)
+    answers = AdapterSet({"pos": tainted}, allow_pickle=True).answer("pos", [{"text": t} for t in TEXTS])
+    assert [a["label"] for a in answers] == [r["label"] for r in reference(run_dir, TEXTS)]
+
+
+def test_cli_predict_and_merge_refuse_then_take_allow_pickle(run_dir, tmp_path, capsys):
+    from peft_ft.cli import main
+
+    tainted = with_pickle(run_dir, tmp_path, "adapter_model.bin")
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("good film\n")
+    assert main(["predict", "--adapter", f"pos={tainted}", str(inputs)]) == 2
+    assert "adapter_model.bin" in capsys.readouterr().err
+    assert main(["merge", str(tainted), "--out", str(tmp_path / "m")]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert main(["predict", "--adapter", f"pos={tainted}", "--allow-pickle", str(inputs)]) == 0
+    assert '"label"' in capsys.readouterr().out
+
+
+def test_a_local_model_folder_with_only_pickle_weights_is_refused(tiny_bert, tmp_path):
+    from peft_ft.models import check_model_folder
+
+    folder = shutil.copytree(tiny_bert, tmp_path / "old-model")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(PeftFtError, match=r"model.name: model folder .*old-model: refused: it holds pickle file\(s\) pytorch_model\.bin"):
+        check_model_folder(folder)
+    check_model_folder(folder, allow_pickle=True)
+    # safetensors beside the pickle: loaders pass use_safetensors=True, so the pickle is never read
+    shutil.copyfile(tiny_bert / "model.safetensors", folder / "model.safetensors")
+    check_model_folder(folder)
+
+
+def test_training_does_not_fall_back_to_pickle_weights(tiny_bert, tmp_path):
+    """load_model passes use_safetensors=True: a folder whose only weights are a .bin fails to load even
+    when the folder check is bypassed."""
+    from peft_ft.models import load_model
+    from peft_ft.schema import load_recipe
+
+    folder = shutil.copytree(tiny_bert, tmp_path / "old-model")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text(f'[model]\nname = "{folder}"\n[data]\ntrain = "x.jsonl"\n')
+    with pytest.raises((PeftFtError, OSError)):
+        load_model(str(folder), load_recipe(recipe_file), "AutoModelForSequenceClassification", num_labels=2)
+
+
+def test_trust_remote_code_is_off_by_default_and_warned_when_on(tmp_path, caplog):
+    from peft_ft.schema import load_recipe
+
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text('[data]\ntrain = "x.jsonl"\n')
+    with caplog.at_level(logging.WARNING, logger="peft_ft"):
+        assert remote_code(load_recipe(recipe_file)) is False
+        assert caplog.text == ""
+        assert remote_code(load_recipe(recipe_file, ["model.trust_remote_code=true"])) is True
+    assert "model.trust_remote_code is on" in caplog.text
+
+
+def test_no_torch_load_without_weights_only_in_the_package():
+    root = Path(__file__).resolve().parents[1] / "peft_ft"
+    calls = [(p.name, line.strip()) for p in root.rglob("*.py") for line in p.read_text(encoding="utf-8").splitlines() if "torch.load(" in line]
+    assert all("weights_only=True" in line for _, line in calls), calls
