@@ -255,6 +255,12 @@ def _check_type(value, tp) -> str | None:
 
 
 def _check_range(value, meta) -> str | None:
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, int) and abs(value) > 2**63 - 1:  # TOML integers are 64-bit; tomllib reads longer ones
+        return f"is out of the 64-bit range, got {value}"
     if meta["min"] is not None and value < meta["min"]:
         return f"must be at least {meta['min']}, got {value}"
     if meta["max"] is not None and value > meta["max"]:
