@@ -174,7 +174,8 @@ def carve_fractions(examples: list[dict], fractions: list[float], seed: int, str
     `stratify_key` is set. Returns [kept, part 1, part 2, ...], each in the input order.
 
     Part k takes the next round(n * fraction_k) shuffled rows of every label group, so the first
-    part is the same whether or not later parts are asked for."""
+    part is the same whether or not later parts are asked for. A part that rounds to no row at
+    all gets one (the next shuffled row of the largest group), so a small file still gives every split."""
     import random
 
     rng = random.Random(seed)
@@ -182,6 +183,7 @@ def carve_fractions(examples: list[dict], fractions: list[float], seed: int, str
     for i, ex in enumerate(examples):
         groups.setdefault(ex[stratify_key] if stratify_key else None, []).append(i)
     part_of: dict[int, int] = {}
+    rest: dict = {}
     for key in sorted(groups, key=str):
         members = groups[key]
         rng.shuffle(members)
@@ -190,6 +192,11 @@ def carve_fractions(examples: list[dict], fractions: list[float], seed: int, str
             count = round(len(members) * fraction)
             part_of.update((i, k) for i in members[start:start + count])
             start += count
+        rest[key] = members[start:]
+    for k, fraction in enumerate(fractions, 1):
+        largest = max(rest.values(), key=len, default=[])
+        if fraction and k not in part_of.values() and len(largest) > 1:
+            part_of[largest.pop(0)] = k
     parts: list[list] = [[] for _ in range(len(fractions) + 1)]
     for i, ex in enumerate(examples):
         parts[part_of.get(i, 0)].append(ex)

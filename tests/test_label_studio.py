@@ -451,3 +451,10 @@ dir = "{tmp_path / 'runs'}"
     assert splits["train"]["size"] == 28
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test"]["n"] == 8 and set(metrics["test"]["per_class"]) == {"neg", "pos"}
+
+
+def test_a_fraction_that_rounds_to_nothing_still_gets_one_row():
+    rows = [{"label": i % 2} for i in range(8)]  # 0.05 of 4 rows per label rounds to 0
+    keep, validation, test = carve_fractions(rows, [0.05, 0.05], 1, "label")
+    assert len(validation) == len(test) == 1 and len(keep) == 6
+    assert carve_fractions(rows[:1], [0.5], 1, None) == [rows[:1], []]  # one row stays in training
