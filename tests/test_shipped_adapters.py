@@ -1,0 +1,50 @@
+"""The adapters shipped in adapters/ load on the embedded MiniLM and answer sanely, without retraining."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+
+
+def check_scientsbank(pipe):
+    reference = "Plants need water and sunlight to grow."
+    assert pipe({"text": reference, "text_pair": reference})["label"] == "correct"
+    assert pipe({"text": reference, "text_pair": "I like pizza."})["label"] != "correct"
+
+
+def check_conll(pipe):
+    groups = {(g["entity_group"], g["word"].lower()) for g in pipe("John Smith flew from London to Berlin on Monday.")}
+    assert ("PER", "john smith") in groups
+    assert {("LOC", "london"), ("LOC", "berlin")} <= groups
+
+
+def check_squad(pipe):
+    context = "The Eiffel Tower was completed in 1889. It stands in Paris, the capital of France."
+    answer = pipe(question="In which city does the Eiffel Tower stand?", context=context)
+    assert answer["answer"] in context and answer["answer"].strip()
+
+
+CHECKS = {"scientsbank_lora": check_scientsbank, "conll_lora": check_conll, "squad_lora": check_squad}
+SHIPPED = sorted(p.name for p in ADAPTERS.iterdir() if (p / "peft_ft.json").is_file()) if ADAPTERS.is_dir() else []
+
+
+def test_the_shipped_adapters_are_there_and_small():
+    assert {"scientsbank_lora", "conll_lora"} <= set(SHIPPED)
+    for name in SHIPPED:
+        folder = ADAPTERS / name
+        assert (folder / "adapter_model.safetensors").stat().st_size < 3 * 2**20
+        assert {"adapter_config.json", "peft_ft.json", "recipe.toml", "README.md", "metrics.json"} <= {p.name for p in folder.iterdir()}
+        info = json.loads((folder / "peft_ft.json").read_text())
+        assert info["base_model"] == "embedded:all-MiniLM-L6-v2" and info["method"] == "lora"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_adapter_answers_sanely(name):
+    import peft_ft
+
+    CHECKS[name](peft_ft.pipeline(ADAPTERS / name))
