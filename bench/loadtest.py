@@ -39,6 +39,16 @@ TEXTS = [
     "the student said on monday", "google works in london", "energy from the sun", "it is the reference answer because",
     "plant " * 300,  # over model.max_length: answered truncated, with the flag
 ]
+PAIR_TEXT = "the plant needs water and light to grow"  # second text for pair classifiers (grading, NLI)
+PAIRED: set[str] = set()  # adapters that answered "expected a text field 'text_pair'": they get pairs
+
+
+def payload(name: str, texts: list[str]) -> bytes:
+    if name in PAIRED:
+        return json.dumps({"inputs": [{"text": t, "text_pair": PAIR_TEXT} for t in texts]}).encode()
+    return json.dumps({"texts": texts}).encode()
+
+
 POSITIVE = ["water", "light", "grow", "energy", "sun"]
 NEGATIVE = ["not", "because", "said", "monday", "is"]
 
@@ -175,7 +185,7 @@ def client(seed: int, url: str, key: str, reference: dict, bad: list, args, load
         texts = rng.sample(TEXTS, rng.randint(1, 4))
         start = time.monotonic()
         try:
-            status, answer = call(f"{url}/predict/{name}", json.dumps({"texts": texts}).encode(), key)
+            status, answer = call(f"{url}/predict/{name}", payload(name, texts), key)
         except OSError as e:
             load.record(name, 599, time.monotonic() - start, f"{name}: {type(e).__name__}: {e}")
             continue
@@ -224,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         reference = {}
         for name in names:  # every input alone: the answers the load must reproduce
             for text in TEXTS:
-                status, answer = call(f"{url}/predict/{name}", json.dumps({"texts": [text]}).encode(), key)
+                status, answer = call(f"{url}/predict/{name}", payload(name, [text]), key)
+                if status == 400 and "text_pair" in str(answer.get("error")) and name not in PAIRED:
+                    PAIRED.add(name)  # a pair classifier: send every text with a second one
+                    status, answer = call(f"{url}/predict/{name}", payload(name, [text]), key)
                 if status != 200:
                     raise SystemExit(f"reference answer of {name} failed: {status} {answer}")
                 reference[(name, text)] = answer["predictions"][0]
