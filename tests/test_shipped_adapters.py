@@ -28,12 +28,12 @@ def check_squad(pipe):
     assert answer["answer"] in context and answer["answer"].strip()
 
 
-CHECKS = {"scientsbank_lora": check_scientsbank, "conll_lora": check_conll, "squad_lora": check_squad}
+CHECKS = {"grading_lora": check_scientsbank, "conll_lora": check_conll, "qa_lora": check_squad}
 SHIPPED = sorted(p.name for p in ADAPTERS.iterdir() if (p / "peft_ft.json").is_file()) if ADAPTERS.is_dir() else []
 
 
 def test_the_shipped_adapters_are_there_and_small():
-    assert {"scientsbank_lora", "conll_lora"} <= set(SHIPPED)
+    assert {"grading_lora", "conll_lora"} <= set(SHIPPED)
     for name in SHIPPED:
         folder = ADAPTERS / name
         assert (folder / "adapter_model.safetensors").stat().st_size < 3 * 2**20
