@@ -24,7 +24,7 @@ def check_conll(pipe):
 
 def check_squad(pipe):
     context = "The Eiffel Tower was completed in 1889. It stands in Paris, the capital of France."
-    answer = pipe(question="In which city does the Eiffel Tower stand?", context=context)
+    answer = pipe({"question": "In which city does the Eiffel Tower stand?", "context": context})
     assert answer["answer"] in context and answer["answer"].strip()
 
 
