@@ -73,6 +73,17 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: line {line}: not UTF-8 ({e.reason}); re-save the file as UTF-8") from None
 
 
+def json_record(line: str, where: str) -> dict:
+    """One JSONL line as a record; `where` names the file and line in the error."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+    return row
+
+
 def read_table(path: Path, fmt: str = "auto") -> list[dict]:
     """Rows of a CSV / TSV / JSONL / JSON-list / parquet file, as dicts."""
     fmt = table_format(path, fmt)
@@ -99,10 +110,7 @@ def read_table(path: Path, fmt: str = "auto") -> list[dict]:
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+                rows.append(json_record(line, f"{path}: line {number}"))
         return rows
     if fmt == "json":
         try:

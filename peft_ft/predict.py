@@ -181,7 +181,7 @@ INPUT_FORMATS = ("auto", "jsonl", "csv", "tsv", "text")
 
 def read_inputs(path: str, fmt: str = "auto") -> tuple[list[dict], list[str]]:
     """Rows (dicts) and where each came from (`file: line N`). A text line becomes {"text": line}."""
-    from peft_ft.data import read_text
+    from peft_ft.data import json_record, read_text
 
     name = "<stdin>" if path == "-" else path
     if path == "-":
@@ -195,7 +195,7 @@ def read_inputs(path: str, fmt: str = "auto") -> tuple[list[dict], list[str]]:
     if fmt == "text":
         numbered = [(n, {"text": line}) for n, line in enumerate(lines, 1) if line.strip()]
     elif fmt == "jsonl":
-        numbered = [(n, _json_row(line, f"{name}: line {n}")) for n, line in enumerate(lines, 1) if line.strip()]
+        numbered = [(n, json_record(line, f"{name}: line {n}")) for n, line in enumerate(lines, 1) if line.strip()]
     else:
         reader = csv.DictReader(io.StringIO(text), delimiter="," if fmt == "csv" else "\t")
         numbered = [(reader.line_num, row) for row in reader]
@@ -211,16 +211,6 @@ def _input_format(path: str, fmt: str, text: str) -> str:
     # stdin or another extension: JSON objects if the first line is one, else text lines
     first = next((line for line in text.splitlines() if line.strip()), "")
     return "jsonl" if first.lstrip().startswith("{") else "text"
-
-
-def _json_row(line: str, where: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
-    return row
 
 
 def route(rows: list[dict], where: list[str], names: list[str], use: str | None, field_name: str | None) -> list[str]:

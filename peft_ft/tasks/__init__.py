@@ -23,6 +23,15 @@ class Split:
     examples: list[dict]
 
 
+def cap_splits(splits: dict[str, "Split"], recipe: Recipe) -> None:
+    """data.max_train_samples / max_eval_samples: keep the first N examples of each split.
+    Splits marked `capped = False` (unlabelled predict splits: a submission answers every row) stay whole."""
+    for name, split in splits.items():
+        cap = recipe.data.max_train_samples if name == "train" else recipe.data.max_eval_samples
+        if cap and getattr(split, "capped", True):
+            split.examples = split.examples[:cap]
+
+
 @dataclass
 class TaskData:
     splits: dict[str, Split]  # train first, then validation, then the test splits

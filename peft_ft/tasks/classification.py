@@ -16,7 +16,7 @@ from peft_ft.data import carve_splits, read_split_rows, require_columns, split_s
 from peft_ft.errors import DataError
 from peft_ft.label_studio import read_classification
 from peft_ft.schema import DataSection, Recipe
-from peft_ft.tasks import Split, Task, TaskData, register_task
+from peft_ft.tasks import Split, Task, TaskData, cap_splits, register_task
 
 # A regression head has one output; its one "label" names it. One label <=> regression (a
 # classifier needs two classes), which is all a saved run needs to rebuild its head.
@@ -60,6 +60,7 @@ def is_regression(labels: list[str]) -> bool:
 class PredictSplit(Split):
     """An unlabelled split (`data.predict`): predictions only, no metrics."""
 
+    capped = False  # never cut by max_eval_samples: a GLUE submission must answer every test row
     glue: str = ""  # the GLUE task whose submission file this split gets ("" = none)
     submission: str = ""  # that file's name (CoLA.tsv, MNLI-m.tsv, ...)
 
@@ -168,17 +169,8 @@ class Classification(Task):
         splits, carved = carve_splits(splits, recipe, None if s.regression else "label", "rows")
         notes += carved
         _check_submissions(splits)
-        return TaskData(self._cap(splits, recipe), names, notes)
-
-    @staticmethod
-    def _cap(splits: dict[str, Split], recipe: Recipe) -> dict[str, Split]:
-        d = recipe.data
-        for name, split in splits.items():
-            # Predict splits stay whole: a GLUE submission must answer every test row.
-            cap = d.max_train_samples if name == "train" else 0 if isinstance(split, PredictSplit) else d.max_eval_samples
-            if cap:
-                split.examples = split.examples[:cap]
-        return splits
+        cap_splits(splits, recipe)
+        return TaskData(splits, names, notes)
 
     def model_kwargs(self, data: TaskData) -> dict:
         kwargs = {

@@ -26,7 +26,7 @@ from peft_ft.data import carve_splits, read_hub_split, split_sources
 from peft_ft.errors import DataError
 from peft_ft.label_studio import read_ner
 from peft_ft.schema import Recipe
-from peft_ft.tasks import Split, Task, TaskData, register_task
+from peft_ft.tasks import Split, Task, TaskData, cap_splits, register_task
 
 log = logging.getLogger("peft_ft")
 
@@ -54,13 +54,6 @@ def read_sentences(recipe: Recipe, location: str) -> tuple[list[dict], int]:
     sentences = read_conll(Path(location), token_column=d.token_column, tag_column=d.tag_column,
                            separator=d.separator, comment_prefix=d.comment_prefix)
     return sentences, 0
-
-
-def cap_splits(splits: dict[str, Split], recipe: Recipe) -> None:
-    for name, split in splits.items():
-        cap = recipe.data.max_train_samples if name == "train" else recipe.data.max_eval_samples
-        if cap:
-            split.examples = split.examples[:cap]
 
 
 # --- subwords -----------------------------------------------------------------------------------
