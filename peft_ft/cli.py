@@ -20,7 +20,10 @@ def cmd_run(args) -> int:
         raise PeftFtError("give a recipe (peft-ft run recipes/NAME.toml) or --resume RUN_DIR")
     else:
         run_dir = run(load_recipe(args.recipe, args.set), data_dir=args.data_dir)
-    print(f"done: {run_dir}")
+    from peft_ft.distributed import is_main
+
+    if is_main():  # under torchrun every process returns here; one line is enough
+        print(f"done: {run_dir}")
     return 0
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from peft_ft import __version__
+from peft_ft import __version__, distributed
 from peft_ft.adapters import METHODS
 from peft_ft.data import record_splits, resolve_data_dir
 from peft_ft.errors import PeftFtError
@@ -26,11 +26,20 @@ INFO_FILE = "peft_ft.json"
 
 
 def run(recipe: Recipe, data_dir: str | None = None) -> Path:
-    """Train and evaluate one recipe; returns the run folder."""
+    """Train and evaluate one recipe; returns the run folder. Started by torchrun or accelerate launch:
+    data-parallel over its processes (peft_ft.distributed), the main process alone writing the folder."""
+    from peft_ft.train import use_cuda
+
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
     location, data, resolved_dir = _check_inputs(recipe, task, data_dir)
-    run_dir = create_run_dir(recipe)
-    write_atomic(run_dir / "recipe.toml", to_toml(recipe))
+    distributed.init(use_cuda(recipe))  # after the input checks: bad input ends every process before any waiting
+
+    def new_run_dir() -> Path:
+        run_dir = create_run_dir(recipe)
+        write_atomic(run_dir / "recipe.toml", to_toml(recipe))
+        return run_dir
+
+    run_dir = distributed.on_main(new_run_dir)  # one folder, made by the main process, named to all
     _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=None)
     return run_dir
 
@@ -39,6 +48,9 @@ def resume(run_dir: str | Path, data_dir: str | None = None) -> Path:
     """Continue a run that stopped (killed, Ctrl-C, crash) from its newest checkpoint, in the same folder."""
     from peft_ft import checkpoint
 
+    if distributed.world().size > 1:
+        raise PeftFtError(f"--resume {run_dir}: resuming with several processes is not supported; resume with one "
+                          f"process (peft-ft run --resume {run_dir}, without torchrun or accelerate launch)")
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.toml").is_file():
         raise PeftFtError(f"--resume {run_dir}: not a run folder (no recipe.toml); give the folder `peft-ft run` printed")
@@ -71,13 +83,15 @@ def _check_inputs(recipe: Recipe, task: Task, data_dir: str | None):
 
 def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, data: TaskData, data_dir: Path | None,
             resume_from: Path | None) -> None:
-    setup_logging(run_dir)
+    setup_logging(run_dir if distributed.is_main() else None)
+    if not distributed.is_main():
+        log.setLevel(logging.WARNING)  # progress and results are the main process's to report
     try:
         log.info("run folder %s", run_dir)
         for note in data.notes:
             log.info(note)
         log.info("splits: %s", ", ".join(f"{n} {len(s.examples)}" for n, s in data.splits.items()))
-        if recipe.data.format == "label_studio" or recipe.data.validation_fraction or recipe.data.test_fraction:
+        if distributed.is_main() and (recipe.data.format == "label_studio" or recipe.data.validation_fraction or recipe.data.test_fraction):
             record_splits(data.splits, data.labels, run_dir)  # splits carved or exported: log and keep what went where
         run_state = {"recipe_source": recipe.source, "data_dir": str(data_dir) if data_dir else None}
         _train_evaluate_save(recipe, task, method, location, data, run_dir, resume_from, run_state)
@@ -114,6 +128,10 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
 
     device = setup_torch(recipe)
     model, tokenizer, heads = build_model(recipe, task, method, location, data, device)
+    distributed.broadcast_parameters(model)
+    if distributed.world().size > 1:
+        log.info("data-parallel over %d processes: each trains on its share of every batch of %d",
+                 distributed.world().size, recipe.train.batch_size)
     trainable, total = count_parameters(model)
     log.info("base %s (%s), method %s: %s trainable of %s parameters (%.3f %%), head: %s",
              recipe.model.name or EMBEDDED_NAME, model.config.model_type, method.name, f"{trainable:,}", f"{total:,}",
@@ -123,18 +141,27 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
     metric = recipe.eval.metric or task.default_metric
     pad_id = tokenizer.pad_token_id or 0
 
-    def evaluate(name: str) -> tuple[dict, list[dict]]:
-        outputs = task.predict(model, features[name], pad_id, recipe.eval.batch_size, device)
-        return task.score(data.splits[name], features[name], outputs, data)
+    def evaluate(name: str) -> tuple[dict, list[dict]] | None:
+        """Metrics and records of a split. With several processes each predicts its share of the rows and
+        the main process scores them all (every row once, in order); the others get None."""
+        outputs = distributed.gather_rows(lambda rows: task.predict(model, rows, pad_id, recipe.eval.batch_size, device), features[name])
+        return None if outputs is None else task.score(data.splits[name], features[name], outputs, data)
+
+    def validate(epoch: int) -> float:
+        scored = evaluate("validation")
+        return distributed.broadcast_object(None if scored is None else scored[0][metric])  # every process picks the same best epoch
 
     result = train(
         model, features["train"], recipe, lr=recipe.train.lr or method.default_lr, pad_id=pad_id, device=device,
-        validate=(lambda epoch: evaluate("validation")[0][metric]) if "validation" in data.splits else None, metric=metric,
+        validate=validate if "validation" in data.splits else None, metric=metric,
         run_dir=run_dir, resume_from=resume_from, run_state=run_state,
     )
     metrics = {}
     for name in data.eval_names:
-        scores, records = evaluate(name)
+        scored = evaluate(name)
+        if scored is None:  # not the main process: its share is predicted, the main process writes
+            continue
+        scores, records = scored
         if not scores:  # an unlabelled split (data.predict): its predictions are its only result
             paths = task.write_predictions(run_dir, data.splits[name], records)
             log.info("%s: no labels, %d predictions in %s", name, len(records), ", ".join(p.name for p in paths))
@@ -143,6 +170,8 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
         if recipe.eval.predictions:
             task.write_predictions(run_dir, data.splits[name], records)
         log.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in metrics[name].items() if isinstance(v, float)))
+    if not distributed.is_main():
+        return
 
     weight_files = save_model(model, tokenizer, method.is_adapter, run_dir)
     info = {

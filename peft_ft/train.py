@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from peft_ft import distributed
 from peft_ft.batching import eval_batches, pad_batch, train_batches
 from peft_ft.errors import PeftFtError
 from peft_ft.schema import Recipe
@@ -66,10 +67,18 @@ def setup_torch(recipe: Recipe):
     random.seed(recipe.train.seed)
     np.random.seed(recipe.train.seed)
     torch.manual_seed(recipe.train.seed)
-    torch.set_num_threads(recipe.train.threads or os.cpu_count() or 1)
+    world = distributed.world()  # processes on one machine share its cores
+    torch.set_num_threads(recipe.train.threads or max(1, (os.cpu_count() or 1) // world.local_size))
     check_device(recipe)
-    use_cuda = recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if use_cuda else "cpu")
+    if not use_cuda(recipe):
+        return torch.device("cpu")
+    return torch.device("cuda", world.local_rank) if world.size > 1 else torch.device("cuda")
+
+
+def use_cuda(recipe: Recipe) -> bool:
+    import torch
+
+    return recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available())
 
 
 def check_device(recipe: Recipe) -> None:
@@ -124,6 +133,37 @@ def predict(model, task, features: list[dict], pad_id: int, batch_size: int, dev
     return outputs
 
 
+def loss_units(rows: list[dict]) -> int:
+    """What a model's loss averages over: the label tokens (not -100) when labels are lists
+    (token classification, seq2seq), else the rows."""
+    if rows and isinstance(rows[0].get("labels"), list):
+        return sum(1 for row in rows for label in row["labels"] if label != -100)
+    return len(rows)
+
+
+def forward_backward(model, rows: list[dict], pad_id: int, device, trainable: list) -> float:
+    """Loss of one batch, its gradients left in the trainable parameters.
+
+    With several processes each one runs its share of the rows, its loss weighted by its share of
+    what the loss averages over, and the weighted gradients and losses are summed across processes:
+    the same loss and gradient as the whole batch in one process (up to float rounding), even when
+    the shares differ in size or one is empty."""
+    world = distributed.world()
+    if world.size == 1:
+        loss = model(**{k: v.to(device) for k, v in pad_batch(rows, pad_id).items()}).loss
+        loss.backward()
+        return loss.item()
+    import torch
+
+    mine = distributed.shard(rows, world.rank, world.size)
+    weight = loss_units(mine) / max(1, loss_units(rows))
+    loss = torch.zeros((), device=trainable[0].device)
+    if weight > 0:  # an empty share (fewer rows than processes) only joins the sum
+        loss = model(**{k: v.to(device) for k, v in pad_batch(mine, pad_id).items()}).loss * weight
+        loss.backward()
+    return distributed.sum_gradients(trainable, loss)
+
+
 def snapshot(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -146,6 +186,10 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     With `run_dir`, a resumable checkpoint is written at each epoch end (and every
     `train.checkpoint_every` steps), Ctrl-C saves one before stopping, and `resume_from` (a
     checkpoint folder) continues from one. `run_state` is stored in each checkpoint for the runner.
+
+    With several processes (peft_ft.distributed) every process runs this loop over the same batches,
+    each on its share of every batch; only the main process writes checkpoints. Ctrl-C then just
+    stops: the processes could not agree on the step to save at without one more exchange per step.
     """
     import torch
 
@@ -173,7 +217,8 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
         checkpoint.prune(run_dir, t.keep_checkpoints, best_name)
         return path
 
-    with _progress() as progress, _StopRequests(enabled=run_dir is not None) as stop:
+    saving = run_dir is not None and distributed.is_main()
+    with _progress() as progress, _StopRequests(enabled=saving and distributed.world().size == 1) as stop:
         bar = progress.add_task("train", total=total, completed=result.steps, loss=float("nan"), speed=0.0)
         for epoch in range(start_epoch, t.epochs + 1):
             if result.steps >= total:
@@ -182,12 +227,9 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
             epoch_start = time.perf_counter()  # result.seconds counts training only, not evaluation
             batches = train_batches(lengths, t.batch_size, group_by_length=t.group_by_length, seed=t.seed, epoch=epoch)
             for done, indices in enumerate(batches[skip:], skip + 1):  # on resume: skip the batches already trained
-                batch = {k: v.to(device) for k, v in pad_batch([features[i] for i in indices], pad_id).items()}
-                loss = model(**batch).loss
-                loss.backward()
+                loss_value = forward_backward(model, [features[i] for i in indices], pad_id, device, trainable)
                 if t.grad_clip:
                     torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
-                loss_value = loss.item()
                 if not math.isfinite(loss_value):  # checked before the step, so the weights stay finite
                     raise _numerical_error(loss_value, result.steps + 1, epoch, scheduler.get_last_lr()[0], t, run_dir)
                 optimizer.step()
@@ -200,7 +242,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
                 elapsed = result.seconds + time.perf_counter() - epoch_start
                 progress.update(bar, advance=1, description=f"epoch {epoch}", loss=loss_value, speed=result.tokens / elapsed)
                 periodic = t.checkpoint_every and result.steps % t.checkpoint_every == 0 and done < len(batches)
-                if run_dir is not None and (stop.requested or (periodic and result.steps < total)):
+                if saving and (stop.requested or (periodic and result.steps < total)):
                     result.seconds += time.perf_counter() - epoch_start  # saving is not training time
                     path = save(epoch, done)
                     epoch_start = time.perf_counter()
@@ -220,7 +262,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
                 result.best_epoch, result.best_value, best_state = epoch, value, snapshot(model)
                 best_name = checkpoint.name_of(result.steps)  # the epoch-end checkpoint written next
             losses = []
-            if run_dir is not None:
+            if saving:
                 stop.check(save(epoch + 1, 0))
     if best_state is not None and result.best_epoch != result.epochs_run:
         restore(model, best_state)
@@ -284,4 +326,5 @@ def _progress():
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console(),
+        disable=not distributed.is_main(),
     )

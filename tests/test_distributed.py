@@ -1,0 +1,238 @@
+"""Data-parallel runs: `torchrun --nproc_per_node 2 -m peft_ft run` on CPU (gloo) against one process.
+
+The model has no dropout (neither BERT's nor LoRA's), so the only difference between one process
+and two is float rounding: two processes sum per-share gradients where one process sums rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch.distributed
+
+from conftest import sentiment_rows, write_jsonl, write_recipe
+from peft_ft import distributed
+from peft_ft.batching import train_batches
+from peft_ft.errors import PeftFtError
+from peft_ft.run import resume, run
+from peft_ft.schema import load_recipe
+
+# Rows not a multiple of the batch size (61 = 7 x 8 + 5): the last batch splits 3 + 2, and the
+# validation and test splits (11, 13 rows) split unevenly too.
+RECIPE = """
+[model]
+name = "{model}"
+max_length = 32
+[task]
+type = "classification"
+[data]
+dir = "{data}"
+train = "train.jsonl"
+validation = "valid.jsonl"
+test = ["test.jsonl"]
+[adapter]
+method = "lora"
+dropout = 0.0
+[train]
+epochs = 8
+batch_size = 8
+lr = 1e-2
+threads = 1
+[output]
+dir = "{out}"
+name = "dp"
+"""
+# Measured over 64 steps (2026-11, torch 2.13 CPU): every metric equal, epoch train losses within
+# 2.1e-6, adapter and head weights (up to 0.27 in size) within 3.0e-7: float32 rounding only.
+METRIC_TOLERANCE = 1e-6
+LOSS_TOLERANCE = 2e-5
+WEIGHT_TOLERANCE = 1e-5
+
+gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                          reason="torch.distributed with gloo is not available")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(recipe, *args, timeout=120) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m peft_ft run RECIPE ARGS` with this venv's Python."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "peft_ft", "run", str(recipe), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_bert):
+    tmp = tmp_path_factory.mktemp("dp")
+    model = tmp / "model"
+    shutil.copytree(tiny_bert, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    data = tmp / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", sentiment_rows(61, seed=1))
+    write_jsonl(data / "valid.jsonl", sentiment_rows(11, seed=2))
+    write_jsonl(data / "test.jsonl", sentiment_rows(13, seed=3))
+    recipe = write_recipe(tmp / "dp.toml", RECIPE.format(model=model, data=data, out=tmp / "one"))
+    return tmp, recipe, data
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    _, recipe, _ = setup
+    return run(load_recipe(recipe))
+
+
+@pytest.fixture(scope="module")
+def two_processes(setup):
+    tmp, recipe, _ = setup
+    done = torchrun(recipe, "--set", f"output.dir={tmp / 'two'}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = list((tmp / "two" / "dp").iterdir())
+    assert len(runs) == 1, runs  # one folder, made by the main process only
+    return runs[0], done
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@gloo
+def test_two_processes_write_one_complete_run_folder(one_process, two_processes):
+    run_dir, done = two_processes
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == sorted(p.name for p in one_process.iterdir())  # same files, no leftovers of a second writer
+    assert not [n for n in names if n.startswith(".")]
+    log = (run_dir / "train.log").read_text()
+    assert log.count("run folder ") == 1 and log.count("epoch 8: train loss") == 1  # the main process logs, once
+    assert "data-parallel over 2 processes" in log
+    assert done.stdout.count("done: ") == done.stdout.count(f"done: {run_dir}") == 1  # printed by the main process only
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"validation", "test", "train", "params"}
+    assert metrics["train"]["steps"] == 64 and metrics["train"]["epochs_run"] == 8  # 8 epochs x ceil(61 / 8): global batches
+    assert len(metrics["train"]["history"]) == 8
+
+
+@gloo
+def test_predictions_hold_every_row_exactly_once_in_order(setup, two_processes):
+    run_dir, _ = two_processes
+    _, _, data = setup
+    for split, source in (("validation", "valid.jsonl"), ("test", "test.jsonl")):
+        rows = read_jsonl(data / source)
+        records = read_jsonl(run_dir / f"predictions_{split}.jsonl")
+        assert [r["text"] for r in records] == [r["text"] for r in rows]
+        assert [r["gold"] for r in records] == [r["label"] for r in rows]
+
+
+@gloo
+def test_two_processes_match_one_process(one_process, two_processes):
+    from safetensors.torch import load_file
+
+    run_dir, _ = two_processes
+    one, two = (json.loads((d / "metrics.json").read_text()) for d in (one_process, run_dir))
+    for split in ("validation", "test"):
+        for key, value in one[split].items():
+            if isinstance(value, dict):  # per-label scores: the same predictions give the same numbers
+                assert two[split][key] == value
+            else:
+                assert two[split][key] == pytest.approx(value, abs=METRIC_TOLERANCE), (split, key)
+    assert two["train"]["best_epoch"] == one["train"]["best_epoch"] < 8  # the best epoch's weights were restored
+    metric = f"validation_{one['train']['best_metric']}"
+    for a, b in zip(one["train"]["history"], two["train"]["history"], strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=LOSS_TOLERANCE)
+        assert b[metric] == pytest.approx(a[metric], abs=METRIC_TOLERANCE)
+    w1, w2 = (load_file(str(d / "adapter_model.safetensors")) for d in (one_process, run_dir))
+    assert set(w1) == set(w2)
+    assert any("lora_B" in n and w1[n].abs().max() > 1e-3 for n in w1)  # LoRA B starts at zero: these were trained
+    for name in w1:
+        assert (w1[name] - w2[name]).abs().max().item() < WEIGHT_TOLERANCE, name
+
+
+@gloo
+def test_bad_input_ends_both_processes_before_any_folder(setup):
+    tmp, recipe, _ = setup
+    done = torchrun(recipe, "--set", "data.train=missing.jsonl", "--set", f"output.dir={tmp / 'bad'}", timeout=90)
+    assert done.returncode != 0
+    assert done.stderr.count("missing.jsonl") >= 2  # each process names the file
+    assert not (tmp / "bad").exists()
+
+
+@pytest.mark.parametrize("n, batch_size, size", [(29, 8, 2), (30, 8, 3), (5, 8, 4), (3, 2, 4), (64, 16, 2)])
+def test_shards_cover_every_row_once_with_equal_step_counts(n, batch_size, size):
+    for epoch in (1, 2):
+        batches = train_batches([i % 7 + 1 for i in range(n)], batch_size, group_by_length=True, seed=3, epoch=epoch)
+        per_rank = [[distributed.shard(b, rank, size) for b in batches] for rank in range(size)]
+        assert len({len(steps) for steps in per_rank}) == 1  # every process runs the same number of steps
+        seen = sorted(i for steps in per_rank for share in steps for i in share)
+        assert seen == list(range(n))  # every row once per epoch, across processes
+        for b, shares in zip(batches, zip(*per_rank)):
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+            assert sorted(i for share in shares for i in share) == sorted(b)  # a step's shares make its global batch
+
+
+def test_world_defaults_to_one_process(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.world() == distributed.World(1, 0, 0, 1) and distributed.is_main()
+    assert distributed.gather_rows(lambda rows: [r * 2 for r in rows], [1, 2, 3]) == [2, 4, 6]
+    assert distributed.broadcast_object("x") == "x"
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(PeftFtError, match="WORLD_SIZE='two'"):
+        distributed.world()
+
+
+def test_resume_with_several_processes_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PeftFtError, match="several processes is not supported"):
+        resume(tmp_path)
+
+
+
+@pytest.mark.parametrize("token_labels", [False, True])
+def test_weighted_shares_give_the_whole_batch_gradient(monkeypatch, token_labels):
+    """Two simulated processes: the weighted share gradients sum to the one-process gradient, for row
+    losses and for token losses (where the shares hold different numbers of label tokens)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+
+    from peft_ft import train
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+    model = (BertForTokenClassification if token_labels else BertForSequenceClassification)(config)
+    rows = []
+    for n in (5, 3, 7, 2, 6):  # 5 rows: shares of 3 and 2 rows, unequal token counts
+        ids = torch.randint(5, 30, (n,)).tolist()
+        labels = [-100] + torch.randint(0, 3, (n - 1,)).tolist() if token_labels else int(torch.randint(0, 3, ()))
+        rows.append({"input_ids": ids, "labels": labels, "length": n})
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients():
+        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    whole_loss = train.forward_backward(model, rows, 0, "cpu", params)
+    whole = gradients()
+    summed, share_losses = [torch.zeros_like(p) for p in params], []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: distributed.World(2, rank, rank, 2))
+        monkeypatch.setattr(distributed, "sum_gradients", lambda params, loss: loss.item())
+        share_losses.append(train.forward_backward(model, rows, 0, "cpu", params))
+        summed = [s + g for s, g in zip(summed, gradients())]
+    assert sum(share_losses) == pytest.approx(whole_loss, rel=1e-5)
+    for s, w in zip(summed, whole):
+        torch.testing.assert_close(s, w, rtol=1e-4, atol=1e-6)
