@@ -9,8 +9,10 @@ most `--seconds` and `--max-requests`. Each request is, at random, 1-4 texts for
 (`--bad` of them) a malformed one with a known expected status (bad JSON 400, no key 401, unknown or
 path-like adapter 404, empty list 422). Reports requests/s, p50/p99 latency, statuses, answers that
 differ from the reference (a label, entity or text that differs, or a score off by more than 1e-4:
-batching pads inputs together, which moves scores by float noise only), and the server's RSS at the
-start, middle and end of the load. Ends the server with SIGTERM and reports its exit status.
+batching pads inputs together, which moves scores by float noise only), and the server's RSS over
+the load (sampled every `--rss-every` seconds) with its growth in the first and in the second half:
+a server that keeps memory bounded may grow in the first half (caches and allocator pools filling)
+but not in the second. Ends the server with SIGTERM and reports its exit status.
 Exit status 1 when an answer differs or a status was not the expected one. Text-input adapters only
 (classification, NER, seq2seq); QA adapters are skipped.
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 
 HOST = "127.0.0.1"  # never anything else: this script loads a machine on purpose
 SCORE_TOLERANCE = 1e-4
+IDLE_SECONDS = 2.0  # wait after the load before the idle RSS sample
 TEXTS = [
     "the plant needs water and light", "it is not the answer", "john lives in paris", "mary works at acme corp",
     "the student said on monday", "google works in london", "energy from the sun", "it is the reference answer because",
@@ -89,6 +92,38 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's RSS every `every` seconds until stopped: (seconds since start, MiB) pairs."""
+
+    def __init__(self, pid: int, every: float):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.stopped = pid, every, threading.Event()
+        self.started = time.monotonic()
+        self.samples: list[tuple[float, float]] = [(0.0, rss_mib(pid))]
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            self.samples.append((time.monotonic() - self.started, rss_mib(self.pid)))
+
+    def stop(self) -> list[tuple[float, float]]:
+        self.stopped.set()
+        self.join()
+        self.samples.append((time.monotonic() - self.started, rss_mib(self.pid)))
+        return self.samples
+
+
+def rss_report(samples: list[tuple[float, float]]) -> list[str]:
+    """The RSS samples, and the growth over the first and the second half of the load (the sample
+    nearest the middle splits them): a bounded server may grow in the first half, not in the second."""
+    start, end = samples[0], samples[-1]
+    middle = min(samples, key=lambda s: abs(s[0] - end[0] / 2))
+    first, second = middle[1] - start[1], end[1] - middle[1]
+    grew = second > max(20.0, 0.05 * start[1])
+    return [f"server RSS (s: MiB): {', '.join(f'{t:.0f}: {m:.0f}' for t, m in samples)}",
+            f"server RSS growth: first half {first:+.1f} MiB ({start[1]:.0f} -> {middle[1]:.0f}), second half {second:+.1f} MiB "
+            f"({middle[1]:.0f} -> {end[1]:.0f}){'; GREW in the second half' if grew else ''}"]
 
 
 def call(url: str, body: bytes | None = None, key: str | None = None, timeout: float = 60) -> tuple[int, dict]:
@@ -216,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rss-every", type=float, default=None, metavar="SECONDS",
+                        help="how often the server's RSS is sampled during the load (default: --seconds / 8)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seconds, args.max_requests = min(args.seconds, 10.0), min(args.max_requests, 1500)
@@ -243,20 +280,20 @@ def main(argv: list[str] | None = None) -> int:
                 reference[(name, text)] = answer["predictions"][0]
         truncated = sorted({n for (n, _), a in reference.items() if a.get("truncated")})
         load, bad = Load(), malformed(names, key)
-        rss = {"start": rss_mib(process.pid)}
+        sampler = RssSampler(process.pid, args.rss_every or max(0.5, args.seconds / 8))
+        sampler.start()
         started = time.monotonic()
         deadline = started + args.seconds
         threads = [threading.Thread(target=client, args=(args.seed + i, url, key, reference, bad, args, load, deadline), daemon=True)
                    for i in range(args.clients)]
         for t in threads:
             t.start()
-        while time.monotonic() < started + args.seconds / 2 and any(t.is_alive() for t in threads):
-            time.sleep(0.05)
-        rss["middle"] = rss_mib(process.pid)
         for t in threads:
             t.join(timeout=args.seconds + 120)
         elapsed = time.monotonic() - started
-        rss["end"] = rss_mib(process.pid)
+        rss = sampler.stop()
+        time.sleep(IDLE_SECONDS)  # no batch in flight: what the server keeps, not what a batch uses
+        idle_rss = rss_mib(process.pid)
         metrics = call(f"{url}/metrics", key=key)[1]
     finally:
         process.send_signal(signal.SIGTERM)
@@ -276,9 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"unexpected statuses: {len(load.unexpected)}" + "".join(f"\n  {p}" for p in load.unexpected[:10]))
     print(f"answers differing from the same input sent alone: {len(load.mismatches)}" + "".join(f"\n  {m}" for m in load.mismatches[:10]))
     print(f"adapters answering the long text truncated (flagged): {', '.join(truncated) or 'none'}")
-    growth = rss["end"] - rss["start"]
-    print(f"server RSS: start {rss['start']:.1f} MiB, middle {rss['middle']:.1f} MiB, end {rss['end']:.1f} MiB "
-          f"({'+' if growth >= 0 else ''}{growth:.1f} MiB{'; GREW' if growth > max(20.0, 0.1 * rss['start']) else ''})")
+    print("\n".join(rss_report(rss)) + f"\nserver RSS {IDLE_SECONDS:.0f} s after the load (idle): {idle_rss:.1f} MiB")
     print(f"server exit status after SIGTERM: {exit_status}")
     return 1 if load.unexpected or load.mismatches or exit_status != 0 else 0
 

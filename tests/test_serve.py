@@ -16,7 +16,8 @@ import urllib.request
 import pytest
 
 from peft_ft.predict import AdapterSet
-from peft_ft.serve import Batcher, Metrics, RequestError, make_server, request_rows
+from peft_ft import serve
+from peft_ft.serve import Batcher, Metrics, RequestError, freed_memory_releaser, make_server, request_rows
 from test_predict import TEXTS, reference, train_ner, train_sentiment
 
 KEY = "s3cret-key"
@@ -223,6 +224,33 @@ def test_batcher_groups_waiting_requests_per_adapter_and_isolates_failures():
     assert a_calls[:5] == [["x0"], ["x1", "x2", "boom", "x3"], ["x1"], ["x2", "boom"], ["x3"]]
     assert a_calls[5:] == [["x4", "x5"]]  # held back: it would have made the batch 6 texts
     assert all(name == "b" for name, inputs in fake.calls if "y1" in inputs)
+
+
+def test_batcher_releases_freed_memory_after_every_batch(monkeypatch):
+    """The allocator is trimmed after each batch, failed ones included (the fix of RSS growing under load)."""
+    released = []
+    monkeypatch.setattr(serve, "freed_memory_releaser", lambda: lambda: released.append(1))
+    fake = FakeAdapters()
+    fake.release.set()
+    batcher = Batcher(fake, Metrics(fake.names), max_batch=4, max_wait_ms=1)
+    assert batcher.submit("a", ["x"]) == [{"adapter": "a", "echo": "x"}]
+    with pytest.raises(ValueError):
+        batcher.submit("b", ["boom"])
+    deadline = time.monotonic() + 5
+    while len(released) < 2 and time.monotonic() < deadline:  # the release follows the answer
+        time.sleep(0.01)
+    assert len(released) == 2 and len(fake.calls) == 2
+    freed_memory_releaser()()  # the real one runs here (malloc_trim on glibc, a no-op elsewhere)
+
+
+def test_metrics_keep_a_bounded_latency_window(monkeypatch):
+    monkeypatch.setattr(serve, "LATENCY_WINDOW", 50)
+    metrics = Metrics(["a"])
+    for i in range(500):
+        metrics.request("a", 200, i / 1000, texts=1)
+    assert len(metrics.adapters["a"]["latency"]) == 50
+    snap = metrics.snapshot()["adapters"]["a"]
+    assert snap["requests"] == 500 and snap["texts"] == 500 and snap["p50_ms"] >= 450  # the window holds the latest
 
 
 def test_request_rows_shapes():
