@@ -10,34 +10,55 @@ peft's LoRA layer spends more time in elementwise work than in its matmuls:
 `LoraLinearFunction` does the same computation in one autograd node: the dropout mask is drawn
 as integers (fast), once per input tensor, and shared with its dropped copy by every layer that
 reads that input; backward keeps the dropped input and a 1-byte mask, not the input itself; the
-LoRA term is added inside the matmul (`addmm_`). The base weight stays frozen, so
-backward computes no weight gradient for it. Parameters, names and the saved adapter are peft's
-own: only `forward` of each eligible LoRA layer is replaced, and only while training.
+LoRA term is added inside the matmul (`addmm_`), and the rank-r products are laid out so the
+CPU GEMM runs them fast (below). The base weight stays frozen, so backward computes no weight
+gradient for it. Parameters, names and the saved adapter are peft's own: only `forward` of each
+eligible LoRA layer is replaced, and only while training.
 
 `FastDropout` replaces the model's own `nn.Dropout` modules the same way (same distribution, an
-integer generator instead of bernoulli).
+integer generator instead of bernoulli, a 1-byte mask kept for backward instead of 4 bytes).
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
 
-_THRESHOLD_SCALE = 2**31  # int32 random_() draws uniformly from [0, 2**31)
+_LANE_BITS = 15  # each int16 lane of an int32 draw, masked to 15 bits, is uniform on [0, 2**15)
 
 
 def keep_mask(shape, p: float, device) -> torch.Tensor:
-    """Bernoulli(1 - p) keep-mask drawn as integers: several times faster than bernoulli on CPU."""
-    draws = torch.empty(shape, dtype=torch.int32, device=device).random_()
-    return draws >= int(p * _THRESHOLD_SCALE)
+    """Bernoulli(1 - p) keep-mask (True = kept), drawn as integers.
+
+    CPU `bernoulli_` is several times slower, and torch's CPU generator is serial, so at 2 threads
+    the draws were ~15 % of a LoRA step. One int32 draw feeds two int16 lanes (15 random bits each),
+    halving the draws; p is realised to 1/32768 (|error| <= 1.5e-5).
+    """
+    numel = math.prod(shape)
+    draws = torch.empty((numel + 1) // 2, dtype=torch.int32, device=device).random_()
+    lanes = draws.view(torch.int16)[:numel].bitwise_and_(2**_LANE_BITS - 1)
+    return (lanes >= round(p * 2**_LANE_BITS)).view(shape)
+
+
+def apply_mask(x, keep, p: float):
+    """x * keep / (1 - p). The bool mask becomes a float multiplier first: `x * bool_mask`,
+    `masked_fill` and `where` cost 5-20x more per value than a float multiply on this CPU. The
+    masks are kept as bool (1 byte a value) for backward: ~100 MB less than float masks for a
+    MiniLM batch of 2,000 tokens."""
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
 
 class LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + b + scale * (drop(x) A^T) B^T with W, b frozen; gradients for x, A and B.
 
-    `dropped` (= x * keep / (1 - p), or x itself when p = 0) and `keep` are computed once per
-    input tensor by `_SharedDropout` and passed in, so layers reading the same input share them.
+    `dropped` (= x * keep / (1 - p); x itself when p = 0) and `keep` (None when p = 0) are made
+    once per input tensor by `_SharedDropout`, so layers reading the same input share them.
+
+    The rank-r products are computed as r x N (`zt = A dropped^T`), not N x r: an N x 8 output
+    makes the CPU GEMM run 3-5x slower than the same FLOPs with N as the long output side
+    (measured per shape on this CPU; see bench/README.md, "LoRA kernels").
     """
 
     @staticmethod
@@ -45,28 +66,42 @@ class LoraLinearFunction(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1])
         dropped = dropped.reshape(flat.shape)
         out = torch.nn.functional.linear(flat, weight, bias)
-        z = dropped @ lora_a.t()
-        out.addmm_(z, lora_b.t(), alpha=scale)
-        ctx.save_for_backward(weight, lora_a, lora_b, z, dropped, keep)
+        zt = lora_a @ dropped.t()  # r x N
+        out.addmm_(zt.t(), lora_b.t(), alpha=scale)
+        ctx.save_for_backward(weight, lora_a, lora_b, zt, dropped, keep)
         ctx.scale, ctx.p, ctx.x_shape = scale, p, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, lora_a, lora_b, z, dropped, keep = ctx.saved_tensors
+        weight, lora_a, lora_b, zt, dropped, keep = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        gz = (g @ lora_b).mul_(ctx.scale)  # N x r
-        grad_a = gz.t() @ dropped
-        grad_b = (g.t() @ z).mul_(ctx.scale)
+        gzt = (lora_b.t() @ g.t()).mul_(ctx.scale)  # r x N: scale * (g B)^T
+        grad_a = gzt @ dropped
+        grad_b = (zt @ g).mul_(ctx.scale).t()
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if ctx.p == 0:
-                grad_x = torch.addmm(g @ weight, gz, lora_a)
-            else:
-                lora_part = (gz @ lora_a).mul_(keep.reshape(g.shape[0], -1)).mul_(1.0 / (1.0 - ctx.p))
-                grad_x = (g @ weight).add_(lora_part)
+            if keep is None:
+                grad_x = torch.addmm(g @ weight, gzt.t(), lora_a)
+            else:  # the LoRA branch saw drop(x): its input gradient is masked and rescaled the same way
+                grad_x = (g @ weight).add_(apply_mask(gzt.t() @ lora_a, keep.reshape(g.shape[0], -1), ctx.p))
             grad_x = grad_x.view(ctx.x_shape)
         return grad_x, None, None, grad_a, grad_b, None, None, None, None
+
+
+class _DropoutFunction(torch.autograd.Function):
+    """Inverted dropout that keeps its mask for backward as bool, not as a float tensor."""
+
+    @staticmethod
+    def forward(ctx, x, keep, p: float):
+        ctx.save_for_backward(keep)
+        ctx.p = p
+        return apply_mask(x, keep, p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return apply_mask(grad, keep, ctx.p), None, None
 
 
 class _SharedDropout:
@@ -83,7 +118,7 @@ class _SharedDropout:
         if self.last is None or self.last() is not x:
             with torch.no_grad():
                 keep = keep_mask(x.shape, p, x.device)
-                self.out = (x * keep * (1.0 / (1.0 - p)), keep)
+                self.out = (apply_mask(x, keep, p), keep)
             self.last = weakref.ref(x)
         return self.out
 
@@ -130,7 +165,7 @@ class FastDropout(torch.nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        return x * keep_mask(x.shape, self.p, x.device) * (1.0 / (1.0 - self.p))
+        return _DropoutFunction.apply(x, keep_mask(x.shape, self.p, x.device), self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

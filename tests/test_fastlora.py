@@ -68,9 +68,16 @@ def test_with_dropout_the_fused_layer_equals_the_reference_with_the_same_mask():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_keep_mask_keeps_one_minus_p():
-    kept = keep_mask((200_000,), 0.1, "cpu").float().mean().item()
-    assert abs(kept - 0.9) < 0.005
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_drops_p_with_independent_halves(p):
+    torch.manual_seed(0)
+    keep = keep_mask((401, 501), p, "cpu")  # odd size: the last int32 draw is used by half
+    assert keep.shape == (401, 501) and keep.dtype == torch.bool
+    flat = (~keep).flatten().float()
+    assert abs(flat.mean().item() - p) < 0.005
+    # the two int16 lanes of one draw are used for neighbouring elements: they must not correlate
+    even, odd = flat[0:-1:2], flat[1::2]
+    assert abs((even * odd).mean().item() - p * p) < 0.005
 
 
 def test_layers_reading_the_same_input_share_one_mask():
@@ -130,3 +137,15 @@ def test_fast_dropout_is_identity_in_eval_and_at_zero():
     d = FastDropout(0.2).eval()
     assert d(x) is x
     assert FastDropout(0.0).train()(x) is x
+
+
+def test_fast_dropout_gradient_is_the_mask_it_applied():
+    torch.manual_seed(0)
+    x = torch.randn(64, 48, requires_grad=True)
+    out = FastDropout(0.25).train()(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.03
+    torch.testing.assert_close(out[kept], x[kept] / 0.75)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, grad * kept / 0.75)
