@@ -161,8 +161,21 @@ class AdapterSet:
             if group.shared:
                 activate(group.model, name, adapter.info["labels"])
             cut = [truncated(group.tokenizer, item, adapter.recipe.model.max_length) for item in inputs]
-            outputs = adapter.pipe(inputs, batch_size=self.batch_size)
+            # The pipeline pads each batch to its longest input: batching inputs of similar length
+            # keeps one long text from padding 31 short ones to the model's maximum.
+            order = sorted(range(len(inputs)), key=lambda i: _text_length(inputs[i]))
+            ordered = adapter.pipe([inputs[i] for i in order], batch_size=self.batch_size)
+        outputs = [None] * len(inputs)
+        for i, output in zip(order, ordered):
+            outputs[i] = output
         return [{"adapter": name, **adapter.answers.to_answer(o), "truncated": c} for o, c in zip(outputs, cut)]
+
+
+def _text_length(item) -> int:
+    """Characters of a pipeline input (a text, or a dict of texts): a cheap stand-in for its tokens."""
+    if isinstance(item, str):
+        return len(item)
+    return sum(len(v) for v in item.values() if isinstance(v, str)) if isinstance(item, dict) else 0
 
 
 def activate(model, name: str, labels: list[str]) -> None:

@@ -123,6 +123,16 @@ def test_each_adapter_gives_its_own_answers_after_any_sequence_of_switches(runs,
     assert compared == len(base)
 
 
+def test_answers_come_back_in_input_order_when_batched_by_length(runs):
+    # run_inputs sorts inputs by length into batches: answers must still line up with the inputs
+    texts = ["great", "the plot of the film was long and the acting was awful", "bad", "the movie was good", "fine"]
+    adapters = AdapterSet({"pos": runs["pos"]}, batch_size=2)
+    together = adapters.answer("pos", [{"text": t} for t in texts])
+    alone = [adapters.answer("pos", [{"text": t}])[0] for t in texts]
+    assert [a["label"] for a in together] == [a["label"] for a in alone]
+    assert [a["score"] for a in together] == pytest.approx([a["score"] for a in alone], abs=1e-4)
+
+
 def test_different_head_classes_get_their_own_base_and_real_tag_names(runs, tiny_bert, tmp_path):
     ner = train_ner(tmp_path, tiny_bert)
     adapters = AdapterSet({"ner": ner, "pos": runs["pos"], "flip": runs["flip"]})
