@@ -61,42 +61,43 @@ def apply_mask(x, keep, p: float):
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + scale * (drop(x) A^T) B^T with W, b frozen; gradients for x, A and B.
+    """y = x W^T + b + scale * (kept A^T) B^T with W, b frozen; gradients for x, A and B.
 
-    `dropped` (= x * keep / (1 - p); x itself when p = 0) and `keep` (None when p = 0) are made
-    once per input tensor by `_SharedDropout`, so layers reading the same input share them.
+    `kept` is x with LoRA dropout's dropped entries zeroed (x itself when p = 0) and `keep` the
+    uint8 mask (None when p = 0), made once per input tensor by `_SharedDropout` so layers reading
+    the same input share them. Dropout's 1 / (1 - p) is folded into `scale` by the caller: a
+    multiply of the r x N products instead of a pass over every N x d input.
 
-    The rank-r products are computed as r x N (`zt = A dropped^T`), not N x r: an N x 8 output
+    The rank-r products are computed as r x N (`zt = A kept^T`), not N x r: an N x 8 output
     makes the CPU GEMM run 3-5x slower than the same FLOPs with N as the long output side
     (measured per shape on this CPU; see bench/README.md, "LoRA kernels").
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, dropped, keep, p: float):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, kept, keep):
         flat = x.reshape(-1, x.shape[-1])
-        dropped = dropped.reshape(flat.shape)
+        kept = kept.reshape(flat.shape)
         out = torch.nn.functional.linear(flat, weight, bias)
-        zt = lora_a @ dropped.t()  # r x N
+        zt = lora_a @ kept.t()  # r x N
         out.addmm_(zt.t(), lora_b.t(), alpha=scale)
-        ctx.save_for_backward(weight, lora_a, lora_b, zt, dropped, keep)
-        ctx.scale, ctx.p, ctx.x_shape = scale, p, x.shape
+        ctx.save_for_backward(weight, lora_a, lora_b, zt, kept, keep)
+        ctx.scale, ctx.x_shape = scale, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, lora_a, lora_b, zt, dropped, keep = ctx.saved_tensors
+        weight, lora_a, lora_b, zt, kept, keep = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         gzt = (lora_b.t() @ g.t()).mul_(ctx.scale)  # r x N: scale * (g B)^T
-        grad_a = gzt @ dropped
+        grad_a = gzt @ kept
         grad_b = (zt @ g).mul_(ctx.scale).t()
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if keep is None:
-                grad_x = torch.addmm(g @ weight, gzt.t(), lora_a)
-            else:  # the LoRA branch saw drop(x): its input gradient is masked and rescaled the same way
-                grad_x = (g @ weight).add_(apply_mask(gzt.t() @ lora_a, keep.reshape(g.shape[0], -1), ctx.p))
-            grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+            grad_x = gzt.t() @ lora_a
+            if keep is not None:  # the LoRA branch saw only the kept entries of x
+                grad_x.mul_(keep.reshape(grad_x.shape).to(grad_x.dtype))
+            grad_x = grad_x.addmm_(g, weight).view(ctx.x_shape)  # + the frozen layer's g W, in the GEMM
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 class _DropoutFunction(torch.autograd.Function):
@@ -128,7 +129,7 @@ class _SharedDropout:
         if self.last is None or self.last() is not x:
             with torch.no_grad():
                 keep = keep_mask(x.shape, p, x.device)
-                self.out = (apply_mask(x, keep, p), keep)
+                self.out = (x * keep.to(x.dtype), keep)  # 1 / (1 - p) goes into the LoRA scale
             self.last = weakref.ref(x)
         return self.out
 
@@ -156,10 +157,10 @@ def _make_forward(layer, original, shared: _SharedDropout):
         name = layer.active_adapters[0]
         p = getattr(layer.lora_dropout[name], "p", 0.0)  # nn.Identity when peft's dropout is 0
         base = layer.base_layer
-        dropped, keep = shared(x, p)
+        kept, keep = shared(x, p)
         return LoraLinearFunction.apply(
             x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-            float(layer.scaling[name]), dropped, keep, p,
+            float(layer.scaling[name]) / (1.0 - p), kept, keep,
         )
 
     return forward

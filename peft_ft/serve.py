@@ -47,6 +47,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from peft_ft.allocator import freed_memory_releaser
 from peft_ft.errors import PeftFtError
 
 log = logging.getLogger("peft_ft")
@@ -136,30 +137,6 @@ class Metrics:
                 per[name] = {k: s[k] for k in ("requests", "errors", "texts", "batches")} | {
                     "p50_ms": None if p50 is None else round(1000 * p50, 3), "p99_ms": None if p99 is None else round(1000 * p99, 3)}
             return {"requests": self.requests, "errors": dict(self.errors), "adapters": per}
-
-
-def freed_memory_releaser():
-    """A callable that hands the memory freed by a batch back to the OS: glibc's `malloc_trim(0)`
-    (Linux); a no-op where there is none (macOS, Windows, musl).
-
-    Why: a forward pass allocates activations of a size set by the batch's texts and padded width.
-    glibc raises its mmap threshold (up to 32 MiB) after the first large free, so later activations
-    come from the heap of the worker's arena, where freed space is kept, fragmented, instead of
-    being unmapped. Measured (`bench/loadtest.py`, the conll and grading LoRA adapters on MiniLM,
-    8 clients, 60 s): RSS grew 589 -> 935 MiB and stayed there when idle; with a trim after each
-    batch it stayed 577-749 MiB and was back at 578 MiB when idle (the trim took 1-60 ms after
-    batches of 0.1-9 s). MALLOC_ARENA_MAX=2 did not help (584 -> 949 MiB): the growth is freed memory
-    the allocator keeps, not per-thread arenas or live objects (idle RSS returns to the start)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            return lambda: None
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-        return lambda: trim(0)
-    return lambda: None
 
 
 class Batcher:

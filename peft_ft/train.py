@@ -194,9 +194,11 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     import torch
 
     from peft_ft import checkpoint
+    from peft_ft.allocator import keep_freed_memory, release_freed_memory
 
     t = recipe.train
     lengths = [f["length"] for f in features]
+    keep_freed_memory()  # no page faults to get back each step's activations (peft_ft/allocator.py)
     per_epoch = math.ceil(len(features) / t.batch_size)
     total = min(per_epoch * t.epochs, t.max_steps or per_epoch * t.epochs)
     optimizer = make_optimizer(model, lr, t.weight_decay)
@@ -268,6 +270,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
         restore(model, best_state)
         log.info("restored the best epoch (%d) by validation %s", result.best_epoch, metric)
     result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    release_freed_memory()
     return result
 
 

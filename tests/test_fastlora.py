@@ -54,8 +54,8 @@ def test_with_dropout_the_fused_layer_equals_the_reference_with_the_same_mask():
     scale, p = 2.0, 0.3
     keep = keep_mask(x.shape, p, "cpu")
     with torch.no_grad():
-        dropped = x * keep / (1 - p)
-    out = LoraLinearFunction.apply(x, weight, bias, a, b, scale, dropped, keep, p)
+        kept = x * keep
+    out = LoraLinearFunction.apply(x, weight, bias, a, b, scale / (1 - p), kept, keep)
     grad = torch.randn_like(out)
     out.backward(grad)
     fused = [t.grad.clone() for t in (x, a, b)]
@@ -97,7 +97,7 @@ def test_layers_reading_the_same_input_share_one_mask():
     original = LoraLinearFunction.apply
 
     def spy(*args):
-        masks.append(args[-2])  # the keep-mask
+        masks.append(args[-1])  # the keep-mask
         return original(*args)
 
     LoraLinearFunction.apply = spy
