@@ -149,9 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Data-parallel under torchrun / accelerate launch is for training; these would run once per process.
+SINGLE_PROCESS = {"merge", "predict", "serve", "compare"}
+
+
+def check_single_process(command: str) -> None:
+    from peft_ft.distributed import world
+
+    if command in SINGLE_PROCESS and world().size > 1:
+        raise PeftFtError(f"`peft-ft {command}` runs as one process: start it without torchrun or accelerate launch "
+                          f"(WORLD_SIZE is {world().size}); only `peft-ft run` trains data-parallel")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_single_process(args.command)
         return args.fn(args)
     except PeftFtError as e:
         if args.debug:

@@ -199,6 +199,17 @@ def test_resume_with_several_processes_is_refused(monkeypatch, tmp_path):
         resume(tmp_path)
 
 
+@pytest.mark.parametrize("command", ["compare", "predict", "serve", "merge"])
+def test_commands_that_are_not_training_refuse_several_processes(monkeypatch, capsys, tmp_path, command):
+    from peft_ft.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = {"compare": ["compare", "r.toml"], "predict": ["predict", "--adapter", f"a={tmp_path}"],
+            "serve": ["serve", "--adapter", f"a={tmp_path}"], "merge": ["merge", str(tmp_path), "--out", str(tmp_path / "m")]}[command]
+    assert main(argv) == 2
+    assert f"`peft-ft {command}` runs as one process" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
 
 @pytest.mark.parametrize("token_labels", [False, True])
 def test_weighted_shares_give_the_whole_batch_gradient(monkeypatch, token_labels):
