@@ -24,8 +24,12 @@ def check_conll(pipe):
 
 def check_squad(pipe):
     context = "The Eiffel Tower was completed in 1889. It stands in Paris, the capital of France."
-    answer = pipe({"question": "In which city does the Eiffel Tower stand?", "context": context})
-    assert answer["answer"] in context and answer["answer"].strip()
+    for question, expected in [("In which city does the Eiffel Tower stand?", "Paris"),
+                               ("When was the Eiffel Tower completed?", "1889"),
+                               ("Paris is the capital of which country?", "France")]:
+        answer = pipe({"question": question, "context": context})
+        assert answer["answer"].strip(" .") == expected, (question, answer)
+        assert context[answer["start"]:answer["end"]] == answer["answer"]
 
 
 CHECKS = {"grading_lora": check_scientsbank, "conll_lora": check_conll, "qa_lora": check_squad}
@@ -33,7 +37,7 @@ SHIPPED = sorted(p.name for p in ADAPTERS.iterdir() if (p / "peft_ft.json").is_f
 
 
 def test_the_shipped_adapters_are_there_and_small():
-    assert {"grading_lora", "conll_lora"} <= set(SHIPPED)
+    assert {"grading_lora", "conll_lora", "qa_lora"} <= set(SHIPPED)
     for name in SHIPPED:
         folder = ADAPTERS / name
         assert (folder / "adapter_model.safetensors").stat().st_size < 3 * 2**20
