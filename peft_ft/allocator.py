@@ -27,10 +27,9 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL(None)
-        libc.mallopt, libc.malloc_trim  # noqa: B018 - raises AttributeError where they do not exist
-    except (OSError, AttributeError):
+    except OSError:
         return None
-    return libc
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None  # musl has no malloc_trim
 
 
 def keep_freed_memory() -> bool:
