@@ -150,12 +150,18 @@ def _fast_path_ok(layer, x) -> bool:
     )
 
 
-def _make_forward(layer, original, shared: _SharedDropout):
+def _dropout_p(layer) -> float:
+    return getattr(layer.lora_dropout[layer.active_adapters[0]], "p", 0.0)  # nn.Identity when peft's dropout is 0
+
+
+def _make_forward(layer, original, shared: _SharedDropout, group: "_Siblings | None" = None):
     def forward(x, *args, **kwargs):
         if args or kwargs or not _fast_path_ok(layer, x):
             return original(x, *args, **kwargs)
+        if group is not None and group.ready(x):
+            return group.output(layer, x, shared)
         name = layer.active_adapters[0]
-        p = getattr(layer.lora_dropout[name], "p", 0.0)  # nn.Identity when peft's dropout is 0
+        p = _dropout_p(layer)
         base = layer.base_layer
         kept, keep = shared(x, p)
         return LoraLinearFunction.apply(
@@ -164,6 +170,107 @@ def _make_forward(layer, original, shared: _SharedDropout):
         )
 
     return forward
+
+
+class SiblingLoraFunction(torch.autograd.Function):
+    """`LoraLinearFunction` for n layers reading the same input (q, k and v), in one node.
+
+    What n separate nodes do n times is done once: the rank-r products of the kept input are one
+    (n r) x N matmul, the A gradients one matmul, the LoRA part of the input gradient one matmul
+    and one mask pass, and the frozen layers' input gradients are accumulated into it by their
+    GEMMs (no sums of n input gradients afterwards). All layers share `scale` (same alpha / r, same p).
+    Inputs after `n`: the n weights, n biases, n A and n B matrices.
+    """
+
+    @staticmethod
+    def forward(ctx, x, kept, keep, scale: float, n: int, *params):
+        weights, biases, a_list, b_list = (params[i * n : (i + 1) * n] for i in range(4))
+        flat = x.reshape(-1, x.shape[-1])
+        lora_a = torch.cat(a_list)  # (n r) x d_in
+        zt = lora_a @ kept.reshape(flat.shape).t()  # (n r) x N
+        ranks = [a.shape[0] for a in a_list]
+        outs = []
+        for w, b, lora_b, z in zip(weights, biases, b_list, zt.split(ranks)):
+            out = torch.nn.functional.linear(flat, w, b)
+            out.addmm_(z.t(), lora_b.t(), alpha=scale)
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+        ctx.save_for_backward(lora_a, zt, kept, keep, *weights, *b_list)
+        ctx.scale, ctx.n, ctx.ranks, ctx.x_shape = scale, n, ranks, x.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        lora_a, zt, kept, keep, *rest = ctx.saved_tensors
+        n, ranks, scale = ctx.n, ctx.ranks, ctx.scale
+        weights, b_list = rest[:n], rest[n:]
+        gs = [g.reshape(-1, g.shape[-1]) for g in grads]
+        gzt = torch.empty_like(zt)  # (n r) x N: scale * (g_i B_i)^T stacked
+        for rows, lora_b, g in zip(gzt.split(ranks), b_list, gs):
+            torch.mm(lora_b.t(), g.t(), out=rows)
+        gzt.mul_(scale)
+        grad_a = (gzt @ kept.reshape(-1, kept.shape[-1])).split(ranks)
+        grad_b = [(z @ g).mul_(scale).t() for z, g in zip(zt.split(ranks), gs)]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gzt.t() @ lora_a
+            if keep is not None:
+                grad_x.mul_(keep.reshape(grad_x.shape).to(grad_x.dtype))
+            for g, w in zip(gs, weights):
+                grad_x.addmm_(g, w)
+            grad_x = grad_x.view(ctx.x_shape)
+        return (grad_x, None, None, None, None, *[None] * (2 * n), *grad_a, *grad_b)
+
+
+# Names of the projections that read one input, per architecture family (BERT/RoBERTa, DistilBERT,
+# BART/most decoders, T5). Only these are fused: other LoRA layers of one parent may read different inputs.
+SIBLING_NAMES = [("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"), ("q", "k", "v")]
+
+
+class _Siblings:
+    """Sibling LoRA layers computed together by whichever is called first; the others take their
+    output if they are called with the same input tensor. A sibling called with another input
+    (cross-attention: queries from the decoder, keys and values from the encoder) turns the
+    grouping off for good, and every layer computes alone from then on."""
+
+    def __init__(self, layers: list):
+        self.layers, self.enabled = layers, True
+        self.source, self.pending = None, {}
+
+    def ready(self, x) -> bool:
+        if not self.enabled:
+            return False
+        if self.pending and self.source() is not x:  # a sibling's output was never taken: another input
+            self.enabled, self.pending = False, {}
+            return False
+        return all(_fast_path_ok(layer, x) for layer in self.layers) and len(self._settings()) == 1
+
+    def _settings(self) -> set:
+        return {(float(layer.scaling[layer.active_adapters[0]]), _dropout_p(layer)) for layer in self.layers}
+
+    def output(self, layer, x, shared: _SharedDropout):
+        if id(layer) in self.pending and self.source() is x:
+            return self.pending.pop(id(layer))
+        (scaling, p), = self._settings()
+        kept, keep = shared(x, p)
+        names = [m.active_adapters[0] for m in self.layers]
+        params = ([m.base_layer.weight for m in self.layers] + [m.base_layer.bias for m in self.layers]
+                  + [m.lora_A[k].weight for m, k in zip(self.layers, names)]
+                  + [m.lora_B[k].weight for m, k in zip(self.layers, names)])
+        outs = SiblingLoraFunction.apply(x, kept, keep, scaling / (1.0 - p), len(self.layers), *params)
+        self.source = weakref.ref(x)
+        self.pending = {id(m): out for m, out in zip(self.layers, outs) if m is not layer}
+        return outs[self.layers.index(layer)]
+
+
+def _sibling_groups(model, lora_class) -> list[list]:
+    groups = []
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for names in SIBLING_NAMES:
+            layers = [children.get(name) for name in names]
+            if all(type(layer) is lora_class for layer in layers):
+                groups.append(layers)
+    return groups
 
 
 class FastDropout(torch.nn.Module):
@@ -186,14 +293,19 @@ def speed_up(model) -> dict:
     """Patch a (peft-wrapped or plain) model in place for training; returns what was changed.
 
     LoRA layers get the fused forward; every plain `nn.Dropout` becomes a `FastDropout` with the
-    same p. Both keep parameter names and state dicts unchanged.
+    same p; attention that used SDPA uses `peft_ft.fastattention` while training with dropout.
+    All keep parameter names and state dicts unchanged.
     """
     from peft.tuners.lora.layer import Linear as LoraLinear
 
+    from peft_ft import fastattention
+
     shared, lora_layers, dropouts, lora_dropouts = _SharedDropout(), 0, 0, set()
+    groups = _sibling_groups(model, LoraLinear)
+    group_of = {id(layer): group for group in map(_Siblings, groups) for layer in group.layers}
     for module in model.modules():
         if type(module) is LoraLinear:
-            module.forward = _make_forward(module, module.forward, shared)
+            module.forward = _make_forward(module, module.forward, shared, group_of.get(id(module)))
             lora_layers += 1
             lora_dropouts.update(id(d) for d in module.lora_dropout.values())  # the fused path reads their p
     for parent in model.modules():
@@ -201,4 +313,5 @@ def speed_up(model) -> dict:
             if type(child) is torch.nn.Dropout and child.p > 0 and id(child) not in lora_dropouts:
                 setattr(parent, name, FastDropout(child.p))
                 dropouts += 1
-    return {"fused_lora_layers": lora_layers, "fast_dropouts": dropouts}
+    return {"fused_lora_layers": lora_layers, "sibling_groups": len(groups), "fast_dropouts": dropouts,
+            "fast_attention_configs": fastattention.install(model)}

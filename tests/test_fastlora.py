@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from peft_ft.fastlora import FastDropout, LoraLinearFunction, keep_mask, speed_up
+from peft_ft.fastlora import FastDropout, LoraLinearFunction, SiblingLoraFunction, keep_mask, speed_up
 
 
 def tiny_lora(dropout: float, hidden_dropout: float = 0.0):
@@ -90,25 +90,79 @@ def test_keep_mask_follows_torch_seed():
     assert not torch.equal(first, keep_mask((1000,), 0.3, "cpu"))
 
 
-def test_layers_reading_the_same_input_share_one_mask():
+def spy_masks(monkeypatch) -> list:
+    """(kind, keep-mask) of every fused call, in call order."""
+    calls = []
+    for cls, kind, position in ((LoraLinearFunction, "single", -1), (SiblingLoraFunction, "siblings", 2)):
+        def spy(*args, _original=cls.apply, _kind=kind, _position=position):
+            calls.append((_kind, args[_position]))
+            return _original(*args)
+
+        monkeypatch.setattr(cls, "apply", spy)
+    return calls
+
+
+def test_q_k_v_run_as_one_node_with_one_mask_and_the_others_draw_their_own(monkeypatch):
     model = tiny_lora(0.5)
-    speed_up(model)
-    masks = []
-    original = LoraLinearFunction.apply
+    assert speed_up(model)["sibling_groups"] == 2  # q, k, v of each of the 2 layers
+    calls = spy_masks(monkeypatch)
+    loss_and_grads(model)
+    # per layer: q, k, v together; attention dense, intermediate and output alone, each with its own mask
+    assert [kind for kind, _ in calls] == ["siblings", "single", "single", "single"] * 2
+    assert len({id(keep) for _, keep in calls}) == len(calls)
 
-    def spy(*args):
-        masks.append(args[-1])  # the keep-mask
-        return original(*args)
 
-    LoraLinearFunction.apply = spy
+def test_siblings_together_equal_siblings_apart():
+    """Same masks (one per input either way), same loss and gradients."""
+    from peft_ft import fastlora
+
+    together = tiny_lora(0.5, hidden_dropout=0.1)
+    apart = copy.deepcopy(together)
+    speed_up(together)
+    names, fastlora.SIBLING_NAMES = fastlora.SIBLING_NAMES, []
     try:
-        loss_and_grads(model)
+        assert speed_up(apart)["sibling_groups"] == 0
     finally:
-        LoraLinearFunction.apply = original
-    # per layer: q, k, v share one mask; attention dense, intermediate and output each draw their own
-    layer0 = masks[:6]
-    assert layer0[0] is layer0[1] is layer0[2]
-    assert len({id(m) for m in layer0}) == 4
+        fastlora.SIBLING_NAMES = names
+    loss_a, grads_a = loss_and_grads(together)
+    loss_b, grads_b = loss_and_grads(apart)
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+class CrossAttentionLike(torch.nn.Module):
+    """q reads one input, k and v another (as in an encoder-decoder's cross-attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x, y):
+        return (self.q(x) * self.k(y) + self.v(y)).sum()
+
+
+def test_siblings_reading_different_inputs_are_computed_apart():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    stock = get_peft_model(CrossAttentionLike(), LoraConfig(r=2, lora_alpha=4, target_modules=["q", "k", "v"]))
+    for name, p in stock.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    fused = copy.deepcopy(stock)
+    assert speed_up(fused)["sibling_groups"] == 1
+    x, y = torch.randn(3, 8), torch.randn(3, 8)
+    for step in range(2):  # the first call finds out, the second runs apart from the start
+        results = []
+        for model in (stock, fused):
+            model.train()
+            model.zero_grad()
+            model(x, y).backward()
+            results.append((model(x, y).item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+        for name, grad in results[0][1].items():
+            torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-6)
 
 
 def test_evaluation_is_untouched_and_training_with_dropout_learns():
