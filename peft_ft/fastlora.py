@@ -156,6 +156,10 @@ def _dropout_p(layer) -> float:
 
 def _make_forward(layer, original, shared: _SharedDropout, group: "_Siblings | None" = None):
     def forward(x, *args, **kwargs):
+        if group is not None and not args and not kwargs:
+            taken = group.take(layer, x)
+            if taken is not None:
+                return taken
         if args or kwargs or not _fast_path_ok(layer, x):
             return original(x, *args, **kwargs)
         if group is not None and group.ready(x):
@@ -228,28 +232,31 @@ SIBLING_NAMES = [("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_pro
 
 class _Siblings:
     """Sibling LoRA layers computed together by whichever is called first; the others take their
-    output if they are called with the same input tensor. A sibling called with another input
-    (cross-attention: queries from the decoder, keys and values from the encoder) turns the
-    grouping off for good, and every layer computes alone from then on."""
+    output if they are called with the same input tensor. A sibling called with another input while
+    its output waits (cross-attention: queries from the decoder, keys and values from the encoder)
+    turns the grouping off for good, and every layer computes alone from then on."""
 
     def __init__(self, layers: list):
         self.layers, self.enabled = layers, True
         self.source, self.pending = None, {}
 
-    def ready(self, x) -> bool:
-        if not self.enabled:
-            return False
-        if self.pending and self.source() is not x:  # a sibling's output was never taken: another input
+    def take(self, layer, x):
+        """This layer's output if a sibling computed it from the same input, else None."""
+        out = self.pending.pop(id(layer), None)
+        if out is not None and self.source() is not x:  # this sibling reads another input
             self.enabled, self.pending = False, {}
-            return False
-        return all(_fast_path_ok(layer, x) for layer in self.layers) and len(self._settings()) == 1
+            return None
+        return out
+
+    def ready(self, x) -> bool:
+        return self.enabled and all(_fast_path_ok(layer, x) for layer in self.layers) and len(self._settings()) == 1
 
     def _settings(self) -> set:
         return {(float(layer.scaling[layer.active_adapters[0]]), _dropout_p(layer)) for layer in self.layers}
 
     def output(self, layer, x, shared: _SharedDropout):
-        if id(layer) in self.pending and self.source() is x:
-            return self.pending.pop(id(layer))
+        """Compute every sibling from `x`; the others' outputs wait for them (replacing any left
+        over from a forward pass that stopped half-way)."""
         (scaling, p), = self._settings()
         kept, keep = shared(x, p)
         names = [m.active_adapters[0] for m in self.layers]

@@ -162,8 +162,8 @@ class TrainSection:
     )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to train: auto = CUDA when available, else CPU.")
     fast_kernels: bool = opt(
-        True, "Fused LoRA layers and integer-generator dropout while training (same maths, faster and leaner on CPU); "
-        "false = peft's stock layers."
+        True, "Fused LoRA layers, integer-generator dropout and a leaner attention dropout while training "
+        "(same maths, faster and leaner on CPU); false = peft's stock layers and transformers' SDPA."
     )
 
 

@@ -131,6 +131,17 @@ def test_siblings_together_equal_siblings_apart():
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
 
 
+def test_a_forward_pass_stopped_half_way_leaves_the_grouping_on(monkeypatch):
+    model = tiny_lora(0.5)
+    speed_up(model)
+    model.train()
+    query = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    query(torch.randn(2, 3, 32))  # k and v never take their outputs
+    calls = spy_masks(monkeypatch)
+    loss_and_grads(model)
+    assert [kind for kind, _ in calls] == ["siblings", "single", "single", "single"] * 2
+
+
 class CrossAttentionLike(torch.nn.Module):
     """q reads one input, k and v another (as in an encoder-decoder's cross-attention)."""
 
