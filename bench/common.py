@@ -61,6 +61,8 @@ class Options:
     device: str = "cpu"
     max_train_samples: int = 0  # 0 = the whole training file
     max_length: int = 256
+    lora_dropout: float = LORA["dropout"]  # the issue's comparison uses 0.1; 0 measures dropout's cost
+    activation_checkpointing: bool = False  # recompute each layer in backward (both runners)
 
 
 @dataclass
@@ -123,12 +125,17 @@ def add_option_arguments(parser, steps: int, warmup: int) -> None:
     parser.add_argument("--max-train-samples", type=int, default=0, help="use only the first N training rows (0 = all)")
     parser.add_argument("--model", default="", help="model folder (default: the embedded MiniLM-L6)")
     parser.add_argument("--data-dir", default="", help="data folder holding scientsbank/ and conll2003/ (default: peft-ft's)")
+    parser.add_argument("--lora-dropout", type=float, default=LORA["dropout"],
+                        help=f"LoRA dropout for every runner (default {LORA['dropout']}, the issue's setting)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="every runner recomputes each layer's activations in backward instead of keeping them")
 
 
 def options_from(args) -> Options:
     return Options(model_dir=args.model, data_dir=args.data_dir or default_data_dir(), batch_size=args.batch_size,
                    steps=args.steps, warmup=args.warmup, max_seconds=args.max_seconds, threads=args.threads,
-                   device=args.device, max_train_samples=args.max_train_samples)
+                   device=args.device, max_train_samples=args.max_train_samples,
+                   lora_dropout=args.lora_dropout, activation_checkpointing=args.activation_checkpointing)
 
 
 def model_root(opts: Options) -> str:
@@ -313,7 +320,7 @@ def peft_ft_recipe(cfg: Config, opts: Options, max_steps: int, seed: int = SEED)
     adapter = f'method = "{cfg.method}"\n'
     if cfg.method == "lora":
         targets = ", ".join(f'"{t}"' for t in LORA["target_modules"])
-        adapter += f"r = {LORA['r']}\nalpha = {LORA['alpha']}\ndropout = {LORA['dropout']}\ntarget_modules = [{targets}]\n"
+        adapter += f"r = {LORA['r']}\nalpha = {LORA['alpha']}\ndropout = {opts.lora_dropout}\ntarget_modules = [{targets}]\n"
     return f"""
 [model]
 name = "{opts.model_dir}"
@@ -328,6 +335,7 @@ batch_size = {opts.batch_size}
 lr = {LR[cfg.method]}
 group_by_length = {"false" if cfg.batching == "random" else "true"}
 fast_kernels = {"false" if cfg.batching == "stock-layers" else "true"}
+activation_checkpointing = {"true" if opts.activation_checkpointing else "false"}
 seed = {seed}
 threads = {opts.threads}
 device = "{opts.device}"

@@ -83,7 +83,7 @@ def conll_dataset(data_dir: str, tokenizer, pad512: bool, opts: Options):
     return ds.map(tokenize, batched=True, remove_columns=["tokens", "tags"]), len(names)
 
 
-def build_model(model_dir: str, ner: bool, num_labels: int, method: str):
+def build_model(model_dir: str, ner: bool, num_labels: int, method: str, lora_dropout: float = LORA["dropout"]):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
@@ -93,7 +93,7 @@ def build_model(model_dir: str, ner: bool, num_labels: int, method: str):
     if method == "full":
         return model
     config = LoraConfig(task_type="TOKEN_CLS" if ner else "SEQ_CLS", r=LORA["r"], lora_alpha=LORA["alpha"],
-                        lora_dropout=LORA["dropout"], target_modules=list(LORA["target_modules"]))
+                        lora_dropout=lora_dropout, target_modules=list(LORA["target_modules"]))
     return get_peft_model(model, config)
 
 
@@ -110,7 +110,7 @@ def run_trainer(cfg: Config, opts: Options, workdir: Path) -> Measured:
     ner, pad512 = cfg.data == "conll", cfg.batching == "pad512"
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_root(opts))
     ds, num_labels = (conll_dataset if ner else scientsbank_dataset)(opts.data_dir, tokenizer, pad512, opts)
-    model = build_model(model_root(opts), ner, num_labels, cfg.method)
+    model = build_model(model_root(opts), ner, num_labels, cfg.method, opts.lora_dropout)
     if pad512:
         collator = default_data_collator  # already padded when tokenized
     else:
@@ -129,6 +129,8 @@ def run_trainer(cfg: Config, opts: Options, workdir: Path) -> Measured:
         report_to="none",
         disable_tqdm=True,
         seed=SEED,
+        activation_checkpointing=opts.activation_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
     )
     measured = Measured()
     clock = step_clock(opts, device)

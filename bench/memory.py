@@ -114,7 +114,9 @@ def main(argv=None) -> None:
     notes = [
         machine_line(opts),
         f"each configuration in its own process; the first {opts.max_train_samples} training rows, batch {opts.batch_size}, "
-        f"length-grouped, 1 warm-up step + one epoch ({opts.steps} steps)" + (" (SMOKE: tiny model, tiny data)" if args.smoke else ""),
+        f"length-grouped, 1 warm-up step + one epoch ({opts.steps} steps); LoRA dropout {opts.lora_dropout:g}"
+        + ("; activation checkpointing on (every runner)" if opts.activation_checkpointing else "")
+        + (" (SMOKE: tiny model, tiny data)" if args.smoke else ""),
         "before: after model, adapter and tokenized data are in place; peak: the highest point during training",
         *notes,
     ]

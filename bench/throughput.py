@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Config, Options, add_option_arguments, machine_line, matmul_peak, ner_registered, options_from
+from common import LORA, Config, Options, add_option_arguments, machine_line, matmul_peak, ner_registered, options_from
 from common import run_peft_ft, show_table, train_flops, write_smoke_inputs
 
 # (runner, method, batching) for each data set, peft-ft first: it is what the ratios divide by.
@@ -107,7 +107,9 @@ def main(argv=None) -> None:
         machine_line(opts),
         f"matmul peak: {peak / 1e9:.1f} GFLOP/s (float32 2048x384 @ 384x1536, {opts.threads} thread(s); best of "
         f"{len(peaks)} measurements around the configurations, lowest {min(peaks) / 1e9:.1f}: a wide spread means a busy machine)",
-        f"batch {opts.batch_size}; {opts.warmup} untimed warm-up steps, then up to {opts.steps} timed steps"
+        f"batch {opts.batch_size}; LoRA r {LORA['r']}, alpha {LORA['alpha']}, dropout {opts.lora_dropout:g}; "
+        + ("activation checkpointing on (every runner); " if opts.activation_checkpointing else "")
+        + f"{opts.warmup} untimed warm-up steps, then up to {opts.steps} timed steps"
         + (f" or {opts.max_seconds:g} s" if opts.max_seconds else "") + (" (SMOKE: tiny model, tiny data)" if args.smoke else ""),
         "ratios: this row's rate / peft-ft's with the same data and method; real/computed: non-padding share of the padded batches",
         *notes,

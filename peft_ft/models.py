@@ -150,6 +150,19 @@ def load_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
     return model, head_modules(model, [*info["missing_keys"], *mismatched])
 
 
+def enable_activation_checkpointing(model) -> None:
+    """transformers' per-layer activation checkpointing, non-reentrant: it keeps the RNG state, so
+    a recomputed layer draws the same dropout masks, and it needs no input that requires grad
+    (transformers makes the embeddings' output require one for the reentrant kind: undone here,
+    so frozen embeddings still get no gradient work)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise PeftFtError(f"train.activation_checkpointing: {type(base).__name__} does not support activation "
+                          f"checkpointing in transformers; set it to false")
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    base.disable_input_require_grads()
+
+
 def int8_kwargs(location: str, recipe: Recipe, cls, kwargs: dict) -> dict:
     """`from_pretrained` arguments for an 8-bit base (bitsandbytes) on the current CUDA device.
 

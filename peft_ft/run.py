@@ -16,7 +16,8 @@ from peft_ft.adapters import METHODS
 from peft_ft.data import record_splits, resolve_data_dir
 from peft_ft.errors import PeftFtError
 from peft_ft.log import setup_logging
-from peft_ft.models import EMBEDDED_NAME, embedded_model_dir, load_model, load_tokenizer, quiet_transformers, resolve_model, settle_hub_mode
+from peft_ft.models import (EMBEDDED_NAME, embedded_model_dir, enable_activation_checkpointing, load_model, load_tokenizer,
+                            quiet_transformers, resolve_model, settle_hub_mode)
 from peft_ft.output import create_run_dir, folder_size, human_size, model_card, save_pretrained_atomic, write_atomic, write_json
 from peft_ft.schema import Recipe, load_recipe, to_toml
 from peft_ft.tasks import TASKS, Task, TaskData
@@ -112,6 +113,8 @@ def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskDat
     model = method.wrap(model, recipe, heads, task.peft_task_type)
     if not recipe.model.load_in_8bit:  # an 8-bit base is placed on the GPU as it loads and cannot be moved
         model = model.to(device)
+    if recipe.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     if recipe.train.fast_kernels:
         from peft_ft.fastlora import speed_up
 

@@ -153,6 +153,10 @@ class TrainSection:
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 = off).", min=0.0)
     seed: int = opt(42, "Seed for data order, initialisation and dropout.", min=0)
     threads: int = opt(0, "CPU threads for torch (0 = every core).", min=0)
+    activation_checkpointing: bool = opt(
+        False, "Recompute each layer's activations during backward instead of keeping them: less memory "
+        "for about one more forward pass of compute."
+    )
     checkpoint_every: int = opt(
         0, "Also write a resumable checkpoint every N optimizer steps (0 = only at the end of each epoch).", min=0
     )
@@ -391,6 +395,9 @@ def _check_cross_field(recipe: Recipe) -> list[str]:
         problems.append("data.test_fraction: data.validation_fraction + data.test_fraction must leave some training data (sum below 1)")
     if recipe.data.hub and recipe.data.format == "label_studio":
         problems.append("data.format: \"label_studio\" reads an exported file; remove data.hub and name the export in data.train")
+    if recipe.train.activation_checkpointing and recipe.adapter.method == "prefix_tuning":
+        problems.append("train.activation_checkpointing: prefix tuning's virtual keys and values are dropped by "
+                        "transformers' checkpointed layers (only the head would train); set it to false")
     if recipe.model.load_in_8bit and recipe.adapter.method == "full":
         problems.append("model.load_in_8bit: an 8-bit base cannot be fully fine-tuned; use adapter.method = \"lora\"")
     if task is not None:
