@@ -154,8 +154,8 @@ class TrainSection:
     seed: int = opt(42, "Seed for data order, initialisation and dropout.", min=0)
     threads: int = opt(0, "CPU threads for torch (0 = every core).", min=0)
     activation_checkpointing: bool = opt(
-        False, "Recompute each layer's activations during backward instead of keeping them: less memory "
-        "for about one more forward pass of compute."
+        False, "Recompute each layer's activations during backward instead of keeping them: less memory, one "
+        "more forward pass of compute (measured on CPU: LoRA 1.5x, full fine-tuning 1.3x slower)."
     )
     checkpoint_every: int = opt(
         0, "Also write a resumable checkpoint every N optimizer steps (0 = only at the end of each epoch).", min=0
