@@ -84,3 +84,17 @@ def sentiment_dir(tmp_path) -> Path:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def fit(model, ids, labels, steps: int, lr: float = 1e-2) -> list[float]:
+    """Train `model` on one fixed batch with AdamW (trainable parameters only); the loss of each step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -103,3 +103,22 @@ activation_checkpointing = true
 """)
     with pytest.raises(RecipeError, match="train.activation_checkpointing"):
         load_recipe(recipe)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "ia3"])
+def test_other_adapters_still_get_gradients(method):
+    """Checkpointed layers must not drop what an adapter feeds in (prefix tuning does: refused above)."""
+    from peft import IA3Config, PromptTuningConfig, get_peft_model
+
+    model = tiny_model("full")
+    config = (PromptTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=3) if method == "prompt_tuning" else
+              IA3Config(task_type="TOKEN_CLS", target_modules=["key", "value", "output.dense"],
+                        feedforward_modules=["output.dense"]))
+    model = get_peft_model(model, config)
+    enable_activation_checkpointing(model)
+    model.train()
+    ids = torch.randint(1, 60, (4, 9))
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # prompt tuning: 3 more positions
+    (logits ** 2).mean().backward()
+    adapter = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and ("prompt" in n or "ia3" in n)}
+    assert adapter and all(g is not None and g.abs().sum() > 0 for g in adapter.values())

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import fit
 from peft_ft import fastattention
 from peft_ft.fastattention import AttentionFunction
 from peft_ft.fastlora import keep_mask, speed_up
@@ -118,16 +119,7 @@ def test_a_saved_model_does_not_name_our_attention(tmp_path):
 def test_training_learns():
     model = tiny_bert(0.1)
     speed_up(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     torch.manual_seed(3)
     ids = torch.randint(1, 5, (8, 6))
-    labels = ids % 2
-    model.train()
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = fit(model, ids, ids % 2, steps=30)
     assert losses[-1] < 0.5 * losses[0]

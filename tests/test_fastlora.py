@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from conftest import fit
 from peft_ft.fastlora import FastDropout, LoraLinearFunction, SiblingLoraFunction, keep_mask, speed_up
 
 
@@ -192,15 +193,7 @@ def test_evaluation_is_untouched_and_training_with_dropout_learns():
         torch.manual_seed(3)
         ids = torch.randint(0, 4, (4, 9))
         labels = ids % 2  # learnable from 4 distinct token embeddings
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        model.train()
-        losses = []
-        for _ in range(40):
-            loss = model(input_ids=ids, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
+        losses = fit(model, ids, labels, steps=40)
         final[name] = sum(losses[-5:]) / 5
         assert final[name] < 0.75 * sum(losses[:5]) / 5, (name, losses)
     # Different masks give different trajectories: over 4 seeds the final losses of the two paths
