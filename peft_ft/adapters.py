@@ -9,8 +9,10 @@ Light at import (no torch); peft is imported when a method actually wraps a mode
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import types
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,6 +73,9 @@ class Method:
     wrap: Callable  # (model, recipe, heads: list[str], peft_task_type: str | None) -> model
     validate: Callable[[Recipe], list[str]] = lambda recipe: []
     prompt_learning: bool = False  # virtual tokens or prefixes: cannot be merged into the base
+    # Checks that need the model's architecture (location, recipe, task), run by `run` and `validate` before a run
+    # folder exists: (location, recipe, auto_class, peft_task_type) -> None, raising PeftFtError.
+    preflight: Callable | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -216,28 +221,86 @@ def _wrap_prompt_tuning(model, recipe: Recipe, heads: list[str], peft_task_type:
     return get_peft_model(model, config)
 
 
-def supports_prefixes(model) -> bool:
-    """Prefix tuning hands the layers `past_key_values`; as peft checks it: the model's or its backbone's forward takes them."""
-    import inspect
+def route_prefixes(model):
+    """Make a peft model hand its prefixes to the transformers model itself (prefix tuning on classification,
+    token classification and QA heads); returns the model. Harmless for other methods and models.
 
-    backbone = getattr(model, model.base_model_prefix, model)
-    return any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone))
+    peft 0.21 decides by the *signature* of the model's forward whether it takes `past_key_values`; transformers
+    5.24 renamed that argument `cache` (the old name still works until 5.40), so peft refuses models that use a
+    prefix perfectly well. This sends the same call peft itself makes when its check passes, under the name the
+    backbone's forward takes. Support is decided by `prefix_problem`'s real forward, not by names.
+    """
+    if hasattr(model, "_prefix_tuning_forward") and hasattr(model, "get_prompt"):
+        model._prefix_tuning_forward = types.MethodType(_prefix_forward, model)
+    return model
+
+
+def _prefix_forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+    batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+    backbone = self.base_model.get_submodule(self.transformer_backbone_name) if self.transformer_backbone_name else self.base_model
+    name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    kwargs[name] = self.get_prompt(batch_size)
+    return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+
+def prefix_problem(model, peft_task_type: str | None) -> str | None:
+    """Why `model`'s architecture cannot be prefix-tuned, found by a real forward; None when it can.
+
+    A 1-token prefix is put in front of a short input; the architecture takes prefixes when the forward runs and
+    its output moves with the prefix. A model that silently drops them (a forward taking **kwargs) is caught by
+    the second condition. Run on a one-layer random copy of the architecture (`probe_model`): cheap, and it
+    answers before a run folder exists.
+    """
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+
+    config = PrefixTuningConfig(task_type=_prompt_task_type(model, peft_task_type), num_virtual_tokens=1, **_prompt_dims(model))
+    probe = route_prefixes(get_peft_model(model, config)).eval()
+    ids = torch.tensor([[1, 2, 3]])
+    kwargs = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+    try:
+        with torch.no_grad():
+            prefixed = probe(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            bare = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    except Exception as e:  # whatever the architecture raises: the answer is "no", with its reason
+        return f"a forward with a prefix fails ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    first = lambda out: next(v for v in out.values() if isinstance(v, torch.Tensor))
+    if torch.equal(first(prefixed), first(bare)):
+        return "its forward ignores the prefix (no layer takes past keys and values)"
+    return None
+
+
+def probe_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
+    """A one-layer, randomly initialised model of `location`'s architecture: built from config.json alone."""
+    import transformers
+
+    from peft_ft.models import load_config, quiet_transformers
+
+    quiet_transformers()
+    config = load_config(location, recipe, **kwargs)
+    for key in ("num_hidden_layers", "num_layers", "num_decoder_layers", "n_layers"):
+        if isinstance(getattr(config, key, None), int):
+            setattr(config, key, 1)
+    return getattr(transformers, auto_class).from_config(config)
+
+
+def check_prefixes(location: str, recipe: Recipe, auto_class: str, peft_task_type: str | None) -> None:
+    """Pre-flight of prefix tuning (run and validate): refuse an architecture that cannot take prefixes."""
+    problem = prefix_problem(probe_model(location, recipe, auto_class), peft_task_type)
+    if problem:
+        raise PeftFtError(f"{recipe.source}: adapter.method: prefix_tuning cannot train {location}: {problem}. "
+                          f"Use prompt_tuning, lora or ia3 with this model")
 
 
 def _wrap_prefix_tuning(model, recipe: Recipe, heads: list[str], peft_task_type: str | None):
     from peft import PrefixTuningConfig, get_peft_model
 
     a = recipe.adapter
-    if not supports_prefixes(model):
-        raise PeftFtError(
-            f"{recipe.source}: adapter.method: prefix_tuning needs a model whose layers take past keys and values; "
-            f"{model.config.model_type} models do not. Use prompt_tuning, lora or ia3 with this model"
-        )
     check_position_room(model, recipe)
     config = PrefixTuningConfig(task_type=_prompt_task_type(model, peft_task_type), num_virtual_tokens=a.num_virtual_tokens,
                                 prefix_projection=a.prefix_projection, encoder_hidden_size=model.config.hidden_size,
                                 modules_to_save=list(heads), **_prompt_dims(model))
-    return get_peft_model(model, config)
+    return route_prefixes(get_peft_model(model, config))
 
 
 def _wrap_full(model, recipe: Recipe, heads: list[str], peft_task_type: str | None):
@@ -273,7 +336,9 @@ def _validate_8bit(recipe: Recipe) -> list[str]:
     if not cuda_available():
         return [f"model.load_in_8bit: an 8-bit base needs a CUDA GPU and this machine has none; {how}"]
     if importlib.util.find_spec("bitsandbytes") is None:
-        return ["model.load_in_8bit: needs the bitsandbytes package: pip install bitsandbytes (or remove the key)"]
+        # bitsandbytes is the optional [cuda] extra: installed everywhere, it prints a kernel warning on every CPU load.
+        return ["model.load_in_8bit: needs bitsandbytes, which peft-ft installs only with its [cuda] extra: "
+                "pip install -c requirements.lock 'peft-ft[cuda]' (or remove the key)"]
     return []
 
 
@@ -296,6 +361,6 @@ register_method(Method("lora", is_adapter=True, default_lr=5e-4, wrap=_wrap_lora
 register_method(Method("prompt_tuning", is_adapter=True, default_lr=2e-2, wrap=_wrap_prompt_tuning,
                        validate=_validate_8bit, prompt_learning=True))
 register_method(Method("prefix_tuning", is_adapter=True, default_lr=1e-2, wrap=_wrap_prefix_tuning,
-                       validate=_validate_8bit, prompt_learning=True))
+                       validate=_validate_8bit, prompt_learning=True, preflight=check_prefixes))
 register_method(Method("ia3", is_adapter=True, default_lr=5e-3, wrap=_wrap_ia3, validate=_validate_ia3))
 register_method(Method("full", is_adapter=False, default_lr=5e-5, wrap=_wrap_full))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from peft_ft.errors import PeftFtError
@@ -28,6 +29,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from peft_ft.adapters import METHODS
+    from peft_ft.tasks import TASKS
     from peft_ft.data import resolve_data_dir, split_sources
     from peft_ft.models import resolve_model, settle_hub_mode
     from peft_ft.schema import load_recipe
@@ -35,6 +38,10 @@ def cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.set)
     settle_hub_mode(recipe)
     model = resolve_model(recipe)
+    method = METHODS[recipe.adapter.method]
+    if method.preflight:  # checks that need the architecture (torch; only for methods that have them)
+        task = TASKS[recipe.task.type]
+        method.preflight(model, recipe, task.auto_class, task.peft_task_type)
     data_dir = None if recipe.data.hub else resolve_data_dir(recipe, args.data_dir)
     splits = split_sources(recipe, data_dir)
     print(f"{args.recipe}: valid")
@@ -174,3 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`peft-ft explain | head`): not an error of ours. Point stdout at
+        # /dev/null so that Python's flush at exit does not raise a second time (Python's documented recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

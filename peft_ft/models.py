@@ -125,6 +125,13 @@ def load_tokenizer(location: str, recipe: Recipe):
     return _hub_call(AutoTokenizer.from_pretrained, location, recipe, "tokenizer")
 
 
+def load_config(location: str, recipe: Recipe, **kwargs):
+    """The model's config.json alone: enough for checks that need the architecture but not its weights."""
+    from transformers import AutoConfig
+
+    return _hub_call(AutoConfig.from_pretrained, location, recipe, "config", **kwargs)
+
+
 def load_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
     """The model with its task head, in float32; returns (model, head module names).
 
@@ -172,9 +179,9 @@ def int8_kwargs(location: str, recipe: Recipe, cls, kwargs: dict) -> dict:
     structure, built on the meta device (no weights are read).
     """
     import torch
-    from transformers import AutoConfig, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
-    config = _hub_call(AutoConfig.from_pretrained, location, recipe, "config", **kwargs)
+    config = load_config(location, recipe, **kwargs)
     with torch.device("meta"):
         skeleton = cls.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     return {

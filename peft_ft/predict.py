@@ -112,7 +112,9 @@ class AdapterSet:
                 check_model_folder(Path(location), f"adapter {name}: base model", self.allow_pickle)
             base = getattr(transformers, info["auto_class"]).from_pretrained(
                 location, dtype=torch.float32, trust_remote_code=remote_code(recipe, str(run_dir)), **safetensors_only(self.allow_pickle), **kwargs)
-            model = PeftModel.from_pretrained(base, run_dir, adapter_name=name).to(self.device)
+            from peft_ft.adapters import route_prefixes
+
+            model = route_prefixes(PeftModel.from_pretrained(base, run_dir, adapter_name=name)).to(self.device)
             group = groups[key] = Group(model, load_tokenizer(location, recipe), shared=True)
         else:
             group.model.load_adapter(run_dir, adapter_name=name)

@@ -32,7 +32,7 @@ def run(recipe: Recipe, data_dir: str | None = None) -> Path:
     from peft_ft.train import use_cuda
 
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
-    location, data, resolved_dir = _check_inputs(recipe, task, data_dir)
+    location, data, resolved_dir = check_inputs(recipe, task, data_dir)
     distributed.init(use_cuda(recipe))  # after the input checks: bad input ends every process before any waiting
 
     def new_run_dir() -> Path:
@@ -65,18 +65,22 @@ def resume(run_dir: str | Path, data_dir: str | None = None) -> Path:
     # Messages, relative data.dir and the run name refer to the recipe the run was started from.
     recipe = dataclasses.replace(load_recipe(run_dir / "recipe.toml"), source=state.get("recipe_source", str(run_dir / "recipe.toml")))
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
-    location, data, resolved_dir = _check_inputs(recipe, task, data_dir or state.get("data_dir"))
+    location, data, resolved_dir = check_inputs(recipe, task, data_dir or state.get("data_dir"))
     checkpoint.clean_partial(run_dir)
     _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=saved[-1])
     return run_dir
 
 
-def _check_inputs(recipe: Recipe, task: Task, data_dir: str | None):
-    """Everything knowable before a run folder is made: model, device, data files and rows."""
+def check_inputs(recipe: Recipe, task: Task, data_dir: str | None):
+    """Everything knowable before a run folder is made: model, method against the model's architecture,
+    device, data files and rows. `peft-ft validate` runs it too."""
     from peft_ft.train import check_device
 
     settle_hub_mode(recipe)
     location = resolve_model(recipe)
+    method = METHODS[recipe.adapter.method]
+    if method.preflight:
+        method.preflight(location, recipe, task.auto_class, task.peft_task_type)
     check_device(recipe)
     resolved_dir = None if recipe.data.hub else resolve_data_dir(recipe, data_dir)
     return location, task.load(recipe, resolved_dir), resolved_dir
@@ -248,7 +252,9 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = Fals
         base = base_location(info)
         if Path(base).is_dir():
             check_model_folder(Path(base), f"{run_dir}: base model", allow_pickle)
-        model = PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32, **kwargs), run_dir)
+        from peft_ft.adapters import route_prefixes
+
+        model = route_prefixes(PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32, **kwargs), run_dir))
         tokenizer = load_tokenizer(base, recipe)
     else:
         model = cls.from_pretrained(run_dir, dtype=torch.float32, **safetensors_only(allow_pickle),

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import sentiment_rows, write_jsonl, write_recipe
+from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.errors import RecipeError
 from peft_ft.fastlora import speed_up
 from peft_ft.models import enable_activation_checkpointing

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import write_jsonl, write_recipe
+from helpers import write_jsonl, write_recipe
 from peft_ft.errors import DataError, PeftFtError
 from peft_ft.run import load_run, run
 from peft_ft.schema import load_recipe
@@ -51,7 +51,7 @@ def make_run(tmp_path, tiny_bert, data_dir, method="lora", lr=5e-3, extra=""):
 
 @pytest.fixture(scope="module", params=["lora", "full"])
 def trained(request, tmp_path_factory, tiny_bert):
-    from conftest import sentiment_rows
+    from helpers import sentiment_rows
 
     tmp = tmp_path_factory.mktemp(request.param)
     d = tmp / "data"

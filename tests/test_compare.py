@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from conftest import sentiment_rows, write_jsonl, write_recipe
+from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft import compare as cmp
 from peft_ft.adapters import METHODS
 from peft_ft.cli import main

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch.distributed
 
-from conftest import sentiment_rows, write_jsonl, write_recipe
+from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft import distributed
 from peft_ft.batching import train_batches
 from peft_ft.errors import PeftFtError

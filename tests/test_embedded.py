@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import sentiment_rows, write_jsonl
+from helpers import sentiment_rows, write_jsonl
 
 
 @pytest.mark.slow

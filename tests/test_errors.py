@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sentiment_rows, write_jsonl, write_recipe
+from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.cli import main
 
 CLASSIFICATION = """
@@ -262,3 +262,14 @@ def test_error_exits_non_zero_from_the_console_script(tmp_path):
     assert done.returncode == 2
     assert "train.lr: must be at least 0.0" in done.stderr and "Traceback" not in done.stderr
     assert done.stdout == ""
+
+
+def test_output_into_a_closed_pipe_is_no_error():
+    """`peft-ft explain | head -1`: the reader goes away before we finish writing; no traceback, exit 0."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "peft_ft", "explain"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # closed before the first write: every write meets a broken pipe
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()

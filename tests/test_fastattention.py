@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import fit
+from helpers import fit
 from peft_ft import fastattention
 from peft_ft.fastattention import AttentionFunction
 from peft_ft.fastlora import keep_mask, speed_up

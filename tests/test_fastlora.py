@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import fit
+from helpers import fit
 from peft_ft.fastlora import FastDropout, LoraLinearFunction, SiblingLoraFunction, keep_mask, speed_up
 
 

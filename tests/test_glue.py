@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_jsonl, write_recipe
+from helpers import write_jsonl, write_recipe
 from peft_ft import glue
 from peft_ft.errors import DataError, RecipeError
 from peft_ft.run import load_run, run

@@ -421,7 +421,7 @@ dir = "{tmp_path / 'runs'}"
 
 def test_classification_end_to_end_from_json_min(tiny_bert, tmp_path):
     from peft_ft.run import run
-    from conftest import sentiment_rows
+    from helpers import sentiment_rows
 
     data = tmp_path / "data"
     data.mkdir()

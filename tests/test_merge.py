@@ -12,7 +12,7 @@ import pytest
 
 from peft_ft.errors import PeftFtError
 from peft_ft.merge import merge_run
-from test_predict import TEXTS, train_sentiment
+from helpers import TEXTS, train_sentiment
 
 
 @pytest.fixture(scope="module")

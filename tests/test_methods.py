@@ -11,21 +11,21 @@ Then: what each method refuses, and the virtual-token shifts of prompt tuning.
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import peft_ft.train
-from conftest import sentiment_rows, write_jsonl, write_recipe
+from helpers import official_file, qa_rows, sentiment_rows, toy_sentences, write_conll, write_jsonl, write_recipe, write_tiny_t5
 from peft_ft.adapters import METHODS, cuda_available
 from peft_ft.errors import PeftFtError, RecipeError
 from peft_ft.run import load_run, run
 from peft_ft.schema import build_recipe, load_recipe
 from peft_ft.tasks import TASKS
-from test_ner import toy_sentences, write_conll
-from test_qa import official_file, qa_rows
-from tiny_t5 import write_tiny_t5
 
 ADAPTERS = ["lora", "prompt_tuning", "prefix_tuning", "ia3"]
 FAMILIES = ["classification", "ner", "qa", "seq2seq"]
@@ -322,9 +322,13 @@ def test_prefix_tuning_on_a_model_without_past_key_values_is_refused_before_trai
     called = []
     monkeypatch.setattr(peft_ft.train, "train", lambda *a, **k: called.append(1))
     recipe = recipe_for(tmp_path, model_dir, family_data["classification"], "classification", "prefix_tuning")
-    with pytest.raises(PeftFtError, match=r"prefix_tuning needs a model whose layers take past keys.*distilbert.*prompt_tuning, lora or ia3"):
+    refusal = r"adapter.method: prefix_tuning cannot train .*distilbert: (its forward ignores the prefix|a forward with a prefix fails).*prompt_tuning, lora or ia3"
+    with pytest.raises(PeftFtError, match=refusal):
         run(recipe)
     assert not called
+    assert not (tmp_path / "runs").exists()  # refused before any run folder is made
+    out = subprocess.run([sys.executable, "-m", "peft_ft", "validate", recipe.source], capture_output=True, text=True)
+    assert out.returncode == 2 and re.search(refusal, out.stderr) and "Traceback" not in out.stderr
 
 
 def test_virtual_tokens_beyond_the_position_table_are_refused(tmp_path, tiny_bert, family_data):
@@ -366,6 +370,18 @@ def test_8bit_without_cuda_is_a_validation_error(monkeypatch):
         build_recipe({**raw, "train": {"device": "cpu"}}, "r.toml")
     with pytest.raises(RecipeError, match=r"load_in_8bit: for adapter.method lora or ia3, not 'prompt_tuning'"):
         build_recipe({**raw, "adapter": {"method": "prompt_tuning"}}, "r.toml")
+
+
+def test_8bit_without_bitsandbytes_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr("peft_ft.adapters.cuda_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    raw = {**base_recipe(method="lora"), "model": {"load_in_8bit": True}}
+    with pytest.raises(RecipeError, match=r"model.load_in_8bit: needs bitsandbytes, which peft-ft installs only with its "
+                                          r"\[cuda\] extra: pip install .*'peft-ft\[cuda\]'"):
+        build_recipe(raw, "r.toml")
 
 
 def test_8bit_load_keeps_the_head_and_pooler_in_float(monkeypatch, tiny_bert):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import toy_sentences, write_conll
 from peft_ft.conll import read_conll
 from peft_ft.errors import DataError
 from peft_ft.schema import build_recipe, load_recipe
@@ -120,28 +121,6 @@ def test_no_entities_anywhere_scores_zero_without_error():
 
 
 # --- loading ------------------------------------------------------------------------------------
-
-PEOPLE, PLACES = ["john", "mary"], ["paris", "london", "berlin"]
-
-
-def toy_sentences(n: int, seed: int) -> list[list[tuple[str, str]]]:
-    """Learnable: names are PER, cities LOC, `acme corp` / `google` ORG."""
-    rng = random.Random(seed)
-    sentences = []
-    for _ in range(n):
-        s = [(rng.choice(PEOPLE), "B-PER"), (rng.choice(["lives", "works"]), "O"), (rng.choice(["in", "at"]), "O")]
-        s += [(rng.choice(PLACES), "B-LOC")] if rng.random() < 0.5 else [("acme", "B-ORG"), ("corp", "I-ORG")]
-        if rng.random() < 0.3:
-            s += [("for", "O"), ("google", "B-ORG")]
-        sentences.append(s + [(".", "O")])
-    return sentences
-
-
-def write_conll(path: Path, sentences) -> Path:
-    body = "\n\n".join("\n".join(f"{w} NN O {t}" for w, t in s) for s in sentences)
-    path.write_text("-DOCSTART- -X- -X- O\n\n" + body + "\n", encoding="utf-8")
-    return path
-
 
 @pytest.fixture
 def toy_dir(tmp_path) -> Path:

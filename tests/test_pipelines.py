@@ -7,7 +7,7 @@ import pytest
 from peft_ft.errors import PeftFtError
 from peft_ft.pipelines import ANSWERS, Generator, QuestionAnswerer, label_kwargs
 from peft_ft.schema import build_recipe
-from test_predict import TEXTS, train_ner, train_sentiment
+from helpers import TEXTS, train_ner, train_sentiment
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_generator_generates_with_the_run_settings(tmp_path):
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from tiny_t5 import write_tiny_t5
+    from helpers import write_tiny_t5
 
     path = write_tiny_t5(tmp_path / "t5")
     model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

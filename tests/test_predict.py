@@ -4,93 +4,18 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from pathlib import Path
 
 import pytest
 
-from conftest import sentiment_rows, write_jsonl, write_recipe
+from helpers import TEXTS, reference, train_ner, train_sentiment, write_jsonl
 from peft_ft.errors import DataError, PeftFtError
 from peft_ft.predict import AdapterSet, read_inputs, route
-
-TEXTS = ["the movie was good", "the plot is awful", "great acting", "terrible film", "the film was fine", "bad plot"]
-FLIP = {"pos": "neg", "neg": "pos"}
-
-
-def train_sentiment(root: Path, tiny_bert: Path, name: str, *, flip: bool = False, method: str = "lora") -> Path:
-    """A run folder of the toy sentiment task on the tiny BERT (about a second); `flip` swaps the labels,
-    so the adapter learns the opposite answers."""
-    from peft_ft.run import run
-    from peft_ft.schema import load_recipe
-
-    data = root / f"data-{name}"
-    data.mkdir(parents=True)
-    rows = [{**r, "label": FLIP[r["label"]] if flip else r["label"]} for r in sentiment_rows(64, seed=1)]
-    write_jsonl(data / "train.jsonl", rows)
-    recipe = write_recipe(root / f"{name}.toml", f"""
-[model]
-name = "{tiny_bert}"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-[adapter]
-method = "{method}"
-[train]
-epochs = 40
-batch_size = 16
-lr = {1e-2 if method == "lora" else 2e-3}
-threads = 1
-[output]
-dir = "{root / 'runs'}"
-name = "{name}"
-""")
-    return run(load_recipe(recipe))
-
-
-def train_ner(root: Path, tiny_bert: Path) -> Path:
-    from peft_ft.run import run
-    from peft_ft.schema import load_recipe
-
-    rng = random.Random(0)
-    rows = []
-    for _ in range(48):
-        person, place = rng.choice(["john", "mary"]), rng.choice(["paris", "london", "berlin"])
-        rows.append({"tokens": [person, rng.choice(["lives", "works"]), "in", place, "."], "tags": ["B-PER", "O", "O", "B-LOC", "O"]})
-    data = root / "data-ner"
-    data.mkdir(parents=True)
-    write_jsonl(data / "train.jsonl", rows)
-    recipe = write_recipe(root / "ner.toml", f"""
-[model]
-name = "{tiny_bert}"
-max_length = 32
-[task]
-type = "ner"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-[train]
-epochs = 20
-batch_size = 16
-lr = 1e-2
-threads = 1
-[output]
-dir = "{root / 'runs'}"
-name = "ner"
-""")
-    return run(load_recipe(recipe))
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_bert) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("predict")
     return {"pos": train_sentiment(root, tiny_bert, "pos"), "flip": train_sentiment(root, tiny_bert, "flip", flip=True)}
-
-
-def reference(run_dir: Path, texts: list[str]) -> list[dict]:
-    """Answers of one run loaded on its own (load_run + the stock pipeline, no adapter switching)."""
-    from peft_ft.pipelines import pipeline
-
-    return [{"label": o["label"], "score": round(float(o["score"]), 6)} for o in pipeline(run_dir)(texts)]
 
 
 def test_each_adapter_gives_its_own_answers_after_any_sequence_of_switches(runs, tiny_bert):

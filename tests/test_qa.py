@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
 
-from conftest import write_jsonl, write_recipe
+from helpers import official_file, qa_rows, write_jsonl, write_recipe
 from peft_ft.errors import DataError
 from peft_ft.run import load_run, run
 from peft_ft.schema import build_recipe, load_recipe
@@ -144,34 +143,6 @@ def test_the_best_window_wins_and_maps_to_the_context():
 
 
 # --- end to end ---------------------------------------------------------------------------------
-
-PEOPLE, CITIES = ["john", "mary"], ["paris", "london", "berlin"]
-FILLER = ["the film was great .", "the plot was not bad .", "plants need water and light ."]
-
-
-def qa_rows(n: int, seed: int) -> list[dict]:
-    """`<person> lives in <city> .` among filler sentences; "where is <person> ?" asks for the city."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        person, city = rng.choice(PEOPLE), rng.choice(CITIES)
-        before, after = " ".join(rng.sample(FILLER, rng.randint(0, 2))), " ".join(rng.sample(FILLER, rng.randint(0, 2)))
-        fact = f"{person} lives in {city} ."
-        context = " ".join(p for p in (before, fact, after) if p)
-        start = context.index(fact) + len(f"{person} lives in ")
-        rows.append({"id": f"{seed}-{i}", "title": "toy", "question": f"where is {person} ?", "context": context,
-                     "answers": {"text": [city], "answer_start": [start]}})
-    return rows
-
-
-def official_file(path, rows):
-    """The same questions in the official nesting (one paragraph per question)."""
-    data = [{"title": r["title"], "paragraphs": [{"context": r["context"], "qas": [
-        {"id": r["id"], "question": r["question"],
-         "answers": [{"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]}]}]}
-        for r in rows]
-    path.write_text(json.dumps({"version": "1.1", "data": data}))
-
 
 RECIPE = """
 [model]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sentiment_rows, write_jsonl, write_recipe
+from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft import checkpoint
 from peft_ft.cli import main
 

@@ -11,7 +11,7 @@ import pytest
 
 from peft_ft.errors import PeftFtError
 from peft_ft.safety import check_no_pickle, pickle_files, remote_code
-from test_predict import TEXTS, reference, train_sentiment
+from helpers import TEXTS, reference, train_sentiment
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl, write_recipe
+from helpers import official_file, qa_rows, write_jsonl, write_recipe, write_tiny_t5
 from peft_ft.errors import DataError, PeftFtError, RecipeError
 from peft_ft.run import load_run, run
 from peft_ft.schema import build_recipe, load_recipe
 from peft_ft.squad import squad_metrics
 from peft_ft.tasks import TASKS
-from test_qa import official_file, qa_rows
-from tiny_t5 import write_tiny_t5
 
 ROOT = Path(__file__).resolve().parent.parent
 

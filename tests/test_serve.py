@@ -18,7 +18,7 @@ import pytest
 from peft_ft.predict import AdapterSet
 from peft_ft import serve
 from peft_ft.serve import Batcher, Metrics, RequestError, freed_memory_releaser, make_server, request_rows
-from test_predict import TEXTS, reference, train_ner, train_sentiment
+from helpers import TEXTS, reference, train_ner, train_sentiment
 
 KEY = "s3cret-key"
 LIMITS = {"max_body": 4096, "max_texts": 8, "max_batch": 8, "max_wait_ms": 20}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from peft_ft.errors import DataError
 from peft_ft.schema import build_recipe
 from peft_ft.squad import (
