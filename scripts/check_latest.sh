@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Does the suite pass on the newest releases? Installs them into a throwaway venv and runs the tests there.
+#
+#   scripts/check_latest.sh              newest versions pyproject's ranges allow (what `pip install peft-ft` gets today)
+#   scripts/check_latest.sh --uncapped   newest releases on the registry, past our upper bounds: how the next
+#                                        transformers/peft release is caught before we raise a cap and users meet it
+#   extra arguments go to pytest, e.g.   scripts/check_latest.sh --uncapped tests/test_methods.py -x
+#
+# It prints every installed version that differs from requirements.lock. When the suite passes, raise the caps in
+# pyproject.toml to those versions and run scripts/lock.sh. torch stays at the local CPU wheel (2.13.0): a newer
+# torch from the registry is a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+uncapped=0
+if [ "${1:-}" = "--uncapped" ]; then uncapped=1; shift; fi
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+python3 -m venv "$tmp/venv"
+py="$tmp/venv/bin/python"
+"$py" -m pip install --quiet --upgrade pip uv
+"$py" -m pip install --quiet torch==2.13.0
+overrides=()
+if [ "$uncapped" = 1 ]; then
+  # Every dependency of ours with its upper bound dropped (torch kept, see above); uv lets an override replace
+  # the package's own requirement, which pip cannot.
+  "$py" - > "$tmp/overrides.txt" <<'PY'
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+specs = list(project["dependencies"]) + [d for deps in project["optional-dependencies"].values() for d in deps]
+for spec in specs:
+    name = re.match(r"[A-Za-z0-9_.\-\[\]]+", spec).group(0)
+    if name.startswith(("torch", "peft-ft")):
+        continue
+    lower = re.search(r">=\s*([^,;\s]+)", spec)
+    marker = spec.split(";", 1)[1] if ";" in spec else ""
+    print(f"{name}>={lower.group(1)}" if lower else name, f"; {marker.strip()}" if marker else "", sep="")
+PY
+  overrides=(--override "$tmp/overrides.txt")
+fi
+"$tmp/venv/bin/uv" pip install --quiet --python "$py" "${overrides[@]}" -e '.[test]'
+
+echo "versions that differ from requirements.lock:"
+"$py" -m pip freeze --exclude-editable | "$py" -c '
+import re, sys
+locked = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", open("requirements.lock").read(), re.M))
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+locked = {norm(k): v for k, v in locked.items()}
+for line in sys.stdin:
+    m = re.match(r"([A-Za-z0-9_.\-]+)==(\S+)", line)
+    if m and norm(m.group(1)) in locked and locked[norm(m.group(1))] != m.group(2):
+        print(f"  {m.group(1)} {locked[norm(m.group(1))]} -> {m.group(2)}")
+'
+"$py" -m pytest -q "$@"
