@@ -183,7 +183,7 @@ def create_study(url: str, plan: Plan, space) -> bool:
     study.set_user_attr("fingerprint", plan.fingerprint)
     study.set_user_attr("metric", plan.metric)
     for values in space.enqueue:
-        study.enqueue_trial(values, skip_if_exists=True)
+        study.enqueue_trial(values)  # once, by the worker that creates the study
     return True
 
 
@@ -252,11 +252,13 @@ def _start_workers(sweep_dir: Path, url: str, workers: int) -> None:
 
 
 def counted(study) -> int:
-    """Trials that count towards --trials: all but the failed ones queued again (their retry counts)."""
+    """Trials that count towards --trials: those started (running or ended), but not the failed ones
+    queued again (their retry counts once it starts). Queued trials are taken before new ones."""
+    from optuna.trial import TrialState
+
     trials = study.get_trials(deepcopy=False)
-    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
-    retried |= {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return sum(1 for t in trials if t.number not in retried)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return sum(1 for t in trials if t.state != TrialState.WAITING and t.number not in retried)
 
 
 def worker_sampler(settings, worker: int, existing: int):

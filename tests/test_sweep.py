@@ -1,0 +1,338 @@
+"""`peft-ft sweep` on the tiny BERT: a 4-trial sweep with SQLite, pruning, --resume, two worker
+processes on one study (SQLite and a real PostgreSQL started in a temporary folder), and the best
+recipe reproducing its trial. Trials of one worker train in the test process (no second torch import)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import sentiment_rows, write_jsonl, write_recipe
+from peft_ft.cli import main
+from peft_ft.schema import load_recipe
+from peft_ft.space import SpaceError, load_space
+from peft_ft.sweep import open_study, storage_url, sweep
+
+RECIPE = """
+[model]
+name = "{model}"
+max_length = 32
+[task]
+type = "classification"
+[data]
+dir = "{data}"
+train = "train.jsonl"
+validation = "valid.jsonl"
+test = ["test.jsonl"]
+[adapter]
+method = "lora"
+r = 4
+alpha = 8
+[train]
+epochs = {epochs}
+batch_size = 8
+lr = 1e-2
+threads = 1
+[output]
+dir = "{out}"
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_bert):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", sentiment_rows(32, seed=1))
+    write_jsonl(data / "valid.jsonl", sentiment_rows(12, seed=2))
+    write_jsonl(data / "test.jsonl", sentiment_rows(8, seed=3))
+
+    def make(epochs: int = 1) -> Path:
+        return write_recipe(tmp_path / "sent.toml", RECIPE.format(model=tiny_bert, data=data, out=tmp_path / "runs", epochs=epochs))
+
+    return make
+
+
+def space_file(tmp_path, text: str) -> Path:
+    return write_recipe(tmp_path / "space.toml", text)
+
+
+def trials_csv(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "trials.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def finished(sweep_dir: Path):
+    from peft_ft.sweep import Plan
+
+    plan = Plan.read(sweep_dir)
+    return open_study(storage_url(sweep_dir, None), plan.study)
+
+
+LR_AND_RANK = """
+[train]
+lr = {low = 1e-3, high = 5e-2, log = true}
+[adapter]
+r = [2, 4, 8]
+[sweep]
+startup_trials = 2
+pruner = "none"
+"""
+
+
+def test_four_trials_sqlite_reports_and_best_recipe(tmp_path, recipe):
+    """Four trials through the CLI: four run folders, the tables, the plot, the importance ranking, and a
+    best recipe that validates and, trained again, gives the best trial's validation value."""
+    sweep_dir = tmp_path / "sw"
+    assert main([ "sweep", str(recipe()), "--space", str(space_file(tmp_path, LR_AND_RANK)), "--trials", "4",
+                  "--out", str(sweep_dir)]) == 0
+    study = finished(sweep_dir)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    assert (sweep_dir / "study.db").is_file()
+    for t in study.trials:
+        run_dir = Path(t.user_attrs["run_dir"])
+        assert run_dir.parent.parent == sweep_dir / "trials" and run_dir.parent.name == f"trial-{t.number:04d}"
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["train"]["best_value"] == t.value == metrics["validation"]["macro_f1"]
+        assert "test" not in metrics  # a sweep never looks at test splits
+        resolved = load_recipe(run_dir / "recipe.toml")
+        assert resolved.train.lr == pytest.approx(t.params["train.lr"]) and resolved.adapter.r == t.params["adapter.r"]
+        assert 1e-3 <= t.params["train.lr"] <= 5e-2 and t.params["adapter.r"] in (2, 4, 8)
+    rows = trials_csv(sweep_dir)
+    assert sorted(int(r["trial"]) for r in rows) == [0, 1, 2, 3]
+    assert float(rows[0]["value"]) == study.best_value
+    assert any(r["front_trainable_params"] == "True" for r in rows)
+    md = (sweep_dir / "sweep.md").read_text()
+    assert "## Parameter importance (Optuna)" in md and "| train.lr |" in md and "| adapter.r |" in md
+    assert (sweep_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    best_file = sweep_dir / "best.toml"
+    assert main(["validate", str(best_file)]) == 0
+    best = load_recipe(best_file)
+    assert best.train.lr == pytest.approx(study.best_params["train.lr"]) and best.adapter.r == study.best_params["adapter.r"]
+    assert best.data.test == ["test.jsonl"] and best.output.dir == str(tmp_path / "runs")
+    from peft_ft.run import run
+
+    again = json.loads((run(best) / "metrics.json").read_text())
+    assert again["validation"]["macro_f1"] == pytest.approx(study.best_value, abs=1e-9)
+    assert "test" in again
+
+
+def imbalanced_rows(n: int, seed: int) -> list[dict]:
+    """One word a row, three positive to one negative: a model that learns nothing predicts one class for
+    every row, and its macro-F1 is then 0.43 (the majority) or 0.2 (the minority)."""
+    import random
+
+    rng = random.Random(seed)
+    return [{"text": rng.choice(["good", "great", "fine"] if i % 4 else ["bad", "awful", "terrible"]),
+             "label": "pos" if i % 4 else "neg"} for i in range(n)]
+
+
+def test_pruning_stops_the_trial_with_the_worst_first_epoch(tmp_path, recipe):
+    """Two trials, then one whose first-epoch validation value is below theirs: it stops after epoch 1.
+    On the tiny BERT (seeded; found by trying seeds 1, 2, 3, 42), lr 5e-2 at seeds 2 and 3 predicts the
+    majority after epoch 1 (0.43); lr 1e-7 at seed 2 leaves the head at its start, which predicts the
+    minority (0.2). Should a library change move these, the first assertion shows the values."""
+    recipe_file = recipe(epochs=3)
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", imbalanced_rows(32, seed=1))
+    write_jsonl(data / "valid.jsonl", imbalanced_rows(12, seed=2))
+    text = """
+[train]
+lr = [5e-2, 1e-7]
+seed = [2, 3]
+[sweep]
+pruner_startup_trials = 2
+enqueue = [{"train.lr" = 5e-2, "train.seed" = 2}, {"train.lr" = 5e-2, "train.seed" = 3}, {"train.lr" = 1e-7, "train.seed" = 2}]
+"""
+    sweep_dir = sweep(str(recipe_file), str(space_file(tmp_path, text)), trials=3, out=str(tmp_path / "sw"))
+    trials = finished(sweep_dir).trials
+    assert [t.params["train.lr"] for t in trials] == [5e-2, 5e-2, 1e-7]
+    assert trials[2].intermediate_values[1] < min(t.intermediate_values[1] for t in trials[:2]), [t.intermediate_values for t in trials]
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert list(trials[2].intermediate_values) == [1]  # stopped after its first epoch
+    assert all(list(t.intermediate_values) == [1, 2, 3] for t in trials[:2])
+    for t in trials[:2]:  # what the loop reported is what the run folder recorded
+        history = json.loads((Path(t.user_attrs["run_dir"]) / "metrics.json").read_text())["train"]["history"]
+        assert [h["validation_macro_f1"] for h in history] == [t.intermediate_values[e] for e in (1, 2, 3)]
+    pruned_dir = Path(trials[2].user_attrs["run_dir"])
+    assert not (pruned_dir / "metrics.json").exists() and not (pruned_dir / "checkpoints").exists()
+    log = (pruned_dir / "train.log").read_text()
+    assert "epoch 1:" in log and "epoch 2:" not in log
+    assert [r["state"] for r in trials_csv(sweep_dir)] == ["complete", "complete", "pruned"]
+
+
+def test_resume_continues_the_same_study(tmp_path, recipe):
+    space = space_file(tmp_path, LR_AND_RANK)
+    sweep_dir = sweep(str(recipe()), str(space), trials=2, out=str(tmp_path / "sw"))
+    first = [(t.number, t.params, t.value) for t in finished(sweep_dir).trials]
+    study_id = finished(sweep_dir)._study_id
+    with pytest.raises(Exception, match="already holds a sweep; pass --resume"):
+        sweep(str(recipe()), str(space), trials=3, out=str(sweep_dir))
+    sweep(str(recipe()), str(space), trials=3, out=str(sweep_dir), resume=True)
+    study = finished(sweep_dir)
+    assert study._study_id == study_id and len(study.trials) == 3
+    assert [(t.number, t.params, t.value) for t in study.trials[:2]] == first
+    assert study.trials[2].params != first[0][1] and study.trials[2].params != first[1][1]  # a fresh seed, not a replay
+    assert len(list((sweep_dir / "trials").iterdir())) == 3
+
+
+def test_resume_refuses_another_space(tmp_path, recipe):
+    sweep_dir = sweep(str(recipe()), str(space_file(tmp_path, LR_AND_RANK)), trials=1, out=str(tmp_path / "sw"))
+    other = write_recipe(tmp_path / "other.toml", "[train]\nlr = [1e-2, 2e-2]\n")
+    assert main(["sweep", str(recipe()), "--space", str(other), "--out", str(sweep_dir), "--resume"]) == 2
+
+
+def _two_workers(tmp_path, recipe, storage: str | None) -> list:
+    space = space_file(tmp_path, LR_AND_RANK)
+    args = ["sweep", str(recipe()), "--space", str(space), "--trials", "4", "--workers", "2", "--out", str(tmp_path / "sw")]
+    assert main(args + (["--storage", storage] if storage else [])) == 0
+    study = open_study(storage or storage_url(tmp_path / "sw", None), "sent")
+    trials = study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    pids = {t.user_attrs["pid"] for t in trials}
+    assert len(pids) == 2 and os.getpid() not in pids  # both workers took trials
+    run_dirs = [t.user_attrs["run_dir"] for t in trials]
+    assert len(set(run_dirs)) == 4 and all((Path(d) / "metrics.json").is_file() for d in run_dirs)
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4  # no trial drawn twice
+    return trials
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path, recipe):
+    _two_workers(tmp_path, recipe, None)
+
+
+def _postgres_bin() -> Path | None:
+    for name in ("initdb", "pg_ctl"):
+        if shutil.which(name) is None:
+            found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+            if found:
+                return found[-1].parent
+            return None
+    return Path(shutil.which("initdb")).parent
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server in a temporary folder, on a free local port, for this test only. As root the
+    server runs as `nobody` (PostgreSQL refuses to run as root)."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL's initdb/pg_ctl not found (PATH, /usr/lib/postgresql/*/bin)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg not installed (pip install 'peft-ft[postgres]')")
+    folder = Path(tempfile.mkdtemp(prefix="peft-ft-pg-"))
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
+        shutil.chown(folder, "nobody")
+        prefix = ["runuser", "-u", "nobody", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data, logfile = folder / "data", folder / "log"
+
+    def pg(*args, check=True):
+        return subprocess.run([*prefix, *args], capture_output=True, text=True, check=check, cwd=folder)
+
+    try:
+        pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "sweeper", "-A", "trust", "--no-sync")
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(logfile), "-w", "-t", "30", "start",
+           "-o", f"-h 127.0.0.1 -p {port} -k {folder} -F")
+    except subprocess.CalledProcessError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"could not start PostgreSQL here: {(e.stderr or e.stdout).strip().splitlines()[-1:]}")
+    try:
+        yield f"postgresql+psycopg://sweeper@127.0.0.1:{port}/postgres"
+    finally:
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop", check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgres_study(tmp_path, recipe, postgres):
+    trials = _two_workers(tmp_path, recipe, postgres)
+    assert not (tmp_path / "sw" / "study.db").exists()
+    assert "sweeper@127.0.0.1" in json.loads((tmp_path / "sw" / "sweep.json").read_text())["storage"]
+
+
+# --- the space file is checked like a recipe ----------------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[train]\nlrr = [1e-3]\n", "train.lrr: not a recipe field (did you mean `train.lr`?)"),
+    ("[trian]\nlr = [1e-3]\n", "[trian]: not a recipe section (did you mean [train]?)"),
+    ("[train]\nlr = [\"fast\"]\n", 'train.lr[0]: expected a number, got "fast"'),
+    ("[train]\nepochs = {low = 1.5, high = 3}\n", "train.epochs.low: expected an integer, got 1.5"),
+    ("[train]\nlr = {low = 1e-3, high = 1e-2, log = true, step = 1e-3}\n", "either log or stepped"),
+    ("[train]\nlr = {low = 1e-2, high = 1e-3}\n", "low (0.01) must be below high (0.001)"),
+    ("[train]\nlr = {low = 0.0, high = 1e-3, log = true}\n", "a log range needs low above 0"),
+    ("[train]\nlr = {low = 1e-3, hi = 1e-2}\n", "train.lr.hi: unknown range key"),
+    ("[train]\nwarmup = [0.5, 1.5]\n", "train.warmup[1]: must be below 1.0, got 1.5"),
+    ("[adapter]\nmethod = {low = 1, high = 2}\n", "adapter.method: a range needs a number field"),
+    ("[adapter]\nmethod = [\"lora\", \"loar\"]\n", "adapter.method = 'loar' makes the recipe invalid: adapter.method: unknown value 'loar'"),
+    ("[adapter]\nnum_virtual_tokens = [10, 20]\n", "adapter.num_virtual_tokens: applies only when adapter.method is"),
+    ("[output]\ndir = [\"a\", \"b\"]\n", "output.dir: cannot be swept"),
+    ("[eval]\nmetric = [\"accuracy\"]\n", "eval.metric: cannot be swept"),
+    ("[sweep]\nsampler = \"grid\"\n[train]\nlr = [1e-3]\n", "sweep.sampler: expected one of 'tpe', 'random'"),
+    ("[sweep]\nenqueue = [{\"train.lr\" = 9.0}]\n[train]\nlr = {low = 1e-3, high = 1e-2}\n", "sweep.enqueue[0]: train.lr = 9.0 is outside its range"),
+    ("[train]\nlr = 1e-3\n", "train.lr: expected a list of choices or a range"),
+    ("[sweep]\nseed = 1\n", "no recipe keys to sweep"),
+])
+def test_space_errors_name_the_file_and_key(tmp_path, recipe, text, message, capsys):
+    space = space_file(tmp_path, text)
+    with pytest.raises(SpaceError) as e:
+        from peft_ft.sweep import load_parts
+
+        load_parts(str(recipe()), str(space), [])
+    assert message in str(e.value) and f"{space}: " in str(e.value)
+    assert main(["sweep", str(recipe()), "--space", str(space), "--out", str(tmp_path / "sw")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "sw").exists()  # nothing made before the space is valid
+
+
+def test_space_collects_every_problem(tmp_path, recipe):
+    space = space_file(tmp_path, "[train]\nlrr = [1e-3]\nepochs = [0]\n[adapter]\nr = []\n")
+    with pytest.raises(SpaceError) as e:
+        from peft_ft.sweep import load_parts
+
+        load_parts(str(recipe()), str(space), [])
+    assert e.value.problems == ["train.lrr: not a recipe field (did you mean `train.lr`?)",
+                                "train.epochs[0]: must be at least 1, got 0", "adapter.r: the list of choices is empty"]
+
+
+def test_conditional_keys_are_sampled_only_where_they_apply(tmp_path, recipe):
+    """adapter.r is a LoRA key: a trial that draws IA3 has no adapter.r and uses IA3's default learning rate."""
+    import optuna
+
+    from peft_ft.schema import build_recipe
+    from peft_ft.space import trial_raw
+    from peft_ft.sweep import load_parts
+
+    text = "[adapter]\nmethod = [\"lora\", \"ia3\"]\nr = [2, 4]\n"
+    r, base, space = load_parts(str(recipe()), str(space_file(tmp_path, text)), [])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        values = space.sample(trial, base)
+        recipe_ = build_recipe(trial_raw(base, values), r.source)
+        seen.add(values["adapter.method"])
+        if values["adapter.method"] == "ia3":
+            assert "adapter.r" not in values and "r" not in trial_raw(base, values)["adapter"] and recipe_.train.lr == 0.0
+        else:
+            assert values["adapter.r"] in (2, 4) and recipe_.adapter.r == values["adapter.r"] and recipe_.train.lr == 1e-2
+        study.tell(trial, 0.5)
+    assert seen == {"lora", "ia3"}
