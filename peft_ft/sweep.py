@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import socket
-import subprocess
 import sys
 import tomllib
 import warnings
@@ -175,6 +174,7 @@ def create_study(url: str, plan: Plan, space) -> bool:
         study = optuna.create_study(storage=storage, study_name=plan.study, direction="maximize")
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=plan.study)
+        storage.engine.dispose()  # no pooled connection for forked workers to inherit
         theirs = study.user_attrs.get("fingerprint")
         if theirs != plan.fingerprint or study.user_attrs.get("metric") != plan.metric:
             raise PeftFtError(f"sweep: the study {plan.study!r} in {plan.storage} was started from another recipe, space "
@@ -184,6 +184,7 @@ def create_study(url: str, plan: Plan, space) -> bool:
     study.set_user_attr("metric", plan.metric)
     for values in space.enqueue:
         study.enqueue_trial(values)  # once, by the worker that creates the study
+    storage.engine.dispose()  # no pooled connection for forked workers to inherit
     return True
 
 
@@ -200,8 +201,9 @@ def requeue_stopped_trials(url: str, name: str) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    study = open_study(url, name)
-    callback = study._storage.get_heartbeat_stale_trial_callback()
+    storage = open_storage(url)
+    study = optuna.load_study(storage=storage, study_name=name)
+    callback = storage.get_heartbeat_stale_trial_callback()
     trials = study.get_trials(deepcopy=False)
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     for t in trials:
@@ -216,6 +218,7 @@ def requeue_stopped_trials(url: str, name: str) -> None:
                 continue
             log.info("trial %d: its worker (pid %s) is gone; queued again", t.number, t.user_attrs.get("pid"))
             callback(study, study._storage.get_trial(t._trial_id))
+    storage.engine.dispose()  # no pooled connection for forked workers to inherit
 
 
 def _alive(pid) -> bool:
@@ -231,21 +234,33 @@ def _alive(pid) -> bool:
 
 
 def _start_workers(sweep_dir: Path, url: str, workers: int) -> None:
-    env = {**os.environ, STORAGE_ENV: url}
-    children = [subprocess.Popen([sys.executable, "-m", "peft_ft.sweep", str(sweep_dir), "--worker", str(i)], env=env)
+    """K worker processes. On Linux they fork from this one: what it has imported (all of torch, in
+    a program that already trained) they need not import again; elsewhere they start fresh."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    children = [context.Process(target=_worker_process, args=(sweep_dir, url, i), name=f"sweep-worker-{i}")
                 for i in range(workers)]
+    for child in children:
+        child.start()
     try:
-        codes = [c.wait() for c in children]
+        for child in children:
+            child.join()
     except KeyboardInterrupt:
-        for c in children:  # they got the terminal's SIGINT too; make sure they are gone before we report
-            c.terminate()
-        for c in children:
-            c.wait()
+        for child in children:  # they got the terminal's SIGINT too; make sure they are gone before we report
+            child.terminate()
+        for child in children:
+            child.join()
         log.warning("interrupted: finished trials are kept in the study; run the same command with --resume to go on")
         raise
-    if any(codes):
-        raise PeftFtError(f"sweep: worker(s) {', '.join(str(i) for i, c in enumerate(codes) if c)} stopped with an "
-                          f"error (see above); finished trials are kept, fix the cause and run again with --resume")
+    failed = [str(i) for i, child in enumerate(children) if child.exitcode]
+    if failed:
+        raise PeftFtError(f"sweep: worker(s) {', '.join(failed)} stopped with an error (see above); finished trials are "
+                          f"kept, fix the cause and run again with --resume")
+
+
+def _worker_process(sweep_dir: Path, url: str, worker: int) -> None:
+    raise SystemExit(worker_main([str(sweep_dir), "--worker", str(worker)], url))
 
 
 # --- one worker ---------------------------------------------------------------------------------
@@ -356,7 +371,9 @@ def run_trial(trial, sweep_dir: Path, plan: Plan, base: dict, space) -> float:
     return value
 
 
-def worker_main(argv: list[str]) -> int:
+def worker_main(argv: list[str], url: str | None = None) -> int:
+    """`python -m peft_ft.sweep SWEEP_DIR --worker I`: one worker, the storage URL from `url`, else
+    $PEFT_FT_SWEEP_STORAGE, else the sweep folder's SQLite (a URL in argv would show its password in `ps`)."""
     import argparse
 
     from peft_ft.log import setup_logging
@@ -368,7 +385,7 @@ def worker_main(argv: list[str]) -> int:
     setup_logging(None)
     sweep_dir = Path(args.sweep_dir)
     try:
-        ran = work(sweep_dir, os.environ.get(STORAGE_ENV) or storage_url(sweep_dir, None), args.worker)
+        ran = work(sweep_dir, url or os.environ.get(STORAGE_ENV) or storage_url(sweep_dir, None), args.worker)
     except PeftFtError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
