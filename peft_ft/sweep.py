@@ -92,6 +92,9 @@ def open_storage(url: str):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Our log says what happens to each trial; Optuna's would repeat it, with a traceback for a failed
+    # trial even when the cause is a message for the user (a diverging loss).
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         return RDBStorage(url, heartbeat_interval=30, grace_period=120,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
@@ -141,7 +144,11 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
     if resume:
         requeue_stopped_trials(url, plan.study)
     if workers == 1:
-        work(sweep_dir, url, 0)
+        try:
+            work(sweep_dir, url, 0)
+        except KeyboardInterrupt:
+            log.warning("interrupted: finished trials are kept in the study; run the same command with --resume to go on")
+            raise
     else:
         _start_workers(sweep_dir, url, workers)
     return write_reports(sweep_dir, open_study(url, plan.study), plan, base, space)
@@ -168,7 +175,6 @@ def create_study(url: str, plan: Plan, space) -> bool:
     """Create the study (and queue the space's `enqueue` trials) or join it; True when created here."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our log says what happens; Optuna's repeats it
     storage = open_storage(url)
     try:
         study = optuna.create_study(storage=storage, study_name=plan.study, direction="maximize")
@@ -355,7 +361,10 @@ def run_trial(trial, sweep_dir: Path, plan: Plan, base: dict, space) -> float:
         if folders:
             trial.set_user_attr("run_dir", str(folders[-1]))
             shutil.rmtree(folders[-1] / FOLDER, ignore_errors=True)  # nothing will resume a stopped trial
-        log.info("trial %d %s: %s", trial.number, "pruned" if isinstance(e, optuna.TrialPruned) else "failed", e)
+        if isinstance(e, optuna.TrialPruned):
+            log.info("trial %d pruned: %s", trial.number, e)
+        else:
+            log.warning("trial %d failed: %s", trial.number, e)
         raise
     except KeyboardInterrupt:
         trial.set_user_attr("interrupted", True)  # --resume runs it again

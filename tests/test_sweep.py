@@ -185,6 +185,36 @@ def test_resume_continues_the_same_study(tmp_path, recipe):
     assert len(list((sweep_dir / "trials").iterdir())) == 3
 
 
+def test_resume_runs_stopped_trials_again(tmp_path, recipe):
+    """A trial stopped by Ctrl-C, and one left running by a worker of this machine that is gone, run again
+    with their own values on --resume; they do not count towards --trials, their reruns do."""
+    from optuna.trial import TrialState
+
+    from peft_ft.sweep import load_parts
+
+    space_path = space_file(tmp_path, LR_AND_RANK)
+    sweep_dir = sweep(str(recipe()), str(space_path), trials=1, out=str(tmp_path / "sw"))
+    _, base, space = load_parts(str(recipe()), str(space_path), [])
+    study = finished(sweep_dir)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stopped = {}
+    for how in ("interrupted", "dead worker"):
+        trial = study.ask()
+        stopped[how] = space.sample(trial, base)
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", gone.pid)
+        if how == "interrupted":
+            trial.set_user_attr("interrupted", True)
+            study.tell(trial, state=TrialState.FAIL)
+    sweep(str(recipe()), str(space_path), trials=3, out=str(sweep_dir), resume=True)
+    trials = finished(sweep_dir).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    reruns = {t.system_attrs["failed_trial"]: t.params for t in trials[3:]}
+    assert reruns == {1: stopped["interrupted"], 2: stopped["dead worker"]}
+    assert [r["state"] for r in trials_csv(sweep_dir)].count("complete") == 3
+
+
 def test_resume_refuses_another_space(tmp_path, recipe):
     sweep_dir = sweep(str(recipe()), str(space_file(tmp_path, LR_AND_RANK)), trials=1, out=str(tmp_path / "sw"))
     other = write_recipe(tmp_path / "other.toml", "[train]\nlr = [1e-2, 2e-2]\n")
