@@ -135,6 +135,8 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
     if previous and previous.fingerprint != plan.fingerprint:
         raise PeftFtError(f"sweep --resume: {sweep_dir} was started from another recipe, space or --set than now "
                           f"({previous.recipe}, {previous.space}); resume with those, or start a new sweep with --out")
+    if storage:  # a database that cannot be reached is reported before any folder is made
+        open_storage(storage).engine.dispose()
     (sweep_dir / TRIALS).mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / SWEEP_FILE, dataclasses.asdict(plan))
     url = storage_url(sweep_dir, storage)
