@@ -68,6 +68,8 @@ def importances(study) -> tuple[dict[str, float], str]:
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(done) < 2:
         return {}, f"needs at least 2 finished trials (there are {len(done)})"
+    if len({t.value for t in done}) == 1:
+        return {}, f"every finished trial has the same value ({done[0].value:.4f}): no parameter explains anything"
     try:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         return optuna.importance.get_param_importances(study, evaluator=evaluator), ""
@@ -110,7 +112,7 @@ def sweep_markdown(rows: list[dict], plan, ranking: dict[str, float], why_no_ran
     for r in rows:
         front = "/".join("yes" if r[f"front_{x}"] else "-" for x, _ in PARETO_AXES) if r["state"] == "complete" else ""
         cells = [str(r["trial"]), r["state"], _cell(r["value"]), *[_cell(r[p]) for p in params], _cell(r["epochs"]),
-                 _cell(r["trainable_params"]), _cell(r["train_seconds"]), front]
+                 _cell(r["trainable_params"]), "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}", front]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Parameter importance (Optuna)", ""]
     if ranking:
