@@ -318,6 +318,20 @@ def test_a_storage_that_cannot_be_opened_is_one_message(tmp_path, recipe, capsys
     assert not (tmp_path / "sw").exists()
 
 
+@pytest.mark.parametrize("change, extra, message", [
+    ('validation = "valid.jsonl"\n', [], "a sweep picks trials by their validation score, and the recipe has no validation data"),
+    ("", ["--resume"], "holds no sweep (sweep.json missing); start it without --resume"),
+    ("", ["--workers", "0"], "--workers must be at least 1"),
+])
+def test_sweep_refusals_are_one_message(tmp_path, recipe, capsys, change, extra, message):
+    recipe_file = recipe()
+    recipe_file.write_text(recipe_file.read_text().replace(change, "", 1) if change else recipe_file.read_text())
+    args = ["sweep", str(recipe_file), "--space", str(space_file(tmp_path, LR_AND_RANK)), "--out", str(tmp_path / "sw")]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 # --- the space file is checked like a recipe ----------------------------------------------------
 
 
