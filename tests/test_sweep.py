@@ -416,3 +416,16 @@ def test_importance_ranks_the_parameter_that_moves_the_value():
     rows = [{"trial": 0, "value": 0.5, "x": 10}, {"trial": 1, "value": 0.6, "x": 20}, {"trial": 2, "value": 0.55, "x": 30},
             {"trial": 3, "value": 0.5, "x": 10}]
     assert pareto_front(rows, "x") == {0, 1, 3}  # 2 is beaten by 1 on both; 0 and 3 tie
+
+
+SPACES = sorted((Path(__file__).resolve().parent.parent / "spaces").glob("*.toml"))
+
+
+@pytest.mark.parametrize("space", SPACES, ids=[s.stem for s in SPACES])
+def test_shipped_spaces_are_valid_for_their_recipes(space):
+    """spaces/NAME.toml sweeps recipes/NAME.toml."""
+    from peft_ft.sweep import load_parts
+
+    recipe_file = space.parent.parent / "recipes" / space.name
+    _, _, loaded = load_parts(str(recipe_file), str(space), [])
+    assert loaded.params
