@@ -251,13 +251,12 @@ def test_two_workers_share_one_sqlite_study(tmp_path, recipe):
 
 
 def _postgres_bin() -> Path | None:
-    for name in ("initdb", "pg_ctl"):
-        if shutil.which(name) is None:
-            found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-            if found:
-                return found[-1].parent
-            return None
-    return Path(shutil.which("initdb")).parent
+    """The folder holding initdb and pg_ctl: on PATH, else the newest /usr/lib/postgresql/*/bin (Debian)."""
+    on_path = [shutil.which(name) for name in ("initdb", "pg_ctl")]
+    if all(on_path) and Path(on_path[0]).parent == Path(on_path[1]).parent:
+        return Path(on_path[0]).parent
+    found = [d for d in sorted(Path("/usr/lib/postgresql").glob("*/bin")) if (d / "initdb").is_file() and (d / "pg_ctl").is_file()]
+    return found[-1] if found else None
 
 
 @pytest.fixture
@@ -276,7 +275,11 @@ def postgres():
     if os.geteuid() == 0:
         if shutil.which("runuser") is None:
             pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
-        shutil.chown(folder, "nobody")
+        try:
+            shutil.chown(folder, "nobody")
+        except (LookupError, PermissionError) as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            pytest.skip(f"running as root and cannot hand a folder to the user nobody ({e}): PostgreSQL refuses to run as root")
         prefix = ["runuser", "-u", "nobody", "--"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
