@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
-from peft_ft.output import write_atomic, write_json
+from peft_ft.output import write_json
 
 log = logging.getLogger("peft_ft")
 SWEEP_FILE = "sweep.json"

@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 from conftest import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.cli import main
 from peft_ft.schema import load_recipe
-from peft_ft.space import SpaceError, load_space
+from peft_ft.space import SpaceError
 from peft_ft.sweep import open_study, storage_url, sweep
 
 RECIPE = """
@@ -191,6 +190,9 @@ def test_resume_continues_the_same_study(tmp_path, recipe):
     assert [(t.number, t.params, t.value) for t in study.trials[:2]] == first
     assert study.trials[2].params != first[0][1] and study.trials[2].params != first[1][1]  # a fresh seed, not a replay
     assert len(list((sweep_dir / "trials").iterdir())) == 3
+    other = write_recipe(tmp_path / "other.toml", "[train]\nlr = [1e-2, 2e-2]\n")
+    assert main(["sweep", str(recipe()), "--space", str(other), "--out", str(sweep_dir), "--resume"]) == 2  # not mixed in
+    assert len(finished(sweep_dir).trials) == 3
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks for trials by hand
@@ -222,12 +224,6 @@ def test_resume_runs_stopped_trials_again(tmp_path, recipe):
     reruns = {t.system_attrs["failed_trial"]: t.params for t in trials[3:]}
     assert reruns == {1: stopped["interrupted"], 2: stopped["dead worker"]}
     assert [r["state"] for r in trials_csv(sweep_dir)].count("complete") == 3
-
-
-def test_resume_refuses_another_space(tmp_path, recipe):
-    sweep_dir = sweep(str(recipe()), str(space_file(tmp_path, LR_AND_RANK)), trials=1, out=str(tmp_path / "sw"))
-    other = write_recipe(tmp_path / "other.toml", "[train]\nlr = [1e-2, 2e-2]\n")
-    assert main(["sweep", str(recipe()), "--space", str(other), "--out", str(sweep_dir), "--resume"]) == 2
 
 
 def _two_workers(tmp_path, recipe, storage: str | None) -> list:
