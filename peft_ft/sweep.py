@@ -122,6 +122,7 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
     if trials is not None and trials < 1:
         raise PeftFtError("sweep: --trials must be at least 1")
     recipe, base, space = load_parts(recipe_path, space_path, list(overrides))
+    _check_files(recipe, data_dir)
     sweep_dir = Path(out) if out else Path(recipe.output.dir) / f"sweep-{Path(recipe_path).stem}"
     previous = _check_folder(sweep_dir, resume)
     plan = Plan(
@@ -153,7 +154,32 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
             raise
     else:
         _start_workers(sweep_dir, url, workers)
-    return write_reports(sweep_dir, open_study(url, plan.study), plan, base, space)
+    study_now = open_study(url, plan.study)
+    write_reports(sweep_dir, study_now, plan, base, space)
+    _check_finished(study_now, sweep_dir)
+    return sweep_dir
+
+
+def _check_files(recipe, data_dir: str | None) -> None:
+    """The recipe's model and data files exist: otherwise every trial would fail the same way."""
+    from peft_ft.data import resolve_data_dir, split_sources
+    from peft_ft.models import resolve_model, settle_hub_mode
+
+    settle_hub_mode(recipe)
+    resolve_model(recipe)
+    split_sources(recipe, None if recipe.data.hub else resolve_data_dir(recipe, data_dir))
+
+
+def _check_finished(study, sweep_dir: Path) -> None:
+    from optuna.trial import TrialState
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    if TrialState.COMPLETE not in states:
+        raise PeftFtError(f"sweep: no trial finished ({states.count(TrialState.FAIL)} failed, "
+                          f"{states.count(TrialState.PRUNED)} pruned); the reason of each failure is logged above and in "
+                          f"its train.log under {sweep_dir / TRIALS}; fix it and run again with --resume")
+    if TrialState.FAIL in states:
+        log.warning("sweep: %d trial(s) failed; see trials.csv and their train.log", states.count(TrialState.FAIL))
 
 
 def _default_metric(recipe) -> str:

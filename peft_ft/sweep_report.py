@@ -182,7 +182,7 @@ def best_recipe_text(study, plan, base: dict, space) -> str | None:
             f"{best.value:.4f}\n# swept values: {', '.join(f'{k} = {v}' for k, v in values.items())}\n" + body)
 
 
-def write_reports(sweep_dir: Path, study, plan, base: dict, space) -> Path:
+def write_reports(sweep_dir: Path, study, plan, base: dict, space) -> None:
     rows = trial_rows(study)
     ranking, why = importances(study)
     text = best_recipe_text(study, plan, base, space)
@@ -194,4 +194,3 @@ def write_reports(sweep_dir: Path, study, plan, base: dict, space) -> Path:
     plot_pareto(rows, plan.metric, sweep_dir / "pareto.png")
     log.info("sweep %s: %d trial(s); tables trials.csv, sweep.md; plot pareto.png%s", sweep_dir, len(rows),
              f"; best recipe {best_file}" if best_file else "")
-    return sweep_dir

@@ -318,17 +318,28 @@ def test_a_storage_that_cannot_be_opened_is_one_message(tmp_path, recipe, capsys
 
 
 @pytest.mark.parametrize("change, extra, message", [
-    ('validation = "valid.jsonl"\n', [], "a sweep picks trials by their validation score, and the recipe has no validation data"),
-    ("", ["--resume"], "holds no sweep (sweep.json missing); start it without --resume"),
-    ("", ["--workers", "0"], "--workers must be at least 1"),
+    (('validation = "valid.jsonl"\n', ""), [], "a sweep picks trials by their validation score, and the recipe has no validation data"),
+    (("", ""), ["--resume"], "holds no sweep (sweep.json missing); start it without --resume"),
+    (("", ""), ["--workers", "0"], "--workers must be at least 1"),
+    (('train = "train.jsonl"', 'train = "missing.jsonl"'), [], "data.train: file not found"),
 ])
 def test_sweep_refusals_are_one_message(tmp_path, recipe, capsys, change, extra, message):
     recipe_file = recipe()
-    recipe_file.write_text(recipe_file.read_text().replace(change, "", 1) if change else recipe_file.read_text())
+    if change[0]:
+        recipe_file.write_text(recipe_file.read_text().replace(*change, 1))
     args = ["sweep", str(recipe_file), "--space", str(space_file(tmp_path, LR_AND_RANK)), "--out", str(tmp_path / "sw")]
     assert main(args + extra) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_sweep_where_no_trial_finishes_says_so(tmp_path, recipe, capsys):
+    space = space_file(tmp_path, f"[model]\nname = [\"{tmp_path / 'no-such-model'}\"]\n")
+    assert main(["sweep", str(recipe()), "--space", str(space), "--trials", "2", "--out", str(tmp_path / "sw")]) == 2
+    err = capsys.readouterr().err
+    assert "sweep: no trial finished (2 failed, 0 pruned)" in err and "Traceback" not in err
+    assert [r["state"] for r in trials_csv(tmp_path / "sw")] == ["fail", "fail"]
 
 
 # --- the space file is checked like a recipe ----------------------------------------------------
