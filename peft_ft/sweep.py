@@ -294,6 +294,13 @@ def _start_workers(sweep_dir: Path, url: str, workers: int) -> None:
 
 
 def _worker_process(sweep_dir: Path, url: str, worker: int) -> None:
+    from rich.console import Console
+
+    from peft_ft import log as log_module
+
+    # Several live progress bars redrawing one terminal garble it: workers print log lines only
+    # (a bar still prints once, when its epoch ends).
+    log_module._console = Console(force_interactive=False)
     raise SystemExit(worker_main([str(sweep_dir), "--worker", str(worker)], url))
 
 
