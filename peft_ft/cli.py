@@ -83,6 +83,15 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from peft_ft.sweep import sweep
+
+    out = sweep(args.recipe, args.space, args.trials, args.storage, args.workers, args.resume, args.out, args.set,
+                args.data_dir, args.study)
+    print(f"sweep: {out}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from peft_ft.serve import run_serve
 
@@ -98,6 +107,7 @@ COMMANDS = {
     "predict": (cmd_predict, "answer JSONL/CSV/text rows with one or more trained adapters on one loaded base"),
     "serve": (cmd_serve, "serve trained adapters over HTTP (POST /predict/{adapter}, GET /adapters)"),
     "compare": (cmd_compare, "train one recipe with several methods (and seeds) on the same data; tables and a plot"),
+    "sweep": (cmd_sweep, "search a recipe's hyperparameters with Optuna (TPE, median pruning); every trial a run folder"),
 }
 
 
@@ -145,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data-dir", default=None, help="data directory (overrides $PEFT_FT_DATA_DIR and data.dir)")
             p.add_argument("--out", default=None, help="comparison folder (default: <output.dir>/compare-<recipe name>)")
             p.add_argument("--resume", action="store_true", help="continue a comparison in the same folder: finished runs are skipped")
+        if name == "sweep":
+            p.add_argument("recipe", help="TOML recipe to start from; its values fill every key the space does not sweep")
+            p.add_argument("--space", required=True, help="TOML space file: recipe keys with ranges {low, high, log | step} "
+                           "or lists of choices, e.g. [train] lr = {low = 1e-4, high = 3e-3, log = true}")
+            p.add_argument("--trials", type=int, default=None, help="trials in the whole study, all workers and machines "
+                           "together (default 20; on --resume the sweep's own number)")
+            p.add_argument("--storage", default=None, metavar="URL", help="the study's database: any SQLAlchemy URL, e.g. "
+                           "postgresql+psycopg://user:pass@host/db, for workers on several machines (default: SQLite in the sweep folder)")
+            p.add_argument("--study", default=None, help="study name in the storage (default: the recipe file's stem)")
+            p.add_argument("--workers", type=int, default=1, help="worker processes on this machine sharing the study (default 1)")
+            p.add_argument("--resume", action="store_true", help="continue the sweep in its folder: stopped trials run again, then new ones up to --trials")
+            p.add_argument("--out", default=None, help="sweep folder (default: <output.dir>/sweep-<recipe name>)")
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value in every trial (repeatable)")
+            p.add_argument("--data-dir", default=None, help="data directory (overrides $PEFT_FT_DATA_DIR and data.dir)")
         if name == "serve":
             p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; set an API key before binding others)")
             p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (printed at start)")
@@ -157,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Data-parallel under torchrun / accelerate launch is for training; these would run once per process.
-SINGLE_PROCESS = {"merge", "predict", "serve", "compare"}
+SINGLE_PROCESS = {"merge", "predict", "serve", "compare", "sweep"}
 
 
 def check_single_process(command: str) -> None:

@@ -26,9 +26,10 @@ log = logging.getLogger("peft_ft")
 INFO_FILE = "peft_ft.json"
 
 
-def run(recipe: Recipe, data_dir: str | None = None) -> Path:
+def run(recipe: Recipe, data_dir: str | None = None, on_epoch=None) -> Path:
     """Train and evaluate one recipe; returns the run folder. Started by torchrun or accelerate launch:
-    data-parallel over its processes (peft_ft.distributed), the main process alone writing the folder."""
+    data-parallel over its processes (peft_ft.distributed), the main process alone writing the folder.
+    `on_epoch(epoch, validation value)` is called after each epoch's validation (see `train.train`)."""
     from peft_ft.train import use_cuda
 
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
@@ -41,7 +42,7 @@ def run(recipe: Recipe, data_dir: str | None = None) -> Path:
         return run_dir
 
     run_dir = distributed.on_main(new_run_dir)  # one folder, made by the main process, named to all
-    _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=None)
+    _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=None, on_epoch=on_epoch)
     return run_dir
 
 
@@ -87,7 +88,7 @@ def check_inputs(recipe: Recipe, task: Task, data_dir: str | None):
 
 
 def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, data: TaskData, data_dir: Path | None,
-            resume_from: Path | None) -> None:
+            resume_from: Path | None, on_epoch=None) -> None:
     setup_logging(run_dir if distributed.is_main() else None)
     if not distributed.is_main():
         log.setLevel(logging.WARNING)  # progress and results are the main process's to report
@@ -99,7 +100,7 @@ def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, da
         if distributed.is_main() and (recipe.data.format == "label_studio" or recipe.data.validation_fraction or recipe.data.test_fraction):
             record_splits(data.splits, data.labels, run_dir)  # splits carved or exported: log and keep what went where
         run_state = {"recipe_source": recipe.source, "data_dir": str(data_dir) if data_dir else None}
-        _train_evaluate_save(recipe, task, method, location, data, run_dir, resume_from, run_state)
+        _train_evaluate_save(recipe, task, method, location, data, run_dir, resume_from, run_state, on_epoch)
     finally:
         setup_logging(None)  # detach train.log so later log lines of this process do not land in it
 
@@ -127,7 +128,7 @@ def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskDat
 
 
 def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,
-                         resume_from: Path | None = None, run_state: dict | None = None) -> None:
+                         resume_from: Path | None = None, run_state: dict | None = None, on_epoch=None) -> None:
     import shutil
 
     from peft_ft.checkpoint import FOLDER
@@ -135,6 +136,7 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
 
     device = setup_torch(recipe)
     model, tokenizer, heads = build_model(recipe, task, method, location, data, device)
+    task.prepare_training(model, recipe, data)
     distributed.broadcast_parameters(model)
     if distributed.world().size > 1:
         log.info("data-parallel over %d processes: each trains on its share of every batch of %d",
@@ -161,7 +163,7 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
     result = train(
         model, features["train"], recipe, lr=recipe.train.lr or method.default_lr, pad_id=pad_id, device=device,
         validate=validate if "validation" in data.splits else None, metric=metric,
-        run_dir=run_dir, resume_from=resume_from, run_state=run_state,
+        run_dir=run_dir, resume_from=resume_from, run_state=run_state, on_epoch=on_epoch,
     )
     metrics = {}
     for name in data.eval_names:

@@ -165,6 +165,10 @@ class TrainSection:
         "a finished run removes them.", min=1
     )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to train: auto = CUDA when available, else CPU.")
+    class_weights: Literal["none", "balanced"] = opt(
+        "none", "Classification: weight the cross-entropy of each class; balanced = rows / (classes x rows of that class), "
+        "counted in the training split (rare classes weigh more).", only=_CLS
+    )
     fast_kernels: bool = opt(
         True, "Fused LoRA layers, integer-generator dropout and a leaner attention dropout while training "
         "(same maths, faster and leaner on CPU); false = peft's stock layers and transformers' SDPA."

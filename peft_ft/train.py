@@ -179,9 +179,13 @@ def restore(model, state: dict) -> None:
 
 def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int, device,
           validate: Callable[[int], float] | None, metric: str, run_dir: Path | None = None,
-          resume_from: Path | None = None, run_state: dict | None = None) -> TrainResult:
+          resume_from: Path | None = None, run_state: dict | None = None,
+          on_epoch: Callable[[int, float | None], None] | None = None) -> TrainResult:
     """Train; after each epoch `validate(epoch)` returns the metric (higher is better) and the
     best epoch's trainable weights are restored at the end.
+
+    `on_epoch(epoch, value)`, when given, hears each epoch's validation value as soon as it is known
+    (`peft-ft sweep` reports it to its Optuna trial); an exception it raises stops training there.
 
     With `run_dir`, a resumable checkpoint is written at each epoch end (and every
     `train.checkpoint_every` steps), Ctrl-C saves one before stopping, and `resume_from` (a
@@ -260,6 +264,8 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
                 entry[f"validation_{metric}"] = value
             result.history.append(entry)
             log.info("epoch %d: train loss %.4f%s", epoch, entry["train_loss"], f", validation {metric} {value:.4f}" if value is not None else "")
+            if on_epoch is not None:
+                on_epoch(epoch, value)
             if value is None or result.best_value is None or value > result.best_value:
                 result.best_epoch, result.best_value, best_state = epoch, value, snapshot(model)
                 best_name = checkpoint.name_of(result.steps)  # the epoch-end checkpoint written next

@@ -65,6 +65,9 @@ class Task:
         """Extra `from_pretrained` arguments: label count and names for the head."""
         return {}
 
+    def prepare_training(self, model, recipe: Recipe, data: TaskData) -> None:
+        """Adjust the built model before training (e.g. the loss); the default leaves it as it is."""
+
     def encode(self, split: Split, tokenizer, recipe: Recipe, data: TaskData) -> list[dict]:
         """Token-id features, one dict per model row, each with a `length`."""
         raise NotImplementedError

@@ -8,6 +8,7 @@ Files listed in `data.predict` need no label column: they get predictions only (
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from peft_ft.label_studio import read_classification
 from peft_ft.schema import DataSection, Recipe
 from peft_ft.tasks import Split, Task, TaskData, cap_splits, register_task
 
+log = logging.getLogger("peft_ft")
 # A regression head has one output; its one "label" names it. One label <=> regression (a
 # classifier needs two classes), which is all a saved run needs to rebuild its head.
 REGRESSION_LABELS = ["score"]
@@ -128,6 +130,8 @@ class Classification(Task):
         elif recipe.data.format == "glue":
             problems.append("data.format: \"glue\" reads GLUE's TSV files and needs task.glue (cola, sst2, ...)")
         if s.regression:
+            if recipe.train.class_weights != "none":
+                problems.append("train.class_weights: a regression task has no classes to weight; remove train.class_weights")
             if t.labels and not s.preset:
                 problems.append("task.labels: a regression task predicts a number and has no label names; remove task.labels")
             if metric not in REGRESSION_METRICS:
@@ -181,6 +185,12 @@ class Classification(Task):
         # transformers trains a one-output head with MSELoss for this problem type, and its
         # text-classification pipeline then returns the raw score instead of a sigmoid.
         return {**kwargs, "problem_type": "regression"} if is_regression(data.labels) else kwargs
+
+    def prepare_training(self, model, recipe: Recipe, data: TaskData) -> None:
+        if recipe.train.class_weights == "balanced" and not is_regression(data.labels):
+            weights = balanced_weights([e["label"] for e in data.splits["train"].examples], len(data.labels))
+            log.info("class weights (balanced): %s", ", ".join(f"{n} {w:.3f}" for n, w in zip(data.labels, weights)))
+            use_weighted_loss(model, weights)
 
     def encode(self, split: Split, tokenizer, recipe: Recipe, data: TaskData) -> list[dict]:
         texts = [e["text"] for e in split.examples]
@@ -237,6 +247,37 @@ class Classification(Task):
             paths.append(run_dir / split.submission)
             write_atomic(paths[-1], text)
         return paths
+
+
+def balanced_weights(labels: list[int], n_classes: int) -> list[float]:
+    """scikit-learn's "balanced": rows / (classes x rows of the class). A class absent from training
+    never is a target, so its weight (1.0) never counts."""
+    counts = [labels.count(c) for c in range(n_classes)]
+    return [len(labels) / (n_classes * n) if n else 1.0 for n in counts]
+
+
+def use_weighted_loss(model, weights: list[float]) -> None:
+    """Replace the loss of training forwards with class-weighted cross-entropy.
+
+    transformers' sequence-classification heads build an unweighted `CrossEntropyLoss` inside
+    `forward` (BERT, RoBERTa, DeBERTa alike), so a forward hook recomputes the loss from the logits
+    and the labels: one small extra cross-entropy per batch, no change to the model or what it saves.
+    Evaluation (model.eval()) keeps the model's own loss; nothing reads it there."""
+    import torch
+    import torch.nn.functional as F
+
+    weight = torch.tensor(weights, dtype=torch.float32)
+
+    def weighted(module, args, kwargs, output):
+        labels = kwargs.get("labels")
+        if not module.training or labels is None:
+            return output
+        logits = output["logits"]
+        output["loss"] = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
+                                         weight=weight.to(logits.device))
+        return output
+
+    model.register_forward_hook(weighted, with_kwargs=True)
 
 
 def _read_rows(recipe: Recipe, s: Settings, name: str, location: str, predict: bool, notes: list[str]) -> list[dict]:

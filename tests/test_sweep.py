@@ -1,0 +1,441 @@
+"""`peft-ft sweep` on the tiny BERT: a 4-trial sweep with SQLite, pruning, --resume, two worker
+processes on one study (SQLite and a real PostgreSQL started in a temporary folder), and the best
+recipe reproducing its trial. Trials of one worker train in the test process (no second torch import)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import sentiment_rows, write_jsonl, write_recipe
+from peft_ft.cli import main
+from peft_ft.schema import load_recipe
+from peft_ft.space import SpaceError
+from peft_ft.sweep import open_study, storage_url, sweep
+
+RECIPE = """
+[model]
+name = "{model}"
+max_length = 32
+[task]
+type = "classification"
+[data]
+dir = "{data}"
+train = "train.jsonl"
+validation = "valid.jsonl"
+test = ["test.jsonl"]
+[adapter]
+method = "lora"
+r = 4
+alpha = 8
+[train]
+epochs = {epochs}
+batch_size = 8
+lr = 1e-2
+threads = 1
+[output]
+dir = "{out}"
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_bert):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", sentiment_rows(32, seed=1))
+    write_jsonl(data / "valid.jsonl", sentiment_rows(12, seed=2))
+    write_jsonl(data / "test.jsonl", sentiment_rows(8, seed=3))
+
+    def make(epochs: int = 1) -> Path:
+        return write_recipe(tmp_path / "sent.toml", RECIPE.format(model=tiny_bert, data=data, out=tmp_path / "runs", epochs=epochs))
+
+    return make
+
+
+def space_file(tmp_path, text: str) -> Path:
+    return write_recipe(tmp_path / "space.toml", text)
+
+
+def trials_csv(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "trials.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def finished(sweep_dir: Path):
+    from peft_ft.sweep import Plan
+
+    plan = Plan.read(sweep_dir)
+    return open_study(storage_url(sweep_dir, None), plan.study)
+
+
+LR_AND_RANK = """
+[train]
+lr = {low = 1e-3, high = 5e-2, log = true}
+[adapter]
+r = [2, 4, 8]
+[sweep]
+startup_trials = 2
+pruner = "none"
+"""
+
+
+def test_four_trials_sqlite_reports_and_best_recipe(tmp_path, recipe):
+    """Four trials through the CLI: four run folders, the tables, the plot, the importance ranking, and a
+    best recipe that validates and, trained again, gives the best trial's validation value."""
+    sweep_dir = tmp_path / "sw"
+    assert main([ "sweep", str(recipe()), "--space", str(space_file(tmp_path, LR_AND_RANK)), "--trials", "4",
+                  "--out", str(sweep_dir)]) == 0
+    study = finished(sweep_dir)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    assert (sweep_dir / "study.db").is_file()
+    for t in study.trials:
+        run_dir = Path(t.user_attrs["run_dir"])
+        assert run_dir.parent.parent == sweep_dir / "trials" and run_dir.parent.name == f"trial-{t.number:04d}"
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["train"]["best_value"] == t.value == metrics["validation"]["macro_f1"]
+        assert "test" not in metrics  # a sweep never looks at test splits
+        resolved = load_recipe(run_dir / "recipe.toml")
+        assert resolved.train.lr == pytest.approx(t.params["train.lr"]) and resolved.adapter.r == t.params["adapter.r"]
+        assert 1e-3 <= t.params["train.lr"] <= 5e-2 and t.params["adapter.r"] in (2, 4, 8)
+    rows = trials_csv(sweep_dir)
+    assert sorted(int(r["trial"]) for r in rows) == [0, 1, 2, 3]
+    assert float(rows[0]["value"]) == study.best_value
+    assert any(r["front_trainable_params"] == "True" for r in rows)
+    md = (sweep_dir / "sweep.md").read_text()
+    assert "## Parameter importance (Optuna)" in md
+    values = {t.value for t in study.trials}  # the tiny model may learn nothing in one epoch: then no ranking
+    assert ("| train.lr |" in md and "| adapter.r |" in md) if len(values) > 1 else "every finished trial has the same value" in md
+    assert (sweep_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    best_file = sweep_dir / "best.toml"
+    assert main(["validate", str(best_file)]) == 0
+    best = load_recipe(best_file)
+    assert best.train.lr == pytest.approx(study.best_params["train.lr"]) and best.adapter.r == study.best_params["adapter.r"]
+    assert best.data.test == ["test.jsonl"] and best.output.dir == str(tmp_path / "runs")
+    from peft_ft.run import run
+
+    again_dir = run(best)
+    again = json.loads((again_dir / "metrics.json").read_text())
+    assert again["validation"]["macro_f1"] == pytest.approx(study.best_value, abs=1e-9)
+    assert "test" in again
+    # Same training, not just the same score: every validation probability matches the best trial's.
+    trial_dir = Path(study.best_trial.user_attrs["run_dir"])
+    probs = [[json.loads(line)["probabilities"] for line in (d / "predictions_validation.jsonl").read_text().splitlines()]
+             for d in (trial_dir, again_dir)]
+    assert probs[0] == probs[1]
+
+
+def imbalanced_rows(n: int, seed: int) -> list[dict]:
+    """One word a row, three positive to one negative: a model that learns nothing predicts one class for
+    every row, and its macro-F1 is then 0.43 (the majority) or 0.2 (the minority)."""
+    import random
+
+    rng = random.Random(seed)
+    return [{"text": rng.choice(["good", "great", "fine"] if i % 4 else ["bad", "awful", "terrible"]),
+             "label": "pos" if i % 4 else "neg"} for i in range(n)]
+
+
+def test_pruning_stops_the_trial_with_the_worst_first_epoch(tmp_path, recipe):
+    """Two trials, then one whose first-epoch validation value is below theirs: it stops after epoch 1.
+    On the tiny BERT (seeded; found by trying seeds 1, 2, 3, 42), lr 5e-2 at seeds 2 and 3 predicts the
+    majority after epoch 1 (0.43); lr 1e-7 at seed 2 leaves the head at its start, which predicts the
+    minority (0.2). Should a library change move these, the first assertion shows the values."""
+    recipe_file = recipe(epochs=3)
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", imbalanced_rows(32, seed=1))
+    write_jsonl(data / "valid.jsonl", imbalanced_rows(12, seed=2))
+    text = """
+[train]
+lr = [5e-2, 1e-7]
+seed = [2, 3]
+[sweep]
+pruner_startup_trials = 2
+enqueue = [{"train.lr" = 5e-2, "train.seed" = 2}, {"train.lr" = 5e-2, "train.seed" = 3}, {"train.lr" = 1e-7, "train.seed" = 2}]
+"""
+    sweep_dir = sweep(str(recipe_file), str(space_file(tmp_path, text)), trials=3, out=str(tmp_path / "sw"))
+    trials = finished(sweep_dir).trials
+    assert [t.params["train.lr"] for t in trials] == [5e-2, 5e-2, 1e-7]
+    assert trials[2].intermediate_values[1] < min(t.intermediate_values[1] for t in trials[:2]), [t.intermediate_values for t in trials]
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert list(trials[2].intermediate_values) == [1]  # stopped after its first epoch
+    assert all(list(t.intermediate_values) == [1, 2, 3] for t in trials[:2])
+    for t in trials[:2]:  # what the loop reported is what the run folder recorded
+        history = json.loads((Path(t.user_attrs["run_dir"]) / "metrics.json").read_text())["train"]["history"]
+        assert [h["validation_macro_f1"] for h in history] == [t.intermediate_values[e] for e in (1, 2, 3)]
+    pruned_dir = Path(trials[2].user_attrs["run_dir"])
+    assert not (pruned_dir / "metrics.json").exists() and not (pruned_dir / "checkpoints").exists()
+    log = (pruned_dir / "train.log").read_text()
+    assert "epoch 1:" in log and "epoch 2:" not in log
+    assert [r["state"] for r in trials_csv(sweep_dir)] == ["complete", "complete", "pruned"]
+
+
+def test_resume_continues_the_same_study(tmp_path, recipe):
+    space = space_file(tmp_path, LR_AND_RANK)
+    sweep_dir = sweep(str(recipe()), str(space), trials=2, out=str(tmp_path / "sw"))
+    first = [(t.number, t.params, t.value) for t in finished(sweep_dir).trials]
+    study_id = finished(sweep_dir)._study_id
+    with pytest.raises(Exception, match="already holds a sweep; pass --resume"):
+        sweep(str(recipe()), str(space), trials=3, out=str(sweep_dir))
+    sweep(str(recipe()), str(space), trials=3, out=str(sweep_dir), resume=True)
+    study = finished(sweep_dir)
+    assert study._study_id == study_id and len(study.trials) == 3
+    assert [(t.number, t.params, t.value) for t in study.trials[:2]] == first
+    assert study.trials[2].params != first[0][1] and study.trials[2].params != first[1][1]  # a fresh seed, not a replay
+    assert len(list((sweep_dir / "trials").iterdir())) == 3
+    other = write_recipe(tmp_path / "other.toml", "[train]\nlr = [1e-2, 2e-2]\n")
+    assert main(["sweep", str(recipe()), "--space", str(other), "--out", str(sweep_dir), "--resume"]) == 2  # not mixed in
+    assert len(finished(sweep_dir).trials) == 3
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks for trials by hand
+def test_resume_runs_stopped_trials_again(tmp_path, recipe):
+    """A trial stopped by Ctrl-C, and one left running by a worker of this machine that is gone, run again
+    with their own values on --resume; they do not count towards --trials, their reruns do."""
+    from optuna.trial import TrialState
+
+    from peft_ft.sweep import load_parts
+
+    space_path = space_file(tmp_path, LR_AND_RANK)
+    sweep_dir = sweep(str(recipe()), str(space_path), trials=1, out=str(tmp_path / "sw"))
+    _, base, space = load_parts(str(recipe()), str(space_path), [])
+    study = finished(sweep_dir)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stopped = {}
+    for how in ("interrupted", "dead worker"):
+        trial = study.ask()
+        stopped[how] = space.sample(trial, base)
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", gone.pid)
+        if how == "interrupted":
+            trial.set_user_attr("interrupted", True)
+            study.tell(trial, state=TrialState.FAIL)
+    sweep(str(recipe()), str(space_path), trials=3, out=str(sweep_dir), resume=True)
+    trials = finished(sweep_dir).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    reruns = {t.system_attrs["failed_trial"]: t.params for t in trials[3:]}
+    assert reruns == {1: stopped["interrupted"], 2: stopped["dead worker"]}
+    assert [r["state"] for r in trials_csv(sweep_dir)].count("complete") == 3
+
+
+def _two_workers(tmp_path, recipe, storage: str | None) -> list:
+    space = space_file(tmp_path, LR_AND_RANK)
+    args = ["sweep", str(recipe()), "--space", str(space), "--trials", "4", "--workers", "2", "--out", str(tmp_path / "sw")]
+    assert main(args + (["--storage", storage] if storage else [])) == 0
+    study = open_study(storage or storage_url(tmp_path / "sw", None), "sent")
+    trials = study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    pids = {t.user_attrs["pid"] for t in trials}
+    assert len(pids) == 2 and os.getpid() not in pids  # both workers took trials
+    run_dirs = [t.user_attrs["run_dir"] for t in trials]
+    assert len(set(run_dirs)) == 4 and all((Path(d) / "metrics.json").is_file() for d in run_dirs)
+    assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4  # no trial drawn twice
+    return trials
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path, recipe):
+    _two_workers(tmp_path, recipe, None)
+
+
+def _postgres_bin() -> Path | None:
+    """The folder holding initdb and pg_ctl: on PATH, else the newest /usr/lib/postgresql/*/bin (Debian)."""
+    on_path = [shutil.which(name) for name in ("initdb", "pg_ctl")]
+    if all(on_path) and Path(on_path[0]).parent == Path(on_path[1]).parent:
+        return Path(on_path[0]).parent
+    found = [d for d in sorted(Path("/usr/lib/postgresql").glob("*/bin")) if (d / "initdb").is_file() and (d / "pg_ctl").is_file()]
+    return found[-1] if found else None
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server in a temporary folder, on a free local port, for this test only. As root the
+    server runs as `nobody` (PostgreSQL refuses to run as root)."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL's initdb/pg_ctl not found (PATH, /usr/lib/postgresql/*/bin)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg not installed (pip install 'peft-ft[postgres]')")
+    folder = Path(tempfile.mkdtemp(prefix="peft-ft-pg-"))
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
+        try:
+            shutil.chown(folder, "nobody")
+        except (LookupError, PermissionError) as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            pytest.skip(f"running as root and cannot hand a folder to the user nobody ({e}): PostgreSQL refuses to run as root")
+        prefix = ["runuser", "-u", "nobody", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data, logfile = folder / "data", folder / "log"
+
+    def pg(*args, check=True):
+        return subprocess.run([*prefix, *args], capture_output=True, text=True, check=check, cwd=folder)
+
+    try:
+        pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "sweeper", "-A", "trust", "--no-sync")
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(logfile), "-w", "-t", "30", "start",
+           "-o", f"-h 127.0.0.1 -p {port} -k {folder} -F")
+    except subprocess.CalledProcessError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"could not start PostgreSQL here: {(e.stderr or e.stdout).strip().splitlines()[-1:]}")
+    try:
+        yield f"postgresql+psycopg://sweeper@127.0.0.1:{port}/postgres"
+    finally:
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop", check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgres_study(tmp_path, recipe, postgres):
+    trials = _two_workers(tmp_path, recipe, postgres)
+    assert not (tmp_path / "sw" / "study.db").exists()
+    assert "sweeper@127.0.0.1" in json.loads((tmp_path / "sw" / "sweep.json").read_text())["storage"]
+
+
+@pytest.mark.parametrize("url, message", [
+    ("nosuchdb://host/db", "--storage nosuchdb://host/db: cannot open the study storage"),
+    ("postgresql+psycopg://sweeper:secret@127.0.0.1:1/db", "cannot open the study storage (OperationalError"),
+])
+def test_a_storage_that_cannot_be_opened_is_one_message(tmp_path, recipe, capsys, url, message):
+    space = space_file(tmp_path, LR_AND_RANK)
+    assert main(["sweep", str(recipe()), "--space", str(space), "--storage", url, "--out", str(tmp_path / "sw")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "secret" not in err
+    assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.parametrize("change, extra, message", [
+    (('validation = "valid.jsonl"\n', ""), [], "a sweep picks trials by their validation score, and the recipe has no validation data"),
+    (("", ""), ["--resume"], "holds no sweep (sweep.json missing); start it without --resume"),
+    (("", ""), ["--workers", "0"], "--workers must be at least 1"),
+    (('train = "train.jsonl"', 'train = "missing.jsonl"'), [], "data.train: file not found"),
+])
+def test_sweep_refusals_are_one_message(tmp_path, recipe, capsys, change, extra, message):
+    recipe_file = recipe()
+    if change[0]:
+        recipe_file.write_text(recipe_file.read_text().replace(*change, 1))
+    args = ["sweep", str(recipe_file), "--space", str(space_file(tmp_path, LR_AND_RANK)), "--out", str(tmp_path / "sw")]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_sweep_where_no_trial_finishes_says_so(tmp_path, recipe, capsys):
+    space = space_file(tmp_path, f"[model]\nname = [\"{tmp_path / 'no-such-model'}\"]\n")
+    assert main(["sweep", str(recipe()), "--space", str(space), "--trials", "2", "--out", str(tmp_path / "sw")]) == 2
+    err = capsys.readouterr().err
+    assert "sweep: no trial finished (2 failed, 0 pruned)" in err and "Traceback" not in err
+    assert [r["state"] for r in trials_csv(tmp_path / "sw")] == ["fail", "fail"]
+
+
+# --- the space file is checked like a recipe ----------------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[train]\nlrr = [1e-3]\n", "train.lrr: not a recipe field (did you mean `train.lr`?)"),
+    ("[trian]\nlr = [1e-3]\n", "[trian]: not a recipe section (did you mean [train]?)"),
+    ("[train]\nlr = [\"fast\"]\n", 'train.lr[0]: expected a number, got "fast"'),
+    ("[train]\nepochs = {low = 1.5, high = 3}\n", "train.epochs.low: expected an integer, got 1.5"),
+    ("[train]\nlr = {low = 1e-3, high = 1e-2, log = true, step = 1e-3}\n", "either log or stepped"),
+    ("[train]\nlr = {low = 1e-2, high = 1e-3}\n", "low (0.01) must be below high (0.001)"),
+    ("[train]\nlr = {low = 0.0, high = 1e-3, log = true}\n", "a log range needs low above 0"),
+    ("[train]\nlr = {low = 1e-3, hi = 1e-2}\n", "train.lr.hi: unknown range key"),
+    ("[train]\nwarmup = [0.5, 1.5]\n", "train.warmup[1]: must be below 1.0, got 1.5"),
+    ("[adapter]\nmethod = {low = 1, high = 2}\n", "adapter.method: a range needs a number field"),
+    ("[adapter]\nmethod = [\"lora\", \"loar\"]\n", "adapter.method = 'loar' makes the recipe invalid: adapter.method: unknown value 'loar'"),
+    ("[adapter]\nnum_virtual_tokens = [10, 20]\n", "adapter.num_virtual_tokens: applies only when adapter.method is"),
+    ("[output]\ndir = [\"a\", \"b\"]\n", "output.dir: cannot be swept"),
+    ("[eval]\nmetric = [\"accuracy\"]\n", "eval.metric: cannot be swept"),
+    ("[sweep]\nsampler = \"grid\"\n[train]\nlr = [1e-3]\n", "sweep.sampler: expected one of 'tpe', 'random'"),
+    ("[sweep]\nenqueue = [{\"train.lr\" = 9.0}]\n[train]\nlr = {low = 1e-3, high = 1e-2}\n", "sweep.enqueue[0]: train.lr = 9.0 is outside its range"),
+    ("[train]\nlr = 1e-3\n", "train.lr: expected a list of choices or a range"),
+    ("[sweep]\nseed = 1\n", "no recipe keys to sweep"),
+])
+def test_space_errors_name_the_file_and_key(tmp_path, recipe, text, message, capsys):
+    space = space_file(tmp_path, text)
+    with pytest.raises(SpaceError) as e:
+        from peft_ft.sweep import load_parts
+
+        load_parts(str(recipe()), str(space), [])
+    assert message in str(e.value) and f"{space}: " in str(e.value)
+    assert main(["sweep", str(recipe()), "--space", str(space), "--out", str(tmp_path / "sw")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "sw").exists()  # nothing made before the space is valid
+
+
+def test_space_collects_every_problem(tmp_path, recipe):
+    space = space_file(tmp_path, "[train]\nlrr = [1e-3]\nepochs = [0]\n[adapter]\nr = []\n")
+    with pytest.raises(SpaceError) as e:
+        from peft_ft.sweep import load_parts
+
+        load_parts(str(recipe()), str(space), [])
+    assert e.value.problems == ["train.lrr: not a recipe field (did you mean `train.lr`?)",
+                                "train.epochs[0]: must be at least 1, got 0", "adapter.r: the list of choices is empty"]
+
+
+def test_conditional_keys_are_sampled_only_where_they_apply(tmp_path, recipe):
+    """adapter.r is a LoRA key: a trial that draws IA3 has no adapter.r and uses IA3's default learning rate."""
+    import optuna
+
+    from peft_ft.schema import build_recipe
+    from peft_ft.space import trial_raw
+    from peft_ft.sweep import load_parts
+
+    text = "[adapter]\nmethod = [\"lora\", \"ia3\"]\nr = [2, 4]\n"
+    r, base, space = load_parts(str(recipe()), str(space_file(tmp_path, text)), [])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        values = space.sample(trial, base)
+        recipe_ = build_recipe(trial_raw(base, values), r.source)
+        seen.add(values["adapter.method"])
+        if values["adapter.method"] == "ia3":
+            assert "adapter.r" not in values and "r" not in trial_raw(base, values)["adapter"] and recipe_.train.lr == 0.0
+        else:
+            assert values["adapter.r"] in (2, 4) and recipe_.adapter.r == values["adapter.r"] and recipe_.train.lr == 1e-2
+        study.tell(trial, 0.5)
+    assert seen == {"lora", "ia3"}
+
+
+def test_importance_ranks_the_parameter_that_moves_the_value():
+    """The ranking is Optuna's fANOVA over finished trials: here the value depends on x alone."""
+    import optuna
+
+    from peft_ft.sweep_report import importances, pareto_front
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("train.lr", 0, 1) + 0 * t.suggest_int("adapter.r", 1, 8), n_trials=12)
+    ranking, why = importances(study)
+    assert why == "" and list(ranking) == ["train.lr", "adapter.r"] and ranking["train.lr"] > 0.9
+    rows = [{"trial": 0, "value": 0.5, "x": 10}, {"trial": 1, "value": 0.6, "x": 20}, {"trial": 2, "value": 0.55, "x": 30},
+            {"trial": 3, "value": 0.5, "x": 10}]
+    assert pareto_front(rows, "x") == {0, 1, 3}  # 2 is beaten by 1 on both; 0 and 3 tie
+
+
+SPACES = sorted((Path(__file__).resolve().parent.parent / "spaces").glob("*.toml"))
+
+
+@pytest.mark.parametrize("space", SPACES, ids=[s.stem for s in SPACES])
+def test_shipped_spaces_are_valid_for_their_recipes(space):
+    """spaces/NAME.toml sweeps recipes/NAME.toml."""
+    from peft_ft.sweep import load_parts
+
+    recipe_file = space.parent.parent / "recipes" / space.name
+    _, _, loaded = load_parts(str(recipe_file), str(space), [])
+    assert loaded.params
