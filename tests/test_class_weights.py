@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_jsonl, write_recipe
+from helpers import write_jsonl, write_recipe
 from peft_ft.errors import RecipeError
 from peft_ft.run import run
 from peft_ft.schema import load_recipe

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sentiment_rows, write_jsonl, write_recipe
+from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.cli import main
 from peft_ft.schema import load_recipe
 from peft_ft.space import SpaceError
