@@ -78,7 +78,7 @@ def make_accelerator(recipe: Recipe):
         # Our loop weights each share and micro-batch by what its loss averages over, so accelerate
         # must not divide the loss again: accumulation is done by the loop (peft_ft.train).
         gradient_accumulation_steps=1,
-        log_with=list(recipe.train.report_to) or None,
+        # Trackers are opened by `start_tracking` once the run folder they write into exists.
         # LoRA keeps frozen weights out of DDP's buckets already (requires_grad False); every trainable
         # weight takes part in each forward, so DDP need not search the graph for unused ones.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
@@ -107,18 +107,27 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
     environment says otherwise (MLFLOW_TRACKING_URI, WANDB_MODE / WANDB_DIR)."""
     if not recipe.train.report_to:
         return
-    folder = run_dir / TRACKING_FOLDER
-    accelerator.project_configuration.set_directories(str(folder))
-    init_kwargs = {}
-    if "mlflow" in recipe.train.report_to and accelerator.is_main_process and "MLFLOW_TRACKING_URI" not in os.environ:
-        import mlflow
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-        mlflow.set_tracking_uri((folder / "mlruns").resolve().as_uri())  # a file store, no server
-    if "wandb" in recipe.train.report_to:
-        (folder / "wandb").mkdir(parents=True, exist_ok=True)
-        init_kwargs["wandb"] = {"mode": os.environ.get("WANDB_MODE", "offline"), "dir": os.environ.get("WANDB_DIR", str(folder))}
+    folder = run_dir / TRACKING_FOLDER
     name = recipe.output.name or Path(recipe.source).stem
-    accelerator.init_trackers(name, config=_flat_config(recipe), init_kwargs=init_kwargs)
+    kwargs = {"tensorboard": {"logging_dir": str(folder / "tensorboard")},
+              "mlflow": {"logging_dir": str(folder / "mlflow-artifacts")},
+              "wandb": {"mode": os.environ.get("WANDB_MODE", "offline"), "dir": os.environ.get("WANDB_DIR", str(folder))}}
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        if "mlflow" in recipe.train.report_to and "MLFLOW_TRACKING_URI" not in os.environ:
+            import mlflow
+
+            # A file store: no server, no database, and it travels with the run folder. MLflow 3 keeps it
+            # "in maintenance mode" and refuses it unless this opt-out is set; MLFLOW_TRACKING_URI
+            # (a database or a server) replaces it altogether.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri((folder / "mlruns").resolve().as_uri())
+    # Built here rather than named to Accelerator(log_with=...): accelerate wants the logging folder
+    # when the Accelerator is made, before the main process has made the run folder.
+    accelerator.log_with = [LOGGER_TYPE_TO_CLASS[n](name, **kwargs[n]) for n in recipe.train.report_to]
+    accelerator.init_trackers(name, config=_flat_config(recipe))
     log.info("tracking: %s under %s", ", ".join(recipe.train.report_to), folder)
 
 

@@ -127,9 +127,10 @@ def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskDat
 
 
 def use_fast_kernels(recipe: Recipe, device) -> bool:
-    """train.fast_kernels on CPU only: they were written and measured for CPU; on CUDA peft's stock
-    layers run until a GPU measurement says otherwise."""
-    return recipe.train.fast_kernels and str(device).split(":")[0] == "cpu"
+    """train.fast_kernels on CPU in float32 only: they were written and measured for that; on CUDA
+    peft's stock layers run until a GPU measurement says otherwise, and under bf16 autocast too (the
+    fused matmuls take float32 operands)."""
+    return recipe.train.fast_kernels and str(device).split(":")[0] == "cpu" and recipe.train.mixed_precision == "no"
 
 
 def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,
@@ -201,7 +202,8 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
             log.info("%s: no labels, %d predictions in %s", name, len(records), ", ".join(p.name for p in paths))
             continue
         metrics[name] = scores
-        track(accelerator, {f"{name}/{k}": v for k, v in numbers(scores).items()}, result.steps)
+        # "best/": scored with the restored best weights, apart from the per-evaluation validation curves
+        track(accelerator, {f"best/{name}/{k}": v for k, v in numbers(scores).items()}, result.steps)
         if recipe.eval.predictions:
             task.write_predictions(run_dir, data.splits[name], records)
         log.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in metrics[name].items() if isinstance(v, float)))

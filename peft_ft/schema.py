@@ -173,7 +173,7 @@ class TrainSection:
     )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to train: auto = CUDA when available, else CPU.")
     fast_kernels: bool = opt(
-        True, "CPU only: fused LoRA layers, integer-generator dropout and a leaner attention dropout while training "
+        True, "CPU in float32 only (not with train.mixed_precision): fused LoRA layers, integer-generator dropout and a leaner attention dropout while training "
         "(same maths, faster and leaner on CPU); false = peft's stock layers and transformers' SDPA. On CUDA the "
         "stock layers always run."
     )
