@@ -88,13 +88,19 @@ def make_accelerator(recipe: Recipe):
         # weighted micro-batches would each become a step.
         raise PeftFtError(f"{recipe.source}: train.gradient_accumulation_steps: under DeepSpeed set it to 1 and put "
                           f"gradient_accumulation_steps in the accelerate config's deepspeed_config instead")
-    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        log.info("accelerate: %s over %d processes", accelerator.distributed_type.value, accelerator.num_processes)
-    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        # accelerate applies FSDP to GPU processes only; CPU processes run as plain DDP (see README).
-        log.warning("the launcher's config asks for FSDP, but accelerate shards models only on GPUs: these CPU "
-                    "processes train data-parallel (DDP), each holding the whole model")
     return accelerator
+
+
+def notes(accelerator) -> list[str]:
+    """What the run log should say about the engine (the launcher's choices as accelerate applied them)."""
+    kind = accelerator.distributed_type.value
+    if kind in ("FSDP", "DEEPSPEED"):
+        return [f"accelerate: {kind} over {accelerator.num_processes} processes"]
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # accelerate applies FSDP to GPU processes only; CPU processes run as plain DDP (see README).
+        return ["the launcher's config asks for FSDP, but accelerate shards models only on GPUs: these CPU "
+                "processes train data-parallel (DDP), each holding the whole model"]
+    return []
 
 
 def is_sharded(accelerator) -> bool:

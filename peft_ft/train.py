@@ -244,7 +244,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     """
     from peft_ft import checkpoint
     from peft_ft.allocator import keep_freed_memory, release_freed_memory
-    from peft_ft.engine import is_sharded, make_accelerator
+    from peft_ft.engine import is_sharded, make_accelerator, notes
 
     t, hooks = recipe.train, hooks or TrainHooks()
     accelerator = accelerator or make_accelerator(recipe)
@@ -310,6 +310,8 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     log.info("effective batch %d rows per optimizer step (train.batch_size %d x gradient_accumulation_steps %d), "
              "split across %d process%s; %d steps; precision %s", step_rows, t.batch_size, t.gradient_accumulation_steps,
              accelerator.num_processes, "es" if accelerator.num_processes > 1 else "", total, accelerator.mixed_precision)
+    for note in notes(accelerator):
+        log.warning(note)
     with _progress() as progress, _StopRequests(enabled=saving and distributed.world().size == 1) as stop:
         bar = progress.add_task("train", total=total, completed=result.steps, loss=float("nan"), speed=0.0)
         for epoch in range(start_epoch, t.epochs + 1):

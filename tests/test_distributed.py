@@ -310,3 +310,29 @@ def test_accumulation_4_x_8_equals_1_x_32(token_labels):
     assert any(float(g.abs().max()) > 0 for g in one)
     for a, b in zip(one, four):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@gloo
+def test_fsdp_config_is_accepted_on_cpu_and_runs_data_parallel(setup):
+    """accelerate shards models on GPUs only: with configs/accelerate/fsdp.yaml, CPU processes train as
+    DDP (README says so), and the run says so too."""
+    tmp, recipe, _ = setup
+    done = launch(recipe, "--set", f"output.dir={tmp / 'fsdp'}", "--set", "train.epochs=1", config="fsdp.yaml")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = next((tmp / "fsdp" / "dp").iterdir())
+    log = (run_dir / "train.log").read_text()
+    assert "accelerate shards models only on GPUs" in log and "data-parallel over 2 processes" in log
+    assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
+
+
+def test_deepspeed_and_gpu_configs_are_valid_accelerate_configs():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"single_gpu.yaml": ("NO", 1), "multi_gpu_ddp.yaml": ("MULTI_GPU", 2), "cpu_ddp.yaml": ("MULTI_GPU", 2),
+                "fsdp.yaml": ("FSDP", 2), "deepspeed_zero3.yaml": ("DEEPSPEED", 2)}
+    for name, (kind, processes) in expected.items():
+        config = load_config_from_file(str(REPO / "configs" / "accelerate" / name))
+        assert (config.distributed_type.value, config.num_processes) == (kind, processes), name
+    zero3 = load_config_from_file(str(REPO / "configs" / "accelerate" / "deepspeed_zero3.yaml"))
+    assert zero3.deepspeed_config["zero_stage"] == 3 and zero3.deepspeed_config["zero3_save_16bit_model"]
+    assert zero3.deepspeed_config["gradient_accumulation_steps"] == 1  # the loop refuses its own accumulation under DeepSpeed
