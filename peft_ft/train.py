@@ -54,6 +54,7 @@ class TrainResult:
     best_value: float | None = None
     stopped_early: bool = False
     peak_rss_mib: float = 0.0
+    peak_cuda_mib: float = 0.0  # torch.cuda.max_memory_allocated over the run, on CUDA
     history: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -69,6 +70,7 @@ class TrainResult:
             "best_value": self.best_value,
             "stopped_early": self.stopped_early,
             "peak_rss_mib": round(self.peak_rss_mib, 1),
+            "peak_cuda_mib": round(self.peak_cuda_mib, 1),
             "history": self.history,
         }
 
@@ -373,6 +375,10 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
         restore(model, best_state)
         log.info("restored the best evaluation (epoch %d, step %d) by validation %s", result.best_epoch, result.best_step, metric)
     result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if accelerator.device.type == "cuda":
+        import torch
+
+        result.peak_cuda_mib = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
     if fast:
         release_freed_memory()
     return result
