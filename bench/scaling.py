@@ -206,18 +206,24 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", help="also write the table as markdown to this file")
     parser.add_argument("--plot", help="write the PNG plot to this file")
-    parser.add_argument("--smoke", action="store_true", help="a tiny BERT config, 2 short sequence lengths, 1 step (seconds)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny BERT config, 2 short sequence lengths, 1 step, "
+                        "all in this process (seconds; not a measurement)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.seq_lens, args.batch_sizes, args.steps, args.warmup = ["tiny"], [16, 32], [4], 1, 1
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context = None if args.smoke else multiprocessing.get_context("forkserver")
+    if context is not None:
+        context.set_forkserver_preload(PRELOAD)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for cell in cells(args):
             start = time.perf_counter()
-            results.append((cell, run_in_child(context, cell, Path(tmp))))
-            print(f"-- {cell.label}: {time.perf_counter() - start:.1f} s (own process)", flush=True)
+            if context is None:  # --smoke: every cell in this process (seconds, not ~1 min of process start-up)
+                run_cell(dataclasses.asdict(cell), str(Path(tmp) / "result.json"))
+                results.append((cell, json.loads((Path(tmp) / "result.json").read_text(encoding="utf-8"))))
+            else:
+                results.append((cell, run_in_child(context, cell, Path(tmp))))
+            print(f"-- {cell.label}: {time.perf_counter() - start:.1f} s", flush=True)
     columns, rows, reached = table(results)
     what = "CUDA allocated" if args.device == "cuda" else "RSS"
     notes = [
@@ -225,7 +231,7 @@ def main(argv=None) -> None:
         f"steps of peft-ft's loop on synthetic rows of exactly seq-len tokens; memory: {what}, start = model built",
         f"LoRA r 8, alpha 16, dropout 0, targets query/key/value/dense, head trained; full: every weight; AdamW",
         f"LoRA peak <= {GOAL}x full's in: " + ("; ".join(reached) if reached else "no cell of this run"),
-    ] + (["SMOKE: tiny config, not a measurement"] if args.smoke else [])
+    ] + (["SMOKE: tiny config, every cell in one process (peaks not separated): not a measurement"] if args.smoke else [])
     show_table("LoRA vs full fine-tuning as the work grows", columns, rows, notes, args.out)
     if args.plot:
         plot(results, args.plot)
