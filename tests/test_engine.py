@@ -234,3 +234,24 @@ def test_bf16_runs_the_stock_layers():
 
     recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"mixed_precision": "bf16"}}, "r.toml")
     assert recipe.train.fast_kernels and not use_fast_kernels(recipe, "cpu")
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_glibc_allocator_setting_only_with_fast_kernels(monkeypatch, fast):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peft_ft import allocator
+    from peft_ft.train import train
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("keep"))
+    monkeypatch.setattr(allocator, "release_freed_memory", lambda: calls.append("release"))
+    model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=32, num_labels=2))
+    if fast:
+        model.peft_ft_fast_kernels = True  # what peft_ft.run.build_model marks when it installs them
+    recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"epochs": 1, "batch_size": 4, "threads": 1, "device": "cpu"}}, "r.toml")
+    features = [{"input_ids": [2, 5 + i, 3], "labels": i % 2, "length": 3} for i in range(4)]
+    train(model, features, recipe, lr=1e-3, pad_id=0, device=torch.device("cpu"), validate=None, metric="accuracy")
+    assert calls == (["keep", "release"] if fast else [])
