@@ -1,7 +1,7 @@
 """Run: python bench/accelerate_overhead.py  (seconds).
 
 Per-step cost of accelerate's wrappers (one process, no mixed precision): each call timed against
-the plain torch call it wraps, on a tiny model, interleaved; best (minimum) of 15 bursts (process CPU time) of 200 calls
+the plain torch call it wraps, on a tiny model, interleaved; best (minimum) of 25 bursts (process CPU time) of 400 calls
 each, since the machine is shared and only the fastest burst shows the code's own cost."""
 import time, torch
 from accelerate import Accelerator
