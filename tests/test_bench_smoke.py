@@ -81,7 +81,4 @@ def test_scaling_smoke(tmp_path):
         assert number(r["peak vs full"]) > 0
         if r["method"] == "full":
             assert r["peak vs full"] == "1.00x"
-    lora = [r for r in rows if r["method"] == "lora"]
-    full = [r for r in rows if r["method"] == "full"]
-    assert all(a["params"] == b["params"] for a, b in zip(lora, full))  # same model in each pair
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
