@@ -255,3 +255,38 @@ def test_glibc_allocator_setting_only_with_fast_kernels(monkeypatch, fast):
     features = [{"input_ids": [2, 5 + i, 3], "labels": i % 2, "length": 3} for i in range(4)]
     train(model, features, recipe, lr=1e-3, pad_id=0, device=torch.device("cpu"), validate=None, metric="accuracy")
     assert calls == (["keep", "release"] if fast else [])
+
+
+def test_resume_from_a_mid_epoch_evaluation_checkpoint_matches(tmp_path):
+    """With train.eval_every, a checkpoint follows each evaluation (mid-epoch too); continuing from one ends
+    exactly where the uninterrupted run ends: weights, history, best evaluation, patience."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peft_ft import checkpoint
+    from peft_ft.train import train
+
+    recipe = build_recipe({"data": {"train": "t.jsonl", "validation": "v.jsonl"},
+                           "train": {"epochs": 2, "batch_size": 4, "threads": 1, "device": "cpu", "eval_every": 3,
+                                     "keep_checkpoints": 100, "early_stopping_patience": 5, "scheduler": "cosine"}}, "r.toml")
+    features = [{"input_ids": [2, 5 + i % 20, 6 + i % 7, 3], "labels": i % 2, "length": 4} for i in range(20)]
+    scores = iter([0.1, 0.3, 0.2, 0.25] * 2)
+
+    def run(run_dir, resume_from=None):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                                                         num_attention_heads=2, intermediate_size=32, num_labels=2))
+        result = train(model, features, recipe, lr=1e-2, pad_id=0, device="cpu", metric="accuracy",
+                       validate=lambda epoch: {"accuracy": next(scores)}, run_dir=run_dir, resume_from=resume_from)
+        return model, result
+
+    (tmp_path / "a").mkdir()
+    straight_model, straight = run(tmp_path / "a")
+    assert [h["steps"] for h in straight.history] == [3, 6, 9, 10] and straight.best_step == 6
+    saved = [p.name for p in checkpoint.listed(tmp_path / "a")]
+    assert saved == ["step-0000003", "step-0000005", "step-0000006", "step-0000009", "step-0000010"]  # 5: epoch 1's end
+    scores = iter([0.2, 0.25])  # what validation answers after step 6, as in the straight run
+    resumed_model, resumed = run(tmp_path / "a", resume_from=tmp_path / "a" / "checkpoints" / "step-0000006")
+    assert resumed.history == straight.history and resumed.best_step == straight.best_step == 6
+    for (n, a), (_, b) in zip(straight_model.named_parameters(), resumed_model.named_parameters()):
+        assert torch.equal(a, b), n
