@@ -1,13 +1,11 @@
-"""Data-parallel training across processes started by `torchrun` or `accelerate launch`.
+"""What several processes share, besides the gradients: who they are, how a batch and an
+evaluation split are divided between them, and what only the main process does.
 
-One process per GPU (or several CPU processes): every process builds the same model and reads the
-same data, trains on its share of every batch, and the gradients are summed before each step, so
-all processes hold the same weights. The main process (rank 0) alone writes the run folder.
-
-Plain `torch.distributed` rather than `accelerate.PartialState`: what we need is a handful of
-collectives (sum gradients, broadcast a value, gather predictions), and accelerate's state object
-would also take over device placement and mixed precision. Reading the environment ourselves keeps
-the run identical with either launcher and adds no runtime dependency.
+Processes are started by `accelerate launch` or `torchrun`; accelerate (peft_ft.engine) joins them
+and its DDP averages the gradients. Every process builds the same model and reads the same data,
+trains on its share of every batch, and the main process (rank 0) alone writes the run folder.
+The few collectives here (broadcast a value, gather predictions) are plain `torch.distributed` on
+the process group accelerate made.
 
 Without WORLD_SIZE (or with WORLD_SIZE=1) every function here is a cheap no-op and torch is never
 imported by it.
@@ -15,19 +13,11 @@ imported by it.
 
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 from peft_ft.errors import PeftFtError
-
-# How long a collective waits for the other processes. A failing process normally ends the others
-# at once (torchrun stops the whole group, gloo sees the closed connection); this only bounds the
-# rare silent hang. Long enough for the main process alone to score a large test split or write a
-# full-model checkpoint while the others wait.
-TIMEOUT = datetime.timedelta(minutes=30)
-
 
 @dataclass(frozen=True)
 class World:
@@ -56,26 +46,13 @@ def is_main() -> bool:
     return world().rank == 0
 
 
-def init(use_cuda: bool) -> None:
-    """Join the process group (gloo on CPU, nccl on CUDA with this process's GPU); once per process."""
+def check_environment() -> None:
+    """A WORLD_SIZE without the rendezvous address: started by hand rather than by a launcher."""
     w = world()
-    if w.size == 1:
-        return
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
     missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if n not in os.environ]
-    if missing:
+    if w.size > 1 and missing:
         raise PeftFtError(f"WORLD_SIZE={w.size} is set but {', '.join(missing)} is not: start several processes with "
                           f"torchrun or accelerate launch, or unset WORLD_SIZE for one process")
-    backend = "nccl" if use_cuda else "gloo"
-    if not dist.is_available() or (backend == "gloo" and not dist.is_gloo_available()):
-        raise PeftFtError(f"WORLD_SIZE={w.size}: this torch build has no {backend} backend for several processes")
-    if use_cuda:
-        torch.cuda.set_device(w.local_rank)  # before the model loads: 8-bit bases go to the current device
-    dist.init_process_group(backend, timeout=TIMEOUT)
 
 
 def shard(items: list, rank: int, size: int) -> list:
@@ -133,40 +110,3 @@ def gather_rows(fn: Callable[[list], list], rows: list) -> list | None:
     for rank, outs in enumerate(parts):
         outputs[rank::w.size] = outs
     return outputs
-
-
-def broadcast_parameters(model) -> None:
-    """Trainable weights from the main process to all: the same seed gives the same initial adapter
-    and head everywhere already, this makes it certain (frozen weights come from the same files)."""
-    if world().size == 1:
-        return
-    import torch
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                dist.broadcast(p.data, src=0)
-
-
-def sum_gradients(params: list, loss) -> float:
-    """Sum the gradients of `params` and the `loss` (a scalar tensor) over all processes, in place;
-    returns the summed loss. Each process's part is already weighted by its share of the batch, so
-    the sums are the whole batch's gradient and loss. A parameter no process gave a gradient keeps
-    None, as it would in one process (the optimizer then leaves it alone)."""
-    import torch
-    import torch.distributed as dist
-
-    # One flat float32 buffer, one all_reduce: adapters have many small tensors, and float32 sums
-    # whatever the parameters' dtype.
-    device = params[0].device
-    touched = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
-    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
-    flat = torch.cat([*grads, touched, loss.detach().reshape(1).float().to(device)])
-    dist.all_reduce(flat)
-    offset, total = 0, flat.numel() - len(params) - 1
-    for p, used in zip(params, flat[total:-1].tolist()):
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype, copy=True) if used else None
-        offset += n
-    return flat[-1].item()

@@ -50,11 +50,12 @@ def write_json(path: Path, data) -> None:
     write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def save_pretrained_atomic(model, run_dir: Path) -> list[Path]:
-    """`save_pretrained` into a hidden folder, then move each file into place."""
+def save_pretrained_atomic(model, run_dir: Path, state_dict: dict | None = None) -> list[Path]:
+    """`save_pretrained` into a hidden folder, then move each file into place. `state_dict`: weights
+    gathered from a sharded (FSDP / ZeRO-3) run, saved instead of the model's own shards."""
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".saving-"))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
         moved = []
         for f in sorted(staging.iterdir()):
             if f.name == "README.md":  # peft's generic card; ours replaces it

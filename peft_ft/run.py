@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peft_ft import __version__, distributed
 from peft_ft.adapters import METHODS
@@ -22,19 +23,23 @@ from peft_ft.output import create_run_dir, folder_size, human_size, model_card, 
 from peft_ft.schema import Recipe, load_recipe, to_toml
 from peft_ft.tasks import TASKS, Task, TaskData
 
+if TYPE_CHECKING:
+    from peft_ft.train import TrainHooks
+
 log = logging.getLogger("peft_ft")
 INFO_FILE = "peft_ft.json"
 
 
-def run(recipe: Recipe, data_dir: str | None = None, on_epoch=None) -> Path:
+def run(recipe: Recipe, data_dir: str | None = None, hooks: TrainHooks | None = None) -> Path:
     """Train and evaluate one recipe; returns the run folder. Started by torchrun or accelerate launch:
     data-parallel over its processes (peft_ft.distributed), the main process alone writing the folder.
-    `on_epoch(epoch, validation value)` is called after each epoch's validation (see `train.train`)."""
-    from peft_ft.train import use_cuda
+    `hooks` reach the training loop (`peft-ft sweep` hears every evaluation through `on_evaluation`)."""
+    from peft_ft.engine import make_accelerator
 
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
     location, data, resolved_dir = check_inputs(recipe, task, data_dir)
-    distributed.init(use_cuda(recipe))  # after the input checks: bad input ends every process before any waiting
+    distributed.check_environment()
+    accelerator = make_accelerator(recipe)  # after the input checks: bad input ends every process before any waiting
 
     def new_run_dir() -> Path:
         run_dir = create_run_dir(recipe)
@@ -42,13 +47,15 @@ def run(recipe: Recipe, data_dir: str | None = None, on_epoch=None) -> Path:
         return run_dir
 
     run_dir = distributed.on_main(new_run_dir)  # one folder, made by the main process, named to all
-    _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=None, on_epoch=on_epoch)
+    _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=None, accelerator=accelerator,
+            hooks=hooks)
     return run_dir
 
 
 def resume(run_dir: str | Path, data_dir: str | None = None) -> Path:
     """Continue a run that stopped (killed, Ctrl-C, crash) from its newest checkpoint, in the same folder."""
     from peft_ft import checkpoint
+    from peft_ft.engine import make_accelerator
 
     if distributed.world().size > 1:
         raise PeftFtError(f"--resume {run_dir}: resuming with several processes is not supported; resume with one "
@@ -68,7 +75,8 @@ def resume(run_dir: str | Path, data_dir: str | None = None) -> Path:
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
     location, data, resolved_dir = check_inputs(recipe, task, data_dir or state.get("data_dir"))
     checkpoint.clean_partial(run_dir)
-    _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=saved[-1])
+    _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=saved[-1],
+            accelerator=make_accelerator(recipe))
     return run_dir
 
 
@@ -88,7 +96,7 @@ def check_inputs(recipe: Recipe, task: Task, data_dir: str | None):
 
 
 def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, data: TaskData, data_dir: Path | None,
-            resume_from: Path | None, on_epoch=None) -> None:
+            resume_from: Path | None, accelerator, hooks: TrainHooks | None = None) -> None:
     setup_logging(run_dir if distributed.is_main() else None)
     if not distributed.is_main():
         log.setLevel(logging.WARNING)  # progress and results are the main process's to report
@@ -100,7 +108,7 @@ def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, da
         if distributed.is_main() and (recipe.data.format == "label_studio" or recipe.data.validation_fraction or recipe.data.test_fraction):
             record_splits(data.splits, data.labels, run_dir)  # splits carved or exported: log and keep what went where
         run_state = {"recipe_source": recipe.source, "data_dir": str(data_dir) if data_dir else None}
-        _train_evaluate_save(recipe, task, method, location, data, run_dir, resume_from, run_state, on_epoch)
+        _train_evaluate_save(recipe, task, method, location, data, run_dir, accelerator, resume_from, run_state, hooks)
     finally:
         setup_logging(None)  # detach train.log so later log lines of this process do not land in it
 
@@ -120,24 +128,47 @@ def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskDat
         model = model.to(device)
     if recipe.train.activation_checkpointing:
         enable_activation_checkpointing(model)
-    if recipe.train.fast_kernels:
+    if use_fast_kernels(recipe, device):
         from peft_ft.fastlora import speed_up
 
         log.info("fast kernels: %s", ", ".join(f"{k} {v}" for k, v in speed_up(model).items()))
+        model.peft_ft_fast_kernels = True  # the loop then also keeps freed memory (peft_ft.allocator)
     return model, tokenizer, heads
 
 
+def use_fast_kernels(recipe: Recipe, device) -> bool:
+    """train.fast_kernels on CPU in float32 only: they were written and measured for that; on CUDA
+    peft's stock layers run until a GPU measurement says otherwise, and under bf16 autocast too (the
+    fused matmuls take float32 operands)."""
+    return recipe.train.fast_kernels and str(device).split(":")[0] == "cpu" and recipe.train.mixed_precision == "no"
+
+
 def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,
-                         resume_from: Path | None = None, run_state: dict | None = None, on_epoch=None) -> None:
+                         accelerator, resume_from: Path | None = None, run_state: dict | None = None,
+                         hooks: TrainHooks | None = None) -> None:
+    from peft_ft.engine import finish_tracking, start_tracking
+
+    start_tracking(accelerator, recipe, run_dir)
+    try:
+        _train_evaluate_save_tracked(recipe, task, method, location, data, run_dir, accelerator, resume_from, run_state, hooks)
+    finally:
+        finish_tracking(accelerator)
+
+
+def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,
+                                 accelerator, resume_from: Path | None, run_state: dict | None,
+                                 hooks: TrainHooks | None) -> None:
     import shutil
 
     from peft_ft.checkpoint import FOLDER
-    from peft_ft.train import setup_torch, train
+    from peft_ft.engine import gathered_state_dict, is_sharded
+    from peft_ft.train import setup_torch, track, train
 
-    device = setup_torch(recipe)
+    setup_torch(recipe)
+    device = accelerator.device
+    # DDP copies the main process's weights to the others when it wraps the model (peft_ft.train).
     model, tokenizer, heads = build_model(recipe, task, method, location, data, device)
     task.prepare_training(model, recipe, data)
-    distributed.broadcast_parameters(model)
     if distributed.world().size > 1:
         log.info("data-parallel over %d processes: each trains on its share of every batch of %d",
                  distributed.world().size, recipe.train.batch_size)
@@ -153,17 +184,25 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
     def evaluate(name: str) -> tuple[dict, list[dict]] | None:
         """Metrics and records of a split. With several processes each predicts its share of the rows and
         the main process scores them all (every row once, in order); the others get None."""
-        outputs = distributed.gather_rows(lambda rows: task.predict(model, rows, pad_id, recipe.eval.batch_size, device), features[name])
+        def predict(rows: list) -> list:
+            return task.predict(model, rows, pad_id, recipe.eval.batch_size, device)
+
+        if is_sharded(accelerator):  # FSDP / ZeRO-3 forwards are collective: every process runs every batch
+            outputs = predict(features[name])
+            outputs = outputs if distributed.is_main() else None
+        else:
+            outputs = distributed.gather_rows(predict, features[name])
         return None if outputs is None else task.score(data.splits[name], features[name], outputs, data)
 
-    def validate(epoch: int) -> float:
+    def validate(epoch: int) -> dict:
         scored = evaluate("validation")
-        return distributed.broadcast_object(None if scored is None else scored[0][metric])  # every process picks the same best epoch
+        # every process gets the same scores, so all pick the same best evaluation and stop together
+        return distributed.broadcast_object(None if scored is None else numbers(scored[0]))
 
     result = train(
         model, features["train"], recipe, lr=recipe.train.lr or method.default_lr, pad_id=pad_id, device=device,
         validate=validate if "validation" in data.splits else None, metric=metric,
-        run_dir=run_dir, resume_from=resume_from, run_state=run_state, on_epoch=on_epoch,
+        run_dir=run_dir, resume_from=resume_from, run_state=run_state, accelerator=accelerator, hooks=hooks,
     )
     metrics = {}
     for name in data.eval_names:
@@ -176,13 +215,16 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
             log.info("%s: no labels, %d predictions in %s", name, len(records), ", ".join(p.name for p in paths))
             continue
         metrics[name] = scores
+        # "best/": scored with the restored best weights, apart from the per-evaluation validation curves
+        track(accelerator, {f"best/{name}/{k}": v for k, v in numbers(scores).items()}, result.steps)
         if recipe.eval.predictions:
             task.write_predictions(run_dir, data.splits[name], records)
         log.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in metrics[name].items() if isinstance(v, float)))
+    state_dict = gathered_state_dict(accelerator, model)  # FSDP / ZeRO-3: every process takes part in the gather
     if not distributed.is_main():
         return
 
-    weight_files = save_model(model, tokenizer, method.is_adapter, run_dir)
+    weight_files = save_model(accelerator.unwrap_model(model), tokenizer, method.is_adapter, run_dir, state_dict)
     info = {
         "peft_ft_version": __version__,
         "run_dir": str(run_dir),
@@ -217,9 +259,15 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def save_model(model, tokenizer, is_adapter: bool, run_dir: Path) -> list[Path]:
-    """Adapter methods: the adapter and its head only. Full: a complete model folder with tokenizer."""
-    files = save_pretrained_atomic(model, run_dir)
+def numbers(scores: dict) -> dict:
+    """The plain numbers of a split's scores (per-label tables left out): what trackers and callbacks take."""
+    return {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def save_model(model, tokenizer, is_adapter: bool, run_dir: Path, state_dict: dict | None = None) -> list[Path]:
+    """Adapter methods: the adapter and its head only. Full: a complete model folder with tokenizer.
+    `state_dict`: the full weights gathered from a sharded run (None: the model's own)."""
+    files = save_pretrained_atomic(model, run_dir, state_dict)
     if not is_adapter:
         tokenizer.save_pretrained(run_dir)
     return [f for f in files if f.suffix == ".safetensors"]

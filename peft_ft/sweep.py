@@ -375,6 +375,7 @@ def run_trial(trial, sweep_dir: Path, plan: Plan, base: dict, space) -> float:
 
     from peft_ft.checkpoint import FOLDER
     from peft_ft.run import run
+    from peft_ft.train import TrainHooks
 
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
@@ -382,15 +383,19 @@ def run_trial(trial, sweep_dir: Path, plan: Plan, base: dict, space) -> float:
     recipe = trial_recipe(trial, values, sweep_dir, plan, base)
     log.info("trial %d: %s", trial.number, ", ".join(f"{k} = {v}" for k, v in values.items()))
 
-    def on_epoch(epoch: int, value: float | None) -> None:
+    def on_evaluation(entry: dict) -> None:
+        value = entry.get(f"validation_{plan.metric}")
         if value is None:
             return
-        trial.report(value, epoch)
+        # Trials are compared at the same point: the epoch, or the optimizer step with train.eval_every.
+        at = entry["steps"] if recipe.train.eval_every else entry["epoch"]
+        trial.report(value, at)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"epoch {epoch}: validation {plan.metric} {value:.4f} is below the median of earlier trials")
+            where = f"step {at}" if recipe.train.eval_every else f"epoch {at}"
+            raise optuna.TrialPruned(f"{where}: validation {plan.metric} {value:.4f} is below the median of earlier trials")
 
     try:
-        run_dir = run(recipe, plan.data_dir, on_epoch=on_epoch)
+        run_dir = run(recipe, plan.data_dir, hooks=TrainHooks(on_evaluation=on_evaluation))
     except (optuna.TrialPruned, PeftFtError) as e:
         folders = sorted((sweep_dir / TRIALS / f"trial-{trial.number:04d}").glob("*"))
         if folders:

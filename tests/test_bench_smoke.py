@@ -67,3 +67,18 @@ def test_memory_smoke(tmp_path):
         if method == "lora":  # LoRA trains a small fraction of what full fine-tuning trains
             assert number(r["trainable params"]) < number(by_key[(data, runner, "full")]["trainable params"]) / 2
 
+
+
+def test_scaling_smoke(tmp_path):
+    """bench/scaling.py --smoke: a tiny config, LoRA and full side by side for each cell, every cell measured,
+    the ratio columns filled, and the PNG written."""
+    plot = tmp_path / "scaling.png"
+    rows = run_smoke("scaling.py", tmp_path, "--plot", str(plot), "--variants")  # no extra variants: 4 cells
+    cells = [(r["seq len"], r["batch"], r["method"], r["variant"]) for r in rows]
+    assert cells == [(s, "4", m, "plain") for s in ("16", "32") for m in ("lora", "full")]
+    for r in rows:
+        assert number(r["steps"]) == 1 and number(r["real tok/s"]) > 0 and number(r["peak (MiB)"]) > 0, r
+        assert number(r["peak vs full"]) > 0
+        if r["method"] == "full":
+            assert r["peak vs full"] == "1.00x"
+    assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,17 +1,20 @@
-"""Data-parallel runs: `torchrun --nproc_per_node 2 -m peft_ft run` on CPU (gloo) against one process.
+"""Data-parallel runs: `accelerate launch --config_file configs/accelerate/cpu_ddp.yaml -m peft_ft run`
+(two CPU processes, accelerate's DDP over gloo) against one process.
 
 The model has no dropout (neither BERT's nor LoRA's), so the only difference between one process
-and two is float rounding: two processes sum per-share gradients where one process sums rows.
+and two is float rounding: two processes average weighted per-share gradients where one process sums rows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch.distributed
@@ -42,14 +45,15 @@ dropout = 0.0
 [train]
 epochs = 8
 batch_size = 8
-lr = 1e-2
+lr = 5e-3
 threads = 1
 [output]
 dir = "{out}"
 name = "dp"
 """
-# Measured over 64 steps (2026-11, torch 2.13 CPU): every metric equal, epoch train losses within
-# 2.1e-6, adapter and head weights (up to 0.27 in size) within 3.0e-7: float32 rounding only.
+# Measured over 64 steps (2026-11-30, torch 2.13 CPU, accelerate 1.15 DDP): every metric equal, epoch train
+# losses within 2e-7. lr 5e-3: at 1e-2 this tiny run turns unstable in epoch 5 (loss up from 0.46 to
+# 0.59) and float rounding then grows to 4e-4 by epoch 6, in any data-parallel engine.
 METRIC_TOLERANCE = 1e-6
 LOSS_TOLERANCE = 2e-5
 WEIGHT_TOLERANCE = 1e-5
@@ -64,10 +68,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(recipe, *args, timeout=120) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 -m peft_ft run RECIPE ARGS` with this venv's Python."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "peft_ft", "run", str(recipe), *args]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def launch(recipe, *args, timeout=120, config="cpu_ddp.yaml") -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/CONFIG -m peft_ft run RECIPE ARGS` with this venv."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / config),
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), "-m", "peft_ft", "run", str(recipe), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -98,7 +105,7 @@ def one_process(setup):
 @pytest.fixture(scope="module")
 def two_processes(setup):
     tmp, recipe, _ = setup
-    done = torchrun(recipe, "--set", f"output.dir={tmp / 'two'}")
+    done = launch(recipe, "--set", f"output.dir={tmp / 'two'}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = list((tmp / "two" / "dp").iterdir())
     assert len(runs) == 1, runs  # one folder, made by the main process only
@@ -163,7 +170,7 @@ def test_two_processes_match_one_process(one_process, two_processes):
 @gloo
 def test_bad_input_ends_both_processes_before_any_folder(setup):
     tmp, recipe, _ = setup
-    done = torchrun(recipe, "--set", "data.train=missing.jsonl", "--set", f"output.dir={tmp / 'bad'}", timeout=90)
+    done = launch(recipe, "--set", "data.train=missing.jsonl", "--set", f"output.dir={tmp / 'bad'}", timeout=90)
     assert done.returncode != 0
     assert done.stderr.count("missing.jsonl") >= 2  # each process names the file
     assert not (tmp / "bad").exists()
@@ -211,39 +218,121 @@ def test_commands_that_are_not_training_refuse_several_processes(monkeypatch, ca
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("token_labels", [False, True])
-def test_weighted_shares_give_the_whole_batch_gradient(monkeypatch, token_labels):
-    """Two simulated processes: the weighted share gradients sum to the one-process gradient, for row
-    losses and for token losses (where the shares hold different numbers of label tokens)."""
+class FakeAccelerator:
+    """What `forward_backward` asks of accelerate, without processes: DDP's exchange is simulated by the test."""
+
+    def backward(self, loss):
+        loss.backward()
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+    def reduce(self, value, reduction):
+        return value * distributed.world().size  # the test sums the ranks' shares itself; undo the mean
+
+
+def tiny_model_and_rows(token_labels: bool, lengths=(5, 3, 7, 2, 6)):
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
-
-    from peft_ft import train
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
     model = (BertForTokenClassification if token_labels else BertForSequenceClassification)(config)
     rows = []
-    for n in (5, 3, 7, 2, 6):  # 5 rows: shares of 3 and 2 rows, unequal token counts
+    for n in lengths:
         ids = torch.randint(5, 30, (n,)).tolist()
         labels = [-100] + torch.randint(0, 3, (n - 1,)).tolist() if token_labels else int(torch.randint(0, 3, ()))
         rows.append({"input_ids": ids, "labels": labels, "length": n})
-    params = [p for p in model.parameters() if p.requires_grad]
+    return model, rows
 
-    def gradients():
-        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-        model.zero_grad(set_to_none=True)
-        return grads
 
-    whole_loss = train.forward_backward(model, rows, 0, "cpu", params)
-    whole = gradients()
-    summed, share_losses = [torch.zeros_like(p) for p in params], []
+def gradients(model):
+    import torch
+
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("token_labels", [False, True])
+def test_weighted_shares_give_the_whole_batch_gradient(monkeypatch, token_labels):
+    """Two simulated processes: DDP's mean of the weighted share gradients is the one-process gradient,
+    for row losses and for token losses (where the shares hold different numbers of label tokens)."""
+    import torch
+
+    from peft_ft import train
+
+    model, rows = tiny_model_and_rows(token_labels)  # 5 rows: shares of 3 and 2 rows, unequal token counts
+    whole_loss = train.forward_backward(model, rows, 0, "cpu", FakeAccelerator())
+    whole = gradients(model)
+    summed, share_losses = [torch.zeros_like(g) for g in whole], []
     for rank in (0, 1):
         monkeypatch.setattr(distributed, "world", lambda rank=rank: distributed.World(2, rank, rank, 2))
-        monkeypatch.setattr(distributed, "sum_gradients", lambda params, loss: loss.item())
-        share_losses.append(train.forward_backward(model, rows, 0, "cpu", params))
-        summed = [s + g for s, g in zip(summed, gradients())]
-    assert sum(share_losses) == pytest.approx(whole_loss, rel=1e-5)
+        share_losses.append(train.forward_backward(model, rows, 0, "cpu", FakeAccelerator()))
+        summed = [s + g for s, g in zip(summed, gradients(model))]
+    assert sum(share_losses) / 2 == pytest.approx(whole_loss, rel=1e-5)  # each rank's loss is its share x 2
     for s, w in zip(summed, whole):
-        torch.testing.assert_close(s, w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s / 2, w, rtol=1e-4, atol=1e-6)  # DDP averages over the 2 processes
+
+
+def test_an_empty_share_still_runs_backward_with_a_zero_gradient(monkeypatch):
+    """One row, two processes: rank 1 has nothing to train on but must still join DDP's exchange."""
+    from peft_ft import train
+
+    model, rows = tiny_model_and_rows(False, lengths=(4,))
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(2, 1, 1, 2))
+    calls = []
+    fake = FakeAccelerator()
+    fake.backward = lambda loss: (calls.append(loss.item()), loss.backward())
+    assert train.forward_backward(model, rows, 0, "cpu", fake) == 0.0
+    assert calls == [0.0]
+    assert all(float(g.abs().max()) == 0.0 for g in gradients(model))
+
+
+@pytest.mark.parametrize("token_labels", [False, True])
+def test_accumulation_4_x_8_equals_1_x_32(token_labels):
+    """Gradient accumulation through a real Accelerator: 4 micro-batches of 8 rows give the gradient and
+    loss of one batch of 32 (each micro-batch weighted by its share of the label tokens)."""
+    import torch
+
+    from peft_ft import train
+    from peft_ft.engine import make_accelerator
+    from peft_ft.schema import build_recipe
+
+    model, rows = tiny_model_and_rows(token_labels, lengths=[3 + i % 9 for i in range(32)])
+    accelerator = make_accelerator(build_recipe({"data": {"train": "t.jsonl"}, "train": {"device": "cpu"}}, "r.toml"))
+    one_loss = train.forward_backward(model, rows, 0, "cpu", accelerator, micro_batch=32)
+    one = gradients(model)
+    four_loss = train.forward_backward(model, rows, 0, "cpu", accelerator, micro_batch=8)
+    four = gradients(model)
+    assert four_loss == pytest.approx(one_loss, rel=1e-6)
+    assert any(float(g.abs().max()) > 0 for g in one)
+    for a, b in zip(one, four):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+@gloo
+def test_fsdp_config_is_accepted_on_cpu_and_runs_data_parallel(setup):
+    """accelerate shards models on GPUs only: with configs/accelerate/fsdp.yaml, CPU processes train as
+    DDP (README says so), and the run says so too."""
+    tmp, recipe, _ = setup
+    done = launch(recipe, "--set", f"output.dir={tmp / 'fsdp'}", "--set", "train.epochs=1", config="fsdp.yaml")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = next((tmp / "fsdp" / "dp").iterdir())
+    log = (run_dir / "train.log").read_text()
+    assert "accelerate shards models only on GPUs" in log and "data-parallel over 2 processes" in log
+    assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
+
+
+def test_deepspeed_and_gpu_configs_are_valid_accelerate_configs():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"single_gpu.yaml": ("NO", 1), "multi_gpu_ddp.yaml": ("MULTI_GPU", 2), "cpu_ddp.yaml": ("MULTI_GPU", 2),
+                "fsdp.yaml": ("FSDP", 2), "deepspeed_zero3.yaml": ("DEEPSPEED", 2)}
+    for name, (kind, processes) in expected.items():
+        config = load_config_from_file(str(REPO / "configs" / "accelerate" / name))
+        assert (config.distributed_type.value, config.num_processes) == (kind, processes), name
+    zero3 = load_config_from_file(str(REPO / "configs" / "accelerate" / "deepspeed_zero3.yaml"))
+    assert zero3.deepspeed_config["zero_stage"] == 3 and zero3.deepspeed_config["zero3_save_16bit_model"]
+    assert zero3.deepspeed_config["gradient_accumulation_steps"] == 1  # the loop refuses its own accumulation under DeepSpeed

@@ -1,0 +1,28 @@
+"""A/B of the training loop between two checkouts: from each checkout, `PYTHONPATH=. python bench/loop_ab.py`: MiniLM + LoRA (fast kernels, dropout 0) on
+CoNLL, batch 32, 1 thread; process CPU time and wall time of train() for 2 warm-up + 10 steps."""
+import sys, time
+from pathlib import Path
+import torch
+import peft_ft
+from peft_ft.adapters import METHODS
+from peft_ft.models import resolve_model
+from peft_ft.run import build_model
+from peft_ft.schema import load_recipe
+from peft_ft.tasks import TASKS
+from peft_ft.train import setup_torch, train
+sets = ["train.threads=1", "adapter.dropout=0.0", "data.max_train_samples=1024", "train.epochs=1"]
+def recipe(steps, seed):
+    return load_recipe("recipes/conll_lora.toml", sets + [f"train.max_steps={steps}", f"train.seed={seed}"])
+warm = recipe(2, 42)
+task, method = TASKS[warm.task.type], METHODS[warm.adapter.method]
+data = task.load(warm, Path(sys.argv[1]) if len(sys.argv) > 1 else None)  # default: peft-ft's data dir
+device = setup_torch(warm)
+model, tok, _ = build_model(warm, task, method, resolve_model(warm), data, device)
+feats = task.encode(data.splits["train"], tok, warm, data)
+common = dict(lr=1e-3, pad_id=tok.pad_token_id or 0, device=device, validate=None, metric="")
+train(model, feats, warm, **common)
+for seed in (43, 44, 45):
+    c, w = time.process_time(), time.perf_counter()
+    r = train(model, feats, recipe(10, seed), **common)
+    c, w = time.process_time() - c, time.perf_counter() - w
+    print(f"{Path(peft_ft.__file__).parent.parent.name}: seed {seed} cpu {c / r.steps * 1000:.0f} ms/step, wall {w / r.steps * 1000:.0f} ms/step, loop clock {r.seconds / r.steps * 1000:.0f} ms/step, tokens {r.tokens}", flush=True)

@@ -1,0 +1,323 @@
+"""The training engine on accelerate: mixed precision, schedulers, evaluation every N steps, early
+stopping, experiment trackers (TensorBoard, MLflow) and where the fused CPU kernels apply."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import sentiment_rows, write_jsonl, write_recipe
+from peft_ft.errors import PeftFtError, RecipeError
+from peft_ft.schema import SCHEDULERS, build_recipe, explain, load_recipe
+
+RECIPE = """
+[model]
+name = "{model}"
+max_length = 32
+[data]
+dir = "{data}"
+train = "train.jsonl"
+validation = "valid.jsonl"
+test = ["test.jsonl"]
+[train]
+epochs = 2
+batch_size = 8
+lr = 1e-2
+threads = 1
+{train}
+[output]
+dir = "{out}"
+name = "e"
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine-data")
+    write_jsonl(d / "train.jsonl", sentiment_rows(40, seed=1))
+    write_jsonl(d / "valid.jsonl", sentiment_rows(12, seed=2))
+    write_jsonl(d / "test.jsonl", sentiment_rows(12, seed=3))
+    return d
+
+
+def recipe_file(tmp: Path, tiny_bert, data, train: str = "") -> Path:
+    return write_recipe(tmp / "e.toml", RECIPE.format(model=tiny_bert, data=data, out=tmp / "runs", train=train))
+
+
+@pytest.fixture(scope="module")
+def tracked_bf16_run(tmp_path_factory, tiny_bert, data):
+    """One bf16 CPU run, evaluated every 2 steps, reporting to TensorBoard and an MLflow file store."""
+    from peft_ft.run import run
+
+    tmp = tmp_path_factory.mktemp("tracked")
+    train = 'mixed_precision = "bf16"\neval_every = 2\nreport_to = ["tensorboard", "mlflow"]\nscheduler = "cosine"'
+    return run(load_recipe(recipe_file(tmp, tiny_bert, data, train)))
+
+
+def test_bf16_on_cpu_trains_and_saves_a_float32_adapter(tracked_bf16_run, tiny_bert):
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tracked_bf16_run / "adapter_model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    assert any("lora_B" in n and w.abs().max() > 1e-4 for n, w in weights.items())  # B starts at zero: it trained
+    log = (tracked_bf16_run / "train.log").read_text()
+    assert "precision bf16" in log
+
+
+def test_eval_every_makes_one_history_entry_per_evaluation(tracked_bf16_run):
+    metrics = json.loads((tracked_bf16_run / "metrics.json").read_text())
+    history = metrics["train"]["history"]
+    assert metrics["train"]["steps"] == 10  # 2 epochs x ceil(40 / 8)
+    assert [h["steps"] for h in history] == [2, 4, 6, 8, 10]
+    assert [h["epoch"] for h in history] == [1, 1, 2, 2, 2]
+    assert all("validation_macro_f1" in h for h in history)
+    assert metrics["train"]["best_step"] in (2, 4, 6, 8, 10)
+
+
+def test_tensorboard_event_files_hold_the_expected_tags(tracked_bf16_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((tracked_bf16_run / "tracking").rglob("events.out.tfevents.*"))
+    assert events, list((tracked_bf16_run / "tracking").rglob("*"))
+    scalars = {}
+    for f in events:
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [e.step for e in acc.Scalars(tag)]
+    assert scalars["train/loss"] == list(range(1, 11))  # every optimizer step
+    assert scalars["train/lr"] == list(range(1, 11))
+    assert scalars["train/tokens_per_second"] == list(range(1, 11))
+    assert scalars["validation/macro_f1"] == scalars["validation/accuracy"] == [2, 4, 6, 8, 10]
+    assert "train/epoch_loss" in scalars and scalars["best/test/macro_f1"] == scalars["best/validation/accuracy"] == [10] and "validation/matthews" in scalars
+
+
+def test_mlflow_file_store_gets_the_metrics(tracked_bf16_run):
+    from mlflow.tracking import MlflowClient
+
+    store = tracked_bf16_run / "tracking" / "mlruns"
+    assert store.is_dir()
+    client = MlflowClient(tracking_uri=store.resolve().as_uri())
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert {"train/loss", "train/lr", "validation/macro_f1", "best/test/accuracy"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 11))
+    assert run.data.params["train.mixed_precision"] == "bf16"
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_every_scheduler_name_builds_and_steps(name):
+    import torch
+
+    from peft_ft.train import make_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    scheduler = make_scheduler(optimizer, name, warmup_steps=2, total_steps=10)
+    lrs = []
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert all(0.0 <= lr <= 1.0 for lr in lrs)
+    json.dumps(scheduler.state_dict())  # checkpoints keep it as JSON (no pickles)
+
+
+def test_scheduler_names_are_transformers_names():
+    from transformers import SchedulerType
+
+    assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+def test_engine_keys_are_validated_together_and_explained():
+    raw = {"data": {"train": "t.jsonl"},
+           "train": {"scheduler": "cosine_with_min_lr", "report_to": ["tensorbord"], "mixed_precision": "fp8",
+                     "gradient_accumulation_steps": 0, "early_stopping_patience": 2}}
+    with pytest.raises(RecipeError) as e:
+        build_recipe(raw, "r.toml")
+    text = str(e.value)
+    for expected in ("train.scheduler: unknown value 'cosine_with_min_lr'", "train.report_to: unknown value 'tensorbord' (did you mean 'tensorboard'?)",
+                     "train.mixed_precision: expected one of 'no', 'bf16', 'fp16'", "train.gradient_accumulation_steps: must be at least 1",
+                     "train.early_stopping_patience: needs a validation split"):
+        assert expected in text, text
+    shown = explain("train")
+    for key in ("mixed_precision", "gradient_accumulation_steps", "scheduler", "eval_every", "early_stopping_patience", "report_to"):
+        assert f"  {key} :" in shown
+
+
+def test_fp16_on_cpu_is_refused_with_the_reason():
+    from peft_ft.engine import check_engine
+
+    recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"mixed_precision": "fp16", "device": "cpu"}}, "r.toml")
+    with pytest.raises(PeftFtError, match="fp16.*needs a CUDA GPU.*use \"bf16\""):
+        check_engine(recipe)
+
+
+def scripted_train(values: list[float], patience: int, eval_every: int = 0, epochs: int = 8):
+    """`train()` on a tiny model whose validation returns `values` in turn; returns the result and the calls."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peft_ft.train import train
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=32, num_labels=2))
+    features = [{"input_ids": [2, 5 + i % 20, 3], "labels": i % 2, "length": 3} for i in range(16)]
+    recipe = build_recipe({"data": {"train": "t.jsonl", "validation": "v.jsonl"},
+                           "train": {"epochs": epochs, "batch_size": 8, "threads": 1, "device": "cpu", "eval_every": eval_every,
+                                     "early_stopping_patience": patience}}, "r.toml")
+    calls = []
+
+    def validate(epoch):
+        calls.append(epoch)
+        return {"accuracy": values[len(calls) - 1]}
+
+    result = train(model, features, recipe, lr=1e-3, pad_id=0, device="cpu", validate=validate, metric="accuracy")
+    return result, calls
+
+
+def test_early_stopping_stops_at_the_right_evaluation():
+    # best at the 2nd evaluation; the 3rd and 4th are not better: patience 2 stops after the 4th
+    result, calls = scripted_train([0.5, 0.7, 0.6, 0.7, 0.9, 0.9, 0.9, 0.9], patience=2)
+    assert len(calls) == 4 and result.stopped_early
+    assert (result.best_epoch, result.best_step, result.best_value) == (2, 4, 0.7)
+    assert result.steps == 8 and result.epochs_run == 4
+    assert [h["validation_accuracy"] for h in result.history] == [0.5, 0.7, 0.6, 0.7]
+
+
+def test_early_stopping_counts_evaluations_not_epochs_and_resets_on_improvement():
+    # every step (2 per epoch): better at the 3rd, then 2 worse: stop after the 5th, mid-training
+    result, calls = scripted_train([0.1, 0.2, 0.3, 0.3, 0.25, 0.9], patience=2, eval_every=1)
+    assert len(calls) == 5 and result.stopped_early and result.steps == 5 and result.best_step == 3
+    assert result.epochs_run == 3  # stopped in the third epoch
+
+
+def test_without_patience_every_evaluation_runs():
+    result, calls = scripted_train([0.5] * 8, patience=0)
+    assert len(calls) == 8 and not result.stopped_early and result.best_epoch == 1
+
+
+def test_fast_kernels_are_for_cpu_only(tiny_bert, data, tmp_path):
+    """On CUDA (or any device but the CPU) the stock peft layers run; the fused ones only on CPU."""
+    import torch
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    from peft_ft.adapters import METHODS
+    from peft_ft.fastlora import FastDropout
+    from peft_ft.run import build_model, use_fast_kernels
+    from peft_ft.tasks import TASKS
+
+    recipe = load_recipe(recipe_file(tmp_path, tiny_bert, data))
+    assert recipe.train.fast_kernels
+    assert use_fast_kernels(recipe, torch.device("cpu"))
+    assert not use_fast_kernels(recipe, torch.device("cuda", 0)) and not use_fast_kernels(recipe, "cuda")
+    task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
+    loaded = task.load(recipe, data)
+    stock, _, _ = build_model(recipe, task, method, str(tiny_bert), loaded, torch.device("meta"))  # not the CPU
+    fused, _, _ = build_model(recipe, task, method, str(tiny_bert), loaded, torch.device("cpu"))
+    assert not getattr(stock, "peft_ft_fast_kernels", False)
+    lora = [m for m in stock.modules() if isinstance(m, PeftLoraLinear)]
+    assert lora and not any("forward" in vars(m) for m in lora)  # peft's own forward
+    assert not any(type(m) is FastDropout for m in stock.modules())
+    assert fused.peft_ft_fast_kernels
+    assert all("forward" in vars(m) for m in fused.modules() if isinstance(m, PeftLoraLinear))  # the fused one
+
+
+def test_bf16_runs_the_stock_layers():
+    from peft_ft.run import use_fast_kernels
+
+    recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"mixed_precision": "bf16"}}, "r.toml")
+    assert recipe.train.fast_kernels and not use_fast_kernels(recipe, "cpu")
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_glibc_allocator_setting_only_with_fast_kernels(monkeypatch, fast):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peft_ft import allocator
+    from peft_ft.train import train
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("keep"))
+    monkeypatch.setattr(allocator, "release_freed_memory", lambda: calls.append("release"))
+    model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=32, num_labels=2))
+    if fast:
+        model.peft_ft_fast_kernels = True  # what peft_ft.run.build_model marks when it installs them
+    recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"epochs": 1, "batch_size": 4, "threads": 1, "device": "cpu"}}, "r.toml")
+    features = [{"input_ids": [2, 5 + i, 3], "labels": i % 2, "length": 3} for i in range(4)]
+    train(model, features, recipe, lr=1e-3, pad_id=0, device=torch.device("cpu"), validate=None, metric="accuracy")
+    assert calls == (["keep", "release"] if fast else [])
+
+
+def test_resume_from_a_mid_epoch_evaluation_checkpoint_matches(tmp_path):
+    """With train.eval_every, a checkpoint follows each evaluation (mid-epoch too); continuing from one ends
+    exactly where the uninterrupted run ends: weights, history, best evaluation, patience."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peft_ft import checkpoint
+    from peft_ft.train import train
+
+    recipe = build_recipe({"data": {"train": "t.jsonl", "validation": "v.jsonl"},
+                           "train": {"epochs": 2, "batch_size": 4, "threads": 1, "device": "cpu", "eval_every": 3,
+                                     "keep_checkpoints": 100, "early_stopping_patience": 5, "scheduler": "cosine"}}, "r.toml")
+    features = [{"input_ids": [2, 5 + i % 20, 6 + i % 7, 3], "labels": i % 2, "length": 4} for i in range(20)]
+    scores = iter([0.1, 0.3, 0.2, 0.25] * 2)
+
+    def run(run_dir, resume_from=None):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                                                         num_attention_heads=2, intermediate_size=32, num_labels=2))
+        result = train(model, features, recipe, lr=1e-2, pad_id=0, device="cpu", metric="accuracy",
+                       validate=lambda epoch: {"accuracy": next(scores)}, run_dir=run_dir, resume_from=resume_from)
+        return model, result
+
+    (tmp_path / "a").mkdir()
+    straight_model, straight = run(tmp_path / "a")
+    assert [h["steps"] for h in straight.history] == [3, 6, 9, 10] and straight.best_step == 6
+    saved = [p.name for p in checkpoint.listed(tmp_path / "a")]
+    assert saved == ["step-0000003", "step-0000005", "step-0000006", "step-0000009", "step-0000010"]  # 5: epoch 1's end
+    scores = iter([0.2, 0.25])  # what validation answers after step 6, as in the straight run
+    resumed_model, resumed = run(tmp_path / "a", resume_from=tmp_path / "a" / "checkpoints" / "step-0000006")
+    assert resumed.history == straight.history and resumed.best_step == straight.best_step == 6
+    for (n, a), (_, b) in zip(straight_model.named_parameters(), resumed_model.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_hooks_build_the_param_groups_and_see_every_step_and_evaluation():
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from peft_ft.train import TrainHooks, optimizer_param_groups, train
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                     intermediate_size=32, num_labels=2))
+    seen = {"groups": 0, "steps": [], "grads": [], "evaluations": []}
+
+    def param_groups(m, weight_decay):
+        seen["groups"] += 1
+        return [{**g, "lr": 0.0} for g in optimizer_param_groups(m, weight_decay)]  # frozen: lr 0 in every group
+
+    def after_step(m, step):
+        seen["steps"].append(step)
+        seen["grads"].append(any(p.grad is not None for p in m.parameters()))  # before the gradients are cleared
+
+    hooks = TrainHooks(param_groups=param_groups, after_step=after_step, on_evaluation=seen["evaluations"].append)
+    recipe = build_recipe({"data": {"train": "t.jsonl", "validation": "v.jsonl"},
+                           "train": {"epochs": 2, "batch_size": 4, "threads": 1, "device": "cpu", "scheduler": "constant",
+                                     "weight_decay": 0.0}}, "r.toml")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    features = [{"input_ids": [2, 5 + i, 3], "labels": i % 2, "length": 3} for i in range(8)]
+    train(model, features, recipe, lr=1e-2, pad_id=0, device="cpu", validate=lambda e: {"accuracy": 0.5},
+          metric="accuracy", hooks=hooks)
+    assert seen["groups"] == 1 and seen["steps"] == [1, 2, 3, 4] and all(seen["grads"])
+    assert [(e["epoch"], e["steps"]) for e in seen["evaluations"]] == [(1, 2), (2, 4)]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the hook's groups were the ones used
