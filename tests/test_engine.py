@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sentiment_rows, write_jsonl, write_recipe
+from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.errors import PeftFtError, RecipeError
 from peft_ft.schema import SCHEDULERS, build_recipe, explain, load_recipe
 
