@@ -7,18 +7,18 @@ checked before the run folder is made and before any training starts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
-from peft_ft import __version__, distributed
+from peft_ft import __version__, distributed, portable
 from peft_ft.adapters import METHODS
 from peft_ft.data import record_splits, resolve_data_dir
 from peft_ft.errors import PeftFtError
 from peft_ft.log import setup_logging
 from peft_ft.models import (EMBEDDED_NAME, embedded_model_dir, enable_activation_checkpointing, load_model, load_tokenizer,
                             quiet_transformers, resolve_model, settle_hub_mode)
-from peft_ft.output import create_run_dir, folder_size, human_size, model_card, save_pretrained_atomic, write_atomic, write_json
+from peft_ft.cards import model_card
+from peft_ft.output import create_run_dir, folder_size, human_size, save_pretrained_atomic, write_atomic, write_json
 from peft_ft.schema import Recipe, load_recipe, to_toml
 from peft_ft.tasks import TASKS, Task, TaskData
 
@@ -179,17 +179,17 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
     weight_files = save_model(model, tokenizer, method.is_adapter, run_dir)
     info = {
         "peft_ft_version": __version__,
-        "run_dir": str(run_dir),
         "run_name": recipe.output.name or Path(recipe.source).stem,
         "task": task.name,
         "method": method.name,
         "is_adapter": method.is_adapter,
-        "base_model": recipe.model.name or EMBEDDED_NAME,
+        **portable.base_fields(recipe, location, run_dir),
         "model_type": model.config.model_type,
         "auto_class": task.auto_class,
         "labels": data.labels,
         "heads": heads,
-        "data": {n: s.source for n, s in data.splits.items()},
+        "data": portable.data_sources({n: s.source for n, s in data.splits.items()}, (run_state or {}).get("data_dir")),
+        **({"data_folder": Path(run_state["data_dir"]).name} if (run_state or {}).get("data_dir") else {}),
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
@@ -198,12 +198,31 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
         "train": result.summary(),
     }
     params = {k: info[k] for k in ("trainable_params", "total_params", "trainable_percent", "weight_bytes")}
+    if method.is_adapter:
+        portable.finish_adapter_config(run_dir, info)
+    portable.write_labels(run_dir, data.labels)
     write_json(run_dir / INFO_FILE, info)
     write_json(run_dir / "metrics.json", {**metrics, "train": info["train"], "params": params})
-    write_atomic(run_dir / "README.md", model_card(recipe, info, metrics))
+    write_atomic(run_dir / "README.md", model_card(portable.portable_recipe(recipe), info, metrics))
+    # Written in full while the run could be resumed; now without the machine's paths.
+    write_atomic(run_dir / "recipe.toml", portable.recipe_text(recipe))
+    if info["base_model_source"] == "embedded":
+        _register_embedded()
     # The saved weights are the best epoch's: the checkpoints only served to resume an unfinished run.
     shutil.rmtree(run_dir / FOLDER, ignore_errors=True)
     log.info("saved %s (%s) in %s", ", ".join(info["weight_files"]), human_size(info["weight_bytes"]), run_dir)
+
+
+def _register_embedded() -> None:
+    """The adapter names its base `sentence-transformers/all-MiniLM-L6-v2`: make that id resolve
+    offline on this machine (peft_ft.hub_cache), so stock loaders take the folder at once."""
+    from peft_ft.hub_cache import EMBEDDED_HUB_ID, register_embedded
+
+    try:
+        snapshot, what = register_embedded()
+        log.info("hub cache: %s %s (%s)", EMBEDDED_HUB_ID, what, snapshot)
+    except PeftFtError as e:
+        log.warning("%s; stock loaders will not find the base offline until `peft-ft register-embedded` succeeds", e)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -220,7 +239,8 @@ def save_model(model, tokenizer, is_adapter: bool, run_dir: Path) -> list[Path]:
 
 
 def base_location(info: dict) -> str:
-    """Where the base model of a saved run is on this machine (the embedded model moves with its venv)."""
+    """Where the base model of a saved run is on this machine (the embedded model moves with its venv;
+    a local base folder's relative path is resolved by `pipelines.read_info`)."""
     return str(embedded_model_dir()) if info["base_model"] == EMBEDDED_NAME else info["base_model"]
 
 
@@ -233,9 +253,11 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = Fals
     from peft_ft.models import check_model_folder
     from peft_ft.safety import check_no_pickle, remote_code, safetensors_only
 
+    from peft_ft.pipelines import read_info
+
     run_dir = Path(run_dir)
     check_no_pickle(run_dir, "run folder", allow_pickle)
-    info = json.loads((run_dir / INFO_FILE).read_text(encoding="utf-8"))
+    info = read_info(run_dir)
     recipe = load_recipe(run_dir / "recipe.toml")
     task: Task = TASKS[info["task"]]
     kwargs = {**task.model_kwargs(TaskData(splits={}, labels=info["labels"])), **safetensors_only(allow_pickle),
