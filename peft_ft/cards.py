@@ -156,7 +156,7 @@ def usage(info: dict, folder: str) -> list[str]:
     elif task == "qa":
         blocks += ["Loading with `AutoPeftModel` (transformers 5 has no question-answering pipeline):", "",
                    *_block(_qa_snippet(info, folder)), ""]
-    blocks += ["Loading the base, then the adapter:", "", *_block(_peft_model_snippet(info, folder, pipeline=task != "qa"))]
+    blocks += ["Loading the base, then the adapter:", "", *_block(_peft_model_snippet(info, folder, pipeline=True))]
     if task == "ner":
         blocks += ["", "Stock pipelines group subwords by their own rules (they split `AL-AIN` at the hyphen); "
                    "`peft_ft.pipeline(DIR)` and `peft-ft predict` answer per whitespace word with the label of its "
@@ -216,29 +216,37 @@ def _peft_model_snippet(info: dict, folder: str, pipeline: bool) -> str:
     labels_line, kwargs = _label_lines(info)
     base_line, base = _base_expr(info)
     imports = f"from transformers import {auto}, AutoTokenizer" + (", pipeline" if pipeline else "")
-    code = (f"import json\n\nfrom peft import PeftModel\n{imports}\n\n"
+    first = "import torch\n" if info["task"] == "qa" else "import json\n"
+    code = (f"{first}\nfrom peft import PeftModel\n{imports}\n\n"
             f'DIR = "{folder}"  # this folder\n{base_line}{labels_line}'
             f"base = {auto}.from_pretrained({base}{', ' + kwargs if kwargs else ''})\n"
             f"model = PeftModel.from_pretrained(base, DIR).eval()\n"
             f"tokenizer = AutoTokenizer.from_pretrained({base})\n")
+    if info["task"] == "qa":
+        return code + QA_ANSWER
     return code + (_pipe_code(info) + "\n" if pipeline else "")
+
+
+QA_ANSWER = """question, context = "Where does the Eiffel Tower stand?", "The Eiffel Tower stands in Paris, the capital of France."
+inputs = tokenizer(question, context, return_tensors="pt", truncation="only_second", max_length=384)
+with torch.no_grad():
+    out = model(**inputs)
+in_context = torch.tensor([s == 1 for s in inputs.sequence_ids(0)])  # the answer lies in the context
+start_logits = out.start_logits[0].masked_fill(~in_context, -1e9)
+end_logits = out.end_logits[0].masked_fill(~in_context, -1e9)
+start = int(start_logits.argmax())
+end = start + int(end_logits[start:start + 30].argmax())
+answer = context[inputs.token_to_chars(0, start).start:inputs.token_to_chars(0, end).end]
+print(answer)
+"""
 
 
 def _qa_snippet(info: dict, folder: str) -> str:
     _, base = _base_expr(info)
     return (f"import torch\nfrom peft import AutoPeftModel\nfrom transformers import AutoTokenizer\n\n"
             f'DIR = "{folder}"  # this folder\n'
-            f"model = AutoPeftModel.from_pretrained(DIR).eval()  # generic PeftModel: passes token_type_ids on\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({base})\n"
-            f'question, context = "Where does the Eiffel Tower stand?", "The Eiffel Tower stands in Paris, the capital of France."\n'
-            f'inputs = tokenizer(question, context, return_tensors="pt", truncation="only_second", max_length=384)\n'
-            f"with torch.no_grad():\n    out = model(**inputs)\n"
-            f"in_context = torch.tensor(inputs.sequence_ids(0)) == 1  # answer inside the context only\n"
-            f"start_logits = out.start_logits[0].masked_fill(~in_context, -1e9)\n"
-            f"end_logits = out.end_logits[0].masked_fill(~in_context, -1e9)\n"
-            f"start = int(start_logits.argmax())\nend = start + int(end_logits[start:start + 30].argmax())\n"
-            f"span = inputs.token_to_chars(0, start).start, inputs.token_to_chars(0, end).end\n"
-            f"answer = context[span[0]:span[1]]\nprint(answer)\n")
+            f"model = AutoPeftModel.from_pretrained(DIR).eval()  # the generic PeftModel passes token_type_ids on\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({base})\n{QA_ANSWER}")
 
 
 def _full_snippet(task: str, folder: str) -> str:

@@ -83,6 +83,14 @@ def cmd_serve(args) -> int:
                      max_body=args.max_body_bytes, max_texts=args.max_texts, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
 
 
+def cmd_register_embedded(args) -> int:
+    from peft_ft.hub_cache import EMBEDDED_HUB_ID, register_embedded
+
+    snapshot, what = register_embedded()
+    print(f"{EMBEDDED_HUB_ID}: {what} ({snapshot})")
+    return 0
+
+
 COMMANDS = {
     "run": (cmd_run, "train, evaluate and save a recipe"),
     "validate": (cmd_validate, "check a recipe and its files without training"),
@@ -90,6 +98,8 @@ COMMANDS = {
     "merge": (cmd_merge, "fold a run's adapter and head into its base: a plain transformers model folder"),
     "predict": (cmd_predict, "answer JSONL/CSV/text rows with one or more trained adapters on one loaded base"),
     "serve": (cmd_serve, "serve trained adapters over HTTP (POST /predict/{adapter}, GET /adapters)"),
+    "register-embedded": (cmd_register_embedded, "make the embedded MiniLM load as sentence-transformers/all-MiniLM-L6-v2 offline "
+                          "(links in the Hugging Face hub cache; a real cached copy is kept)"),
     "compare": (cmd_compare, "train one recipe with several methods (and seeds) on the same data; tables and a plot"),
 }
 
