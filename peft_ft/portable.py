@@ -94,6 +94,21 @@ def data_sources(sources: dict[str, str], data_dir: Path | None) -> dict[str, st
     return {name: portable(source) for name, source in sources.items()}
 
 
+def scrub_log(run_dir: Path, data_dir: str | None) -> None:
+    """train.log of a finished run: the run folder's path becomes `.`, data files relative to the data
+    folder, any other absolute path its last part."""
+    path = run_dir / "train.log"
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    for folder in dict.fromkeys([str(run_dir.resolve()), str(run_dir)]):
+        text = text.replace(folder, ".")
+    text = "\n".join(data_sources({"": line}, Path(data_dir) if data_dir else None)[""] for line in text.split("\n"))
+    from peft_ft.output import write_atomic
+
+    write_atomic(path, text)
+
+
 def portable_recipe(recipe: Recipe) -> Recipe:
     """The recipe with absolute paths shortened to their last part (see `recipe_text`)."""
     d = recipe.data

@@ -98,6 +98,8 @@ def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, da
         _train_evaluate_save(recipe, task, method, location, data, run_dir, resume_from, run_state)
     finally:
         setup_logging(None)  # detach train.log so later log lines of this process do not land in it
+        if distributed.is_main() and (run_dir / "metrics.json").is_file():
+            portable.scrub_log(run_dir, str(data_dir) if data_dir else None)
 
 
 def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskData, device):

@@ -90,7 +90,7 @@ def copy_folder(run_dir: Path, root: Path, name: str) -> Path:
 
 def assert_no_machine_paths(folder: Path, *paths: Path) -> None:
     for f in folder.iterdir():
-        if f.suffix in (".json", ".toml", ".md"):
+        if f.suffix in (".json", ".toml", ".md", ".log"):
             text = f.read_text(encoding="utf-8")
             for p in paths:
                 assert str(p) not in text, f"{f.name} holds the machine path {p}"
