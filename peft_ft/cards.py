@@ -68,7 +68,7 @@ def dataset_name(source: str, data_folder: str = "") -> str:
 def front_matter(info: dict, metrics: dict) -> dict:
     task = info["task"]
     evaluated = {s: m for s, m in metrics.items() if isinstance(m, dict) and s not in ("train", "params")}
-    folder = info.get("data_folder", "")
+    folder = Path(info["data_dir"]).name if info.get("data_dir") else ""
     datasets = sorted({dataset_name(src, folder) for src in info["data"].values()})
     results = []
     for split, m in evaluated.items():

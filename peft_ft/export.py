@@ -96,6 +96,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
+        os.chmod(out, 0o755)  # mkdtemp made it private; it is an ordinary output folder
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report

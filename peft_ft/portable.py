@@ -13,8 +13,9 @@ loaders find it, and the label names in a plain file.
   take the folder for a full model) and not a dict with string keys (transformers keeps the string
   keys of an `id2label` passed to `from_pretrained`, and its pipelines then fail on integer ids).
 - `peft_ft.json` and `recipe.toml`: data files relative to the data folder, absolute paths (output
-  folder, data folder, a local base) shortened to their last part; the run folder's own path is not
-  recorded (a folder knows where it is).
+  folder, data folder, a local base) shortened to their last part in recipe.toml; peft_ft.json keeps
+  the data folder's and a local base's paths relative to the run folder (`data_dir`, `base_model`), so
+  tools on the same machine still find them; the run folder's own path is not recorded.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def scrub_log(run_dir: Path, data_dir: str | None) -> None:
 
 
 def portable_recipe(recipe: Recipe) -> Recipe:
-    """The recipe with absolute paths shortened to their last part (see `recipe_text`)."""
+    """The recipe with absolute paths shortened to their last part (what the card shows)."""
     d = recipe.data
     return dataclasses.replace(
         recipe,
@@ -123,16 +124,46 @@ def portable_recipe(recipe: Recipe) -> Recipe:
 
 
 def recipe_text(recipe: Recipe) -> str:
-    """recipe.toml of a finished run: the resolved recipe, with the keys that held absolute paths of
-    the training machine shortened and named in a comment (not silently: the values differ)."""
-    short = portable_recipe(recipe)
-    changed = [key for key in ("model.name", "data.dir", "data.train", "data.validation", "data.test", "data.predict", "output.dir")
-               if short.get(key) != recipe.get(key)]
-    text = to_toml(short)
+    """recipe.toml of a finished run: the resolved recipe (`to_toml`) made portable by `portable_toml`."""
+    return portable_toml(to_toml(dataclasses.replace(recipe, source=_source_name(recipe.source))))
+
+
+def portable_toml(text: str) -> str:
+    """A resolved recipe's text with every absolute path value (a string, or strings in a list) shortened
+    to its last part, and the keys that changed named in a comment under the first line (not silently:
+    the values differ). Idempotent, so two texts can be compared in this form."""
+    import tomllib
+
+    from peft_ft.schema import toml_value
+
+    lines, changed, section = [], [], ""
+    for line in text.splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            section = line.strip("[]")
+        key, sep, _ = line.partition(" = ")
+        if sep and not line.startswith("#"):
+            value = tomllib.loads(line)[key]
+            short = [shorten(v) for v in value] if isinstance(value, list) else shorten(value) if isinstance(value, str) else value
+            if short != value:
+                changed.append(f"{section}.{key}")
+                line = f"{key} = {toml_value(short)}"
+        lines.append(line)
     if changed:
-        head, _, rest = text.partition("\n")
-        text = f"{head}\n# absolute paths of the training machine shortened to their last part: {', '.join(changed)}\n{rest}"
-    return text
+        lines.insert(1, f"{SHORTENED}{', '.join(changed)}")
+    return "\n".join(lines) + "\n"
+
+
+SHORTENED = "# absolute paths of the training machine shortened to their last part: "
+
+
+def data_dir_of(run_dir: Path, info: dict) -> str | None:
+    """The data folder a run was trained on, from peft_ft.json's path relative to the run folder
+    (None when not recorded or no longer there)."""
+    relative = info.get("data_dir")
+    if not relative:
+        return None
+    path = (Path(run_dir) / relative).resolve()
+    return str(path) if path.is_dir() else None
 
 
 def _source_name(source: str) -> str:

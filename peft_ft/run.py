@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 from peft_ft import __version__, distributed, portable
@@ -191,7 +192,7 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
         "labels": data.labels,
         "heads": heads,
         "data": portable.data_sources({n: s.source for n, s in data.splits.items()}, (run_state or {}).get("data_dir")),
-        **({"data_folder": Path(run_state["data_dir"]).name} if (run_state or {}).get("data_dir") else {}),
+        **({"data_dir": os.path.relpath(Path(run_state["data_dir"]).resolve(), run_dir.resolve())} if (run_state or {}).get("data_dir") else {}),
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,

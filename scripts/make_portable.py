@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 from peft_ft.cards import model_card
 from peft_ft.models import EMBEDDED_NAME
 from peft_ft.output import write_atomic, write_json
-from peft_ft.portable import data_sources, finish_adapter_config, shorten, write_labels
+from peft_ft.portable import data_sources, finish_adapter_config, portable_toml, write_labels
 from peft_ft.schema import load_recipe
 
 
@@ -53,24 +52,6 @@ def portable_info(info: dict, recipe, data_dir: str | None) -> dict:
             ordered.update(base)
     ordered["data"] = data_sources(info["data"], Path(data_dir) if data_dir else None)
     return ordered
-
-
-def portable_recipe_text(text: str) -> str:
-    """The stored recipe.toml with absolute path values shortened (textually: the file stays as it was written)."""
-    changed = []
-    section = ""
-    lines = []
-    for line in text.splitlines():
-        if line.startswith("["):
-            section = line.strip("[]")
-        m = re.match(r'^(\w+) = "(/[^"]*)"$', line)
-        if m:
-            changed.append(f"{section}.{m.group(1)}")
-            line = f'{m.group(1)} = "{shorten(m.group(2))}"'
-        lines.append(line)
-    if changed and not lines[1].startswith("# absolute paths"):
-        lines.insert(1, f"# absolute paths of the training machine shortened to their last part: {', '.join(changed)}")
-    return "\n".join(lines) + "\n"
 
 
 def classification_extras(metrics: dict, labels: list[str]) -> None:
@@ -151,7 +132,7 @@ def main() -> None:
         write_labels(run_dir, info["labels"])
         write_json(run_dir / "peft_ft.json", info)
         write_json(run_dir / "metrics.json", metrics)
-        write_atomic(run_dir / "recipe.toml", portable_recipe_text(text))
+        write_atomic(run_dir / "recipe.toml", portable_toml(text))
         portable = dataclasses.replace(load_recipe(run_dir / "recipe.toml"), source=source)
         write_atomic(run_dir / "README.md", model_card(portable, info, metrics, folder_name=run_dir.name))
         print(f"{run_dir}: portable")
