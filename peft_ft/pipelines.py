@@ -10,14 +10,17 @@ them raises KeyError "has been removed from transformers"). Those two families a
 small callables below, which run the family's own `encode` / `predict` and take and return what
 the 4.x pipelines did.
 
-Using `transformers.pipeline(task, model=RUN_DIR)` directly on a run folder: it works for LoRA-type
-adapters (transformers reads `adapter_config.json`, loads the base from `base_model_name_or_path`
-and the trained head from the adapter file, and finds the base's tokenizer), but the label names
-come from the *base* config, so answers say `LABEL_0`, `LABEL_1`..., and a label count that differs
-from the base config's fails with a size mismatch. We keep label names in `peft_ft.json`, never in a
-`config.json` inside the adapter folder (that would make transformers treat the folder as a full
-model). Pass them yourself: `transformers.pipeline(task, model=RUN_DIR, model_kwargs=label_kwargs(RUN_DIR))`,
-or use `peft_ft.pipeline(RUN_DIR)`, which does that and more (the embedded base, full runs, QA, seq2seq).
+NER answers are `WordTagger`'s: whole words (a request's `tokens`, or a text's whitespace-separated
+words), each with the label of its first subword, every word of a long text (windows at word
+boundaries), grouped into entities by conlleval's chunk rules: the decisions the evaluation scores.
+
+Using `transformers.pipeline(task, model=RUN_DIR)` directly on an adapter folder: transformers reads
+`adapter_config.json`, loads the base it names (a hub id: peft_ft.portable) and the trained head from
+the adapter file, and finds the base's tokenizer, but the label names come from the *base* config
+(`LABEL_0`...), and a label count that differs from it fails with a size mismatch. The names are in
+`labels.json` (a list in id order), never in a `config.json` inside the adapter folder (that would
+make transformers treat the folder as a full model): pass `model_kwargs=label_kwargs(RUN_DIR)`, or
+`id2label=dict(enumerate(labels))` as the run's model card shows, or use `peft_ft.pipeline(RUN_DIR)`.
 """
 
 from __future__ import annotations
