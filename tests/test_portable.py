@@ -323,3 +323,29 @@ def test_shipped_card_snippets_run_offline_with_stock_tools(name, tmp_path):
         folder = copy_folder(ADAPTERS / name, tmp_path / str(i), name)
         found = run_snippet(code, folder, cache, check, data)
         assert ok(found), (name, i, found)
+
+
+# --- the pieces -------------------------------------------------------------------------------------
+
+
+def test_recipe_text_shortens_absolute_paths_and_says_so():
+    from peft_ft.portable import portable_toml
+    from peft_ft.schema import build_recipe, to_toml
+
+    recipe = build_recipe({"model": {"name": "/models/my-bert"}, "data": {"dir": "/data", "train": "a/train.jsonl",
+                           "test": ["/elsewhere/test.jsonl", "b/test2.jsonl"]}, "output": {"dir": "/runs"}}, "/home/me/r.toml")
+    text = portable_toml(to_toml(recipe))
+    lines = text.splitlines()
+    assert lines[1] == "# absolute paths of the training machine shortened to their last part: model.name, data.dir, data.test, output.dir"
+    assert 'name = "my-bert"' in lines and 'test = ["test.jsonl", "b/test2.jsonl"]' in lines and 'train = "a/train.jsonl"' in lines
+    assert portable_toml(text) == text  # idempotent: compare --resume compares texts in this form
+
+
+def test_data_sources_are_relative_to_the_data_folder(tmp_path):
+    from peft_ft.portable import data_sources
+
+    data = tmp_path / "data"
+    sources = {"train": f"{data}/conll2003/train.txt", "validation": f"10% of {data}/sb/train.parquet",
+               "test": "/other/place/test.jsonl", "hub": "hub:org/name:test"}
+    assert data_sources(sources, data) == {"train": "conll2003/train.txt", "validation": "10% of sb/train.parquet",
+                                           "test": "test.jsonl", "hub": "hub:org/name:test"}
