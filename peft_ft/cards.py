@@ -156,7 +156,7 @@ def usage(info: dict, folder: str) -> list[str]:
     elif task == "qa":
         blocks += ["Loading with `AutoPeftModel` (transformers 5 has no question-answering pipeline):", "",
                    *_block(_qa_snippet(info, folder)), ""]
-    blocks += ["Loading the base, then the adapter:", "", *_block(_peft_model_snippet(info, folder, pipeline=True))]
+    blocks += ["Loading the base, then the adapter:", "", *_block(_peft_model_snippet(info, folder, pipeline=task in PIPE))]
     if task == "ner":
         blocks += ["", "Stock pipelines group subwords by their own rules (they split `AL-AIN` at the hyphen); "
                    "`peft_ft.pipeline(DIR)` and `peft-ft predict` answer per whitespace word with the label of its "

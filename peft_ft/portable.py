@@ -123,9 +123,10 @@ def portable_recipe(recipe: Recipe) -> Recipe:
     )
 
 
-def recipe_text(recipe: Recipe) -> str:
-    """recipe.toml of a finished run: the resolved recipe (`to_toml`) made portable by `portable_toml`."""
-    return portable_toml(to_toml(dataclasses.replace(recipe, source=_source_name(recipe.source))))
+def recipe_text(recipe: Recipe, run_dir: Path | None = None) -> str:
+    """recipe.toml of a finished run: the resolved recipe (`to_toml`) made portable by `portable_toml`;
+    its `# resolved from` header names the recipe relative to the working folder, else to the run folder."""
+    return portable_toml(to_toml(dataclasses.replace(recipe, source=_source_name(recipe.source, run_dir))))
 
 
 def portable_toml(text: str) -> str:
@@ -166,14 +167,15 @@ def data_dir_of(run_dir: Path, info: dict) -> str | None:
     return str(path) if path.is_dir() else None
 
 
-def _source_name(source: str) -> str:
-    path = Path(source)
-    if not path.is_absolute():
+def _source_name(source: str, run_dir: Path | None = None) -> str:
+    path, _, note = source.partition(" [")  # "variant.toml [compare: lora, seed 42]"
+    note = f" [{note}" if note else ""
+    if not Path(path).is_absolute():
         return source
     try:
-        return str(path.relative_to(Path.cwd()))
+        return str(Path(path).relative_to(Path.cwd())) + note
     except ValueError:
-        return path.name
+        return (os.path.relpath(path, Path(run_dir).resolve()) if run_dir else Path(path).name) + note
 
 
 def _write_json(path: Path, data) -> None:

@@ -208,7 +208,7 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
     write_json(run_dir / "metrics.json", {**metrics, "train": info["train"], "params": params})
     write_atomic(run_dir / "README.md", model_card(portable.portable_recipe(recipe), info, metrics))
     # Written in full while the run could be resumed; now without the machine's paths.
-    write_atomic(run_dir / "recipe.toml", portable.recipe_text(recipe))
+    write_atomic(run_dir / "recipe.toml", portable.recipe_text(recipe, run_dir))
     if info["base_model_source"] == "embedded":
         _register_embedded()
     # The saved weights are the best epoch's: the checkpoints only served to resume an unfinished run.
@@ -243,8 +243,16 @@ def save_model(model, tokenizer, is_adapter: bool, run_dir: Path) -> list[Path]:
 
 def base_location(info: dict) -> str:
     """Where the base model of a saved run is on this machine (the embedded model moves with its venv;
-    a local base folder's relative path is resolved by `pipelines.read_info`)."""
-    return str(embedded_model_dir()) if info["base_model"] == EMBEDDED_NAME else info["base_model"]
+    a local base folder's path, kept relative to the run folder, is resolved by `pipelines.read_info`)."""
+    if info["base_model"] == EMBEDDED_NAME:
+        return str(embedded_model_dir())
+    if info.get("base_model_source") == "local folder" and not Path(info["base_model"]).is_dir():
+        raise PeftFtError(
+            f"base model: this run was trained on a local model folder named {info['base_model_id']!r}, recorded relative to "
+            f"the run folder; it is not at {info['base_model']} (the run folder was copied or moved without it). Keep the run "
+            f"folder where the base folder is found at the same relative path, or load it with peft: "
+            f"PeftModel.from_pretrained(AutoModelFor...from_pretrained(PATH_OF_{info['base_model_id']}), RUN_DIR)")
+    return info["base_model"]
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = False):
