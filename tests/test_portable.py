@@ -349,3 +349,21 @@ def test_data_sources_are_relative_to_the_data_folder(tmp_path):
                "test": "/other/place/test.jsonl", "hub": "hub:org/name:test"}
     assert data_sources(sources, data) == {"train": "conll2003/train.txt", "validation": "10% of sb/train.parquet",
                                            "test": "test.jsonl", "hub": "hub:org/name:test"}
+
+
+def test_a_run_on_a_local_base_names_it_by_folder_and_says_when_it_is_gone(tmp_path, tiny_bert):
+    from peft_ft.errors import PeftFtError
+    from peft_ft.run import load_run
+    from test_predict import train_sentiment
+
+    run_dir = train_sentiment(tmp_path, tiny_bert, "pos")
+    assert json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_bert.name
+    info = json.loads((run_dir / "peft_ft.json").read_text())
+    assert info["base_model_source"] == "local folder" and not Path(info["base_model"]).is_absolute()
+    assert (run_dir / info["base_model"]).resolve() == tiny_bert.resolve()
+    card = (run_dir / "README.md").read_text()
+    assert f'BASE = "path/to/{tiny_bert.name}"' in card and "AutoPeftModel" not in card  # no hub id to load by
+    load_run(run_dir)  # where it was trained: found through the relative path
+    moved = shutil.copytree(run_dir, tmp_path / "a" / "b" / "c" / "d" / "e" / "copy")
+    with pytest.raises(PeftFtError, match=f"trained on a local model folder named '{tiny_bert.name}'.*PeftModel.from_pretrained"):
+        load_run(moved)
