@@ -1,4 +1,5 @@
-"""Inference speed of LoRA runs: the base model, the adapter unmerged and merged; adapter switching vs reloading.
+"""Inference speed of LoRA runs: the base model, the adapter unmerged and merged, its ONNX export under
+ONNX Runtime; adapter switching vs reloading.
 
     python bench/inference.py --smoke                                   # tiny BERT adapters trained here, seconds
     python bench/inference.py --rows 256 --out inference.md             # the shipped adapters on their test data
@@ -8,10 +9,10 @@ For each adapter run (default: adapters/conll_lora and adapters/grading_lora), o
 rows of its first test split (CoNLL test sentences, SciEntsBank test_ua pairs; `--smoke`: the
 synthetic training rows), in one process with one thread count:
 
-1. Speed of four models answering the same rows: the base (same architecture and head size, the
+1. Speed of five models answering the same rows: the base (same architecture and head size, the
    head untrained: the base's cost), the adapter unmerged (peft's PeftModel, as `peft-ft predict`
-   runs it), merged in memory (`merge_and_unload`) and the folder `peft-ft merge` writes, loaded
-   back. Latency of one-text requests (p50/p90) and texts/s with length-sorted batches of 1, 8 and
+   runs it), merged in memory (`merge_and_unload`), the folder `peft-ft merge` writes, loaded
+   back, and (on CPU) the `peft-ft export --onnx` model run by onnxruntime with the same thread count. Latency of one-text requests (p50/p90) and texts/s with length-sorted batches of 1, 8 and
    32 (as peft-ft's evaluation batches), each a ratio to the base. The merged models' largest logit
    difference from the unmerged one shows the timings compare the same computation.
 2. Switching: two adapters on one base (`peft_ft.predict.AdapterSet`, the way `predict` and `serve`
@@ -41,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {"conll": ROOT / "adapters" / "conll_lora", "grading": ROOT / "adapters" / "grading_lora"}
 FAMILIES = ("classification", "ner")  # encoder families whose forward takes token ids only
 MODELS = ["base", "unmerged", "merged (memory)", "merged (folder)"]
+ONNX = "onnxruntime"  # a speed row on CPU only; the load-time table keeps the four PyTorch models
 BATCH_SIZES = (1, 8, 32)
 SPEED_COLUMNS = ["adapter", "model", "max abs logit diff vs unmerged", "p50 ms", "p90 ms", "latency vs base",
                  *(f"texts/s b{b}" for b in BATCH_SIZES), *(f"b{b} rate vs base" for b in BATCH_SIZES)]
@@ -80,9 +82,12 @@ def load_inputs(run_dir: Path, data_dir: str, rows: int) -> Inputs:
     from peft_ft.schema import load_recipe
     from peft_ft.tasks import TASKS
 
+    from peft_ft.portable import data_dir_of
+
     info, recipe = read_info(run_dir), load_recipe(run_dir / "recipe.toml")
     task = TASKS[info["task"]]
-    data = task.load(recipe, resolve_data_dir(recipe, data_dir or None))
+    # recipe.toml keeps no absolute data folder: the run's peft_ft.json says where it is from the run folder
+    data = task.load(recipe, resolve_data_dir(recipe, data_dir or data_dir_of(run_dir, info)))
     name = next((n for n in data.eval_names if n.startswith("test")), "train")
     split = replace(data.splits[name], examples=data.splits[name].examples[:rows])
     tokenizer = load_tokenizer(base_location(info), recipe)
@@ -152,17 +157,46 @@ def load_merged_in_memory(run_dir: Path, device):
     return load_run(run_dir, device)[0].merge_and_unload().eval()
 
 
-def load_models(info: dict, run_dir: Path, workdir: Path, device) -> Models:
+class OnnxRuntimeModel:
+    """The `peft-ft export --onnx` model under onnxruntime, called like a transformers model: the batch's
+    tensors go in as numpy arrays (part of the timed call: what an onnxruntime service does) and the
+    logits come back as a torch tensor."""
+
+    def __init__(self, folder: Path, threads: int):
+        import json
+
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.inputs = json.loads((folder / "export.json").read_text())["inputs"]
+
+    def __call__(self, **batch):
+        import torch
+        from transformers.modeling_outputs import TokenClassifierOutput
+
+        [logits] = self.session.run(["logits"], {n: batch[n].numpy() for n in self.inputs})
+        return TokenClassifierOutput(logits=torch.from_numpy(logits))
+
+
+def load_models(info: dict, run_dir: Path, workdir: Path, device, threads: int = 1) -> Models:
+    from peft_ft.export import export_onnx
     from peft_ft.merge import merge_run
     from peft_ft.run import load_run
 
     merged_dir = merge_run(run_dir, workdir / f"{run_dir.name}-merged")
-    return Models({
+    models = {
         "base": load_base(info, run_dir, device),
         "unmerged": load_run(run_dir, device)[0],
         "merged (memory)": load_merged_in_memory(run_dir, device),
         "merged (folder)": load_run(merged_dir, device)[0],
-    }, merged_dir)
+    }
+    if device.type == "cpu":
+        onnx_dir = workdir / f"{run_dir.name}-onnx"
+        export_onnx(run_dir, onnx_dir)
+        models[ONNX] = OnnxRuntimeModel(onnx_dir, threads)
+    return Models(models, merged_dir)
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -249,7 +283,7 @@ def speed_rows(name: str, models: Models, inputs: Inputs, args, device) -> list[
     times = latencies(m, inputs, args.requests, args.warmup, device)
     rates = {b: throughput(m, batches[b], len(inputs.features), args.repeats, device) for b in BATCH_SIZES}
     rows = []
-    for model in MODELS:
+    for model in m:
         p50, p90 = percentile(times[model], 0.5), percentile(times[model], 0.9)
         base_p50 = percentile(times["base"], 0.5)
         rows.append([name, model, {"base": "-", "unmerged": "reference"}.get(model) or f"{diffs[model]:.2e}", f"{1000 * p50:.2f}", f"{1000 * p90:.2f}",
@@ -386,7 +420,7 @@ def main(argv=None) -> None:
             lengths = [f["length"] for f in inputs.features]
             inputs_notes.append(f"{name}: {run_dir} ({infos[name]['task']}); {len(lengths)} rows of {inputs.split} ({inputs.source}), "
                                 f"{sum(lengths) / len(lengths):.1f} tokens per row on average, longest {max(lengths)}")
-            models = load_models(infos[name], run_dir, Path(tmp), device)
+            models = load_models(infos[name], run_dir, Path(tmp), device, args.threads)
             speed += speed_rows(name, models, inputs, args, device)
             loading += load_rows(name, infos[name], run_dir, models.merged_dir, args.reloads, device)
             del models
@@ -408,6 +442,8 @@ def main(argv=None) -> None:
             "timed: the model forward (torch.inference_mode) on token ids padded beforehand; tokenizing and decoding answers are not timed",
             "base: the same architecture and head size with no adapter and an untrained head; merged (memory): load_run + "
             "merge_and_unload; merged (folder): what peft-ft merge writes, loaded by load_run (AutoModelFor...from_pretrained)",
+            "onnxruntime (CPU only): what peft-ft export --onnx writes (merged, torch.onnx dynamo export), run by onnxruntime's "
+            "CPU provider with the same thread count; its timed call includes turning the batch into numpy arrays",
             "latency vs base: p50 / the base's p50 (above 1 = slower); rate vs base: texts/s / the base's (below 1 = slower)",
         ]),
         show_table("Adapter switch vs reload", SWITCH_COLUMNS, switching, [

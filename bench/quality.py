@@ -179,7 +179,7 @@ def flat(raw: dict) -> dict:
     return {f"{s}.{k}": v for s, values in raw.items() if isinstance(values, dict) for k, v in values.items()}
 
 
-def original_source(run_text: str) -> tuple[str, list[str]]:
+def original_source(run_text: str, folder: Path | None = None) -> tuple[str, list[str]]:
     """The hand-written recipe a run's recipe.toml comes from, following `# resolved from` headers
     (a compare run was resolved from its variant file, which was resolved from the recipe), and the
     compare notes found on the way (`ia3, seed 42`)."""
@@ -193,19 +193,29 @@ def original_source(run_text: str) -> tuple[str, list[str]]:
         if compare_note:
             notes.append(compare_note.group(1))
             source = source[:compare_note.start()]
-        path = Path(source) if Path(source).is_absolute() else REPO / source
+        path = _source_path(source, folder)
         header = path.read_text(encoding="utf-8").splitlines()[0] if path.is_file() else ""
     return source, notes
 
 
-def recipe_differences(run_text: str) -> tuple[str, list[str], list[str], list[str]]:
+def _source_path(source: str, folder: Path | None) -> Path:
+    """A recipe file named in a header: absolute, relative to the repo, or relative to the run folder
+    (a finished run's recipe.toml keeps no absolute path: a compare variant file outside the repo is
+    named relative to the run folder)."""
+    path = Path(source) if Path(source).is_absolute() else REPO / source
+    if path.is_file() or folder is None or path.is_absolute() and Path(source).is_absolute():
+        return path
+    return (folder / source) if (folder / source).is_file() else path
+
+
+def recipe_differences(run_text: str, folder: Path | None = None) -> tuple[str, list[str], list[str], list[str]]:
     """(source, overrides, dropped keys, compare notes) of a run's recipe.toml against its original
     recipe file as it is now; output.* is left out (where a run is written changes nothing it learns)."""
     from peft_ft.errors import PeftFtError
     from peft_ft.schema import load_recipe, section_types, to_toml, toml_value
 
-    source, notes = original_source(run_text)
-    path = Path(source) if Path(source).is_absolute() else REPO / source
+    source, notes = original_source(run_text, folder)
+    path = _source_path(source, folder)
     try:
         base = flat(tomllib.loads(to_toml(load_recipe(path))))
     except PeftFtError:
@@ -227,7 +237,7 @@ def read_run(folder: Path) -> Run | None:
         print(f"skipped {folder}: its training file {train_file} is none of {', '.join(DATASETS)}", file=sys.stderr)
         return None
     text = (folder / "recipe.toml").read_text(encoding="utf-8")
-    source, overrides, dropped, notes = recipe_differences(text)
+    source, overrides, dropped, notes = recipe_differences(text, folder)
     return Run(folder, data, info["method"], json.loads((folder / "metrics.json").read_text(encoding="utf-8")), info,
                tomllib.loads(text), source, overrides, dropped, notes)
 

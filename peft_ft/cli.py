@@ -99,6 +99,23 @@ def cmd_serve(args) -> int:
                      max_body=args.max_body_bytes, max_texts=args.max_texts, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
 
 
+def cmd_export(args) -> int:
+    from peft_ft.export import export_onnx
+
+    report = export_onnx(args.run_dir, args.onnx, tolerance=args.tolerance, allow_pickle=args.allow_pickle)
+    print(f"exported: {args.onnx}/model.onnx (opset {report['opset']}); onnxruntime vs PyTorch on {report['checked_texts']} texts: "
+          f"max |logit difference| {report['max_abs_diff']:.3g} (tolerance {report['tolerance']:g})")
+    return 0
+
+
+def cmd_register_embedded(args) -> int:
+    from peft_ft.hub_cache import EMBEDDED_HUB_ID, register_embedded
+
+    snapshot, what = register_embedded()
+    print(f"{EMBEDDED_HUB_ID}: {what} ({snapshot})")
+    return 0
+
+
 COMMANDS = {
     "run": (cmd_run, "train, evaluate and save a recipe"),
     "validate": (cmd_validate, "check a recipe and its files without training"),
@@ -106,6 +123,9 @@ COMMANDS = {
     "merge": (cmd_merge, "fold a run's adapter and head into its base: a plain transformers model folder"),
     "predict": (cmd_predict, "answer JSONL/CSV/text rows with one or more trained adapters on one loaded base"),
     "serve": (cmd_serve, "serve trained adapters over HTTP (POST /predict/{adapter}, GET /adapters)"),
+    "export": (cmd_export, "merge a run's adapter and export the model to ONNX, checked against PyTorch with onnxruntime"),
+    "register-embedded": (cmd_register_embedded, "make the embedded MiniLM load as sentence-transformers/all-MiniLM-L6-v2 offline "
+                          "(links in the Hugging Face hub cache; a real cached copy is kept)"),
     "compare": (cmd_compare, "train one recipe with several methods (and seeds) on the same data; tables and a plot"),
     "sweep": (cmd_sweep, "search a recipe's hyperparameters with Optuna (TPE, median pruning); every trial a run folder"),
 }
@@ -137,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="a run folder to load under NAME (repeatable); adapters on the same base share one loaded base")
             p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
             p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
-        if name in ("predict", "serve", "merge"):
+        if name == "export":
+            p.add_argument("run_dir", help="run folder (adapter, full or merged run) of text classification, NER or extractive QA")
+            p.add_argument("--onnx", required=True, metavar="OUT", help="new (or empty) folder for model.onnx, tokenizer and config")
+            p.add_argument("--tolerance", type=float, default=1e-4,
+                           help="largest |logit difference| to PyTorch accepted (default 1e-4); above it nothing is written")
+        if name in ("predict", "serve", "merge", "export"):
             p.add_argument("--allow-pickle", action="store_true",
                            help="load run/model folders holding pickle files (.bin, .pt, .pth, .pkl, .ckpt): they can run code; only for folders you trust")
         if name == "predict":
@@ -181,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Data-parallel under torchrun / accelerate launch is for training; these would run once per process.
-SINGLE_PROCESS = {"merge", "predict", "serve", "compare", "sweep"}
+SINGLE_PROCESS = {"merge", "predict", "serve", "compare", "sweep", "export"}
 
 
 def check_single_process(command: str) -> None:

@@ -185,7 +185,10 @@ def finished_run(compare_dir: Path, run_name: str) -> Path | None:
 
 
 def _recipe_body(text: str) -> str:
-    return text.split("\n", 1)[1]  # everything after the "# resolved from ..." line
+    from peft_ft.portable import portable_toml
+
+    # everything after the "# resolved from ..." line, in the form a finished run writes (machine paths shortened)
+    return portable_toml(text).split("\n", 1)[1]
 
 
 def check_resumable(compare_dir: Path, variants: list[Variant], resume: bool) -> dict[str, Path]:

@@ -16,6 +16,13 @@ from peft_ft.errors import PeftFtError
 from peft_ft.pipelines import read_info
 
 
+def read_info_raw(run_dir: Path) -> dict:
+    """peft_ft.json as written (read_info resolves a local base's relative path for loading)."""
+    import json
+
+    return json.loads((run_dir / "peft_ft.json").read_text(encoding="utf-8"))
+
+
 def check_mergeable(run_dir: Path, info: dict) -> None:
     """Refuse, saying why, what has no adapter weights to fold in."""
     if not info["is_adapter"]:
@@ -66,9 +73,12 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False) 
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         shutil.copyfile(run_dir / "recipe.toml", staging / "recipe.toml")
+        if (run_dir / "labels.json").is_file():
+            shutil.copyfile(run_dir / "labels.json", staging / "labels.json")
         weights = sorted(p.name for p in staging.glob("*.safetensors"))
+        # No paths of this machine: the merged folder is its own base and names its source run by name.
         write_json(staging / "peft_ft.json", {
-            **info, "run_dir": str(out.resolve()), "is_adapter": False, "merged_from": str(run_dir.resolve()),
+            **{k: v for k, v in read_info_raw(run_dir).items() if k != "run_dir"}, "is_adapter": False, "merged_from": run_dir.resolve().name,
             "weight_files": weights, "weight_bytes": sum((staging / w).stat().st_size for w in weights),
         })
         check_out(out)  # again: something may have appeared there while we merged

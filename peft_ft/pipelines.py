@@ -10,14 +10,17 @@ them raises KeyError "has been removed from transformers"). Those two families a
 small callables below, which run the family's own `encode` / `predict` and take and return what
 the 4.x pipelines did.
 
-Using `transformers.pipeline(task, model=RUN_DIR)` directly on a run folder: it works for LoRA-type
-adapters (transformers reads `adapter_config.json`, loads the base from `base_model_name_or_path`
-and the trained head from the adapter file, and finds the base's tokenizer), but the label names
-come from the *base* config, so answers say `LABEL_0`, `LABEL_1`..., and a label count that differs
-from the base config's fails with a size mismatch. We keep label names in `peft_ft.json`, never in a
-`config.json` inside the adapter folder (that would make transformers treat the folder as a full
-model). Pass them yourself: `transformers.pipeline(task, model=RUN_DIR, model_kwargs=label_kwargs(RUN_DIR))`,
-or use `peft_ft.pipeline(RUN_DIR)`, which does that and more (the embedded base, full runs, QA, seq2seq).
+NER answers are `WordTagger`'s: whole words (a request's `tokens`, or a text's whitespace-separated
+words), each with the label of its first subword, every word of a long text (windows at word
+boundaries), grouped into entities by conlleval's chunk rules: the decisions the evaluation scores.
+
+Using `transformers.pipeline(task, model=RUN_DIR)` directly on an adapter folder: transformers reads
+`adapter_config.json`, loads the base it names (a hub id: peft_ft.portable) and the trained head from
+the adapter file, and finds the base's tokenizer, but the label names come from the *base* config
+(`LABEL_0`...), and a label count that differs from it fails with a size mismatch. The names are in
+`labels.json` (a list in id order), never in a `config.json` inside the adapter folder (that would
+make transformers treat the folder as a full model): pass `model_kwargs=label_kwargs(RUN_DIR)`, or
+`id2label=dict(enumerate(labels))` as the run's model card shows, or use `peft_ft.pipeline(RUN_DIR)`.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ def read_info(run_dir: str | Path) -> dict:
             f"{run_dir}: not a peft-ft run folder: it {what} no peft_ft.json (the task, base model and label names "
             f"are read from it). Point at a folder written by `peft-ft run` or `peft-ft merge`."
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    from peft_ft.portable import resolve_base
+
+    return resolve_base(json.loads(path.read_text(encoding="utf-8")), Path(run_dir))
 
 
 def label_kwargs(run_dir: str | Path) -> dict:
@@ -55,10 +60,11 @@ def label_kwargs(run_dir: str | Path) -> dict:
 def pipeline(run_dir: str | Path, device: str = "cpu", **kwargs):
     """The answering callable of a run folder (adapter, full or merged run), with real label names.
 
-    `text-classification` and `token-classification` (aggregation_strategy="simple") runs get a stock
-    transformers pipeline; QA and seq2seq runs get `QuestionAnswerer` / `Generator`, because transformers
-    5 no longer has those pipelines. `kwargs` go to `transformers.pipeline` (stock pipelines only), except
-    `allow_pickle=True`, which lets a folder holding pickle files load (see peft_ft.safety).
+    `text-classification` runs get a stock transformers pipeline; NER runs get `WordTagger` (whole
+    words, every word of a long text, as the evaluation decides them); QA and seq2seq runs get
+    `QuestionAnswerer` / `Generator`, because transformers 5 no longer has those pipelines. `kwargs` go
+    to `transformers.pipeline` (stock pipelines only), except `allow_pickle=True`, which lets a folder
+    holding pickle files load (see peft_ft.safety).
     """
     from peft_ft.run import load_run
     from peft_ft.schema import load_recipe
@@ -91,10 +97,10 @@ class _FamilyAnswerer:
 
         self.model, self.tokenizer, self.recipe, self.task = model, tokenizer, recipe, TASKS[self.task_name]
 
-    def _outputs(self, examples: list[dict], batch_size: int) -> tuple[list[dict], list]:
+    def _outputs(self, examples: list[dict], batch_size: int, labels: list[str] = ()) -> tuple[list[dict], list]:
         from peft_ft.tasks import Split, TaskData
 
-        features = self.task.encode(Split("predict", "<request>", examples), self.tokenizer, self.recipe, TaskData({}, []))
+        features = self.task.encode(Split("predict", "<request>", examples), self.tokenizer, self.recipe, TaskData({}, list(labels)))
         device = next(self.model.parameters()).device
         return features, self.task.predict(self.model, features, self.tokenizer.pad_token_id or 0, batch_size, device)
 
@@ -130,6 +136,75 @@ class QuestionAnswerer(_FamilyAnswerer):
         return answers[0] if isinstance(inputs, dict) else answers
 
 
+@dataclass(frozen=True)
+class Words:
+    """A text to tag, as words with their character spans (a request row's `tokens`, or the text's
+    whitespace-separated words)."""
+
+    text: str
+    words: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of_text(cls, text: str) -> "Words":
+        import re
+
+        found = [(m.group(0), m.span()) for m in re.finditer(r"\S+", text)]
+        return cls(text, tuple(w for w, _ in found), tuple(s for _, s in found))
+
+    @classmethod
+    def of_tokens(cls, tokens: list[str]) -> "Words":
+        """The words joined by single spaces: answer offsets refer to that text."""
+        spans, at = [], 0
+        for token in tokens:
+            spans.append((at, at + len(token)))
+            at += len(token) + 1
+        return cls(" ".join(tokens), tuple(tokens), tuple(spans))
+
+
+class WordTagger(_FamilyAnswerer):
+    """NER answers per word, in place of the stock pipeline's subword groups: each word gets the label
+    of its first subword, a long text is cut into windows at word boundaries (`model.max_length`), so
+    every word is tagged, exactly as the evaluation decides and scores; consecutive tags become
+    entities under conlleval's chunk rules (an entity may open with I-). Text in (or `Words`),
+    `[{"entity_group", "word", "start", "end", "score"}]` out, `score` the mean probability of the
+    entity's words' tags."""
+
+    task_name = "ner"
+
+    def __call__(self, inputs, batch_size: int = 32):
+        from peft_ft.tasks.ner import word_predictions
+
+        single = isinstance(inputs, (str, Words))
+        items = [_as_words(i) for i in ([inputs] if single else inputs)]
+        names = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
+        tagged = [i for i, item in enumerate(items) if item.words]  # an empty text has no word to tag
+        examples = [{"tokens": list(items[i].words), "tags": [0] * len(items[i].words), "line": i} for i in tagged]
+        answers: list[list[dict]] = [[] for _ in items]
+        if examples:
+            features, outputs = self._outputs(examples, batch_size, names)
+            tags, probs = word_predictions(examples, features, outputs)
+            for i, row, row_probs in zip(tagged, tags, probs):
+                answers[i] = entities(items[i], [names[t] for t in row], row_probs)
+        return answers[0] if single else answers
+
+
+def _as_words(item) -> Words:
+    return item if isinstance(item, Words) else Words.of_text(item)
+
+
+def entities(item: Words, tags: list[str], probs: list[float]) -> list[dict]:
+    """Word tags -> entities (conlleval's chunks), with character offsets into the text."""
+    from peft_ft.conlleval import chunks
+
+    found = []
+    for kind, first, end in chunks(tags):
+        start, stop = item.spans[first][0], item.spans[end - 1][1]
+        found.append({"entity_group": kind, "word": item.text[start:stop], "start": start, "end": stop,
+                      "score": sum(probs[first:end]) / (end - first)})
+    return found
+
+
 class Generator(_FamilyAnswerer):
     """Seq2seq generation, in place of the removed `text2text-generation` pipeline: text in,
     `[{"generated_text": ...}]` out, with the run's `eval.num_beams` and `eval.max_new_tokens`."""
@@ -161,10 +236,11 @@ def _classification_input(row: dict, recipe: Recipe, where: str):
     return {"text": text, "text_pair": _field(row, ["text_pair", d.text_pair_column], where)}
 
 
-def _text_input(row: dict, recipe: Recipe, where: str) -> str:
+def _words_input(row: dict, recipe: Recipe, where: str) -> Words:
+    """A NER row: its `tokens` (the run's `data.tokens_field`) as the words, else its text split at whitespace."""
     if "text" not in row and isinstance(row.get(recipe.data.tokens_field), list):
-        return " ".join(map(str, row[recipe.data.tokens_field]))  # a pre-tokenized NER row; offsets refer to this join
-    return _field(row, ["text", recipe.data.text_column], where)
+        return Words.of_tokens([str(t) for t in row[recipe.data.tokens_field]])  # offsets refer to the tokens joined by spaces
+    return Words.of_text(_field(row, ["text", recipe.data.text_column], where))
 
 
 def _qa_input(row: dict, recipe: Recipe, where: str) -> dict:
@@ -183,24 +259,9 @@ def _seq2seq_input(row: dict, recipe: Recipe, where: str) -> str:
     return render(recipe.task.input_template, row, where)
 
 
-def _token_classification(model, tokenizer, recipe: Recipe, **kwargs):
-    """The stock token-classification pipeline, cut at the run's `model.max_length` as in training.
-
-    The pipeline takes no truncation option: it truncates at `tokenizer.model_max_length`, which a
-    tokenizer saved without one sets to ~1e30, so a long text overflowed the position embeddings (500).
-    A shallow copy gets the run's length; the (Rust) tokenizer underneath stays shared."""
-    import copy
-
-    import transformers
-
-    tokenizer = copy.copy(tokenizer)
-    tokenizer.model_max_length = recipe.model.max_length
-    return transformers.pipeline("token-classification", model=model, tokenizer=tokenizer, **{"aggregation_strategy": "simple", **kwargs})
-
-
 def truncated(tokenizer, item, max_length: int) -> bool:
     """Whether the model sees only the start of this pipeline input (over `max_length` tokens with its
-    special tokens). QA inputs never are: their windows cover the whole context."""
+    special tokens). QA and NER inputs never are: their windows cover the whole text."""
     if isinstance(item, str):
         return len(tokenizer(item, truncation=False)["input_ids"]) > max_length
     if isinstance(item, dict) and "text" in item:
@@ -225,7 +286,7 @@ ANSWERS: dict[str, Answers] = {
         # Truncate as in training: the pipeline does not by default, and a long text then fails.
         _stock("text-classification", lambda r: {"truncation": True, "max_length": r.model.max_length}), _classification_input, lambda o: {"label": o["label"], "score": round(float(o["score"]), 6)}
     ),
-    "token-classification": Answers(_token_classification, _text_input, _entities),
+    "token-classification": Answers(WordTagger, _words_input, _entities),
     "question-answering": Answers(QuestionAnswerer, _qa_input, lambda o: {**o, "score": round(o["score"], 6)}),
     "text2text-generation": Answers(Generator, _seq2seq_input, lambda o: {"generated_text": o[0]["generated_text"]}),
 }

@@ -7,19 +7,20 @@ checked before the run folder is made and before any training starts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peft_ft import __version__, distributed
+from peft_ft import __version__, distributed, portable
 from peft_ft.adapters import METHODS
 from peft_ft.data import record_splits, resolve_data_dir
 from peft_ft.errors import PeftFtError
 from peft_ft.log import setup_logging
 from peft_ft.models import (EMBEDDED_NAME, embedded_model_dir, enable_activation_checkpointing, load_model, load_tokenizer,
                             quiet_transformers, resolve_model, settle_hub_mode)
-from peft_ft.output import create_run_dir, folder_size, human_size, model_card, save_pretrained_atomic, write_atomic, write_json
+from peft_ft.cards import model_card
+from peft_ft.output import create_run_dir, folder_size, human_size, save_pretrained_atomic, write_atomic, write_json
 from peft_ft.schema import Recipe, load_recipe, to_toml
 from peft_ft.tasks import TASKS, Task, TaskData
 
@@ -111,6 +112,8 @@ def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, da
         _train_evaluate_save(recipe, task, method, location, data, run_dir, accelerator, resume_from, run_state, hooks)
     finally:
         setup_logging(None)  # detach train.log so later log lines of this process do not land in it
+        if distributed.is_main() and (run_dir / "metrics.json").is_file():
+            portable.scrub_log(run_dir, str(data_dir) if data_dir else None)
 
 
 def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskData, device):
@@ -227,17 +230,17 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
     weight_files = save_model(accelerator.unwrap_model(model), tokenizer, method.is_adapter, run_dir, state_dict)
     info = {
         "peft_ft_version": __version__,
-        "run_dir": str(run_dir),
         "run_name": recipe.output.name or Path(recipe.source).stem,
         "task": task.name,
         "method": method.name,
         "is_adapter": method.is_adapter,
-        "base_model": recipe.model.name or EMBEDDED_NAME,
+        **portable.base_fields(recipe, location, run_dir),
         "model_type": model.config.model_type,
         "auto_class": task.auto_class,
         "labels": data.labels,
         "heads": heads,
-        "data": {n: s.source for n, s in data.splits.items()},
+        "data": portable.data_sources({n: s.source for n, s in data.splits.items()}, (run_state or {}).get("data_dir")),
+        **({"data_dir": os.path.relpath(Path(run_state["data_dir"]).resolve(), run_dir.resolve())} if (run_state or {}).get("data_dir") else {}),
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
@@ -246,12 +249,31 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
         "train": result.summary(),
     }
     params = {k: info[k] for k in ("trainable_params", "total_params", "trainable_percent", "weight_bytes")}
+    if method.is_adapter:
+        portable.finish_adapter_config(run_dir, info)
+    portable.write_labels(run_dir, data.labels)
     write_json(run_dir / INFO_FILE, info)
     write_json(run_dir / "metrics.json", {**metrics, "train": info["train"], "params": params})
-    write_atomic(run_dir / "README.md", model_card(recipe, info, metrics))
+    write_atomic(run_dir / "README.md", model_card(portable.portable_recipe(recipe), info, metrics))
+    # Written in full while the run could be resumed; now without the machine's paths.
+    write_atomic(run_dir / "recipe.toml", portable.recipe_text(recipe, run_dir))
+    if info["base_model_source"] == "embedded":
+        _register_embedded()
     # The saved weights are the best epoch's: the checkpoints only served to resume an unfinished run.
     shutil.rmtree(run_dir / FOLDER, ignore_errors=True)
     log.info("saved %s (%s) in %s", ", ".join(info["weight_files"]), human_size(info["weight_bytes"]), run_dir)
+
+
+def _register_embedded() -> None:
+    """The adapter names its base `sentence-transformers/all-MiniLM-L6-v2`: make that id resolve
+    offline on this machine (peft_ft.hub_cache), so stock loaders take the folder at once."""
+    from peft_ft.hub_cache import EMBEDDED_HUB_ID, register_embedded
+
+    try:
+        snapshot, what = register_embedded()
+        log.info("hub cache: %s %s (%s)", EMBEDDED_HUB_ID, what, snapshot)
+    except PeftFtError as e:
+        log.warning("%s; stock loaders will not find the base offline until `peft-ft register-embedded` succeeds", e)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -274,8 +296,17 @@ def save_model(model, tokenizer, is_adapter: bool, run_dir: Path, state_dict: di
 
 
 def base_location(info: dict) -> str:
-    """Where the base model of a saved run is on this machine (the embedded model moves with its venv)."""
-    return str(embedded_model_dir()) if info["base_model"] == EMBEDDED_NAME else info["base_model"]
+    """Where the base model of a saved run is on this machine (the embedded model moves with its venv;
+    a local base folder's path, kept relative to the run folder, is resolved by `pipelines.read_info`)."""
+    if info["base_model"] == EMBEDDED_NAME:
+        return str(embedded_model_dir())
+    if info.get("base_model_source") == "local folder" and not Path(info["base_model"]).is_dir():
+        raise PeftFtError(
+            f"base model: this run was trained on a local model folder named {info['base_model_id']!r}, recorded relative to "
+            f"the run folder; it is not at {info['base_model']} (the run folder was copied or moved without it). Keep the run "
+            f"folder where the base folder is found at the same relative path, or load it with peft: "
+            f"PeftModel.from_pretrained(AutoModelFor...from_pretrained(PATH_OF_{info['base_model_id']}), RUN_DIR)")
+    return info["base_model"]
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = False):
@@ -287,9 +318,11 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = Fals
     from peft_ft.models import check_model_folder
     from peft_ft.safety import check_no_pickle, remote_code, safetensors_only
 
+    from peft_ft.pipelines import read_info
+
     run_dir = Path(run_dir)
     check_no_pickle(run_dir, "run folder", allow_pickle)
-    info = json.loads((run_dir / INFO_FILE).read_text(encoding="utf-8"))
+    info = read_info(run_dir)
     recipe = load_recipe(run_dir / "recipe.toml")
     task: Task = TASKS[info["task"]]
     kwargs = {**task.model_kwargs(TaskData(splits={}, labels=info["labels"])), **safetensors_only(allow_pickle),

@@ -6,12 +6,22 @@ tokenizer a word-level vocabulary written by hand (tests/helpers.py builds both)
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# A run on the embedded model registers it in the Hugging Face hub cache (peft_ft.hub_cache): the
+# tests get a cache of their own, set before huggingface_hub reads the variable at import.
+HUB_CACHE = tempfile.mkdtemp(prefix="peft-ft-tests-hub-")
+os.environ["HF_HUB_CACHE"] = HUB_CACHE
+atexit.register(shutil.rmtree, HUB_CACHE, ignore_errors=True)
 
-from helpers import sentiment_rows, write_jsonl, write_tiny_bert
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from helpers import sentiment_rows, write_jsonl, write_tiny_bert  # noqa: E402
 
 # Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP's spinning workers
 # can make a 6 ms step take a second. Runs started by tests set train.threads = 1 for the same reason.

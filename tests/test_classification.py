@@ -41,7 +41,7 @@ RUN_FILES = {
     "full": {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"},
 }
 COMMON_FILES = {"README.md", "recipe.toml", "train.log", "metrics.json", "peft_ft.json",
-                "predictions_validation.jsonl", "predictions_test.jsonl"}
+                "predictions_validation.jsonl", "predictions_test.jsonl", "labels.json"}
 
 
 def make_run(tmp_path, tiny_bert, data_dir, method="lora", lr=5e-3, extra=""):

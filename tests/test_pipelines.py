@@ -33,30 +33,65 @@ def test_pipeline_from_a_run_folder_has_real_label_names(trained):
     assert pipe.model.config.id2label == {0: "neg", 1: "pos"}
 
 
-def test_stock_pipeline_on_a_run_folder_needs_our_label_names(trained):
-    """What the pipelines docstring says: transformers loads the adapter and head through
-    base_model_name_or_path, but names labels from the base config unless given ours."""
-    import transformers
-
-    from peft_ft.pipelines import pipeline
-
-    ours = pipeline(trained)(TEXTS)
-    plain = transformers.pipeline("text-classification", model=str(trained))(TEXTS)
-    assert {a["label"] for a in plain} <= {"LABEL_0", "LABEL_1"}
-    assert [a["score"] for a in plain] == pytest.approx([a["score"] for a in ours], abs=1e-6)
-    named = transformers.pipeline("text-classification", model=str(trained), model_kwargs=label_kwargs(trained))(TEXTS)
-    assert [a["label"] for a in named] == [a["label"] for a in ours]
-
-
 def test_ner_pipeline_groups_entities_with_real_tag_names(tmp_path, tiny_bert):
-    import transformers
-
-    from peft_ft.pipelines import pipeline
+    from peft_ft.pipelines import WordTagger, pipeline
 
     pipe = pipeline(train_ner(tmp_path, tiny_bert))
-    assert isinstance(pipe, transformers.TokenClassificationPipeline)
+    assert isinstance(pipe, WordTagger)
     found = {(e["entity_group"], e["word"], e["start"], e["end"]) for e in pipe("john works in berlin .")}
     assert ("PER", "john", 0, 4) in found and ("LOC", "berlin", 14, 20) in found
+
+
+NER_LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+
+
+def biased_tagger(tiny_bert, tag: str, max_length: int = 128):
+    """A WordTagger whose head answers `tag` for every subword (zero weights, one large bias): what a
+    word gets is then decided by the word-level rules alone."""
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from peft_ft.pipelines import WordTagger
+
+    model = AutoModelForTokenClassification.from_pretrained(
+        tiny_bert, id2label=dict(enumerate(NER_LABELS)), label2id={n: i for i, n in enumerate(NER_LABELS)}).eval()
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.fill_(0).index_fill_(0, torch.tensor([NER_LABELS.index(tag)]), 10.0)
+    recipe = build_recipe({"model": {"max_length": max_length}, "task": {"type": "ner"}, "data": {"train": "t.jsonl"}}, "test.toml")
+    return WordTagger(model, AutoTokenizer.from_pretrained(tiny_bert), recipe)
+
+
+def test_a_word_of_several_subwords_is_one_entity(tiny_bert):
+    from transformers import AutoTokenizer
+
+    text = "john lives in parisxq"
+    assert len(AutoTokenizer.from_pretrained(tiny_bert).tokenize("parisxq")) > 1  # paris ##x ##q
+    # B-LOC on every subword: the stock "simple" grouping made one entity per subword; per word, 4
+    words = biased_tagger(tiny_bert, "B-LOC")(text)
+    assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in words] == [
+        ("LOC", "john", 0, 4), ("LOC", "lives", 5, 10), ("LOC", "in", 11, 13), ("LOC", "parisxq", 14, 21)]
+    assert all(0 < e["score"] <= 1 for e in words)
+    # I-LOC everywhere: conlleval reads one entity opening with I- and running over every word
+    [whole] = biased_tagger(tiny_bert, "I-LOC")(text)
+    assert (whole["entity_group"], whole["word"], whole["start"], whole["end"]) == ("LOC", text, 0, len(text))
+
+
+def test_a_long_text_is_tagged_to_its_last_word(tiny_bert):
+    text = " ".join(["paris", "london", "berlinxq"] * 40)  # 120 words, 160 subwords, windows of 14
+    found = biased_tagger(tiny_bert, "B-PER", max_length=16)(text)
+    assert len(found) == 120 and found[-1]["end"] == len(text) and found[-1]["word"] == "berlinxq"
+    assert [e["word"] for e in found] == text.split()
+
+
+def test_empty_texts_and_token_rows(tiny_bert):
+    from peft_ft.pipelines import Words
+
+    tagger = biased_tagger(tiny_bert, "B-PER")
+    assert tagger(["", "   "]) == [[], []]
+    row = ANSWERS["token-classification"].to_input({"tokens": ["john", "lives"]}, tagger.recipe, "row 1")
+    assert row == Words("john lives", ("john", "lives"), ((0, 4), (5, 10)))
+    assert [e["word"] for e in tagger(row)] == ["john", "lives"]
 
 
 def test_question_answerer_returns_a_span_of_the_context(tiny_bert):

@@ -20,8 +20,9 @@ def run_dir(tmp_path_factory, tiny_bert) -> Path:
 
 
 def with_pickle(run_dir: Path, tmp_path: Path, name: str = "extra.pt") -> Path:
-    """A copy of a run folder with one pickle file dropped in."""
-    copy = shutil.copytree(run_dir, tmp_path / "tainted")
+    """A copy of a run folder with one pickle file dropped in, beside the original: the run's local base
+    folder is recorded relative to the run folder (peft_ft.portable), so the copy keeps the same depth."""
+    copy = shutil.copytree(run_dir, run_dir.parent / f"{tmp_path.name}-tainted")
     (copy / name).write_bytes(b"\x80\x04K\x01.")  # pickle of the int 1: never unpickled by the check
     return copy
 

@@ -24,7 +24,7 @@ log = logging.getLogger("peft_ft")
 # classifier needs two classes), which is all a saved run needs to rebuild its head.
 REGRESSION_LABELS = ["score"]
 REGRESSION_METRICS = ("pearson", "spearman")
-CLASS_METRICS = ("accuracy", "macro_f1", "weighted_f1", "matthews", "f1")
+CLASS_METRICS = ("accuracy", "macro_f1", "macro_f1_all_classes", "weighted_f1", "matthews", "f1")
 
 
 @dataclass(frozen=True)
@@ -357,20 +357,27 @@ def classification_metrics(gold, predicted, names: list[str]) -> dict:
     """Accuracy, macro/weighted F1, Matthews correlation, the positive class's F1 (two labels:
     GLUE's F1 for MRPC and QQP) and a per-class report.
 
-    Macro-F1 averages over the classes that occur in the gold or predicted labels (scikit-learn's
-    default): a class absent from both has no defined F1 and would only drag the mean to 0.
+    Macro-F1 comes twice, each named: `macro_f1` averages over the classes present in the gold or
+    predicted labels (scikit-learn's default; a class absent from both has no defined F1), listed in
+    `classes_present`; `macro_f1_all_classes` averages over every class, an absent one counting 0.
+    They differ when a split lacks a class (SciEntsBank's test_uq has no non_domain answer).
     """
     from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
     ids = list(range(len(names)))
     p, r, f, s = precision_recall_fscore_support(gold, predicted, labels=ids, zero_division=0)
+    present = sorted({int(i) for i in gold} | {int(i) for i in predicted})
     return {
         "accuracy": float(accuracy_score(gold, predicted)),
         "macro_f1": float(f1_score(gold, predicted, average="macro", zero_division=0)),
+        "macro_f1_all_classes": float(f.mean()),
+        "classes_present": [names[i] for i in present],
         "weighted_f1": float(f1_score(gold, predicted, average="weighted", zero_division=0)),
         "matthews": glue.matthews(gold, predicted),
         **({"f1": glue.positive_f1(gold, predicted)} if len(names) == 2 else {}),
         "n": int(len(gold)),
+        "scorers": {"macro_f1": f"mean F1 over the {len(present)} classes present in gold or predicted labels",
+                    "macro_f1_all_classes": f"mean F1 over all {len(names)} classes"},
         "per_class": {
             n: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i, n in enumerate(names)

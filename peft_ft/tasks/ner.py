@@ -1,4 +1,5 @@
-"""Named-entity recognition (token classification): CoNLL-2003 and any BIO-tagged file, scored with seqeval.
+"""Named-entity recognition (token classification): CoNLL-2003 and any BIO-tagged file, scored with
+seqeval and under the conlleval script's rules.
 
 The model sees subwords; everything a user sees is per word. Each word is labelled on its first
 subword (the others get -100, or with `task.label_all_subwords` the word's tag, B- turned into
@@ -11,6 +12,11 @@ span, so a predicted entity that starts with I- is an error. `default` is seqeva
 which reads such an I- as the start of an entity exactly as the conlleval script does. Gold tags
 are valid BIO2 either way (IOB1 input is converted or refused on reading), so the two modes
 differ only in how ill-formed predictions count.
+
+Every split is also scored under the rules of the CoNLL `conlleval` script (`conlleval_f1`, ...;
+peft_ft.conlleval): the published CoNLL-2003 numbers are conlleval numbers, and on the same
+predictions they differ from seqeval strict whenever a predicted entity opens with I-.
+`scorers` in the metrics names which scorer each number comes from.
 """
 
 from __future__ import annotations
@@ -153,10 +159,24 @@ def entity_metrics(gold: list[list[str]], predicted: list[list[str]], mode: str 
         "words": sum(len(s) for s in gold),
         "entities": int(overall["support"]),
         "seqeval_mode": mode,
+        "scorers": {"f1": f"seqeval {mode}" + (" (IOB2)" if mode == "strict" else ""), "conlleval_f1": "conlleval rules (peft_ft.conlleval)"},
         "per_type": {
             name: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]), "support": int(v["support"])}
             for name, v in report.items() if not name.endswith(" avg")
         },
+    }
+
+
+def conlleval_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict:
+    """The same predictions scored under conlleval's rules, as flat `conlleval_*` keys (any can pick
+    the best epoch) and a per-type table."""
+    from peft_ft.conlleval import score
+
+    result = score(gold, predicted)
+    return {
+        **{f"conlleval_{k}": float(result[k]) for k in ("f1", "precision", "recall")},
+        "conlleval_predicted_entities": result["predicted_entities"],
+        "conlleval_per_type": result["per_type"],
     }
 
 
@@ -176,7 +196,7 @@ class Ner(Task):
     auto_class = "AutoModelForTokenClassification"
     peft_task_type = "TOKEN_CLS"
     default_metric = "f1"
-    metrics = ("f1", "precision", "recall", "accuracy")
+    metrics = ("f1", "precision", "recall", "accuracy", "conlleval_f1", "conlleval_precision", "conlleval_recall")
     formats = ("conll", "jsonl", "label_studio")
     pipeline_task = "token-classification"
 
@@ -280,6 +300,7 @@ class Ner(Task):
         gold_tags = [[names[t] for t in e["tags"]] for e in split.examples]
         predicted_tags = [[names[t] for t in row] for row in predicted]
         metrics = entity_metrics(gold_tags, predicted_tags, getattr(data, "seqeval_mode", "strict"))
+        metrics.update(conlleval_metrics(gold_tags, predicted_tags))
         rows_per_example = Counter(f["_example"] for f in features)
         metrics["windowed"] = sum(1 for n in rows_per_example.values() if n > 1)  # sentences cut into several rows
         records = [

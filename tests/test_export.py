@@ -1,0 +1,67 @@
+"""`peft-ft export RUN_DIR --onnx OUT`: merged, exported, checked against PyTorch, answered by onnxruntime."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peft_ft.errors import PeftFtError
+from helpers import train_ner
+
+
+@pytest.fixture(scope="module")
+def ner_run(tmp_path_factory, tiny_bert):
+    return train_ner(tmp_path_factory.mktemp("export"), tiny_bert)
+
+
+def test_export_answers_like_pytorch(ner_run, tmp_path, capsys):
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from peft_ft.cli import main
+    from peft_ft.run import load_run
+
+    out = tmp_path / "onnx"
+    assert main(["export", str(ner_run), "--onnx", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "max |logit difference|" in printed and "model.onnx" in printed
+    report = json.loads((out / "export.json").read_text())
+    assert report["max_abs_diff"] <= report["tolerance"] == 1e-4 and report["inputs"][:2] == ["input_ids", "attention_mask"]
+    assert {"model.onnx", "config.json", "labels.json", "peft_ft.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["id2label"]["3"] == "B-PER"
+    # onnxruntime on texts of its own, against the run loaded by peft-ft (adapter not merged)
+    model, tokenizer, _ = load_run(ner_run)
+    enc = tokenizer(["mary lives in berlin .", "john works at acme corp in paris and london ."], padding=True, return_tensors="pt")
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    [logits] = session.run(["logits"], {n: enc[n].numpy() for n in report["inputs"]})
+    with torch.no_grad():
+        expected = model(**enc).logits.numpy()
+    assert np.abs(logits - expected).max() < 1e-4
+    assert (logits.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_export_refused_above_the_tolerance_writes_nothing(ner_run, tmp_path):
+    from peft_ft.export import export_onnx
+
+    out = tmp_path / "onnx"
+    with pytest.raises(PeftFtError, match=r"max \|logit difference\| .* above the tolerance -1"):
+        export_onnx(ner_run, out, tolerance=-1)
+    assert not out.exists() and not list(tmp_path.glob(".onnx*"))
+
+
+def test_export_refuses_what_it_cannot_export(ner_run, tmp_path):
+    from peft_ft.export import export_onnx
+
+    info = json.loads((ner_run / "peft_ft.json").read_text())
+    seq2seq = tmp_path / "s2s"
+    seq2seq.mkdir()
+    (seq2seq / "peft_ft.json").write_text(json.dumps({**info, "task": "seq2seq"}))
+    with pytest.raises(PeftFtError, match="task 'seq2seq' cannot be exported"):
+        export_onnx(seq2seq, tmp_path / "out")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("x")
+    with pytest.raises(PeftFtError, match="already exists"):
+        export_onnx(ner_run, taken)
