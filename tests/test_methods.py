@@ -27,15 +27,28 @@ from test_ner import toy_sentences, write_conll
 from test_qa import official_file, qa_rows
 from tiny_t5 import write_tiny_t5
 
-ADAPTERS = ["lora", "prompt_tuning", "prefix_tuning", "ia3"]
+ADAPTERS = ["lora", "prompt_tuning", "prefix_tuning", "ia3", "adalora", "vera", "loha", "lokr", "oft", "boft", "ln_tuning",
+            "p_tuning", "fourierft", "vblora"]
+# LoRA's options, each run as its own variant: "lora:NAME" -> recipe overrides.
+LORA_VARIANTS = {"dora": ["adapter.use_dora=true"], "rslora": ["adapter.use_rslora=true"], "gaussian": ['adapter.init="gaussian"'],
+                 "pissa": ['adapter.init="pissa"'], "olora": ['adapter.init="olora"'], "eva": ['adapter.init="eva"'],
+                 "loraplus": ["adapter.loraplus_lr_ratio=4.0"]}
 FAMILIES = ["classification", "ner", "qa", "seq2seq"]
 NV = 4  # virtual tokens in these tests: few, so that the tiny runs stay fast
-LR = {"lora": 1e-2, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "ia3": 3e-2, "full": 3e-3}
+LR = {"lora": 1e-2, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "ia3": 3e-2, "full": 3e-3, "adalora": 1e-2, "vera": 3e-2,
+      "loha": 1e-2, "lokr": 1e-2, "oft": 1e-2, "boft": 1e-2, "ln_tuning": 3e-2, "p_tuning": 3e-2, "fourierft": 1e-1, "vblora": 1e-2}
 # Names of the parameters each method may train (besides the head copies in modules_to_save).
-ADAPTER_PARAMS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_encoder",), "prefix_tuning": ("prompt_encoder",)}
+ADAPTER_PARAMS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_encoder",), "prefix_tuning": ("prompt_encoder",),
+                  "adalora": ("lora_",), "vera": ("vera_lambda",), "loha": ("hada_",), "lokr": ("lokr_",), "oft": ("oft_",),
+                  "boft": ("boft_",), "ln_tuning": ("ln_tuning_layers",), "p_tuning": ("prompt_encoder",),
+                  "fourierft": ("fourierft_",), "vblora": ("vblora_",)}
+# Small sizes for the tiny models, so that every method's runs stay fast.
+METHOD_OPTIONS = {"vera": "vera_r = 16", "fourierft": "n_frequency = 64", "vblora": "num_vectors = 16\nr = 4",
+                  "oft": "oft_block_size = 16", "adalora": "init_r = 6\nr = 4\ntinit = 0.0\ntfinal = 0.2"}
 
 # [task] and [data] lines per family; seq2seq also caps its generated answers.# How the saved adapter file names them.
-SAVED_ADAPTER_KEYS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_embeddings",), "prefix_tuning": ("prompt_embeddings",)}
+SAVED_ADAPTER_KEYS = {**ADAPTER_PARAMS, "prompt_tuning": ("prompt_embeddings",), "prefix_tuning": ("prompt_embeddings",),
+                      "p_tuning": ("prompt_embeddings",), "vera": ("vera_",)}
 
 TASK_SECTIONS = {
     "classification": ('type = "classification"', 'train = "train.jsonl"\ntest = ["valid.jsonl"]'),
@@ -73,7 +86,8 @@ def family_data(tmp_path_factory) -> dict[str, Path]:
 
 
 def method_section(method: str) -> str:
-    extra = f"\nnum_virtual_tokens = {NV}" if method in ("prompt_tuning", "prefix_tuning") else ""
+    extra = f"\nnum_virtual_tokens = {NV}" if method in ("prompt_tuning", "prefix_tuning", "p_tuning") else ""
+    extra += f"\n{METHOD_OPTIONS[method]}" if method in METHOD_OPTIONS else ""
     return f'[adapter]\nmethod = "{method}"{extra}'
 
 
@@ -160,14 +174,57 @@ def trainable_names(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+VARIANTS = [*ADAPTERS, "full", *(f"lora:{v}" for v in LORA_VARIANTS)]
+REFUSED = {("lora:eva", "seq2seq")}  # tested on its own below
+
+
+def batch_logits(model, features: list[dict], family: str):
+    """The model's logits on a fixed padded batch (T5: teacher-forced on the targets), for merge checks."""
+    import torch
+    from peft_ft.batching import pad_batch
+
+    batch = pad_batch(features[:8], 0)
+    if family == "seq2seq":
+        labels = batch.pop("labels").clamp(min=0)
+        batch["decoder_input_ids"] = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], 1)
+    else:  # no loss: a reloaded AdaLoRA (inference mode) cannot compute its regulariser
+        for key in ("labels", "start_positions", "end_positions"):
+            batch.pop(key, None)
+    with torch.no_grad():
+        out = model(**batch)
+    return out.start_logits if family == "qa" else out.logits
+
+
+def assert_merge_matches_or_is_refused(method: str, run_dir: Path, recipe, family: str, data_dir: Path, out: Path) -> None:
+    """A method that merges: `peft-ft merge`'s plain model gives the adapter's logits. One that cannot: refused, saying why."""
+    import torch
+    from peft_ft.merge import merge_run
+
+    if not METHODS[method].merges:
+        with pytest.raises(PeftFtError, match=rf"method '{method}' .* cannot be merged: it learns virtual tokens"):
+            merge_run(run_dir, out)
+        return
+    task = TASKS[family]
+    adapter, tokenizer, _ = load_run(run_dir)
+    data = task.load(recipe, data_dir)
+    features = task.encode(data.splits["train"], tokenizer, recipe, data)  # training rows: T5's come with targets
+    merged, _, info = load_run(merge_run(run_dir, out))
+    assert info["is_adapter"] is False and not any("lora" in n or "_R" in n for n, _ in merged.named_parameters())
+    expected, got = batch_logits(adapter, features, family), batch_logits(merged, features, family)
+    assert torch.allclose(expected, got, rtol=1e-4, atol=1e-4), (expected - got).abs().max()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", [*ADAPTERS, "full"])
-def test_method_trains_saves_and_reloads(method, family, tmp_path, monkeypatch, tiny_bert, tiny_t5, family_data):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_method_trains_saves_and_reloads(variant, family, tmp_path, monkeypatch, tiny_bert, tiny_t5, family_data):
     import torch
     from safetensors import safe_open
 
+    if (variant, family) in REFUSED:
+        pytest.skip("refused before training: test_lora_eva_on_seq2seq_is_refused")
+    method, _, option = variant.partition(":")
     model_dir = tiny_t5 if family == "seq2seq" else tiny_bert
-    recipe = recipe_for(tmp_path, model_dir, family_data[family], family, method)
+    recipe = recipe_for(tmp_path, model_dir, family_data[family], family, method, LORA_VARIANTS.get(option, ()))
     probe = Probe(monkeypatch)
     run_dir = run(recipe)
     model = probe.model
@@ -212,6 +269,13 @@ def test_method_trains_saves_and_reloads(method, family, tmp_path, monkeypatch, 
         assert adapter_keys and sorted(adapter_keys + head_keys) == sorted(keys)
         assert head_keys or not info["heads"]  # the head is saved with the adapter
         assert (run_dir / "adapter_model.safetensors").stat().st_size < (model_dir / "model.safetensors").stat().st_size
+        # merged == unmerged, or a named refusal
+        assert_merge_matches_or_is_refused(method, run_dir, recipe, family, family_data[family], tmp_path / "merged")
+        if family == "classification":  # and the folder answers through peft_ft.pipeline
+            from peft_ft.pipelines import pipeline
+
+            answers = pipeline(run_dir)(["the movie was good", "awful plot"])
+            assert [a["label"] in ("pos", "neg") for a in answers] == [True, True]
 
 
 def test_prefix_projection_saves_the_projected_prefix_and_reloads(tmp_path, monkeypatch, tiny_bert, family_data):
