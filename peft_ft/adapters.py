@@ -427,17 +427,24 @@ def _start_eva(model, recipe: Recipe, start: TrainingStart):
 
     rows = start.features[: EVA_BATCHES * start.batch_size]
     batches = []
-    for i in range(0, len(rows), start.batch_size):
+    for i in range(0, max(1, len(rows) - start.batch_size + 1), start.batch_size):  # full batches (a short last one is dropped)
         batch = pad_batch(rows[i:i + start.batch_size], start.pad_id)
         batch.pop("labels", None)
         batches.append({k: v.to(start.device) for k, v in batch.items()})
     was_training = model.training
     model.eval()  # no dropout in the statistics
     with torch.no_grad():
-        initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+        initialize_lora_eva_weights(model, batches, prepare_layer_inputs_fn=_eva_layer_inputs, show_progress_bar=False)
     model.train(was_training)
     log.info("EVA: LoRA A matrices initialised from %d training rows", len(rows))
     return None
+
+
+def _eva_layer_inputs(layer_input, model_input, layer_name):
+    """The real tokens' inputs of a layer (peft's default), or every row's for a layer that sees one
+    vector per row (BERT's pooler, whose `dense` LoRA targets too): peft's default fails on those."""
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    return x.contiguous() if x.dim() == 2 else x[model_input.T.unbind()]  # (the pooler reads a strided slice)
 
 
 def _start_lora(model, recipe: Recipe, start: TrainingStart):
