@@ -470,3 +470,113 @@ def test_8bit_base_trains_the_adapter_and_a_float_head(method, tmp_path, monkeyp
     assert head and all(p.dtype == torch.float32 and p.requires_grad for p in head)  # ...the head is not
     assert probe.loss_after < probe.loss_before
     assert (run_dir / "adapter_model.safetensors").is_file()
+
+
+# --- the newer methods: options, hooks and refusals ---------------------------------------------------
+
+
+def test_lora_eva_on_seq2seq_is_refused():
+    raw = {"task": {"type": "seq2seq"}, "data": {"train": "t.json"}, "adapter": {"method": "lora", "init": "eva"}}
+    with pytest.raises(RecipeError, match=r"adapter.init: \"eva\" is not available for seq2seq"):
+        build_recipe(raw, "r.toml")
+
+
+@pytest.mark.parametrize("adapter, message", [
+    ({"method": "loha", "use_dora": True}, r"adapter.use_dora: applies only when adapter.method is 'lora'"),
+    ({"method": "vera", "r": 4}, r"adapter.r: applies only when adapter.method is 'lora' or 'adalora'"),
+    ({"method": "adalora", "init_r": 4, "r": 8}, r"adapter.init_r \(4\) is below adapter.r \(8\)"),
+    ({"method": "adalora", "tinit": 0.5, "tfinal": 0.5}, r"adapter.tinit \+ adapter.tfinal \(0.5 \+ 0.5\) must stay below 1"),
+    ({"method": "lora", "init": "svd"}, r"adapter.init: expected one of 'default', 'gaussian', 'pissa', 'olora', 'eva'"),
+])
+def test_method_options_are_checked_at_validation(adapter, message):
+    with pytest.raises(RecipeError, match=message):
+        build_recipe(base_recipe(**adapter), "r.toml")
+
+
+def test_8bit_is_refused_for_the_newer_methods(monkeypatch):
+    monkeypatch.setattr("peft_ft.adapters.cuda_available", lambda: True)
+    raw = {**base_recipe(method="vera"), "model": {"load_in_8bit": True}}
+    with pytest.raises(RecipeError, match=r"load_in_8bit: for adapter.method lora or ia3, not 'vera'"):
+        build_recipe(raw, "r.toml")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["adapter.oft_block_size=24"], r"adapter.oft_block_size = 24: must divide every adapted layer's input size, which .*query \(32\)"),
+    (["adapter.n_frequency=5000"], r"adapter.n_frequency = 5000: must be at most each adapted layer's input x output size"),
+    (["adapter.vector_length=48"], r"adapter.vector_length = 48: must divide every adapted layer's input and output sizes"),
+])
+def test_sizes_the_model_cannot_take_are_refused_before_training(overrides, message, tmp_path, tiny_bert, family_data):
+    method = {"oft_block_size": "oft", "n_frequency": "fourierft", "vector_length": "vblora"}[overrides[0].split(".")[1].split("=")[0]]
+    recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", method, overrides)
+    with pytest.raises(PeftFtError, match=message):
+        build(recipe, "classification", tiny_bert, family_data["classification"])
+
+
+def test_adalora_schedule_without_room_for_the_budget_phase_is_refused(tmp_path, monkeypatch, tiny_bert, family_data):
+    recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", "adalora",
+                        ["train.max_steps=2", "adapter.tinit=0.6", "adapter.tfinal=0.3"])
+    with pytest.raises(PeftFtError, match=r"adapter.tinit \(0.6\) and adapter.tfinal \(0.3\) leave no step of 2 for AdaLoRA"):
+        run(recipe)
+
+
+def test_adalora_budget_is_allocated_after_every_step_and_saved(tmp_path, monkeypatch, tiny_bert, family_data):
+    from peft.tuners.adalora import AdaLoraModel
+
+    calls = []
+    real = AdaLoraModel.update_and_allocate
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", lambda self, step: (calls.append(step), real(self, step))[1])
+    recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", "adalora", ["train.epochs=3"])
+    probe = Probe(monkeypatch)
+    run_dir = run(recipe)
+    steps = json.loads((run_dir / "metrics.json").read_text())["train"]["steps"]
+    assert calls == list(range(steps))  # once per optimizer step, with the steps done before it
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    assert config["total_step"] == steps and config["tinit"] == 0 and config["tfinal"] == max(1, int(0.2 * steps))
+    # the final allocation left init_r (6) ranks in some layers cut to reach r (4) on average
+    assert config["rank_pattern"] and sum(sum(m) for m in config["rank_pattern"].values()) <= 4 * len(config["rank_pattern"])
+    assert_reload_predicts_the_same(run_dir, probe.model, recipe, family_data["classification"])
+
+
+def test_loraplus_gives_the_b_matrices_the_ratio_times_the_learning_rate(tmp_path, monkeypatch, tiny_bert, family_data):
+    import torch
+
+    seen = {}
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.setdefault("groups", [dict(g) for g in self.param_groups])
+        seen.setdefault("names", {id(p): n for n, p in probe.model.named_parameters()})
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", "lora",
+                        ["adapter.loraplus_lr_ratio=16.0", "train.warmup=0.0"])
+    probe = Probe(monkeypatch)
+    run(recipe)
+    lr = recipe.train.lr
+    rates = {}
+    for group in seen["groups"]:
+        for p in group["params"]:
+            rates[seen["names"][id(p)]] = group["initial_lr"]
+    b = [n for n in rates if ".lora_B." in n]
+    others = [n for n in rates if ".lora_B." not in n]
+    assert b and others and len(rates) == len(trainable_names(probe.model))
+    assert {rates[n] for n in b} == {16 * lr} and {rates[n] for n in others} == {lr}
+
+
+def test_adapters_of_different_methods_answer_from_one_adapter_set(tmp_path, tiny_bert, family_data):
+    """predict/serve: a LoRA, a LoHa and a PiSSA adapter on the same base each give the answers of their own folder."""
+    from peft_ft.pipelines import pipeline
+    from peft_ft.predict import AdapterSet
+
+    texts = ["the movie was good", "awful plot", "the acting is fine"]
+    for name in ("lora", "loha", "pissa", "ptuning"):
+        (tmp_path / name).mkdir()
+    dirs = {name: run(recipe_for(tmp_path / name, tiny_bert, family_data["classification"], "classification", method, extra))
+            for name, method, extra in (("lora", "lora", []), ("loha", "loha", []), ("pissa", "lora", ['adapter.init="pissa"']),
+                                        ("ptuning", "p_tuning", []))}
+    adapters = AdapterSet(dirs)
+    for name, run_dir in dirs.items():
+        expected = [(a["label"], round(float(a["score"]), 5)) for a in pipeline(run_dir)(texts)]
+        got = [(a["label"], round(float(a["score"]), 5)) for a in adapters.answer(name, [{"text": t} for t in texts])]
+        assert got == expected, name
