@@ -78,6 +78,8 @@ class Method:
     on_train_start: Callable | None = None
     # (recipe) -> a learning-rate multiplier per parameter name, or None for one rate (LoRA+).
     lr_scale: Callable | None = None
+    # Default target modules by `config.model_type` (None: the method targets no modules by name).
+    targets: dict | None = None
 
     @property
     def merges(self) -> bool:
@@ -596,7 +598,7 @@ def _validate_adalora(recipe: Recipe) -> list[str]:
 
 
 register_method(Method(
-    "lora", is_adapter=True, default_lr=5e-4, wrap=_wrap_lora, validate=_validate_lora,
+    "lora", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_lora, validate=_validate_lora,
     on_train_start=_start_lora, lr_scale=_loraplus_scale,
     summary="low-rank update B A on each target linear layer (options: use_dora, use_rslora, init, loraplus_lr_ratio)",
     lr_reason="the shipped SciEntsBank and CoNLL recipes train at it (the LoRA paper used rates of this order on GLUE)"))
@@ -609,7 +611,7 @@ register_method(Method(
     summary="trained key/value prefixes in every attention layer",
     lr_reason="prefixes, like prompts, need larger rates than weights; below prompt tuning's as they act in every layer"))
 register_method(Method(
-    "ia3", is_adapter=True, default_lr=5e-3, wrap=_wrap_ia3, validate=_validate_ia3,
+    "ia3", is_adapter=True, targets=IA3_TARGETS, default_lr=5e-3, wrap=_wrap_ia3, validate=_validate_ia3,
     summary="learned scaling vectors on keys, values and feed-forward inputs",
     lr_reason="scaling vectors start at 1 and move slowly: the order of the T-Few recipe's 3e-3"))
 register_method(Method(
@@ -617,47 +619,61 @@ register_method(Method(
     summary="every weight trains; the whole model is saved",
     lr_reason="the top of BERT's fine-tuning range (2e-5..5e-5)"))
 register_method(Method(
-    "adalora", is_adapter=True, default_lr=5e-4, wrap=_wrap_adalora, validate=_validate_adalora, on_train_start=_start_adalora,
+    "adalora", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_adalora, validate=_validate_adalora, on_train_start=_start_adalora,
     summary="LoRA in SVD form whose per-layer ranks are cut from init_r to r on average during training (the loop drives "
             "the budget schedule: tinit, tfinal, delta_t)",
     lr_reason="same parametrisation scale as LoRA: LoRA's default (the AdaLoRA paper used 5e-4..1e-3 on GLUE)"))
 register_method(Method(
-    "vera", is_adapter=True, default_lr=5e-3, wrap=_wrap_vera, validate=_validate_8bit,
+    "vera", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-3, wrap=_wrap_vera, validate=_validate_8bit,
     summary="frozen random low-rank projections shared by every layer (rank vera_r), trained per-layer scaling vectors",
     lr_reason="trains scaling vectors like IA3, so IA3's rate (the VeRA paper used 4e-3..1e-2 on GLUE); untuned here"))
 register_method(Method(
-    "loha", is_adapter=True, default_lr=5e-4, wrap=_wrap_loha, validate=_validate_8bit,
+    "loha", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_loha, validate=_validate_8bit,
     summary="low-rank Hadamard product update (two LoRA pairs multiplied elementwise) on each target layer",
     lr_reason="LoRA-like factors at the same rank and scale: LoRA's default; untuned here"))
 register_method(Method(
-    "lokr", is_adapter=True, default_lr=5e-4, wrap=_wrap_lokr, validate=_validate_8bit,
+    "lokr", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_lokr, validate=_validate_8bit,
     summary="Kronecker-product update (a small factor x a low-rank factor) on each target layer",
     lr_reason="LoRA-like factors at the same rank and scale: LoRA's default; untuned here"))
 register_method(Method(
-    "oft", is_adapter=True, default_lr=5e-4, wrap=_wrap_oft, validate=_validate_8bit,
+    "oft", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_oft, validate=_validate_8bit,
     summary="block-diagonal orthogonal rotation of each target layer's input (blocks of oft_block_size)",
     lr_reason="no encoder default we could verify; LoRA's rate, untuned here"))
 register_method(Method(
-    "boft", is_adapter=True, default_lr=5e-4, wrap=_wrap_boft, validate=_validate_8bit,
+    "boft", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_boft, validate=_validate_8bit,
     summary="orthogonal rotation built from butterfly factors of small blocks (boft_block_size, boft_butterfly_factor)",
     lr_reason="no encoder default we could verify; LoRA's rate, untuned here"))
 register_method(Method(
-    "ln_tuning", is_adapter=True, default_lr=5e-3, wrap=_wrap_ln_tuning, validate=_validate_8bit,
+    "ln_tuning", is_adapter=True, targets=LN_TARGETS, default_lr=5e-3, wrap=_wrap_ln_tuning, validate=_validate_8bit,
     summary="trains a copy of every LayerNorm (gain and bias) and nothing else besides the head",
     lr_reason="gains and biases near 1 and 0, like IA3's vectors: IA3's rate; untuned here"))
 register_method(Method(
-    "fourierft", is_adapter=True, default_lr=5e-2, wrap=_wrap_fourierft, validate=_validate_8bit,
+    "fourierft", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-2, wrap=_wrap_fourierft, validate=_validate_8bit,
     summary="n_frequency learned spectral coefficients per layer at fixed random frequencies; the update is their inverse 2-D DFT",
     lr_reason="few coefficients with a large scale need large rates: the FourierFT paper's GLUE range (5e-2..1e-1 for "
               "RoBERTa-base, scaling 100-150); untuned here"))
 register_method(Method(
-    "vblora", is_adapter=True, default_lr=1e-3, wrap=_wrap_vblora, validate=_validate_8bit,
+    "vblora", is_adapter=True, targets=LORA_TARGETS, default_lr=1e-3, wrap=_wrap_vblora, validate=_validate_8bit,
     summary="every layer's low-rank factors are mixed (top-k) from one shared bank of vectors",
     lr_reason="between LoRA's rate and the higher one VB-LoRA's bank usually gets; untuned here"))
 register_method(Method(
     "p_tuning", is_adapter=True, default_lr=1e-2, wrap=_wrap_p_tuning, validate=_validate_8bit, prompt_learning=True,
     summary="virtual input embeddings produced by a small trained MLP (P-tuning)",
     lr_reason="between prefix tuning's and prompt tuning's defaults; the MLP steadies it; untuned here"))
+
+
+def unsupported(method: Method, recipe: Recipe, model) -> str | None:
+    """Why `method` cannot serve this recipe's model (a skeleton on the meta device will do), or None."""
+    if method.targets is not None and not recipe.adapter.target_modules and model.config.model_type not in method.targets:
+        return f"no default target modules for model type {model.config.model_type!r} (set adapter.target_modules)"
+    if method.name == "prefix_tuning" and not supports_prefixes(model):
+        return f"{model.config.model_type} models take no past keys and values here"
+    if method.prompt_learning:
+        try:
+            check_position_room(model, recipe)
+        except PeftFtError as e:
+            return str(e).removeprefix(f"{recipe.source}: ")
+    return None
 
 
 def explain_methods() -> str:
