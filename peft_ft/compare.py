@@ -521,8 +521,9 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
     bars = axes[0]
     for j, column in enumerate(columns):
         xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(rows))]
-        bars.bar(xs, [r.get(column) or 0.0 for r in rows], width, yerr=[r.get(f"{column}_std") or 0.0 for r in rows],
-                 capsize=2, label=column.split("/")[0])
+        spread = [r.get(f"{column}_std") for r in rows]
+        bars.bar(xs, [r.get(column) or 0.0 for r in rows], width, label=column.split("/")[0],
+                 yerr=[x or 0.0 for x in spread] if any(x is not None for x in spread) else None, capsize=2)
     bars.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=40, ha="right", fontsize=8)
     bars.set_ylim(low, high)
     bars.set_ylabel(rows[0]["task_metric"] if rows else "no finished runs")
