@@ -202,9 +202,8 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     import torch
 
     from peft_ft import checkpoint
-    from peft_ft.allocator import keep_freed_memory, release_freed_memory
-
     from peft_ft.adapters import METHODS, TrainingStart
+    from peft_ft.allocator import keep_freed_memory, release_freed_memory
 
     t = recipe.train
     lengths = [f["length"] for f in features]
