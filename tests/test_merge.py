@@ -105,9 +105,9 @@ def test_cli_merge_and_the_merged_folder_serves_like_a_run(trained, tmp_path, ca
 
 
 @pytest.fixture(scope="module")
-def two_adapters(tmp_path_factory, tiny_bert) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("combine")
-    return train_sentiment(root, tiny_bert, "pos"), train_sentiment(root, tiny_bert, "flip", flip=True)
+def two_adapters(trained, tmp_path_factory, tiny_bert) -> tuple[Path, Path]:
+    """The module's LoRA run and one trained on flipped labels: same base, task and labels, different answers."""
+    return trained, train_sentiment(tmp_path_factory.mktemp("combine"), tiny_bert, "flip", flip=True)
 
 
 def logits_of(run_dir: Path):
