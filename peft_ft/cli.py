@@ -59,6 +59,17 @@ def cmd_explain(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    if args.combine:
+        from peft_ft.combine import combine_runs, parse_combine
+
+        if args.run_dir:
+            raise PeftFtError("give either RUN_DIR (fold one adapter into its base) or --combine (several adapters into one), not both")
+        print(f"combined: {combine_runs(parse_combine(args.combine), args.how, args.out, args.density, allow_pickle=args.allow_pickle)}")
+        return 0
+    if args.how != "linear" or args.density is not None:
+        raise PeftFtError("--how and --density apply to --combine")
+    if not args.run_dir:
+        raise PeftFtError("give a run folder (peft-ft merge RUN_DIR --out DIR) or --combine NAME=RUN_DIR:WEIGHT,...")
     from peft_ft.merge import merge_run
 
     print(f"merged: {merge_run(args.run_dir, args.out, allow_pickle=args.allow_pickle)}")
@@ -120,7 +131,8 @@ COMMANDS = {
     "run": (cmd_run, "train, evaluate and save a recipe"),
     "validate": (cmd_validate, "check a recipe and its files without training"),
     "explain": (cmd_explain, "print every recipe field with its type, default and help"),
-    "merge": (cmd_merge, "fold a run's adapter and head into its base: a plain transformers model folder"),
+    "merge": (cmd_merge, "fold a run's adapter and head into its base (a plain transformers model folder), or combine "
+                         "LoRA adapters of one base and task into one adapter folder (--combine)"),
     "predict": (cmd_predict, "answer JSONL/CSV/text rows with one or more trained adapters on one loaded base"),
     "serve": (cmd_serve, "serve trained adapters over HTTP (POST /predict/{adapter}, GET /adapters)"),
     "export": (cmd_export, "merge a run's adapter and export the model to ONNX, checked against PyTorch with onnxruntime"),
@@ -150,8 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "explain":
             p.add_argument("section", nargs="?", help="one section: model, task, data, adapter, train, eval, output")
         if name == "merge":
-            p.add_argument("run_dir", help="run folder of an adapter method (written by peft-ft run)")
+            p.add_argument("run_dir", nargs="?", help="run folder of an adapter method (written by peft-ft run)")
             p.add_argument("--out", required=True, help="new (or empty) folder for the merged model; never overwritten")
+            p.add_argument("--combine", default=None, metavar="NAME=RUN_DIR:WEIGHT,...",
+                           help="combine LoRA adapters of the same base, task and labels into one adapter folder (peft's "
+                                "add_weighted_adapter; heads: weighted average of their weights). For adapters of the same task "
+                                "on different data or seeds")
+            p.add_argument("--how", default="linear", choices=("linear", "cat", "ties", "dare_ties", "dare_linear"),
+                           help="with --combine: how the LoRA matrices combine (peft's combination_type; default linear)")
+            p.add_argument("--density", type=float, default=None,
+                           help="with --how ties/dare_ties/dare_linear: fraction of each adapter's update kept (default 0.5)")
         if name in ("predict", "serve"):
             p.add_argument("--adapter", action="append", default=[], required=True, metavar="NAME=RUN_DIR",
                            help="a run folder to load under NAME (repeatable); adapters on the same base share one loaded base")

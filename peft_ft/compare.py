@@ -80,15 +80,20 @@ def parse_lrs(items: list[str], methods: list[str]) -> dict[str, float]:
     return lrs
 
 
+ALL = "all"  # --methods all: every registered method that applies to each recipe's task and model
+
+
 def parse_methods(text: str | None) -> list[str] | None:
     from peft_ft.adapters import METHODS
 
     if not text:
         return None
+    if text.strip() == ALL:
+        return [ALL]
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names or len(set(names)) != len(names):
-        raise RecipeError("--methods", [f"{text!r}: expected distinct methods separated by commas, from: {', '.join(METHODS)}"])
+        raise RecipeError("--methods", [f"{text!r}: expected `all` or distinct methods separated by commas, from: {', '.join(METHODS)}"])
     return names
 
 
@@ -124,6 +129,44 @@ def variant_raw(raw: dict, method: str, seed: int, lr: float | None, name: str, 
     return raw
 
 
+def model_skeleton(recipe, location: str, auto_class: str):
+    """The recipe's task model built on the meta device (no weights read): enough to ask which methods fit it."""
+    import torch
+    import transformers
+
+    from peft_ft.models import quiet_transformers
+
+    quiet_transformers()
+    config = transformers.AutoConfig.from_pretrained(location, trust_remote_code=recipe.model.trust_remote_code)
+    with torch.device("meta"):
+        return getattr(transformers, auto_class).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+
+
+def applicable_methods(raw: dict, path: str, location: str, out_dir: Path) -> list[str]:
+    """`--methods all` for one recipe: every registered method whose variant validates and that fits the
+    model; each one left out is logged with the reason."""
+    from peft_ft.adapters import METHODS, unsupported
+    from peft_ft.schema import build_recipe
+    from peft_ft.tasks import TASKS
+
+    chosen, skeleton = [], None
+    for name, method in METHODS.items():
+        try:
+            recipe = build_recipe(variant_raw(raw, name, 0, None, name, out_dir), f"{path} [compare: {name}]")
+        except RecipeError as e:
+            log.info("--methods all: %s left out: %s", name, "; ".join(e.problems))
+            continue
+        task = TASKS[recipe.task.type]
+        skeleton = skeleton or model_skeleton(recipe, location, task.auto_class)
+        reason = unsupported(method, recipe, skeleton, location, task.auto_class, task.peft_task_type)
+        if reason:
+            log.info("--methods all: %s left out: %s", name, reason)
+        else:
+            chosen.append(name)
+    log.info("--methods all for %s: %s", path, ", ".join(chosen))
+    return chosen
+
+
 def with_overrides(raw: dict, overrides: list[str]) -> dict:
     from peft_ft.schema import parse_override
 
@@ -152,11 +195,12 @@ def build_variants(recipes: list[str], methods: list[str] | None, seeds: int, lr
     for path, stem in zip(recipes, stems):
         base = load_recipe(path, overrides)  # the recipe as written must be valid on its own
         settle_hub_mode(base)
-        resolve_model(base)
+        location = resolve_model(base)
         resolved_dir = None if base.data.hub else str(resolve_data_dir(base, data_dir))
         split_sources(base, None if base.data.hub else Path(resolved_dir))  # every file exists
         raw = with_overrides(tomllib.loads(Path(path).read_text(encoding="utf-8")), overrides)
-        for method in methods or [base.adapter.method]:
+        names = applicable_methods(raw, path, location, out_dir) if methods == [ALL] else methods or [base.adapter.method]
+        for method in names:
             label = method if len(recipes) == 1 else f"{stem}-{method}"
             for seed in range(first_seed, first_seed + seeds):
                 v_raw = variant_raw(raw, method, seed, lrs.get(method), f"{label}-seed{seed}", out_dir)
@@ -238,7 +282,9 @@ def compare(recipes: list[str], methods: list[str] | None = None, seeds: int = 1
     first = load_recipe(recipes[0], list(overrides))
     stems = "+".join(Path(r).stem for r in recipes)
     compare_dir = Path(out) if out else Path(first.output.dir) / f"compare-{stems}"
-    method_names = methods or [load_recipe(r, list(overrides)).adapter.method for r in recipes]
+    from peft_ft.adapters import METHODS
+
+    method_names = list(METHODS) if methods == [ALL] else methods or [load_recipe(r, list(overrides)).adapter.method for r in recipes]
     variants = build_variants(recipes, methods, seeds, parse_lrs(list(lrs), method_names), list(overrides),
                               compare_dir, data_dir)
     for key in budget_differences(recipes, list(overrides)) if len(recipes) > 1 else []:
@@ -443,26 +489,66 @@ def comparison_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def plotted_metrics(rows: list[dict]) -> list[str]:
+    """The task's default metric on every test split (validation when there is none): `split/metric` columns."""
+    rows = [r for r in rows if r["n_runs"]]
+    if not rows:
+        return []
+    return [c for c in metric_columns(rows) if c.endswith("/" + rows[0]["task_metric"])]
+
+
+def metric_axis(values: list[float]) -> tuple[float, float]:
+    """From 0 (or below, for a metric that went negative) to at least 1 for metrics on a 0-1 scale: a gap
+    of 0.009 is then drawn as the small gap it is."""
+    low = min([0.0, *values])
+    high = max([*values, 0.0])
+    return low, (1.0 if high <= 1.0 else high * 1.05)
+
+
 def plot_comparison(rows: list[dict], path: Path) -> None:
-    """The task metric against trainable parameters (log scale) and against training time."""
+    """Left: every test split's task metric per variant, bars from 0 with the seed spread (sample std) as
+    error bars. Middle and right: the mean over test splits against trainable parameters (log) and
+    training time, on the same axis from 0."""
+    import statistics as stats
+
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["n_runs"]]
-    metric = next((c for c in metric_columns(rows) if c.endswith("/" + rows[0]["task_metric"])), None) if rows else None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for ax, x, xlabel in ((axes[0], "trainable_params", "trainable parameters (log)"), (axes[1], "train_seconds", "train time (s)")):
-        for r in rows if metric else []:
-            ax.errorbar(r[x], r[metric], xerr=r.get(f"{x}_std") or 0, yerr=r.get(f"{metric}_std") or 0, fmt="o", capsize=3)
-            ax.annotate(r["variant"], (r[x], r[metric]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.margins(x=0.15, y=0.15)  # room for the labels beside the points
+    columns = plotted_metrics(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), constrained_layout=True, gridspec_kw={"width_ratios": [1.6, 1, 1]})
+    width = 0.8 / max(1, len(columns))
+    values = [r[c] for r in rows for c in columns if r.get(c) is not None]
+    low, high = metric_axis([v + (r.get(f"{c}_std") or 0) for r in rows for c in columns if (v := r.get(c)) is not None])
+    bars = axes[0]
+    for j, column in enumerate(columns):
+        xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(rows))]
+        spread = [r.get(f"{column}_std") for r in rows]
+        bars.bar(xs, [r.get(column) or 0.0 for r in rows], width, label=column.split("/")[0],
+                 yerr=[x or 0.0 for x in spread] if any(x is not None for x in spread) else None, capsize=2)
+    bars.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=40, ha="right", fontsize=8)
+    bars.set_ylim(low, high)
+    bars.set_ylabel(rows[0]["task_metric"] if rows else "no finished runs")
+    bars.grid(True, axis="y", alpha=0.3)
+    if columns:
+        bars.legend(fontsize=8, title="split", title_fontsize=8)
+    for ax, x, xlabel in ((axes[1], "trainable_params", "trainable parameters (log)"), (axes[2], "train_seconds", "train time (s)")):
+        for r in rows:
+            split_values = [r[c] for c in columns if r.get(c) is not None]
+            if not split_values:
+                continue
+            y = stats.fmean(split_values)
+            ax.errorbar(r[x], y, xerr=r.get(f"{x}_std") or 0, fmt="o", capsize=3)
+            ax.annotate(r["variant"], (r[x], y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_ylim(low, high)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(metric or "no finished runs")
+        ax.set_ylabel(f"mean {rows[0]['task_metric']} over {len(columns)} split(s)" if rows else "")
         ax.grid(True, alpha=0.3)
-    axes[0].set_xscale("log")
-    fig.suptitle(f"{metric} by method" if metric else "no finished runs")
+    axes[1].set_xscale("log")
+    title = f"{rows[0]['task_metric']} by method (axis from {low:g})" if values else "no finished runs"
+    fig.suptitle(title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -44,6 +44,19 @@ def check_mergeable(run_dir: Path, info: dict) -> None:
         )
 
 
+def unwrap_heads(model):
+    """Heads still inside peft's `ModulesToSaveWrapper` become their trained copy: peft 0.21.2's
+    LN-tuning `merge_and_unload` leaves them wrapped, and the saved folder would then name them
+    `classifier.modules_to_save.default.*`, which transformers does not read (a random head on load)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.modules_to_save[module.active_adapter])
+    return model
+
+
 def check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PeftFtError(f"--out {out}: already exists and is not an empty folder; it is kept as it is. Choose a new folder")
@@ -66,7 +79,7 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False) 
     check_mergeable(run_dir, info)
     model, tokenizer, info = load_run(run_dir, allow_pickle=allow_pickle)
     # merge_and_unload keeps the active adapter's head (modules_to_save) as a plain module
-    merged = model.merge_and_unload()
+    merged = unwrap_heads(model.merge_and_unload())
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
     try:

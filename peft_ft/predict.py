@@ -103,7 +103,7 @@ class AdapterSet:
             return Adapter(name, run_dir, info, recipe, answers, group, answers.build(model, tokenizer, recipe))
         kwargs = task.model_kwargs(TaskData(splits={}, labels=info["labels"]))
         location = base_location(info)
-        key = (location, info["auto_class"], kwargs.get("num_labels"))
+        key = (location, info["auto_class"], kwargs.get("num_labels"), share_key(run_dir))
         group = groups.get(key)
         if group is None:
             from peft import PeftModel
@@ -178,6 +178,16 @@ def _text_length(item) -> int:
     if isinstance(item, str):
         return len(item)
     return sum(len(v) for v in item.values() if isinstance(v, str)) if isinstance(item, dict) else 0
+
+
+def share_key(run_dir: Path) -> str:
+    """Which adapters may share one loaded base: peft holds one method type per model (LoRA and LoHa
+    cannot be combined), and PiSSA/OLoRA write their residual into the base weights as they load, so
+    such an adapter gets a base of its own."""
+    config = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("init_lora_weights") in ("pissa", "olora") or str(config.get("init_lora_weights", "")).startswith("pissa_niter"):
+        return f"own:{run_dir.resolve()}"
+    return str(config.get("peft_type"))
 
 
 def activate(model, name: str, labels: list[str]) -> None:

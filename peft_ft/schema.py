@@ -120,22 +120,29 @@ class DataSection:
     max_eval_samples: int = opt(0, "Use only the first N rows of each validation/test split (0 = all).", min=0)
 
 
+# Which adapter methods each adapter key applies to (a key set for another method is refused).
+_LORA = {"adapter.method": ("lora",)}
+_RANKED = {"adapter.method": ("lora", "adalora", "loha", "lokr", "vblora")}
+_SCALED = {"adapter.method": ("lora", "adalora", "loha", "lokr")}
+_TARGETED = {"adapter.method": ("lora", "ia3", "adalora", "vera", "loha", "lokr", "oft", "boft", "ln_tuning", "fourierft", "vblora")}
+_VIRTUAL = {"adapter.method": ("prompt_tuning", "prefix_tuning", "p_tuning")}
+_ADALORA = {"adapter.method": ("adalora",)}
+
+
 @dataclass
 class AdapterSection:
-    method: str = opt("lora", "Adapter method: one of the registered methods (`full` trains every weight).")
-    r: int = opt(8, "LoRA rank.", min=1, only={"adapter.method": ("lora",)})
-    alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r).", min=1, only={"adapter.method": ("lora",)})
-    dropout: float = opt(0.1, "Dropout on the LoRA input.", min=0.0, below=1.0, only={"adapter.method": ("lora",)})
+    method: str = opt("lora", "Adapter method: one of the registered methods (`full` trains every weight); `peft-ft explain adapter` lists them.")
+    r: int = opt(8, "Rank: LoRA/LoHa/LoKr rank, AdaLoRA's target average rank, VB-LoRA's rank.", min=1, only=_RANKED)
+    alpha: int = opt(16, "Scaling numerator (LoRA: scale = alpha / r; LoHa/LoKr likewise).", min=1, only=_SCALED)
+    dropout: float = opt(0.1, "Dropout on the LoRA / AdaLoRA input (LoHa/LoKr: rank dropout).", min=0.0, below=1.0, only=_SCALED)
     target_modules: list[str] = opt(
-        [], "Module names to adapt; empty = the default for the model's architecture.", only={"adapter.method": ("lora", "ia3")}
+        [], "Module names to adapt; empty = the default for the model's architecture (ln_tuning: its LayerNorms).", only=_TARGETED
     )
     feedforward_modules: list[str] = opt(
         [], "IA3: which target modules are feed-forward (scaled on their input); empty = the architecture's default.",
         only={"adapter.method": ("ia3",)},
     )
-    num_virtual_tokens: int = opt(
-        20, "Prompt/prefix tuning: number of virtual tokens.", min=1, only={"adapter.method": ("prompt_tuning", "prefix_tuning")}
-    )
+    num_virtual_tokens: int = opt(20, "Prompt/prefix/P-tuning: number of virtual tokens.", min=1, only=_VIRTUAL)
     init_text: str = opt(
         "", "Prompt tuning: initialise the virtual tokens from this text's embeddings (empty = random).",
         only={"adapter.method": ("prompt_tuning",)},
@@ -144,15 +151,52 @@ class AdapterSection:
         False, "Prefix tuning: reparametrise the prefix through a 2-layer MLP (more parameters, often steadier).",
         only={"adapter.method": ("prefix_tuning",)},
     )
-    bias: Literal["none", "all", "lora_only"] = opt("none", "Which biases train with LoRA.", only={"adapter.method": ("lora",)})
-    use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).", only={"adapter.method": ("lora",)})
+    bias: Literal["none", "all", "lora_only"] = opt("none", "Which biases train with LoRA.", only=_LORA)
+    use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).", only=_LORA)
+    use_dora: bool = opt(
+        False, "DoRA: LoRA on the direction of each weight plus a trained magnitude per output (a little more compute per step; merges).",
+        only=_LORA,
+    )
+    init: Literal["default", "gaussian", "pissa", "olora", "eva"] = opt(
+        "default", "LoRA initialisation: default (A Kaiming-uniform, B zero), gaussian (A normal), pissa / olora (A, B from "
+        "the weight's SVD / QR; the base keeps the residual, recomputed at every load), eva (A from the SVD of the first "
+        "training batches' activations; encoders only).", only=_LORA,
+    )
+    loraplus_lr_ratio: float = opt(
+        0.0, "LoRA+: the B matrices learn at train.lr x this ratio (the paper suggests 16); 0 = off.", min=0.0, only=_LORA
+    )
+    init_r: int = opt(12, "AdaLoRA: rank every layer starts at, before the budget is cut to adapter.r on average.", min=1, only=_ADALORA)
+    tinit: float = opt(0.1, "AdaLoRA: fraction of the training steps before ranks start being cut.", min=0.0, below=1.0, only=_ADALORA)
+    tfinal: float = opt(
+        0.2, "AdaLoRA: fraction of the training steps (at least one) trained at the final ranks.", min=0.0, below=1.0, only=_ADALORA
+    )
+    delta_t: int = opt(1, "AdaLoRA: steps between two budget allocations.", min=1, only=_ADALORA)
+    vera_r: int = opt(256, "VeRA: rank of the frozen random projections shared by every layer.", min=1, only={"adapter.method": ("vera",)})
+    oft_block_size: int = opt(
+        32, "OFT: size of the orthogonal blocks; must divide every adapted layer's input size.", min=1, only={"adapter.method": ("oft",)}
+    )
+    boft_block_size: int = opt(
+        4, "BOFT: size of the butterfly blocks; must divide every adapted layer's input size.", min=1, only={"adapter.method": ("boft",)}
+    )
+    boft_butterfly_factor: int = opt(1, "BOFT: butterfly factors (1 = plain block-diagonal OFT).", min=1, only={"adapter.method": ("boft",)})
+    n_frequency: int = opt(
+        1000, "FourierFT: spectral coefficients learned per layer (at most its input x output size).", min=1,
+        only={"adapter.method": ("fourierft",)},
+    )
+    fourier_scaling: float = opt(150.0, "FourierFT: scale of the spectral update.", min=0.0, only={"adapter.method": ("fourierft",)})
+    num_vectors: int = opt(256, "VB-LoRA: vectors in the shared bank.", min=1, only={"adapter.method": ("vblora",)})
+    vector_length: int = opt(
+        0, "VB-LoRA: length of each bank vector; must divide every adapted layer's input and output sizes; "
+        "0 = the largest of 256, 128, ..., 8 that does.", min=0, only={"adapter.method": ("vblora",)},
+    )
+    topk: int = opt(2, "VB-LoRA: bank vectors mixed per sub-vector.", min=1, only={"adapter.method": ("vblora",)})
 
 
 @dataclass
 class TrainSection:
     epochs: int = opt(3, "Passes over the training data.", min=1)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = no cap); for quick runs.", min=0)
-    lr: float = opt(0.0, "Peak learning rate; 0 = the method's default (lora 5e-4, ia3 5e-3, prefix 1e-2, prompt 2e-2, full 5e-5).", min=0.0)
+    lr: float = opt(0.0, "Peak learning rate; 0 = the method's default (`peft-ft explain adapter` lists them with the reason).", min=0.0)
     batch_size: int = opt(32, "Rows per batch.", min=1)
     group_by_length: bool = opt(True, "Batch rows of similar length together (less padding, same rows per epoch).")
     warmup: float = opt(0.06, "Fraction of the steps spent warming the learning rate up linearly.", min=0.0, below=1.0)
@@ -499,7 +543,7 @@ def explain(section: str | None = None) -> str:
     if section in (None, "adapter"):
         from peft_ft import adapters
 
-        lines.append("adapter.method values: " + ", ".join(adapters.METHODS))
+        lines.append(adapters.explain_methods())
     return "\n".join(lines)
 
 

@@ -13,9 +13,10 @@ processes stay here, because both weight each part by what its loss averages ove
 tokens of a NER batch differ per part), which keeps a run's result the same whatever the number of
 processes and accumulation steps (up to float rounding).
 
-Seams for other features, each in one place: `optimizer_param_groups` (how parameters are grouped
-for AdamW), `TrainHooks.after_step` (after each optimizer step, gradients still present) and
-`TrainHooks.on_evaluation` (after each evaluation, with its history entry).
+Seams for other features, each in one place: the adapter method's record (peft_ft.adapters.Method:
+`on_train_start` before the optimizer is built, its per-step callback, `lr_scale` for the optimizer's
+groups in `param_groups`), and the caller's `TrainHooks`: `after_step` (after each optimizer step,
+gradients still present) and `on_evaluation` (after each evaluation, with its history entry).
 """
 
 from __future__ import annotations
@@ -77,15 +78,11 @@ class TrainResult:
 
 @dataclass
 class TrainHooks:
-    """Optional seams into the loop; each is called on every process.
+    """The caller's seams into the loop (the adapter method brings its own through its record); each is
+    called on every process. `after_step(model, step)` runs after each optimizer step, before the
+    gradients are cleared; `on_evaluation(entry)` runs after each evaluation with its history entry
+    (epoch, steps, train_loss, validation metric) and may raise to stop the run (an Optuna pruner)."""
 
-    `param_groups(model, weight_decay)` builds AdamW's parameter groups (e.g. LoRA+ gives B another
-    learning rate); `after_step(model, step)` runs after each optimizer step, before the gradients are
-    cleared (e.g. AdaLoRA's `update_and_allocate`); `on_evaluation(entry)` runs after each evaluation
-    with its history entry (epoch, steps, train_loss, validation metric) and may raise to stop the run
-    (e.g. an Optuna pruner)."""
-
-    param_groups: Callable | None = None
     after_step: Callable[[object, int], None] | None = None
     on_evaluation: Callable[[dict], None] | None = None
 
@@ -114,20 +111,23 @@ def check_device(recipe: Recipe) -> None:
     check_engine(recipe)
 
 
-def optimizer_param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW's groups over trainable parameters only: no decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
+def param_groups(model, lr: float, weight_decay: float, lr_scale=None) -> list[dict]:
+    """Trainable parameters by (decay, learning rate): no decay on biases and LayerNorm weights;
+    `lr_scale(name)` multiplies the rate of some (LoRA+: the B matrices), each rate its own group."""
+    groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decay = weight_decay if p.ndim >= 2 else 0.0
+            rate = lr * (lr_scale(name) if lr_scale else 1.0)
+            groups.setdefault((decay, rate), {"params": [], "weight_decay": decay, "lr": rate})["params"].append(p)
+    return list(groups.values())
 
 
-def make_optimizer(model, lr: float, weight_decay: float, param_groups: Callable | None = None):
-    """AdamW over the groups `param_groups(model, weight_decay)` (default: `optimizer_param_groups`)."""
+def make_optimizer(model, lr: float, weight_decay: float, lr_scale=None):
+    """AdamW over trainable parameters only (groups: `param_groups`)."""
     import torch
 
-    groups = (param_groups or optimizer_param_groups)(model, weight_decay)
+    groups = param_groups(model, lr, weight_decay, lr_scale)
     # fused: one kernel over all parameters; on this CPU a full fine-tuning step's update drops
     # from ~95 ms (foreach) to ~17 ms for MiniLM's 22.7M parameters. Not every device/dtype has it.
     try:
@@ -245,6 +245,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     on the step to save at without one more exchange per step.
     """
     from peft_ft import checkpoint
+    from peft_ft.adapters import METHODS, TrainingStart
     from peft_ft.allocator import keep_freed_memory, release_freed_memory
     from peft_ft.engine import is_sharded, make_accelerator, notes
 
@@ -257,7 +258,12 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     step_rows = t.batch_size * t.gradient_accumulation_steps
     per_epoch = steps_per_epoch(len(features), t)
     total = min(per_epoch * t.epochs, t.max_steps or per_epoch * t.epochs)
-    optimizer = make_optimizer(model, lr, t.weight_decay, hooks.param_groups)
+    # The method's own hooks (EVA's data-driven init, AdaLoRA's rank budget, LoRA+'s rates); before
+    # the optimizer is built, as an init may replace parameters.
+    method = METHODS[recipe.adapter.method]
+    method_after_step = method.on_train_start(model, recipe, TrainingStart(features, total, t.batch_size, pad_id, device)) \
+        if method.on_train_start else None
+    optimizer = make_optimizer(model, lr, t.weight_decay, method.lr_scale(recipe) if method.lr_scale else None)
     scheduler = make_scheduler(optimizer, t.scheduler, int(t.warmup * total), total)
     result, best_state, best_name, start_epoch, skip, losses, patience_used = TrainResult(best_metric=metric), None, None, 1, 0, [], 0
     if resume_from is not None:
@@ -329,10 +335,12 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
                 if not math.isfinite(loss_value):  # checked before the step, so the weights stay finite
                     raise _numerical_error(loss_value, result.steps + 1, epoch, scheduler.get_last_lr()[0], t, run_dir)
                 optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
-                    scheduler.step()
+                if method_after_step is not None:
+                    method_after_step(result.steps)  # gradients still in place (AdaLoRA reads them)
                 if hooks.after_step:
                     hooks.after_step(model, result.steps + 1)
+                if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss_value)
                 result.steps += 1

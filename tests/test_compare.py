@@ -243,3 +243,42 @@ def test_a_failed_variant_is_reported_and_the_others_tabulated(tmp_path, tiny_be
     assert rows["lora"]["n_runs"] == "1" and float(rows["lora"]["test/accuracy"]) >= 0
     assert rows["full"]["n_runs"] == "0" and rows["full"]["failed"] == "1"
     assert (tmp_path / "runs" / "compare-sent" / "comparison.png").stat().st_size > 0
+
+
+def test_plot_draws_every_test_split_on_an_axis_from_zero(compared, monkeypatch, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = cmp.aggregate([], compared)  # (no variants: an empty plot still writes)
+    cmp.plot_comparison(rows, tmp_path / "empty.png")
+    rows = [r for r in read_csv(compared / "comparison.csv")]
+    assert cmp.plotted_metrics([{**r, "n_runs": 1} for r in rows]) == ["test/macro_f1", "test2/macro_f1"]
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    typed = [{k: (float(v) if k.endswith(("macro_f1", "_params", "seconds")) and v else v) for k, v in r.items()} | {"n_runs": 1}
+             for r in rows]
+    cmp.plot_comparison(typed, tmp_path / "plot.png")
+    bars, by_params, by_time = figures[0].axes
+    assert bars.get_ylim()[0] == 0.0 and by_params.get_ylim()[0] == 0.0 and by_time.get_ylim()[0] == 0.0
+    assert [t.get_text() for t in bars.get_legend().get_texts()] == ["test", "test2"]
+    assert len(bars.patches) == 2 * len(rows)  # one bar per split and variant
+
+
+def test_methods_all_picks_what_fits_the_task_and_model(tmp_path, tiny_bert, caplog):
+    import logging
+
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    assert cmp.parse_methods("all") == [cmp.ALL]
+    with caplog.at_level(logging.INFO, logger="peft_ft"):
+        variants = cmp.build_variants([recipe], [cmp.ALL], 1, {}, [], tmp_path / "c", None)
+    chosen = [v.method for v in variants]
+    expected = [m for m in METHODS if m != "prefix_tuning" or "prefix_tuning left out" not in caplog.text]
+    assert chosen == expected and {"lora", "full", "adalora", "vera", "p_tuning", "fourierft", "vblora"} <= set(chosen)
+    # a recipe whose inputs leave no room for virtual tokens: the prompt methods are left out, with the reason
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="peft_ft"):
+        variants = cmp.build_variants([recipe], [cmp.ALL], 1, {}, ["model.max_length=128"], tmp_path / "c", None)
+    assert not {"prompt_tuning", "p_tuning"} & {v.method for v in variants}
+    assert "p_tuning left out: model.max_length (128) + adapter.num_virtual_tokens (20) exceeds the 128 positions" in caplog.text

@@ -100,3 +100,79 @@ def test_cli_merge_and_the_merged_folder_serves_like_a_run(trained, tmp_path, ca
     assert main(["merge", str(trained), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert [a["label"] for a in pipeline(out)(TEXTS)] == [a["label"] for a in pipeline(trained)(TEXTS)]
+
+
+# --- combining LoRA adapters (--combine) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_adapters(trained, tmp_path_factory, tiny_bert) -> tuple[Path, Path]:
+    """The module's LoRA run and one trained on flipped labels: same base, task and labels, different answers."""
+    return trained, train_sentiment(tmp_path_factory.mktemp("combine"), tiny_bert, "flip", flip=True)
+
+
+def logits_of(run_dir: Path):
+    import torch
+
+    from peft_ft.run import load_run
+
+    model, tokenizer, _ = load_run(run_dir)
+    with torch.inference_mode():
+        return model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+
+
+def test_linear_combination_with_weights_one_and_zero_is_the_first_adapter(two_adapters, tmp_path):
+    import torch
+
+    from peft_ft.cli import main
+
+    first, second = two_adapters
+    out = tmp_path / "combined"
+    assert main(["merge", "--combine", f"a={first}:1,b={second}:0", "--how", "linear", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "peft_ft.json", "recipe.toml"]
+    info = json.loads((out / "peft_ft.json").read_text())
+    assert [c["weight"] for c in info["combined_from"]] == [1.0, 0.0] and info["combination"]["how"] == "linear"
+    assert torch.allclose(logits_of(out), logits_of(first), atol=1e-5, rtol=0)
+    assert not torch.allclose(logits_of(out), logits_of(second), atol=1e-2)  # (the two adapters do differ)
+
+
+@pytest.mark.parametrize("how", ["ties", "dare_ties", "dare_linear", "cat"])
+def test_ties_dare_and_cat_give_an_adapter_that_predict_merge_and_a_plain_pipeline_load(how, two_adapters, tmp_path):
+    import torch
+    import transformers
+
+    from peft_ft.combine import combine_runs
+    from peft_ft.pipelines import label_kwargs, pipeline
+
+    first, second = two_adapters
+    out = combine_runs([("a", first, 0.5), ("b", second, 0.5)], how, tmp_path / "combined",
+                       density=0.5 if how != "cat" else None)
+    ours = pipeline(out)(TEXTS)
+    plain = transformers.pipeline("text-classification", model=str(out), model_kwargs=label_kwargs(out))(TEXTS)
+    assert [o["label"] for o in ours] == [p["label"] for p in plain] and all(o["label"] in ("pos", "neg") for o in ours)
+    assert [o["score"] for o in ours] == pytest.approx([p["score"] for p in plain], abs=1e-5)
+    merged = merge_run(out, tmp_path / "merged")  # a combined adapter folds into its base like a trained one
+    from peft_ft.run import load_run
+
+    model, tokenizer, _ = load_run(merged)
+    with torch.inference_mode():
+        assert torch.allclose(model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits, logits_of(out), atol=1e-4)
+
+
+def test_combining_refuses_other_tasks_methods_and_options(two_adapters, tmp_path, tiny_bert):
+    from peft_ft.combine import combine_runs, parse_combine
+    from helpers import train_ner
+
+    first, second = two_adapters
+    ner = train_ner(tmp_path, tiny_bert)
+    with pytest.raises(PeftFtError, match=r"b \(.*\): task 'ner' differs from a's 'classification'"):
+        combine_runs([("a", first, 1.0), ("b", ner, 1.0)], "linear", tmp_path / "x")
+    ia3 = train_sentiment(tmp_path, tiny_bert, "ia3", method="ia3")
+    with pytest.raises(PeftFtError, match=r"method 'ia3'; only LoRA adapters combine"):
+        combine_runs([("a", first, 1.0), ("b", ia3, 1.0)], "linear", tmp_path / "x")
+    with pytest.raises(PeftFtError, match=r"--density applies to --how ties, dare_ties, dare_linear"):
+        combine_runs([("a", first, 1.0), ("b", second, 1.0)], "linear", tmp_path / "x", density=0.3)
+    with pytest.raises(PeftFtError, match=r"expected NAME=RUN_DIR:WEIGHT"):
+        parse_combine(f"a={first},b={second}:1")
+    assert not (tmp_path / "x").exists()

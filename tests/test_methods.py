@@ -27,15 +27,28 @@ from peft_ft.run import load_run, run
 from peft_ft.schema import build_recipe, load_recipe
 from peft_ft.tasks import TASKS
 
-ADAPTERS = ["lora", "prompt_tuning", "prefix_tuning", "ia3"]
+ADAPTERS = ["lora", "prompt_tuning", "prefix_tuning", "ia3", "adalora", "vera", "loha", "lokr", "oft", "boft", "ln_tuning",
+            "p_tuning", "fourierft", "vblora"]
+# LoRA's options, each run as its own variant: "lora:NAME" -> recipe overrides.
+LORA_VARIANTS = {"dora": ["adapter.use_dora=true"], "rslora": ["adapter.use_rslora=true"], "gaussian": ['adapter.init="gaussian"'],
+                 "pissa": ['adapter.init="pissa"'], "olora": ['adapter.init="olora"'], "eva": ['adapter.init="eva"'],
+                 "loraplus": ["adapter.loraplus_lr_ratio=4.0"]}
 FAMILIES = ["classification", "ner", "qa", "seq2seq"]
 NV = 4  # virtual tokens in these tests: few, so that the tiny runs stay fast
-LR = {"lora": 1e-2, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "ia3": 3e-2, "full": 3e-3}
+LR = {"lora": 1e-2, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "ia3": 3e-2, "full": 3e-3, "adalora": 1e-2, "vera": 3e-2,
+      "loha": 1e-2, "lokr": 1e-2, "oft": 1e-2, "boft": 1e-2, "ln_tuning": 3e-2, "p_tuning": 3e-2, "fourierft": 1e-1, "vblora": 1e-2}
 # Names of the parameters each method may train (besides the head copies in modules_to_save).
-ADAPTER_PARAMS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_encoder",), "prefix_tuning": ("prompt_encoder",)}
+ADAPTER_PARAMS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_encoder",), "prefix_tuning": ("prompt_encoder",),
+                  "adalora": ("lora_",), "vera": ("vera_lambda",), "loha": ("hada_",), "lokr": ("lokr_",), "oft": ("oft_",),
+                  "boft": ("boft_",), "ln_tuning": ("ln_tuning_layers",), "p_tuning": ("prompt_encoder",),
+                  "fourierft": ("fourierft_",), "vblora": ("vblora_",)}
+# Small sizes for the tiny models, so that every method's runs stay fast.
+METHOD_OPTIONS = {"vera": "vera_r = 16", "fourierft": "n_frequency = 64", "vblora": "num_vectors = 16\nr = 4",
+                  "oft": "oft_block_size = 16", "adalora": "init_r = 6\nr = 4\ntinit = 0.0\ntfinal = 0.2"}
 
 # [task] and [data] lines per family; seq2seq also caps its generated answers.# How the saved adapter file names them.
-SAVED_ADAPTER_KEYS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_embeddings",), "prefix_tuning": ("prompt_embeddings",)}
+SAVED_ADAPTER_KEYS = {**ADAPTER_PARAMS, "prompt_tuning": ("prompt_embeddings",), "prefix_tuning": ("prompt_embeddings",),
+                      "p_tuning": ("prompt_embeddings",), "vera": ("vera_",)}
 
 TASK_SECTIONS = {
     "classification": ('type = "classification"', 'train = "train.jsonl"\ntest = ["valid.jsonl"]'),
@@ -73,7 +86,8 @@ def family_data(tmp_path_factory) -> dict[str, Path]:
 
 
 def method_section(method: str) -> str:
-    extra = f"\nnum_virtual_tokens = {NV}" if method in ("prompt_tuning", "prefix_tuning") else ""
+    extra = f"\nnum_virtual_tokens = {NV}" if method in ("prompt_tuning", "prefix_tuning", "p_tuning") else ""
+    extra += f"\n{METHOD_OPTIONS[method]}" if method in METHOD_OPTIONS else ""
     return f'[adapter]\nmethod = "{method}"{extra}'
 
 
@@ -160,14 +174,59 @@ def trainable_names(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", [*ADAPTERS, "full"])
-def test_method_trains_saves_and_reloads(method, family, tmp_path, monkeypatch, tiny_bert, tiny_t5, family_data):
+VARIANTS = [*ADAPTERS, "full", *(f"lora:{v}" for v in LORA_VARIANTS)]
+REFUSED = {("lora:eva", "seq2seq")}  # tested on its own below
+# Options that change nothing a task family sees (a scale, an init distribution, optimizer groups): one family is enough.
+ONE_FAMILY = {"lora:rslora", "lora:gaussian", "lora:loraplus"}
+
+
+def batch_logits(model, features: list[dict], family: str):
+    """The model's logits on a fixed padded batch (T5: teacher-forced on the targets), for merge checks."""
+    import torch
+    from peft_ft.batching import pad_batch
+
+    batch = pad_batch(features[:8], 0)
+    if family == "seq2seq":
+        labels = batch.pop("labels").clamp(min=0)
+        batch["decoder_input_ids"] = torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1]], 1)
+    else:  # no loss: a reloaded AdaLoRA (inference mode) cannot compute its regulariser
+        for key in ("labels", "start_positions", "end_positions"):
+            batch.pop(key, None)
+    with torch.no_grad():
+        out = model(**batch)
+    return out.start_logits if family == "qa" else out.logits
+
+
+def assert_merge_matches_or_is_refused(method: str, run_dir: Path, recipe, family: str, data_dir: Path, out: Path) -> None:
+    """A method that merges: `peft-ft merge`'s plain model gives the adapter's logits. One that cannot: refused, saying why."""
+    import torch
+    from peft_ft.merge import merge_run
+
+    if not METHODS[method].merges:
+        with pytest.raises(PeftFtError, match=rf"method '{method}' .* cannot be merged: it learns virtual tokens"):
+            merge_run(run_dir, out)
+        return
+    task = TASKS[family]
+    adapter, tokenizer, _ = load_run(run_dir)
+    data = task.load(recipe, data_dir)
+    features = task.encode(data.splits["train"], tokenizer, recipe, data)  # training rows: T5's come with targets
+    merged, _, info = load_run(merge_run(run_dir, out))
+    assert info["is_adapter"] is False and not any("lora" in n or "_R" in n for n, _ in merged.named_parameters())
+    expected, got = batch_logits(adapter, features, family), batch_logits(merged, features, family)
+    assert torch.allclose(expected, got, rtol=1e-4, atol=1e-4), (expected - got).abs().max()
+
+
+CASES = [(v, f) for v in VARIANTS for f in FAMILIES if (v, f) not in REFUSED and (v not in ONE_FAMILY or f == "classification")]
+
+
+@pytest.mark.parametrize("variant, family", CASES, ids=[f"{v}-{f}" for v, f in CASES])
+def test_method_trains_saves_and_reloads(variant, family, tmp_path, monkeypatch, tiny_bert, tiny_t5, family_data):
     import torch
     from safetensors import safe_open
 
+    method, _, option = variant.partition(":")
     model_dir = tiny_t5 if family == "seq2seq" else tiny_bert
-    recipe = recipe_for(tmp_path, model_dir, family_data[family], family, method)
+    recipe = recipe_for(tmp_path, model_dir, family_data[family], family, method, LORA_VARIANTS.get(option, ()))
     probe = Probe(monkeypatch)
     run_dir = run(recipe)
     model = probe.model
@@ -212,6 +271,13 @@ def test_method_trains_saves_and_reloads(method, family, tmp_path, monkeypatch, 
         assert adapter_keys and sorted(adapter_keys + head_keys) == sorted(keys)
         assert head_keys or not info["heads"]  # the head is saved with the adapter
         assert (run_dir / "adapter_model.safetensors").stat().st_size < (model_dir / "model.safetensors").stat().st_size
+        # merged == unmerged, or a named refusal
+        assert_merge_matches_or_is_refused(method, run_dir, recipe, family, family_data[family], tmp_path / "merged")
+        if family == "classification":  # and the folder answers through peft_ft.pipeline
+            from peft_ft.pipelines import pipeline
+
+            answers = pipeline(run_dir)(["the movie was good", "awful plot"])
+            assert [a["label"] in ("pos", "neg") for a in answers] == [True, True]
 
 
 def test_prefix_projection_saves_the_projected_prefix_and_reloads(tmp_path, monkeypatch, tiny_bert, family_data):
@@ -422,3 +488,113 @@ def test_8bit_base_trains_the_adapter_and_a_float_head(method, tmp_path, monkeyp
     assert head and all(p.dtype == torch.float32 and p.requires_grad for p in head)  # ...the head is not
     assert probe.loss_after < probe.loss_before
     assert (run_dir / "adapter_model.safetensors").is_file()
+
+
+# --- the newer methods: options, hooks and refusals ---------------------------------------------------
+
+
+def test_lora_eva_on_seq2seq_is_refused():
+    raw = {"task": {"type": "seq2seq"}, "data": {"train": "t.json"}, "adapter": {"method": "lora", "init": "eva"}}
+    with pytest.raises(RecipeError, match=r"adapter.init: \"eva\" is not available for seq2seq"):
+        build_recipe(raw, "r.toml")
+
+
+@pytest.mark.parametrize("adapter, message", [
+    ({"method": "loha", "use_dora": True}, r"adapter.use_dora: applies only when adapter.method is 'lora'"),
+    ({"method": "vera", "r": 4}, r"adapter.r: applies only when adapter.method is 'lora' or 'adalora'"),
+    ({"method": "adalora", "init_r": 4, "r": 8}, r"adapter.init_r \(4\) is below adapter.r \(8\)"),
+    ({"method": "adalora", "tinit": 0.5, "tfinal": 0.5}, r"adapter.tinit \+ adapter.tfinal \(0.5 \+ 0.5\) must stay below 1"),
+    ({"method": "lora", "init": "svd"}, r"adapter.init: expected one of 'default', 'gaussian', 'pissa', 'olora', 'eva'"),
+])
+def test_method_options_are_checked_at_validation(adapter, message):
+    with pytest.raises(RecipeError, match=message):
+        build_recipe(base_recipe(**adapter), "r.toml")
+
+
+def test_8bit_is_refused_for_the_newer_methods(monkeypatch):
+    monkeypatch.setattr("peft_ft.adapters.cuda_available", lambda: True)
+    raw = {**base_recipe(method="vera"), "model": {"load_in_8bit": True}}
+    with pytest.raises(RecipeError, match=r"load_in_8bit: for adapter.method lora or ia3, not 'vera'"):
+        build_recipe(raw, "r.toml")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["adapter.oft_block_size=24"], r"adapter.oft_block_size = 24: must divide every adapted layer's input size, which .*query \(32\)"),
+    (["adapter.n_frequency=5000"], r"adapter.n_frequency = 5000: must be at most each adapted layer's input x output size"),
+    (["adapter.vector_length=48"], r"adapter.vector_length = 48: must divide every adapted layer's input and output sizes"),
+])
+def test_sizes_the_model_cannot_take_are_refused_before_training(overrides, message, tmp_path, tiny_bert, family_data):
+    method = {"oft_block_size": "oft", "n_frequency": "fourierft", "vector_length": "vblora"}[overrides[0].split(".")[1].split("=")[0]]
+    recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", method, overrides)
+    with pytest.raises(PeftFtError, match=message):
+        build(recipe, "classification", tiny_bert, family_data["classification"])
+
+
+def test_adalora_schedule_without_room_for_the_budget_phase_is_refused(tmp_path, monkeypatch, tiny_bert, family_data):
+    recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", "adalora",
+                        ["train.max_steps=2", "adapter.tinit=0.6", "adapter.tfinal=0.3"])
+    with pytest.raises(PeftFtError, match=r"adapter.tinit \(0.6\) and adapter.tfinal \(0.3\) leave no step of 2 for AdaLoRA"):
+        run(recipe)
+
+
+def test_adalora_budget_is_allocated_after_every_step_and_saved(tmp_path, monkeypatch, tiny_bert, family_data):
+    from peft.tuners.adalora import AdaLoraModel
+
+    calls = []
+    real = AdaLoraModel.update_and_allocate
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", lambda self, step: (calls.append(step), real(self, step))[1])
+    recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", "adalora", ["train.epochs=3"])
+    probe = Probe(monkeypatch)
+    run_dir = run(recipe)
+    steps = json.loads((run_dir / "metrics.json").read_text())["train"]["steps"]
+    assert calls == list(range(steps))  # once per optimizer step, with the steps done before it
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    assert config["total_step"] == steps and config["tinit"] == 0 and config["tfinal"] == max(1, int(0.2 * steps))
+    # the final allocation left init_r (6) ranks in some layers cut to reach r (4) on average
+    assert config["rank_pattern"] and sum(sum(m) for m in config["rank_pattern"].values()) <= 4 * len(config["rank_pattern"])
+    assert_reload_predicts_the_same(run_dir, probe.model, recipe, family_data["classification"])
+
+
+def test_loraplus_gives_the_b_matrices_the_ratio_times_the_learning_rate(tmp_path, monkeypatch, tiny_bert, family_data):
+    import torch
+
+    seen = {}
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.setdefault("groups", [dict(g) for g in self.param_groups])
+        seen.setdefault("names", {id(p): n for n, p in probe.model.named_parameters()})
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", "lora",
+                        ["adapter.loraplus_lr_ratio=16.0", "train.warmup=0.0"])
+    probe = Probe(monkeypatch)
+    run(recipe)
+    lr = recipe.train.lr
+    rates = {}
+    for group in seen["groups"]:
+        for p in group["params"]:
+            rates[seen["names"][id(p)]] = group["initial_lr"]
+    b = [n for n in rates if ".lora_B." in n]
+    others = [n for n in rates if ".lora_B." not in n]
+    assert b and others and len(rates) == len(trainable_names(probe.model))
+    assert {rates[n] for n in b} == {16 * lr} and {rates[n] for n in others} == {lr}
+
+
+def test_adapters_of_different_methods_answer_from_one_adapter_set(tmp_path, tiny_bert, family_data):
+    """predict/serve: a LoRA, a LoHa and a PiSSA adapter on the same base each give the answers of their own folder."""
+    from peft_ft.pipelines import pipeline
+    from peft_ft.predict import AdapterSet
+
+    texts = ["the movie was good", "awful plot", "the acting is fine"]
+    for name in ("lora", "loha", "pissa", "ptuning"):
+        (tmp_path / name).mkdir()
+    dirs = {name: run(recipe_for(tmp_path / name, tiny_bert, family_data["classification"], "classification", method, extra))
+            for name, method, extra in (("lora", "lora", []), ("loha", "loha", []), ("pissa", "lora", ['adapter.init="pissa"']),
+                                        ("ptuning", "p_tuning", []))}
+    adapters = AdapterSet(dirs)
+    for name, run_dir in dirs.items():
+        expected = [(a["label"], round(float(a["score"]), 5)) for a in pipeline(run_dir)(texts)]
+        got = [(a["label"], round(float(a["score"]), 5)) for a in adapters.answer(name, [{"text": t} for t in texts])]
+        assert got == expected, name
