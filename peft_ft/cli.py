@@ -15,7 +15,7 @@ def cmd_run(args) -> int:
     if args.resume:
         if args.recipe or args.set:
             raise PeftFtError("--resume RUN_DIR continues with the run's own recipe.toml: give no recipe and no --set")
-        run_dir = resume(args.resume, data_dir=args.data_dir)
+        run_dir = resume(args.resume, data_dir=args.data_dir, trust_remote_code=args.trust_remote_code)
     elif not args.recipe:
         raise PeftFtError("give a recipe (peft-ft run recipes/NAME.toml) or --resume RUN_DIR")
     else:
@@ -54,7 +54,7 @@ def cmd_explain(args) -> int:
 def cmd_merge(args) -> int:
     from peft_ft.merge import merge_run
 
-    print(f"merged: {merge_run(args.run_dir, args.out, allow_pickle=args.allow_pickle)}")
+    print(f"merged: {merge_run(args.run_dir, args.out, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)}")
     return 0
 
 
@@ -62,7 +62,7 @@ def cmd_predict(args) -> int:
     from peft_ft.predict import run_predict
 
     n = run_predict(args.adapter, args.input, args.format, args.use, args.adapter_field, args.output, args.batch_size, args.device,
-                    allow_pickle=args.allow_pickle)
+                    allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     if args.output:
         print(f"{n} predictions: {args.output}", file=sys.stderr)
     return 0
@@ -80,6 +80,7 @@ def cmd_serve(args) -> int:
     from peft_ft.serve import run_serve
 
     return run_serve(args.adapter, args.host, args.port, args.batch_size, args.device, api_key=args.api_key, allow_pickle=args.allow_pickle,
+                     trust_remote_code=args.trust_remote_code,
                      max_body=args.max_body_bytes, max_texts=args.max_texts, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
 
 
@@ -123,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("predict", "serve", "merge"):
             p.add_argument("--allow-pickle", action="store_true",
                            help="load run/model folders holding pickle files (.bin, .pt, .pth, .pkl, .ckpt): they can run code; only for folders you trust")
+        if name in ("predict", "serve", "merge", "run"):
+            # Only this flag turns remote code on for a loaded folder: its own files never can (peft_ft.safety).
+            p.add_argument("--trust-remote-code", action="store_true",
+                           help="let the base model's own Python code (config.json auto_map + .py files) run; a folder's "
+                                "recipe.toml cannot turn this on. Read that code first"
+                                + ("; for --resume (a new run follows the recipe's model.trust_remote_code)" if name == "run" else ""))
         if name == "predict":
             p.add_argument("input", nargs="?", default="-", help="JSONL, CSV/TSV or text-lines file; - or nothing: stdin")
             p.add_argument("--format", default="auto", choices=("auto", "jsonl", "csv", "tsv", "text"), help="input format (auto: from the extension, else JSONL if the first line is an object)")

@@ -42,11 +42,12 @@ def check_out(out: Path) -> None:
         raise PeftFtError(f"--out {out}: already exists and is not an empty folder; it is kept as it is. Choose a new folder")
 
 
-def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False) -> Path:
+def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """Merge the adapter of a run folder into its base and save the plain model in `out` (new or empty).
 
     Written into a hidden folder beside `out` and renamed into place, so `out` is complete or absent.
-    A run (or base) folder holding pickle files is refused unless `allow_pickle` (peft_ft.safety).
+    A run (or base) folder holding pickle files is refused unless `allow_pickle`; the base's own code runs
+    only with `trust_remote_code` (peft_ft.safety).
     """
     from peft_ft.output import write_json
     from peft_ft.run import load_run
@@ -57,7 +58,7 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False) 
     check_no_pickle(run_dir, "run folder", allow_pickle)
     check_out(out)
     check_mergeable(run_dir, info)
-    model, tokenizer, info = load_run(run_dir, allow_pickle=allow_pickle)
+    model, tokenizer, info = load_run(run_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     # merge_and_unload keeps the active adapter's head (modules_to_save) as a plain module
     merged = model.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)

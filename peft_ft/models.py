@@ -134,15 +134,12 @@ def load_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
     import torch
     import transformers
 
-    from peft_ft.safety import remote_code
-
     quiet_transformers()
     cls = getattr(transformers, auto_class)
     if recipe.model.load_in_8bit:
         kwargs.update(int8_kwargs(location, recipe, cls, kwargs))
     # ignore_mismatched_sizes: a checkpoint with a head of another size (an MNLI model fine-tuned
     # on a 2-label task) gets a fresh head, reported as a head below, instead of an error.
-    remote_code(recipe)  # a warning when the recipe turns it on (_hub_call passes it)
     kwargs.setdefault("use_safetensors", True)  # never fall back to a pickle pytorch_model.bin by itself
     model, info = _hub_call(cls.from_pretrained, location, recipe, "model", dtype=torch.float32,
                             output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
@@ -217,6 +214,10 @@ def head_modules(model, missing_keys) -> list[str]:
 
 
 def _hub_call(fn, location: str, recipe: Recipe, what: str, **kwargs):
+    """`fn(location, ...)` with the recipe's revision and remote-code decision (`recipe.model.trust_remote_code`
+    is what `peft_ft.safety.remote_code` decided), its failures as messages."""
+    from peft_ft.safety import remote_code_refusal
+
     try:
         return fn(
             location,
@@ -229,3 +230,8 @@ def _hub_call(fn, location: str, recipe: Recipe, what: str, **kwargs):
             f"{recipe.source}: model.name: cannot load the {what} {location!r}: {str(e).splitlines()[0]}. "
             f"Without internet, set model.name to a local folder (or leave it empty for the embedded MiniLM-L6)."
         ) from None
+    except ValueError as e:
+        refusal = remote_code_refusal(e, f"{recipe.source}: model.name {location!r}")
+        if refusal is None:
+            raise
+        raise refusal from None

@@ -58,13 +58,15 @@ def pipeline(run_dir: str | Path, device: str = "cpu", **kwargs):
     `text-classification` and `token-classification` (aggregation_strategy="simple") runs get a stock
     transformers pipeline; QA and seq2seq runs get `QuestionAnswerer` / `Generator`, because transformers
     5 no longer has those pipelines. `kwargs` go to `transformers.pipeline` (stock pipelines only), except
-    `allow_pickle=True`, which lets a folder holding pickle files load (see peft_ft.safety).
+    `allow_pickle=True`, which lets a folder holding pickle files load, and `trust_remote_code=True`, which lets
+the base model's own Python code run (the run's recipe.toml cannot: see peft_ft.safety).
     """
     from peft_ft.run import load_run
     from peft_ft.schema import load_recipe
     from peft_ft.tasks import TASKS
 
-    model, tokenizer, info = load_run(run_dir, device, allow_pickle=kwargs.pop("allow_pickle", False))
+    model, tokenizer, info = load_run(run_dir, device, allow_pickle=kwargs.pop("allow_pickle", False),
+                                      trust_remote_code=kwargs.pop("trust_remote_code", False))
     task = TASKS[info["task"]]
     return ANSWERS[task.pipeline_task].build(model, tokenizer, load_recipe(Path(run_dir) / "recipe.toml"), **kwargs)
 

@@ -69,11 +69,15 @@ def parse_adapter_args(values: list[str]) -> dict[str, str]:
 class AdapterSet:
     """Named runs loaded once, answering lists of request rows by adapter name."""
 
-    def __init__(self, adapters: dict[str, str | Path], device: str = "cpu", batch_size: int = 32, allow_pickle: bool = False):
+    def __init__(self, adapters: dict[str, str | Path], device: str = "cpu", batch_size: int = 32, allow_pickle: bool = False,
+                 trust_remote_code: bool = False):
+        """`allow_pickle` and `trust_remote_code` are the caller's say-so (command-line flags), never read
+        from the folders being loaded (peft_ft.safety)."""
         from peft_ft.models import quiet_transformers
 
         quiet_transformers()
         self.device, self.batch_size, self.allow_pickle = device, batch_size, allow_pickle
+        self.trust_remote_code = trust_remote_code
         self.adapters: dict[str, Adapter] = {}
         groups: dict[tuple, Group] = {}
         for name, run_dir in adapters.items():
@@ -87,18 +91,18 @@ class AdapterSet:
         import torch
         import transformers
 
-        from peft_ft.models import check_model_folder, load_tokenizer
+        from peft_ft.models import _hub_call, check_model_folder, load_tokenizer
         from peft_ft.run import base_location, load_run
         from peft_ft.safety import check_no_pickle, remote_code, safetensors_only
         from peft_ft.tasks import TASKS, TaskData
 
         info = read_info(run_dir)
         check_no_pickle(run_dir, f"adapter {name}: run folder", self.allow_pickle)
-        recipe = load_recipe(run_dir / "recipe.toml")
+        recipe = remote_code(load_recipe(run_dir / "recipe.toml"), self.trust_remote_code, f"adapter {name}: {run_dir}")
         task = TASKS[info["task"]]
         answers = ANSWERS[task.pipeline_task]
         if not info["is_adapter"]:
-            model, tokenizer, _ = load_run(run_dir, self.device, self.allow_pickle)
+            model, tokenizer, _ = load_run(run_dir, self.device, self.allow_pickle, self.trust_remote_code)
             group = groups[("run", str(run_dir.resolve()))] = Group(model, tokenizer, shared=False)
             return Adapter(name, run_dir, info, recipe, answers, group, answers.build(model, tokenizer, recipe))
         kwargs = task.model_kwargs(TaskData(splits={}, labels=info["labels"]))
@@ -110,8 +114,8 @@ class AdapterSet:
 
             if Path(location).is_dir():
                 check_model_folder(Path(location), f"adapter {name}: base model", self.allow_pickle)
-            base = getattr(transformers, info["auto_class"]).from_pretrained(
-                location, dtype=torch.float32, trust_remote_code=remote_code(recipe, str(run_dir)), **safetensors_only(self.allow_pickle), **kwargs)
+            base = _hub_call(getattr(transformers, info["auto_class"]).from_pretrained, location, recipe, "model",
+                             dtype=torch.float32, **safetensors_only(self.allow_pickle), **kwargs)
             model = PeftModel.from_pretrained(base, run_dir, adapter_name=name).to(self.device)
             group = groups[key] = Group(model, load_tokenizer(location, recipe), shared=True)
         else:
@@ -258,12 +262,13 @@ def predict_rows(adapters: AdapterSet, rows: list[dict], where: list[str], route
 
 
 def run_predict(adapter_args: list[str], input_path: str, fmt: str, use: str | None, field_name: str | None,
-                output: str | None, batch_size: int, device: str = "cpu", allow_pickle: bool = False) -> int:
+                output: str | None, batch_size: int, device: str = "cpu", allow_pickle: bool = False,
+                trust_remote_code: bool = False) -> int:
     """`peft-ft predict`: read every row (and route it) before loading any model, then answer as JSONL."""
     specs = parse_adapter_args(adapter_args)
     rows, where = read_inputs(input_path, fmt)
     routes = route(rows, where, list(specs), use, field_name)
-    adapters = AdapterSet(specs, device, batch_size, allow_pickle)
+    adapters = AdapterSet(specs, device, batch_size, allow_pickle, trust_remote_code)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predict_rows(adapters, rows, where, routes))
     if output:
         from peft_ft.output import write_atomic

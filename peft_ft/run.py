@@ -16,8 +16,8 @@ from peft_ft.adapters import METHODS
 from peft_ft.data import record_splits, resolve_data_dir
 from peft_ft.errors import PeftFtError
 from peft_ft.log import setup_logging
-from peft_ft.models import (EMBEDDED_NAME, embedded_model_dir, enable_activation_checkpointing, load_model, load_tokenizer,
-                            quiet_transformers, resolve_model, settle_hub_mode)
+from peft_ft.models import (EMBEDDED_NAME, _hub_call, embedded_model_dir, enable_activation_checkpointing, load_model,
+                            load_tokenizer, quiet_transformers, resolve_model, settle_hub_mode)
 from peft_ft.output import create_run_dir, folder_size, human_size, model_card, save_pretrained_atomic, write_atomic, write_json
 from peft_ft.schema import Recipe, load_recipe, to_toml
 from peft_ft.tasks import TASKS, Task, TaskData
@@ -29,8 +29,10 @@ INFO_FILE = "peft_ft.json"
 def run(recipe: Recipe, data_dir: str | None = None) -> Path:
     """Train and evaluate one recipe; returns the run folder. Started by torchrun or accelerate launch:
     data-parallel over its processes (peft_ft.distributed), the main process alone writing the folder."""
+    from peft_ft.safety import remote_code
     from peft_ft.train import use_cuda
 
+    recipe = remote_code(recipe)  # given on the command line: its own model.trust_remote_code decides (warned)
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
     location, data, resolved_dir = _check_inputs(recipe, task, data_dir)
     distributed.init(use_cuda(recipe))  # after the input checks: bad input ends every process before any waiting
@@ -45,9 +47,11 @@ def run(recipe: Recipe, data_dir: str | None = None) -> Path:
     return run_dir
 
 
-def resume(run_dir: str | Path, data_dir: str | None = None) -> Path:
-    """Continue a run that stopped (killed, Ctrl-C, crash) from its newest checkpoint, in the same folder."""
+def resume(run_dir: str | Path, data_dir: str | None = None, trust_remote_code: bool = False) -> Path:
+    """Continue a run that stopped (killed, Ctrl-C, crash) from its newest checkpoint, in the same folder.
+    The folder's recipe.toml cannot turn remote code on: only `trust_remote_code` (--trust-remote-code)."""
     from peft_ft import checkpoint
+    from peft_ft.safety import remote_code
 
     if distributed.world().size > 1:
         raise PeftFtError(f"--resume {run_dir}: resuming with several processes is not supported; resume with one "
@@ -64,6 +68,7 @@ def resume(run_dir: str | Path, data_dir: str | None = None) -> Path:
     state = checkpoint.read_state(saved[-1])["run"]
     # Messages, relative data.dir and the run name refer to the recipe the run was started from.
     recipe = dataclasses.replace(load_recipe(run_dir / "recipe.toml"), source=state.get("recipe_source", str(run_dir / "recipe.toml")))
+    recipe = remote_code(recipe, trust_remote_code, str(run_dir))
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
     location, data, resolved_dir = _check_inputs(recipe, task, data_dir or state.get("data_dir"))
     checkpoint.clean_partial(run_dir)
@@ -224,22 +229,23 @@ def base_location(info: dict) -> str:
     return str(embedded_model_dir()) if info["base_model"] == EMBEDDED_NAME else info["base_model"]
 
 
-def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = False):
+def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False):
     """Rebuild a trained model from a run folder: returns (model, tokenizer, info) in eval mode.
-    A run or base folder holding pickle files is refused unless `allow_pickle` (peft_ft.safety)."""
+    A run or base folder holding pickle files is refused unless `allow_pickle`; a model's own Python code
+    runs only with `trust_remote_code`, whatever the folder's recipe.toml says (peft_ft.safety)."""
     import torch
     import transformers
 
     from peft_ft.models import check_model_folder
+    from peft_ft.pipelines import read_info
     from peft_ft.safety import check_no_pickle, remote_code, safetensors_only
 
     run_dir = Path(run_dir)
     check_no_pickle(run_dir, "run folder", allow_pickle)
-    info = json.loads((run_dir / INFO_FILE).read_text(encoding="utf-8"))
-    recipe = load_recipe(run_dir / "recipe.toml")
+    info = read_info(run_dir)
+    recipe = remote_code(load_recipe(run_dir / "recipe.toml"), trust_remote_code, str(run_dir))
     task: Task = TASKS[info["task"]]
-    kwargs = {**task.model_kwargs(TaskData(splits={}, labels=info["labels"])), **safetensors_only(allow_pickle),
-              "trust_remote_code": remote_code(recipe, str(run_dir))}
+    kwargs = {**task.model_kwargs(TaskData(splits={}, labels=info["labels"])), **safetensors_only(allow_pickle)}
     quiet_transformers()
     cls = getattr(transformers, info["auto_class"])
     if info["is_adapter"]:
@@ -248,10 +254,9 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = Fals
         base = base_location(info)
         if Path(base).is_dir():
             check_model_folder(Path(base), f"{run_dir}: base model", allow_pickle)
-        model = PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32, **kwargs), run_dir)
+        model = PeftModel.from_pretrained(_hub_call(cls.from_pretrained, base, recipe, "model", dtype=torch.float32, **kwargs), run_dir)
         tokenizer = load_tokenizer(base, recipe)
     else:
-        model = cls.from_pretrained(run_dir, dtype=torch.float32, **safetensors_only(allow_pickle),
-                                    trust_remote_code=kwargs["trust_remote_code"])
+        model = _hub_call(cls.from_pretrained, str(run_dir), recipe, "model", dtype=torch.float32, **safetensors_only(allow_pickle))
         tokenizer = load_tokenizer(str(run_dir), recipe)
     return model.to(device).eval(), tokenizer, info

