@@ -109,6 +109,11 @@ def restore_weights(model, tensors: dict) -> None:
         extra, missing = sorted(set(tensors) - set(params))[:3], sorted(set(params) - set(tensors))[:3]
         raise PeftFtError(f"checkpoint does not fit the model built from the recipe (unexpected {extra}, missing {missing}); "
                           f"was the model folder or recipe.toml changed?")
+    wrong = [f"{n} {tuple(tensors[n].shape)} vs {tuple(p.shape)}" for n, p in params.items() if tuple(p.shape) != tuple(tensors[n].shape)]
+    if wrong:
+        raise PeftFtError(f"checkpoint does not fit the model built from the recipe: {len(wrong)} tensor(s) of another shape "
+                          f"(saved vs built: {'; '.join(wrong[:3])}); was adapter.r or the model folder changed? Put it back, "
+                          f"or start a new run")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)

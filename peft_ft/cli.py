@@ -28,19 +28,18 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from peft_ft.data import resolve_data_dir, split_sources
-    from peft_ft.models import resolve_model, settle_hub_mode
+    from peft_ft.run import preflight
     from peft_ft.schema import load_recipe
 
+    # Exactly `run`'s pre-flight: what validate passes, run does not refuse before training.
     recipe = load_recipe(args.recipe, args.set)
-    settle_hub_mode(recipe)
-    model = resolve_model(recipe)
-    data_dir = None if recipe.data.hub else resolve_data_dir(recipe, args.data_dir)
-    splits = split_sources(recipe, data_dir)
+    model, data, _ = preflight(recipe, args.data_dir)
     print(f"{args.recipe}: valid")
     print(f"  task {recipe.task.type}, method {recipe.adapter.method}, model {model}")
-    for name, _, location in splits:
-        print(f"  {name}: {location}")
+    for name, split in data.splits.items():
+        print(f"  {name}: {split.source} ({len(split.examples)} examples)")
+    if data.labels:
+        print(f"  labels: {', '.join(data.labels[:20])}{' ...' if len(data.labels) > 20 else ''}")
     return 0
 
 

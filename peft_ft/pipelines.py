@@ -40,7 +40,9 @@ def read_info(run_dir: str | Path) -> dict:
             f"{run_dir}: not a peft-ft run folder: it {what} no peft_ft.json (the task, base model and label names "
             f"are read from it). Point at a folder written by `peft-ft run` or `peft-ft merge`."
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    from peft_ft.integrity import check_info, read_json_object
+
+    return check_info(path, read_json_object(path, "a run folder holds peft_ft.json"))
 
 
 def label_kwargs(run_dir: str | Path) -> dict:

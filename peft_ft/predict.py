@@ -92,7 +92,8 @@ class AdapterSet:
         import transformers
 
         from peft_ft.models import _hub_call, check_model_folder, load_tokenizer
-        from peft_ft.run import base_location, load_run
+        from peft_ft.integrity import base_config, check_adapter
+        from peft_ft.run import attach, base_location, load_run
         from peft_ft.safety import check_no_pickle, remote_code, safetensors_only
         from peft_ft.tasks import TASKS, TaskData
 
@@ -109,17 +110,18 @@ class AdapterSet:
         location = base_location(info)
         key = (location, info["auto_class"], kwargs.get("num_labels"))
         group = groups.get(key)
+        if Path(location).is_dir():
+            check_model_folder(Path(location), f"adapter {name}: base model", self.allow_pickle)
+        check_adapter(run_dir, base_config(location))  # before peft allocates what adapter_config.json claims
         if group is None:
             from peft import PeftModel
 
-            if Path(location).is_dir():
-                check_model_folder(Path(location), f"adapter {name}: base model", self.allow_pickle)
             base = _hub_call(getattr(transformers, info["auto_class"]).from_pretrained, location, recipe, "model",
                              dtype=torch.float32, **safetensors_only(self.allow_pickle), **kwargs)
-            model = PeftModel.from_pretrained(base, run_dir, adapter_name=name).to(self.device)
+            model = attach(run_dir, location, lambda: PeftModel.from_pretrained(base, run_dir, adapter_name=name)).to(self.device)
             group = groups[key] = Group(model, load_tokenizer(location, recipe), shared=True)
         else:
-            group.model.load_adapter(run_dir, adapter_name=name)
+            attach(run_dir, location, lambda: group.model.load_adapter(run_dir, adapter_name=name))
             group.model.to(self.device)
         return Adapter(name, run_dir, info, recipe, answers, group, answers.build(group.model, group.tokenizer, recipe))
 

