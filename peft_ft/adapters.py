@@ -246,6 +246,42 @@ def _wrap_full(model, recipe: Recipe, heads: list[str], peft_task_type: str | No
     return model
 
 
+# --- the pre-flight: what `run` would refuse while wrapping, found on a weightless skeleton ------------
+
+
+def needs_skeleton(recipe: Recipe, model_type: str | None) -> bool:
+    """Whether the method's choices can only be checked against the model's modules: named targets, prefix
+    tuning (does the model take past keys?), or an architecture without a default target table. Other
+    recipes skip it: building even a weightless model costs a torch import (seconds)."""
+    a = recipe.adapter
+    if a.method == "prefix_tuning" or (a.target_modules and a.method in ("lora", "ia3")):
+        return True
+    table = {"lora": LORA_TARGETS, "ia3": IA3_TARGETS}.get(a.method)
+    return table is not None and model_type not in table
+
+
+def check_on_skeleton(location: str, recipe: Recipe, auto_class: str, model_kwargs: dict) -> None:
+    """Build the task model on the meta device (no weights read, nothing allocated) and ask it what
+    wrapping would: the target modules exist (or the architecture has defaults), prefixes are taken."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(location, trust_remote_code=recipe.model.trust_remote_code,
+                                                     revision=recipe.model.revision or None, **model_kwargs)
+    with torch.device("meta"):
+        skeleton = getattr(transformers, auto_class).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    method = recipe.adapter.method
+    if method == "lora":
+        lora_targets(skeleton, recipe)
+    elif method == "ia3":
+        ia3_targets(skeleton, recipe)
+    elif method == "prefix_tuning" and not supports_prefixes(skeleton):
+        raise PeftFtError(
+            f"{recipe.source}: adapter.method: prefix_tuning needs a model whose layers take past keys and values; "
+            f"{skeleton.config.model_type} models do not. Use prompt_tuning, lora or ia3 with this model"
+        )
+
+
 # --- recipe checks (no torch unless an 8-bit recipe needs to ask it) -------------------------------
 
 

@@ -83,6 +83,17 @@ def cmd_serve(args) -> int:
                      max_body=args.max_body_bytes, max_texts=args.max_texts, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0-65535 (argparse reports anything else as one line and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a port from 1 to 65535 (0 picks a free one)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port; give one from 1 to 65535 (0 picks a free one)")
+    return value
+
+
 COMMANDS = {
     "run": (cmd_run, "train, evaluate and save a recipe"),
     "validate": (cmd_validate, "check a recipe and its files without training"),
@@ -146,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue a comparison in the same folder: finished runs are skipped")
         if name == "serve":
             p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; set an API key before binding others)")
-            p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (printed at start)")
+            p.add_argument("--port", type=port_number, default=8000, help="port; 0 picks a free one (printed at start)")
             p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $PEFT_FT_API_KEY; the variable keeps the key out of `ps`)")
             p.add_argument("--max-body-bytes", type=int, default=1024 * 1024, help="larger request bodies get 413 (default 1 MiB)")
             p.add_argument("--max-texts", type=int, default=256, help="more texts in one request get 422 (default 256)")

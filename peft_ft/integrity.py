@@ -116,12 +116,12 @@ def check_adapter(run_dir: Path, base_config: dict | None) -> None:
             raise PeftFtError(f"{config_path}: {key} must be a positive integer, got {value!r}; {DAMAGED}")
         if width and key == "r" and value > width:
             raise PeftFtError(f"{config_path}: r = {value} is larger than the base model's hidden size ({width}); a rank "
-                              f"cannot exceed the layer it adapts. {DAMAGED}")
+                              f"cannot exceed the layer it adapts; {DAMAGED}")
     held = _tensor_ranks(config, tensors)
     for key, (claimed, found) in held.items():
         if claimed not in found:
             raise PeftFtError(f"{config_path}: {key} = {claimed}, but the adapter's tensors hold {key} "
-                              f"{', '.join(map(str, sorted(found)))}; the config and the weights do not belong together. {DAMAGED}")
+                              f"{', '.join(map(str, sorted(found)))}; the config and the weights do not belong together; {DAMAGED}")
 
 
 def _tensor_ranks(config: dict, tensors: dict[str, dict]) -> dict[str, tuple[int, set[int]]]:
@@ -156,7 +156,7 @@ def base_config(location: str) -> dict | None:
 
 def load_failure(error: Exception, run_dir: Path, base: str) -> PeftFtError:
     """What peft or safetensors raised while putting this folder's adapter on its base, as one message."""
-    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    first = (str(error).splitlines()[0] if str(error) else type(error).__name__).rstrip(".")
     return PeftFtError(f"{run_dir}: the adapter (adapter_config.json, adapter_model.safetensors) does not load onto its base "
                        f"{base}: {first}. The adapter was trained on another model, or the folder was edited: point "
                        f"peft_ft.json's base_model at the model it was trained on, or copy the folder again")

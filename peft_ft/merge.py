@@ -49,23 +49,25 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
     A run (or base) folder holding pickle files is refused unless `allow_pickle`; the base's own code runs
     only with `trust_remote_code` (peft_ft.safety).
     """
-    from peft_ft.output import write_json
-    from peft_ft.run import load_run
-    from peft_ft.safety import check_no_pickle
+    from peft_ft.output import space_for, tensor_bytes, write_json
+    from peft_ft.run import check_run_folder, load_run
 
     run_dir, out = Path(run_dir), Path(out)
-    info = read_info(run_dir)
-    check_no_pickle(run_dir, "run folder", allow_pickle)
+    info = check_run_folder(run_dir, allow_pickle)
     check_out(out)
     check_mergeable(run_dir, info)
     model, tokenizer, info = load_run(run_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     # merge_and_unload keeps the active adapter's head (modules_to_save) as a plain module
     merged = model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
     try:
-        merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
+    except OSError as e:
+        raise PeftFtError(f"--out {out}: cannot create it ({e.strerror}); choose a folder you can write") from None
+    try:
+        with space_for(out.parent, tensor_bytes(merged.parameters()), "the merged model"):
+            merged.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         shutil.copyfile(run_dir / "recipe.toml", staging / "recipe.toml")
         weights = sorted(p.name for p in staging.glob("*.safetensors"))
         write_json(staging / "peft_ft.json", {

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -145,16 +147,55 @@ def clean_stale_siblings(recipe: Recipe) -> list[str]:
     return removed
 
 
+def disk_full(error: BaseException) -> bool:
+    """ENOSPC (or a quota) as Python raises it, or as safetensors' Rust writer reports it (SafetensorError)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "code: 28" in text or "StorageFull" in text
+
+
+def no_space(folder: Path, needed: int, what: str) -> PeftFtError:
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize if Path(folder).exists() else 0
+    return PeftFtError(f"{folder}: not enough disk space to save {what}: it needs about {human_size(needed)}, "
+                       f"{human_size(free)} is free. Nothing was left half-written; free some space (or move "
+                       f"output.dir) and run again")
+
+
+@contextlib.contextmanager
+def space_for(folder: Path, needed: int, what: str):
+    """Refuse at once when `folder`'s disk has less than `needed` bytes free; a disk that fills up during the
+    save (other writers, an estimate too low) gives the same message. Callers write atomically, so
+    nothing half-written stays behind either way."""
+    stats = os.statvfs(folder)
+    if stats.f_blocks and stats.f_bavail * stats.f_frsize < needed:  # f_blocks 0: no block accounting (/proc...)
+        raise no_space(folder, needed, what)
+    try:
+        yield
+    except PeftFtError:
+        raise
+    except Exception as e:
+        if disk_full(e):
+            raise no_space(folder, needed, what) from None
+        raise
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: a crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = text.encode("utf-8")
+    with space_for(path.parent, len(data), path.name):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_json(path: Path, data) -> None:
@@ -162,10 +203,14 @@ def write_json(path: Path, data) -> None:
 
 
 def save_pretrained_atomic(model, run_dir: Path) -> list[Path]:
-    """`save_pretrained` into a hidden folder, then move each file into place."""
+    """`save_pretrained` into a hidden folder, then move each file into place. An adapter saves its
+    trainable tensors (adapter and head), a full model every parameter: that is the space it needs."""
+    adapter = hasattr(model, "peft_config")
+    needed = tensor_bytes(p for p in model.parameters() if p.requires_grad or not adapter)
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".saving-"))
     try:
-        model.save_pretrained(staging)
+        with space_for(run_dir, needed, "the model weights"):
+            model.save_pretrained(staging)
         moved = []
         for f in sorted(staging.iterdir()):
             if f.name == "README.md":  # peft's generic card; ours replaces it

@@ -13,12 +13,12 @@ import shutil
 from pathlib import Path
 
 from peft_ft import __version__, checkpoint, distributed
-from peft_ft.adapters import METHODS
+from peft_ft.adapters import METHODS, check_on_skeleton, needs_skeleton
 from peft_ft.data import record_splits, resolve_data_dir
 from peft_ft.errors import PeftFtError
 from peft_ft.log import setup_logging
 from peft_ft.models import (EMBEDDED_NAME, _hub_call, check_model_config, embedded_model_dir, enable_activation_checkpointing,
-                            load_model, load_tokenizer, quiet_transformers, resolve_model, settle_hub_mode)
+                            load_model, load_tokenizer, quiet_transformers, read_model_config, resolve_model, settle_hub_mode)
 from peft_ft.output import (RAISABLE_ON_RESUME, RunDirLock, clean_stale_saves, clean_stale_siblings, create_run_dir, fingerprint,
                             folder_size, human_size, model_card, recipe_changes, recipe_text, recorded_fingerprint,
                             save_pretrained_atomic, write_atomic, write_json)
@@ -130,7 +130,11 @@ def preflight(recipe: Recipe, data_dir: str | None):
 
         check_device(recipe)
     resolved_dir = None if recipe.data.hub else resolve_data_dir(recipe, data_dir)
-    return location, task.load(recipe, resolved_dir), resolved_dir
+    data = task.load(recipe, resolved_dir)
+    config = read_model_config(location)
+    if needs_skeleton(recipe, (config or {}).get("model_type")):
+        check_on_skeleton(location, recipe, task.auto_class, task.model_kwargs(data))
+    return location, data, resolved_dir
 
 
 def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, data: TaskData, data_dir: Path | None,
@@ -277,6 +281,30 @@ def base_location(info: dict) -> str:
     return str(embedded_model_dir()) if info["base_model"] == EMBEDDED_NAME else info["base_model"]
 
 
+def check_run_folder(run_dir: Path, allow_pickle: bool = False, what: str = "") -> dict:
+    """Everything about a run folder that can be checked without torch, before anything is loaded from it:
+    no pickle, peft_ft.json and recipe.toml readable, every safetensors file whole, the base model folder
+    complete, and adapter_config.json's sizes those of its tensors (peft would allocate what it claims)."""
+    from peft_ft.integrity import base_config, check_adapter, check_weights
+    from peft_ft.models import check_model_folder
+    from peft_ft.pipelines import read_info
+    from peft_ft.safety import check_no_pickle
+
+    if not run_dir.is_dir():
+        raise PeftFtError(f"{what}{run_dir}: no such folder; give a run folder written by `peft-ft run` or `peft-ft merge`")
+    check_no_pickle(run_dir, f"{what}run folder", allow_pickle)
+    info = read_info(run_dir)
+    load_recipe(run_dir / "recipe.toml")
+    if not info["is_adapter"]:
+        check_weights(run_dir)
+        return info
+    base = base_location(info)
+    if Path(base).is_dir():
+        check_model_folder(Path(base), f"{what}{run_dir}: base model", allow_pickle)
+    check_adapter(run_dir, base_config(base))
+    return info
+
+
 def attach(run_dir: Path, base: str, load):
     """`load()` (peft putting this folder's adapter on its base), its failures as one message naming the folder."""
     from safetensors import SafetensorError
@@ -298,13 +326,11 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = Fals
     import torch
     import transformers
 
-    from peft_ft.integrity import base_config, check_adapter, check_weights
-    from peft_ft.models import check_model_folder
     from peft_ft.pipelines import read_info
-    from peft_ft.safety import check_no_pickle, remote_code, safetensors_only
+    from peft_ft.safety import remote_code, safetensors_only
 
     run_dir = Path(run_dir)
-    check_no_pickle(run_dir, "run folder", allow_pickle)
+    check_run_folder(run_dir, allow_pickle)
     info = read_info(run_dir)
     recipe = remote_code(load_recipe(run_dir / "recipe.toml"), trust_remote_code, str(run_dir))
     task: Task = TASKS[info["task"]]
@@ -315,14 +341,10 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = Fals
         from peft import PeftModel
 
         base = base_location(info)
-        if Path(base).is_dir():
-            check_model_folder(Path(base), f"{run_dir}: base model", allow_pickle)
-        check_adapter(run_dir, base_config(base))  # before peft allocates what adapter_config.json claims
         model = attach(run_dir, base, lambda: PeftModel.from_pretrained(
             _hub_call(cls.from_pretrained, base, recipe, "model", dtype=torch.float32, **kwargs), run_dir))
         tokenizer = load_tokenizer(base, recipe)
     else:
-        check_weights(run_dir)
         model = _hub_call(cls.from_pretrained, str(run_dir), recipe, "model", dtype=torch.float32, **safetensors_only(allow_pickle))
         tokenizer = load_tokenizer(str(run_dir), recipe)
     return model.to(device).eval(), tokenizer, info
