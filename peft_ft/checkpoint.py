@@ -44,7 +44,7 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> 
     """Write checkpoint `step-<step>` atomically; an existing one of the same step is replaced."""
     from safetensors.torch import save_file
 
-    from peft_ft.output import space_for, tensor_bytes, write_json
+    from peft_ft.output import honour_umask, space_for, tensor_bytes, write_json
 
     root = Path(run_dir) / FOLDER
     root.mkdir(exist_ok=True)
@@ -61,6 +61,7 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> 
             save_file(rng_tensors, str(staging / RNG))
             write_json(staging / STATE, {**state, "step": step, "optimizer": optim_json,
                                          "scheduler": scheduler.state_dict(), "rng": rng_json})
+        honour_umask(staging, directory=True)
         if final.exists():  # e.g. Ctrl-C on the last step of an epoch, then the epoch-end save
             old = Path(tempfile.mkdtemp(dir=root, prefix=".replaced-"))
             os.replace(final, old / final.name)

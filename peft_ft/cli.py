@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("run", "validate"):
             p.add_argument("recipe", nargs="?" if name == "run" else None, help="path of a TOML recipe, e.g. recipes/scientsbank_lora.toml")
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. train.lr=3e-4 (repeatable)")
-            p.add_argument("--data-dir", default=None, help="data directory (overrides $PEFT_FT_DATA_DIR and data.dir)")
+            p.add_argument("--data-dir", default=None, help="data directory (overrides data.dir and $PEFT_FT_DATA_DIR)")
         if name == "run":
             p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint, in the same folder")
         if name == "explain":
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds train.seed, +1, ...; tables show mean ± std")
             p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="learning rate of one method (repeatable); default: the recipe's for its own method, the method's default for the others")
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value in every variant, e.g. train.max_steps=200 (repeatable)")
-            p.add_argument("--data-dir", default=None, help="data directory (overrides $PEFT_FT_DATA_DIR and data.dir)")
+            p.add_argument("--data-dir", default=None, help="data directory (overrides data.dir and $PEFT_FT_DATA_DIR)")
             p.add_argument("--out", default=None, help="comparison folder (default: <output.dir>/compare-<recipe name>)")
             p.add_argument("--resume", action="store_true", help="continue a comparison in the same folder: finished runs are skipped")
         if name == "serve":

@@ -185,7 +185,8 @@ def finished_run(compare_dir: Path, run_name: str) -> Path | None:
 
 
 def _recipe_body(text: str) -> str:
-    return text.split("\n", 1)[1]  # everything after the "# resolved from ..." line
+    # the values, without the header comments ("# resolved from ...", the run folder's "# fingerprint: ...")
+    return "\n".join(line for line in text.splitlines() if not line.startswith("#"))
 
 
 def check_resumable(compare_dir: Path, variants: list[Variant], resume: bool) -> dict[str, Path]:

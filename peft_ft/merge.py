@@ -49,7 +49,7 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
     A run (or base) folder holding pickle files is refused unless `allow_pickle`; the base's own code runs
     only with `trust_remote_code` (peft_ft.safety).
     """
-    from peft_ft.output import space_for, tensor_bytes, write_json
+    from peft_ft.output import honour_umask, space_for, tensor_bytes, write_json
     from peft_ft.run import check_run_folder, load_run
 
     run_dir, out = Path(run_dir), Path(out)
@@ -77,6 +77,7 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
         check_out(out)  # again: something may have appeared there while we merged
         if out.exists():
             out.rmdir()
+        honour_umask(staging, directory=True)
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import functools
 import json
 import os
 import shutil
@@ -184,6 +185,20 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+@functools.cache
+def umask() -> int:
+    """The process's umask (read once: reading it means setting it, which is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path, directory: bool = False) -> None:
+    """mkstemp / mkdtemp make private (0600 / 0700) files and folders; what we rename into place gets the
+    permissions any other new file would (0644 / 0755 under the usual umask 022)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: a crash leaves the old file or the new one."""
     data = text.encode("utf-8")
@@ -192,6 +207,7 @@ def write_atomic(path: Path, text: str) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            honour_umask(Path(tmp))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

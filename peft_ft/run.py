@@ -131,6 +131,9 @@ def preflight(recipe: Recipe, data_dir: str | None):
         check_device(recipe)
     resolved_dir = None if recipe.data.hub else resolve_data_dir(recipe, data_dir)
     data = task.load(recipe, resolved_dir)
+    if not any(getattr(data.splits[n], "capped", True) for n in data.eval_names):  # predict splits (capped False) have no labels
+        log.warning("%s: no validation or test split: nothing will be evaluated, and the last epoch is kept (no best "
+                    "epoch to pick). Set data.validation (or data.validation_fraction) to measure the run", recipe.source)
     config = read_model_config(location)
     if needs_skeleton(recipe, (config or {}).get("model_type")):
         check_on_skeleton(location, recipe, task.auto_class, task.model_kwargs(data))

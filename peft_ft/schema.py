@@ -74,7 +74,8 @@ class TaskSection:
 
 @dataclass
 class DataSection:
-    dir: str = opt("", "Data directory that file names are relative to; empty = $PEFT_FT_DATA_DIR or ../shared/data.")
+    dir: str = opt("", "Data directory that file names are relative to; empty = $PEFT_FT_DATA_DIR or ../shared/data "
+                       "(order: --data-dir, data.dir, $PEFT_FT_DATA_DIR, ../shared/data).")
     format: str = opt("auto", "File format: auto (from the extension), or one the task family reads (see `peft-ft explain task`).")
     hub: str = opt("", "Hub dataset id (needs internet); then train/validation/test name the dataset's splits.")
     hub_config: str = opt("", "Configuration of the hub dataset (for example `mnli` of `nyu-mll/glue`).")
@@ -305,7 +306,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise RecipeError(str(path), ["file not found (give the path of a .toml recipe, e.g. recipes/scientsbank_lora.toml)"])
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: an editor's byte-order mark is no TOML
     except UnicodeDecodeError as e:
         raise RecipeError(str(path), [f"not UTF-8 text ({e.reason} at byte {e.start}); save the recipe as UTF-8"])
     except tomllib.TOMLDecodeError as e:
