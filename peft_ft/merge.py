@@ -51,11 +51,14 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
     """
     from peft_ft.output import honour_umask, space_for, tensor_bytes, write_json
     from peft_ft.run import check_run_folder, load_run
+    from peft_ft.safety import check_no_pickle
 
     run_dir, out = Path(run_dir), Path(out)
-    info = check_run_folder(run_dir, allow_pickle)
+    check_no_pickle(run_dir, "run folder", allow_pickle)
+    info = read_info(run_dir)
     check_out(out)
-    check_mergeable(run_dir, info)
+    check_mergeable(run_dir, info)  # a method that cannot merge says so before the folder's files are checked
+    check_run_folder(run_dir, allow_pickle)
     model, tokenizer, info = load_run(run_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     # merge_and_unload keeps the active adapter's head (modules_to_save) as a plain module
     merged = model.merge_and_unload()
