@@ -139,16 +139,37 @@ def ia3_targets(model, recipe: Recipe) -> tuple[str | list[str], str | list[str]
 # --- wrapping -----------------------------------------------------------------------------------
 
 
+def check_rank(model, targets: list[str] | str, recipe: Recipe) -> None:
+    """A rank above a target layer's smaller side adds parameters and no expressiveness (and, unbounded,
+    allocates gigabytes): refuse it, naming the narrowest layer. Targets matched as peft matches them."""
+    import re
+
+    import torch
+
+    def targeted(name: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+    sides = [(min(m.in_features, m.out_features), n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and targeted(n)]
+    if sides and recipe.adapter.r > min(sides)[0]:
+        side, name = min(sides)
+        raise PeftFtError(f"{recipe.source}: adapter.r: {recipe.adapter.r} is more than the smallest side ({side}) of the target "
+                          f"layer {name}; set adapter.r to at most {side}")
+
+
 def _wrap_lora(model, recipe: Recipe, heads: list[str], peft_task_type: str | None):
     from peft import LoraConfig, get_peft_model
 
     a = recipe.adapter
+    targets = lora_targets(model, recipe)
+    check_rank(model, targets, recipe)
     config = LoraConfig(
         task_type=peft_task_type,
         r=a.r,
         lora_alpha=a.alpha,
         lora_dropout=a.dropout,
-        target_modules=lora_targets(model, recipe),
+        target_modules=targets,
         bias=a.bias,
         use_rslora=a.use_rslora,
         modules_to_save=list(heads),  # (a copy: peft appends to it) the task head trains and is saved inside the adapter file
@@ -272,7 +293,7 @@ def check_on_skeleton(location: str, recipe: Recipe, auto_class: str, model_kwar
         skeleton = getattr(transformers, auto_class).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     method = recipe.adapter.method
     if method == "lora":
-        lora_targets(skeleton, recipe)
+        check_rank(skeleton, lora_targets(skeleton, recipe), recipe)
     elif method == "ia3":
         ia3_targets(skeleton, recipe)
     elif method == "prefix_tuning" and not supports_prefixes(skeleton):

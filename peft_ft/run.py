@@ -289,7 +289,7 @@ def check_run_folder(run_dir: Path, allow_pickle: bool = False, what: str = "") 
     no pickle, peft_ft.json and recipe.toml readable, every safetensors file whole, the base model folder
     complete, and adapter_config.json's sizes those of its tensors (peft would allocate what it claims)."""
     from peft_ft.integrity import base_config, check_adapter, check_weights
-    from peft_ft.models import check_model_folder
+    from peft_ft.models import check_model_folder, position_limit
     from peft_ft.pipelines import read_info
     from peft_ft.safety import check_no_pickle
 
@@ -297,14 +297,19 @@ def check_run_folder(run_dir: Path, allow_pickle: bool = False, what: str = "") 
         raise PeftFtError(f"{what}{run_dir}: no such folder; give a run folder written by `peft-ft run` or `peft-ft merge`")
     check_no_pickle(run_dir, f"{what}run folder", allow_pickle)
     info = read_info(run_dir)
-    load_recipe(run_dir / "recipe.toml")
+    recipe = load_recipe(run_dir / "recipe.toml")
+    base = str(run_dir) if not info["is_adapter"] else base_location(info)
+    config = base_config(base)
+    limit = position_limit(config or {})
+    if limit and recipe.model.max_length > limit:  # inputs are cut at this length: past the table, a crash per long input
+        raise PeftFtError(f"{what}{run_dir / 'recipe.toml'}: model.max_length {recipe.model.max_length} is more than the {limit} "
+                          f"positions of its model ({base}); the folder was edited: set it to at most {limit}, or copy the folder again")
     if not info["is_adapter"]:
         check_weights(run_dir)
         return info
-    base = base_location(info)
     if Path(base).is_dir():
         check_model_folder(Path(base), f"{what}{run_dir}: base model", allow_pickle)
-    check_adapter(run_dir, base_config(base))
+    check_adapter(run_dir, config)
     return info
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import sentiment_rows, write_jsonl, write_recipe
+from peft_ft.schema import build_recipe
 from test_predict import train_sentiment
 
 RECIPE = """
@@ -87,6 +88,8 @@ FOLDER_CASES = {
     "bogus target module": (edit_json("adapter_config.json", target_modules=["bogus"]), ["does not load onto its base", "copy the folder again"]),
     "rank 20000 in adapter_config.json": (edit_json("adapter_config.json", r=20000), ["adapter_config.json", "r = 20000", "hidden size (32)"]),
     "rank 16 over rank-8 tensors": (edit_json("adapter_config.json", r=16), ["adapter_config.json", "r = 16", "tensors hold r 8"]),
+    "max_length past the positions": (lambda f: (f / "recipe.toml").write_text((f / "recipe.toml").read_text().replace(
+        "max_length = 256", "max_length = 4096")), ["recipe.toml", "model.max_length 4096", "512 positions"]),
 }
 
 
@@ -172,23 +175,48 @@ RECIPE_CASES = {
 }
 
 
+def run_in_process(args: list, capsys) -> subprocess.CompletedProcess:
+    """`peft-ft run` through `cli.main` in this process (torch is loaded already: seconds saved per case)."""
+    from peft_ft.cli import main
+
+    capsys.readouterr()
+    code = main(["run", *map(str, args)])
+    return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("case", RECIPE_CASES, ids=list(RECIPE_CASES))
-def test_validate_and_run_refuse_alike_and_run_leaves_no_folder(case, recipe_case):
+def test_validate_and_run_refuse_alike_and_run_leaves_no_folder(case, recipe_case, capsys):
     path, runs = recipe_case
     sets, pieces = RECIPE_CASES[case]
     args = [a for s in sets for a in ("--set", s)]
     validated = refused(cli("validate", path, *args), *pieces)
-    ran = refused(cli("run", path, *args), *pieces)
+    ran = refused(run_in_process([path, *args], capsys), *pieces)
     assert validated == ran
     assert not runs.exists() or not any(runs.rglob("*")), sorted(runs.rglob("*"))
 
 
-def test_prefix_tuning_on_a_model_without_past_keys(recipe_case, tmp_path, tiny_bert):
+def test_rank_is_bounded_by_the_narrowest_target_layer():
+    import torch
+
+    from peft_ft.adapters import check_rank
+    from peft_ft.errors import PeftFtError
+
+    model = torch.nn.Module()
+    model.wide, model.narrow = torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
+    recipe = build_recipe({"data": {"train": "x"}, "adapter": {"r": 8}}, "r.toml")
+    check_rank(model, ["wide"], recipe)
+    with pytest.raises(PeftFtError, match=r"adapter.r: 8 is more than the smallest side \(4\) of the target layer narrow"):
+        check_rank(model, ["wide", "narrow"], recipe)
+    with pytest.raises(PeftFtError, match="layer narrow"):
+        check_rank(model, r"nar+ow", recipe)
+
+
+def test_prefix_tuning_on_a_model_without_past_keys(recipe_case, tmp_path, tiny_bert, capsys):
     path, runs = recipe_case
     model = distilbert(tmp_path, tiny_bert)
     args = ["--set", f"model.name={json.dumps(str(model))}", "--set", "adapter.method=prefix_tuning", "--set", "model.max_length=64"]
     validated = refused(cli("validate", path, *args), "prefix_tuning", "distilbert")
-    assert refused(cli("run", path, *args)) == validated
+    assert refused(run_in_process([path, *args], capsys)) == validated
     assert not runs.exists() or not any(runs.rglob("*"))
 
 
