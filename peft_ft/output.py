@@ -53,7 +53,9 @@ def recipe_text(recipe: Recipe) -> str:
     """A run folder's recipe.toml: every resolved value, and the fingerprint `--resume` checks."""
     from peft_ft.schema import to_toml
 
-    return f"{FINGERPRINT}{fingerprint(recipe)} (sha256 of the values below; --resume refuses other values)\n" + to_toml(recipe)
+    # Second line: the first stays "# resolved from ...", which tools follow back to the recipe file.
+    header, body = to_toml(recipe).split("\n", 1)
+    return f"{header}\n{FINGERPRINT}{fingerprint(recipe)} (sha256 of the values below; --resume refuses other values)\n{body}"
 
 
 def recorded_fingerprint(path: Path) -> str | None:
@@ -222,7 +224,8 @@ def save_pretrained_atomic(model, run_dir: Path) -> list[Path]:
     """`save_pretrained` into a hidden folder, then move each file into place. An adapter saves its
     trainable tensors (adapter and head), a full model every parameter: that is the space it needs."""
     adapter = hasattr(model, "peft_config")
-    needed = tensor_bytes(p for p in model.parameters() if p.requires_grad or not adapter)
+    params = model.parameters() if hasattr(model, "parameters") else []
+    needed = tensor_bytes(p for p in params if p.requires_grad or not adapter)
     staging = Path(tempfile.mkdtemp(dir=run_dir, prefix=".saving-"))
     try:
         with space_for(run_dir, needed, "the model weights"):

@@ -63,8 +63,6 @@ def run(recipe: Recipe, data_dir: str | None = None) -> Path:
 def resume(run_dir: str | Path, data_dir: str | None = None, trust_remote_code: bool = False) -> Path:
     """Continue a run that stopped (killed, Ctrl-C, crash) from its newest checkpoint, in the same folder.
     The folder's recipe.toml cannot turn remote code on: only `trust_remote_code` (--trust-remote-code)."""
-    from peft_ft.safety import remote_code
-
     if distributed.world().size > 1:
         raise PeftFtError(f"--resume {run_dir}: resuming with several processes is not supported; resume with one "
                           f"process (peft-ft run --resume {run_dir}, without torchrun or accelerate launch)")
