@@ -93,7 +93,9 @@ def read_table(path: Path, fmt: str = "auto") -> list[dict]:
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose import pulls in
+            # pandas (a second on every `validate`) for a single file that needs neither.
+            return pq.ParquetFile(path).read().to_pylist()
         except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
     text = read_text(path)
