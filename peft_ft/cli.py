@@ -18,6 +18,9 @@ def cmd_run(args) -> int:
         run_dir = resume(args.resume, data_dir=args.data_dir, trust_remote_code=args.trust_remote_code)
     elif not args.recipe:
         raise PeftFtError("give a recipe (peft-ft run recipes/NAME.toml) or --resume RUN_DIR")
+    elif args.trust_remote_code:  # a new run follows its recipe's key; a flag doing nothing would mislead
+        raise PeftFtError("--trust-remote-code is for --resume; a new run follows the recipe: set model.trust_remote_code = true "
+                          "in it (or --set model.trust_remote_code=true)")
     else:
         run_dir = run(load_recipe(args.recipe, args.set), data_dir=args.data_dir)
     from peft_ft.distributed import is_main

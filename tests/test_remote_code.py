@@ -165,3 +165,11 @@ def test_no_loader_passes_trust_remote_code_from_anywhere_but_the_decision():
              if "trust_remote_code=" in line.replace(" ", "") and "def " not in line and not line.strip().startswith(("#", '"', "`"))]
     odd = [(name, line) for name, line in calls if not any(a in line.replace(" ", "") for a in allowed)]
     assert calls and not odd, odd
+
+
+def test_the_flag_on_a_new_run_is_refused_rather_than_ignored(tmp_path, capsys):
+    from peft_ft.cli import main
+
+    (tmp_path / "r.toml").write_text('[data]\ntrain = "x.jsonl"\n')
+    assert main(["run", str(tmp_path / "r.toml"), "--trust-remote-code"]) == 2
+    assert "set model.trust_remote_code = true" in capsys.readouterr().err
