@@ -157,14 +157,21 @@ def test_the_decision_is_one_function(tmp_path, caplog):
 
 
 def test_no_loader_passes_trust_remote_code_from_anywhere_but_the_decision():
-    """Every `trust_remote_code=` outside safety.py reads the decided recipe (or hands on the flag itself)."""
+    """Every `trust_remote_code=` keyword outside safety.py reads the decided recipe (or hands on the flag itself)."""
+    import ast
+
     root = Path(__file__).resolve().parents[1] / "peft_ft"
-    allowed = ("trust_remote_code=recipe.model.trust_remote_code", "trust_remote_code=trust_remote_code",
-               "trust_remote_code=args.trust_remote_code", 'trust_remote_code=kwargs.pop("trust_remote_code",False)')
-    calls = [(p.name, line.strip()) for p in root.rglob("*.py") if p.name != "safety.py" for line in p.read_text(encoding="utf-8").splitlines()
-             if "trust_remote_code=" in line.replace(" ", "") and "def " not in line and not line.strip().startswith(("#", '"', "`"))]
-    odd = [(name, line) for name, line in calls if not any(a in line.replace(" ", "") for a in allowed)]
-    assert calls and not odd, odd
+    allowed = {"recipe.model.trust_remote_code", "trust_remote_code", "args.trust_remote_code", "self.trust_remote_code",
+               "kwargs.pop('trust_remote_code', False)"}
+    found = []
+    for path in root.rglob("*.py"):
+        if path.name == "safety.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                found += [(path.name, ast.unparse(k.value)) for k in node.keywords if k.arg == "trust_remote_code"]
+    odd = [(name, value) for name, value in found if value not in allowed]
+    assert found and not odd, odd
 
 
 def test_the_flag_on_a_new_run_is_refused_rather_than_ignored(tmp_path, capsys):
