@@ -149,7 +149,7 @@ def hidden_width(config: dict) -> int | None:
 
 
 def base_config(location: str) -> dict | None:
-    """A local base model folder's config.json (None for a hub id: it is read when loaded)."""
+    """A local model folder's config.json (None for a hub id: transformers reads it when it loads)."""
     path = Path(location) / "config.json"
     return read_json_object(path, "a model folder holds config.json") if path.parent.is_dir() else None
 

@@ -55,14 +55,6 @@ def check_model_folder(path: Path, key: str = "model.name", allow_pickle: bool =
     check_weights(path)  # headers only: a cut-short or renamed-pickle weights file is named now, not by safetensors later
 
 
-def read_model_config(location: str) -> dict | None:
-    """A local model folder's config.json (None for a hub id, read when the model loads)."""
-    from peft_ft.integrity import read_json_object
-
-    path = Path(location) / "config.json"
-    return read_json_object(path, "a model folder holds config.json") if Path(location).is_dir() else None
-
-
 def position_limit(config: dict) -> int | None:
     """How many token positions the model has a learned table for (None: relative positions only, as T5)."""
     limit = config.get("max_position_embeddings")
@@ -77,7 +69,9 @@ def check_model_config(location: str, recipe: Recipe, auto_class: str) -> None:
     """Bounds and fit known from the model's config.json alone (no torch): the task's model class,
     model.max_length within the position table, a LoRA rank within the layers' width. Every problem
     is reported together, naming the key and the model."""
-    config = read_model_config(location)
+    from peft_ft.integrity import base_config
+
+    config = base_config(location)
     if config is None:
         return
     kind, problems = config.get("model_type", "?"), []

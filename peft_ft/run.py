@@ -16,9 +16,10 @@ from peft_ft import __version__, checkpoint, distributed
 from peft_ft.adapters import METHODS, check_on_skeleton, needs_skeleton
 from peft_ft.data import record_splits, resolve_data_dir
 from peft_ft.errors import PeftFtError
+from peft_ft.integrity import base_config
 from peft_ft.log import setup_logging
 from peft_ft.models import (EMBEDDED_NAME, _hub_call, check_model_config, embedded_model_dir, enable_activation_checkpointing,
-                            load_model, load_tokenizer, quiet_transformers, read_model_config, resolve_model, settle_hub_mode)
+                            load_model, load_tokenizer, quiet_transformers, resolve_model, settle_hub_mode)
 from peft_ft.output import (RAISABLE_ON_RESUME, RunDirLock, clean_stale_saves, clean_stale_siblings, create_run_dir, fingerprint,
                             folder_size, human_size, model_card, recipe_changes, recipe_text, recorded_fingerprint,
                             save_pretrained_atomic, write_atomic, write_json)
@@ -132,7 +133,7 @@ def preflight(recipe: Recipe, data_dir: str | None):
     if not any(getattr(data.splits[n], "capped", True) for n in data.eval_names):  # predict splits (capped False) have no labels
         log.warning("%s: no validation or test split: nothing will be evaluated, and the last epoch is kept (no best "
                     "epoch to pick). Set data.validation (or data.validation_fraction) to measure the run", recipe.source)
-    config = read_model_config(location)
+    config = base_config(location)
     if needs_skeleton(recipe, (config or {}).get("model_type")):
         check_on_skeleton(location, recipe, task.auto_class, task.model_kwargs(data))
     return location, data, resolved_dir
@@ -286,7 +287,7 @@ def check_run_folder(run_dir: Path, allow_pickle: bool = False, what: str = "") 
     """Everything about a run folder that can be checked without torch, before anything is loaded from it:
     no pickle, peft_ft.json and recipe.toml readable, every safetensors file whole, the base model folder
     complete, and adapter_config.json's sizes those of its tensors (peft would allocate what it claims)."""
-    from peft_ft.integrity import base_config, check_adapter, check_weights
+    from peft_ft.integrity import check_adapter, check_weights
     from peft_ft.models import check_model_folder, position_limit
     from peft_ft.pipelines import read_info
     from peft_ft.safety import check_no_pickle
