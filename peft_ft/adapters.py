@@ -158,16 +158,37 @@ def ia3_targets(model, recipe: Recipe) -> tuple[str | list[str], str | list[str]
 # --- wrapping -----------------------------------------------------------------------------------
 
 
+def check_rank(model, targets: list[str] | str, recipe: Recipe) -> None:
+    """A rank above a target layer's smaller side adds parameters and no expressiveness (and, unbounded,
+    allocates gigabytes): refuse it, naming the narrowest layer. Targets matched as peft matches them."""
+    import re
+
+    import torch
+
+    def targeted(name: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+    sides = [(min(m.in_features, m.out_features), n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and targeted(n)]
+    if sides and recipe.adapter.r > min(sides)[0]:
+        side, name = min(sides)
+        raise PeftFtError(f"{recipe.source}: adapter.r: {recipe.adapter.r} is more than the smallest side ({side}) of the target "
+                          f"layer {name}; set adapter.r to at most {side}")
+
+
 def _wrap_lora(model, recipe: Recipe, heads: list[str], peft_task_type: str | None):
     from peft import EvaConfig, LoraConfig, get_peft_model
 
     a = recipe.adapter
+    targets = lora_targets(model, recipe)
+    check_rank(model, targets, recipe)
     config = LoraConfig(
         task_type=peft_task_type,
         r=a.r,
         lora_alpha=a.alpha,
         lora_dropout=a.dropout,
-        target_modules=lora_targets(model, recipe),
+        target_modules=targets,
         bias=a.bias,
         use_rslora=a.use_rslora,
         use_dora=a.use_dora,
@@ -334,6 +355,37 @@ def _wrap_full(model, recipe: Recipe, heads: list[str], peft_task_type: str | No
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+# --- the pre-flight: what `run` would refuse while wrapping, found on a weightless skeleton ------------
+
+
+def needs_skeleton(recipe: Recipe, model_type: str | None) -> bool:
+    """Whether the method's choices can only be checked against the model's modules: named targets or an
+    architecture without a default target table (prefix tuning has its own pre-flight, a real forward).
+    Other recipes skip it: building even a weightless model costs a torch import (seconds)."""
+    a = recipe.adapter
+    if a.target_modules and a.method in ("lora", "ia3"):
+        return True
+    table = {"lora": LORA_TARGETS, "ia3": IA3_TARGETS}.get(a.method)
+    return table is not None and model_type not in table
+
+
+def check_on_skeleton(location: str, recipe: Recipe, auto_class: str, model_kwargs: dict) -> None:
+    """Build the task model on the meta device (no weights read, nothing allocated) and ask it what
+    wrapping would: the target modules exist (or the architecture has defaults), prefixes are taken."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(location, trust_remote_code=recipe.model.trust_remote_code,
+                                                     revision=recipe.model.revision or None, **model_kwargs)
+    with torch.device("meta"):
+        skeleton = getattr(transformers, auto_class).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    method = recipe.adapter.method
+    if method == "lora":
+        check_rank(skeleton, lora_targets(skeleton, recipe), recipe)
+    elif method == "ia3":
+        ia3_targets(skeleton, recipe)
 
 
 # --- recipe checks (no torch unless an 8-bit recipe needs to ask it) -------------------------------

@@ -44,20 +44,24 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> 
     """Write checkpoint `step-<step>` atomically; an existing one of the same step is replaced."""
     from safetensors.torch import save_file
 
-    from peft_ft.output import write_json
+    from peft_ft.output import honour_umask, space_for, tensor_bytes, write_json
 
     root = Path(run_dir) / FOLDER
     root.mkdir(exist_ok=True)
     final = root / name_of(step)
+    weights = trainable_tensors(model)
+    optim_tensors, optim_json = _flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_json = _rng_state()
+    needed = tensor_bytes([*weights.values(), *optim_tensors.values(), *rng_tensors.values()])
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".saving-"))
     try:
-        save_file(trainable_tensors(model), str(staging / WEIGHTS))
-        optim_tensors, optim_json = _flatten_optimizer(optimizer.state_dict())
-        save_file(optim_tensors, str(staging / OPTIMIZER))
-        rng_tensors, rng_json = _rng_state()
-        save_file(rng_tensors, str(staging / RNG))
-        write_json(staging / STATE, {**state, "step": step, "optimizer": optim_json,
-                                     "scheduler": scheduler.state_dict(), "rng": rng_json})
+        with space_for(root, needed, f"checkpoint {final.name}"):
+            save_file(weights, str(staging / WEIGHTS))
+            save_file(optim_tensors, str(staging / OPTIMIZER))
+            save_file(rng_tensors, str(staging / RNG))
+            write_json(staging / STATE, {**state, "step": step, "optimizer": optim_json,
+                                         "scheduler": scheduler.state_dict(), "rng": rng_json})
+        honour_umask(staging, directory=True)
         if final.exists():  # e.g. Ctrl-C on the last step of an epoch, then the epoch-end save
             old = Path(tempfile.mkdtemp(dir=root, prefix=".replaced-"))
             os.replace(final, old / final.name)
@@ -109,6 +113,11 @@ def restore_weights(model, tensors: dict) -> None:
         extra, missing = sorted(set(tensors) - set(params))[:3], sorted(set(params) - set(tensors))[:3]
         raise PeftFtError(f"checkpoint does not fit the model built from the recipe (unexpected {extra}, missing {missing}); "
                           f"was the model folder or recipe.toml changed?")
+    wrong = [f"{n} {tuple(tensors[n].shape)} vs {tuple(p.shape)}" for n, p in params.items() if tuple(p.shape) != tuple(tensors[n].shape)]
+    if wrong:
+        raise PeftFtError(f"checkpoint does not fit the model built from the recipe: {len(wrong)} tensor(s) of another shape "
+                          f"(saved vs built: {'; '.join(wrong[:3])}); was adapter.r or the model folder changed? Put it back, "
+                          f"or start a new run")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)

@@ -16,9 +16,12 @@ def cmd_run(args) -> int:
     if args.resume:
         if args.recipe or args.set:
             raise PeftFtError("--resume RUN_DIR continues with the run's own recipe.toml: give no recipe and no --set")
-        run_dir = resume(args.resume, data_dir=args.data_dir)
+        run_dir = resume(args.resume, data_dir=args.data_dir, trust_remote_code=args.trust_remote_code)
     elif not args.recipe:
         raise PeftFtError("give a recipe (peft-ft run recipes/NAME.toml) or --resume RUN_DIR")
+    elif args.trust_remote_code:  # a new run follows its recipe's key; a flag doing nothing would mislead
+        raise PeftFtError("--trust-remote-code is for --resume; a new run follows the recipe: set model.trust_remote_code = true "
+                          "in it (or --set model.trust_remote_code=true)")
     else:
         run_dir = run(load_recipe(args.recipe, args.set), data_dir=args.data_dir)
     from peft_ft.distributed import is_main
@@ -29,25 +32,18 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from peft_ft.adapters import METHODS
-    from peft_ft.tasks import TASKS
-    from peft_ft.data import resolve_data_dir, split_sources
-    from peft_ft.models import resolve_model, settle_hub_mode
+    from peft_ft.run import preflight
     from peft_ft.schema import load_recipe
 
+    # Exactly `run`'s pre-flight: what validate passes, run does not refuse before training.
     recipe = load_recipe(args.recipe, args.set)
-    settle_hub_mode(recipe)
-    model = resolve_model(recipe)
-    method = METHODS[recipe.adapter.method]
-    if method.preflight:  # checks that need the architecture (torch; only for methods that have them)
-        task = TASKS[recipe.task.type]
-        method.preflight(model, recipe, task.auto_class, task.peft_task_type)
-    data_dir = None if recipe.data.hub else resolve_data_dir(recipe, args.data_dir)
-    splits = split_sources(recipe, data_dir)
+    model, data, _ = preflight(recipe, args.data_dir)
     print(f"{args.recipe}: valid")
     print(f"  task {recipe.task.type}, method {recipe.adapter.method}, model {model}")
-    for name, _, location in splits:
-        print(f"  {name}: {location}")
+    for name, split in data.splits.items():
+        print(f"  {name}: {split.source} ({len(split.examples)} examples)")
+    if data.labels:
+        print(f"  labels: {', '.join(data.labels[:20])}{' ...' if len(data.labels) > 20 else ''}")
     return 0
 
 
@@ -72,7 +68,7 @@ def cmd_merge(args) -> int:
         raise PeftFtError("give a run folder (peft-ft merge RUN_DIR --out DIR) or --combine NAME=RUN_DIR:WEIGHT,...")
     from peft_ft.merge import merge_run
 
-    print(f"merged: {merge_run(args.run_dir, args.out, allow_pickle=args.allow_pickle)}")
+    print(f"merged: {merge_run(args.run_dir, args.out, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)}")
     return 0
 
 
@@ -80,7 +76,7 @@ def cmd_predict(args) -> int:
     from peft_ft.predict import run_predict
 
     n = run_predict(args.adapter, args.input, args.format, args.use, args.adapter_field, args.output, args.batch_size, args.device,
-                    allow_pickle=args.allow_pickle)
+                    allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     if args.output:
         print(f"{n} predictions: {args.output}", file=sys.stderr)
     return 0
@@ -107,13 +103,15 @@ def cmd_serve(args) -> int:
     from peft_ft.serve import run_serve
 
     return run_serve(args.adapter, args.host, args.port, args.batch_size, args.device, api_key=args.api_key, allow_pickle=args.allow_pickle,
+                     trust_remote_code=args.trust_remote_code,
                      max_body=args.max_body_bytes, max_texts=args.max_texts, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
 
 
 def cmd_export(args) -> int:
     from peft_ft.export import export_onnx
 
-    report = export_onnx(args.run_dir, args.onnx, tolerance=args.tolerance, allow_pickle=args.allow_pickle)
+    report = export_onnx(args.run_dir, args.onnx, tolerance=args.tolerance, allow_pickle=args.allow_pickle,
+                         trust_remote_code=args.trust_remote_code)
     print(f"exported: {args.onnx}/model.onnx (opset {report['opset']}); onnxruntime vs PyTorch on {report['checked_texts']} texts: "
           f"max |logit difference| {report['max_abs_diff']:.3g} (tolerance {report['tolerance']:g})")
     return 0
@@ -125,6 +123,17 @@ def cmd_register_embedded(args) -> int:
     snapshot, what = register_embedded()
     print(f"{EMBEDDED_HUB_ID}: {what} ({snapshot})")
     return 0
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0-65535 (argparse reports anything else as one line and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a port from 1 to 65535 (0 picks a free one)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port; give one from 1 to 65535 (0 picks a free one)")
+    return value
 
 
 COMMANDS = {
@@ -156,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("run", "validate"):
             p.add_argument("recipe", nargs="?" if name == "run" else None, help="path of a TOML recipe, e.g. recipes/scientsbank_lora.toml")
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. train.lr=3e-4 (repeatable)")
-            p.add_argument("--data-dir", default=None, help="data directory (overrides $PEFT_FT_DATA_DIR and data.dir)")
+            p.add_argument("--data-dir", default=None, help="data directory (overrides data.dir and $PEFT_FT_DATA_DIR)")
         if name == "run":
             p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a stopped run from its newest checkpoint, in the same folder")
         if name == "explain":
@@ -185,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("predict", "serve", "merge", "export"):
             p.add_argument("--allow-pickle", action="store_true",
                            help="load run/model folders holding pickle files (.bin, .pt, .pth, .pkl, .ckpt): they can run code; only for folders you trust")
+        if name in ("predict", "serve", "merge", "export", "run"):
+            # Only this flag turns remote code on for a loaded folder: its own files never can (peft_ft.safety).
+            p.add_argument("--trust-remote-code", action="store_true",
+                           help="let the base model's own Python code (config.json auto_map + .py files) run; a folder's "
+                                "recipe.toml cannot turn this on. Read that code first"
+                                + ("; for --resume (a new run follows the recipe's model.trust_remote_code)" if name == "run" else ""))
         if name == "predict":
             p.add_argument("input", nargs="?", default="-", help="JSONL, CSV/TSV or text-lines file; - or nothing: stdin")
             p.add_argument("--format", default="auto", choices=("auto", "jsonl", "csv", "tsv", "text"), help="input format (auto: from the extension, else JSONL if the first line is an object)")
@@ -197,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds train.seed, +1, ...; tables show mean ± std")
             p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="learning rate of one method (repeatable); default: the recipe's for its own method, the method's default for the others")
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value in every variant, e.g. train.max_steps=200 (repeatable)")
-            p.add_argument("--data-dir", default=None, help="data directory (overrides $PEFT_FT_DATA_DIR and data.dir)")
+            p.add_argument("--data-dir", default=None, help="data directory (overrides data.dir and $PEFT_FT_DATA_DIR)")
             p.add_argument("--out", default=None, help="comparison folder (default: <output.dir>/compare-<recipe name>)")
             p.add_argument("--resume", action="store_true", help="continue a comparison in the same folder: finished runs are skipped")
         if name == "sweep":
@@ -216,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data-dir", default=None, help="data directory (overrides $PEFT_FT_DATA_DIR and data.dir)")
         if name == "serve":
             p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; set an API key before binding others)")
-            p.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (printed at start)")
+            p.add_argument("--port", type=port_number, default=8000, help="port; 0 picks a free one (printed at start)")
             p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $PEFT_FT_API_KEY; the variable keeps the key out of `ps`)")
             p.add_argument("--max-body-bytes", type=int, default=1024 * 1024, help="larger request bodies get 413 (default 1 MiB)")
             p.add_argument("--max-texts", type=int, default=256, help="more texts in one request get 422 (default 256)")

@@ -231,8 +231,9 @@ def finished_run(compare_dir: Path, run_name: str) -> Path | None:
 def _recipe_body(text: str) -> str:
     from peft_ft.portable import portable_toml
 
-    # everything after the "# resolved from ..." line, in the form a finished run writes (machine paths shortened)
-    return portable_toml(text).split("\n", 1)[1]
+    # the values in the form a finished run writes them (machine paths shortened), without the header
+    # comments ("# resolved from ...", the run folder's "# fingerprint: ...")
+    return "\n".join(line for line in portable_toml(text).splitlines() if not line.startswith("#"))
 
 
 def check_resumable(compare_dir: Path, variants: list[Variant], resume: bool) -> dict[str, Path]:
@@ -336,7 +337,8 @@ def measure_latency(run_dir: Path, data_dir: str | None, rows: int = LATENCY_EXA
     data = task.load(recipe, None if recipe.data.hub else resolve_data_dir(recipe, data_dir))
     name = next((n for n in data.eval_names if n != "validation"), None) or next(iter(data.eval_names), "train")
     split = Split(name, data.splits[name].source, data.splits[name].examples[:rows])
-    model, tokenizer, _ = load_run(run_dir, str(device))
+    # A run this comparison trained from the recipe given on its command line: that recipe's own say on remote code.
+    model, tokenizer, _ = load_run(run_dir, str(device), trust_remote_code=recipe.model.trust_remote_code)
     features = task.encode(split, tokenizer, recipe, data)
     pad_id, batch_size = tokenizer.pad_token_id or 0, recipe.eval.batch_size
     task.predict(model, features[:batch_size], pad_id, batch_size, device)  # warm-up: first-call allocations

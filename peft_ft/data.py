@@ -18,16 +18,17 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def data_dir_candidates(recipe: Recipe, cli_dir: str | None = None) -> list[tuple[Path, str]]:
-    """Where to look, most specific first: --data-dir, $PEFT_FT_DATA_DIR, data.dir, ../shared/data."""
+    """Where to look, most specific first: --data-dir, data.dir, $PEFT_FT_DATA_DIR, ../shared/data.
+    A recipe that names its folder means that folder: the environment variable is only the default."""
     if cli_dir:
         return [(Path(cli_dir), "--data-dir")]
-    if os.environ.get(DATA_DIR_ENV):
-        return [(Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}")]
     if recipe.data.dir:
         given = Path(recipe.data.dir).expanduser()
         if given.is_absolute():
             return [(given, "data.dir")]
         return [(Path.cwd() / given, "data.dir"), (Path(recipe.source).resolve().parent / given, "data.dir")]
+    if os.environ.get(DATA_DIR_ENV):
+        return [(Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}")]
     # A checkout beside shared/ just works, whether run from the repo root or from elsewhere.
     return [(Path.cwd() / "../shared/data", "default"), (PROJECT_ROOT / "../shared/data", "default")]
 
@@ -66,8 +67,9 @@ def table_format(path: Path, fmt: str) -> str:
 
 
 def read_text(path: Path) -> str:
+    """A text file as UTF-8; a leading byte-order mark (Excel's "CSV UTF-8" writes one) is dropped, not read as text."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: not UTF-8 ({e.reason}); re-save the file as UTF-8") from None
@@ -91,7 +93,9 @@ def read_table(path: Path, fmt: str = "auto") -> list[dict]:
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose import pulls in
+            # pandas (a second on every `validate`) for a single file that needs neither.
+            return pq.ParquetFile(path).read().to_pylist()
         except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
     text = read_text(path)

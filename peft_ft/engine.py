@@ -12,6 +12,7 @@ What stays ours: the batches (peft_ft.batching), how a batch is shared between p
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -32,10 +33,18 @@ def use_cuda(recipe: Recipe) -> bool:
 
 
 def check_engine(recipe: Recipe) -> None:
-    """Device and precision choices this machine cannot run; called before the run folder is made."""
+    """Device and precision choices this machine cannot run; called before the run folder is made (and by
+    `validate`: torch, seconds to import, only when the recipe asks for CUDA or mixed precision)."""
+    t = recipe.train
+    for name in t.report_to:
+        module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
+        if importlib.util.find_spec(module) is None:
+            raise PeftFtError(f"{recipe.source}: train.report_to: {name!r} is not installed; "
+                              f"pip install 'peft-ft[tracking]' (or remove {name!r})")
+    if t.device != "cuda" and t.mixed_precision == "no":
+        return
     import torch
 
-    t = recipe.train
     if t.device == "cuda" and not torch.cuda.is_available():
         raise PeftFtError(f"{recipe.source}: train.device: \"cuda\" asked for, but torch sees no CUDA GPU; use \"auto\" or \"cpu\"")
     cuda = use_cuda(recipe)
@@ -45,13 +54,6 @@ def check_engine(recipe: Recipe) -> None:
     if t.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise PeftFtError(f"{recipe.source}: train.mixed_precision: \"bf16\" is not supported by this GPU "
                           f"(compute capability below 8.0); use \"fp16\" or \"no\"")
-    for name in t.report_to:
-        module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
-        import importlib.util
-
-        if importlib.util.find_spec(module) is None:
-            raise PeftFtError(f"{recipe.source}: train.report_to: {name!r} is not installed; "
-                              f"pip install 'peft-ft[tracking]' (or remove {name!r})")
 
 
 def make_accelerator(recipe: Recipe):

@@ -62,29 +62,35 @@ def check_out(out: Path) -> None:
         raise PeftFtError(f"--out {out}: already exists and is not an empty folder; it is kept as it is. Choose a new folder")
 
 
-def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False) -> Path:
+def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """Merge the adapter of a run folder into its base and save the plain model in `out` (new or empty).
 
     Written into a hidden folder beside `out` and renamed into place, so `out` is complete or absent.
-    A run (or base) folder holding pickle files is refused unless `allow_pickle` (peft_ft.safety).
+    A run (or base) folder holding pickle files is refused unless `allow_pickle`; the base's own code runs
+    only with `trust_remote_code` (peft_ft.safety).
     """
-    from peft_ft.output import write_json
-    from peft_ft.run import load_run
+    from peft_ft.output import honour_umask, space_for, tensor_bytes, write_json
+    from peft_ft.run import check_run_folder, load_run
     from peft_ft.safety import check_no_pickle
 
     run_dir, out = Path(run_dir), Path(out)
-    info = read_info(run_dir)
     check_no_pickle(run_dir, "run folder", allow_pickle)
+    info = read_info(run_dir)
     check_out(out)
-    check_mergeable(run_dir, info)
-    model, tokenizer, info = load_run(run_dir, allow_pickle=allow_pickle)
+    check_mergeable(run_dir, info)  # a method that cannot merge says so before the folder's files are checked
+    check_run_folder(run_dir, allow_pickle)
+    model, tokenizer, info = load_run(run_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     # merge_and_unload keeps the active adapter's head (modules_to_save) as a plain module
     merged = unwrap_heads(model.merge_and_unload())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
     try:
-        merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
+    except OSError as e:
+        raise PeftFtError(f"--out {out}: cannot create it ({e.strerror}); choose a folder you can write") from None
+    try:
+        with space_for(out.parent, tensor_bytes(merged.parameters()), "the merged model"):
+            merged.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         shutil.copyfile(run_dir / "recipe.toml", staging / "recipe.toml")
         if (run_dir / "labels.json").is_file():
             shutil.copyfile(run_dir / "labels.json", staging / "labels.json")
@@ -97,6 +103,7 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False) 
         check_out(out)  # again: something may have appeared there while we merged
         if out.exists():
             out.rmdir()
+        honour_umask(staging, directory=True)
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -50,6 +50,52 @@ def check_model_folder(path: Path, key: str = "model.name", allow_pickle: bool =
     if missing:
         have = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
         raise PeftFtError(f"{key}: {path} is not a complete model folder: missing {'; '.join(missing)} (it holds: {have})")
+    from peft_ft.integrity import check_weights
+
+    check_weights(path)  # headers only: a cut-short or renamed-pickle weights file is named now, not by safetensors later
+
+
+def position_limit(config: dict) -> int | None:
+    """How many token positions the model has a learned table for (None: relative positions only, as T5)."""
+    limit = config.get("max_position_embeddings")
+    if not isinstance(limit, int) or (config.get("relative_attention") and not config.get("position_biased_input", True)):
+        return None
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= (config.get("pad_token_id") or 0) + 1  # their position ids start after the padding index
+    return limit
+
+
+def check_model_config(location: str, recipe: Recipe, auto_class: str) -> None:
+    """Bounds and fit known from the model's config.json alone (no torch): the task's model class,
+    model.max_length within the position table, a LoRA rank within the layers' width. Every problem
+    is reported together, naming the key and the model."""
+    from peft_ft.integrity import base_config
+
+    config = base_config(location)
+    if config is None:
+        return
+    kind, problems = config.get("model_type", "?"), []
+    if auto_class == "AutoModelForSeq2SeqLM" and not config.get("is_encoder_decoder"):
+        problems.append(f"task.type: \"seq2seq\" needs an encoder-decoder model (T5, BART...; config.json "
+                        f"is_encoder_decoder = true); {location} is a {kind} model, encoder-only. Set model.name to one, "
+                        f"or use a classification, ner or qa task with this model")
+    limit = position_limit(config)
+    virtual = recipe.adapter.num_virtual_tokens if recipe.adapter.method in ("prompt_tuning", "prefix_tuning") else 0
+    if limit and recipe.model.max_length > limit:
+        problems.append(f"model.max_length: {recipe.model.max_length} is more than the {limit} positions this {kind} model "
+                        f"has (config.json max_position_embeddings); set it to at most {limit}")
+    elif limit and recipe.model.max_length + virtual > limit:  # virtual tokens take positions too
+        problems.append(f"model.max_length ({recipe.model.max_length}) + adapter.num_virtual_tokens ({virtual}) exceeds the "
+                        f"{limit} positions this {kind} model has; set model.max_length to at most {limit - virtual} or use "
+                        f"fewer virtual tokens")
+    from peft_ft.integrity import hidden_width
+
+    width = hidden_width(config)
+    if width and recipe.adapter.method == "lora" and recipe.adapter.r > width:
+        problems.append(f"adapter.r: {recipe.adapter.r} is more than this {kind} model's hidden size ({width}): a rank "
+                        f"cannot exceed the layers it adapts; set it to at most {width} (8-64 is usual)")
+    if problems:
+        raise PeftFtError(f"{recipe.source}: " + f"\n{recipe.source}: ".join(problems))
 
 
 def looks_like_path(name: str) -> bool:
@@ -141,15 +187,12 @@ def load_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
     import torch
     import transformers
 
-    from peft_ft.safety import remote_code
-
     quiet_transformers()
     cls = getattr(transformers, auto_class)
     if recipe.model.load_in_8bit:
         kwargs.update(int8_kwargs(location, recipe, cls, kwargs))
     # ignore_mismatched_sizes: a checkpoint with a head of another size (an MNLI model fine-tuned
     # on a 2-label task) gets a fresh head, reported as a head below, instead of an error.
-    remote_code(recipe)  # a warning when the recipe turns it on (_hub_call passes it)
     kwargs.setdefault("use_safetensors", True)  # never fall back to a pickle pytorch_model.bin by itself
     model, info = _hub_call(cls.from_pretrained, location, recipe, "model", dtype=torch.float32,
                             output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
@@ -224,6 +267,10 @@ def head_modules(model, missing_keys) -> list[str]:
 
 
 def _hub_call(fn, location: str, recipe: Recipe, what: str, **kwargs):
+    """`fn(location, ...)` with the recipe's revision and remote-code decision (`recipe.model.trust_remote_code`
+    is what `peft_ft.safety.remote_code` decided), its failures as messages."""
+    from peft_ft.safety import remote_code_refusal
+
     try:
         return fn(
             location,
@@ -236,3 +283,8 @@ def _hub_call(fn, location: str, recipe: Recipe, what: str, **kwargs):
             f"{recipe.source}: model.name: cannot load the {what} {location!r}: {str(e).splitlines()[0]}. "
             f"Without internet, set model.name to a local folder (or leave it empty for the embedded MiniLM-L6)."
         ) from None
+    except ValueError as e:
+        refusal = remote_code_refusal(e, f"{recipe.source}: model.name {location!r}")
+        if refusal is None:
+            raise
+        raise refusal from None

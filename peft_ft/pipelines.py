@@ -43,9 +43,10 @@ def read_info(run_dir: str | Path) -> dict:
             f"{run_dir}: not a peft-ft run folder: it {what} no peft_ft.json (the task, base model and label names "
             f"are read from it). Point at a folder written by `peft-ft run` or `peft-ft merge`."
         )
+    from peft_ft.integrity import check_info, read_json_object
     from peft_ft.portable import resolve_base
 
-    return resolve_base(json.loads(path.read_text(encoding="utf-8")), Path(run_dir))
+    return resolve_base(check_info(path, read_json_object(path, "a run folder holds peft_ft.json")), Path(run_dir))
 
 
 def label_kwargs(run_dir: str | Path) -> dict:
@@ -64,13 +65,15 @@ def pipeline(run_dir: str | Path, device: str = "cpu", **kwargs):
     words, every word of a long text, as the evaluation decides them); QA and seq2seq runs get
     `QuestionAnswerer` / `Generator`, because transformers 5 no longer has those pipelines. `kwargs` go
     to `transformers.pipeline` (stock pipelines only), except `allow_pickle=True`, which lets a folder
-    holding pickle files load (see peft_ft.safety).
+    holding pickle files load (see peft_ft.safety), and `trust_remote_code=True`, which lets the base
+    model's own Python code run (the run's recipe.toml cannot).
     """
     from peft_ft.run import load_run
     from peft_ft.schema import load_recipe
     from peft_ft.tasks import TASKS
 
-    model, tokenizer, info = load_run(run_dir, device, allow_pickle=kwargs.pop("allow_pickle", False))
+    model, tokenizer, info = load_run(run_dir, device, allow_pickle=kwargs.pop("allow_pickle", False),
+                                      trust_remote_code=kwargs.pop("trust_remote_code", False))
     task = TASKS[info["task"]]
     return ANSWERS[task.pipeline_task].build(model, tokenizer, load_recipe(Path(run_dir) / "recipe.toml"), **kwargs)
 

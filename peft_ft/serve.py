@@ -353,7 +353,7 @@ def stop_on_signals(server: Server) -> None:
 
 
 def run_serve(adapter_args: list[str], host: str, port: int, batch_size: int, device: str = "cpu", *, api_key: str | None = None,
-              allow_pickle: bool = False, max_body: int = MAX_BODY, max_texts: int = MAX_TEXTS, max_batch: int = MAX_BATCH,
+              allow_pickle: bool = False, trust_remote_code: bool = False, max_body: int = MAX_BODY, max_texts: int = MAX_TEXTS, max_batch: int = MAX_BATCH,
               max_wait_ms: float = MAX_WAIT_MS) -> int:
     """`peft-ft serve`: load every adapter, then serve until SIGTERM or Ctrl-C; requests in flight finish."""
     from peft_ft.log import setup_logging
@@ -364,7 +364,7 @@ def run_serve(adapter_args: list[str], host: str, port: int, batch_size: int, de
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s without an API key: anyone who can reach this address can use the models "
                     "(set --api-key or $%s)", host, API_KEY_ENV)
-    adapters = AdapterSet(parse_adapter_args(adapter_args), device, batch_size, allow_pickle)
+    adapters = AdapterSet(parse_adapter_args(adapter_args), device, batch_size, allow_pickle, trust_remote_code)
     server = make_server(adapters, host, port, api_key=api_key, max_body=max_body, max_texts=max_texts,
                          max_batch=max_batch, max_wait_ms=max_wait_ms)
     stop_on_signals(server)

@@ -26,8 +26,9 @@ VOCAB = (
 )
 
 
-def write_tiny_bert(path: Path, max_positions: int = 128) -> Path:
-    """A BertModel (encoder + pooler, no task head) and its tokenizer, like a pretrained checkpoint."""
+def write_tiny_bert(path: Path, max_positions: int = 512) -> Path:
+    """A BertModel (encoder + pooler, no task head) and its tokenizer, like a pretrained checkpoint. 512
+    positions, as BERT: recipes' default model.max_length (256) must fit (checked at validate)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 

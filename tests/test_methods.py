@@ -398,11 +398,11 @@ def test_prefix_tuning_on_a_model_without_past_key_values_is_refused_before_trai
 
 
 def test_virtual_tokens_beyond_the_position_table_are_refused(tmp_path, tiny_bert, family_data):
-    # the tiny BERT has 128 positions: 120 tokens + 20 virtual ones do not fit
+    # the tiny BERT has 512 positions: 500 tokens + 20 virtual ones do not fit
     recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", "prompt_tuning",
-                        ["model.max_length=120", "adapter.num_virtual_tokens=20"])
-    with pytest.raises(PeftFtError, match=r"model.max_length \(120\) \+ adapter.num_virtual_tokens \(20\) exceeds the 128 "
-                                          r"positions.*at most 108"):
+                        ["model.max_length=500", "adapter.num_virtual_tokens=20"])
+    with pytest.raises(PeftFtError, match=r"model.max_length \(500\) \+ adapter.num_virtual_tokens \(20\) exceeds the 512 "
+                                          r"positions.*at most 492"):
         build(recipe, "classification", tiny_bert, family_data["classification"])
 
 

@@ -15,6 +15,7 @@ import pytest
 from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft import checkpoint
 from peft_ft.cli import main
+from peft_ft.errors import PeftFtError
 
 RECIPE = """
 [model]
@@ -201,9 +202,10 @@ def test_a_failed_checkpoint_save_leaves_the_previous_one_intact(tmp_path, monke
     monkeypatch.setattr(safetensors.torch, "save_file", failing)
     with torch.no_grad():
         model.weight.add_(1.0)
-    with pytest.raises(OSError, match="No space"):
+    # a full disk is the user's to fix: one message with the space needed (peft_ft.output.space_for)
+    with pytest.raises(PeftFtError, match="not enough disk space to save checkpoint step-0000001: it needs about"):
         checkpoint.save(tmp_path, 1, model, optimizer, scheduler, {"epoch": 2})
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(PeftFtError, match="not enough disk space"):
         checkpoint.save(tmp_path, 2, model, optimizer, scheduler, {"epoch": 2})
     assert [p.name for p in checkpoint.listed(tmp_path)] == ["step-0000001"]
     assert {p.name: p.read_bytes() for p in first.iterdir()} == before
@@ -300,7 +302,7 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
             raise OSError("No space left on device")
 
     monkeypatch.setattr(peft_ft.output.os, "fdopen", lambda fd, *a, **k: HalfWriter(real_fdopen(fd, *a, **k)))
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(PeftFtError, match="not enough disk space to save metrics.json"):
         write_json(path, {"f1": 0.9, "accuracy": 0.9})
     assert json.loads(path.read_text()) == {"f1": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # the temporary file is gone

@@ -107,10 +107,10 @@ def test_trust_remote_code_is_off_by_default_and_warned_when_on(tmp_path, caplog
     recipe_file = tmp_path / "r.toml"
     recipe_file.write_text('[data]\ntrain = "x.jsonl"\n')
     with caplog.at_level(logging.WARNING, logger="peft_ft"):
-        assert remote_code(load_recipe(recipe_file)) is False
+        assert remote_code(load_recipe(recipe_file)).model.trust_remote_code is False
         assert caplog.text == ""
-        assert remote_code(load_recipe(recipe_file, ["model.trust_remote_code=true"])) is True
-    assert "model.trust_remote_code is on" in caplog.text
+        assert remote_code(load_recipe(recipe_file, ["model.trust_remote_code=true"])).model.trust_remote_code is True
+    assert "remote code is on" in caplog.text
 
 
 def test_no_torch_load_without_weights_only_in_the_package():

@@ -79,30 +79,33 @@ def _as_index(value) -> int | None:
 
 
 def label_names(recipe: Recipe, train_values: list) -> list[str]:
-    """Names in id order: the recipe's, else the training data's (sorted; integer ids keep their value)."""
+    """Names in id order: the recipe's, else the classes the training data holds, sorted (integers by
+    value: labels 1-5 are five classes "1".."5", never a sixth, phantom class 0)."""
     if recipe.task.labels:
         return list(recipe.task.labels)
     ids = [_as_index(v) for v in train_values]
     if all(i is not None for i in ids):
-        return [str(i) for i in range(max(ids) + 1)]
+        return [str(i) for i in sorted(set(ids))]
     return sorted({str(v) for v in train_values})
 
 
 def label_id(value, names: list[str]) -> int | None:
-    """The id of a label value: its name, or an integer id within range. None if neither."""
+    """The id of a label value: its name, or an integer id within range when the names are words
+    (task.labels = ["neg", "pos"] with 0/1 in the data). None if neither."""
     if str(value) in names:
         return names.index(str(value))
     index = _as_index(value)
-    if index is not None and 0 <= index < len(names):
+    if index is not None and 0 <= index < len(names) and not all(_as_index(n) is not None for n in names):
         return index
     return None
 
 
 def _is_unlabeled(value, regression: bool = False) -> bool:
     # MNLI's test rows and GLUE's hub splits mark "no label" with -1; a score of -1 is a real score.
-    if regression:
-        return value is None or (isinstance(value, str) and not value.strip())
-    return value is None or _as_index(value) == -1
+    # An empty cell (CSV/TSV ""), a JSON null or a parquet NaN is no label in every format.
+    if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and value != value):
+        return True
+    return not regression and _as_index(value) == -1
 
 
 @register_task

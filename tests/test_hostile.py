@@ -1,0 +1,301 @@
+"""Hostile and broken folders, recipes and paths through the real CLI (a subprocess): every refusal is one
+line naming the file or key and what to do, exit 2, no traceback, nothing half-written, no orphan folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import sentiment_rows, write_jsonl, write_recipe
+from peft_ft.schema import build_recipe
+from test_predict import train_sentiment
+
+RECIPE = """
+[model]
+name = "{model}"
+[data]
+dir = "{data}"
+train = "train.jsonl"
+validation = "valid.jsonl"
+[train]
+epochs = 1
+threads = 1
+[output]
+dir = "{out}"
+name = "r"
+"""
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, tiny_bert) -> Path:
+    return train_sentiment(tmp_path_factory.mktemp("hostile"), tiny_bert, "pos")
+
+
+def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peft_ft", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def refused(done: subprocess.CompletedProcess, *pieces: str) -> str:
+    """Exit 2, one `error:` message (argparse's usage lines before it), no traceback, each piece in the message."""
+    err = done.stderr
+    assert done.returncode == 2, (done.returncode, err)
+    assert "Traceback" not in err, err
+    message = err[err.index("error:"):]
+    for piece in pieces:
+        assert piece in message, (piece, message)
+    return message
+
+
+def edited_copy(clean_run: Path, tmp_path: Path, edit) -> Path:
+    copy = shutil.copytree(clean_run, tmp_path / "copy")
+    edit(copy)
+    return copy
+
+
+def edit_json(name: str, **changes):
+    def edit(folder: Path):
+        data = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**data, **changes}))
+    return edit
+
+
+def pickled(folder: Path):
+    import torch
+
+    torch.save({"w": torch.zeros(2)}, folder / "adapter_model.safetensors")
+
+
+def truncated(folder: Path):
+    data = (folder / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+FOLDER_CASES = {
+    "empty weights": (lambda f: (f / "adapter_model.safetensors").write_bytes(b""), ["adapter_model.safetensors", "too short"]),
+    "truncated weights": (truncated, ["adapter_model.safetensors", "truncated", "the file has"]),
+    "pickle renamed .safetensors": (pickled, ["adapter_model.safetensors", "pickle"]),
+    "corrupt peft_ft.json": (lambda f: (f / "peft_ft.json").write_text('{"task": '), ["peft_ft.json", "unreadable"]),
+    "peft_ft.json naming another class": (edit_json("peft_ft.json", auto_class="pipeline"), ["peft_ft.json", "auto_class"]),
+    "bogus target module": (edit_json("adapter_config.json", target_modules=["bogus"]), ["does not load onto its base", "copy the folder again"]),
+    "rank 20000 in adapter_config.json": (edit_json("adapter_config.json", r=20000), ["adapter_config.json", "r = 20000", "hidden size (32)"]),
+    "rank 16 over rank-8 tensors": (edit_json("adapter_config.json", r=16), ["adapter_config.json", "r = 16", "tensors hold r 8"]),
+    "max_length past the positions": (lambda f: (f / "recipe.toml").write_text((f / "recipe.toml").read_text().replace(
+        "max_length = 256", "max_length = 4096")), ["recipe.toml", "model.max_length 4096", "512 positions"]),
+}
+
+
+@pytest.mark.parametrize("case", FOLDER_CASES, ids=list(FOLDER_CASES))
+def test_a_damaged_adapter_folder_is_one_message(case, clean_run, tmp_path):
+    edit, pieces = FOLDER_CASES[case]
+    folder = edited_copy(clean_run, tmp_path, edit)
+    (tmp_path / "in.txt").write_text("good film\n")
+    started = time.monotonic()
+    refused(cli("predict", "--adapter", f"a={folder}", tmp_path / "in.txt"), *pieces)
+    if "rank 20000" in case:
+        assert time.monotonic() - started < 60  # refused before peft allocates a 20000-rank adapter (it took GBs)
+
+
+def test_merge_refuses_a_damaged_folder_and_writes_nothing(clean_run, tmp_path):
+    folder = edited_copy(clean_run, tmp_path, truncated)
+    refused(cli("merge", folder, "--out", tmp_path / "merged"), "adapter_model.safetensors")
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))
+
+
+def test_predict_output_to_a_read_only_place(clean_run, tmp_path):
+    (tmp_path / "in.txt").write_text("good film\n")
+    refused(cli("predict", "--adapter", f"a={clean_run}", "--output", tmp_path / "no-such-folder" / "out.jsonl", tmp_path / "in.txt"),
+            "--output", "folder does not exist")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    if mount(["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)]):
+        try:
+            refused(cli("predict", "--adapter", f"a={clean_run}", "--output", readonly / "out.jsonl", tmp_path / "in.txt"),
+                    "--output", "read-only")
+        finally:
+            mount([str(readonly)], "umount")
+    # root writes through permission bits; /proc refuses new files to everyone
+    refused(cli("predict", "--adapter", f"a={clean_run}", "--output", "/proc/peft-ft-out.jsonl", tmp_path / "in.txt"), "--output")
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_serve_port_out_of_range(port):
+    refused(cli("serve", "--adapter", "a=/nowhere", "--port", port, timeout=60), "--port")
+
+
+def mount(args: list[str], command: str = "mount") -> bool:
+    """Whether a (u)mount worked: tests that need a small or read-only file system skip without one."""
+    if os.geteuid() != 0 or shutil.which(command) is None:
+        return False
+    return subprocess.run([command, *args], capture_output=True).returncode == 0
+
+
+# --- recipes: validate and run share one pre-flight -----------------------------------------------------
+
+
+@pytest.fixture
+def recipe_case(tmp_path, tiny_bert):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", sentiment_rows(32, seed=1))
+    write_jsonl(data / "valid.jsonl", sentiment_rows(8, seed=2))
+    path = write_recipe(tmp_path / "r.toml", RECIPE.format(model=tiny_bert, data=data, out=tmp_path / "runs"))
+    return path, tmp_path / "runs"
+
+
+def distilbert(tmp_path: Path, tiny_bert: Path) -> Path:
+    from transformers import DistilBertConfig, DistilBertModel
+
+    folder = tmp_path / "distil"
+    DistilBertModel(DistilBertConfig(vocab_size=200, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(folder)
+    for f in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (tiny_bert / f).exists():
+            shutil.copy(tiny_bert / f, folder / f)
+    return folder
+
+
+RECIPE_CASES = {
+    "seq2seq on an encoder-only model": (["task.type=seq2seq", "data.format=jsonl", "data.text_column=text", "data.target_column=label"],
+                                         ["task.type", "encoder-decoder", "encoder-only"]),
+    "max_length past the position table": (["model.max_length=100000"], ["model.max_length", "16384"]),
+    "max_length past this model's positions": (["model.max_length=4096"], ["model.max_length", "512 positions"]),
+    "rank past the ceiling": (["adapter.r=100000"], ["adapter.r", "at most 1024"]),
+    "rank past the model's width": (["adapter.r=64"], ["adapter.r", "hidden size (32)"]),
+    "virtual tokens past the positions": (["adapter.method=prompt_tuning", "adapter.num_virtual_tokens=300", "model.max_length=300"],
+                                          ["adapter.num_virtual_tokens", "at most 212"]),
+    "a target module the model lacks": (['adapter.target_modules=["bogus"]'], ["adapter.target_modules", "bogus"]),
+}
+
+
+def run_in_process(args: list, capsys) -> subprocess.CompletedProcess:
+    """`peft-ft run` through `cli.main` in this process (torch is loaded already: seconds saved per case)."""
+    from peft_ft.cli import main
+
+    capsys.readouterr()
+    code = main(["run", *map(str, args)])
+    return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("case", RECIPE_CASES, ids=list(RECIPE_CASES))
+def test_validate_and_run_refuse_alike_and_run_leaves_no_folder(case, recipe_case, capsys):
+    path, runs = recipe_case
+    sets, pieces = RECIPE_CASES[case]
+    args = [a for s in sets for a in ("--set", s)]
+    validated = refused(cli("validate", path, *args), *pieces)
+    ran = refused(run_in_process([path, *args], capsys), *pieces)
+    assert validated == ran
+    assert not runs.exists() or not any(runs.rglob("*")), sorted(runs.rglob("*"))
+
+
+def test_rank_is_bounded_by_the_narrowest_target_layer():
+    import torch
+
+    from peft_ft.adapters import check_rank
+    from peft_ft.errors import PeftFtError
+
+    model = torch.nn.Module()
+    model.wide, model.narrow = torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
+    recipe = build_recipe({"data": {"train": "x"}, "adapter": {"r": 8}}, "r.toml")
+    check_rank(model, ["wide"], recipe)
+    with pytest.raises(PeftFtError, match=r"adapter.r: 8 is more than the smallest side \(4\) of the target layer narrow"):
+        check_rank(model, ["wide", "narrow"], recipe)
+    with pytest.raises(PeftFtError, match="layer narrow"):
+        check_rank(model, r"nar+ow", recipe)
+
+
+def test_prefix_tuning_on_a_model_without_past_keys(recipe_case, tmp_path, tiny_bert, capsys):
+    path, runs = recipe_case
+    model = distilbert(tmp_path, tiny_bert)
+    args = ["--set", f"model.name={json.dumps(str(model))}", "--set", "adapter.method=prefix_tuning", "--set", "model.max_length=64"]
+    validated = refused(cli("validate", path, *args), "prefix_tuning", "distilbert")
+    assert refused(run_in_process([path, *args], capsys)) == validated
+    assert not runs.exists() or not any(runs.rglob("*"))
+
+
+def test_a_refusal_found_while_building_removes_the_new_run_folder(recipe_case, monkeypatch):
+    """A misfit only the real model shows (here: forced) ends the run without leaving an orphan folder."""
+    import peft_ft.run
+    from peft_ft.errors import PeftFtError
+    from peft_ft.schema import load_recipe
+
+    path, runs = recipe_case
+
+    def misfit(*args, **kwargs):
+        raise PeftFtError("adapter.method: does not fit this model")
+
+    monkeypatch.setattr(peft_ft.run, "build_model", misfit)
+    with pytest.raises(PeftFtError, match="does not fit"):
+        peft_ft.run.run(load_recipe(path))
+    assert list((runs / "r").iterdir()) == []
+
+
+def test_validate_stays_fast_without_model_checks(recipe_case):
+    """A recipe whose checks need only config.json: validate imports no torch (a second or less)."""
+    path, _ = recipe_case
+    code = ("import sys, time; t = time.perf_counter(); from peft_ft.cli import main; rc = main(['validate', sys.argv[1]]); "
+            "print(rc, 'torch' in sys.modules, time.perf_counter() - t)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    rc, torch_loaded, seconds = done.stdout.split()[-3:]
+    assert rc == "0" and torch_loaded == "False", done.stdout + done.stderr
+
+
+# --- a full disk -----------------------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_saving_leaves_nothing_half_written(clean_run, tmp_path, monkeypatch, capsys):
+    """ENOSPC injected into safetensors' writer (as the Rust writer reports it) during merge's save."""
+    import safetensors
+    import transformers.modeling_utils
+
+    from peft_ft.cli import main
+
+    def full(*args, **kwargs):
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)  # what save_pretrained calls
+    assert main(["merge", str(clean_run), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "not enough disk space to save the merged model: it needs about" in err and "Nothing was left half-written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_ones(tmp_path, monkeypatch):
+    import torch
+
+    from peft_ft import checkpoint
+    from peft_ft.errors import PeftFtError
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    checkpoint.save(tmp_path, 1, model, optimizer, scheduler, {})
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("peft_ft.output.write_atomic", full)
+    with pytest.raises(PeftFtError, match=r"not enough disk space to save checkpoint step-0000002: it needs about"):
+        checkpoint.save(tmp_path, 2, model, optimizer, scheduler, {})
+    assert [p.name for p in checkpoint.listed(tmp_path)] == ["step-0000001"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000001"]
+
+
+def test_a_small_real_file_system_fills_up(clean_run, tmp_path):
+    """A 64 KiB tmpfs cannot hold the merged model (~160 KiB): refused with the size it needs, nothing left there."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if not mount(["-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)]):
+        pytest.skip("needs root and mount for a small tmpfs")
+    try:
+        message = refused(cli("merge", clean_run, "--out", small / "merged"), "not enough disk space", "it needs about")
+        assert list(small.iterdir()) == [], message
+    finally:
+        mount([str(small)], "umount")

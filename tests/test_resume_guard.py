@@ -1,0 +1,127 @@
+"""`--resume` continues the recipe the run started with, alone: a changed recipe is refused with the
+changed keys (a raised train.epochs / max_steps is allowed), a run folder in use is refused, and what a
+killed save left behind is cleaned."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import sentiment_rows, write_jsonl, write_recipe
+from peft_ft import checkpoint
+from peft_ft.output import RunDirLock, recorded_fingerprint
+from test_resume import RECIPE, run_killed
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, tiny_bert) -> Path:
+    """A run folder killed (SIGKILL) mid-epoch 1, after its first checkpoint."""
+    tmp = tmp_path_factory.mktemp("guard")
+    d = tmp / "data"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", sentiment_rows(64, seed=1))
+    write_jsonl(d / "valid.jsonl", sentiment_rows(16, seed=2))
+    write_jsonl(d / "test.jsonl", sentiment_rows(16, seed=3))
+    recipe = write_recipe(tmp / "r.toml", RECIPE.format(model=tiny_bert, data=d, out=tmp / "out"))
+    done = run_killed(recipe, 2, tmp)
+    assert done.returncode == -9, done.stderr
+    (run_dir,) = (tmp / "out" / "r").iterdir()
+    assert checkpoint.listed(run_dir)
+    return run_dir
+
+
+def copy_of(killed: Path, tmp_path: Path) -> Path:
+    return shutil.copytree(killed, tmp_path / "run")
+
+
+def resume_cli(run_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peft_ft", "run", "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
+
+
+def edit(run_dir: Path, **values) -> None:
+    text = (run_dir / "recipe.toml").read_text()
+    for key, value in values.items():
+        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        assert n == 1, key
+    (run_dir / "recipe.toml").write_text(text)
+
+
+def test_the_run_folder_records_a_fingerprint(killed):
+    from peft_ft.output import fingerprint
+    from peft_ft.schema import load_recipe
+
+    mark = recorded_fingerprint(killed / "recipe.toml")
+    assert mark and len(mark) == 64 and mark == fingerprint(load_recipe(killed / "recipe.toml"))
+
+
+def test_resume_refuses_a_changed_rank_seed_and_lr_naming_each(killed, tmp_path):
+    run_dir = copy_of(killed, tmp_path)
+    edit(run_dir, r="16", seed="7", lr="0.5")
+    done = resume_cli(run_dir)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    for piece in ("adapter.r: was 8, now 16", "train.seed: was 42, now 7", "train.lr: was 0.01, now 0.5", "Put the old values back"):
+        assert piece in done.stderr, (piece, done.stderr)
+    assert sorted(p.name for p in checkpoint.listed(run_dir)) == sorted(p.name for p in checkpoint.listed(killed))
+
+
+def test_resume_allows_more_epochs_and_runs_to_the_new_end(killed, tmp_path):
+    run_dir = copy_of(killed, tmp_path)
+    edit(run_dir, epochs="3")
+    (run_dir / ".saving-stale").mkdir()  # a killed final save's staging folder
+    done = resume_cli(run_dir)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["epochs_run"] == 3
+    assert not list(run_dir.glob(".saving-*"))
+    from peft_ft.output import fingerprint
+    from peft_ft.schema import load_recipe
+
+    assert recorded_fingerprint(run_dir / "recipe.toml") == fingerprint(load_recipe(run_dir / "recipe.toml"))
+
+
+def test_resume_refuses_fewer_epochs(killed, tmp_path):
+    run_dir = copy_of(killed, tmp_path)
+    edit(run_dir, epochs="1")
+    done = resume_cli(run_dir)
+    assert done.returncode == 2 and "train.epochs: was 2, now 1" in done.stderr, done.stderr
+
+
+def test_a_second_resume_of_a_folder_in_use_is_refused(killed, tmp_path):
+    run_dir = copy_of(killed, tmp_path)
+    with RunDirLock(run_dir):  # as a run or resume working in it holds it
+        done = resume_cli(run_dir)
+    assert done.returncode == 2 and "another peft-ft process is training in this run folder" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_lock_is_released_with_its_process(killed, tmp_path):
+    """A killed run's lock goes with it (flock): the killed fixture's folder is not in use."""
+    from peft_ft.output import in_use
+
+    assert not in_use(killed)
+    with RunDirLock(killed):
+        assert in_use(killed)
+    assert not in_use(killed)
+
+
+def test_a_new_run_cleans_stale_saves_of_earlier_runs_not_in_use(tmp_path):
+    from peft_ft.output import clean_stale_siblings
+    from peft_ft.schema import build_recipe
+
+    recipe = build_recipe({"data": {"train": "x.jsonl"}, "output": {"dir": str(tmp_path), "name": "r"}}, "r.toml")
+    idle, busy = tmp_path / "r" / "20260101-000000", tmp_path / "r" / "20260101-000001"
+    for folder in (idle, busy):
+        (folder / ".saving-abc").mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+    with RunDirLock(busy):
+        removed = clean_stale_siblings(recipe)
+    assert removed == [f"{idle}/.saving-abc"]
+    assert (busy / ".saving-abc").is_dir() and (idle / "adapter_model.safetensors").is_file()
