@@ -6,6 +6,9 @@ Nothing here downloads. Test modules import from here (never from each other); f
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import random
 from pathlib import Path
 
@@ -247,3 +250,64 @@ def write_tiny_t5(path: Path) -> Path:
     )
     T5ForConditionalGeneration(config).save_pretrained(path)
     return path
+
+
+# --- a run killed mid-epoch (resume tests) -----------------------------------------------------------
+
+RESUME_RECIPE = """
+[model]
+name = "{model}"
+max_length = 32
+[data]
+dir = "{data}"
+train = "train.jsonl"
+validation = "valid.jsonl"
+test = ["test.jsonl"]
+[train]
+epochs = 2
+batch_size = 8
+lr = 1e-2
+threads = 1
+checkpoint_every = 3
+[output]
+dir = "{out}"
+name = "r"
+"""
+
+# Runs the CLI in a child process that kills itself on the N-th batch after its first checkpoint:
+# a deterministic "killed mid-epoch" (the batches of epoch 1 are steps 1-8; the first checkpoint is step 3).
+KILLED_CHILD = """
+import os, signal, sys
+import peft_ft.checkpoint as checkpoint
+import peft_ft.train as train
+
+after, argv = int(sys.argv[1]), sys.argv[2:]
+seen = {"saved": False, "batches": 0}
+original_save, original_pad = checkpoint.save, train.pad_batch
+
+def save(*args, **kwargs):
+    path = original_save(*args, **kwargs)
+    seen["saved"] = True
+    return path
+
+def pad_batch(*args, **kwargs):
+    if seen["saved"]:
+        seen["batches"] += 1
+        if seen["batches"] == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return original_pad(*args, **kwargs)
+
+checkpoint.save, train.pad_batch = save, pad_batch
+from peft_ft.cli import main
+sys.exit(main(argv))
+"""
+
+
+def run_killed(recipe: Path, after: int, cwd: Path) -> subprocess.CompletedProcess:
+    script = cwd / "child.py"
+    script.write_text(KILLED_CHILD, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.run([sys.executable, str(script), str(after), "run", str(recipe)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+

@@ -137,7 +137,7 @@ def test_written_files_and_folders_honour_the_umask(tmp_path, mask):
 def test_a_merged_folder_honours_the_umask(tmp_path, tiny_bert):
     from peft_ft import output
     from peft_ft.merge import merge_run
-    from test_predict import train_sentiment
+    from helpers import train_sentiment
 
     run_dir = train_sentiment(tmp_path, tiny_bert, "pos")
     old = os.umask(0o022)

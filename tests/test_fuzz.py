@@ -136,7 +136,7 @@ def test_recipe_files(tmp_path, tiny_bert, capsys, body, as_bytes):
 
 @pytest.fixture(scope="module")
 def adapter_folder(tmp_path_factory, tiny_bert) -> Path:
-    from test_predict import train_sentiment
+    from helpers import train_sentiment
 
     return train_sentiment(tmp_path_factory.mktemp("fuzz-run"), tiny_bert, "pos")
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.schema import build_recipe
-from test_predict import train_sentiment
+from helpers import sentiment_rows, train_sentiment, write_jsonl, write_recipe
 
 RECIPE = """
 [model]

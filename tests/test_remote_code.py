@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_predict import train_sentiment
+from helpers import train_sentiment
 
 EVIL = '''
 import pathlib

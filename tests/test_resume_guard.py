@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import sentiment_rows, write_jsonl, write_recipe
 from peft_ft import checkpoint
 from peft_ft.output import RunDirLock, recorded_fingerprint
-from test_resume import RECIPE, run_killed
+from helpers import RESUME_RECIPE as RECIPE, run_killed, sentiment_rows, write_jsonl, write_recipe
 
 
 @pytest.fixture(scope="module")
