@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from peft_ft.schema import build_recipe
 from helpers import sentiment_rows, train_sentiment, write_jsonl, write_recipe
+from peft_ft.schema import build_recipe
 
 RECIPE = """
 [model]
