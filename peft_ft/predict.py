@@ -36,6 +36,7 @@ class Group:
     tokenizer: object
     shared: bool  # a PeftModel with adapters to switch between (False: a full or merged run)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    members: set = field(default_factory=set)  # names of the adapters attached to `model`
 
 
 @dataclass
@@ -69,19 +70,45 @@ def parse_adapter_args(values: list[str]) -> dict[str, str]:
 class AdapterSet:
     """Named runs loaded once, answering lists of request rows by adapter name."""
 
-    def __init__(self, adapters: dict[str, str | Path], device: str = "cpu", batch_size: int = 32, allow_pickle: bool = False):
+    def __init__(self, adapters: dict[str, str | Path], device: str = "cpu", batch_size: int = 32, allow_pickle: bool = False,
+                 trust_remote_code: bool = False):
         from peft_ft.models import quiet_transformers
 
         quiet_transformers()
         self.device, self.batch_size, self.allow_pickle = device, batch_size, allow_pickle
+        self.trust_remote_code = trust_remote_code  # the CLI's --trust-remote-code, for the loads below
         self.adapters: dict[str, Adapter] = {}
-        groups: dict[tuple, Group] = {}
+        self.groups: dict[tuple, Group] = {}
         for name, run_dir in adapters.items():
-            if not NAME.match(name):
-                raise PeftFtError(f"adapter name {name!r} may use only letters, digits, '_' and '-'")
-            self.adapters[name] = self._attach(name, Path(run_dir), groups)
-        for group in groups.values():
-            group.model.eval()
+            self.add(name, run_dir)
+
+    def add(self, name: str, run_dir: str | Path) -> Adapter:
+        """Load one more run under `name` (at start, or at runtime by `serve`): onto the loaded base it
+        shares with others when there is one. Holds that base's lock while peft attaches the adapter."""
+        if not NAME.match(name):
+            raise PeftFtError(f"adapter name {name!r} may use only letters, digits, '_' and '-'")
+        if name in self.adapters:
+            raise PeftFtError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        adapter = self._attach(name, Path(run_dir), self.groups)
+        adapter.group.members.add(name)
+        adapter.group.model.eval()
+        self.adapters[name] = adapter
+        return adapter
+
+    def remove(self, name: str) -> None:
+        """Unload adapter `name` (peft's `delete_adapter`); a base left without adapters is dropped."""
+        adapter = self.get(name)
+        group = adapter.group
+        with group.lock:
+            del self.adapters[name]
+            group.members.discard(name)
+            if group.members and group.shared:
+                if name in getattr(group.model, "active_adapters", [name]):
+                    group.model.set_adapter(next(iter(group.members)))
+                group.model.delete_adapter(name)
+            else:  # the last adapter of a base, or a full run: the whole model goes
+                for key in [k for k, g in self.groups.items() if g is group]:
+                    del self.groups[key]
 
     def _attach(self, name: str, run_dir: Path, groups: dict) -> Adapter:
         import torch
@@ -115,8 +142,9 @@ class AdapterSet:
             model = PeftModel.from_pretrained(base, run_dir, adapter_name=name).to(self.device)
             group = groups[key] = Group(model, load_tokenizer(location, recipe), shared=True)
         else:
-            group.model.load_adapter(run_dir, adapter_name=name)
-            group.model.to(self.device)
+            with group.lock:  # a batch may be running on this base (runtime loads in `serve`)
+                group.model.load_adapter(run_dir, adapter_name=name)
+                group.model.to(self.device)
         return Adapter(name, run_dir, info, recipe, answers, group, answers.build(group.model, group.tokenizer, recipe))
 
     @property
@@ -130,7 +158,7 @@ class AdapterSet:
         return {
             a.name: {"run_dir": str(a.run_dir), "task": a.info["task"], "pipeline_task": TASKS[a.info["task"]].pipeline_task,
                      "method": a.info["method"], "base_model": a.info["base_model"], "labels": a.info["labels"]}
-            for a in self.adapters.values()
+            for a in list(self.adapters.values())  # runtime loads may add some meanwhile
         }
 
     def get(self, name: str) -> Adapter:
@@ -169,6 +197,60 @@ class AdapterSet:
         for i, output in zip(order, ordered):
             outputs[i] = output
         return [{"adapter": name, **adapter.answers.to_answer(o), "truncated": c} for o, c in zip(outputs, cut)]
+
+    def mix_key(self, name: str) -> tuple | None:
+        """Adapters with equal keys can answer rows of one batch together (`run_mixed`); None: this one
+        cannot. peft 0.21 takes per-row `adapter_names` in LoRA layers and `modules_to_save` heads
+        only: IA3 ignores it silently, prompt/prefix methods and DoRA refuse it. Rows must also share
+        what the pipeline reads from the model and recipe: label names (from the shared config) and
+        the truncation length. QA windows and seq2seq generation are not one row per forward row."""
+        adapter = self.get(name)
+        config = getattr(adapter.group.model, "peft_config", {}).get(name)
+        if (not adapter.group.shared or config is None or getattr(config.peft_type, "value", config.peft_type) != "LORA"
+                or getattr(config, "use_dora", False) or adapter.answers not in _MIXABLE):
+            return None
+        return (id(adapter.group), adapter.answers, tuple(adapter.info["labels"] or ()), adapter.recipe.model.max_length)
+
+    def run_mixed(self, names: list[str], inputs: list) -> list[dict]:
+        """Answer pipeline inputs, input i with adapter names[i], in forwards that mix adapters (every
+        name with the same `mix_key`). Inputs are sorted by length and cut into batches of
+        `batch_size`; each batch is one pipeline call whose single forward gets its rows' adapter names."""
+        from peft_ft.pipelines import truncated
+
+        first = self.get(names[0])
+        group = first.group
+        order = sorted(range(len(inputs)), key=lambda i: _text_length(inputs[i]))
+        outputs: list = [None] * len(inputs)
+        with group.lock:
+            activate(group.model, first.name, first.info["labels"])  # a LoRA adapter active: peft then reads adapter_names
+            cut = [truncated(group.tokenizer, item, first.recipe.model.max_length) for item in inputs]
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                with _per_row_adapters(group.model, [names[i] for i in chunk]):
+                    answered = first.pipe([inputs[i] for i in chunk], batch_size=len(chunk))
+                for i, output in zip(chunk, answered):
+                    outputs[i] = output
+        return [{"adapter": n, **first.answers.to_answer(o), "truncated": c} for n, o, c in zip(names, outputs, cut)]
+
+
+class _per_row_adapters:
+    """While active, every forward of `model` gets `adapter_names=names`: the stock pipelines call
+    `model(**inputs)` and take no extra forward arguments. peft checks that the batch has one row per
+    name (a ValueError, never a silent mix-up) and picks each row's LoRA weights and head."""
+
+    def __init__(self, model, names: list[str]):
+        self.model, self.names = model, names
+
+    def __enter__(self):
+        names = self.names
+        self.handle = self.model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "adapter_names": names}),
+                                                           with_kwargs=True)
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+_MIXABLE = (ANSWERS["text-classification"], ANSWERS["token-classification"])  # one forward row per input
 
 
 def _text_length(item) -> int:
@@ -258,12 +340,12 @@ def predict_rows(adapters: AdapterSet, rows: list[dict], where: list[str], route
 
 
 def run_predict(adapter_args: list[str], input_path: str, fmt: str, use: str | None, field_name: str | None,
-                output: str | None, batch_size: int, device: str = "cpu", allow_pickle: bool = False) -> int:
+                output: str | None, batch_size: int, device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False) -> int:
     """`peft-ft predict`: read every row (and route it) before loading any model, then answer as JSONL."""
     specs = parse_adapter_args(adapter_args)
     rows, where = read_inputs(input_path, fmt)
     routes = route(rows, where, list(specs), use, field_name)
-    adapters = AdapterSet(specs, device, batch_size, allow_pickle)
+    adapters = AdapterSet(specs, device, batch_size, allow_pickle, trust_remote_code)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predict_rows(adapters, rows, where, routes))
     if output:
         from peft_ft.output import write_atomic
