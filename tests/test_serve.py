@@ -176,7 +176,7 @@ def test_body_limits_are_checked_from_the_headers_without_reading_the_body(serve
 
 
 def test_bad_bodies_get_400_or_422_never_500(server):
-    for body, status, message in [(b'{"texts": ["good"', 400, "body is not valid JSON"), (b"[" * 50_000 + b"]" * 50_000, 400, "nested too deeply"),
+    for body, status, message in [(b'{"texts": ["good"', 400, "body is not valid JSON"), (b"[" * 2000 + b"]" * 2000, 400, "nested too deeply"),
                                   (b'{"rows": ["good"]}', 422, "rows: Extra inputs"), (b'{"texts": "good"}', 422, "texts"),
                                   (b'{"text": "a", "texts": ["b"]}', 422, "exactly one"), (b"[1]", 422, ""), (b"\xff\xfe", 400, "not valid JSON"),
                                   (b'{"inputs": [{"sentence": "good"}]}', 400, "inputs[0]: expected a text field 'text'"),
@@ -210,7 +210,7 @@ def test_unknown_and_path_like_adapter_names_are_404_and_never_touch_the_disk(se
 
 
 def test_token_cap_413_names_the_limit(server):
-    status, error = call(f"{server}/predict/pos", texts_body(["good film " * 60] * 8))  # 8 texts cut at 128 tokens: over 400
+    status, error = call(f"{server}/predict/pos", texts_body(["good film " * 30] * 8))  # 8 texts of 62 tokens: over 400
     assert status == 413 and "at most 400 per request (--max-tokens)" in error["error"]
     assert call(f"{server}/predict/pos", texts_body(["good film"] * 8))[0] == 200
 
@@ -231,11 +231,11 @@ def test_mixed_adapter_batches_equal_the_answers_alone(adapters, runs):
     """Rows of three LoRA adapters with different heads in one forward: every answer equals the same
     text answered alone, and the batch really was one forward (peft's per-row adapter_names)."""
     names = ["pos", "flip", "weak"] * 4
-    inputs = [TEXTS[i % len(TEXTS)] for i in range(len(names))]
+    inputs = [TEXTS[(i // 3) % len(TEXTS)] for i in range(len(names))]  # each text to all three
     alone = [adapters.run_inputs(n, [t])[0] for n, t in zip(names, inputs)]
     assert {adapters.mix_key(n) for n in ("pos", "flip", "weak")} == {adapters.mix_key("pos")} and adapters.mix_key("pos") is not None
     forwards = []
-    hook = adapters.get("pos").group.model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw.get("adapter_names")), with_kwargs=True)
+    hook = adapters.get("pos").group.model.register_forward_hook(lambda m, a, kw, out: forwards.append(kw.get("adapter_names")), with_kwargs=True)
     try:
         mixed = adapters.run_mixed(names, inputs)
     finally:
@@ -243,7 +243,7 @@ def test_mixed_adapter_batches_equal_the_answers_alone(adapters, runs):
     assert len(forwards) == 1 and forwards[0] is not None and sorted(set(forwards[0])) == ["flip", "pos", "weak"]
     for got, want in zip(mixed, alone):
         assert got["adapter"] == want["adapter"] and got["label"] == want["label"] and got["score"] == pytest.approx(want["score"], abs=1e-5)
-    assert len({(a["adapter"], a["score"]) for a in alone}) > len(set(inputs))  # the three heads do answer differently
+    assert len({(a["adapter"], a["score"]) for a in alone}) > len(set(inputs)) + 2  # the three heads do answer differently
 
     # The same through the scheduler: queued jobs of the three adapters share batches.
     metrics = Metrics()
@@ -397,8 +397,10 @@ def test_cli_sigterm_finishes_the_request_in_flight_and_exits_fast_with_idle_cli
         url = line.split()[-1]
         assert call(f"{url}/adapters", key=None)[0] == 401
         host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
-        for opening in (b"", b"GET /health HTTP/1.1\r\nHo", f"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()):
-            s = socket.create_connection((host, int(port)), timeout=10)  # idle: nothing sent, half a request, one finished keep-alive request
+        slow_body = f"POST /predict/pos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 100\r\n\r\n{{\"te".encode()
+        for opening in (b"", b"GET /health HTTP/1.1\r\nHo", f"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode(), slow_body):
+            # idle: nothing sent, half a request line, a finished keep-alive request, a body that stops coming
+            s = socket.create_connection((host, int(port)), timeout=10)
             s.sendall(opening)
             idle.append(s)
         answer = {}

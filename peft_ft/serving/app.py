@@ -100,18 +100,21 @@ class Guard:
         self.api_key = f"Bearer {api_key}".encode() if api_key else None
         self.admin_key = f"Bearer {admin_key}".encode() if admin_key else None
         self.hosts = LOCAL_HOSTS | {bound_host.lower()}
+        self.stopping = lambda: False  # set by the server: True once SIGTERM came (a slow body is then not waited for)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
         refusal = self._refusal(scope, headers)
-        if refusal is not None:
-            return await _answer(send, *refusal)
+        if refusal is not None:  # a body left unread would be taken for the next request: such connections close
+            return await _answer(send, *refusal, close=scope["method"] in ("POST", "PUT", "PATCH", "DELETE"))
         if scope["method"] in ("POST", "PUT", "PATCH"):
             try:
-                body = await asyncio.wait_for(_read_body(receive, self.max_body), self.body_timeout)
-            except asyncio.TimeoutError:
+                body = await _read_body(receive, self.max_body, time.monotonic() + self.body_timeout, self.stopping)
+            except _Slow:
+                if self.stopping():
+                    return await _answer(send, 503, "the server is shutting down: send the request again", close=True)
                 return await _answer(send, 408, f"the body did not arrive within {self.body_timeout:.0f} s", close=True)
             except _TooLarge:
                 return await _answer(send, 413, f"body over this server's limit of {self.max_body} bytes (--max-body-bytes): split the request", close=True)
@@ -151,10 +154,21 @@ class _TooLarge(Exception):
     pass
 
 
-async def _read_body(receive, limit: int) -> bytes | None:
+class _Slow(Exception):
+    pass
+
+
+async def _read_body(receive, limit: int, until: float, stopping) -> bytes | None:
+    """The whole body (None if the client left), or _TooLarge, or _Slow past `until` or once `stopping()`."""
     chunks, size = [], 0
     while True:
-        message = await receive()
+        task = asyncio.ensure_future(receive())
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and (stopping() or time.monotonic() > until):
+                task.cancel()
+                raise _Slow()
+        message = task.result()
         if message["type"] == "http.disconnect":
             return None
         chunk = message.get("body", b"")
