@@ -421,3 +421,17 @@ def test_cli_sigterm_finishes_the_request_in_flight_and_exits_fast_with_idle_cli
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+def test_schemathesis_fuzzing_of_the_openapi_schema_finds_no_500(adapters, tmp_path):
+    """Requests generated from /openapi.json (examples, then random bodies, paths and headers): no 5xx, no crash."""
+    srv = start(adapters, api_key=KEY, admin_key=ADMIN, adapter_dir=str(tmp_path), max_texts=8, max_tokens=2000)
+    try:
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "schemathesis"), "run", f"{srv.url}/openapi.json", "--checks", "not_a_server_error",
+             "--max-examples", "25", "--seed", "1", "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "30", "--no-color"],
+            capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+        assert call(f"{srv.url}/health", key=None)[0] == 200 and sorted(adapters.names) == ["flip", "ner", "pos", "weak"]
+    finally:
+        srv.stop()

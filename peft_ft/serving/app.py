@@ -20,7 +20,7 @@ import re
 import time
 from collections import deque
 
-from fastapi import Body, FastAPI, Request
+from fastapi import Body, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
@@ -301,7 +301,8 @@ def create_app(library, scheduler, metrics: Metrics, *, max_texts: int, max_toke
               responses=ANSWER_ERRORS | {400: {"model": schemas.ErrorResponse, "description": "body is not JSON, or a row lacks its family's field"},
                                          404: {"model": schemas.ErrorResponse, "description": "unknown adapter"},
                                          504: {"model": schemas.ErrorResponse, "description": "past the request deadline"}})
-    async def predict(adapter: str, body: schemas.PredictRequest = Body(openapi_examples=schemas.PREDICT_EXAMPLES)):
+    async def predict(adapter: str = Path(description="name of a loaded adapter (GET /adapters)", examples=list(library.known)[:3] or ["my_adapter"]),
+                      body: schemas.PredictRequest = Body(openapi_examples=schemas.PREDICT_EXAMPLES)):
         """Answers of one adapter, one per text or row, in order."""
         start, status, texts = time.monotonic(), 200, 0
         try:
