@@ -130,6 +130,7 @@ def make_server(adapters, host: str = "127.0.0.1", port: int = 0, *, api_key: st
     metrics = Metrics()
     library = Library(adapters, started or {a.name: a.run_dir for a in adapters.adapters.values()}, adapter_dir, max_adapters)
     scheduler = Scheduler(adapters, metrics, max_batch_tokens=max_batch_tokens, max_batch=max_batch, max_wait_ms=max_wait_ms, mix=mix)
+    library.on_unload = scheduler.prune
     app = create_app(library, scheduler, metrics, max_texts=max_texts, max_tokens=max_tokens, deadline_s=request_timeout)
     guarded = Guard(app, api_key=api_key, admin_key=admin_key, max_body=max_body, body_timeout=BODY_TIMEOUT, bound_host=host)
     try:

@@ -435,3 +435,22 @@ def test_schemathesis_fuzzing_of_the_openapi_schema_finds_no_500(adapters, tmp_p
         assert call(f"{srv.url}/health", key=None)[0] == 200 and sorted(adapters.names) == ["flip", "ner", "pos", "weak"]
     finally:
         srv.stop()
+
+
+def test_unloading_the_last_adapter_of_a_base_ends_its_worker(runs):
+    import gc
+    import weakref
+
+    adapters = AdapterSet({"pos": runs["pos"]})
+    srv = start(adapters, api_key=KEY, admin_key=ADMIN, adapter_dir=str(runs["flip"].parent.parent))
+    try:
+        assert call(f"{srv.url}/predict/pos", texts_body(["good"]))[0] == 200
+        model = weakref.ref(adapters.get("pos").group.model)
+        [base] = srv.scheduler._bases.values()
+        assert call(f"{srv.url}/adapters/pos", method="DELETE", key=ADMIN)[0] == 200
+        base.thread.join(timeout=5)
+        assert not base.thread.is_alive() and not srv.scheduler._bases
+        gc.collect()
+        assert model() is None  # nothing holds the unloaded model
+    finally:
+        srv.stop()

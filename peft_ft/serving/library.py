@@ -56,6 +56,7 @@ class Library:
         self.busy: dict[str, int] = {}
         self.reloads: dict[str, list[float]] = {}
         self.lock = threading.RLock()  # loads and unloads, one at a time
+        self.on_unload = lambda: None  # the scheduler ends the workers of unloaded models
         self._evict_over_limit()
 
     def use(self, name: str) -> None:
@@ -97,6 +98,7 @@ class Library:
                 raise LibraryError(404, f"unknown adapter {name!r}")
             if name in self.adapters.adapters:
                 self.adapters.remove(name)
+                self.on_unload()
             del self.known[name]
             self.recent.pop(name, None)
 
@@ -115,6 +117,7 @@ class Library:
             if name != keep and not self.busy.get(name):
                 self.adapters.remove(name)
                 del self.recent[name]
+                self.on_unload()
 
     def describe(self) -> dict:
         loaded = self.adapters.describe()

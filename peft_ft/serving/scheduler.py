@@ -74,6 +74,7 @@ class Base:
         self.scheduler, self.group = scheduler, group
         self.cond = threading.Condition()
         self.jobs: list[Job] = []
+        self.closed = False  # its model was unloaded: the worker ends once its jobs are done
         self.counter = copy.deepcopy(group.tokenizer)  # token counts in request threads, never racing the worker's tokenizer
         self.counter_lock = threading.Lock()
         self.thread = threading.Thread(target=self._work, name=f"base-{id(group):x}", daemon=True)
@@ -92,6 +93,9 @@ class Base:
         while True:
             with self.cond:
                 while not self.jobs:
+                    if self.closed:
+                        self.group = self.counter = None  # the unloaded model can be freed
+                        return
                     self.cond.wait()
                 until = time.monotonic() + s.max_wait
                 while self._waiting_tokens() < s.max_batch_tokens and (left := until - time.monotonic()) > 0:
@@ -144,6 +148,17 @@ class Scheduler:
             if base is None or base.group is not group:
                 base = self._bases[id(group)] = Base(self, group)
             return base
+
+    def prune(self) -> None:
+        """End the workers of models no longer loaded (after an unload), so their memory can go."""
+        loaded = {id(g): g for g in list(self.adapters.groups.values())}
+        with self._lock:
+            for key, base in list(self._bases.items()):
+                if loaded.get(key) is not base.group:
+                    del self._bases[key]
+                    with base.cond:
+                        base.closed = True
+                        base.cond.notify()
 
     def costs(self, name: str, inputs: list) -> list[int]:
         """Tokens the model reads for each input: texts up to the run's max_length (with special
