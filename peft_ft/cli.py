@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-texts", type=int, default=256, help="more texts in one request get 422 (default 256)")
             p.add_argument("--max-batch", type=int, default=32, help="rows of concurrent requests answered in one forward (default 32)")
             p.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens in one forward; a big request is answered over several (default 4096)")
-            p.add_argument("--max-tokens", type=int, default=16384, help="tokens in one request after tokenization (texts up to max_length, QA windows); more get 413 (default 16384)")
+            p.add_argument("--max-tokens", type=int, default=8192, help="tokens in one request after tokenization (texts up to max_length, QA windows); more get 413 (default 8192)")
             p.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may take; later: 504 and its remaining rows are dropped (default 30)")
             p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default 5)")
             p.add_argument("--no-mix", action="store_true", help="run each adapter's rows in forwards of their own (switching adapters) instead of mixing LoRA adapters of one base per row")
