@@ -176,6 +176,23 @@ def raw_status(url: str, request: bytes, timeout: float = 10) -> int:
         return 599
 
 
+def idle_clients(url: str, key: str) -> list:
+    """Three connections that hold still when SIGTERM comes: one that sent nothing, one half a request
+    line, one a body that stops after a few bytes (the server must still exit within seconds)."""
+    import socket
+
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    openings = [b"", b"GET /health HTTP/1.1\r\nHo",
+                f"POST /predict/x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nContent-Length: 100\r\n\r\n{{\"te".encode()]
+    sockets = []
+    for opening in openings:
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.sendall(opening)
+        sockets.append(s)
+    time.sleep(0.3)
+    return sockets
+
+
 def copy_lines(stream, path: Path) -> None:
     with path.open("w") as out:
         for line in stream:
@@ -316,6 +333,7 @@ def run_phase(adapters: dict[str, str], args, workdir: Path, use: list[str] | No
         idle_rss = rss_mib(process.pid)
         metrics = call(f"{url}/metrics", key=key)[1]
     finally:
+        idle = idle_clients(url, key) if process.poll() is None else []
         process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         try:
@@ -324,6 +342,8 @@ def run_phase(adapters: dict[str, str], args, workdir: Path, use: list[str] | No
             process.kill()
             exit_status = "killed after 60 s"
         exit_seconds = time.monotonic() - signalled
+        for s in idle:
+            s.close()
 
     served = sum(load.statuses.values())
     good = [s for n, v in load.latency.items() if n != "(malformed)" for s in v]
@@ -339,7 +359,7 @@ def run_phase(adapters: dict[str, str], args, workdir: Path, use: list[str] | No
     lines.append(f"answers differing from the same input sent alone: {len(load.mismatches)}" + "".join(f"\n  {m}" for m in load.mismatches[:10]))
     lines.append(f"adapters answering the long text truncated (flagged): {', '.join(truncated) or 'none'}")
     lines += rss_report(rss) + [f"server RSS {IDLE_SECONDS:.0f} s after the load (idle): {idle_rss:.1f} MiB",
-                                f"server exit status after SIGTERM: {exit_status} ({exit_seconds:.1f} s)"]
+                                f"server exit status after SIGTERM with 3 idle slow clients: {exit_status} ({exit_seconds:.1f} s)"]
     middle = min(rss, key=lambda r: abs(r[0] - rss[-1][0] / 2))
     return {"lines": lines, "requests_s": served / elapsed, "texts_s": load.texts / elapsed, "latency": good, "rss": (rss[0][1], middle[1], rss[-1][1]),
             "ok": not load.unexpected and not load.mismatches and exit_status == 0, "mismatches": len(load.mismatches),

@@ -265,6 +265,21 @@ def test_mixed_adapter_batches_equal_the_answers_alone(adapters, runs):
     assert metrics.snapshot()["mixed_batches"] == 0
 
 
+def test_ner_adapters_mix_too(runs):
+    """Token classification: one forward for the rows of two NER adapters, entities equal to alone."""
+    adapters = AdapterSet({"ner": runs["ner"], "ner2": runs["ner"]})
+    texts = ["john lives in paris .", "mary works in london .", "the film was good", "john works in berlin ."]
+    names = ["ner", "ner2", "ner2", "ner"]
+    assert adapters.mix_key("ner") == adapters.mix_key("ner2") is not None
+    mixed = adapters.run_mixed(names, adapters.inputs("ner", [{"text": t} for t in texts]))
+    for got, name, text in zip(mixed, names, texts):
+        [want] = adapters.run_inputs(name, [text])
+        assert got["adapter"] == name and [(e["entity_group"], e["word"], e["start"], e["end"]) for e in got["entities"]] == \
+            [(e["entity_group"], e["word"], e["start"], e["end"]) for e in want["entities"]]
+        assert [e["score"] for e in got["entities"]] == pytest.approx([e["score"] for e in want["entities"]], abs=1e-5)
+    assert any(got["entities"] for got in mixed)
+
+
 def test_concurrent_requests_over_the_socket_get_their_own_adapters_answer(server):
     pairs = [(name, text) for name in ("pos", "flip", "weak") for text in TEXTS] * 2
     alone = {(n, t): call(f"{server}/predict/{n}", texts_body([t]))[1]["predictions"][0] for n, t in set(pairs)}
