@@ -317,6 +317,7 @@ def run_phase(adapters: dict[str, str], args, workdir: Path, use: list[str] | No
                 reference[(name, text)] = answer["predictions"][0]
         truncated = sorted({n for (n, _), a in reference.items() if a.get("truncated")})
         load, bad = Load(), malformed(names, key)
+        before = call(f"{url}/metrics", key=key)[1]  # the reference answers' forwards are not the load's
         sampler = RssSampler(process.pid, args.rss_every or max(0.5, args.seconds / 8))
         sampler.start()
         started = time.monotonic()
@@ -353,7 +354,8 @@ def run_phase(adapters: dict[str, str], args, workdir: Path, use: list[str] | No
         server_side = metrics["adapters"].get(name)
         extra = f"; server: {server_side['batches']} batches for {server_side['requests']} requests, p50 {server_side['p50_ms']} ms, p99 {server_side['p99_ms']} ms" if server_side else ""
         lines.append(f"  {name}: {len(values)} requests, {percentiles_ms(values)}{extra}")
-    lines.append(f"server forwards: {metrics.get('batches')}, of them mixing adapters: {metrics.get('mixed_batches')}")
+    forwards, mixed = metrics["batches"] - before["batches"], metrics["mixed_batches"] - before["mixed_batches"]
+    lines.append(f"server forwards during the load: {forwards}, of them mixing adapters: {mixed}")
     lines.append(f"statuses: {', '.join(f'{k}: {v}' for k, v in sorted(load.statuses.items()))}; server counted {metrics['requests']} requests, errors {metrics['errors']}")
     lines.append(f"unexpected statuses: {len(load.unexpected)}" + "".join(f"\n  {p}" for p in load.unexpected[:10]))
     lines.append(f"answers differing from the same input sent alone: {len(load.mismatches)}" + "".join(f"\n  {m}" for m in load.mismatches[:10]))
@@ -363,7 +365,7 @@ def run_phase(adapters: dict[str, str], args, workdir: Path, use: list[str] | No
     middle = min(rss, key=lambda r: abs(r[0] - rss[-1][0] / 2))
     return {"lines": lines, "requests_s": served / elapsed, "texts_s": load.texts / elapsed, "latency": good, "rss": (rss[0][1], middle[1], rss[-1][1]),
             "ok": not load.unexpected and not load.mismatches and exit_status == 0, "mismatches": len(load.mismatches),
-            "unexpected": len(load.unexpected), "mixed_batches": metrics.get("mixed_batches"), "batches": metrics.get("batches")}
+            "unexpected": len(load.unexpected), "mixed_batches": mixed, "batches": forwards}
 
 
 def compare_table(results: dict[str, dict]) -> str:
@@ -372,10 +374,11 @@ def compare_table(results: dict[str, dict]) -> str:
         ordered = sorted(values)
         return f"{1000 * ordered[max(0, min(len(ordered) - 1, int(q * len(ordered) + 0.999999) - 1))]:.0f}" if ordered else "-"
 
-    rows = ["| load | requests/s | texts/s | p50 ms | p99 ms | forwards (mixed) | RSS MiB start / middle / end | differing answers | unexpected statuses |",
-            "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    rows = ["| load | requests/s | texts/s | texts/s of each run | p50 ms | p99 ms | forwards (mixed) | RSS MiB start / middle / end | differing answers | unexpected statuses |",
+            "|---|---:|---:|---|---:|---:|---:|---|---:|---:|"]
     for label, r in results.items():
-        rows.append(f"| {label} | {r['requests_s']:.1f} | {r['texts_s']:.1f} | {pick(r['latency'], 0.5)} | {pick(r['latency'], 0.99)} | "
+        rows.append(f"| {label} | {r['requests_s']:.1f} | {r['texts_s']:.1f} | {', '.join(f'{t:.0f}' for t in r.get('per_run', [r['texts_s']]))} | "
+                    f"{pick(r['latency'], 0.5)} | {pick(r['latency'], 0.99)} | "
                     f"{r['batches']} ({r['mixed_batches']}) | {' / '.join(f'{m:.0f}' for m in r['rss'])} | {r['mismatches']} | {r['unexpected']} |")
     mixed, single, switching = (results.get(k) for k in list(results)[:3])
     if mixed and single and switching:
@@ -390,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="train tiny BERT adapters here (pos, flip, ner; with --compare also pos2, flip2) and use them")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR", help="adapters to serve (repeatable; one folder may be given under several names)")
     parser.add_argument("--compare", action="store_true", help="three runs on fresh servers: mixed over the adapters, one adapter, --no-mix; one table")
+    parser.add_argument("--repeats", type=int, default=1, help="with --compare: run the three loads this many times, every other time in reverse order")
     parser.add_argument("--no-mix", action="store_true", help="start the server with --no-mix (each forward one adapter)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent client threads")
     parser.add_argument("--seconds", type=float, default=20.0, help="upper bound on each load phase")
@@ -414,15 +418,28 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(result["lines"]))
         return 0 if result["ok"] else 1
     spread = [n for n in adapters if n != "ner"] if args.smoke else list(adapters)
-    results = {}
-    for label, no_mix, use in ((f"mixed: {len(spread)} adapters, one base", False, spread), (f"single: {spread[0]} only", False, spread[:1]),
-                               (f"switching (--no-mix): {len(spread)} adapters", True, spread)):
-        args.no_mix = no_mix
-        print(f"\n## {label}", flush=True)
-        results[label] = run_phase({n: adapters[n] for n in spread}, args, workdir, use)
-        print("\n".join(results[label]["lines"]), flush=True)
+    phases = [(f"mixed: {len(spread)} adapters, one base", False, spread), (f"single: {spread[0]} only", False, spread[:1]),
+              (f"switching (--no-mix): {len(spread)} adapters", True, spread)]
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in phases}
+    for repeat in range(args.repeats):
+        # every other repeat in reverse order: a machine getting busier or quieter does not favour one phase
+        for label, no_mix, use in (phases if repeat % 2 == 0 else phases[::-1]):
+            args.no_mix = no_mix
+            print(f"\n## {label} (run {repeat + 1} of {args.repeats})", flush=True)
+            runs[label].append(run_phase({n: adapters[n] for n in spread}, args, workdir, use))
+            print("\n".join(runs[label][-1]["lines"]), flush=True)
+    results = {label: merge_runs(r) for label, r in runs.items()}
     print("\n" + compare_table(results))
     return 0 if all(r["ok"] for r in results.values()) else 1
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """Repeats of one phase as one row: rates averaged, latencies pooled, RSS of the first run."""
+    n = len(runs)
+    return {"requests_s": sum(r["requests_s"] for r in runs) / n, "texts_s": sum(r["texts_s"] for r in runs) / n,
+            "per_run": [r["texts_s"] for r in runs], "latency": [x for r in runs for x in r["latency"]], "rss": runs[0]["rss"],
+            "ok": all(r["ok"] for r in runs), "mismatches": sum(r["mismatches"] for r in runs), "unexpected": sum(r["unexpected"] for r in runs),
+            "batches": sum(r["batches"] or 0 for r in runs), "mixed_batches": sum(r["mixed_batches"] or 0 for r in runs)}
 
 
 if __name__ == "__main__":

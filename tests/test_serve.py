@@ -215,6 +215,23 @@ def test_token_cap_413_names_the_limit(server):
     assert call(f"{server}/predict/pos", texts_body(["good film"] * 8))[0] == 200
 
 
+def test_slow_headers_are_dropped_and_a_slow_body_gets_408(adapters, monkeypatch):
+    from peft_ft import serve
+
+    monkeypatch.setattr(serve, "HEADER_TIMEOUT", 0.5)
+    monkeypatch.setattr(serve, "BODY_TIMEOUT", 0.5)
+    srv = start(adapters, api_key=KEY)
+    try:
+        started = time.monotonic()
+        assert raw(srv.url, b"GET /health HTTP/1.1\r\nHo", timeout=10) == b""  # closed without an answer
+        assert time.monotonic() - started < 5
+        answer = raw(srv.url, f"POST /predict/pos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 50\r\n\r\n{{".encode())
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer
+        assert call(f"{srv.url}/health")[0] == 200
+    finally:
+        srv.stop()
+
+
 def test_wrong_host_is_403_without_a_key(adapters):
     srv = start(adapters)
     try:
@@ -364,6 +381,11 @@ def test_runtime_load_unload_inside_the_allow_list_only(adapters, runs, tmp_path
             status, error = load("evil", path)
             assert status == 403 and "refused" in error["error"], (path, error)
         assert load("evil", "missing")[0] == 404
+        pickled = allowed / "pickled"
+        shutil.copytree(runs["flip"], pickled)
+        (pickled / "training_args.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle: never loaded
+        status, error = load("pickled", "pickled")
+        assert status == 422 and "training_args.bin" in error["error"] and "pickled" not in adapters.names
         assert load("bad/name", "flip_run")[0] == 422
         status, answer = load("late", "flip_run")
         assert status == 201 and answer["loaded"] == "late"
