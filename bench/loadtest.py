@@ -388,12 +388,44 @@ def compare_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def time_forwards(adapters: dict[str, str], repeats: int) -> list[str]:
+    """In process, no HTTP: 16 rows spread over the first four adapters answered in one mixed forward
+    (`AdapterSet.run_mixed`), in one forward per adapter (`run_inputs`, switching), and all 16 by the
+    first adapter in one forward. Interleaved `repeats` times; median and best of each."""
+    from peft_ft.predict import AdapterSet
+
+    names = list(adapters)[:4]
+    loaded = AdapterSet({n: adapters[n] for n in names}, batch_size=32)
+    texts = TEXTS[:4] * 4
+    routes = [names[i % len(names)] for i in range(len(texts))]
+    inputs = [loaded.inputs(n, [{"text": t, "text_pair": PAIR_TEXT}] if n in PAIRED else [{"text": t}])[0] for n, t in zip(routes, texts)]
+
+    def switching():
+        for n in names:
+            loaded.run_inputs(n, [x for x, r in zip(inputs, routes) if r == n])
+
+    ways = {f"mixed: one forward, {len(names)} adapters": lambda: loaded.run_mixed(routes, inputs),
+            f"switching: {len(names)} forwards, one per adapter": switching, "single: one forward, one adapter": lambda: loaded.run_inputs(names[0], inputs)}
+    seconds: dict[str, list[float]] = {k: [] for k in ways}
+    for way in ways.values():
+        way()  # warm-up
+    for _ in range(repeats):
+        for label, way in ways.items():
+            start = time.perf_counter()
+            way()
+            seconds[label].append(time.perf_counter() - start)
+    return [f"{label}: median {1000 * sorted(v)[len(v) // 2]:.1f} ms, best {1000 * min(v):.1f} ms for {len(texts)} rows ({repeats} runs)"
+            for label, v in seconds.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="train tiny BERT adapters here (pos, flip, ner; with --compare also pos2, flip2) and use them")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR", help="adapters to serve (repeatable; one folder may be given under several names)")
     parser.add_argument("--compare", action="store_true", help="three runs on fresh servers: mixed over the adapters, one adapter, --no-mix; one table")
     parser.add_argument("--repeats", type=int, default=1, help="with --compare: run the three loads this many times, every other time in reverse order")
+    parser.add_argument("--forwards", type=int, default=0, metavar="N", help="instead of a load: time N mixed vs per-adapter vs single forwards in process")
+    parser.add_argument("--pair", action="store_true", help="with --forwards: the adapters are pair classifiers (send text_pair)")
     parser.add_argument("--no-mix", action="store_true", help="start the server with --no-mix (each forward one adapter)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent client threads")
     parser.add_argument("--seconds", type=float, default=20.0, help="upper bound on each load phase")
@@ -412,7 +444,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --adapter NAME=RUN_DIR (repeatable) or --smoke")
 
     workdir = Path(tempfile.mkdtemp(prefix="peft-ft-loadtest-"))
-    adapters = train_smoke_adapters(workdir, more=args.compare) if args.smoke else dict(a.split("=", 1) for a in args.adapter)
+    adapters = train_smoke_adapters(workdir, more=args.compare or bool(args.forwards)) if args.smoke else dict(a.split("=", 1) for a in args.adapter)
+    if args.forwards:
+        if args.pair:
+            PAIRED.update(adapters)
+        print("\n".join(time_forwards({n: d for n, d in adapters.items() if n != "ner"}, args.forwards)))
+        return 0
     if not args.compare:
         result = run_phase(adapters, args, workdir)
         print("\n".join(result["lines"]))

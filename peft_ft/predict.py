@@ -17,6 +17,7 @@ import json
 import re
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,7 +105,7 @@ class AdapterSet:
             group.members.discard(name)
             if group.members and group.shared:
                 if name in getattr(group.model, "active_adapters", [name]):
-                    group.model.set_adapter(next(iter(group.members)))
+                    group.model.set_adapter(next(iter(group.members)), inference_mode=True)
                 group.model.delete_adapter(name)
             else:  # the last adapter of a base, or a full run: the whole model goes
                 for key in [k for k, g in self.groups.items() if g is group]:
@@ -189,13 +190,10 @@ class AdapterSet:
             if group.shared:
                 activate(group.model, name, adapter.info["labels"])
             cut = [truncated(group.tokenizer, item, adapter.recipe.model.max_length) for item in inputs]
-            # The pipeline pads each batch to its longest input: batching inputs of similar length
-            # keeps one long text from padding 31 short ones to the model's maximum.
-            order = sorted(range(len(inputs)), key=lambda i: _text_length(inputs[i]))
-            ordered = adapter.pipe([inputs[i] for i in order], batch_size=self.batch_size)
-        outputs = [None] * len(inputs)
-        for i, output in zip(order, ordered):
-            outputs[i] = output
+            outputs: list = [None] * len(inputs)
+            for chunk in _length_chunks(inputs, self.batch_size):
+                for i, output in zip(chunk, adapter.pipe([inputs[i] for i in chunk], batch_size=len(chunk))):
+                    outputs[i] = output
         return [{"adapter": name, **adapter.answers.to_answer(o), "truncated": c} for o, c in zip(outputs, cut)]
 
     def mix_key(self, name: str) -> tuple | None:
@@ -213,19 +211,17 @@ class AdapterSet:
 
     def run_mixed(self, names: list[str], inputs: list) -> list[dict]:
         """Answer pipeline inputs, input i with adapter names[i], in forwards that mix adapters (every
-        name with the same `mix_key`). Inputs are sorted by length and cut into batches of
-        `batch_size`; each batch is one pipeline call whose single forward gets its rows' adapter names."""
+        name with the same `mix_key`). Inputs are cut into batches as in `run_inputs`; each batch is one
+        pipeline call whose single forward gets its rows' adapter names."""
         from peft_ft.pipelines import truncated
 
         first = self.get(names[0])
         group = first.group
-        order = sorted(range(len(inputs)), key=lambda i: _text_length(inputs[i]))
         outputs: list = [None] * len(inputs)
         with group.lock:
             activate(group.model, first.name, first.info["labels"])  # a LoRA adapter active: peft then reads adapter_names
             cut = [truncated(group.tokenizer, item, first.recipe.model.max_length) for item in inputs]
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
+            for chunk in _length_chunks(inputs, self.batch_size):
                 with _per_row_adapters(group.model, [names[i] for i in chunk]):
                     answered = first.pipe([inputs[i] for i in chunk], batch_size=len(chunk))
                 for i, output in zip(chunk, answered):
@@ -233,24 +229,35 @@ class AdapterSet:
         return [{"adapter": n, **first.answers.to_answer(o), "truncated": c} for n, o, c in zip(names, outputs, cut)]
 
 
-class _per_row_adapters:
+@contextmanager
+def _per_row_adapters(model, names: list[str]):
     """While active, every forward of `model` gets `adapter_names=names`: the stock pipelines call
     `model(**inputs)` and take no extra forward arguments. peft checks that the batch has one row per
     name (a ValueError, never a silent mix-up) and picks each row's LoRA weights and head."""
-
-    def __init__(self, model, names: list[str]):
-        self.model, self.names = model, names
-
-    def __enter__(self):
-        names = self.names
-        self.handle = self.model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "adapter_names": names}),
-                                                           with_kwargs=True)
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "adapter_names": names}), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 _MIXABLE = (ANSWERS["text-classification"], ANSWERS["token-classification"])  # one forward row per input
+
+
+def _length_chunks(inputs: list, batch_size: int):
+    """Indices of `inputs` in batches for one forward each: sorted by length, at most `batch_size`, and cut
+    where padding every row to the batch's longest would more than double its tokens. The pipeline pads a
+    batch to its longest input: one long text must not pad 31 short ones to the model's maximum."""
+    chunk, total = [], 0
+    for i in sorted(range(len(inputs)), key=lambda i: _text_length(inputs[i])):
+        n = max(1, _text_length(inputs[i]))
+        if chunk and (len(chunk) >= batch_size or (len(chunk) + 1) * n > 2 * (total + n)):
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(i)
+        total += n
+    if chunk:
+        yield chunk
 
 
 def _text_length(item) -> int:

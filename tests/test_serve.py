@@ -232,8 +232,9 @@ def test_slow_headers_are_dropped_and_a_slow_body_gets_408(adapters, monkeypatch
         srv.stop()
 
 
-def test_wrong_host_is_403_without_a_key(adapters):
-    srv = start(adapters)
+@pytest.mark.parametrize("admin", [None, ADMIN], ids=["no keys", "admin key only"])
+def test_wrong_host_is_403_without_a_key(adapters, admin, tmp_path):
+    srv = start(adapters, admin_key=admin, adapter_dir=str(tmp_path))
     try:
         for host in (b"evil.example", b"evil.example:80", b"127.0.0.1.evil.example"):
             answer = raw(srv.url, b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
@@ -360,6 +361,34 @@ def test_deadline_gives_504_frees_the_worker_and_the_next_request_is_served(adap
         srv.stop()
 
 
+def test_a_big_request_does_not_hold_up_a_small_one(adapters, monkeypatch):
+    """Rows are taken from every waiting request in turn: a one-text request sent while an 8-text one
+    runs (one row per forward here) is answered long before the big one."""
+    real = AdapterSet.run_inputs
+
+    def slow(self, name, inputs):
+        time.sleep(0.25)
+        return real(self, name, inputs)
+
+    monkeypatch.setattr(AdapterSet, "run_inputs", slow)
+    srv = start(adapters, api_key=KEY, max_batch=1, max_wait_ms=0, mix=False)
+    try:
+        done = {}
+
+        def ask(label, texts):
+            done[label] = (call(f"{srv.url}/predict/pos", texts_body(texts))[0], time.monotonic())
+
+        big = threading.Thread(target=ask, args=("big", ["good film"] * 8))
+        big.start()
+        time.sleep(0.4)
+        ask("small", ["bad film"])
+        big.join(timeout=30)
+        assert done["small"][0] == done["big"][0] == 200
+        assert done["big"][1] - done["small"][1] > 0.7  # at least 3 of the big request's rows were still to run
+    finally:
+        srv.stop()
+
+
 def test_runtime_load_unload_inside_the_allow_list_only(adapters, runs, tmp_path):
     import shutil
 
@@ -467,7 +496,7 @@ def test_schemathesis_fuzzing_of_the_openapi_schema_finds_no_500(adapters, tmp_p
         result = subprocess.run(
             [str(Path(sys.executable).parent / "schemathesis"), "run", f"{srv.url}/openapi.json", "--checks", "not_a_server_error",
              "--max-examples", "25", "--seed", "1", "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "30", "--no-color"],
-            capture_output=True, text=True, timeout=240)
+            capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache folder goes there, not into the repo
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
         assert call(f"{srv.url}/health", key=None)[0] == 200 and sorted(adapters.names) == ["flip", "ner", "pos", "weak"]
     finally:

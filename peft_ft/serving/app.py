@@ -129,7 +129,8 @@ class Guard:
 
     def _refusal(self, scope, headers: dict) -> tuple | None:
         method, path = scope["method"], scope["path"]
-        if self.api_key is None and self.admin_key is None and _host_name(headers.get("host", b"")) not in self.hosts:
+        # Without an API key the predict routes are open: only to pages and programs addressing this machine.
+        if self.api_key is None and _host_name(headers.get("host", b"")) not in self.hosts:
             return 403, "this server answers only requests addressed to this machine (Host: localhost or 127.0.0.1); set an API key to serve other names"
         if method == "OPTIONS":
             return 204, None, {"allow": "GET, HEAD, POST, DELETE, OPTIONS"}

@@ -126,7 +126,9 @@ class Base:
                 job.scheduled += 1
                 tokens += cost
                 progressed = True
-        self.jobs = [j for j in self.jobs if j.scheduled < len(j.inputs)]
+        # Jobs served in this batch go to the back of the line: the next batch starts with those that were not.
+        served = {id(job) for job, _ in rows}
+        self.jobs = [j for j in self.jobs if id(j) not in served] + [j for j in self.jobs if id(j) in served and j.scheduled < len(j.inputs)]
         return rows
 
 
