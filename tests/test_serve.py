@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl, write_recipe, sentiment_rows
+from conftest import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.predict import AdapterSet
 from peft_ft.serve import make_server
-from peft_ft.serving.scheduler import Job, Scheduler
 from peft_ft.serving.app import Metrics
+from peft_ft.serving.scheduler import Job, Scheduler
 from test_predict import TEXTS, reference, train_ner, train_sentiment
 
 KEY, ADMIN = "s3cret-key", "adm1n-key"

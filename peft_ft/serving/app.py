@@ -17,14 +17,14 @@ import hmac
 import json
 import logging
 import re
+import threading
 import time
 from collections import deque
 
-from fastapi import Body, FastAPI, Path, Request
+from fastapi import Body, FastAPI, Path, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from fastapi import Security
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -52,8 +52,6 @@ class Metrics:
     """Counters and recent latencies, per adapter; every method is thread-safe."""
 
     def __init__(self):
-        import threading
-
         self._lock = threading.Lock()
         self.requests, self.errors, self.mixed_batches, self.batches = 0, {}, 0, 0
         self.adapters: dict[str, dict] = {}

@@ -18,7 +18,6 @@ fail its neighbours.
 from __future__ import annotations
 
 import copy
-import logging
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 
 from peft_ft.allocator import freed_memory_releaser
 
-log = logging.getLogger("peft_ft")
 
 
 class DeadlineExceeded(Exception):
