@@ -495,7 +495,7 @@ def test_schemathesis_fuzzing_of_the_openapi_schema_finds_no_500(adapters, tmp_p
     try:
         result = subprocess.run(
             [str(Path(sys.executable).parent / "schemathesis"), "run", f"{srv.url}/openapi.json", "--checks", "not_a_server_error",
-             "--max-examples", "25", "--seed", "1", "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "30", "--no-color"],
+             "--max-examples", "25", "--seed", "1", "--header", f"Authorization: Bearer {KEY}", "--request-timeout", "60", "--no-color"],
             capture_output=True, text=True, timeout=240, cwd=tmp_path)  # its cache folder goes there, not into the repo
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
         assert call(f"{srv.url}/health", key=None)[0] == 200 and sorted(adapters.names) == ["flip", "ner", "pos", "weak"]
