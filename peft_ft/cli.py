@@ -104,7 +104,9 @@ def cmd_serve(args) -> int:
 
     return run_serve(args.adapter, args.host, args.port, args.batch_size, args.device, api_key=args.api_key, allow_pickle=args.allow_pickle,
                      trust_remote_code=args.trust_remote_code,
-                     max_body=args.max_body_bytes, max_texts=args.max_texts, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+                     admin_key=args.admin_key, adapter_dir=args.adapter_dir, max_adapters=args.max_adapters,
+                     max_body=args.max_body_bytes, max_texts=args.max_texts, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens,
+                     max_tokens=args.max_tokens, request_timeout=args.request_timeout, max_wait_ms=args.max_wait_ms, mix=not args.no_mix)
 
 
 def cmd_export(args) -> int:
@@ -235,8 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $PEFT_FT_API_KEY; the variable keeps the key out of `ps`)")
             p.add_argument("--max-body-bytes", type=int, default=1024 * 1024, help="larger request bodies get 413 (default 1 MiB)")
             p.add_argument("--max-texts", type=int, default=256, help="more texts in one request get 422 (default 256)")
-            p.add_argument("--max-batch", type=int, default=32, help="texts of concurrent requests to one adapter answered together (default 32)")
-            p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests to its adapter (default 5)")
+            p.add_argument("--max-batch", type=int, default=32, help="rows of concurrent requests answered in one forward (default 32)")
+            p.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens in one forward; a big request is answered over several (default 4096)")
+            p.add_argument("--max-tokens", type=int, default=8192, help="tokens in one request after tokenization (texts up to max_length, QA windows); more get 413 (default 8192)")
+            p.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may take; later: 504 and its remaining rows are dropped (default 30)")
+            p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default 5)")
+            p.add_argument("--no-mix", action="store_true", help="run each adapter's rows in forwards of their own (switching adapters) instead of mixing LoRA adapters of one base per row")
+            p.add_argument("--adapter-dir", default=None, metavar="DIR", help="allow-listed folder: with the admin key, POST /adapters loads run folders from inside it")
+            p.add_argument("--admin-key", default=None, help="key for POST/DELETE /adapters (default: $PEFT_FT_ADMIN_KEY); without it runtime loading is off")
+            p.add_argument("--max-adapters", type=int, default=None, metavar="N", help="keep at most N adapters loaded; the least recently used is unloaded and reloaded on demand")
     return parser
 
 

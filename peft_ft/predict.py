@@ -17,6 +17,7 @@ import json
 import re
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class Group:
     tokenizer: object
     shared: bool  # a PeftModel with adapters to switch between (False: a full or merged run)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    members: set = field(default_factory=set)  # names of the adapters attached to `model`
 
 
 @dataclass
@@ -74,21 +76,54 @@ class AdapterSet:
         """`allow_pickle` and `trust_remote_code` are the caller's say-so (command-line flags), never read
         from the folders being loaded (peft_ft.safety)."""
         from peft_ft.models import quiet_transformers
-        from peft_ft.run import check_run_folder
 
-        for name, run_dir in adapters.items():  # every folder checked (no torch yet) before any model loads
-            if not NAME.fullmatch(name):
-                raise PeftFtError(f"adapter name {name!r} may use only letters, digits, '_' and '-'")
-            check_run_folder(Path(run_dir), allow_pickle, f"adapter {name}: ")
-        quiet_transformers()
         self.device, self.batch_size, self.allow_pickle = device, batch_size, allow_pickle
+        for name, run_dir in adapters.items():  # every folder checked (no torch yet) before any model loads
+            self._check(name, run_dir)
+        quiet_transformers()
         self.trust_remote_code = trust_remote_code
         self.adapters: dict[str, Adapter] = {}
-        groups: dict[tuple, Group] = {}
+        self.groups: dict[tuple, Group] = {}
         for name, run_dir in adapters.items():
-            self.adapters[name] = self._attach(name, Path(run_dir), groups)
-        for group in groups.values():
-            group.model.eval()
+            self._add(name, run_dir)
+
+    def add(self, name: str, run_dir: str | Path) -> Adapter:
+        """Load one more run under `name` at runtime (`serve`'s POST /adapters): checked as at start, then
+        onto the loaded base it shares with others when there is one."""
+        self._check(name, run_dir)
+        return self._add(name, run_dir)
+
+    def _check(self, name: str, run_dir: str | Path) -> None:
+        """The name, and the folder as far as it can be checked without torch (peft_ft.run.check_run_folder)."""
+        from peft_ft.run import check_run_folder
+
+        if not NAME.fullmatch(name):
+            raise PeftFtError(f"adapter name {name!r} may use only letters, digits, '_' and '-'")
+        check_run_folder(Path(run_dir), self.allow_pickle, f"adapter {name}: ")
+
+    def _add(self, name: str, run_dir: str | Path) -> Adapter:
+        """Attach a checked run folder; holds that base's lock while peft attaches the adapter."""
+        if name in self.adapters:
+            raise PeftFtError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+        adapter = self._attach(name, Path(run_dir), self.groups)
+        adapter.group.members.add(name)
+        adapter.group.model.eval()
+        self.adapters[name] = adapter
+        return adapter
+    def remove(self, name: str) -> None:
+        """Unload adapter `name` (peft's `delete_adapter`); a base left without adapters is dropped."""
+        adapter = self.get(name)
+        group = adapter.group
+        with group.lock:
+            del self.adapters[name]
+            group.members.discard(name)
+            if group.members and group.shared:
+                if name in getattr(group.model, "active_adapters", [name]):
+                    group.model.set_adapter(next(iter(group.members)), inference_mode=True)
+                group.model.delete_adapter(name)
+            else:  # the last adapter of a base, or a full run: the whole model goes
+                for key in [k for k, g in self.groups.items() if g is group]:
+                    del self.groups[key]
 
     def _attach(self, name: str, run_dir: Path, groups: dict) -> Adapter:
         import torch
@@ -122,8 +157,9 @@ class AdapterSet:
             model = route_prefixes(model).to(self.device)
             group = groups[key] = Group(model, load_tokenizer(location, recipe), shared=True)
         else:
-            attach(run_dir, location, lambda: group.model.load_adapter(run_dir, adapter_name=name))
-            group.model.to(self.device)
+            with group.lock:  # a batch may be running on this base (runtime loads in `serve`)
+                attach(run_dir, location, lambda: group.model.load_adapter(run_dir, adapter_name=name))
+                group.model.to(self.device)
         return Adapter(name, run_dir, info, recipe, answers, group, answers.build(group.model, group.tokenizer, recipe))
 
     @property
@@ -137,7 +173,7 @@ class AdapterSet:
         return {
             a.name: {"run_dir": str(a.run_dir), "task": a.info["task"], "pipeline_task": TASKS[a.info["task"]].pipeline_task,
                      "method": a.info["method"], "base_model": a.info["base_model"], "labels": a.info["labels"]}
-            for a in self.adapters.values()
+            for a in list(self.adapters.values())  # runtime loads may add some meanwhile
         }
 
     def get(self, name: str) -> Adapter:
@@ -168,14 +204,76 @@ class AdapterSet:
             if group.shared:
                 activate(group.model, name, adapter.info["labels"])
             cut = [truncated(group.tokenizer, item, adapter.recipe.model.max_length) for item in inputs]
-            # The pipeline pads each batch to its longest input: batching inputs of similar length
-            # keeps one long text from padding 31 short ones to the model's maximum.
-            order = sorted(range(len(inputs)), key=lambda i: _text_length(inputs[i]))
-            ordered = adapter.pipe([inputs[i] for i in order], batch_size=self.batch_size)
-        outputs = [None] * len(inputs)
-        for i, output in zip(order, ordered):
-            outputs[i] = output
+            outputs: list = [None] * len(inputs)
+            for chunk in _length_chunks(inputs, self.batch_size):
+                for i, output in zip(chunk, adapter.pipe([inputs[i] for i in chunk], batch_size=len(chunk))):
+                    outputs[i] = output
         return [{"adapter": name, **adapter.answers.to_answer(o), "truncated": c} for o, c in zip(outputs, cut)]
+
+    def mix_key(self, name: str) -> tuple | None:
+        """Adapters with equal keys can answer rows of one batch together (`run_mixed`); None: this one
+        cannot. peft 0.21 takes per-row `adapter_names` in LoRA layers and `modules_to_save` heads
+        only: IA3 ignores it silently, prompt/prefix methods and DoRA refuse it. Rows must also share
+        what the pipeline reads from the model and recipe: label names (from the shared config) and
+        the truncation length. QA windows and seq2seq generation are not one row per forward row."""
+        adapter = self.get(name)
+        config = getattr(adapter.group.model, "peft_config", {}).get(name)
+        if (not adapter.group.shared or config is None or getattr(config.peft_type, "value", config.peft_type) != "LORA"
+                or getattr(config, "use_dora", False) or adapter.answers not in _MIXABLE):
+            return None
+        return (id(adapter.group), adapter.answers, tuple(adapter.info["labels"] or ()), adapter.recipe.model.max_length)
+
+    def run_mixed(self, names: list[str], inputs: list) -> list[dict]:
+        """Answer pipeline inputs, input i with adapter names[i], in forwards that mix adapters (every
+        name with the same `mix_key`). Inputs are cut into batches as in `run_inputs`; each batch is one
+        pipeline call whose single forward gets its rows' adapter names."""
+        from peft_ft.pipelines import truncated
+
+        first = self.get(names[0])
+        group = first.group
+        outputs: list = [None] * len(inputs)
+        with group.lock:
+            activate(group.model, first.name, first.info["labels"])  # a LoRA adapter active: peft then reads adapter_names
+            cut = [truncated(group.tokenizer, item, first.recipe.model.max_length) for item in inputs]
+            for chunk in _length_chunks(inputs, self.batch_size):
+                with _per_row_adapters(group.model, [names[i] for i in chunk]):
+                    answered = first.pipe([inputs[i] for i in chunk], batch_size=len(chunk))
+                for i, output in zip(chunk, answered):
+                    outputs[i] = output
+        return [{"adapter": n, **first.answers.to_answer(o), "truncated": c} for n, o, c in zip(names, outputs, cut)]
+
+
+@contextmanager
+def _per_row_adapters(model, names: list[str]):
+    """While active, every forward of `model` gets `adapter_names=names`: the stock pipelines call
+    `model(**inputs)` and take no extra forward arguments. peft checks that the batch has one row per
+    name (a ValueError, never a silent mix-up) and picks each row's LoRA weights and head."""
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "adapter_names": names}), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# One forward row per input, in input order. NER answers are not: `WordTagger` cuts a long text into
+# windows and batches the windows by length, so per-row adapter names would land on other rows.
+_MIXABLE = (ANSWERS["text-classification"],)
+
+
+def _length_chunks(inputs: list, batch_size: int):
+    """Indices of `inputs` in batches for one forward each: sorted by length, at most `batch_size`, and cut
+    where padding every row to the batch's longest would more than double its tokens. The pipeline pads a
+    batch to its longest input: one long text must not pad 31 short ones to the model's maximum."""
+    chunk, total = [], 0
+    for i in sorted(range(len(inputs)), key=lambda i: _text_length(inputs[i])):
+        n = max(1, _text_length(inputs[i]))
+        if chunk and (len(chunk) >= batch_size or (len(chunk) + 1) * n > 2 * (total + n)):
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(i)
+        total += n
+    if chunk:
+        yield chunk
 
 
 def _text_length(item) -> int:
