@@ -53,9 +53,11 @@ def _wrap(model, input_names: list[str], output_names: list[str]):
     return Wrapped().eval()
 
 
-def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, allow_pickle: bool = False) -> dict:
-    """Merge, export, check with onnxruntime; returns export.json's content. OUT is complete or absent."""
-    from peft_ft.merge import check_mergeable, check_out
+def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, allow_pickle: bool = False,
+                trust_remote_code: bool = False) -> dict:
+    """Merge, export, check with onnxruntime; returns export.json's content. OUT is complete or absent.
+    The base model's own Python code runs only with `trust_remote_code` (--trust-remote-code; peft_ft.safety)."""
+    from peft_ft.merge import check_mergeable, check_out, unwrap_heads
     from peft_ft.output import write_json
     from peft_ft.pipelines import read_info
     from peft_ft.run import load_run
@@ -71,9 +73,9 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
     if info["is_adapter"]:
         check_mergeable(run_dir, info)
     _check_installed()
-    model, tokenizer, info = load_run(run_dir, allow_pickle=allow_pickle)
+    model, tokenizer, info = load_run(run_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if info["is_adapter"]:
-        model = model.merge_and_unload()  # keeps the active adapter's trained head as a plain module
+        model = unwrap_heads(model.merge_and_unload())  # the active adapter's trained head as a plain module
     model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.exporting-"))
