@@ -279,6 +279,6 @@ def test_methods_all_picks_what_fits_the_task_and_model(tmp_path, tiny_bert, cap
     # a recipe whose inputs leave no room for virtual tokens: the prompt methods are left out, with the reason
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="peft_ft"):
-        variants = cmp.build_variants([recipe], [cmp.ALL], 1, {}, ["model.max_length=128"], tmp_path / "c", None)
+        variants = cmp.build_variants([recipe], [cmp.ALL], 1, {}, ["model.max_length=500"], tmp_path / "c", None)
     assert not {"prompt_tuning", "p_tuning"} & {v.method for v in variants}
-    assert "p_tuning left out: model.max_length (128) + adapter.num_virtual_tokens (20) exceeds the 128 positions" in caplog.text
+    assert "p_tuning left out: model.max_length (500) + adapter.num_virtual_tokens (20) exceeds the 512 positions" in caplog.text
