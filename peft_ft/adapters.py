@@ -334,9 +334,11 @@ def probe_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
 
 def check_prefixes(location: str, recipe: Recipe, auto_class: str, peft_task_type: str | None) -> None:
     """Pre-flight of prefix tuning (run and validate): refuse an architecture that cannot take prefixes."""
-    problem = prefix_problem(probe_model(location, recipe, auto_class), peft_task_type)
+    probe = probe_model(location, recipe, auto_class)
+    problem = prefix_problem(probe, peft_task_type)
     if problem:
-        raise PeftFtError(f"{recipe.source}: adapter.method: prefix_tuning cannot train {location}: {problem}. "
+        raise PeftFtError(f"{recipe.source}: adapter.method: prefix_tuning cannot train {location} "
+                          f"({probe.config.model_type}): {problem}. "
                           f"Use prompt_tuning, lora or ia3 with this model")
 
 

@@ -21,6 +21,8 @@ MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 INFO_KEYS = {"task": str, "is_adapter": bool, "base_model": str, "auto_class": str, "labels": list, "method": str}
 # adapter_config.json fields that size what peft allocates: rank-like numbers, checked against the tensors.
 RANK_FIELDS = ("r", "num_virtual_tokens")
+# OFT/BOFT size their blocks by oft_block_size / boft_block_size; their `r` (block count) may be 0, meaning "derived".
+BLOCK_SIZED = ("OFT", "BOFT")
 DAMAGED = "the folder is damaged or was edited: copy it again from its source, or train it again"
 
 
@@ -110,7 +112,7 @@ def check_adapter(run_dir: Path, base_config: dict | None) -> None:
     width = hidden_width(base_config or {})
     for key in RANK_FIELDS:
         value = config.get(key)
-        if value is None:
+        if value is None or (key == "r" and config.get("peft_type") in BLOCK_SIZED):
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PeftFtError(f"{config_path}: {key} must be a positive integer, got {value!r}; {DAMAGED}")
@@ -135,8 +137,10 @@ def _tensor_ranks(config: dict, tensors: dict[str, dict]) -> dict[str, tuple[int
     nv = config.get("num_virtual_tokens")
     prompts = {entry["shape"][0] for name, entry in tensors.items() if name.startswith("prompt_embeddings") and entry["shape"]}
     if isinstance(nv, int) and prompts:
-        # prompt tables hold num_virtual_tokens * num_transformer_submodules rows
-        out["num_virtual_tokens"] = (nv, {rows // max(1, int(config.get("num_transformer_submodules") or 1)) for rows in prompts})
+        # prompt tables hold num_virtual_tokens * num_transformer_submodules rows (an encoder-decoder's prompt
+        # goes to both halves); a prefix table holds num_virtual_tokens rows whatever the model
+        per = 1 if config.get("peft_type") == "PREFIX_TUNING" else max(1, int(config.get("num_transformer_submodules") or 1))
+        out["num_virtual_tokens"] = (nv, {rows // per for rows in prompts})
     return out
 
 

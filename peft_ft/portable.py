@@ -125,8 +125,17 @@ def portable_recipe(recipe: Recipe) -> Recipe:
 
 def recipe_text(recipe: Recipe, run_dir: Path | None = None) -> str:
     """recipe.toml of a finished run: the resolved recipe (`to_toml`) made portable by `portable_toml`;
-    its `# resolved from` header names the recipe relative to the working folder, else to the run folder."""
-    return portable_toml(to_toml(dataclasses.replace(recipe, source=_source_name(recipe.source, run_dir))))
+    its `# resolved from` header names the recipe relative to the working folder, else to the run folder.
+    The fingerprint line (peft_ft.output.recipe_text) is that of the values as now written."""
+    import tomllib
+
+    from peft_ft.output import FINGERPRINT, fingerprint
+    from peft_ft.schema import build_recipe
+
+    text = portable_toml(to_toml(dataclasses.replace(recipe, source=_source_name(recipe.source, run_dir))))
+    header, body = text.split("\n", 1)
+    mark = fingerprint(build_recipe(tomllib.loads(text), "recipe.toml"))
+    return f"{header}\n{FINGERPRINT}{mark} (sha256 of the values below; --resume refuses other values)\n{body}"
 
 
 def portable_toml(text: str) -> str:

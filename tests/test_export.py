@@ -57,7 +57,7 @@ def test_export_refuses_what_it_cannot_export(ner_run, tmp_path):
     info = json.loads((ner_run / "peft_ft.json").read_text())
     seq2seq = tmp_path / "s2s"
     seq2seq.mkdir()
-    (seq2seq / "peft_ft.json").write_text(json.dumps({**info, "task": "seq2seq"}))
+    (seq2seq / "peft_ft.json").write_text(json.dumps({**info, "task": "seq2seq", "auto_class": "AutoModelForSeq2SeqLM"}))
     with pytest.raises(PeftFtError, match="task 'seq2seq' cannot be exported"):
         export_onnx(seq2seq, tmp_path / "out")
     taken = tmp_path / "taken"

@@ -149,7 +149,8 @@ def test_run_folder_checks(tmp_path, adapter_folder, cut, flip, byte, config, in
     """Cut or flipped safetensors bytes, edited adapter_config.json / peft_ft.json: checked (no torch) or refused."""
     from peft_ft.run import check_run_folder
 
-    folder = shutil.copytree(adapter_folder, tmp_path / "copy", dirs_exist_ok=True)
+    # beside the original: the run's local base model is recorded relative to the run folder (peft_ft.portable)
+    folder = shutil.copytree(adapter_folder, adapter_folder.parent / f"{tmp_path.name}-copy", dirs_exist_ok=True)
     weights = folder / "adapter_model.safetensors"
     data = bytearray((adapter_folder / "adapter_model.safetensors").read_bytes())
     if flip < len(data):

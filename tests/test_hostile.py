@@ -55,7 +55,8 @@ def refused(done: subprocess.CompletedProcess, *pieces: str) -> str:
 
 
 def edited_copy(clean_run: Path, tmp_path: Path, edit) -> Path:
-    copy = shutil.copytree(clean_run, tmp_path / "copy")
+    # beside the original: the run's local base model is recorded relative to the run folder (peft_ft.portable)
+    copy = shutil.copytree(clean_run, clean_run.parent / f"{tmp_path.name}-copy")
     edit(copy)
     return copy
 

@@ -37,6 +37,9 @@ FAMILIES = ["classification", "ner", "qa", "seq2seq"]
 NV = 4  # virtual tokens in these tests: few, so that the tiny runs stay fast
 LR = {"lora": 1e-2, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "ia3": 3e-2, "full": 3e-3, "adalora": 1e-2, "vera": 3e-2,
       "loha": 1e-2, "lokr": 1e-2, "oft": 1e-2, "boft": 1e-2, "ln_tuning": 3e-2, "p_tuning": 3e-2, "fourierft": 1e-1, "vblora": 1e-2}
+# where a family needs another rate: FourierFT on extractive QA overshoots the fixed batch at 1e-1 (after the
+# accelerate schedule and the 512-position tiny BERT); elsewhere 5e-2 leaves merged and unmerged 3e-4 apart
+LR_FOR = {("fourierft", "qa"): 5e-2}
 # Names of the parameters each method may train (besides the head copies in modules_to_save).
 ADAPTER_PARAMS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_encoder",), "prefix_tuning": ("prompt_encoder",),
                   "adalora": ("lora_",), "vera": ("vera_lambda",), "loha": ("hada_",), "lokr": ("lokr_",), "oft": ("oft_",),
@@ -107,7 +110,7 @@ dir = "{data}"
 epochs = 2
 batch_size = 8
 warmup = 0.0
-lr = {LR[method]}
+lr = {LR_FOR.get((method, family), LR[method])}
 threads = 1
 {EVAL_SECTIONS.get(family, "")}
 [output]
@@ -388,7 +391,7 @@ def test_prefix_tuning_on_a_model_without_past_key_values_is_refused_before_trai
     called = []
     monkeypatch.setattr(peft_ft.train, "train", lambda *a, **k: called.append(1))
     recipe = recipe_for(tmp_path, model_dir, family_data["classification"], "classification", "prefix_tuning")
-    refusal = r"adapter.method: prefix_tuning cannot train .*distilbert: (its forward ignores the prefix|a forward with a prefix fails).*prompt_tuning, lora or ia3"
+    refusal = r"adapter.method: prefix_tuning cannot train .*\(distilbert\): (its forward ignores the prefix|a forward with a prefix fails).*prompt_tuning, lora or ia3"
     with pytest.raises(PeftFtError, match=refusal):
         run(recipe)
     assert not called

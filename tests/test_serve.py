@@ -385,7 +385,8 @@ def test_a_big_request_does_not_hold_up_a_small_one(adapters, monkeypatch):
 def test_runtime_load_unload_inside_the_allow_list_only(adapters, runs, tmp_path):
     import shutil
 
-    allowed = tmp_path / "allowed"
+    # as deep as the runs: their local base model is recorded relative to the run folder (peft_ft.portable)
+    allowed = runs["flip"].parent.parent / f"{tmp_path.name}-allowed"
     allowed.mkdir()
     shutil.copytree(runs["flip"], allowed / "flip_run")
     outside = tmp_path / "outside"

@@ -133,40 +133,34 @@ def test_four_trials_sqlite_reports_and_best_recipe(tmp_path, recipe):
     assert probs[0] == probs[1]
 
 
-def imbalanced_rows(n: int, seed: int) -> list[dict]:
-    """One word a row, three positive to one negative: a model that learns nothing predicts one class for
-    every row, and its macro-F1 is then 0.43 (the majority) or 0.2 (the minority)."""
-    import random
-
-    rng = random.Random(seed)
-    return [{"text": rng.choice(["good", "great", "fine"] if i % 4 else ["bad", "awful", "terrible"]),
-             "label": "pos" if i % 4 else "neg"} for i in range(n)]
-
-
-def test_pruning_stops_the_trial_with_the_worst_first_epoch(tmp_path, recipe):
+def test_pruning_stops_the_trial_with_the_worst_first_epoch(tmp_path, recipe, monkeypatch):
     """Two trials, then one whose first-epoch validation value is below theirs: it stops after epoch 1.
-    On the tiny BERT (seeded; found by trying seeds 1, 2, 3, 42), lr 5e-2 at seeds 2 and 3 predicts the
-    majority after epoch 1 (0.43); lr 1e-7 at seed 2 leaves the head at its start, which predicts the
-    minority (0.2). Should a library change move these, the first assertion shows the values."""
+    Every trial really trains; its validation macro-F1 is set per seed (what a tiny model learns in an
+    epoch moves with any library or numerics change, the pruner's decision must not)."""
+    import peft_ft.train
+
+    curves = {2: [0.5, 0.7, 0.8], 3: [0.45, 0.6, 0.75], 4: [0.1, 0.9, 0.95]}
+    real_train = peft_ft.train.train
+
+    def train_with_set_scores(model, features, recipe, *, validate, **kwargs):
+        def scores(epoch):
+            return {**validate(epoch), "macro_f1": curves[recipe.train.seed][epoch - 1]}
+        return real_train(model, features, recipe, validate=scores, **kwargs)
+
+    monkeypatch.setattr(peft_ft.train, "train", train_with_set_scores)
     recipe_file = recipe(epochs=3)
-    data = tmp_path / "data"
-    write_jsonl(data / "train.jsonl", imbalanced_rows(32, seed=1))
-    write_jsonl(data / "valid.jsonl", imbalanced_rows(12, seed=2))
     text = """
 [train]
-lr = [5e-2, 1e-7]
-seed = [2, 3]
+seed = [2, 3, 4]
 [sweep]
 pruner_startup_trials = 2
-enqueue = [{"train.lr" = 5e-2, "train.seed" = 2}, {"train.lr" = 5e-2, "train.seed" = 3}, {"train.lr" = 1e-7, "train.seed" = 2}]
+enqueue = [{"train.seed" = 2}, {"train.seed" = 3}, {"train.seed" = 4}]
 """
     sweep_dir = sweep(str(recipe_file), str(space_file(tmp_path, text)), trials=3, out=str(tmp_path / "sw"))
     trials = finished(sweep_dir).trials
-    assert [t.params["train.lr"] for t in trials] == [5e-2, 5e-2, 1e-7]
-    assert trials[2].intermediate_values[1] < min(t.intermediate_values[1] for t in trials[:2]), [t.intermediate_values for t in trials]
+    assert [t.params["train.seed"] for t in trials] == [2, 3, 4]
+    assert [dict(t.intermediate_values) for t in trials] == [dict(zip((1, 2, 3), curves[2])), dict(zip((1, 2, 3), curves[3])), {1: 0.1}]
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
-    assert list(trials[2].intermediate_values) == [1]  # stopped after its first epoch
-    assert all(list(t.intermediate_values) == [1, 2, 3] for t in trials[:2])
     for t in trials[:2]:  # what the loop reported is what the run folder recorded
         history = json.loads((Path(t.user_attrs["run_dir"]) / "metrics.json").read_text())["train"]["history"]
         assert [h["validation_macro_f1"] for h in history] == [t.intermediate_values[e] for e in (1, 2, 3)]

@@ -223,8 +223,8 @@ def input_cost(tokenizer, recipe, item) -> int:
         return sum(len(ids) for ids in enc["input_ids"])
     if isinstance(item, dict):
         ids = tokenizer(item.get("text", ""), item.get("text_pair"), truncation=False)["input_ids"]
-    else:
-        ids = tokenizer(str(item), truncation=False)["input_ids"]
+    else:  # a text, or NER's `Words` (its text)
+        ids = tokenizer(getattr(item, "text", item), truncation=False)["input_ids"]
     if recipe.task.type == "ner":  # windows of max_length cover the whole text (peft_ft.pipelines.WordTagger)
         return len(ids)
     generated = getattr(recipe.eval, "max_new_tokens", 0) if recipe.task.type == "seq2seq" else 0
