@@ -132,10 +132,11 @@ def recipe_text(recipe: Recipe, run_dir: Path | None = None) -> str:
     from peft_ft.output import FINGERPRINT, fingerprint
     from peft_ft.schema import build_recipe
 
-    text = portable_toml(to_toml(dataclasses.replace(recipe, source=_source_name(recipe.source, run_dir))))
-    header, body = text.split("\n", 1)
-    mark = fingerprint(build_recipe(tomllib.loads(text), "recipe.toml"))
-    return f"{header}\n{FINGERPRINT}{mark} (sha256 of the values below; --resume refuses other values)\n{body}"
+    lines = portable_toml(to_toml(dataclasses.replace(recipe, source=_source_name(recipe.source, run_dir)))).splitlines()
+    mark = fingerprint(build_recipe(tomllib.loads("\n".join(lines)), "recipe.toml"))
+    at = next(i for i, line in enumerate(lines) if not line.startswith("#"))  # after the header comments
+    lines.insert(at, f"{FINGERPRINT}{mark} (sha256 of the values below; --resume refuses other values)")
+    return "\n".join(lines) + "\n"
 
 
 def portable_toml(text: str) -> str:
