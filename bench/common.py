@@ -141,15 +141,15 @@ def options_from(args) -> Options:
 def model_root(opts: Options) -> str:
     if opts.model_dir:
         return opts.model_dir
-    from peft_ft.models import embedded_model_dir
+    from peft_ft.models.loading import embedded_model_dir
 
     return str(embedded_model_dir())
 
 
 def default_data_dir() -> str:
     """peft-ft's own default (../shared/data beside the checkout, or $PEFT_FT_DATA_DIR)."""
-    from peft_ft.data import resolve_data_dir
-    from peft_ft.schema import Recipe
+    from peft_ft.data.files import resolve_data_dir
+    from peft_ft.recipe.schema import Recipe
 
     return str(resolve_data_dir(Recipe(source="bench")))
 
@@ -166,7 +166,7 @@ def ner_registered() -> bool:
 def setup_torch(opts: Options):
     import torch
 
-    from peft_ft.models import quiet_transformers
+    from peft_ft.models.loading import quiet_transformers
 
     quiet_transformers()  # no load reports or progress bars between the table lines
     torch.set_num_threads(opts.threads)
@@ -267,7 +267,7 @@ def matmul_peak(threads: int, seconds: float = 2.0, rows: int = 2048, device: st
 
 
 def parameter_counts(model) -> dict:
-    from peft_ft.run import count_parameters
+    from peft_ft.engine.run import count_parameters
 
     trainable, total = count_parameters(model)
     return {"trainable": trainable, "total": total}
@@ -345,18 +345,18 @@ predictions = false
 
 
 def run_peft_ft(cfg: Config, opts: Options, workdir: Path) -> Measured:
-    """Set peft-ft up as `peft-ft run` does, then time its training loop (`peft_ft.train.train`).
+    """Set peft-ft up as `peft-ft run` does, then time its training loop (`peft_ft.engine.train.train`).
 
     The loop cannot leave steps out of its clock, so it is called twice on the same model: first
     `warmup` steps (untimed), then the timed steps with the next seed (fresh batches; the second
     call builds its own optimizer, whose state allocation then falls inside the timed steps)."""
-    from peft_ft.adapters import METHODS
-    from peft_ft.batching import train_batches
-    from peft_ft.models import resolve_model
-    from peft_ft.run import build_model
-    from peft_ft.schema import load_recipe
+    from peft_ft.methods import METHODS
+    from peft_ft.data.batching import train_batches
+    from peft_ft.models.loading import resolve_model
+    from peft_ft.engine.run import build_model
+    from peft_ft.recipe.schema import load_recipe
     from peft_ft.tasks import TASKS
-    from peft_ft.train import setup_torch as peft_ft_setup_torch, train
+    from peft_ft.engine.train import setup_torch as peft_ft_setup_torch, train
 
     def recipe(max_steps: int, seed: int):
         path = workdir / f"{cfg.data}_{cfg.method}_{seed}.toml"
@@ -469,7 +469,7 @@ def write_smoke_inputs(root: Path) -> tuple[str, str]:
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    from peft_ft.models import quiet_transformers
+    from peft_ft.models.loading import quiet_transformers
 
     quiet_transformers()
     model_dir, data_dir = root / "tiny-bert", root / "data"

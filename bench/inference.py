@@ -15,7 +15,7 @@ synthetic training rows), in one process with one thread count:
    back, and (on CPU) the `peft-ft export --onnx` model run by onnxruntime with the same thread count. Latency of one-text requests (p50/p90) and texts/s with length-sorted batches of 1, 8 and
    32 (as peft-ft's evaluation batches), each a ratio to the base. The merged models' largest logit
    difference from the unmerged one shows the timings compare the same computation.
-2. Switching: two adapters on one base (`peft_ft.predict.AdapterSet`, the way `predict` and `serve`
+2. Switching: two adapters on one base (`peft_ft.serving.predict.AdapterSet`, the way `predict` and `serve`
    hold them): switch + answer one text, against loading the run from disk again + answering.
 3. Load time of the base, the adapter run, the merged run (repeated loads in one process).
 
@@ -75,14 +75,14 @@ class Models:
 def load_inputs(run_dir: Path, data_dir: str, rows: int) -> Inputs:
     """The first `rows` rows of the run's first test split (its training split when it has none),
     encoded by the run's task as in training and evaluation."""
-    from peft_ft.data import resolve_data_dir
-    from peft_ft.models import load_tokenizer
-    from peft_ft.pipelines import read_info
-    from peft_ft.run import base_location
-    from peft_ft.schema import load_recipe
+    from peft_ft.data.files import resolve_data_dir
+    from peft_ft.models.loading import load_tokenizer
+    from peft_ft.serving.pipelines import read_info
+    from peft_ft.engine.run import base_location
+    from peft_ft.recipe.schema import load_recipe
     from peft_ft.tasks import TASKS
 
-    from peft_ft.portable import data_dir_of
+    from peft_ft.rundir.portable import data_dir_of
 
     info, recipe = read_info(run_dir), load_recipe(run_dir / "recipe.toml")
     task = TASKS[info["task"]]
@@ -104,7 +104,7 @@ def request_row(example: dict) -> dict:
 
 
 def model_batch(features: list[dict], pad_id: int, device) -> dict:
-    from peft_ft.batching import pad_batch
+    from peft_ft.data.batching import pad_batch
 
     batch = pad_batch(features, pad_id)
     batch.pop("labels", None)
@@ -113,7 +113,7 @@ def model_batch(features: list[dict], pad_id: int, device) -> dict:
 
 def sorted_batches(inputs: Inputs, batch_size: int, device) -> list[dict]:
     """Length-sorted batches, as peft-ft's evaluation makes them (`batching.eval_batches`)."""
-    from peft_ft.batching import eval_batches
+    from peft_ft.data.batching import eval_batches
 
     lengths = [f["length"] for f in inputs.features]
     return [model_batch([inputs.features[i] for i in b], inputs.pad_id, device) for b in eval_batches(lengths, batch_size)]
@@ -124,8 +124,8 @@ def sorted_batches(inputs: Inputs, batch_size: int, device) -> list[dict]:
 
 def check_run(name: str, run_dir: Path) -> dict:
     from peft_ft.errors import PeftFtError
-    from peft_ft.merge import check_mergeable
-    from peft_ft.pipelines import read_info
+    from peft_ft.serving.merge import check_mergeable
+    from peft_ft.serving.pipelines import read_info
 
     info = read_info(run_dir)
     if info["task"] not in FAMILIES:
@@ -139,9 +139,9 @@ def load_base(info: dict, run_dir: Path, device):
     import torch
     import transformers
 
-    from peft_ft.models import load_tokenizer
-    from peft_ft.run import base_location
-    from peft_ft.schema import load_recipe
+    from peft_ft.models.loading import load_tokenizer
+    from peft_ft.engine.run import base_location
+    from peft_ft.recipe.schema import load_recipe
     from peft_ft.tasks import TASKS, TaskData
 
     kwargs = TASKS[info["task"]].model_kwargs(TaskData(splits={}, labels=info["labels"]))
@@ -152,7 +152,7 @@ def load_base(info: dict, run_dir: Path, device):
 
 
 def load_merged_in_memory(run_dir: Path, device):
-    from peft_ft.run import load_run
+    from peft_ft.engine.run import load_run
 
     return load_run(run_dir, device)[0].merge_and_unload().eval()
 
@@ -181,9 +181,9 @@ class OnnxRuntimeModel:
 
 
 def load_models(info: dict, run_dir: Path, workdir: Path, device, threads: int = 1) -> Models:
-    from peft_ft.export import export_onnx
-    from peft_ft.merge import merge_run
-    from peft_ft.run import load_run
+    from peft_ft.serving.export import export_onnx
+    from peft_ft.serving.merge import merge_run
+    from peft_ft.engine.run import load_run
 
     merged_dir = merge_run(run_dir, workdir / f"{run_dir.name}-merged")
     models = {
@@ -299,7 +299,7 @@ def adapter_set_with_partners(specs: dict[str, Path], device):
     """One AdapterSet holding every run and, beside each, a second copy of it under `<name>_copy`,
     so every adapter has a partner on its own base to switch to (two distinct runs share a base only
     when their heads have one class and size: AdapterSet groups them so). Returns (set, partners)."""
-    from peft_ft.predict import AdapterSet
+    from peft_ft.serving.predict import AdapterSet
 
     copies = {f"{n}_copy": d for n, d in specs.items()}
     adapters = AdapterSet({**specs, **copies}, device=str(device))
@@ -314,8 +314,8 @@ def adapter_set_with_partners(specs: dict[str, Path], device):
 def switch_rows(name: str, run_dir: Path, adapters, partner: str, inputs: Inputs, args, device) -> list[list]:
     """Model level: set_adapter + forward vs load_run + forward. AdapterSet level (the `predict` /
     `serve` route: tokenize, forward, answer): answer() switching vs a new AdapterSet + answer()."""
-    from peft_ft.predict import AdapterSet, activate
-    from peft_ft.run import load_run
+    from peft_ft.serving.predict import AdapterSet, activate
+    from peft_ft.engine.run import load_run
 
     pair = (name, partner)
     model = adapters.get(name).group.model
@@ -354,7 +354,7 @@ def switch_rows(name: str, run_dir: Path, adapters, partner: str, inputs: Inputs
 
 def load_rows(name: str, info: dict, run_dir: Path, merged_dir: Path, loads: int, device) -> list[list]:
     """Each model loaded once untimed, then `loads` times timed (files in the OS cache by then), taking turns."""
-    from peft_ft.run import load_run
+    from peft_ft.engine.run import load_run
 
     loaders = {
         "base": ("from_pretrained(base, head size) + tokenizer", lambda: load_base(info, run_dir, device)),
@@ -372,7 +372,7 @@ def load_rows(name: str, info: dict, run_dir: Path, merged_dir: Path, loads: int
 
 
 def adapter_specs(args, workdir: Path) -> dict[str, Path]:
-    from peft_ft.predict import parse_adapter_args
+    from peft_ft.serving.predict import parse_adapter_args
 
     if args.smoke:
         from loadtest import train_smoke_adapters
@@ -448,7 +448,7 @@ def main(argv=None) -> None:
         ]),
         show_table("Adapter switch vs reload", SWITCH_COLUMNS, switching, [
             f"one text (the first row) per call; {args.requests} timed calls after {args.warmup} untimed; reloads: {args.reloads} timed after 1 untimed",
-            "model level: the base with both adapters attached by AdapterSet; set_adapter is peft_ft.predict.activate (set_adapter "
+            "model level: the base with both adapters attached by AdapterSet; set_adapter is peft_ft.serving.predict.activate (set_adapter "
             "+ label names), forward as in the speed table; reload: load_run(run) (base + adapter + tokenizer from disk) + forward",
             "AdapterSet level: the peft-ft predict / serve route (tokenize, pipeline forward, answer); answer() calls set_adapter on "
             "every call, even for the adapter already active, so alternating costs what staying costs; reload: a new AdapterSet "

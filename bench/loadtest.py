@@ -71,8 +71,8 @@ def train_smoke_adapters(root: Path, more: bool = False) -> dict[str, str]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import SMOKE_WORDS, write_smoke_inputs
 
-    from peft_ft.run import run
-    from peft_ft.schema import load_recipe
+    from peft_ft.engine.run import run
+    from peft_ft.recipe.schema import load_recipe
 
     model_dir, data_dir = write_smoke_inputs(root)
     rng = random.Random(0)
@@ -392,7 +392,7 @@ def time_forwards(adapters: dict[str, str], repeats: int) -> list[str]:
     """In process, no HTTP: 16 rows spread over the first four adapters answered in one mixed forward
     (`AdapterSet.run_mixed`), in one forward per adapter (`run_inputs`, switching), and all 16 by the
     first adapter in one forward. Interleaved `repeats` times; median and best of each."""
-    from peft_ft.predict import AdapterSet
+    from peft_ft.serving.predict import AdapterSet
 
     names = list(adapters)[:4]
     loaded = AdapterSet({n: adapters[n] for n in names}, batch_size=32)

@@ -4,12 +4,12 @@ import sys, time
 from pathlib import Path
 import torch
 import peft_ft
-from peft_ft.adapters import METHODS
-from peft_ft.models import resolve_model
-from peft_ft.run import build_model
-from peft_ft.schema import load_recipe
+from peft_ft.methods import METHODS
+from peft_ft.models.loading import resolve_model
+from peft_ft.engine.run import build_model
+from peft_ft.recipe.schema import load_recipe
 from peft_ft.tasks import TASKS
-from peft_ft.train import setup_torch, train
+from peft_ft.engine.train import setup_torch, train
 sets = ["train.threads=1", "adapter.dropout=0.0", "data.max_train_samples=1024", "train.epochs=1"]
 def recipe(steps, seed):
     return load_recipe("recipes/conll_lora.toml", sets + [f"train.max_steps={steps}", f"train.seed={seed}"])

@@ -27,7 +27,7 @@ CONFIGS = [("peft-ft", "lora"), ("peft-ft", "full"), ("trainer", "lora"), ("trai
 
 # Imported once by the fork server; each configuration's process is forked from it, fresh (it has
 # run nothing), without paying ~5-10 s of imports per configuration.
-PRELOAD = ["torch", "transformers", "transformers.trainer", "peft", "datasets", "peft_ft.train", "peft_ft.tasks",
+PRELOAD = ["torch", "transformers", "transformers.trainer", "peft", "datasets", "peft_ft.engine.train", "peft_ft.tasks",
            "common", "handwritten"]
 
 

@@ -212,7 +212,7 @@ def recipe_differences(run_text: str, folder: Path | None = None) -> tuple[str, 
     """(source, overrides, dropped keys, compare notes) of a run's recipe.toml against its original
     recipe file as it is now; output.* is left out (where a run is written changes nothing it learns)."""
     from peft_ft.errors import PeftFtError
-    from peft_ft.schema import load_recipe, section_types, to_toml, toml_value
+    from peft_ft.recipe.schema import load_recipe, section_types, to_toml, toml_value
 
     source, notes = original_source(run_text, folder)
     path = _source_path(source, folder)
@@ -277,7 +277,7 @@ def gaps(spec: DataSet, run: Run, full: Run | None) -> list[float | None]:
 
 
 def row_cells(spec: DataSet, run: Run, full: Run | None) -> list[str]:
-    from peft_ft.output import human_size
+    from peft_ft.storage import human_size
 
     params, train = run.metrics["params"], run.metrics["train"]
     diffs = gaps(spec, run, full)
@@ -315,7 +315,7 @@ def command_line(run: Run) -> str:
 
 
 def lr_text(run: Run) -> str:
-    from peft_ft.adapters import METHODS as ADAPTER_METHODS
+    from peft_ft.methods import METHODS as ADAPTER_METHODS
 
     lr = run.recipe.get("train", {}).get("lr")
     if lr:

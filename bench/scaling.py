@@ -3,7 +3,7 @@ side by side in one run; peak memory and real tokens/s per cell, a table and a P
 
 Models: the embedded MiniLM-L6 (22.7M parameters) and randomly initialised BERT-base (110M) and
 BERT-large (335M) configurations: weights are irrelevant to speed and memory, so nothing is
-downloaded. Every cell trains peft-ft's own loop (`peft_ft.train.train`: fused CPU kernels, AdamW,
+downloaded. Every cell trains peft-ft's own loop (`peft_ft.engine.train.train`: fused CPU kernels, AdamW,
 clipping, the schedule) on synthetic rows of exactly `seq_len` tokens (real tokens = computed tokens),
 sequence classification with 2 labels, in its own fresh process so that one cell's peak cannot hide
 in another's. Memory is the process's RSS high-water mark on CPU (torch.cuda.max_memory_allocated on
@@ -37,7 +37,7 @@ MODELS = {
     "bert-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
     "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},  # --smoke
 }
-PRELOAD = ["torch", "transformers", "peft", "peft_ft.train", "peft_ft.adapters", "common"]
+PRELOAD = ["torch", "transformers", "peft", "peft_ft.engine.train", "peft_ft.methods", "common"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ def build_model(name: str, seq_len: int):
     torch.manual_seed(0)
     overrides = MODELS[name]
     if overrides is None:
-        from peft_ft.models import embedded_model_dir
+        from peft_ft.models.loading import embedded_model_dir
 
         return AutoModelForSequenceClassification.from_pretrained(embedded_model_dir(), num_labels=2, dtype=torch.float32)
     config = BertConfig(**overrides, num_labels=2, max_position_embeddings=max(512, seq_len))
@@ -72,7 +72,7 @@ def build_model(name: str, seq_len: int):
 
 
 def recipe_for(cell: Cell, max_steps: int, seed: int):
-    from peft_ft.schema import build_recipe
+    from peft_ft.recipe.schema import build_recipe
 
     train = {"epochs": 1000, "max_steps": max_steps, "batch_size": cell.batch_size, "threads": cell.threads,
              "device": cell.device, "seed": seed, "warmup": 0.0,
@@ -87,10 +87,10 @@ def run_cell(cell_dict: dict, result_file: str) -> None:
     """In the cell's own process: build, train `warmup` then `steps` steps, write what it measured."""
     import torch
 
-    from peft_ft.adapters import METHODS
-    from peft_ft.models import enable_activation_checkpointing
-    from peft_ft.run import use_fast_kernels
-    from peft_ft.train import train
+    from peft_ft.methods import METHODS
+    from peft_ft.models.loading import enable_activation_checkpointing
+    from peft_ft.engine.run import use_fast_kernels
+    from peft_ft.engine.train import train
 
     cell = Cell(**cell_dict)
     torch.set_num_threads(cell.threads)
@@ -101,7 +101,7 @@ def run_cell(cell_dict: dict, result_file: str) -> None:
     if cell.variant == "checkpointing":
         enable_activation_checkpointing(model)
     if use_fast_kernels(recipe, device):
-        from peft_ft.fastlora import speed_up
+        from peft_ft.kernels.fastlora import speed_up
 
         speed_up(model)
         model.peft_ft_fast_kernels = True

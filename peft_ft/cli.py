@@ -10,8 +10,8 @@ from peft_ft.errors import PeftFtError
 
 
 def cmd_run(args) -> int:
-    from peft_ft.run import resume, run
-    from peft_ft.schema import load_recipe
+    from peft_ft.engine.run import resume, run
+    from peft_ft.recipe.schema import load_recipe
 
     if args.resume:
         if args.recipe or args.set:
@@ -24,7 +24,7 @@ def cmd_run(args) -> int:
                           "in it (or --set model.trust_remote_code=true)")
     else:
         run_dir = run(load_recipe(args.recipe, args.set), data_dir=args.data_dir)
-    from peft_ft.distributed import is_main
+    from peft_ft.engine.distributed import is_main
 
     if is_main():  # under torchrun every process returns here; one line is enough
         print(f"done: {run_dir}")
@@ -32,8 +32,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from peft_ft.run import preflight
-    from peft_ft.schema import load_recipe
+    from peft_ft.engine.run import preflight
+    from peft_ft.recipe.schema import load_recipe
 
     # Exactly `run`'s pre-flight: what validate passes, run does not refuse before training.
     recipe = load_recipe(args.recipe, args.set)
@@ -48,7 +48,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from peft_ft.schema import explain
+    from peft_ft.recipe.schema import explain
 
     print(explain(args.section))
     return 0
@@ -56,7 +56,7 @@ def cmd_explain(args) -> int:
 
 def cmd_merge(args) -> int:
     if args.combine:
-        from peft_ft.combine import combine_runs, parse_combine
+        from peft_ft.serving.combine import combine_runs, parse_combine
 
         if args.run_dir:
             raise PeftFtError("give either RUN_DIR (fold one adapter into its base) or --combine (several adapters into one), not both")
@@ -66,14 +66,14 @@ def cmd_merge(args) -> int:
         raise PeftFtError("--how and --density apply to --combine")
     if not args.run_dir:
         raise PeftFtError("give a run folder (peft-ft merge RUN_DIR --out DIR) or --combine NAME=RUN_DIR:WEIGHT,...")
-    from peft_ft.merge import merge_run
+    from peft_ft.serving.merge import merge_run
 
     print(f"merged: {merge_run(args.run_dir, args.out, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from peft_ft.predict import run_predict
+    from peft_ft.serving.predict import run_predict
 
     n = run_predict(args.adapter, args.input, args.format, args.use, args.adapter_field, args.output, args.batch_size, args.device,
                     allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
@@ -91,7 +91,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from peft_ft.sweep import sweep
+    from peft_ft.sweep.study import sweep
 
     out = sweep(args.recipe, args.space, args.trials, args.storage, args.workers, args.resume, args.out, args.set,
                 args.data_dir, args.study)
@@ -100,7 +100,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from peft_ft.serve import run_serve
+    from peft_ft.serving.serve import run_serve
 
     return run_serve(args.adapter, args.host, args.port, args.batch_size, args.device, api_key=args.api_key, allow_pickle=args.allow_pickle,
                      trust_remote_code=args.trust_remote_code,
@@ -110,7 +110,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from peft_ft.export import export_onnx
+    from peft_ft.serving.export import export_onnx
 
     report = export_onnx(args.run_dir, args.onnx, tolerance=args.tolerance, allow_pickle=args.allow_pickle,
                          trust_remote_code=args.trust_remote_code)
@@ -120,7 +120,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_register_embedded(args) -> int:
-    from peft_ft.hub_cache import EMBEDDED_HUB_ID, register_embedded
+    from peft_ft.models.hub_cache import EMBEDDED_HUB_ID, register_embedded
 
     snapshot, what = register_embedded()
     print(f"{EMBEDDED_HUB_ID}: {what} ({snapshot})")
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--allow-pickle", action="store_true",
                            help="load run/model folders holding pickle files (.bin, .pt, .pth, .pkl, .ckpt): they can run code; only for folders you trust")
         if name in ("predict", "serve", "merge", "export", "run"):
-            # Only this flag turns remote code on for a loaded folder: its own files never can (peft_ft.safety).
+            # Only this flag turns remote code on for a loaded folder: its own files never can (peft_ft.models.safety).
             p.add_argument("--trust-remote-code", action="store_true",
                            help="let the base model's own Python code (config.json auto_map + .py files) run; a folder's "
                                 "recipe.toml cannot turn this on. Read that code first"
@@ -254,7 +254,7 @@ SINGLE_PROCESS = {"merge", "predict", "serve", "compare", "sweep", "export"}
 
 
 def check_single_process(command: str) -> None:
-    from peft_ft.distributed import world
+    from peft_ft.engine.distributed import world
 
     if command in SINGLE_PROCESS and world().size > 1:
         raise PeftFtError(f"`peft-ft {command}` runs as one process: start it without torchrun or accelerate launch "

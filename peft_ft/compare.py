@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError, RecipeError
-from peft_ft.output import human_size, write_atomic, write_json
+from peft_ft.storage import human_size, write_atomic, write_json
 
 log = logging.getLogger("peft_ft")
 MEASURE_FILE = "compare.json"
@@ -84,7 +84,7 @@ ALL = "all"  # --methods all: every registered method that applies to each recip
 
 
 def parse_methods(text: str | None) -> list[str] | None:
-    from peft_ft.adapters import METHODS
+    from peft_ft.methods import METHODS
 
     if not text:
         return None
@@ -99,7 +99,7 @@ def parse_methods(text: str | None) -> list[str] | None:
 
 def drop_other_method_keys(raw: dict, method: str) -> None:
     """Remove keys that apply only to other methods (adapter.r for `full`...): the schema rejects them."""
-    from peft_ft.schema import section_types
+    from peft_ft.recipe.schema import section_types
 
     for section, cls in section_types().items():
         values = raw.get(section)
@@ -113,7 +113,7 @@ def drop_other_method_keys(raw: dict, method: str) -> None:
 
 def variant_raw(raw: dict, method: str, seed: int, lr: float | None, name: str, out_dir: Path) -> dict:
     """The recipe's raw TOML (with --set applied) turned into one variant's."""
-    from peft_ft.schema import AdapterSection
+    from peft_ft.recipe.schema import AdapterSection
 
     raw = copy.deepcopy(raw)
     recipe_method = raw.get("adapter", {}).get("method", AdapterSection().method)
@@ -134,7 +134,7 @@ def model_skeleton(recipe, location: str, auto_class: str):
     import torch
     import transformers
 
-    from peft_ft.models import quiet_transformers
+    from peft_ft.models.loading import quiet_transformers
 
     quiet_transformers()
     config = transformers.AutoConfig.from_pretrained(location, trust_remote_code=recipe.model.trust_remote_code)
@@ -145,8 +145,8 @@ def model_skeleton(recipe, location: str, auto_class: str):
 def applicable_methods(raw: dict, path: str, location: str, out_dir: Path) -> list[str]:
     """`--methods all` for one recipe: every registered method whose variant validates and that fits the
     model; each one left out is logged with the reason."""
-    from peft_ft.adapters import METHODS, unsupported
-    from peft_ft.schema import build_recipe
+    from peft_ft.methods import METHODS, unsupported
+    from peft_ft.recipe.schema import build_recipe
     from peft_ft.tasks import TASKS
 
     chosen, skeleton = [], None
@@ -168,7 +168,7 @@ def applicable_methods(raw: dict, path: str, location: str, out_dir: Path) -> li
 
 
 def with_overrides(raw: dict, overrides: list[str]) -> dict:
-    from peft_ft.schema import parse_override
+    from peft_ft.recipe.schema import parse_override
 
     raw = copy.deepcopy(raw)
     for text in overrides:
@@ -182,10 +182,10 @@ def with_overrides(raw: dict, overrides: list[str]) -> dict:
 def build_variants(recipes: list[str], methods: list[str] | None, seeds: int, lrs: dict[str, float],
                    overrides: list[str], out_dir: Path, data_dir: str | None) -> list[Variant]:
     """Every (recipe, method, seed), each validated by the schema before anything trains."""
-    from peft_ft.adapters import METHODS
-    from peft_ft.data import resolve_data_dir, split_sources
-    from peft_ft.models import resolve_model, settle_hub_mode
-    from peft_ft.schema import build_recipe, load_recipe, to_toml
+    from peft_ft.methods import METHODS
+    from peft_ft.data.files import resolve_data_dir, split_sources
+    from peft_ft.models.loading import resolve_model, settle_hub_mode
+    from peft_ft.recipe.schema import build_recipe, load_recipe, to_toml
 
     stems = [Path(r).stem for r in recipes]
     if len(set(stems)) != len(stems):
@@ -212,7 +212,7 @@ def build_variants(recipes: list[str], methods: list[str] | None, seeds: int, lr
 
 def budget_differences(recipes: list[str], overrides: list[str]) -> list[str]:
     """Keys of data and budget that differ between recipes: their comparison is then not like for like."""
-    from peft_ft.schema import load_recipe
+    from peft_ft.recipe.schema import load_recipe
 
     loaded = [load_recipe(r, overrides) for r in recipes]
     keys = [f"data.{f.name}" for f in dataclasses.fields(loaded[0].data)] + ["train.epochs", "train.max_steps", "task.type"]
@@ -229,7 +229,7 @@ def finished_run(compare_dir: Path, run_name: str) -> Path | None:
 
 
 def _recipe_body(text: str) -> str:
-    from peft_ft.portable import portable_toml
+    from peft_ft.rundir.portable import portable_toml
 
     # the values in the form a finished run writes them (machine paths shortened), without the header
     # comments ("# resolved from ...", the run folder's "# fingerprint: ...")
@@ -275,7 +275,7 @@ def compare(recipes: list[str], methods: list[str] | None = None, seeds: int = 1
     """Train every variant not yet finished, then write comparison.{csv,md,png}; returns the folder.
     `isolate=False` trains in this process (tests): quicker to start, but peak memory is then cumulative."""
     from peft_ft.log import setup_logging
-    from peft_ft.schema import load_recipe
+    from peft_ft.recipe.schema import load_recipe
 
     setup_logging(None)
     if seeds < 1:
@@ -283,7 +283,7 @@ def compare(recipes: list[str], methods: list[str] | None = None, seeds: int = 1
     first = load_recipe(recipes[0], list(overrides))
     stems = "+".join(Path(r).stem for r in recipes)
     compare_dir = Path(out) if out else Path(first.output.dir) / f"compare-{stems}"
-    from peft_ft.adapters import METHODS
+    from peft_ft.methods import METHODS
 
     method_names = list(METHODS) if methods == [ALL] else methods or [load_recipe(r, list(overrides)).adapter.method for r in recipes]
     variants = build_variants(recipes, methods, seeds, parse_lrs(list(lrs), method_names), list(overrides),
@@ -325,11 +325,11 @@ def measure_latency(run_dir: Path, data_dir: str | None, rows: int = LATENCY_EXA
     validation's), on the reloaded model, batched as in evaluation, after one warm-up batch."""
     import torch
 
-    from peft_ft.data import resolve_data_dir
-    from peft_ft.run import load_run
-    from peft_ft.schema import load_recipe
+    from peft_ft.data.files import resolve_data_dir
+    from peft_ft.engine.run import load_run
+    from peft_ft.recipe.schema import load_recipe
     from peft_ft.tasks import TASKS, Split
-    from peft_ft.train import setup_torch
+    from peft_ft.engine.train import setup_torch
 
     recipe = load_recipe(run_dir / "recipe.toml")
     task = TASKS[recipe.task.type]
@@ -357,8 +357,8 @@ def child_main(argv: list[str], shared_process: bool = False) -> int:
     """Train one variant recipe, then record its peak memory and eval latency beside its metrics."""
     import argparse
 
-    from peft_ft.run import run
-    from peft_ft.schema import load_recipe
+    from peft_ft.engine.run import run
+    from peft_ft.recipe.schema import load_recipe
 
     parser = argparse.ArgumentParser(prog="python -m peft_ft.compare", description="one variant of peft-ft compare")
     parser.add_argument("recipe")
@@ -405,7 +405,7 @@ def run_numbers(run_dir: Path, task_metrics: tuple[str, ...]) -> dict[str, float
 
 def aggregate(variants: list[Variant], compare_dir: Path) -> list[dict]:
     """One row per label: mean and sample std over its finished seeds (std empty for one seed)."""
-    from peft_ft.schema import load_recipe
+    from peft_ft.recipe.schema import load_recipe
     from peft_ft.tasks import TASKS
 
     rows = []

@@ -10,7 +10,7 @@ without retraining: the weights stay, the metadata is rewritten as `peft-ft run`
   from their stored per-class F1 (checked against the stored macro-F1); with --rescore, NER splits are
   predicted again from the data (no training) and get the conlleval scores, after checking that the
   seqeval F1 of the new predictions equals the stored one;
-- README.md is regenerated from these files (peft_ft.cards).
+- README.md is regenerated from these files (peft_ft.rundir.card).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from peft_ft.cards import model_card
-from peft_ft.models import EMBEDDED_NAME
-from peft_ft.output import write_atomic, write_json
-from peft_ft.portable import data_sources, finish_adapter_config, portable_toml, write_labels
-from peft_ft.schema import load_recipe
+from peft_ft.rundir.card import model_card
+from peft_ft.models.loading import EMBEDDED_NAME
+from peft_ft.storage import write_atomic, write_json
+from peft_ft.rundir.portable import data_sources, finish_adapter_config, portable_toml, write_labels
+from peft_ft.recipe.schema import load_recipe
 
 
 def old_data_dir(info: dict, recipe) -> str | None:
@@ -38,7 +38,7 @@ def old_data_dir(info: dict, recipe) -> str | None:
 def portable_info(info: dict, recipe, data_dir: str | None) -> dict:
     info = {k: v for k, v in info.items() if k != "run_dir"}
     if info["base_model"] == EMBEDDED_NAME:
-        from peft_ft.hub_cache import EMBEDDED_HUB_ID
+        from peft_ft.models.hub_cache import EMBEDDED_HUB_ID
 
         base = {"base_model_id": EMBEDDED_HUB_ID, "base_model_source": "embedded"}
     elif Path(info["base_model"]).is_absolute():
@@ -85,8 +85,8 @@ def classification_extras(metrics: dict, labels: list[str]) -> None:
 
 def rescore_ner(run_dir: Path, metrics: dict, data_dir: str | None) -> None:
     """Predict the NER splits again (the stored adapter, the stored recipe) and add the conlleval scores."""
-    from peft_ft.data import resolve_data_dir
-    from peft_ft.run import load_run
+    from peft_ft.data.files import resolve_data_dir
+    from peft_ft.engine.run import load_run
     from peft_ft.tasks import TASKS
     from peft_ft.tasks.ner import conlleval_metrics, entity_metrics, word_predictions
 

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# A run on the embedded model registers it in the Hugging Face hub cache (peft_ft.hub_cache): the
+# A run on the embedded model registers it in the Hugging Face hub cache (peft_ft.models.hub_cache): the
 # tests get a cache of their own, set before huggingface_hub reads the variable at import.
 HUB_CACHE = tempfile.mkdtemp(prefix="peft-ft-tests-hub-")
 os.environ["HF_HUB_CACHE"] = HUB_CACHE

@@ -97,8 +97,8 @@ def train_sentiment(root: Path, tiny_bert: Path, name: str, *, flip: bool = Fals
     LoRA at lr 5e-3 for 240 steps answers all of TEXTS right (and the flipped adapter all of them flipped)
     for every training seed tried (1-4, min. score 0.93); at lr 1e-2 the tiny model collapsed to two outputs
     on one Intel machine and disagreed on only 4 of 6 texts, so the switching tests depended on the CPU."""
-    from peft_ft.run import run
-    from peft_ft.schema import load_recipe
+    from peft_ft.engine.run import run
+    from peft_ft.recipe.schema import load_recipe
 
     data = root / f"data-{name}"
     data.mkdir(parents=True)
@@ -125,8 +125,8 @@ name = "{name}"
 
 
 def train_ner(root: Path, tiny_bert: Path) -> Path:
-    from peft_ft.run import run
-    from peft_ft.schema import load_recipe
+    from peft_ft.engine.run import run
+    from peft_ft.recipe.schema import load_recipe
 
     rng = random.Random(0)
     rows = []
@@ -159,7 +159,7 @@ name = "ner"
 
 def reference(run_dir: Path, texts: list[str]) -> list[dict]:
     """Answers of one run loaded on its own (load_run + the stock pipeline, no adapter switching)."""
-    from peft_ft.pipelines import pipeline
+    from peft_ft.serving.pipelines import pipeline
 
     return [{"label": o["label"], "score": round(float(o["score"]), 6)} for o in pipeline(run_dir)(texts)]
 
@@ -278,8 +278,8 @@ name = "r"
 # a deterministic "killed mid-epoch" (the batches of epoch 1 are steps 1-8; the first checkpoint is step 3).
 KILLED_CHILD = """
 import os, signal, sys
-import peft_ft.checkpoint as checkpoint
-import peft_ft.train as train
+import peft_ft.engine.checkpoint as checkpoint
+import peft_ft.engine.train as train
 
 after, argv = int(sys.argv[1]), sys.argv[2:]
 seen = {"saved": False, "batches": 0}

@@ -10,8 +10,8 @@ import torch
 
 from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.errors import RecipeError
-from peft_ft.fastlora import speed_up
-from peft_ft.models import enable_activation_checkpointing
+from peft_ft.kernels.fastlora import speed_up
+from peft_ft.models.loading import enable_activation_checkpointing
 
 
 def tiny_model(method: str):
@@ -65,8 +65,8 @@ def test_checkpointed_training_equals_plain_training(method, fast):
 
 
 def test_a_recipe_trains_with_it(tmp_path, tiny_bert):
-    from peft_ft.run import run
-    from peft_ft.schema import load_recipe
+    from peft_ft.engine.run import run
+    from peft_ft.recipe.schema import load_recipe
 
     write_jsonl(tmp_path / "train.jsonl", sentiment_rows(32, seed=1))
     recipe = write_recipe(tmp_path / "r.toml", f"""
@@ -89,7 +89,7 @@ dir = "{tmp_path / 'runs'}"
 
 
 def test_prefix_tuning_with_it_is_refused_at_validation(tmp_path, tiny_bert):
-    from peft_ft.schema import load_recipe
+    from peft_ft.recipe.schema import load_recipe
 
     recipe = write_recipe(tmp_path / "r.toml", f"""
 [model]

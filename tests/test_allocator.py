@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from peft_ft import allocator
+from peft_ft.kernels import allocator
 
 
 def test_settings_apply_exactly_where_glibc_exists():

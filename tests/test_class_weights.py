@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from helpers import write_jsonl, write_recipe
 from peft_ft.errors import RecipeError
-from peft_ft.run import run
-from peft_ft.schema import load_recipe
+from peft_ft.engine.run import run
+from peft_ft.recipe.schema import load_recipe
 from peft_ft.tasks.classification import balanced_weights, use_weighted_loss
 
 RECIPE = """

@@ -13,10 +13,10 @@ import pytest
 
 from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft import compare as cmp
-from peft_ft.adapters import METHODS
+from peft_ft.methods import METHODS
 from peft_ft.cli import main
 from peft_ft.errors import PeftFtError, RecipeError
-from peft_ft.schema import load_recipe
+from peft_ft.recipe.schema import load_recipe
 
 RECIPE = """
 [model]

@@ -1,4 +1,4 @@
-"""Readers and BIO rules of peft_ft.conll, on a few hand-written lines."""
+"""Readers and BIO rules of peft_ft.data.formats.conll, on a few hand-written lines."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from peft_ft.conll import (
+from peft_ft.data.formats.conll import (
     check_bio_tags,
     check_known_tags,
     fix_iob1,

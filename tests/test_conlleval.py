@@ -1,4 +1,4 @@
-"""peft_ft.conlleval scores as the CoNLL `conlleval` perl script does (cases worked out by hand from
+"""peft_ft.tasks.conlleval scores as the CoNLL `conlleval` perl script does (cases worked out by hand from
 its startOfChunk / endOfChunk rules; the module was also checked against the script on 1,000 random
 tag sequences while it was written)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from peft_ft.conlleval import chunks, read_conll_columns, score
+from peft_ft.tasks.conlleval import chunks, read_conll_columns, score
 
 
 def test_an_entity_opening_with_i_is_an_entity():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from peft_ft.errors import PeftFtError
-from peft_ft.schema import build_recipe, load_recipe
+from peft_ft.recipe.schema import build_recipe, load_recipe
 from peft_ft.tasks import TASKS
 
 TEXTS = ["good film", "bad film", "great plot", "awful plot", "fine acting", "terrible acting"]
@@ -94,7 +94,7 @@ def test_a_byte_order_mark_is_read_as_utf8_sig(tmp_path):
 
 
 def test_an_explicit_data_dir_wins_over_the_environment(tmp_path, monkeypatch):
-    from peft_ft.data import resolve_data_dir
+    from peft_ft.data.files import resolve_data_dir
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "env").mkdir()
@@ -117,7 +117,8 @@ def test_no_evaluation_split_is_a_warning_at_validate(tmp_path, tiny_bert):
 def test_written_files_and_folders_honour_the_umask(tmp_path, mask):
     import torch
 
-    from peft_ft import checkpoint, output
+    from peft_ft.engine import checkpoint
+    from peft_ft import storage as output
 
     old = os.umask(mask)
     output.umask.cache_clear()
@@ -135,8 +136,8 @@ def test_written_files_and_folders_honour_the_umask(tmp_path, mask):
 
 
 def test_a_merged_folder_honours_the_umask(tmp_path, tiny_bert):
-    from peft_ft import output
-    from peft_ft.merge import merge_run
+    from peft_ft import storage as output
+    from peft_ft.serving.merge import merge_run
     from helpers import train_sentiment
 
     run_dir = train_sentiment(tmp_path, tiny_bert, "pos")
@@ -154,7 +155,7 @@ def test_a_merged_folder_honours_the_umask(tmp_path, tiny_bert):
 
 @pytest.mark.parametrize("value", ["pos\n=/x", "pos\r=/x", "po s=/x", "pos/../x=/x", "=/x"])
 def test_adapter_names_are_matched_whole(value):
-    from peft_ft.predict import parse_adapter_args
+    from peft_ft.serving.predict import parse_adapter_args
 
     with pytest.raises(PeftFtError, match="may use only letters, digits"):
         parse_adapter_args([value])

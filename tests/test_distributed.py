@@ -20,11 +20,11 @@ import pytest
 import torch.distributed
 
 from helpers import sentiment_rows, write_jsonl, write_recipe
-from peft_ft import distributed
-from peft_ft.batching import train_batches
+from peft_ft.engine import distributed
+from peft_ft.data.batching import train_batches
 from peft_ft.errors import PeftFtError
-from peft_ft.run import resume, run
-from peft_ft.schema import load_recipe
+from peft_ft.engine.run import resume, run
+from peft_ft.recipe.schema import load_recipe
 
 # Rows not a multiple of the batch size (61 = 7 x 8 + 5): the last batch splits 3 + 2, and the
 # validation and test splits (11, 13 rows) split unevenly too.
@@ -261,7 +261,7 @@ def test_weighted_shares_give_the_whole_batch_gradient(monkeypatch, token_labels
     for row losses and for token losses (where the shares hold different numbers of label tokens)."""
     import torch
 
-    from peft_ft import train
+    from peft_ft.engine import train
 
     model, rows = tiny_model_and_rows(token_labels)  # 5 rows: shares of 3 and 2 rows, unequal token counts
     whole_loss = train.forward_backward(model, rows, 0, "cpu", FakeAccelerator())
@@ -278,7 +278,7 @@ def test_weighted_shares_give_the_whole_batch_gradient(monkeypatch, token_labels
 
 def test_an_empty_share_still_runs_backward_with_a_zero_gradient(monkeypatch):
     """One row, two processes: rank 1 has nothing to train on but must still join DDP's exchange."""
-    from peft_ft import train
+    from peft_ft.engine import train
 
     model, rows = tiny_model_and_rows(False, lengths=(4,))
     monkeypatch.setattr(distributed, "world", lambda: distributed.World(2, 1, 1, 2))
@@ -296,9 +296,9 @@ def test_accumulation_4_x_8_equals_1_x_32(token_labels):
     loss of one batch of 32 (each micro-batch weighted by its share of the label tokens)."""
     import torch
 
-    from peft_ft import train
-    from peft_ft.engine import make_accelerator
-    from peft_ft.schema import build_recipe
+    from peft_ft.engine import train
+    from peft_ft.engine.accelerator import make_accelerator
+    from peft_ft.recipe.schema import build_recipe
 
     model, rows = tiny_model_and_rows(token_labels, lengths=[3 + i % 9 for i in range(32)])
     accelerator = make_accelerator(build_recipe({"data": {"train": "t.jsonl"}, "train": {"device": "cpu"}}, "r.toml"))

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.errors import PeftFtError, RecipeError
-from peft_ft.schema import SCHEDULERS, build_recipe, explain, load_recipe
+from peft_ft.recipe.schema import SCHEDULERS, build_recipe, explain, load_recipe
 
 RECIPE = """
 [model]
@@ -49,7 +49,7 @@ def recipe_file(tmp: Path, tiny_bert, data, train: str = "") -> Path:
 @pytest.fixture(scope="module")
 def tracked_bf16_run(tmp_path_factory, tiny_bert, data):
     """One bf16 CPU run, evaluated every 2 steps, reporting to TensorBoard and an MLflow file store."""
-    from peft_ft.run import run
+    from peft_ft.engine.run import run
 
     tmp = tmp_path_factory.mktemp("tracked")
     train = 'mixed_precision = "bf16"\neval_every = 2\nreport_to = ["tensorboard", "mlflow"]\nscheduler = "cosine"'
@@ -114,7 +114,7 @@ def test_mlflow_file_store_gets_the_metrics(tracked_bf16_run):
 def test_every_scheduler_name_builds_and_steps(name):
     import torch
 
-    from peft_ft.train import make_scheduler
+    from peft_ft.engine.train import make_scheduler
 
     param = torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.AdamW([param], lr=1.0)
@@ -151,7 +151,7 @@ def test_engine_keys_are_validated_together_and_explained():
 
 
 def test_fp16_on_cpu_is_refused_with_the_reason():
-    from peft_ft.engine import check_engine
+    from peft_ft.engine.accelerator import check_engine
 
     recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"mixed_precision": "fp16", "device": "cpu"}}, "r.toml")
     with pytest.raises(PeftFtError, match="fp16.*needs a CUDA GPU.*use \"bf16\""):
@@ -163,7 +163,7 @@ def scripted_train(values: list[float], patience: int, eval_every: int = 0, epoc
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from peft_ft.train import train
+    from peft_ft.engine.train import train
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -208,9 +208,9 @@ def test_fast_kernels_are_for_cpu_only(tiny_bert, data, tmp_path):
     import torch
     from peft.tuners.lora import Linear as PeftLoraLinear
 
-    from peft_ft.adapters import METHODS
-    from peft_ft.fastlora import FastDropout
-    from peft_ft.run import build_model, use_fast_kernels
+    from peft_ft.methods import METHODS
+    from peft_ft.kernels.fastlora import FastDropout
+    from peft_ft.engine.run import build_model, use_fast_kernels
     from peft_ft.tasks import TASKS
 
     recipe = load_recipe(recipe_file(tmp_path, tiny_bert, data))
@@ -230,7 +230,7 @@ def test_fast_kernels_are_for_cpu_only(tiny_bert, data, tmp_path):
 
 
 def test_bf16_runs_the_stock_layers():
-    from peft_ft.run import use_fast_kernels
+    from peft_ft.engine.run import use_fast_kernels
 
     recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"mixed_precision": "bf16"}}, "r.toml")
     assert recipe.train.fast_kernels and not use_fast_kernels(recipe, "cpu")
@@ -241,8 +241,8 @@ def test_glibc_allocator_setting_only_with_fast_kernels(monkeypatch, fast):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from peft_ft import allocator
-    from peft_ft.train import train
+    from peft_ft.kernels import allocator
+    from peft_ft.engine.train import train
 
     calls = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("keep"))
@@ -250,7 +250,7 @@ def test_glibc_allocator_setting_only_with_fast_kernels(monkeypatch, fast):
     model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                      intermediate_size=32, num_labels=2))
     if fast:
-        model.peft_ft_fast_kernels = True  # what peft_ft.run.build_model marks when it installs them
+        model.peft_ft_fast_kernels = True  # what peft_ft.engine.run.build_model marks when it installs them
     recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"epochs": 1, "batch_size": 4, "threads": 1, "device": "cpu"}}, "r.toml")
     features = [{"input_ids": [2, 5 + i, 3], "labels": i % 2, "length": 3} for i in range(4)]
     train(model, features, recipe, lr=1e-3, pad_id=0, device=torch.device("cpu"), validate=None, metric="accuracy")
@@ -263,8 +263,8 @@ def test_resume_from_a_mid_epoch_evaluation_checkpoint_matches(tmp_path):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from peft_ft import checkpoint
-    from peft_ft.train import train
+    from peft_ft.engine import checkpoint
+    from peft_ft.engine.train import train
 
     recipe = build_recipe({"data": {"train": "t.jsonl", "validation": "v.jsonl"},
                            "train": {"epochs": 2, "batch_size": 4, "threads": 1, "device": "cpu", "eval_every": 3,
@@ -295,7 +295,7 @@ def test_resume_from_a_mid_epoch_evaluation_checkpoint_matches(tmp_path):
 def test_hooks_see_every_step_and_evaluation():
     from transformers import BertConfig, BertForSequenceClassification
 
-    from peft_ft.train import TrainHooks, train
+    from peft_ft.engine.train import TrainHooks, train
 
     model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                      intermediate_size=32, num_labels=2))

@@ -21,7 +21,7 @@ def test_export_answers_like_pytorch(ner_run, tmp_path, capsys):
     import torch
 
     from peft_ft.cli import main
-    from peft_ft.run import load_run
+    from peft_ft.engine.run import load_run
 
     out = tmp_path / "onnx"
     assert main(["export", str(ner_run), "--onnx", str(out)]) == 0
@@ -43,7 +43,7 @@ def test_export_answers_like_pytorch(ner_run, tmp_path, capsys):
 
 
 def test_export_refused_above_the_tolerance_writes_nothing(ner_run, tmp_path):
-    from peft_ft.export import export_onnx
+    from peft_ft.serving.export import export_onnx
 
     out = tmp_path / "onnx"
     with pytest.raises(PeftFtError, match=r"max \|logit difference\| .* above the tolerance -1"):
@@ -52,7 +52,7 @@ def test_export_refused_above_the_tolerance_writes_nothing(ner_run, tmp_path):
 
 
 def test_export_refuses_what_it_cannot_export(ner_run, tmp_path):
-    from peft_ft.export import export_onnx
+    from peft_ft.serving.export import export_onnx
 
     info = json.loads((ner_run / "peft_ft.json").read_text())
     seq2seq = tmp_path / "s2s"

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from helpers import fit
-from peft_ft import fastattention
-from peft_ft.fastattention import AttentionFunction
-from peft_ft.fastlora import keep_mask, speed_up
+from peft_ft.kernels import fastattention
+from peft_ft.kernels.fastattention import AttentionFunction
+from peft_ft.kernels.fastlora import keep_mask, speed_up
 
 
 def reference(q, k, v, bias, scale, keep, p):

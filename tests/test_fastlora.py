@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import fit
-from peft_ft.fastlora import FastDropout, LoraLinearFunction, SiblingLoraFunction, keep_mask, speed_up
+from peft_ft.kernels.fastlora import FastDropout, LoraLinearFunction, SiblingLoraFunction, keep_mask, speed_up
 
 
 def tiny_lora(dropout: float, hidden_dropout: float = 0.0):
@@ -115,7 +115,7 @@ def test_q_k_v_run_as_one_node_with_one_mask_and_the_others_draw_their_own(monke
 
 def test_siblings_together_equal_siblings_apart():
     """Same masks (one per input either way), same loss and gradients."""
-    from peft_ft import fastlora
+    from peft_ft.kernels import fastlora
 
     together = tiny_lora(0.5, hidden_dropout=0.1)
     apart = copy.deepcopy(together)

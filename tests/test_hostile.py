@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import sentiment_rows, train_sentiment, write_jsonl, write_recipe
-from peft_ft.schema import build_recipe
+from peft_ft.recipe.schema import build_recipe
 
 RECIPE = """
 [model]
@@ -55,7 +55,7 @@ def refused(done: subprocess.CompletedProcess, *pieces: str) -> str:
 
 
 def edited_copy(clean_run: Path, tmp_path: Path, edit) -> Path:
-    # beside the original: the run's local base model is recorded relative to the run folder (peft_ft.portable)
+    # beside the original: the run's local base model is recorded relative to the run folder (peft_ft.rundir.portable)
     copy = shutil.copytree(clean_run, clean_run.parent / f"{tmp_path.name}-copy")
     edit(copy)
     return copy
@@ -198,7 +198,7 @@ def test_validate_and_run_refuse_alike_and_run_leaves_no_folder(case, recipe_cas
 def test_rank_is_bounded_by_the_narrowest_target_layer():
     import torch
 
-    from peft_ft.adapters import check_rank
+    from peft_ft.methods import check_rank
     from peft_ft.errors import PeftFtError
 
     model = torch.nn.Module()
@@ -222,18 +222,18 @@ def test_prefix_tuning_on_a_model_without_past_keys(recipe_case, tmp_path, tiny_
 
 def test_a_refusal_found_while_building_removes_the_new_run_folder(recipe_case, monkeypatch):
     """A misfit only the real model shows (here: forced) ends the run without leaving an orphan folder."""
-    import peft_ft.run
+    import peft_ft.engine.run
     from peft_ft.errors import PeftFtError
-    from peft_ft.schema import load_recipe
+    from peft_ft.recipe.schema import load_recipe
 
     path, runs = recipe_case
 
     def misfit(*args, **kwargs):
         raise PeftFtError("adapter.method: does not fit this model")
 
-    monkeypatch.setattr(peft_ft.run, "build_model", misfit)
+    monkeypatch.setattr(peft_ft.engine.run, "build_model", misfit)
     with pytest.raises(PeftFtError, match="does not fit"):
-        peft_ft.run.run(load_recipe(path))
+        peft_ft.engine.run.run(load_recipe(path))
     assert list((runs / "r").iterdir()) == []
 
 
@@ -270,7 +270,7 @@ def test_a_full_disk_while_saving_leaves_nothing_half_written(clean_run, tmp_pat
 def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_ones(tmp_path, monkeypatch):
     import torch
 
-    from peft_ft import checkpoint
+    from peft_ft.engine import checkpoint
     from peft_ft.errors import PeftFtError
 
     model = torch.nn.Linear(4, 2)
@@ -281,7 +281,7 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_ones(tmp_path,
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("peft_ft.output.write_atomic", full)
+    monkeypatch.setattr("peft_ft.storage.write_atomic", full)
     with pytest.raises(PeftFtError, match=r"not enough disk space to save checkpoint step-0000002: it needs about"):
         checkpoint.save(tmp_path, 2, model, optimizer, scheduler, {})
     assert [p.name for p in checkpoint.listed(tmp_path)] == ["step-0000001"]

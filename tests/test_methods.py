@@ -1,7 +1,7 @@
 """One shared tester over adapter methods x task families (in the manner of peft's PeftCommonTester).
 
 Each combination trains a few steps on a tiny model (BERT for classification, NER and extractive
-QA; T5 for seq2seq) through `peft_ft.run.run` and checks: the loss on a fixed batch went down;
+QA; T5 for seq2seq) through `peft_ft.engine.run.run` and checks: the loss on a fixed batch went down;
 only the adapter and the head get gradients and every frozen weight is unchanged bit for bit;
 the run folder reloads (`load_run`) to identical predictions; an adapter folder holds small files
 with adapter and head weights only; the recorded parameter counts and sizes are right.
@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import peft_ft.train
+import peft_ft.engine.train
 from helpers import official_file, qa_rows, sentiment_rows, toy_sentences, write_conll, write_jsonl, write_recipe, write_tiny_t5
-from peft_ft.adapters import METHODS, cuda_available
+from peft_ft.methods import METHODS, cuda_available
 from peft_ft.errors import PeftFtError, RecipeError
-from peft_ft.run import load_run, run
-from peft_ft.schema import build_recipe, load_recipe
+from peft_ft.engine.run import load_run, run
+from peft_ft.recipe.schema import build_recipe, load_recipe
 from peft_ft.tasks import TASKS
 
 ADAPTERS = ["lora", "prompt_tuning", "prefix_tuning", "ia3", "adalora", "vera", "loha", "lokr", "oft", "boft", "ln_tuning",
@@ -120,12 +120,12 @@ dir = "{tmp_path / 'runs'}"
 
 
 class Probe:
-    """Wraps `peft_ft.train.train`: records the model, its weights, which parameters get gradients
+    """Wraps `peft_ft.engine.train.train`: records the model, its weights, which parameters get gradients
     and the loss on one fixed batch, before and after the real training."""
 
     def __init__(self, monkeypatch):
-        self.real = peft_ft.train.train
-        monkeypatch.setattr(peft_ft.train, "train", self)
+        self.real = peft_ft.engine.train.train
+        monkeypatch.setattr(peft_ft.engine.train, "train", self)
 
     def batch_loss(self, batch) -> float:
         import torch
@@ -135,7 +135,7 @@ class Probe:
             return self.model(**batch).loss.item()
 
     def __call__(self, model, features, recipe, **kwargs):
-        from peft_ft.batching import pad_batch
+        from peft_ft.data.batching import pad_batch
 
         self.model = model
         batch = pad_batch(features[:8], kwargs["pad_id"])
@@ -186,7 +186,7 @@ ONE_FAMILY = {"lora:rslora", "lora:gaussian", "lora:loraplus"}
 def batch_logits(model, features: list[dict], family: str):
     """The model's logits on a fixed padded batch (T5: teacher-forced on the targets), for merge checks."""
     import torch
-    from peft_ft.batching import pad_batch
+    from peft_ft.data.batching import pad_batch
 
     batch = pad_batch(features[:8], 0)
     if family == "seq2seq":
@@ -203,7 +203,7 @@ def batch_logits(model, features: list[dict], family: str):
 def assert_merge_matches_or_is_refused(method: str, run_dir: Path, recipe, family: str, data_dir: Path, out: Path) -> None:
     """A method that merges: `peft-ft merge`'s plain model gives the adapter's logits. One that cannot: refused, saying why."""
     import torch
-    from peft_ft.merge import merge_run
+    from peft_ft.serving.merge import merge_run
 
     if not METHODS[method].merges:
         with pytest.raises(PeftFtError, match=rf"method '{method}' .* cannot be merged: it learns virtual tokens"):
@@ -277,7 +277,7 @@ def test_method_trains_saves_and_reloads(variant, family, tmp_path, monkeypatch,
         # merged == unmerged, or a named refusal
         assert_merge_matches_or_is_refused(method, run_dir, recipe, family, family_data[family], tmp_path / "merged")
         if family == "classification":  # and the folder answers through peft_ft.pipeline
-            from peft_ft.pipelines import pipeline
+            from peft_ft.serving.pipelines import pipeline
 
             answers = pipeline(run_dir)(["the movie was good", "awful plot"])
             assert [a["label"] in ("pos", "neg") for a in answers] == [True, True]
@@ -295,7 +295,7 @@ def test_prefix_projection_saves_the_projected_prefix_and_reloads(tmp_path, monk
 
 
 def build(recipe, family, model_dir, data_dir):
-    from peft_ft.run import build_model
+    from peft_ft.engine.run import build_model
 
     task = TASKS[family]
     data = task.load(recipe, data_dir)
@@ -307,7 +307,7 @@ def test_prompt_tuning_ner_loss_reads_the_real_positions(tmp_path, tiny_bert, fa
     """The loss of the shifted labels equals cross-entropy over the logits of the real tokens
     against the unshifted labels: label k belongs to input token k, not to a virtual one."""
     import torch
-    from peft_ft.batching import pad_batch
+    from peft_ft.data.batching import pad_batch
 
     recipe = recipe_for(tmp_path, tiny_bert, family_data["ner"], "ner", "prompt_tuning")
     task, model, features = build(recipe, "ner", tiny_bert, family_data["ner"])
@@ -327,7 +327,7 @@ def test_prompt_tuning_ner_loss_reads_the_real_positions(tmp_path, tiny_bert, fa
 
 def test_prompt_tuning_qa_positions_are_shifted_and_logits_cut(tmp_path, tiny_bert, family_data):
     import torch
-    from peft_ft.batching import pad_batch
+    from peft_ft.data.batching import pad_batch
 
     recipe = recipe_for(tmp_path, tiny_bert, family_data["qa"], "qa", "prompt_tuning")
     task, model, features = build(recipe, "qa", tiny_bert, family_data["qa"])
@@ -389,7 +389,7 @@ def test_prefix_tuning_on_a_model_without_past_key_values_is_refused_before_trai
         if (tiny_bert / f).exists():
             shutil.copy(tiny_bert / f, model_dir / f)
     called = []
-    monkeypatch.setattr(peft_ft.train, "train", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(peft_ft.engine.train, "train", lambda *a, **k: called.append(1))
     recipe = recipe_for(tmp_path, model_dir, family_data["classification"], "classification", "prefix_tuning")
     refusal = r"adapter.method: prefix_tuning cannot train .*\(distilbert\): (its forward ignores the prefix|a forward with a prefix fails).*prompt_tuning, lora or ia3"
     with pytest.raises(PeftFtError, match=refusal):
@@ -430,7 +430,7 @@ def test_ia3_recipe_targets_come_with_their_feedforward_subset():
 
 
 def test_8bit_without_cuda_is_a_validation_error(monkeypatch):
-    monkeypatch.setattr("peft_ft.adapters.cuda_available", lambda: False)
+    monkeypatch.setattr("peft_ft.methods.cuda_available", lambda: False)
     raw = {**base_recipe(method="lora"), "model": {"load_in_8bit": True}}
     with pytest.raises(RecipeError, match=r"load_in_8bit: an 8-bit base needs a CUDA GPU and this machine has none; "
                                           r"remove model.load_in_8bit .* or run the recipe on a machine with a CUDA GPU"):
@@ -445,7 +445,7 @@ def test_8bit_without_bitsandbytes_names_the_extra(monkeypatch):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr("peft_ft.adapters.cuda_available", lambda: True)
+    monkeypatch.setattr("peft_ft.methods.cuda_available", lambda: True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     raw = {**base_recipe(method="lora"), "model": {"load_in_8bit": True}}
     with pytest.raises(RecipeError, match=r"model.load_in_8bit: needs bitsandbytes, which peft-ft installs only with its "
@@ -458,7 +458,7 @@ def test_8bit_load_keeps_the_head_and_pooler_in_float(monkeypatch, tiny_bert):
     import torch
     import transformers
 
-    from peft_ft.models import int8_kwargs
+    from peft_ft.models.loading import int8_kwargs
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     recipe = build_recipe({"model": {"name": str(tiny_bert)}, **base_recipe(method="lora")}, "r.toml")
@@ -515,7 +515,7 @@ def test_method_options_are_checked_at_validation(adapter, message):
 
 
 def test_8bit_is_refused_for_the_newer_methods(monkeypatch):
-    monkeypatch.setattr("peft_ft.adapters.cuda_available", lambda: True)
+    monkeypatch.setattr("peft_ft.methods.cuda_available", lambda: True)
     raw = {**base_recipe(method="vera"), "model": {"load_in_8bit": True}}
     with pytest.raises(RecipeError, match=r"load_in_8bit: for adapter.method lora or ia3, not 'vera'"):
         build_recipe(raw, "r.toml")
@@ -587,8 +587,8 @@ def test_loraplus_gives_the_b_matrices_the_ratio_times_the_learning_rate(tmp_pat
 
 def test_adapters_of_different_methods_answer_from_one_adapter_set(tmp_path, tiny_bert, family_data):
     """predict/serve: a LoRA, a LoHa and a PiSSA adapter on the same base each give the answers of their own folder."""
-    from peft_ft.pipelines import pipeline
-    from peft_ft.predict import AdapterSet
+    from peft_ft.serving.pipelines import pipeline
+    from peft_ft.serving.predict import AdapterSet
 
     texts = ["the movie was good", "awful plot", "the acting is fine"]
     for name in ("lora", "loha", "pissa", "ptuning"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from peft_ft.errors import PeftFtError
-from peft_ft.pipelines import ANSWERS, Generator, QuestionAnswerer, label_kwargs
-from peft_ft.schema import build_recipe
+from peft_ft.serving.pipelines import ANSWERS, Generator, QuestionAnswerer, label_kwargs
+from peft_ft.recipe.schema import build_recipe
 from helpers import TEXTS, train_ner, train_sentiment
 
 
@@ -34,7 +34,7 @@ def test_pipeline_from_a_run_folder_has_real_label_names(trained):
 
 
 def test_ner_pipeline_groups_entities_with_real_tag_names(tmp_path, tiny_bert):
-    from peft_ft.pipelines import WordTagger, pipeline
+    from peft_ft.serving.pipelines import WordTagger, pipeline
 
     pipe = pipeline(train_ner(tmp_path, tiny_bert))
     assert isinstance(pipe, WordTagger)
@@ -51,7 +51,7 @@ def biased_tagger(tiny_bert, tag: str, max_length: int = 128):
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    from peft_ft.pipelines import WordTagger
+    from peft_ft.serving.pipelines import WordTagger
 
     model = AutoModelForTokenClassification.from_pretrained(
         tiny_bert, id2label=dict(enumerate(NER_LABELS)), label2id={n: i for i, n in enumerate(NER_LABELS)}).eval()
@@ -85,7 +85,7 @@ def test_a_long_text_is_tagged_to_its_last_word(tiny_bert):
 
 
 def test_empty_texts_and_token_rows(tiny_bert):
-    from peft_ft.pipelines import Words
+    from peft_ft.serving.pipelines import Words
 
     tagger = biased_tagger(tiny_bert, "B-PER")
     assert tagger(["", "   "]) == [[], []]

@@ -3,7 +3,7 @@ interpreter that imports nothing of peft-ft, with the trained head and the real 
 
 Each python block of a folder's README.md (its model card) runs as it is, in a subprocess started
 in a temporary directory that holds a copy of the folder, with HF_HUB_OFFLINE=1 and a hub cache
-where the base is registered (peft_ft.hub_cache). A check appended to the block compares what the
+where the base is registered (peft_ft.models.hub_cache). A check appended to the block compares what the
 stock model answers with what the run's own evaluation predicted.
 """
 
@@ -103,7 +103,7 @@ def assert_no_machine_paths(folder: Path, *paths: Path) -> None:
 def test_register_makes_a_hub_id_resolve_offline_and_keeps_real_copies(tmp_path, tiny_bert):
     from huggingface_hub import try_to_load_from_cache
 
-    from peft_ft.hub_cache import register
+    from peft_ft.models.hub_cache import register
 
     cache = tmp_path / "hub"
     snapshot, what = register(tiny_bert, TINY_ID, cache)
@@ -128,7 +128,7 @@ def test_register_embedded_command(tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
 
     from peft_ft.cli import main
-    from peft_ft.models import embedded_model_dir
+    from peft_ft.models.loading import embedded_model_dir
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert main(["register-embedded"]) == 0
@@ -156,7 +156,7 @@ def ner_sentences(n: int, seed: int) -> list[dict]:
 def hub_runs(tmp_path_factory, tiny_bert):
     """A NER and a sentiment run on the tiny BERT named by hub id (registered in a hub cache of the
     test's own), trained by `peft-ft run` in a subprocess with HF_HUB_OFFLINE=1."""
-    from peft_ft.hub_cache import register
+    from peft_ft.models.hub_cache import register
 
     root = tmp_path_factory.mktemp("portable")
     cache = root / "hub"
@@ -312,7 +312,7 @@ SHIPPED_CHECKS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_card_snippets_run_offline_with_stock_tools(name, tmp_path):
-    from peft_ft.hub_cache import register_embedded
+    from peft_ft.models.hub_cache import register_embedded
 
     cache = tmp_path / "hub"
     register_embedded(cache)
@@ -329,8 +329,8 @@ def test_shipped_card_snippets_run_offline_with_stock_tools(name, tmp_path):
 
 
 def test_recipe_text_shortens_absolute_paths_and_says_so():
-    from peft_ft.portable import portable_toml
-    from peft_ft.schema import build_recipe, to_toml
+    from peft_ft.rundir.portable import portable_toml
+    from peft_ft.recipe.schema import build_recipe, to_toml
 
     recipe = build_recipe({"model": {"name": "/models/my-bert"}, "data": {"dir": "/data", "train": "a/train.jsonl",
                            "test": ["/elsewhere/test.jsonl", "b/test2.jsonl"]}, "output": {"dir": "/runs"}}, "/home/me/r.toml")
@@ -342,7 +342,7 @@ def test_recipe_text_shortens_absolute_paths_and_says_so():
 
 
 def test_data_sources_are_relative_to_the_data_folder(tmp_path):
-    from peft_ft.portable import data_sources
+    from peft_ft.rundir.portable import data_sources
 
     data = tmp_path / "data"
     sources = {"train": f"{data}/conll2003/train.txt", "validation": f"10% of {data}/sb/train.parquet",
@@ -353,7 +353,7 @@ def test_data_sources_are_relative_to_the_data_folder(tmp_path):
 
 def test_a_run_on_a_local_base_names_it_by_folder_and_says_when_it_is_gone(tmp_path, tiny_bert):
     from peft_ft.errors import PeftFtError
-    from peft_ft.run import load_run
+    from peft_ft.engine.run import load_run
     from helpers import train_sentiment
 
     run_dir = train_sentiment(tmp_path, tiny_bert, "pos")

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import TEXTS, reference, train_ner, train_sentiment, write_jsonl
 from peft_ft.errors import DataError, PeftFtError
-from peft_ft.predict import AdapterSet, read_inputs, route
+from peft_ft.serving.predict import AdapterSet, read_inputs, route
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_bert) -> dict[str, Path]:
@@ -141,7 +141,7 @@ def test_unknown_adapter_and_missing_text_are_clear_errors(runs):
 
 
 def test_not_a_run_folder_is_named(tmp_path):
-    from peft_ft.predict import parse_adapter_args
+    from peft_ft.serving.predict import parse_adapter_args
 
     with pytest.raises(PeftFtError, match="not a peft-ft run folder.*no peft_ft.json"):
         AdapterSet({"x": tmp_path})

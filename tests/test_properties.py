@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peft_ft.conll import SEPARATORS, check_bio_tags, fix_iob1, read_conll, read_jsonl
+from peft_ft.data.formats.conll import SEPARATORS, check_bio_tags, fix_iob1, read_conll, read_jsonl
 from peft_ft.errors import PeftFtError
-from peft_ft.schema import Recipe, build_recipe, section_types
+from peft_ft.recipe.schema import Recipe, build_recipe, section_types
 
 SECTIONS = section_types()
 KNOWN_KEYS = sorted({f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)})

@@ -9,9 +9,9 @@ import pytest
 
 from helpers import official_file, qa_rows, write_jsonl, write_recipe
 from peft_ft.errors import DataError
-from peft_ft.run import load_run, run
-from peft_ft.schema import build_recipe, load_recipe
-from peft_ft.squad import squad_metrics
+from peft_ft.engine.run import load_run, run
+from peft_ft.recipe.schema import build_recipe, load_recipe
+from peft_ft.data.formats.squad import squad_metrics
 from peft_ft.tasks import TASKS, Split
 from peft_ft.tasks.qa import answer_token_span, best_answer, encode_windows, window_candidates
 
@@ -243,8 +243,8 @@ def test_segment_ids_reach_the_lora_model(tiny_bert):
     """peft's QUESTION_ANS wrapper would drop token_type_ids; the generic PeftModel the runner builds keeps them."""
     import torch
 
-    from peft_ft.adapters import METHODS
-    from peft_ft.models import load_model
+    from peft_ft.methods import METHODS
+    from peft_ft.models.loading import load_model
 
     recipe = build_recipe({"model": {"name": str(tiny_bert)}, "task": {"type": "qa"}, "data": {"train": "t.json"}}, "test.toml")
     model, heads = load_model(str(tiny_bert), recipe, TASKS["qa"].auto_class)

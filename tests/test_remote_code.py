@@ -117,7 +117,7 @@ def test_serve_runs_no_remote_code_without_the_flag(clean_run, tiny_bert, tmp_pa
 
 def test_pipeline_load_run_and_adapter_set_run_no_remote_code_by_default(clean_run, tiny_bert, tmp_path):
     from peft_ft import load_run, pipeline
-    from peft_ft.predict import AdapterSet
+    from peft_ft.serving.predict import AdapterSet
 
     run, marker = hostile_folder(clean_run, tiny_bert, tmp_path)
     assert pipeline(run)("good film")[0]["label"] in ("pos", "neg")
@@ -143,8 +143,8 @@ def test_the_decision_is_one_function(tmp_path, caplog):
     """`run RECIPE`: the recipe decides (warned); a folder's recipe: only the command line decides."""
     import logging
 
-    from peft_ft.safety import remote_code
-    from peft_ft.schema import load_recipe
+    from peft_ft.models.safety import remote_code
+    from peft_ft.recipe.schema import load_recipe
 
     (tmp_path / "r.toml").write_text('[model]\ntrust_remote_code = true\n[data]\ntrain = "x.jsonl"\n')
     asking = load_recipe(tmp_path / "r.toml")

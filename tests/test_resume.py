@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import RESUME_RECIPE as RECIPE, run_killed, sentiment_rows, write_jsonl, write_recipe
-from peft_ft import checkpoint
+from peft_ft.engine import checkpoint
 from peft_ft.cli import main
 from peft_ft.errors import PeftFtError
 
@@ -76,10 +76,10 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(setup):
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches(setup, monkeypatch):
     import signal
 
-    import peft_ft.train
+    import peft_ft.engine.train
 
     tmp, recipe, straight = setup
-    original, count = peft_ft.train.pad_batch, {"n": 0}
+    original, count = peft_ft.engine.train.pad_batch, {"n": 0}
 
     def pad_batch(*args, **kwargs):  # a real SIGINT to this process while step 5 is being prepared
         count["n"] += 1
@@ -87,7 +87,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(setup, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(peft_ft.train, "pad_batch", pad_batch)
+    monkeypatch.setattr(peft_ft.engine.train, "pad_batch", pad_batch)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest was started in the background
     assert main(["run", str(recipe("ctrlc"))]) == 130
     monkeypatch.undo()
@@ -146,7 +146,7 @@ def test_a_failed_checkpoint_save_leaves_the_previous_one_intact(tmp_path, monke
     monkeypatch.setattr(safetensors.torch, "save_file", failing)
     with torch.no_grad():
         model.weight.add_(1.0)
-    # a full disk is the user's to fix: one message with the space needed (peft_ft.output.space_for)
+    # a full disk is the user's to fix: one message with the space needed (peft_ft.storage.space_for)
     with pytest.raises(PeftFtError, match="not enough disk space to save checkpoint step-0000001: it needs about"):
         checkpoint.save(tmp_path, 1, model, optimizer, scheduler, {"epoch": 2})
     with pytest.raises(PeftFtError, match="not enough disk space"):
@@ -191,10 +191,10 @@ def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_
 
 
 def test_nan_loss_stops_with_step_lr_hint_and_keeps_the_last_good_checkpoint(setup, monkeypatch, capsys):
-    import peft_ft.run
+    import peft_ft.engine.run
 
     tmp, recipe, _ = setup
-    original = peft_ft.run.build_model
+    original = peft_ft.engine.run.build_model
     calls = {"n": 0}
 
     def poison(module, inputs, output):
@@ -209,7 +209,7 @@ def test_nan_loss_stops_with_step_lr_hint_and_keeps_the_last_good_checkpoint(set
         model.register_forward_hook(poison)
         return model, tokenizer, heads
 
-    monkeypatch.setattr(peft_ft.run, "build_model", build_model)
+    monkeypatch.setattr(peft_ft.engine.run, "build_model", build_model)
     assert main(["run", str(recipe("nan"))]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -223,8 +223,8 @@ def test_nan_loss_stops_with_step_lr_hint_and_keeps_the_last_good_checkpoint(set
 
 
 def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
-    import peft_ft.output
-    from peft_ft.output import write_json
+    import peft_ft.storage
+    from peft_ft.storage import write_json
 
     path = tmp_path / "metrics.json"
     write_json(path, {"f1": 0.5})
@@ -245,7 +245,7 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
             self.f.flush()
             raise OSError("No space left on device")
 
-    monkeypatch.setattr(peft_ft.output.os, "fdopen", lambda fd, *a, **k: HalfWriter(real_fdopen(fd, *a, **k)))
+    monkeypatch.setattr(peft_ft.storage.os, "fdopen", lambda fd, *a, **k: HalfWriter(real_fdopen(fd, *a, **k)))
     with pytest.raises(PeftFtError, match="not enough disk space to save metrics.json"):
         write_json(path, {"f1": 0.9, "accuracy": 0.9})
     assert json.loads(path.read_text()) == {"f1": 0.5}
@@ -253,7 +253,7 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
 
 
 def test_a_failed_save_pretrained_leaves_the_previous_adapter_intact(tmp_path):
-    from peft_ft.output import save_pretrained_atomic
+    from peft_ft.storage import save_pretrained_atomic
 
     class Model:
         def __init__(self, fail: bool):

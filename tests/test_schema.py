@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from peft_ft.errors import RecipeError
-from peft_ft.schema import explain, load_recipe, parse_override, section_types, to_toml
+from peft_ft.recipe.schema import explain, load_recipe, parse_override, section_types, to_toml
 
 GOOD = """
 [task]

@@ -9,9 +9,9 @@ import pytest
 
 from helpers import official_file, qa_rows, write_jsonl, write_recipe, write_tiny_t5
 from peft_ft.errors import DataError, PeftFtError, RecipeError
-from peft_ft.run import load_run, run
-from peft_ft.schema import build_recipe, load_recipe
-from peft_ft.squad import squad_metrics
+from peft_ft.engine.run import load_run, run
+from peft_ft.recipe.schema import build_recipe, load_recipe
+from peft_ft.data.formats.squad import squad_metrics
 from peft_ft.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +131,7 @@ def test_generation_ignores_labels_and_matches_generate(tmp_path, tiny_t5, squad
 def test_targets_longer_than_their_inputs_can_be_batched(tmp_path, tiny_t5):
     from transformers import AutoTokenizer
 
-    from peft_ft.batching import pad_batch
+    from peft_ft.data.batching import pad_batch
 
     d = tmp_path / "data"
     d.mkdir()

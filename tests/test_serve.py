@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from helpers import TEXTS, reference, sentiment_rows, train_ner, train_sentiment, write_jsonl, write_recipe
-from peft_ft.predict import AdapterSet
-from peft_ft.serve import make_server
+from peft_ft.serving.predict import AdapterSet
+from peft_ft.serving.serve import make_server
 from peft_ft.serving.app import Metrics
 from peft_ft.serving.scheduler import Job, Scheduler
 
@@ -29,8 +29,8 @@ LIMITS = {"max_body": 4096, "max_texts": 8, "max_batch": 8, "max_wait_ms": 20, "
 
 def train_weak(root: Path, tiny_bert: Path) -> Path:
     """A third sentiment adapter with its own head: another seed, fewer epochs."""
-    from peft_ft.run import run
-    from peft_ft.schema import load_recipe
+    from peft_ft.engine.run import run
+    from peft_ft.recipe.schema import load_recipe
 
     data = root / "data-weak"
     data.mkdir(parents=True)
@@ -215,7 +215,7 @@ def test_token_cap_413_names_the_limit(server):
 
 
 def test_slow_headers_are_dropped_and_a_slow_body_gets_408(adapters, monkeypatch):
-    from peft_ft import serve
+    from peft_ft.serving import serve
 
     monkeypatch.setattr(serve, "HEADER_TIMEOUT", 0.5)
     monkeypatch.setattr(serve, "BODY_TIMEOUT", 0.5)
@@ -385,7 +385,7 @@ def test_a_big_request_does_not_hold_up_a_small_one(adapters, monkeypatch):
 def test_runtime_load_unload_inside_the_allow_list_only(adapters, runs, tmp_path):
     import shutil
 
-    # as deep as the runs: their local base model is recorded relative to the run folder (peft_ft.portable)
+    # as deep as the runs: their local base model is recorded relative to the run folder (peft_ft.rundir.portable)
     allowed = runs["flip"].parent.parent / f"{tmp_path.name}-allowed"
     allowed.mkdir()
     shutil.copytree(runs["flip"], allowed / "flip_run")

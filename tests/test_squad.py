@@ -9,8 +9,8 @@ import pytest
 
 from helpers import write_jsonl
 from peft_ft.errors import DataError
-from peft_ft.schema import build_recipe
-from peft_ft.squad import (
+from peft_ft.recipe.schema import build_recipe
+from peft_ft.data.formats.squad import (
     exact_match_score,
     f1_score,
     normalize_answer,

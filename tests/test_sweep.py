@@ -17,9 +17,9 @@ import pytest
 
 from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.cli import main
-from peft_ft.schema import load_recipe
-from peft_ft.space import SpaceError
-from peft_ft.sweep import open_study, storage_url, sweep
+from peft_ft.recipe.schema import load_recipe
+from peft_ft.sweep.space import SpaceError
+from peft_ft.sweep.study import open_study, storage_url, sweep
 
 RECIPE = """
 [model]
@@ -70,7 +70,7 @@ def trials_csv(sweep_dir: Path) -> list[dict]:
 
 
 def finished(sweep_dir: Path):
-    from peft_ft.sweep import Plan
+    from peft_ft.sweep.study import Plan
 
     plan = Plan.read(sweep_dir)
     return open_study(storage_url(sweep_dir, None), plan.study)
@@ -120,7 +120,7 @@ def test_four_trials_sqlite_reports_and_best_recipe(tmp_path, recipe):
     best = load_recipe(best_file)
     assert best.train.lr == pytest.approx(study.best_params["train.lr"]) and best.adapter.r == study.best_params["adapter.r"]
     assert best.data.test == ["test.jsonl"] and best.output.dir == str(tmp_path / "runs")
-    from peft_ft.run import run
+    from peft_ft.engine.run import run
 
     again_dir = run(best)
     again = json.loads((again_dir / "metrics.json").read_text())
@@ -137,17 +137,17 @@ def test_pruning_stops_the_trial_with_the_worst_first_epoch(tmp_path, recipe, mo
     """Two trials, then one whose first-epoch validation value is below theirs: it stops after epoch 1.
     Every trial really trains; its validation macro-F1 is set per seed (what a tiny model learns in an
     epoch moves with any library or numerics change, the pruner's decision must not)."""
-    import peft_ft.train
+    import peft_ft.engine.train
 
     curves = {2: [0.5, 0.7, 0.8], 3: [0.45, 0.6, 0.75], 4: [0.1, 0.9, 0.95]}
-    real_train = peft_ft.train.train
+    real_train = peft_ft.engine.train.train
 
     def train_with_set_scores(model, features, recipe, *, validate, **kwargs):
         def scores(epoch):
             return {**validate(epoch), "macro_f1": curves[recipe.train.seed][epoch - 1]}
         return real_train(model, features, recipe, validate=scores, **kwargs)
 
-    monkeypatch.setattr(peft_ft.train, "train", train_with_set_scores)
+    monkeypatch.setattr(peft_ft.engine.train, "train", train_with_set_scores)
     recipe_file = recipe(epochs=3)
     text = """
 [train]
@@ -195,7 +195,7 @@ def test_resume_runs_stopped_trials_again(tmp_path, recipe):
     with their own values on --resume; they do not count towards --trials, their reruns do."""
     from optuna.trial import TrialState
 
-    from peft_ft.sweep import load_parts
+    from peft_ft.sweep.study import load_parts
 
     space_path = space_file(tmp_path, LR_AND_RANK)
     sweep_dir = sweep(str(recipe()), str(space_path), trials=1, out=str(tmp_path / "sw"))
@@ -362,7 +362,7 @@ def test_a_sweep_where_no_trial_finishes_says_so(tmp_path, recipe, capsys):
 def test_space_errors_name_the_file_and_key(tmp_path, recipe, text, message, capsys):
     space = space_file(tmp_path, text)
     with pytest.raises(SpaceError) as e:
-        from peft_ft.sweep import load_parts
+        from peft_ft.sweep.study import load_parts
 
         load_parts(str(recipe()), str(space), [])
     assert message in str(e.value) and f"{space}: " in str(e.value)
@@ -375,7 +375,7 @@ def test_space_errors_name_the_file_and_key(tmp_path, recipe, text, message, cap
 def test_space_collects_every_problem(tmp_path, recipe):
     space = space_file(tmp_path, "[train]\nlrr = [1e-3]\nepochs = [0]\n[adapter]\nr = []\n")
     with pytest.raises(SpaceError) as e:
-        from peft_ft.sweep import load_parts
+        from peft_ft.sweep.study import load_parts
 
         load_parts(str(recipe()), str(space), [])
     assert e.value.problems == ["train.lrr: not a recipe field (did you mean `train.lr`?)",
@@ -386,9 +386,9 @@ def test_conditional_keys_are_sampled_only_where_they_apply(tmp_path, recipe):
     """adapter.r is a LoRA key: a trial that draws IA3 has no adapter.r and uses IA3's default learning rate."""
     import optuna
 
-    from peft_ft.schema import build_recipe
-    from peft_ft.space import trial_raw
-    from peft_ft.sweep import load_parts
+    from peft_ft.recipe.schema import build_recipe
+    from peft_ft.sweep.space import trial_raw
+    from peft_ft.sweep.study import load_parts
 
     text = "[adapter]\nmethod = [\"lora\", \"ia3\"]\nr = [2, 4]\n"
     r, base, space = load_parts(str(recipe()), str(space_file(tmp_path, text)), [])
@@ -411,7 +411,7 @@ def test_importance_ranks_the_parameter_that_moves_the_value():
     """The ranking is Optuna's fANOVA over finished trials: here the value depends on x alone."""
     import optuna
 
-    from peft_ft.sweep_report import importances, pareto_front
+    from peft_ft.sweep.report import importances, pareto_front
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     study.optimize(lambda t: t.suggest_float("train.lr", 0, 1) + 0 * t.suggest_int("adapter.r", 1, 8), n_trials=12)
@@ -428,7 +428,7 @@ SPACES = sorted((Path(__file__).resolve().parent.parent / "spaces").glob("*.toml
 @pytest.mark.parametrize("space", SPACES, ids=[s.stem for s in SPACES])
 def test_shipped_spaces_are_valid_for_their_recipes(space):
     """spaces/NAME.toml sweeps recipes/NAME.toml."""
-    from peft_ft.sweep import load_parts
+    from peft_ft.sweep.study import load_parts
 
     recipe_file = space.parent.parent / "recipes" / space.name
     _, _, loaded = load_parts(str(recipe_file), str(space), [])

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 from helpers import write_recipe
-from peft_ft.conlleval import chunks, read_conll_columns, score
+from peft_ft.tasks.conlleval import chunks, read_conll_columns, score
 
 
 def conll_file(path: Path, sentences: list[list[tuple[str, str]]]) -> Path:
@@ -54,9 +54,9 @@ def as_chunks(tags: list[str]) -> list[str]:
 
 
 def test_predict_answers_score_like_the_runs_own_predictions(tmp_path, tiny_bert):
-    from peft_ft.predict import run_predict
-    from peft_ft.run import run
-    from peft_ft.schema import load_recipe
+    from peft_ft.serving.predict import run_predict
+    from peft_ft.engine.run import run
+    from peft_ft.recipe.schema import load_recipe
 
     data = tmp_path / "data"
     data.mkdir()

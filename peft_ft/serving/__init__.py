@@ -1,4 +1,4 @@
-"""The parts of `peft-ft serve` (the command itself is `peft_ft.serve`):
+"""The parts of `peft-ft serve` (the command itself is `peft_ft.serving.serve`):
 
 - `schemas`: pydantic request and response models per task family; they make `/docs` and `/openapi.json`.
 - `scheduler`: one worker per loaded base; batches of bounded tokens, rows of several LoRA adapters in one

@@ -137,7 +137,7 @@ class Library:
 
 
 def _run_summary(run_dir: Path) -> dict:
-    from peft_ft.pipelines import read_info
+    from peft_ft.serving.pipelines import read_info
     from peft_ft.tasks import TASKS
 
     info = read_info(run_dir)

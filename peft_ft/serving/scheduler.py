@@ -23,7 +23,7 @@ import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
-from peft_ft.allocator import freed_memory_releaser
+from peft_ft.kernels.allocator import freed_memory_releaser
 
 
 
@@ -225,7 +225,7 @@ def input_cost(tokenizer, recipe, item) -> int:
         ids = tokenizer(item.get("text", ""), item.get("text_pair"), truncation=False)["input_ids"]
     else:  # a text, or NER's `Words` (its text)
         ids = tokenizer(getattr(item, "text", item), truncation=False)["input_ids"]
-    if recipe.task.type == "ner":  # windows of max_length cover the whole text (peft_ft.pipelines.WordTagger)
+    if recipe.task.type == "ner":  # windows of max_length cover the whole text (peft_ft.serving.pipelines.WordTagger)
         return len(ids)
     generated = getattr(recipe.eval, "max_new_tokens", 0) if recipe.task.type == "seq2seq" else 0
     return min(len(ids), max_length) + (generated or 0)

@@ -2,7 +2,7 @@
 
 A family knows how to read its data into examples, which transformers head it needs, how to turn
 examples into token-id features, how to cut a batch's model outputs into per-row outputs, and how
-to score per-row outputs and write predictions. The runner (`peft_ft.run`) knows nothing else
+to score per-row outputs and write predictions. The runner (`peft_ft.engine.run`) knows nothing else
 about tasks. Modules here stay light at import: torch and transformers are imported in functions.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peft_ft.schema import Recipe
+from peft_ft.recipe.schema import Recipe
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Task:
     def predict(self, model, features: list[dict], pad_id: int, batch_size: int, device) -> list[Any]:
         """Per-row outputs for a split, in feature order. The default runs the model forward on
         length-sorted batches and cuts the outputs with `unpack`; generative tasks override it."""
-        from peft_ft.train import predict
+        from peft_ft.engine.train import predict
 
         return predict(model, self, features, pad_id, batch_size, device)
 
@@ -88,7 +88,7 @@ class Task:
         raise NotImplementedError
 
     def write_predictions(self, run_dir: Path, split: Split, records: list[dict]) -> list[Path]:
-        from peft_ft.output import write_atomic
+        from peft_ft.storage import write_atomic
 
         path = run_dir / f"predictions_{split.name}.jsonl"
         write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -1,6 +1,6 @@
 """Single-text and text-pair classification and regression: grading (SciEntsBank), NLI, sentiment, GLUE.
 
-A GLUE preset (`task.glue`, table in `peft_ft.glue`) supplies the columns, label names and official
+A GLUE preset (`task.glue`, table in `peft_ft.data.formats.glue`) supplies the columns, label names and official
 metrics of a GLUE task; a column the recipe sets to other than its default wins over the preset. With `task.regression`
 (or `task.glue = "stsb"`) the label is a number: a one-output head trained with mean squared error.
 Files listed in `data.predict` need no label column: they get predictions only (GLUE: a submission file).
@@ -12,11 +12,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft_ft import glue
-from peft_ft.data import carve_splits, read_split_rows, require_columns, split_sources
+from peft_ft.data.formats import glue
+from peft_ft.data.files import carve_splits, read_split_rows, require_columns, split_sources
 from peft_ft.errors import DataError
-from peft_ft.label_studio import read_classification
-from peft_ft.schema import DataSection, Recipe
+from peft_ft.data.formats.label_studio import read_classification
+from peft_ft.recipe.schema import DataSection, Recipe
 from peft_ft.tasks import Split, Task, TaskData, cap_splits, register_task
 
 log = logging.getLogger("peft_ft")
@@ -240,7 +240,7 @@ class Classification(Task):
         return classification_metrics(gold, predicted, data.labels), records
 
     def write_predictions(self, run_dir: Path, split: Split, records: list[dict]) -> list[Path]:
-        from peft_ft.output import write_atomic
+        from peft_ft.storage import write_atomic
 
         paths = super().write_predictions(run_dir, split, records)
         if isinstance(split, PredictSplit) and split.glue:

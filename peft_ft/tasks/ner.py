@@ -14,7 +14,7 @@ are valid BIO2 either way (IOB1 input is converted or refused on reading), so th
 differ only in how ill-formed predictions count.
 
 Every split is also scored under the rules of the CoNLL `conlleval` script (`conlleval_f1`, ...;
-peft_ft.conlleval): the published CoNLL-2003 numbers are conlleval numbers, and on the same
+peft_ft.tasks.conlleval): the published CoNLL-2003 numbers are conlleval numbers, and on the same
 predictions they differ from seqeval strict whenever a predicted entity opens with I-.
 `scorers` in the metrics names which scorer each number comes from.
 """
@@ -26,12 +26,12 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft_ft.adapters import virtual_positions
-from peft_ft.conll import check_bio_tags, check_known_tags, fix_iob1, label_list, read_conll, read_jsonl, read_tagged_rows
-from peft_ft.data import carve_splits, read_hub_split, split_sources
+from peft_ft.methods import virtual_positions
+from peft_ft.data.formats.conll import check_bio_tags, check_known_tags, fix_iob1, label_list, read_conll, read_jsonl, read_tagged_rows
+from peft_ft.data.files import carve_splits, read_hub_split, split_sources
 from peft_ft.errors import DataError
-from peft_ft.label_studio import read_ner
-from peft_ft.schema import Recipe
+from peft_ft.data.formats.label_studio import read_ner
+from peft_ft.recipe.schema import Recipe
 from peft_ft.tasks import Split, Task, TaskData, cap_splits, register_task
 
 log = logging.getLogger("peft_ft")
@@ -159,7 +159,7 @@ def entity_metrics(gold: list[list[str]], predicted: list[list[str]], mode: str 
         "words": sum(len(s) for s in gold),
         "entities": int(overall["support"]),
         "seqeval_mode": mode,
-        "scorers": {"f1": f"seqeval {mode}" + (" (IOB2)" if mode == "strict" else ""), "conlleval_f1": "conlleval rules (peft_ft.conlleval)"},
+        "scorers": {"f1": f"seqeval {mode}" + (" (IOB2)" if mode == "strict" else ""), "conlleval_f1": "conlleval rules (peft_ft.tasks.conlleval)"},
         "per_type": {
             name: {"precision": float(v["precision"]), "recall": float(v["recall"]), "f1": float(v["f1-score"]), "support": int(v["support"])}
             for name, v in report.items() if not name.endswith(" avg")
@@ -170,7 +170,7 @@ def entity_metrics(gold: list[list[str]], predicted: list[list[str]], mode: str 
 def conlleval_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict:
     """The same predictions scored under conlleval's rules, as flat `conlleval_*` keys (any can pick
     the best epoch) and a per-type table."""
-    from peft_ft.conlleval import score
+    from peft_ft.tasks.conlleval import score
 
     result = score(gold, predicted)
     return {
@@ -310,7 +310,7 @@ class Ner(Task):
         return metrics, records
 
     def write_predictions(self, run_dir: Path, split: Split, records: list[dict]) -> list[Path]:
-        from peft_ft.output import write_atomic
+        from peft_ft.storage import write_atomic
 
         path = run_dir / f"predictions_{split.name}.conll"
         write_atomic(path, conll_text(records))

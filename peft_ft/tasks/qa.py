@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peft_ft.adapters import virtual_positions
+from peft_ft.methods import virtual_positions
 from peft_ft.errors import DataError, PeftFtError
-from peft_ft.schema import Recipe
-from peft_ft.squad import read_squad_split, squad_metrics
+from peft_ft.recipe.schema import Recipe
+from peft_ft.data.formats.squad import read_squad_split, squad_metrics
 from peft_ft.tasks import Split, Task, TaskData, register_task
 
 # Questions named in an error message about their length (the rest are counted).
@@ -30,7 +30,7 @@ def cap_examples(splits: dict[str, Split], recipe: Recipe) -> dict[str, Split]:
 
 
 def load_squad_splits(recipe: Recipe, data_dir: Path | None) -> dict[str, Split]:
-    from peft_ft.data import split_sources
+    from peft_ft.data.files import split_sources
 
     splits = {name: Split(name, location, read_squad_split(recipe, location)) for name, _, location in split_sources(recipe, data_dir)}
     return cap_examples(splits, recipe)
@@ -147,7 +147,7 @@ def answers_by_example(examples: list[dict], features: list[dict], outputs: list
 
 def write_official_predictions(run_dir: Path, split: Split, records: list[dict]) -> list[Path]:
     """`predictions_<split>.json` = {question id: answer}, the file the official evaluate-v1.1.py scores."""
-    from peft_ft.output import write_json
+    from peft_ft.storage import write_json
 
     path = run_dir / f"predictions_{split.name}.json"
     write_json(path, {r["id"]: r["predicted"] for r in records})

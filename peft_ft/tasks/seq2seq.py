@@ -14,8 +14,8 @@ import string
 from pathlib import Path
 
 from peft_ft.errors import DataError
-from peft_ft.schema import Recipe
-from peft_ft.squad import squad_metrics
+from peft_ft.recipe.schema import Recipe
+from peft_ft.data.formats.squad import squad_metrics
 from peft_ft.tasks import Split, Task, TaskData, register_task
 from peft_ft.tasks.qa import cap_examples, load_squad_splits, write_official_predictions
 
@@ -48,7 +48,7 @@ def qa_examples(questions: list[dict], template: str, source: str) -> list[dict]
 def uses_template(recipe: Recipe) -> bool:
     """Text-to-text rows take their input from the template only when it was changed: the default names
     SQuAD fields. (Not `recipe.explicit`: a run folder's resolved recipe.toml writes every key out.)"""
-    from peft_ft.schema import TaskSection
+    from peft_ft.recipe.schema import TaskSection
 
     return recipe.task.input_template != TaskSection().input_template
 
@@ -68,7 +68,7 @@ def pair_examples(rows: list[dict], recipe: Recipe, source: str) -> list[dict]:
 
 
 def load_pair_splits(recipe: Recipe, data_dir: Path | None) -> tuple[dict[str, Split], list[str]]:
-    from peft_ft.data import carve_validation, read_split_rows, require_columns, split_sources
+    from peft_ft.data.files import carve_validation, read_split_rows, require_columns, split_sources
 
     d = recipe.data
     columns = {"data.target_column": d.target_column}
@@ -93,7 +93,7 @@ def generate_texts(model, features: list[dict], pad_id: int, batch_size: int, de
     the model here: with them it would score the gold answer instead of generating."""
     import torch
 
-    from peft_ft.batching import eval_batches, pad_batch
+    from peft_ft.data.batching import eval_batches, pad_batch
 
     settings = features[0]["_generate"]
     tokenizer = settings["tokenizer"]

@@ -1,0 +1,282 @@
+"""Finding and reading data files: the data directory setting, table readers, the hub path.
+
+Every reader returns plain rows (list of dicts) and raises `DataError` naming the file (and the
+row or line) on anything it cannot read. Task families turn rows into their own examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from peft_ft.errors import DataError
+from peft_ft.recipe.schema import Recipe
+
+DATA_DIR_ENV = "PEFT_FT_DATA_DIR"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def data_dir_candidates(recipe: Recipe, cli_dir: str | None = None) -> list[tuple[Path, str]]:
+    """Where to look, most specific first: --data-dir, data.dir, $PEFT_FT_DATA_DIR, ../shared/data.
+    A recipe that names its folder means that folder: the environment variable is only the default."""
+    if cli_dir:
+        return [(Path(cli_dir), "--data-dir")]
+    if recipe.data.dir:
+        given = Path(recipe.data.dir).expanduser()
+        if given.is_absolute():
+            return [(given, "data.dir")]
+        return [(Path.cwd() / given, "data.dir"), (Path(recipe.source).resolve().parent / given, "data.dir")]
+    if os.environ.get(DATA_DIR_ENV):
+        return [(Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}")]
+    # A checkout beside shared/ just works, whether run from the repo root or from elsewhere.
+    return [(Path.cwd() / "../shared/data", "default"), (PROJECT_ROOT / "../shared/data", "default")]
+
+
+def resolve_data_dir(recipe: Recipe, cli_dir: str | None = None) -> Path:
+    candidates = data_dir_candidates(recipe, cli_dir)
+    for path, _ in candidates:
+        if path.is_dir():
+            return path.resolve()
+    looked = ", ".join(f"{p.resolve()} ({why})" for p, why in candidates)
+    raise DataError(
+        f"{recipe.source}: data directory not found; looked in {looked}. "
+        f"Set data.dir in the recipe, pass --data-dir, or set ${DATA_DIR_ENV}."
+    )
+
+
+def resolve_file(data_dir: Path, name: str, key: str, source: str) -> Path:
+    path = Path(name).expanduser()
+    path = path if path.is_absolute() else data_dir / path
+    if not path.is_file():
+        near = sorted(p.name for p in path.parent.glob("*"))[:20] if path.parent.is_dir() else []
+        hint = f" Files there: {', '.join(near)}." if near else f" Folder {path.parent} does not exist."
+        raise DataError(f"{source}: {key}: file not found: {path}.{hint} Fix the name or data.dir.")
+    return path
+
+
+FORMATS_BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+def table_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if path.suffix.lower() not in FORMATS_BY_SUFFIX:
+        raise DataError(f"{path}: cannot tell the format from the extension; set data.format ({', '.join(FORMATS_BY_SUFFIX.values())})")
+    return FORMATS_BY_SUFFIX[path.suffix.lower()]
+
+
+def read_text(path: Path) -> str:
+    """A text file as UTF-8; a leading byte-order mark (Excel's "CSV UTF-8" writes one) is dropped, not read as text."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not UTF-8 ({e.reason}); re-save the file as UTF-8") from None
+
+
+def json_record(line: str, where: str) -> dict:
+    """One JSONL line as a record; `where` names the file and line in the error."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+    return row
+
+
+def read_table(path: Path, fmt: str = "auto") -> list[dict]:
+    """Rows of a CSV / TSV / JSONL / JSON-list / parquet file, as dicts."""
+    fmt = table_format(path, fmt)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            # ParquetFile, not read_table: read_table goes through pyarrow.dataset, whose import pulls in
+            # pandas (a second on every `validate`) for a single file that needs neither.
+            return pq.ParquetFile(path).read().to_pylist()
+        except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    text = read_text(path)
+    if fmt in ("csv", "tsv"):
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(text), delimiter="," if fmt == "csv" else "\t")
+        rows = []
+        for row in reader:
+            if None in row:  # more fields than the header has
+                raise DataError(f"{path}: line {reader.line_num}: more fields than the header's {len(reader.fieldnames)}")
+            rows.append(row)
+        return rows
+    if fmt == "jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                rows.append(json_record(line, f"{path}: line {number}"))
+        return rows
+    if fmt == "json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of records; for one record per line use .jsonl")
+        return rows
+    raise DataError(f"{path}: unknown data.format {fmt!r}; use one of {', '.join(FORMATS_BY_SUFFIX.values())}")
+
+
+def read_hub_split(recipe: Recipe, split: str) -> list[dict]:
+    """A split of a hub dataset (users with internet). Offline, one clear error."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(recipe.data.hub, recipe.data.hub_config or None, split=split)
+    except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, ValueError... by version
+        raise DataError(
+            f"{recipe.source}: data.hub: cannot load {recipe.data.hub!r}"
+            f"{' (' + recipe.data.hub_config + ')' if recipe.data.hub_config else ''} split {split!r}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Offline, the dataset must already be in "
+            f"the Hugging Face cache ({os.environ.get('HF_DATASETS_CACHE', '~/.cache/huggingface/datasets')}); "
+            f"otherwise download the files and point data.train/validation/test at them."
+        ) from None
+    return ds.to_list()
+
+
+def require_columns(rows: list[dict], columns: dict[str, str], path: str):
+    """`columns` maps recipe key -> column name; one error listing every missing column."""
+    if not rows:
+        raise DataError(f"{path}: the split is empty; check the file or the split name")
+    have = list(rows[0].keys())
+    missing = [f"{key} = {name!r}" for key, name in columns.items() if name and name not in rows[0]]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the file has: {', '.join(map(str, have))}")
+
+
+def split_sources(recipe: Recipe, data_dir: Path | None) -> list[tuple[str, str, str]]:
+    """(split name, recipe key, file path or hub split) for train, validation, each test split and
+    each unlabelled predict split (key `data.predict[i]`).
+
+    Test and predict splits are named by file stem (`test_ua.parquet` -> `test_ua`) or by hub split name.
+    """
+    d = recipe.data
+    entries = [("train", "data.train", d.train)]
+    if d.validation:
+        entries.append(("validation", "data.validation", d.validation))
+    for key in ("test", "predict"):
+        entries += [(Path(t).stem if not d.hub else t, f"data.{key}[{i}]", t) for i, t in enumerate(getattr(d, key))]
+    names = [name for name, _, _ in entries]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"{recipe.source}: data.test / data.predict: several splits would be named {', '.join(dupes)}; give the files distinct names")
+    if d.hub:
+        return [(name, key, f"{d.hub}:{value}") for name, key, value in entries]
+    return [(name, key, str(resolve_file(data_dir, value, key, recipe.source))) for name, key, value in entries]
+
+
+def read_split_rows(recipe: Recipe, location: str) -> list[dict]:
+    if recipe.data.hub:
+        return read_hub_split(recipe, location.split(":", 1)[1])
+    return read_table(Path(location), recipe.data.format)
+
+
+def carve_fractions(examples: list[dict], fractions: list[float], seed: int, stratify_key: str | None) -> list[list]:
+    """Hold out each of `fractions` of the rows, seeded, keeping each label's share when
+    `stratify_key` is set. Returns [kept, part 1, part 2, ...], each in the input order.
+
+    Part k takes the next round(n * fraction_k) shuffled rows of every label group, so the first
+    part is the same whether or not later parts are asked for. A part that rounds to no row at
+    all gets one (the next shuffled row of the largest group), so a small file still gives every split."""
+    import random
+
+    rng = random.Random(seed)
+    groups: dict = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex[stratify_key] if stratify_key else None, []).append(i)
+    part_of: dict[int, int] = {}
+    rest: dict = {}
+    for key in sorted(groups, key=str):
+        members = groups[key]
+        rng.shuffle(members)
+        start = 0
+        for k, fraction in enumerate(fractions, 1):
+            count = round(len(members) * fraction)
+            part_of.update((i, k) for i in members[start:start + count])
+            start += count
+        rest[key] = members[start:]
+    for k, fraction in enumerate(fractions, 1):
+        largest = max(rest.values(), key=len, default=[])
+        if fraction and k not in part_of.values() and len(largest) > 1:
+            part_of[largest.pop(0)] = k
+    parts: list[list] = [[] for _ in range(len(fractions) + 1)]
+    for i, ex in enumerate(examples):
+        parts[part_of.get(i, 0)].append(ex)
+    return parts
+
+
+def carve_validation(examples: list[dict], fraction: float, seed: int, stratify_key: str | None) -> tuple[list, list]:
+    """Hold out `fraction` of the rows, seeded, keeping each label's share when `stratify_key` is set."""
+    keep, held = carve_fractions(examples, [fraction], seed, stratify_key)
+    return keep, held
+
+
+def carve_splits(splits: dict, recipe: Recipe, stratify_key: str | None, unit: str) -> tuple[dict, list[str]]:
+    """Carve `validation` (data.validation_fraction) and `test` (data.test_fraction) out of the
+    training split, seeded by train.seed. Returns the splits in order (train, validation, test,
+    the rest) and a note per carved split."""
+    from peft_ft.tasks import Split
+
+    d, seed = recipe.data, recipe.train.seed
+    wanted = {n: f for n, f in (("validation", d.validation_fraction), ("test", d.test_fraction)) if f}
+    if not wanted:
+        return splits, []
+    train = splits["train"]
+    keep, *parts = carve_fractions(train.examples, list(wanted.values()), seed, stratify_key)
+    total, how = len(train.examples), f", stratified by {stratify_key}" if stratify_key else ""
+    carved, notes = {}, []
+    for (name, fraction), held in zip(wanted.items(), parts):
+        if not held:
+            raise DataError(f"{train.source}: data.{name}_fraction = {fraction} of {total} training {unit} holds out none; "
+                            f"raise the fraction or add data")
+        carved[name] = Split(name, f"{fraction:.0%} of {train.source}", held)
+        notes.append(f"{name}: held out {len(held)} of {total} training {unit}{how} (seed {seed})")
+    if not keep:
+        raise DataError(f"{train.source}: the held-out fractions leave no training {unit}; lower data.validation_fraction / data.test_fraction")
+    ordered = {"train": Split("train", train.source, keep)}
+    for name in ("validation", "test"):
+        if name in carved or name in splits:
+            ordered[name] = carved.get(name) or splits[name]
+    return {**ordered, **{n: s for n, s in splits.items() if n not in ordered}}, notes
+
+
+def split_summary(splits: dict, labels: list[str]) -> dict:
+    """Each split's source, size and label counts: classes (classification) or entities by type (NER)."""
+    from collections import Counter
+
+    summary = {}
+    for name, split in splits.items():
+        counts, key = Counter(), "labels"
+        for e in split.examples:
+            if "tags" in e:
+                key = "entities"
+                counts.update(labels[t][2:] for t in e["tags"] if labels[t].startswith("B-"))
+            elif isinstance(e.get("label"), int) and not isinstance(e.get("label"), bool):
+                counts[labels[e["label"]]] += 1
+        summary[name] = {"source": split.source, "size": len(split.examples), key: dict(sorted(counts.items()))}
+    return summary
+
+
+def record_splits(splits: dict, labels: list[str], run_dir: Path) -> None:
+    """Log every split's size and label counts and write them to <run>/splits.json."""
+    import logging
+
+    from peft_ft.storage import write_json
+
+    summary = split_summary(splits, labels)
+    for name, s in summary.items():
+        counts = s.get("labels", s.get("entities", {}))
+        what = "entities" if "entities" in s else "labels"
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+        logging.getLogger("peft_ft").info("%s: %d rows; %s: %s", name, s["size"], what, shown)
+    write_json(run_dir / "splits.json", summary)

@@ -1,0 +1,180 @@
+"""Reading tagged sentences: CoNLL-style column files, JSONL token/tag lists, and BIO checks.
+
+Pure Python (no torch, no seqeval) so every rule here is testable on a few lines of text. A
+sentence is a dict: `tokens`, `tags` (strings), `line` (where it starts) and `lines` (the line of
+each token, for messages). Every problem is a `DataError` naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peft_ft.data.files import read_text
+from peft_ft.errors import DataError
+
+DOCSTART = "-DOCSTART-"
+SEPARATORS = {"whitespace": None, "tab": "\t", "space": " "}  # None: str.split() on any run of whitespace
+
+
+def _columns(line: str, separator: str) -> list[str]:
+    stripped = line.strip()  # trailing spaces, tabs and \r are never part of a tag
+    sep = SEPARATORS[separator]
+    if sep is None:
+        return stripped.split()
+    return [c.strip() for c in stripped.split(sep)]
+
+
+def read_conll(path: Path | str, *, token_column: int = 0, tag_column: int = -1, separator: str = "whitespace",
+               comment_prefix: str = "") -> list[dict]:
+    """Sentences of a column file: one token per line, a blank line between sentences.
+
+    `-DOCSTART-` lines (CoNLL-2003 document breaks) end a sentence and are dropped. Every line of a
+    file must have the same number of columns as its first token line.
+    """
+    sentences: list[dict] = []
+    current: dict | None = None
+    width = None
+    for number, line in enumerate(read_text(Path(path)).splitlines(), 1):
+        if comment_prefix and line.lstrip().startswith(comment_prefix):
+            continue
+        columns = _columns(line, separator) if line.strip() else []
+        if not columns or DOCSTART in columns:
+            current = None
+            continue
+        if width is None:
+            width = _check_width(path, number, columns, token_column, tag_column, separator)
+        elif len(columns) != width:
+            raise DataError(
+                f"{path}: line {number}: {len(columns)} column(s) where the file's first line has {width} "
+                f"({line.strip()!r}); every token line needs the same columns (data.separator = {separator!r})"
+            )
+        if current is None:
+            current = {"tokens": [], "tags": [], "line": number, "lines": []}
+            sentences.append(current)
+        current["tokens"].append(columns[token_column])
+        current["tags"].append(columns[tag_column])
+        current["lines"].append(number)
+    return sentences
+
+
+def _check_width(path: Path, number: int, columns: list[str], token_column: int, tag_column: int, separator: str) -> int:
+    width = len(columns)
+    hint = f"check data.separator (now {separator!r}), data.token_column and data.tag_column"
+    if width < 2:
+        raise DataError(f"{path}: line {number}: one column ({columns[0]!r}); a token line needs a token and a tag; {hint}")
+    for key, index in (("data.token_column", token_column), ("data.tag_column", tag_column)):
+        if not -width <= index < width:
+            raise DataError(f"{path}: line {number}: {key} = {index} but the line has {width} columns; {hint}")
+    if token_column % width == tag_column % width:
+        raise DataError(f"{path}: data.token_column and data.tag_column name the same column ({token_column % width})")
+    return width
+
+
+def read_tagged_rows(rows: list[tuple[int, dict]], where: str, *, tokens_field: str = "tokens", tags_field: str = "tags",
+                     labels: list[str] = ()) -> tuple[list[dict], int]:
+    """Sentences from (line or row number, record) pairs with a token list and a tag list (JSONL
+    lines, hub rows). Integer tags (a hub dataset's `ner_tags`) are looked up in `labels`
+    (task.labels). Returns the sentences and how many empty records were skipped.
+    """
+    sentences, empty = [], 0
+    for number, row in rows:
+        missing = [f for f in (tokens_field, tags_field) if not isinstance(row, dict) or f not in row]
+        if missing:
+            have = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{where}: line {number}: no field {', '.join(map(repr, missing))} (it has: {have}); "
+                            f"set data.tokens_field / data.tags_field")
+        tokens, tags = row[tokens_field], row[tags_field]
+        if not isinstance(tokens, list) or not isinstance(tags, list):
+            raise DataError(f"{where}: line {number}: {tokens_field!r} and {tags_field!r} must be lists")
+        if len(tokens) != len(tags):
+            raise DataError(f"{where}: line {number}: {len(tokens)} tokens but {len(tags)} tags")
+        if not tokens:
+            empty += 1
+            continue
+        tags = [_tag_name(t, labels, where, number) for t in tags]
+        sentences.append({"tokens": [str(t) for t in tokens], "tags": tags, "line": number, "lines": [number] * len(tokens)})
+    return sentences, empty
+
+
+def read_jsonl(path: Path | str, **fields) -> tuple[list[dict], int]:
+    """Sentences of a JSONL file, one record per line (see `read_tagged_rows`); blank lines are skipped."""
+    rows = []
+    for number, line in enumerate(read_text(Path(path)).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+    return read_tagged_rows(rows, str(path), **fields)
+
+
+def _tag_name(tag, labels, where: str, number: int) -> str:
+    if isinstance(tag, int) and not isinstance(tag, bool):
+        if not labels:
+            raise DataError(f"{where}: line {number}: integer tag {tag}; list the tag names in id order in task.labels")
+        if not 0 <= tag < len(labels):
+            raise DataError(f"{where}: line {number}: tag id {tag} is outside task.labels ({len(labels)} names)")
+        return labels[tag]
+    return str(tag)
+
+
+# --- BIO ----------------------------------------------------------------------------------------
+
+
+def check_bio_tags(sentences: list[dict], where: str) -> None:
+    """Every tag is O, B-TYPE or I-TYPE; other schemes (BIOES, bare types) would be mis-scored."""
+    for s in sentences:
+        for tag, line in zip(s["tags"], s["lines"]):
+            if tag != "O" and not (len(tag) > 2 and tag[:2] in ("B-", "I-")):
+                raise DataError(f"{where}: line {line}: tag {tag!r} is not BIO (O, B-TYPE or I-TYPE); "
+                                f"convert the file to BIO tags")
+
+
+def opens_entity(previous: str | None, tag: str) -> bool:
+    """An I- tag that does not continue an entity of its own type (the IOB1 way of starting one)."""
+    return tag.startswith("I-") and (previous is None or previous == "O" or previous[2:] != tag[2:])
+
+
+def iob1_positions(tags: list[str]) -> list[int]:
+    return [i for i, tag in enumerate(tags) if opens_entity(tags[i - 1] if i else None, tag)]
+
+
+def to_bio2(tags: list[str]) -> list[str]:
+    """IOB1 -> BIO2: an I- that opens an entity becomes B-; B- between two entities stays B-."""
+    opening = set(iob1_positions(tags))
+    return ["B-" + tag[2:] if i in opening else tag for i, tag in enumerate(tags)]
+
+
+def fix_iob1(sentences: list[dict], where: str, convert: bool) -> int:
+    """Convert (in place) or refuse I- tags that open an entity; returns how many were converted."""
+    converted = 0
+    for s in sentences:
+        positions = iob1_positions(s["tags"])
+        if not positions:
+            continue
+        if not convert:
+            i = positions[0]
+            raise DataError(f"{where}: line {s['lines'][i]}: tag {s['tags'][i]!r} opens an entity (IOB1, or a broken BIO "
+                            f"sequence); set task.convert_iob1 = true to convert it to B-, or fix the file")
+        s["tags"] = to_bio2(s["tags"])
+        converted += len(positions)
+    return converted
+
+
+def label_list(tags: set[str]) -> list[str]:
+    """A stable order independent of the file: O, then B-/I- per entity type, types sorted.
+
+    A type seen in training gets both its B- and I- tag, so a one-word-only type in training
+    does not make a longer entity of the same type in test an error.
+    """
+    types = sorted({t[2:] for t in tags if t != "O"})
+    return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
+
+
+def check_known_tags(sentences: list[dict], labels: list[str], where: str, fix: str) -> None:
+    known = set(labels)
+    for s in sentences:
+        for tag, line in zip(s["tags"], s["lines"]):
+            if tag not in known:
+                raise DataError(f"{where}: line {line}: tag {tag!r} {fix}")

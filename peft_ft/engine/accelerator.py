@@ -1,0 +1,165 @@
+"""The engine under the training loop: one `accelerate.Accelerator` per run.
+
+accelerate does what is not ours to write: joining the processes `accelerate launch` or `torchrun`
+started (gloo on CPU, NCCL on CUDA), wrapping the model in DDP (gradients averaged in buckets while
+backward runs) or in FSDP / DeepSpeed when the launcher's config file asks for them, mixed
+precision (autocast, and fp16 loss scaling), and the experiment trackers. The recipe stays the same
+whatever the launcher: `accelerate launch --config_file configs/accelerate/ddp.yaml -m peft_ft run R`.
+
+What stays ours: the batches (peft_ft.data.batching), how a batch is shared between processes
+(peft_ft.engine.distributed), the checkpoints (peft_ft.engine.checkpoint) and the run folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from peft_ft.errors import PeftFtError
+from peft_ft.recipe.schema import Recipe
+
+log = logging.getLogger("peft_ft")
+
+# Where each tracker writes, inside the run folder (so a run folder carries its own curves).
+TRACKING_FOLDER = "tracking"
+
+
+def use_cuda(recipe: Recipe) -> bool:
+    import torch
+
+    return recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available())
+
+
+def check_engine(recipe: Recipe) -> None:
+    """Device and precision choices this machine cannot run; called before the run folder is made (and by
+    `validate`: torch, seconds to import, only when the recipe asks for CUDA or mixed precision)."""
+    t = recipe.train
+    for name in t.report_to:
+        module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
+        if importlib.util.find_spec(module) is None:
+            raise PeftFtError(f"{recipe.source}: train.report_to: {name!r} is not installed; "
+                              f"pip install 'peft-ft[tracking]' (or remove {name!r})")
+    if t.device != "cuda" and t.mixed_precision == "no":
+        return
+    import torch
+
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise PeftFtError(f"{recipe.source}: train.device: \"cuda\" asked for, but torch sees no CUDA GPU; use \"auto\" or \"cpu\"")
+    cuda = use_cuda(recipe)
+    if t.mixed_precision == "fp16" and not cuda:
+        raise PeftFtError(f"{recipe.source}: train.mixed_precision: \"fp16\" needs a CUDA GPU (float16 autocast with loss "
+                          f"scaling); this run is on the CPU: use \"bf16\" (CPU autocast) or \"no\"")
+    if t.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise PeftFtError(f"{recipe.source}: train.mixed_precision: \"bf16\" is not supported by this GPU "
+                          f"(compute capability below 8.0); use \"fp16\" or \"no\"")
+
+
+def make_accelerator(recipe: Recipe):
+    """The run's Accelerator. The recipe decides precision; the launcher (its environment, from
+    `accelerate launch --config_file`) decides processes and DDP / FSDP / DeepSpeed."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from peft_ft.engine import distributed
+
+    if distributed.world().size == 1:
+        # accelerate keeps its state per process; several runs in one process (tests, `compare`) may
+        # each choose another precision. With several processes there is one run per process.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher_precision and launcher_precision != recipe.train.mixed_precision:
+        log.warning("the launcher asks for mixed precision %r; the recipe's train.mixed_precision %r is used",
+                    launcher_precision, recipe.train.mixed_precision)
+    accelerator = Accelerator(
+        cpu=not use_cuda(recipe),
+        mixed_precision=recipe.train.mixed_precision,
+        # Our loop weights each share and micro-batch by what its loss averages over, so accelerate
+        # must not divide the loss again: accumulation is done by the loop (peft_ft.engine.train).
+        gradient_accumulation_steps=1,
+        # Trackers are opened by `start_tracking` once the run folder they write into exists.
+        # LoRA keeps frozen weights out of DDP's buckets already (requires_grad False); every trainable
+        # weight takes part in each forward, so DDP need not search the graph for unused ones.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    if accelerator.distributed_type.value == "DEEPSPEED" and recipe.train.gradient_accumulation_steps > 1:
+        # DeepSpeed steps its optimizer inside backward, by its own accumulation count: the loop's
+        # weighted micro-batches would each become a step.
+        raise PeftFtError(f"{recipe.source}: train.gradient_accumulation_steps: under DeepSpeed set it to 1 and put "
+                          f"gradient_accumulation_steps in the accelerate config's deepspeed_config instead")
+    return accelerator
+
+
+def notes(accelerator) -> list[str]:
+    """What the run log should say about the engine (the launcher's choices as accelerate applied them)."""
+    kind = accelerator.distributed_type.value
+    if kind in ("FSDP", "DEEPSPEED"):
+        return [f"accelerate: {kind} over {accelerator.num_processes} processes"]
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # accelerate applies FSDP to GPU processes only; CPU processes run as plain DDP (see README).
+        return ["the launcher's config asks for FSDP, but accelerate shards models only on GPUs: these CPU "
+                "processes train data-parallel (DDP), each holding the whole model"]
+    return []
+
+
+def is_sharded(accelerator) -> bool:
+    """FSDP or DeepSpeed: parameters and optimizer state are split across processes."""
+    return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+
+
+def start_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
+    """Open the recipe's trackers, writing under `<run>/tracking/` and offline unless the user's
+    environment says otherwise (MLFLOW_TRACKING_URI, WANDB_MODE / WANDB_DIR)."""
+    if not recipe.train.report_to:
+        return
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    folder = run_dir / TRACKING_FOLDER
+    name = recipe.output.name or Path(recipe.source).stem
+    kwargs = {"tensorboard": {"logging_dir": str(folder / "tensorboard")},
+              "mlflow": {"logging_dir": str(folder / "mlflow-artifacts")},
+              "wandb": {"mode": os.environ.get("WANDB_MODE", "offline"), "dir": os.environ.get("WANDB_DIR", str(folder))}}
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        if "mlflow" in recipe.train.report_to and "MLFLOW_TRACKING_URI" not in os.environ:
+            import mlflow
+
+            # A file store: no server, no database, and it travels with the run folder. MLflow 3 keeps it
+            # "in maintenance mode" and refuses it unless this opt-out is set; MLFLOW_TRACKING_URI
+            # (a database or a server) replaces it altogether.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            mlflow.set_tracking_uri((folder / "mlruns").resolve().as_uri())
+    # Built here rather than named to Accelerator(log_with=...): accelerate wants the logging folder
+    # when the Accelerator is made, before the main process has made the run folder.
+    accelerator.log_with = [LOGGER_TYPE_TO_CLASS[n](name, **kwargs[n]) for n in recipe.train.report_to]
+    accelerator.init_trackers(name, config=_flat_config(recipe))
+    log.info("tracking: %s under %s", ", ".join(recipe.train.report_to), folder)
+
+
+def finish_tracking(accelerator) -> None:
+    """Close the trackers (not `end_training`: that also ends the process group, still needed to evaluate)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+
+
+def _flat_config(recipe: Recipe) -> dict:
+    """Hyperparameters as the trackers want them: flat, numbers and strings only."""
+    flat = {}
+    for section, values in recipe.to_dict().items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def gathered_state_dict(accelerator, model) -> dict | None:
+    """The whole model's weights, gathered from its shards (FSDP, DeepSpeed ZeRO-3) for saving; every
+    process must call this. None when each process holds the whole model (one process, DDP)."""
+    if not is_sharded(accelerator):
+        return None
+    # The prepared (wrapped) model is the one that can gather; accelerate keeps it in `_models`.
+    prepared = next((m for m in accelerator._models if accelerator.unwrap_model(m) is model), model)
+    return accelerator.get_state_dict(prepared)

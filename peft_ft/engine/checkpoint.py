@@ -1,0 +1,203 @@
+"""Resumable training checkpoints: `<run>/checkpoints/step-NNNNNNN/`, each written whole or not at all.
+
+A checkpoint holds what the loop needs to continue exactly where it stopped, and nothing a user
+has to unpickle: the trainable parameters (`trainable.safetensors`: the adapter and head, small),
+the optimizer's tensors (`optimizer.safetensors`), the torch RNG states (`rng.safetensors`), and
+`state.json` with the optimizer's param groups, the scheduler, the Python and numpy RNG states,
+the position (epoch, batches done in it), the history and the name of the best epoch's checkpoint.
+The data order needs no state: `train_batches` is a pure function of (seed, epoch).
+
+Each checkpoint is written into a hidden folder and renamed into place, so a crash mid-save leaves
+the previous checkpoints as they were and no half-written one that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peft_ft.errors import PeftFtError
+
+FOLDER = "checkpoints"
+WEIGHTS = "trainable.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+RNG = "rng.safetensors"
+STATE = "state.json"
+
+
+def name_of(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def listed(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written ones are hidden folders and never listed)."""
+    root = Path(run_dir) / FOLDER
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE).is_file())
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
+    """Write checkpoint `step-<step>` atomically; an existing one of the same step is replaced."""
+    from safetensors.torch import save_file
+
+    from peft_ft.storage import honour_umask, space_for, tensor_bytes, write_json
+
+    root = Path(run_dir) / FOLDER
+    root.mkdir(exist_ok=True)
+    final = root / name_of(step)
+    weights = trainable_tensors(model)
+    optim_tensors, optim_json = _flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_json = _rng_state()
+    needed = tensor_bytes([*weights.values(), *optim_tensors.values(), *rng_tensors.values()])
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".saving-"))
+    try:
+        with space_for(root, needed, f"checkpoint {final.name}"):
+            save_file(weights, str(staging / WEIGHTS))
+            save_file(optim_tensors, str(staging / OPTIMIZER))
+            save_file(rng_tensors, str(staging / RNG))
+            write_json(staging / STATE, {**state, "step": step, "optimizer": optim_json,
+                                         "scheduler": scheduler.state_dict(), "rng": rng_json})
+        honour_umask(staging, directory=True)
+        if final.exists():  # e.g. Ctrl-C on the last step of an epoch, then the epoch-end save
+            old = Path(tempfile.mkdtemp(dir=root, prefix=".replaced-"))
+            os.replace(final, old / final.name)
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def load(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states from a checkpoint; returns its state."""
+    from safetensors.torch import load_file
+
+    state = read_state(path)
+    restore_weights(model, load_file(str(path / WEIGHTS)))
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / OPTIMIZER)), state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(load_file(str(path / RNG)), state["rng"])
+    return state
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / STATE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise PeftFtError(f"{path}: unreadable checkpoint ({e}); remove this folder to resume from the one before") from None
+
+
+def load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / WEIGHTS))
+
+
+def trainable_tensors(model) -> dict:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_weights(model, tensors: dict) -> None:
+    """Copy saved trainable tensors into the model; names must match exactly (same recipe, same model)."""
+    import torch
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(tensors):
+        extra, missing = sorted(set(tensors) - set(params))[:3], sorted(set(params) - set(tensors))[:3]
+        raise PeftFtError(f"checkpoint does not fit the model built from the recipe (unexpected {extra}, missing {missing}); "
+                          f"was the model folder or recipe.toml changed?")
+    wrong = [f"{n} {tuple(tensors[n].shape)} vs {tuple(p.shape)}" for n, p in params.items() if tuple(p.shape) != tuple(tensors[n].shape)]
+    if wrong:
+        raise PeftFtError(f"checkpoint does not fit the model built from the recipe: {len(wrong)} tensor(s) of another shape "
+                          f"(saved vs built: {'; '.join(wrong[:3])}); was adapter.r or the model folder changed? Put it back, "
+                          f"or start a new run")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def prune(run_dir: Path, keep: int, protect: str | None) -> list[str]:
+    """Delete all but the `keep` newest checkpoints, never `protect` (the best epoch's); returns the removed names."""
+    checkpoints = listed(run_dir)
+    newest = {p.name for p in checkpoints[-keep:]} if keep > 0 else set()
+    removed = []
+    for p in checkpoints:
+        if p.name not in newest and p.name != protect:
+            shutil.rmtree(p)
+            removed.append(p.name)
+    return removed
+
+
+def clean_partial(run_dir: Path) -> None:
+    """Remove hidden folders a killed save left behind."""
+    root = Path(run_dir) / FOLDER
+    for p in root.glob(".*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# --- optimizer and RNG state as safetensors + JSON (no pickles) ---------------------------------
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict, dict]:
+    """Tensors as `<param index>.<key>`; everything else (param groups, plain numbers) as JSON."""
+    import torch
+
+    tensors, scalars = {}, {}
+    for index, entries in state_dict["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict, saved: dict) -> dict:
+    state: dict = {}
+    for flat, value in [*tensors.items(), *saved["scalars"].items()]:
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    # JSON turned tuples (AdamW's betas) into lists; give them back their type.
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in saved["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_state() -> tuple[dict, dict]:
+    import random
+
+    import numpy as np
+    import torch
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def _set_rng_state(tensors: dict, saved: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

@@ -1,0 +1,112 @@
+"""What several processes share, besides the gradients: who they are, how a batch and an
+evaluation split are divided between them, and what only the main process does.
+
+Processes are started by `accelerate launch` or `torchrun`; accelerate (peft_ft.engine.accelerator) joins them
+and its DDP averages the gradients. Every process builds the same model and reads the same data,
+trains on its share of every batch, and the main process (rank 0) alone writes the run folder.
+The few collectives here (broadcast a value, gather predictions) are plain `torch.distributed` on
+the process group accelerate made.
+
+Without WORLD_SIZE (or with WORLD_SIZE=1) every function here is a cheap no-op and torch is never
+imported by it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from peft_ft.errors import PeftFtError
+
+@dataclass(frozen=True)
+class World:
+    size: int = 1  # processes in all
+    rank: int = 0  # this process, 0 = main
+    local_rank: int = 0  # this process on its machine: its GPU index
+    local_size: int = 1  # processes on this machine: they share its CPU cores
+
+
+def world() -> World:
+    """This process's place, from the variables torchrun (which `accelerate launch` uses too) sets."""
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    try:
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return World()
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    except ValueError:
+        found = ", ".join(f"{n}={os.environ.get(n)!r}" for n in names if n in os.environ)
+        raise PeftFtError(f"distributed environment: expected whole numbers, got {found}; start with torchrun or accelerate launch") from None
+    return World(size, rank, local_rank, local_size)
+
+
+def is_main() -> bool:
+    return world().rank == 0
+
+
+def check_environment() -> None:
+    """A WORLD_SIZE without the rendezvous address: started by hand rather than by a launcher."""
+    w = world()
+    missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if n not in os.environ]
+    if w.size > 1 and missing:
+        raise PeftFtError(f"WORLD_SIZE={w.size} is set but {', '.join(missing)} is not: start several processes with "
+                          f"torchrun or accelerate launch, or unset WORLD_SIZE for one process")
+
+
+def shard(items: list, rank: int, size: int) -> list:
+    """Process `rank`'s share: every `size`-th item. Strided, not contiguous, so that a length-sorted
+    batch gives every process rows of similar lengths; shares differ by at most one item."""
+    return items[rank::size]
+
+
+def broadcast_object(value):
+    """The main process's `value`, on every process (picklable objects)."""
+    if world().size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(fn: Callable):
+    """`fn()` on the main process only; every process returns its result, or raises its error, so
+    that no process waits forever for a main process that failed (run folder not writable...)."""
+    if world().size == 1:
+        return fn()
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
+            error = e
+    result, message = broadcast_object((result, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise PeftFtError(f"the main process failed: {message}")
+    return result
+
+
+def gather_rows(fn: Callable[[list], list], rows: list) -> list | None:
+    """`fn(rows)` (one output per row) computed in shares: each process runs `fn` on its share, and
+    the main process gets every output back in the rows' order; the others get None. Every row is
+    predicted exactly once, by one process."""
+    w = world()
+    if w.size == 1:
+        return fn(rows)
+    import torch.distributed as dist
+
+    part = shard(rows, w.rank, w.size)
+    mine = fn(part) if part else []
+    parts = [None] * w.size if w.rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if w.rank != 0:
+        return None
+    outputs: list = [None] * len(rows)
+    for rank, outs in enumerate(parts):
+        outputs[rank::w.size] = outs
+    return outputs

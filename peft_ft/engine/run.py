@@ -1,0 +1,444 @@
+"""`peft-ft run`, top to bottom: recipe -> model + adapter -> data -> train -> evaluate -> save.
+
+Everything that can fail on bad input (model name, data directory, files, columns, labels) is
+checked before the run folder is made and before any training starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from peft_ft import __version__
+from peft_ft.engine import checkpoint
+from peft_ft.engine import distributed
+from peft_ft.rundir import portable
+from peft_ft.methods import METHODS, check_on_skeleton, needs_skeleton, route_prefixes
+from peft_ft.data.files import record_splits, resolve_data_dir
+from peft_ft.errors import PeftFtError
+from peft_ft.models.integrity import base_config
+from peft_ft.log import setup_logging
+from peft_ft.rundir.card import model_card
+from peft_ft.models.loading import (EMBEDDED_NAME, _hub_call, check_model_config, embedded_model_dir, enable_activation_checkpointing,
+                            load_model, load_tokenizer, quiet_transformers, resolve_model, settle_hub_mode)
+from peft_ft.storage import (RAISABLE_ON_RESUME, RunDirLock, clean_stale_saves, clean_stale_siblings, create_run_dir, fingerprint,
+                            folder_size, human_size, recipe_changes, recipe_text, recorded_fingerprint,
+                            save_pretrained_atomic, write_atomic, write_json)
+from peft_ft.recipe.schema import Recipe, load_recipe
+from peft_ft.tasks import TASKS, Task, TaskData
+
+if TYPE_CHECKING:
+    from peft_ft.engine.train import TrainHooks
+
+log = logging.getLogger("peft_ft")
+INFO_FILE = "peft_ft.json"
+
+
+def run(recipe: Recipe, data_dir: str | None = None, hooks: TrainHooks | None = None) -> Path:
+    """Train and evaluate one recipe; returns the run folder. Started by torchrun or accelerate launch:
+    data-parallel over its processes (peft_ft.engine.distributed), the main process alone writing the folder.
+    `hooks` reach the training loop (`peft-ft sweep` hears every evaluation through `on_evaluation`)."""
+    from peft_ft.engine.accelerator import make_accelerator
+    from peft_ft.models.safety import remote_code
+
+    recipe = remote_code(recipe)  # given on the command line: its own model.trust_remote_code decides (warned)
+    task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
+    location, data, resolved_dir = preflight(recipe, data_dir)
+    distributed.check_environment()
+    accelerator = make_accelerator(recipe)  # after the input checks: bad input ends every process before any waiting
+
+    def new_run_dir() -> Path:
+        for stale in clean_stale_siblings(recipe):
+            log.info("removed %s, left by a save that was killed", stale)
+        run_dir = create_run_dir(recipe)
+        write_atomic(run_dir / "recipe.toml", recipe_text(recipe))
+        return run_dir
+
+    run_dir = distributed.on_main(new_run_dir)  # one folder, made by the main process, named to all
+    with RunDirLock(run_dir) if distributed.is_main() else contextlib.nullcontext():
+        try:
+            _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=None,
+                    accelerator=accelerator, hooks=hooks)
+        except PeftFtError:
+            # Refused before anything worth keeping (a model/method misfit found while building): no orphan
+            # folder holding only recipe.toml and train.log. With a checkpoint, the run can be resumed: kept.
+            if distributed.is_main() and not checkpoint.listed(run_dir) and not any(run_dir.glob("*.safetensors")):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+    return run_dir
+
+
+def resume(run_dir: str | Path, data_dir: str | None = None, trust_remote_code: bool = False) -> Path:
+    """Continue a run that stopped (killed, Ctrl-C, crash) from its newest checkpoint, in the same folder.
+    The folder's recipe.toml cannot turn remote code on: only `trust_remote_code` (--trust-remote-code)."""
+    if distributed.world().size > 1:
+        raise PeftFtError(f"--resume {run_dir}: resuming with several processes is not supported; resume with one "
+                          f"process (peft-ft run --resume {run_dir}, without torchrun or accelerate launch)")
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.toml").is_file():
+        raise PeftFtError(f"--resume {run_dir}: not a run folder (no recipe.toml); give the folder `peft-ft run` printed")
+    with RunDirLock(run_dir):  # held until the resumed run ends: a second resume is refused, not raced
+        return _resume_locked(run_dir, data_dir, trust_remote_code)
+
+
+def _resume_locked(run_dir: Path, data_dir: str | None, trust_remote_code: bool) -> Path:
+    from peft_ft.engine.accelerator import make_accelerator
+    from peft_ft.models.safety import remote_code
+
+    if (run_dir / "metrics.json").is_file():
+        raise PeftFtError(f"--resume {run_dir}: this run finished (metrics.json exists); there is nothing to resume")
+    saved = checkpoint.listed(run_dir)
+    if not saved:
+        raise PeftFtError(f"--resume {run_dir}: no checkpoint in {run_dir / checkpoint.FOLDER} (the run stopped before its "
+                          f"first one: the end of epoch 1, or train.checkpoint_every steps); start it again instead")
+    state = checkpoint.read_state(saved[-1])["run"]
+    # Messages, relative data.dir and the run name refer to the recipe the run was started from.
+    recipe = dataclasses.replace(load_recipe(run_dir / "recipe.toml"), source=state.get("recipe_source", str(run_dir / "recipe.toml")))
+    check_unchanged(run_dir, recipe, state)
+    recipe = remote_code(recipe, trust_remote_code, str(run_dir))
+    task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
+    location, data, resolved_dir = preflight(recipe, data_dir or state.get("data_dir"))
+    checkpoint.clean_partial(run_dir)
+    for stale in clean_stale_saves(run_dir):
+        log.info("removed %s, left by a save that was killed", stale)
+    _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=saved[-1],
+            accelerator=make_accelerator(recipe))
+    return run_dir
+
+
+def check_unchanged(run_dir: Path, recipe: Recipe, state: dict) -> None:
+    """Resuming continues the recipe the run started with: the values recorded in its newest checkpoint
+    (else the fingerprint in recipe.toml) must match recipe.toml now, but for a raised train.epochs or
+    train.max_steps. A changed seed would silently give other weights, a changed lr be silently ignored."""
+    recorded = state.get("recipe")
+    if isinstance(recorded, dict):
+        changes = recipe_changes(recorded, recipe)
+    else:  # a checkpoint written before values were recorded: the fingerprint tells whether, not what
+        mark = recorded_fingerprint(run_dir / "recipe.toml")
+        changes = ["(which values: not recorded; the fingerprint in recipe.toml differs)"] if mark and mark != fingerprint(recipe) else []
+    if changes:
+        raise PeftFtError(
+            f"--resume {run_dir}: recipe.toml differs from the recipe this run started with: {'; '.join(changes)}. "
+            f"Resuming would mix two recipes in one model. Put the old values back, or start a new run with the new "
+            f"recipe (only raising {' / '.join(RAISABLE_ON_RESUME)} may change on resume)")
+    if fingerprint(recipe) != recorded_fingerprint(run_dir / "recipe.toml"):
+        write_atomic(run_dir / "recipe.toml", recipe_text(recipe))  # a raised epochs / max_steps: the record follows
+
+
+def preflight(recipe: Recipe, data_dir: str | None):
+    """Everything knowable before a run folder is made, and all that `peft-ft validate` checks: the model
+    folder and its config.json (task fit, bounds), the device, the data files, rows and labels.
+    Returns (model location, the loaded data, the data folder). torch is imported only for a CUDA recipe."""
+    task = TASKS[recipe.task.type]
+    settle_hub_mode(recipe)
+    location = resolve_model(recipe)
+    check_model_config(location, recipe, task.auto_class)
+    method = METHODS[recipe.adapter.method]
+    if method.preflight:  # what only the architecture can answer (prefix tuning: a real forward with a prefix)
+        method.preflight(location, recipe, task.auto_class, task.peft_task_type)
+    from peft_ft.engine.train import check_device  # torch only when the recipe asks for CUDA or mixed precision
+
+    check_device(recipe)
+    resolved_dir = None if recipe.data.hub else resolve_data_dir(recipe, data_dir)
+    data = task.load(recipe, resolved_dir)
+    if not any(getattr(data.splits[n], "capped", True) for n in data.eval_names):  # predict splits (capped False) have no labels
+        log.warning("%s: no validation or test split: nothing will be evaluated, and the last epoch is kept (no best "
+                    "epoch to pick). Set data.validation (or data.validation_fraction) to measure the run", recipe.source)
+    config = base_config(location)
+    if needs_skeleton(recipe, (config or {}).get("model_type")):
+        check_on_skeleton(location, recipe, task.auto_class, task.model_kwargs(data))
+    return location, data, resolved_dir
+
+
+def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, data: TaskData, data_dir: Path | None,
+            resume_from: Path | None, accelerator, hooks: TrainHooks | None = None) -> None:
+    setup_logging(run_dir if distributed.is_main() else None)
+    if not distributed.is_main():
+        log.setLevel(logging.WARNING)  # progress and results are the main process's to report
+    try:
+        log.info("run folder %s", run_dir)
+        for note in data.notes:
+            log.info(note)
+        log.info("splits: %s", ", ".join(f"{n} {len(s.examples)}" for n, s in data.splits.items()))
+        if distributed.is_main() and (recipe.data.format == "label_studio" or recipe.data.validation_fraction or recipe.data.test_fraction):
+            record_splits(data.splits, data.labels, run_dir)  # splits carved or exported: log and keep what went where
+        # Saved in every checkpoint: `--resume` compares the recipe it finds with these values.
+        run_state = {"recipe_source": recipe.source, "data_dir": str(data_dir) if data_dir else None,
+                     "recipe": recipe.to_dict(), "fingerprint": fingerprint(recipe)}
+        _train_evaluate_save(recipe, task, method, location, data, run_dir, accelerator, resume_from, run_state, hooks)
+    finally:
+        setup_logging(None)  # detach train.log so later log lines of this process do not land in it
+        if distributed.is_main() and (run_dir / "metrics.json").is_file():
+            portable.scrub_log(run_dir, str(data_dir) if data_dir else None)
+
+
+def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskData, device):
+    """Tokenizer, and the model with its head, wrapped by the adapter method."""
+    tokenizer = load_tokenizer(location, recipe)
+    model, heads = load_model(location, recipe, task.auto_class, **task.model_kwargs(data))
+    if recipe.model.load_in_8bit:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the int8 base and keeps norms and the head in float32. No activation checkpointing:
+        # the loop's memory is small next to the base's, and it would slow every step.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = method.wrap(model, recipe, heads, task.peft_task_type)
+    if not recipe.model.load_in_8bit:  # an 8-bit base is placed on the GPU as it loads and cannot be moved
+        model = model.to(device)
+    if recipe.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if use_fast_kernels(recipe, device):
+        from peft_ft.kernels.fastlora import speed_up
+
+        log.info("fast kernels: %s", ", ".join(f"{k} {v}" for k, v in speed_up(model).items()))
+        model.peft_ft_fast_kernels = True  # the loop then also keeps freed memory (peft_ft.kernels.allocator)
+    return model, tokenizer, heads
+
+
+def use_fast_kernels(recipe: Recipe, device) -> bool:
+    """train.fast_kernels on CPU in float32 only: they were written and measured for that; on CUDA
+    peft's stock layers run until a GPU measurement says otherwise, and under bf16 autocast too (the
+    fused matmuls take float32 operands)."""
+    return recipe.train.fast_kernels and str(device).split(":")[0] == "cpu" and recipe.train.mixed_precision == "no"
+
+
+def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,
+                         accelerator, resume_from: Path | None = None, run_state: dict | None = None,
+                         hooks: TrainHooks | None = None) -> None:
+    from peft_ft.engine.accelerator import finish_tracking, start_tracking
+
+    start_tracking(accelerator, recipe, run_dir)
+    try:
+        _train_evaluate_save_tracked(recipe, task, method, location, data, run_dir, accelerator, resume_from, run_state, hooks)
+    finally:
+        finish_tracking(accelerator)
+
+
+def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,
+                                 accelerator, resume_from: Path | None, run_state: dict | None,
+                                 hooks: TrainHooks | None) -> None:
+    import shutil
+
+    from peft_ft.engine.checkpoint import FOLDER
+    from peft_ft.engine.accelerator import gathered_state_dict, is_sharded
+    from peft_ft.engine.train import setup_torch, track, train
+
+    setup_torch(recipe)
+    device = accelerator.device
+    # DDP copies the main process's weights to the others when it wraps the model (peft_ft.engine.train).
+    model, tokenizer, heads = build_model(recipe, task, method, location, data, device)
+    task.prepare_training(model, recipe, data)
+    if distributed.world().size > 1:
+        log.info("data-parallel over %d processes: each trains on its share of every batch of %d",
+                 distributed.world().size, recipe.train.batch_size)
+    trainable, total = count_parameters(model)
+    log.info("base %s (%s), method %s: %s trainable of %s parameters (%.3f %%), head: %s",
+             recipe.model.name or EMBEDDED_NAME, model.config.model_type, method.name, f"{trainable:,}", f"{total:,}",
+             100 * trainable / total, ", ".join(heads) or "none")
+
+    features = {name: task.encode(split, tokenizer, recipe, data) for name, split in data.splits.items()}
+    metric = recipe.eval.metric or task.default_metric
+    pad_id = tokenizer.pad_token_id or 0
+
+    def evaluate(name: str) -> tuple[dict, list[dict]] | None:
+        """Metrics and records of a split. With several processes each predicts its share of the rows and
+        the main process scores them all (every row once, in order); the others get None."""
+        def predict(rows: list) -> list:
+            return task.predict(model, rows, pad_id, recipe.eval.batch_size, device)
+
+        if is_sharded(accelerator):  # FSDP / ZeRO-3 forwards are collective: every process runs every batch
+            outputs = predict(features[name])
+            outputs = outputs if distributed.is_main() else None
+        else:
+            outputs = distributed.gather_rows(predict, features[name])
+        return None if outputs is None else task.score(data.splits[name], features[name], outputs, data)
+
+    def validate(epoch: int) -> dict:
+        scored = evaluate("validation")
+        # every process gets the same scores, so all pick the same best evaluation and stop together
+        return distributed.broadcast_object(None if scored is None else numbers(scored[0]))
+
+    result = train(
+        model, features["train"], recipe, lr=recipe.train.lr or method.default_lr, pad_id=pad_id, device=device,
+        validate=validate if "validation" in data.splits else None, metric=metric,
+        run_dir=run_dir, resume_from=resume_from, run_state=run_state, accelerator=accelerator, hooks=hooks,
+    )
+    metrics = {}
+    for name in data.eval_names:
+        scored = evaluate(name)
+        if scored is None:  # not the main process: its share is predicted, the main process writes
+            continue
+        scores, records = scored
+        if not scores:  # an unlabelled split (data.predict): its predictions are its only result
+            paths = task.write_predictions(run_dir, data.splits[name], records)
+            log.info("%s: no labels, %d predictions in %s", name, len(records), ", ".join(p.name for p in paths))
+            continue
+        metrics[name] = scores
+        # "best/": scored with the restored best weights, apart from the per-evaluation validation curves
+        track(accelerator, {f"best/{name}/{k}": v for k, v in numbers(scores).items()}, result.steps)
+        if recipe.eval.predictions:
+            task.write_predictions(run_dir, data.splits[name], records)
+        log.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in metrics[name].items() if isinstance(v, float)))
+    state_dict = gathered_state_dict(accelerator, model)  # FSDP / ZeRO-3: every process takes part in the gather
+    if not distributed.is_main():
+        return
+
+    weight_files = save_model(accelerator.unwrap_model(model), tokenizer, method.is_adapter, run_dir, state_dict)
+    info = {
+        "peft_ft_version": __version__,
+        "run_name": recipe.output.name or Path(recipe.source).stem,
+        "task": task.name,
+        "method": method.name,
+        "is_adapter": method.is_adapter,
+        **portable.base_fields(recipe, location, run_dir),
+        "model_type": model.config.model_type,
+        "auto_class": task.auto_class,
+        "labels": data.labels,
+        "heads": heads,
+        "data": portable.data_sources({n: s.source for n, s in data.splits.items()}, (run_state or {}).get("data_dir")),
+        **({"data_dir": os.path.relpath(Path(run_state["data_dir"]).resolve(), run_dir.resolve())} if (run_state or {}).get("data_dir") else {}),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": 100 * trainable / total,
+        "weight_files": [p.name for p in weight_files],
+        "weight_bytes": folder_size(weight_files),
+        "train": result.summary(),
+    }
+    params = {k: info[k] for k in ("trainable_params", "total_params", "trainable_percent", "weight_bytes")}
+    if method.is_adapter:
+        portable.finish_adapter_config(run_dir, info)
+    portable.write_labels(run_dir, data.labels)
+    write_json(run_dir / INFO_FILE, info)
+    write_json(run_dir / "metrics.json", {**metrics, "train": info["train"], "params": params})
+    write_atomic(run_dir / "README.md", model_card(portable.portable_recipe(recipe), info, metrics))
+    # Written in full while the run could be resumed; now without the machine's paths.
+    write_atomic(run_dir / "recipe.toml", portable.recipe_text(recipe, run_dir))
+    if info["base_model_source"] == "embedded":
+        _register_embedded()
+    # The saved weights are the best epoch's: the checkpoints only served to resume an unfinished run.
+    shutil.rmtree(run_dir / FOLDER, ignore_errors=True)
+    log.info("saved %s (%s) in %s", ", ".join(info["weight_files"]), human_size(info["weight_bytes"]), run_dir)
+
+
+def _register_embedded() -> None:
+    """The adapter names its base `sentence-transformers/all-MiniLM-L6-v2`: make that id resolve
+    offline on this machine (peft_ft.models.hub_cache), so stock loaders take the folder at once."""
+    from peft_ft.models.hub_cache import EMBEDDED_HUB_ID, register_embedded
+
+    try:
+        snapshot, what = register_embedded()
+        log.info("hub cache: %s %s (%s)", EMBEDDED_HUB_ID, what, snapshot)
+    except PeftFtError as e:
+        log.warning("%s; stock loaders will not find the base offline until `peft-ft register-embedded` succeeds", e)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def numbers(scores: dict) -> dict:
+    """The plain numbers of a split's scores (per-label tables left out): what trackers and callbacks take."""
+    return {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def save_model(model, tokenizer, is_adapter: bool, run_dir: Path, state_dict: dict | None = None) -> list[Path]:
+    """Adapter methods: the adapter and its head only. Full: a complete model folder with tokenizer.
+    `state_dict`: the full weights gathered from a sharded run (None: the model's own)."""
+    files = save_pretrained_atomic(model, run_dir, state_dict)
+    if not is_adapter:
+        tokenizer.save_pretrained(run_dir)
+    return [f for f in files if f.suffix == ".safetensors"]
+
+
+def base_location(info: dict) -> str:
+    """Where the base model of a saved run is on this machine (the embedded model moves with its venv;
+    a local base folder's path, kept relative to the run folder, is resolved by `pipelines.read_info`)."""
+    if info["base_model"] == EMBEDDED_NAME:
+        return str(embedded_model_dir())
+    if info.get("base_model_source") == "local folder" and not Path(info["base_model"]).is_dir():
+        raise PeftFtError(
+            f"base model: this run was trained on a local model folder named {info['base_model_id']!r}, recorded relative to "
+            f"the run folder; it is not at {info['base_model']} (the run folder was copied or moved without it). Keep the run "
+            f"folder where the base folder is found at the same relative path, or load it with peft: "
+            f"PeftModel.from_pretrained(AutoModelFor...from_pretrained(PATH_OF_{info['base_model_id']}), RUN_DIR)")
+    return info["base_model"]
+
+
+def check_run_folder(run_dir: Path, allow_pickle: bool = False, what: str = "") -> dict:
+    """Everything about a run folder that can be checked without torch, before anything is loaded from it:
+    no pickle, peft_ft.json and recipe.toml readable, every safetensors file whole, the base model folder
+    complete, and adapter_config.json's sizes those of its tensors (peft would allocate what it claims)."""
+    from peft_ft.models.integrity import check_adapter, check_weights
+    from peft_ft.models.loading import check_model_folder, position_limit
+    from peft_ft.serving.pipelines import read_info
+    from peft_ft.models.safety import check_no_pickle
+
+    if not run_dir.is_dir():
+        raise PeftFtError(f"{what}{run_dir}: no such folder; give a run folder written by `peft-ft run` or `peft-ft merge`")
+    check_no_pickle(run_dir, f"{what}run folder", allow_pickle)
+    info = read_info(run_dir)
+    recipe = load_recipe(run_dir / "recipe.toml")
+    base = str(run_dir) if not info["is_adapter"] else base_location(info)
+    config = base_config(base)
+    limit = position_limit(config or {})
+    if limit and recipe.model.max_length > limit:  # inputs are cut at this length: past the table, a crash per long input
+        raise PeftFtError(f"{what}{run_dir / 'recipe.toml'}: model.max_length {recipe.model.max_length} is more than the {limit} "
+                          f"positions of its model ({base}); the folder was edited: set it to at most {limit}, or copy the folder again")
+    if not info["is_adapter"]:
+        check_weights(run_dir)
+        return info
+    if Path(base).is_dir():
+        check_model_folder(Path(base), f"{what}{run_dir}: base model", allow_pickle)
+    check_adapter(run_dir, config)
+    return info
+
+
+def attach(run_dir: Path, base: str, load):
+    """`load()` (peft putting this folder's adapter on its base), its failures as one message naming the folder."""
+    from safetensors import SafetensorError
+
+    from peft_ft.models.integrity import load_failure
+
+    try:
+        return load()
+    except (ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        if isinstance(e, PeftFtError):
+            raise
+        raise load_failure(e, run_dir, base) from None
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Rebuild a trained model from a run folder: returns (model, tokenizer, info) in eval mode.
+    A run or base folder holding pickle files is refused unless `allow_pickle`; a model's own Python code
+    runs only with `trust_remote_code`, whatever the folder's recipe.toml says (peft_ft.models.safety)."""
+    import torch
+    import transformers
+
+    from peft_ft.serving.pipelines import read_info
+    from peft_ft.models.safety import remote_code, safetensors_only
+
+    run_dir = Path(run_dir)
+    check_run_folder(run_dir, allow_pickle)
+    info = read_info(run_dir)
+    recipe = remote_code(load_recipe(run_dir / "recipe.toml"), trust_remote_code, str(run_dir))
+    task: Task = TASKS[info["task"]]
+    kwargs = {**task.model_kwargs(TaskData(splits={}, labels=info["labels"])), **safetensors_only(allow_pickle)}
+    quiet_transformers()
+    cls = getattr(transformers, info["auto_class"])
+    if info["is_adapter"]:
+        from peft import PeftModel
+
+        base = base_location(info)
+        model = route_prefixes(attach(run_dir, base, lambda: PeftModel.from_pretrained(
+            _hub_call(cls.from_pretrained, base, recipe, "model", dtype=torch.float32, **kwargs), run_dir)))
+        tokenizer = load_tokenizer(base, recipe)
+    else:
+        model = _hub_call(cls.from_pretrained, str(run_dir), recipe, "model", dtype=torch.float32, **safetensors_only(allow_pickle))
+        tokenizer = load_tokenizer(str(run_dir), recipe)
+    return model.to(device).eval(), tokenizer, info

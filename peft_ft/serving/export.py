@@ -1,0 +1,151 @@
+"""`peft-ft export RUN_DIR --onnx OUT`: the run's model, adapter merged in, as ONNX for onnxruntime.
+
+The adapter is folded into the base (`merge_and_unload`, as `peft-ft merge`), then exported by torch's
+own exporter (`torch.onnx.export(dynamo=True)`, onnxscript underneath) with the batch and sequence axes
+dynamic. The export is checked before it is kept: onnxruntime answers texts of other lengths and batch
+sizes than the ones traced, and the largest difference to the PyTorch logits is printed; above the
+tolerance the export is refused (nothing is written). The legacy TorchScript exporter (`dynamo=False`)
+traced the attention mask's shape handling of transformers 5 into constants and gave logits 0.17 off on
+the tiny test BERT: that is the failure this check exists for.
+
+OUT (new or empty) holds `model.onnx`, the tokenizer, `config.json` (label names), `labels.json`,
+`peft_ft.json` and `export.json` (inputs, outputs, opset, tolerance and the measured difference).
+Text classification, NER and extractive QA models export; seq2seq generation and prompt-learning adapters
+(nothing to merge) are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peft_ft.errors import PeftFtError
+
+# What each family's model returns: ONNX output names, taken from the model output of the same name.
+OUTPUTS = {"ner": ["logits"], "classification": ["logits"], "qa": ["start_logits", "end_logits"]}
+# Texts the export is traced on and checked with (other lengths and batch sizes for the check).
+TRACE = ["john smith lives in paris .", "the plot was great"]
+CHECK = ["mary works at acme corp in london and paris .", "good", "where does john live ?", "the film was awful , not good at all ."]
+
+
+def _inputs(task: str, tokenizer, texts: list[str]) -> dict:
+    if task == "qa":  # question, then a context
+        return tokenizer(texts, [t[::-1] + " " + t for t in texts], padding=True, return_tensors="pt")
+    return tokenizer(texts, padding=True, return_tensors="pt")
+
+
+def _wrap(model, input_names: list[str], output_names: list[str]):
+    """The model as the exporter wants it: positional tensors in, a tuple of tensors out."""
+    import torch
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *tensors):
+            out = self.model(**dict(zip(input_names, tensors)))
+            return tuple(getattr(out, n) for n in output_names)
+
+    return Wrapped().eval()
+
+
+def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, allow_pickle: bool = False,
+                trust_remote_code: bool = False) -> dict:
+    """Merge, export, check with onnxruntime; returns export.json's content. OUT is complete or absent.
+    The base model's own Python code runs only with `trust_remote_code` (--trust-remote-code; peft_ft.models.safety)."""
+    from peft_ft.serving.merge import check_mergeable, check_out, unwrap_heads
+    from peft_ft.storage import write_json
+    from peft_ft.serving.pipelines import read_info
+    from peft_ft.engine.run import load_run
+    from peft_ft.models.safety import check_no_pickle
+
+    run_dir, out = Path(run_dir), Path(out)
+    info = read_info(run_dir)
+    check_no_pickle(run_dir, "run folder", allow_pickle)
+    check_out(out)
+    if info["task"] not in OUTPUTS:
+        raise PeftFtError(f"{run_dir}: task {info['task']!r} cannot be exported to ONNX by peft-ft export (generation loops are "
+                          f"not one graph); families that export: {', '.join(OUTPUTS)}")
+    if info["is_adapter"]:
+        check_mergeable(run_dir, info)
+    _check_installed()
+    model, tokenizer, info = load_run(run_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if info["is_adapter"]:
+        model = unwrap_heads(model.merge_and_unload())  # the active adapter's trained head as a plain module
+    model.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.exporting-"))
+    try:
+        report = _export(model, tokenizer, info["task"], staging / "model.onnx")
+        report["tolerance"] = tolerance
+        if report["max_abs_diff"] > tolerance:
+            raise PeftFtError(f"{run_dir}: the ONNX export answers differently from PyTorch: max |logit difference| "
+                              f"{report['max_abs_diff']:.3g} on {report['checked_texts']} texts, above the tolerance {tolerance:g}; "
+                              f"nothing was written (raise --tolerance only if you accept that difference)")
+        model.config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for name in ("labels.json", "recipe.toml"):
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, staging / name)
+        raw = json.loads((run_dir / "peft_ft.json").read_text(encoding="utf-8"))
+        write_json(staging / "peft_ft.json", {**raw, "is_adapter": False, "exported_from": run_dir.resolve().name, "format": "onnx"})
+        write_json(staging / "export.json", report)
+        check_out(out)
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+        os.chmod(out, 0o755)  # mkdtemp made it private; it is an ordinary output folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _check_installed() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise PeftFtError(f"peft-ft export --onnx needs {', '.join(missing)}: pip install 'peft-ft[export]'")
+
+
+def _export(model, tokenizer, task: str, path: Path) -> dict:
+    import warnings
+
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    traced = _inputs(task, tokenizer, TRACE)
+    input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in traced]
+    output_names = OUTPUTS[task]
+    wrapped = _wrap(model, input_names, output_names)
+    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapped, tuple(traced[n] for n in input_names), str(path), input_names=input_names,
+                          output_names=output_names, dynamo=True, external_data=False,
+                          dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in input_names),))  # one entry: *tensors
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for texts in (CHECK, CHECK[:1], TRACE):  # other batch sizes and lengths than traced, and the traced ones
+        enc = _inputs(task, tokenizer, texts)
+        answers = session.run(output_names, {n: enc[n].numpy() for n in input_names})
+        with torch.no_grad():
+            expected = wrapped(*(enc[n] for n in input_names))
+        worst = max(worst, *(float(np.abs(a - e.numpy()).max()) for a, e in zip(answers, expected)))
+    return {
+        "file": path.name, "inputs": input_names, "outputs": output_names, "dynamic_axes": ["batch", "sequence"],
+        "opset": _opset(path), "max_abs_diff": worst, "checked_texts": len(CHECK) + 1 + len(TRACE),
+        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

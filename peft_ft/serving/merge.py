@@ -1,0 +1,110 @@
+"""`peft-ft merge`: fold an adapter and its trained head into the base, as a plain transformers folder.
+
+The result loads with `AutoModelFor...from_pretrained(DIR)` without peft: safetensors weights, a
+config with the real label names, the tokenizer. It also keeps `peft_ft.json` (is_adapter false,
+`merged_from`) and `recipe.toml`, so `peft-ft predict` and `peft_ft.pipeline` take it like any run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from peft_ft.errors import PeftFtError
+from peft_ft.serving.pipelines import read_info
+
+
+def read_info_raw(run_dir: Path) -> dict:
+    """peft_ft.json as written (read_info resolves a local base's relative path for loading)."""
+    import json
+
+    return json.loads((run_dir / "peft_ft.json").read_text(encoding="utf-8"))
+
+
+def check_mergeable(run_dir: Path, info: dict) -> None:
+    """Refuse, saying why, what has no adapter weights to fold in."""
+    if not info["is_adapter"]:
+        if info.get("merged_from"):
+            raise PeftFtError(f"{run_dir}: already merged (from {info['merged_from']}): it is a plain transformers model folder; use it as it is")
+        raise PeftFtError(
+            f"{run_dir}: method {info['method']!r} trained every weight and saved a complete model: the folder already is "
+            f"a plain transformers model (config.json, model.safetensors, tokenizer); load it with "
+            f"{info['auto_class']}.from_pretrained or copy it, there is no adapter to merge"
+        )
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(run_dir))
+    if config.is_prompt_learning:
+        raise PeftFtError(
+            f"{run_dir}: method {info['method']!r} ({getattr(config.peft_type, 'value', config.peft_type)}) cannot be merged: it learns virtual tokens that are "
+            f"fed to the model with every input, not a change to existing weights, so there is nothing to fold into the base. "
+            f"Serve it as an adapter (peft-ft predict / serve) instead"
+        )
+
+
+def unwrap_heads(model):
+    """Heads still inside peft's `ModulesToSaveWrapper` become their trained copy: peft 0.21.2's
+    LN-tuning `merge_and_unload` leaves them wrapped, and the saved folder would then name them
+    `classifier.modules_to_save.default.*`, which transformers does not read (a random head on load)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.modules_to_save[module.active_adapter])
+    return model
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PeftFtError(f"--out {out}: already exists and is not an empty folder; it is kept as it is. Choose a new folder")
+
+
+def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+    """Merge the adapter of a run folder into its base and save the plain model in `out` (new or empty).
+
+    Written into a hidden folder beside `out` and renamed into place, so `out` is complete or absent.
+    A run (or base) folder holding pickle files is refused unless `allow_pickle`; the base's own code runs
+    only with `trust_remote_code` (peft_ft.models.safety).
+    """
+    from peft_ft.storage import honour_umask, space_for, tensor_bytes, write_json
+    from peft_ft.engine.run import check_run_folder, load_run
+    from peft_ft.models.safety import check_no_pickle
+
+    run_dir, out = Path(run_dir), Path(out)
+    check_no_pickle(run_dir, "run folder", allow_pickle)
+    info = read_info(run_dir)
+    check_out(out)
+    check_mergeable(run_dir, info)  # a method that cannot merge says so before the folder's files are checked
+    check_run_folder(run_dir, allow_pickle)
+    model, tokenizer, info = load_run(run_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    # merge_and_unload keeps the active adapter's head (modules_to_save) as a plain module
+    merged = unwrap_heads(model.merge_and_unload())
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
+    except OSError as e:
+        raise PeftFtError(f"--out {out}: cannot create it ({e.strerror}); choose a folder you can write") from None
+    try:
+        with space_for(out.parent, tensor_bytes(merged.parameters()), "the merged model"):
+            merged.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        shutil.copyfile(run_dir / "recipe.toml", staging / "recipe.toml")
+        if (run_dir / "labels.json").is_file():
+            shutil.copyfile(run_dir / "labels.json", staging / "labels.json")
+        weights = sorted(p.name for p in staging.glob("*.safetensors"))
+        # No paths of this machine: the merged folder is its own base and names its source run by name.
+        write_json(staging / "peft_ft.json", {
+            **{k: v for k, v in read_info_raw(run_dir).items() if k != "run_dir"}, "is_adapter": False, "merged_from": run_dir.resolve().name,
+            "weight_files": weights, "weight_bytes": sum((staging / w).stat().st_size for w in weights),
+        })
+        check_out(out)  # again: something may have appeared there while we merged
+        if out.exists():
+            out.rmdir()
+        honour_umask(staging, directory=True)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -1,0 +1,1 @@
+"""`peft-ft sweep`: the search space, the Optuna study and its report."""

@@ -1,0 +1,448 @@
+"""`peft-ft sweep`: hyperparameter search over a recipe with Optuna.
+
+A sweep folder holds `sweep.json` (what is swept, how many trials), the study (`study.db`, SQLite,
+unless `--storage` names another database), one ordinary run folder per trial under `trials/`, and
+the reports (`peft_ft.sweep.report`). Workers are processes that share the study through its
+storage: `--workers K` starts K on this machine, and the same command on another machine with the
+same `--storage` URL joins the same study. Each worker asks the study for a trial, trains it in
+its own process with `peft_ft.engine.run.run`, reports each epoch's validation value to the trial (the
+median pruner stops trials below the median of earlier ones at that epoch), and stops once the
+study holds `--trials` trials. Trials select on validation only: their test splits are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import sys
+import tomllib
+import warnings
+from pathlib import Path
+
+from peft_ft.errors import PeftFtError
+from peft_ft.storage import write_json
+
+log = logging.getLogger("peft_ft")
+SWEEP_FILE = "sweep.json"
+STUDY_DB = "study.db"
+TRIALS = "trials"
+STORAGE_ENV = "PEFT_FT_SWEEP_STORAGE"  # hands the URL to workers outside argv, where `ps` would show a password
+DEFAULT_TRIALS = 20
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a sweep is, as written to sweep.json; every worker and `--resume` reads it back."""
+
+    recipe: str  # the recipe file (absolute), the source of its messages and of a relative data.dir
+    space: str  # the space file (absolute)
+    overrides: list[str]
+    study: str
+    trials: int
+    data_dir: str | None
+    metric: str
+    storage: str  # shown with its password hidden; the real URL travels in STORAGE_ENV
+    workers: int  # local worker processes of the run that wrote this file
+    fingerprint: str  # of the recipe, overrides and space: a study started from others is refused
+
+    @classmethod
+    def read(cls, sweep_dir: Path) -> "Plan":
+        return cls(**json.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8")))
+
+
+def load_parts(recipe_path: str, space_path: str, overrides: list[str]) -> tuple:
+    """The base recipe (validated), its raw TOML with overrides, and the space checked against it."""
+    from peft_ft.compare import with_overrides
+    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.sweep.space import load_space
+
+    recipe = load_recipe(recipe_path, overrides)
+    base = with_overrides(tomllib.loads(Path(recipe_path).read_text(encoding="utf-8")), overrides)
+    if not (recipe.data.validation or recipe.data.validation_fraction or recipe.data.hub):
+        raise PeftFtError(f"{recipe_path}: a sweep picks trials by their validation score, and the recipe has no "
+                          f"validation data; set data.validation or data.validation_fraction")
+    return recipe, base, load_space(space_path, recipe, base)
+
+
+def fingerprint(recipe_path: str, space_path: str, overrides: list[str]) -> str:
+    text = "\0".join([Path(recipe_path).read_text(encoding="utf-8"), Path(space_path).read_text(encoding="utf-8"), *overrides])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def storage_url(sweep_dir: Path, given: str | None) -> str:
+    return given or f"sqlite:///{(sweep_dir / STUDY_DB).resolve()}"
+
+
+def shown_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def open_storage(url: str):
+    """RDB storage with heartbeats: a trial whose worker died (killed, machine lost) is failed after
+    the grace period and queued again with the same values, whoever notices first."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Our log says what happens to each trial; Optuna's would repeat it, with a traceback for a failed
+    # trial even when the cause is a message for the user (a diverging loss).
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        return RDBStorage(url, heartbeat_interval=30, grace_period=120,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+    except Exception as e:  # sqlalchemy: bad URL, server down, driver missing; all the user's to fix
+        raise PeftFtError(f"--storage {shown_url(url)}: cannot open the study storage ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0]}). Use an RDB URL such as postgresql+psycopg://user:pass@host/db "
+                          f"(pip install 'peft-ft[postgres]') or sqlite:///path/study.db") from None
+
+
+# --- starting and resuming ----------------------------------------------------------------------
+
+
+def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage: str | None = None, workers: int = 1,
+          resume: bool = False, out: str | None = None, overrides: list[str] = (), data_dir: str | None = None,
+          study: str | None = None) -> Path:
+    """Run a sweep to `trials` trials in all; returns the sweep folder (with its reports). One worker
+    runs in this process; several run in processes of their own."""
+    from peft_ft.data.files import resolve_data_dir
+    from peft_ft.log import setup_logging
+    from peft_ft.sweep.report import write_reports
+
+    setup_logging(None)
+    if workers < 1:
+        raise PeftFtError("sweep: --workers must be at least 1")
+    if trials is not None and trials < 1:
+        raise PeftFtError("sweep: --trials must be at least 1")
+    recipe, base, space = load_parts(recipe_path, space_path, list(overrides))
+    _check_files(recipe, data_dir)
+    sweep_dir = Path(out) if out else Path(recipe.output.dir) / f"sweep-{Path(recipe_path).stem}"
+    previous = _check_folder(sweep_dir, resume)
+    plan = Plan(
+        recipe=str(Path(recipe_path).resolve()), space=str(Path(space_path).resolve()), overrides=list(overrides),
+        study=study or (previous.study if previous else Path(recipe_path).stem),
+        trials=trials or (previous.trials if previous else DEFAULT_TRIALS),
+        data_dir=None if recipe.data.hub else str(resolve_data_dir(recipe, data_dir)),
+        metric=recipe.eval.metric or _default_metric(recipe), storage=shown_url(storage_url(sweep_dir, storage)),
+        workers=workers, fingerprint=fingerprint(recipe_path, space_path, list(overrides)),
+    )
+    if previous and previous.fingerprint != plan.fingerprint:
+        raise PeftFtError(f"sweep --resume: {sweep_dir} was started from another recipe, space or --set than now "
+                          f"({previous.recipe}, {previous.space}); resume with those, or start a new sweep with --out")
+    if storage:  # a database that cannot be reached is reported before any folder is made
+        open_storage(storage).engine.dispose()
+    (sweep_dir / TRIALS).mkdir(parents=True, exist_ok=True)
+    write_json(sweep_dir / SWEEP_FILE, dataclasses.asdict(plan))
+    url = storage_url(sweep_dir, storage)
+    created = create_study(url, plan, space)
+    log.info("sweep %s: study %r in %s (%s), %d trial(s) in all, %d worker(s) here",
+             sweep_dir, plan.study, plan.storage, "new" if created else "joined", plan.trials, workers)
+    if resume:
+        requeue_stopped_trials(url, plan.study)
+    if workers == 1:
+        try:
+            work(sweep_dir, url, 0)
+        except KeyboardInterrupt:
+            log.warning("interrupted: finished trials are kept in the study; run the same command with --resume to go on")
+            raise
+    else:
+        _start_workers(sweep_dir, url, workers)
+    study_now = open_study(url, plan.study)
+    write_reports(sweep_dir, study_now, plan, base, space)
+    _check_finished(study_now, sweep_dir)
+    return sweep_dir
+
+
+def _check_files(recipe, data_dir: str | None) -> None:
+    """The recipe's model and data files exist: otherwise every trial would fail the same way."""
+    from peft_ft.data.files import resolve_data_dir, split_sources
+    from peft_ft.models.loading import resolve_model, settle_hub_mode
+
+    settle_hub_mode(recipe)
+    resolve_model(recipe)
+    split_sources(recipe, None if recipe.data.hub else resolve_data_dir(recipe, data_dir))
+
+
+def _check_finished(study, sweep_dir: Path) -> None:
+    from optuna.trial import TrialState
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    if TrialState.COMPLETE not in states:
+        raise PeftFtError(f"sweep: no trial finished ({states.count(TrialState.FAIL)} failed, "
+                          f"{states.count(TrialState.PRUNED)} pruned); the reason of each failure is logged above and in "
+                          f"its train.log under {sweep_dir / TRIALS}; fix it and run again with --resume")
+    if TrialState.FAIL in states:
+        log.warning("sweep: %d trial(s) failed; see trials.csv and their train.log", states.count(TrialState.FAIL))
+
+
+def _default_metric(recipe) -> str:
+    from peft_ft.tasks import TASKS
+
+    return TASKS[recipe.task.type].default_metric
+
+
+def _check_folder(sweep_dir: Path, resume: bool) -> Plan | None:
+    if resume:
+        if not (sweep_dir / SWEEP_FILE).is_file():
+            raise PeftFtError(f"sweep --resume: {sweep_dir} holds no sweep ({SWEEP_FILE} missing); start it without --resume")
+        return Plan.read(sweep_dir)
+    if sweep_dir.exists() and any(sweep_dir.iterdir()):
+        raise PeftFtError(f"sweep: {sweep_dir} already holds a sweep; pass --resume to continue it, or choose another "
+                          f"folder with --out")
+    return None
+
+
+def create_study(url: str, plan: Plan, space) -> bool:
+    """Create the study (and queue the space's `enqueue` trials) or join it; True when created here."""
+    import optuna
+
+    storage = open_storage(url)
+    try:
+        study = optuna.create_study(storage=storage, study_name=plan.study, direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=plan.study)
+        storage.engine.dispose()  # no pooled connection for forked workers to inherit
+        theirs = study.user_attrs.get("fingerprint")
+        if theirs != plan.fingerprint or study.user_attrs.get("metric") != plan.metric:
+            raise PeftFtError(f"sweep: the study {plan.study!r} in {plan.storage} was started from another recipe, space "
+                              f"or --set (or another metric); name a new study with --study") from None
+        return False
+    study.set_user_attr("fingerprint", plan.fingerprint)
+    study.set_user_attr("metric", plan.metric)
+    for values in space.enqueue:
+        study.enqueue_trial(values)  # once, by the worker that creates the study
+    storage.engine.dispose()  # no pooled connection for forked workers to inherit
+    return True
+
+
+def open_study(url: str, name: str, sampler=None, pruner=None):
+    import optuna
+
+    return optuna.load_study(storage=open_storage(url), study_name=name, sampler=sampler, pruner=pruner)
+
+
+def requeue_stopped_trials(url: str, name: str) -> None:
+    """On --resume: trials stopped by Ctrl-C, and trials left RUNNING by a worker of this machine that
+    no longer exists, are queued again with their values (other machines' trials wait for their
+    heartbeat to go stale)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = open_storage(url)
+    study = optuna.load_study(storage=storage, study_name=name)
+    callback = storage.get_heartbeat_stale_trial_callback()
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    for t in trials:
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
+            log.info("trial %d: stopped by Ctrl-C; queued again", t.number)
+            callback(study, t)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("host") == socket.gethostname() and not _alive(t.user_attrs.get("pid")):
+            try:
+                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            log.info("trial %d: its worker (pid %s) is gone; queued again", t.number, t.user_attrs.get("pid"))
+            callback(study, study._storage.get_trial(t._trial_id))
+    storage.engine.dispose()  # no pooled connection for forked workers to inherit
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _start_workers(sweep_dir: Path, url: str, workers: int) -> None:
+    """K worker processes. On Linux they fork from this one: what it has imported (all of torch, in
+    a program that already trained) they need not import again; elsewhere they start fresh."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    children = [context.Process(target=_worker_process, args=(sweep_dir, url, i), name=f"sweep-worker-{i}")
+                for i in range(workers)]
+    for child in children:
+        child.start()
+    try:
+        for child in children:
+            child.join()
+    except KeyboardInterrupt:
+        for child in children:  # they got the terminal's SIGINT too; make sure they are gone before we report
+            child.terminate()
+        for child in children:
+            child.join()
+        log.warning("interrupted: finished trials are kept in the study; run the same command with --resume to go on")
+        raise
+    failed = [str(i) for i, child in enumerate(children) if child.exitcode]
+    if failed:
+        raise PeftFtError(f"sweep: worker(s) {', '.join(failed)} stopped with an error (see above); finished trials are "
+                          f"kept, fix the cause and run again with --resume")
+
+
+def _worker_process(sweep_dir: Path, url: str, worker: int) -> None:
+    from rich.console import Console
+
+    from peft_ft import log as log_module
+
+    # Several live progress bars redrawing one terminal garble it: workers print log lines only
+    # (a bar still prints once, when its epoch ends).
+    log_module._console = Console(force_interactive=False)
+    raise SystemExit(worker_main([str(sweep_dir), "--worker", str(worker)], url))
+
+
+# --- one worker ---------------------------------------------------------------------------------
+
+
+def counted(study) -> int:
+    """Trials that count towards --trials: those started (running or ended), but not the failed ones
+    queued again (their retry counts once it starts). Queued trials are taken before new ones."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return sum(1 for t in trials if t.state != TrialState.WAITING and t.number not in retried)
+
+
+def worker_sampler(settings, worker: int, existing: int):
+    """Each worker (and each resume) gets its own seed, derived from the space's: with one seed
+    they would all draw the same first values."""
+    import optuna
+
+    seed = random.Random(f"{settings.seed}:{socket.gethostname()}:{worker}:{existing}").randrange(2**31)
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.startup_trials)
+
+
+def worker_pruner(settings):
+    import optuna
+
+    if settings.pruner == "none":
+        return optuna.pruners.NopPruner()
+    # Steps are epochs from 1; the earliest prune is at step == n_warmup_steps.
+    return optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup_trials,
+                                       n_warmup_steps=settings.pruner_warmup_epochs + 1)
+
+
+def work(sweep_dir: Path, url: str, worker: int) -> int:
+    """One worker: trials until the study holds plan.trials of them; returns how many it ran."""
+    plan = Plan.read(sweep_dir)
+    recipe, base, space = load_parts(plan.recipe, plan.space, plan.overrides)
+    if fingerprint(plan.recipe, plan.space, plan.overrides) != plan.fingerprint:
+        raise PeftFtError(f"sweep: {plan.recipe} or {plan.space} changed since the sweep started; start a new sweep")
+    probe = open_study(url, plan.study)
+    study = open_study(url, plan.study, worker_sampler(space.settings, worker, len(probe.trials)), worker_pruner(space.settings))
+    ran = 0
+    while counted(study) < plan.trials:
+        study.optimize(lambda trial: run_trial(trial, sweep_dir, plan, base, space), n_trials=1, catch=(PeftFtError,))
+        ran += 1
+    return ran
+
+
+def trial_recipe(trial, values: dict, sweep_dir: Path, plan: Plan, base: dict):
+    """The recipe of one trial: the sampled values, its run folder under the sweep, no test splits
+    (a sweep selects on validation only), and a share of this machine's cores when train.threads is 0."""
+    from peft_ft.recipe.schema import build_recipe
+    from peft_ft.sweep.space import current_value, trial_raw
+
+    raw = trial_raw(base, values)
+    raw["output"] = {"dir": str(sweep_dir / TRIALS), "name": f"trial-{trial.number:04d}"}
+    data = raw.setdefault("data", {})
+    data.pop("test", None)
+    data.pop("predict", None)
+    if not current_value(raw, {}, "train.threads"):
+        raw.setdefault("train", {})["threads"] = max(1, (os.cpu_count() or 1) // plan.workers)
+    return build_recipe(raw, plan.recipe)
+
+
+def run_trial(trial, sweep_dir: Path, plan: Plan, base: dict, space) -> float:
+    """Train one trial; its value is the best epoch's validation metric (the epoch its weights keep)."""
+    import optuna
+
+    from peft_ft.engine.checkpoint import FOLDER
+    from peft_ft.engine.run import run
+    from peft_ft.engine.train import TrainHooks
+
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    values = space.sample(trial, base)
+    recipe = trial_recipe(trial, values, sweep_dir, plan, base)
+    log.info("trial %d: %s", trial.number, ", ".join(f"{k} = {v}" for k, v in values.items()))
+
+    def on_evaluation(entry: dict) -> None:
+        value = entry.get(f"validation_{plan.metric}")
+        if value is None:
+            return
+        # Trials are compared at the same point: the epoch, or the optimizer step with train.eval_every.
+        at = entry["steps"] if recipe.train.eval_every else entry["epoch"]
+        trial.report(value, at)
+        if trial.should_prune():
+            where = f"step {at}" if recipe.train.eval_every else f"epoch {at}"
+            raise optuna.TrialPruned(f"{where}: validation {plan.metric} {value:.4f} is below the median of earlier trials")
+
+    try:
+        run_dir = run(recipe, plan.data_dir, hooks=TrainHooks(on_evaluation=on_evaluation))
+    except (optuna.TrialPruned, PeftFtError) as e:
+        folders = sorted((sweep_dir / TRIALS / f"trial-{trial.number:04d}").glob("*"))
+        if folders:
+            trial.set_user_attr("run_dir", str(folders[-1]))
+            shutil.rmtree(folders[-1] / FOLDER, ignore_errors=True)  # nothing will resume a stopped trial
+        if isinstance(e, optuna.TrialPruned):
+            log.info("trial %d pruned: %s", trial.number, e)
+        else:
+            log.warning("trial %d failed: %s", trial.number, e)
+        raise
+    except KeyboardInterrupt:
+        trial.set_user_attr("interrupted", True)  # --resume runs it again
+        raise
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("trainable_params", metrics["params"]["trainable_params"])
+    trial.set_user_attr("train_seconds", metrics["train"]["seconds"])
+    trial.set_user_attr("epochs_run", metrics["train"]["epochs_run"])
+    trial.set_user_attr("best_epoch", metrics["train"]["best_epoch"])
+    value = metrics["train"]["best_value"]
+    log.info("trial %d: validation %s %.4f", trial.number, plan.metric, value)
+    return value
+
+
+def worker_main(argv: list[str], url: str | None = None) -> int:
+    """`python -m peft_ft.sweep.study SWEEP_DIR --worker I`: one worker, the storage URL from `url`, else
+    $PEFT_FT_SWEEP_STORAGE, else the sweep folder's SQLite (a URL in argv would show its password in `ps`)."""
+    import argparse
+
+    from peft_ft.log import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m peft_ft.sweep.study", description="one worker of peft-ft sweep")
+    parser.add_argument("sweep_dir")
+    parser.add_argument("--worker", type=int, default=0)
+    args = parser.parse_args(argv)
+    setup_logging(None)
+    sweep_dir = Path(args.sweep_dir)
+    try:
+        ran = work(sweep_dir, url or os.environ.get(STORAGE_ENV) or storage_url(sweep_dir, None), args.worker)
+    except PeftFtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    log.info("worker %d: %d trial(s)", args.worker, ran)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(worker_main(sys.argv[1:]))
