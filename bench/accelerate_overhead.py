@@ -3,8 +3,11 @@
 Per-step cost of accelerate's wrappers (one process, no mixed precision): each call timed against
 the plain torch call it wraps, on a tiny model, interleaved; best (minimum) of 25 bursts (process CPU time) of 400 calls
 each, since the machine is shared and only the fastest burst shows the code's own cost."""
-import time, torch
+import time
+
+import torch
 from accelerate import Accelerator
+
 torch.set_num_threads(1); torch.manual_seed(0)
 m = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(20)])
 o = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)

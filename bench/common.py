@@ -350,13 +350,14 @@ def run_peft_ft(cfg: Config, opts: Options, workdir: Path) -> Measured:
     The loop cannot leave steps out of its clock, so it is called twice on the same model: first
     `warmup` steps (untimed), then the timed steps with the next seed (fresh batches; the second
     call builds its own optimizer, whose state allocation then falls inside the timed steps)."""
-    from peft_ft.methods import METHODS
     from peft_ft.data.batching import train_batches
-    from peft_ft.models.loading import resolve_model
     from peft_ft.engine.run import build_model
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.engine.train import setup_torch as peft_ft_setup_torch
+    from peft_ft.engine.train import train
+    from peft_ft.methods import METHODS
+    from peft_ft.models.loading import resolve_model
+    from peft_ft.recipe.load import load_recipe
     from peft_ft.tasks import TASKS
-    from peft_ft.engine.train import setup_torch as peft_ft_setup_torch, train
 
     def recipe(max_steps: int, seed: int):
         path = workdir / f"{cfg.data}_{cfg.method}_{seed}.toml"

@@ -18,8 +18,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import LORA, LR, PAD_TO, SEED, Config, Measured, Options, PeakMemory, add_option_arguments, model_dims
-from common import model_root, parameter_counts, options_from, setup_torch, sync, write_smoke_inputs
+from common import (
+    LORA,
+    LR,
+    PAD_TO,
+    SEED,
+    Config,
+    Measured,
+    Options,
+    PeakMemory,
+    add_option_arguments,
+    model_dims,
+    model_root,
+    options_from,
+    parameter_counts,
+    setup_torch,
+    sync,
+    write_smoke_inputs,
+)
 
 
 def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
@@ -101,8 +117,13 @@ def run_trainer(cfg: Config, opts: Options, workdir: Path) -> Measured:
     """Train one configuration with the Trainer; the steps after `opts.warmup` are timed."""
     import datasets
     import transformers
-    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding, Trainer
-    from transformers import TrainingArguments, default_data_collator
+    from transformers import (
+        DataCollatorForTokenClassification,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()

@@ -77,12 +77,11 @@ def load_inputs(run_dir: Path, data_dir: str, rows: int) -> Inputs:
     encoded by the run's task as in training and evaluation."""
     from peft_ft.data.files import resolve_data_dir
     from peft_ft.models.loading import load_tokenizer
-    from peft_ft.serving.pipelines import read_info
-    from peft_ft.engine.run import base_location
-    from peft_ft.recipe.schema import load_recipe
-    from peft_ft.tasks import TASKS
-
+    from peft_ft.recipe.load import load_recipe
+    from peft_ft.rundir.layout import read_info
+    from peft_ft.rundir.load import base_location
     from peft_ft.rundir.portable import data_dir_of
+    from peft_ft.tasks import TASKS
 
     info, recipe = read_info(run_dir), load_recipe(run_dir / "recipe.toml")
     task = TASKS[info["task"]]
@@ -124,8 +123,8 @@ def sorted_batches(inputs: Inputs, batch_size: int, device) -> list[dict]:
 
 def check_run(name: str, run_dir: Path) -> dict:
     from peft_ft.errors import PeftFtError
+    from peft_ft.rundir.layout import read_info
     from peft_ft.serving.merge import check_mergeable
-    from peft_ft.serving.pipelines import read_info
 
     info = read_info(run_dir)
     if info["task"] not in FAMILIES:
@@ -139,10 +138,11 @@ def load_base(info: dict, run_dir: Path, device):
     import torch
     import transformers
 
+    from peft_ft.data.files import TaskData
     from peft_ft.models.loading import load_tokenizer
-    from peft_ft.engine.run import base_location
-    from peft_ft.recipe.schema import load_recipe
-    from peft_ft.tasks import TASKS, TaskData
+    from peft_ft.recipe.load import load_recipe
+    from peft_ft.rundir.load import base_location
+    from peft_ft.tasks import TASKS
 
     kwargs = TASKS[info["task"]].model_kwargs(TaskData(splits={}, labels=info["labels"]))
     location = base_location(info)
@@ -152,7 +152,7 @@ def load_base(info: dict, run_dir: Path, device):
 
 
 def load_merged_in_memory(run_dir: Path, device):
-    from peft_ft.engine.run import load_run
+    from peft_ft.rundir.load import load_run
 
     return load_run(run_dir, device)[0].merge_and_unload().eval()
 
@@ -181,9 +181,9 @@ class OnnxRuntimeModel:
 
 
 def load_models(info: dict, run_dir: Path, workdir: Path, device, threads: int = 1) -> Models:
+    from peft_ft.rundir.load import load_run
     from peft_ft.serving.export import export_onnx
     from peft_ft.serving.merge import merge_run
-    from peft_ft.engine.run import load_run
 
     merged_dir = merge_run(run_dir, workdir / f"{run_dir.name}-merged")
     models = {
@@ -314,8 +314,8 @@ def adapter_set_with_partners(specs: dict[str, Path], device):
 def switch_rows(name: str, run_dir: Path, adapters, partner: str, inputs: Inputs, args, device) -> list[list]:
     """Model level: set_adapter + forward vs load_run + forward. AdapterSet level (the `predict` /
     `serve` route: tokenize, forward, answer): answer() switching vs a new AdapterSet + answer()."""
+    from peft_ft.rundir.load import load_run
     from peft_ft.serving.predict import AdapterSet, activate
-    from peft_ft.engine.run import load_run
 
     pair = (name, partner)
     model = adapters.get(name).group.model
@@ -354,7 +354,7 @@ def switch_rows(name: str, run_dir: Path, adapters, partner: str, inputs: Inputs
 
 def load_rows(name: str, info: dict, run_dir: Path, merged_dir: Path, loads: int, device) -> list[list]:
     """Each model loaded once untimed, then `loads` times timed (files in the OS cache by then), taking turns."""
-    from peft_ft.engine.run import load_run
+    from peft_ft.rundir.load import load_run
 
     loaders = {
         "base": ("from_pretrained(base, head size) + tokenizer", lambda: load_base(info, run_dir, device)),

@@ -72,7 +72,7 @@ def train_smoke_adapters(root: Path, more: bool = False) -> dict[str, str]:
     from common import SMOKE_WORDS, write_smoke_inputs
 
     from peft_ft.engine.run import run
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
 
     model_dir, data_dir = write_smoke_inputs(root)
     rng = random.Random(0)

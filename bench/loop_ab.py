@@ -1,15 +1,19 @@
 """A/B of the training loop between two checkouts: from each checkout, `PYTHONPATH=. python bench/loop_ab.py`: MiniLM + LoRA (fast kernels, dropout 0) on
 CoNLL, batch 32, 1 thread; process CPU time and wall time of train() for 2 warm-up + 10 steps."""
-import sys, time
+import sys
+import time
 from pathlib import Path
+
 import torch
+
 import peft_ft
+from peft_ft.engine.run import build_model
+from peft_ft.engine.train import setup_torch, train
 from peft_ft.methods import METHODS
 from peft_ft.models.loading import resolve_model
-from peft_ft.engine.run import build_model
-from peft_ft.recipe.schema import load_recipe
+from peft_ft.recipe.load import load_recipe
 from peft_ft.tasks import TASKS
-from peft_ft.engine.train import setup_torch, train
+
 sets = ["train.threads=1", "adapter.dropout=0.0", "data.max_train_samples=1024", "train.epochs=1"]
 def recipe(steps, seed):
     return load_recipe("recipes/conll_lora.toml", sets + [f"train.max_steps={steps}", f"train.seed={seed}"])

@@ -19,8 +19,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Config, Measured, Options, add_option_arguments, machine_line, ner_registered, options_from
-from common import show_table, write_smoke_inputs
+from common import (
+    Config,
+    Measured,
+    Options,
+    add_option_arguments,
+    machine_line,
+    ner_registered,
+    options_from,
+    show_table,
+    write_smoke_inputs,
+)
 
 CONFIGS = [("peft-ft", "lora"), ("peft-ft", "full"), ("trainer", "lora"), ("trainer", "full")]
 

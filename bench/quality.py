@@ -106,7 +106,8 @@ def write_smoke_data(root: Path) -> tuple[str, str]:
 
 def train_all(args, out_dir: Path) -> list[Path]:
     """One `peft_ft.compare` per data set into OUT_DIR/<data>; returns those folders."""
-    from peft_ft.compare import compare, parse_methods
+    from peft_ft.compare.runner import compare
+    from peft_ft.compare.variants import parse_methods
 
     methods = parse_methods(args.methods)
     overrides = [f"train.threads={args.threads}", *([f"train.epochs={args.epochs}"] if args.epochs else []), *args.set]
@@ -212,7 +213,9 @@ def recipe_differences(run_text: str, folder: Path | None = None) -> tuple[str, 
     """(source, overrides, dropped keys, compare notes) of a run's recipe.toml against its original
     recipe file as it is now; output.* is left out (where a run is written changes nothing it learns)."""
     from peft_ft.errors import PeftFtError
-    from peft_ft.recipe.schema import load_recipe, section_types, to_toml, toml_value
+    from peft_ft.recipe.dump import to_toml, toml_value
+    from peft_ft.recipe.load import load_recipe
+    from peft_ft.recipe.schema import section_types
 
     source, notes = original_source(run_text, folder)
     path = _source_path(source, folder)

@@ -72,7 +72,7 @@ def build_model(name: str, seq_len: int):
 
 
 def recipe_for(cell: Cell, max_steps: int, seed: int):
-    from peft_ft.recipe.schema import build_recipe
+    from peft_ft.recipe.load import build_recipe
 
     train = {"epochs": 1000, "max_steps": max_steps, "batch_size": cell.batch_size, "threads": cell.threads,
              "device": cell.device, "seed": seed, "warmup": 0.0,
@@ -87,10 +87,10 @@ def run_cell(cell_dict: dict, result_file: str) -> None:
     """In the cell's own process: build, train `warmup` then `steps` steps, write what it measured."""
     import torch
 
-    from peft_ft.methods import METHODS
-    from peft_ft.models.loading import enable_activation_checkpointing
     from peft_ft.engine.run import use_fast_kernels
     from peft_ft.engine.train import train
+    from peft_ft.methods import METHODS
+    from peft_ft.models.loading import enable_activation_checkpointing
 
     cell = Cell(**cell_dict)
     torch.set_num_threads(cell.threads)
@@ -101,9 +101,9 @@ def run_cell(cell_dict: dict, result_file: str) -> None:
     if cell.variant == "checkpointing":
         enable_activation_checkpointing(model)
     if use_fast_kernels(recipe, device):
-        from peft_ft.kernels.fastlora import speed_up
+        from peft_ft.kernels import install
 
-        speed_up(model)
+        install(model)
         model.peft_ft_fast_kernels = True
     generator = torch.Generator().manual_seed(0)
     rows = cell.batch_size * (cell.warmup + cell.steps)

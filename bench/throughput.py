@@ -22,8 +22,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import LORA, Config, Options, add_option_arguments, machine_line, matmul_peak, ner_registered, options_from
-from common import run_peft_ft, show_table, train_flops, write_smoke_inputs
+from common import (
+    LORA,
+    Config,
+    Options,
+    add_option_arguments,
+    machine_line,
+    matmul_peak,
+    ner_registered,
+    options_from,
+    run_peft_ft,
+    show_table,
+    train_flops,
+    write_smoke_inputs,
+)
 
 # (runner, method, batching) for each data set, peft-ft first: it is what the ratios divide by.
 CONFIGS = [

@@ -17,9 +17,9 @@ def console():
     return _console
 
 
-def setup_logging(run_dir: Path | None = None) -> logging.Logger:
+def setup_logging(log_file: Path | None = None) -> logging.Logger:
     """Log lines go to the console (through rich, so they sit above a live progress bar) and,
-    for a run, to `train.log` in the run folder."""
+    for a run, to `log_file` (the run folder's train.log)."""
     from rich.logging import RichHandler
 
     logger = logging.getLogger("peft_ft")
@@ -29,8 +29,8 @@ def setup_logging(run_dir: Path | None = None) -> logging.Logger:
         logger.removeHandler(h)
         h.close()
     logger.addHandler(RichHandler(console=console(), show_path=False, show_time=False, markup=False))
-    if run_dir is not None:
-        handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    if log_file is not None:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
     return logger

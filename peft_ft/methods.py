@@ -16,7 +16,10 @@ import types
 from dataclasses import dataclass
 from typing import Callable
 
+from peft_ft.data.batching import pad_batch
 from peft_ft.errors import PeftFtError
+from peft_ft.models.integrity import hidden_width
+from peft_ft.models.loading import load_config, position_limit, quiet_transformers
 from peft_ft.recipe.schema import Recipe
 
 log = logging.getLogger("peft_ft")
@@ -62,9 +65,6 @@ _PROMPT_TASK_TYPES = {
     "ForConditionalGeneration": "SEQ_2_SEQ_LM",
 }
 
-EIGHT_BIT_METHODS = ("lora", "ia3")
-
-
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -85,6 +85,14 @@ class Method:
     lr_scale: Callable | None = None
     # Default target modules by `config.model_type` (None: the method targets no modules by name).
     targets: dict | None = None
+    eight_bit: bool = False  # trains on a base loaded in 8 bits (model.load_in_8bit)
+    # Prepends virtual tokens to the input embeddings: token-level outputs shift by num_virtual_tokens.
+    prepends_tokens: bool = False
+    # Checks against the base's config.json (no torch): (config dict, recipe, model type) -> problems.
+    config_check: Callable[[dict, Recipe, str], list[str]] | None = None
+    # Checks that need the built model's modules, run on a weightless skeleton: (skeleton, recipe) -> None,
+    # raising PeftFtError. Needed only when targets are named or the architecture has no default targets.
+    skeleton_check: Callable | None = None
 
     @property
     def merges(self) -> bool:
@@ -106,7 +114,7 @@ def virtual_positions(recipe: Recipe) -> int:
     """How many positions the method prepends to the model's outputs: prompt tuning adds
     `num_virtual_tokens` input embeddings, so token-level labels and answer positions shift by
     that much (P-tuning likewise). Prefix tuning adds keys and values only: outputs keep the input's length."""
-    return recipe.adapter.num_virtual_tokens if recipe.adapter.method in ("prompt_tuning", "p_tuning") else 0
+    return recipe.adapter.num_virtual_tokens if METHODS[recipe.adapter.method].prepends_tokens else 0
 
 
 # --- target modules -----------------------------------------------------------------------------
@@ -322,8 +330,6 @@ def probe_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
     """A one-layer, randomly initialised model of `location`'s architecture: built from config.json alone."""
     import transformers
 
-    from peft_ft.models.loading import load_config, quiet_transformers
-
     quiet_transformers()
     config = load_config(location, recipe, **kwargs)
     for key in ("num_hidden_layers", "num_layers", "num_decoder_layers", "n_layers"):
@@ -366,11 +372,10 @@ def needs_skeleton(recipe: Recipe, model_type: str | None) -> bool:
     """Whether the method's choices can only be checked against the model's modules: named targets or an
     architecture without a default target table (prefix tuning has its own pre-flight, a real forward).
     Other recipes skip it: building even a weightless model costs a torch import (seconds)."""
-    a = recipe.adapter
-    if a.target_modules and a.method in ("lora", "ia3"):
-        return True
-    table = {"lora": LORA_TARGETS, "ia3": IA3_TARGETS}.get(a.method)
-    return table is not None and model_type not in table
+    method = METHODS[recipe.adapter.method]
+    if method.skeleton_check is None:
+        return False
+    return bool(recipe.adapter.target_modules) or model_type not in (method.targets or {})
 
 
 def check_on_skeleton(location: str, recipe: Recipe, auto_class: str, model_kwargs: dict) -> None:
@@ -383,11 +388,7 @@ def check_on_skeleton(location: str, recipe: Recipe, auto_class: str, model_kwar
                                                      revision=recipe.model.revision or None, **model_kwargs)
     with torch.device("meta"):
         skeleton = getattr(transformers, auto_class).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    method = recipe.adapter.method
-    if method == "lora":
-        check_rank(skeleton, lora_targets(skeleton, recipe), recipe)
-    elif method == "ia3":
-        ia3_targets(skeleton, recipe)
+    METHODS[recipe.adapter.method].skeleton_check(skeleton, recipe)
 
 
 # --- recipe checks (no torch unless an 8-bit recipe needs to ask it) -------------------------------
@@ -409,8 +410,9 @@ def _validate_8bit(recipe: Recipe) -> list[str]:
     if not recipe.model.load_in_8bit:
         return []
     how = "remove model.load_in_8bit to train in float32 here, or run the recipe on a machine with a CUDA GPU"
-    if recipe.adapter.method not in EIGHT_BIT_METHODS:
-        return [f"model.load_in_8bit: for adapter.method {' or '.join(EIGHT_BIT_METHODS)}, not {recipe.adapter.method!r}; "
+    if not METHODS[recipe.adapter.method].eight_bit:
+        able = [m.name for m in METHODS.values() if m.eight_bit]
+        return [f"model.load_in_8bit: for adapter.method {' or '.join(able)}, not {recipe.adapter.method!r}; "
                 f"remove the key or change the method"]
     if recipe.train.device == "cpu":
         return [f"model.load_in_8bit: needs a CUDA GPU but train.device = \"cpu\"; {how}"]
@@ -543,8 +545,6 @@ def _start_eva(model, recipe: Recipe, start: TrainingStart):
     training data; run before the optimizer is built (the matrices are replaced)."""
     import torch
     from peft import initialize_lora_eva_weights
-
-    from peft_ft.data.batching import pad_batch
 
     rows = start.features[: EVA_BATCHES * start.batch_size]
     batches = []
@@ -705,6 +705,47 @@ def _validate_lora(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _rank_fits(config: dict, recipe: Recipe, kind: str) -> list[str]:
+    """A LoRA rank within the layers' width (config.json's hidden size)."""
+    width = hidden_width(config)
+    if width and recipe.adapter.r > width:
+        return [f"adapter.r: {recipe.adapter.r} is more than this {kind} model's hidden size ({width}): a rank "
+                f"cannot exceed the layers it adapts; set it to at most {width} (8-64 is usual)"]
+    return []
+
+
+def _positions_fit(config: dict, recipe: Recipe, kind: str) -> list[str]:
+    """Virtual tokens (and prefixes, whose positions come first) take positions of the model's table too."""
+    limit, virtual = position_limit(config), recipe.adapter.num_virtual_tokens
+    if limit and recipe.model.max_length <= limit < recipe.model.max_length + virtual:
+        return [f"model.max_length ({recipe.model.max_length}) + adapter.num_virtual_tokens ({virtual}) exceeds the "
+                f"{limit} positions this {kind} model has; set model.max_length to at most {limit - virtual} or use "
+                f"fewer virtual tokens"]
+    return []
+
+
+def _lora_skeleton_check(skeleton, recipe: Recipe) -> None:
+    check_rank(skeleton, lora_targets(skeleton, recipe), recipe)
+
+
+def _ia3_skeleton_check(skeleton, recipe: Recipe) -> None:
+    ia3_targets(skeleton, recipe)
+
+
+def _validate_prefix_tuning(recipe: Recipe) -> list[str]:
+    problems = _validate_8bit(recipe)
+    if recipe.train.activation_checkpointing:
+        problems.append("train.activation_checkpointing: prefix tuning's virtual keys and values are dropped by "
+                        "transformers' checkpointed layers (only the head would train); set it to false")
+    return problems
+
+
+def _validate_full(recipe: Recipe) -> list[str]:
+    if recipe.model.load_in_8bit:
+        return ["model.load_in_8bit: an 8-bit base cannot be fully fine-tuned; use adapter.method = \"lora\""]
+    return []
+
+
 def _validate_adalora(recipe: Recipe) -> list[str]:
     a, problems = recipe.adapter, _validate_8bit(recipe)
     if a.init_r < a.r:
@@ -718,24 +759,26 @@ def _validate_adalora(recipe: Recipe) -> list[str]:
 
 register_method(Method(
     "lora", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_lora, validate=_validate_lora,
-    on_train_start=_start_lora, lr_scale=_loraplus_scale,
+    on_train_start=_start_lora, lr_scale=_loraplus_scale, eight_bit=True, config_check=_rank_fits, skeleton_check=_lora_skeleton_check,
     summary="low-rank update B A on each target linear layer (options: use_dora, use_rslora, init, loraplus_lr_ratio)",
     lr_reason="the shipped SciEntsBank and CoNLL recipes train at it (the LoRA paper used rates of this order on GLUE)"))
 register_method(Method(
     "prompt_tuning", is_adapter=True, default_lr=2e-2, wrap=_wrap_prompt_tuning, validate=_validate_8bit, prompt_learning=True,
+    prepends_tokens=True, config_check=_positions_fit,
     summary="trained virtual input embeddings prepended to every input",
     lr_reason="soft prompts need far larger rates than weights (the prompt-tuning paper used 0.3 with Adafactor)"))
 register_method(Method(
-    "prefix_tuning", is_adapter=True, default_lr=1e-2, wrap=_wrap_prefix_tuning, validate=_validate_8bit, prompt_learning=True,
-    preflight=check_prefixes,
+    "prefix_tuning", is_adapter=True, default_lr=1e-2, wrap=_wrap_prefix_tuning, validate=_validate_prefix_tuning, prompt_learning=True,
+    preflight=check_prefixes, config_check=_positions_fit,
     summary="trained key/value prefixes in every attention layer",
     lr_reason="prefixes, like prompts, need larger rates than weights; below prompt tuning's as they act in every layer"))
 register_method(Method(
-    "ia3", is_adapter=True, targets=IA3_TARGETS, default_lr=5e-3, wrap=_wrap_ia3, validate=_validate_ia3,
+    "ia3", is_adapter=True, targets=IA3_TARGETS, default_lr=5e-3, wrap=_wrap_ia3, validate=_validate_ia3, eight_bit=True,
+    skeleton_check=_ia3_skeleton_check,
     summary="learned scaling vectors on keys, values and feed-forward inputs",
     lr_reason="scaling vectors start at 1 and move slowly: the order of the T-Few recipe's 3e-3"))
 register_method(Method(
-    "full", is_adapter=False, default_lr=5e-5, wrap=_wrap_full,
+    "full", is_adapter=False, default_lr=5e-5, wrap=_wrap_full, validate=_validate_full,
     summary="every weight trains; the whole model is saved",
     lr_reason="the top of BERT's fine-tuning range (2e-5..5e-5)"))
 register_method(Method(
@@ -778,6 +821,7 @@ register_method(Method(
     lr_reason="between LoRA's rate and the higher one VB-LoRA's bank usually gets; untuned here"))
 register_method(Method(
     "p_tuning", is_adapter=True, default_lr=1e-2, wrap=_wrap_p_tuning, validate=_validate_8bit, prompt_learning=True,
+    prepends_tokens=True,
     summary="virtual input embeddings produced by a small trained MLP (P-tuning)",
     lr_reason="between prefix tuning's and prompt tuning's defaults; the MLP steadies it; untuned here"))
 

@@ -18,8 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
-from peft_ft.data.formats.conll import read_conll
 from peft_ft.data.files import PROJECT_ROOT
+from peft_ft.data.formats.conll import read_conll
 from peft_ft.data.formats.label_studio import bio_to_spans
 
 EXPORT = "label_studio_example/export.json"  # relative to the data directory; the recipe's data.train

@@ -20,11 +20,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from peft_ft.rundir.card import model_card
 from peft_ft.models.loading import EMBEDDED_NAME
-from peft_ft.storage import write_atomic, write_json
+from peft_ft.recipe.load import load_recipe
+from peft_ft.rundir.card import model_card
 from peft_ft.rundir.portable import data_sources, finish_adapter_config, portable_toml, write_labels
-from peft_ft.recipe.schema import load_recipe
+from peft_ft.storage import write_atomic, write_json
 
 
 def old_data_dir(info: dict, recipe) -> str | None:
@@ -86,7 +86,7 @@ def classification_extras(metrics: dict, labels: list[str]) -> None:
 def rescore_ner(run_dir: Path, metrics: dict, data_dir: str | None) -> None:
     """Predict the NER splits again (the stored adapter, the stored recipe) and add the conlleval scores."""
     from peft_ft.data.files import resolve_data_dir
-    from peft_ft.engine.run import load_run
+    from peft_ft.rundir.load import load_run
     from peft_ft.tasks import TASKS
     from peft_ft.tasks.ner import conlleval_metrics, entity_metrics, word_predictions
 

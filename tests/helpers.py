@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
-import random
 from pathlib import Path
 
 import torch
@@ -98,7 +98,7 @@ def train_sentiment(root: Path, tiny_bert: Path, name: str, *, flip: bool = Fals
     for every training seed tried (1-4, min. score 0.93); at lr 1e-2 the tiny model collapsed to two outputs
     on one Intel machine and disagreed on only 4 of 6 texts, so the switching tests depended on the CPU."""
     from peft_ft.engine.run import run
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
 
     data = root / f"data-{name}"
     data.mkdir(parents=True)
@@ -126,7 +126,7 @@ name = "{name}"
 
 def train_ner(root: Path, tiny_bert: Path) -> Path:
     from peft_ft.engine.run import run
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
 
     rng = random.Random(0)
     rows = []

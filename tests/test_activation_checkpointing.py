@@ -10,7 +10,7 @@ import torch
 
 from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.errors import RecipeError
-from peft_ft.kernels.fastlora import speed_up
+from peft_ft.kernels import install
 from peft_ft.models.loading import enable_activation_checkpointing
 
 
@@ -49,7 +49,7 @@ def test_checkpointed_training_equals_plain_training(method, fast):
     checkpointed = copy.deepcopy(plain)
     enable_activation_checkpointing(checkpointed)
     if fast:
-        speed_up(plain), speed_up(checkpointed)
+        install(plain), install(checkpointed)
     calls = {}
     for name, model in (("plain", plain), ("checkpointed", checkpointed)):
         attention = next(m for n, m in model.named_modules() if n.endswith("layer.0.attention.self"))
@@ -66,7 +66,7 @@ def test_checkpointed_training_equals_plain_training(method, fast):
 
 def test_a_recipe_trains_with_it(tmp_path, tiny_bert):
     from peft_ft.engine.run import run
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
 
     write_jsonl(tmp_path / "train.jsonl", sentiment_rows(32, seed=1))
     recipe = write_recipe(tmp_path / "r.toml", f"""
@@ -89,7 +89,7 @@ dir = "{tmp_path / 'runs'}"
 
 
 def test_prefix_tuning_with_it_is_refused_at_validation(tmp_path, tiny_bert):
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
 
     recipe = write_recipe(tmp_path / "r.toml", f"""
 [model]

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import write_jsonl, write_recipe
-from peft_ft.errors import RecipeError
 from peft_ft.engine.run import run
-from peft_ft.recipe.schema import load_recipe
+from peft_ft.errors import RecipeError
+from peft_ft.recipe.load import load_recipe
 from peft_ft.tasks.classification import balanced_weights, use_weighted_loss
 
 RECIPE = """

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from helpers import write_jsonl, write_recipe
+from peft_ft.engine.run import run
 from peft_ft.errors import DataError, PeftFtError
-from peft_ft.engine.run import load_run, run
-from peft_ft.recipe.schema import load_recipe
+from peft_ft.recipe.load import load_recipe
+from peft_ft.rundir.load import load_run
 from peft_ft.tasks import TASKS
 from peft_ft.tasks.classification import classification_metrics
 
@@ -126,7 +127,7 @@ def test_lora_trains_only_adapter_and_head(trained):
 def test_an_existing_run_folder_is_never_reused(tmp_path, tiny_bert, sentiment_dir):
     import datetime
 
-    from peft_ft.storage import create_run_dir
+    from peft_ft.rundir.layout import create_run_dir
 
     recipe = load_recipe(write_recipe(tmp_path / "r.toml", RECIPE.format(model=tiny_bert, data=sentiment_dir, method="lora", lr=1e-3, out=tmp_path / "runs")))
     now = datetime.datetime(2026, 1, 1, 12, 0, 0)

@@ -12,11 +12,12 @@ import struct
 import pytest
 
 from helpers import sentiment_rows, write_jsonl, write_recipe
-from peft_ft import compare as cmp
-from peft_ft.methods import METHODS
 from peft_ft.cli import main
+from peft_ft.compare import report, runner
+from peft_ft.compare.variants import ALL, MEASURE_FILE, budget_differences, build_variants, finished_run, parse_lrs, parse_methods
 from peft_ft.errors import PeftFtError, RecipeError
-from peft_ft.recipe.schema import load_recipe
+from peft_ft.methods import METHODS
+from peft_ft.recipe.load import load_recipe
 
 RECIPE = """
 [model]
@@ -71,7 +72,7 @@ def read_json(path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def in_process(variant, recipe_file, isolate=True, _real=cmp.run_variant):
+def in_process(variant, recipe_file, isolate=True, _real=runner.run_variant):
     return _real(variant, recipe_file, isolate=False)
 
 
@@ -81,7 +82,7 @@ def compared(tmp_path_factory, tiny_bert):
     tmp = tmp_path_factory.mktemp("compare")
     recipe = make_recipe(tmp, tiny_bert)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cmp, "run_variant", in_process)
+        mp.setattr(runner, "run_variant", in_process)
         assert main(["compare", str(recipe), "--methods", "lora,full"]) == 0
     return tmp / "runs" / "compare-sent"
 
@@ -92,7 +93,7 @@ def test_compare_writes_every_file(compared):
     assert {p.name for p in (compared / "recipes").iterdir()} == {"lora-seed42.toml", "full-seed42.toml"}
     for name in ("lora-seed42", "full-seed42"):
         (run_dir,) = (compared / name).iterdir()  # exactly one run folder per variant
-        assert {"metrics.json", "peft_ft.json", "recipe.toml", cmp.MEASURE_FILE} <= {p.name for p in run_dir.iterdir()}
+        assert {"metrics.json", "peft_ft.json", "recipe.toml", MEASURE_FILE} <= {p.name for p in run_dir.iterdir()}
         assert read_json(run_dir / "peft_ft.json")["method"] == name.split("-")[0]
 
 
@@ -101,7 +102,7 @@ def test_table_rows_come_from_the_runs_own_files(compared):
     assert [r["variant"] for r in rows] == ["lora", "full"]
     for row in rows:
         (run_dir,) = [compared / d for d in row["run_dirs"].split()]
-        files = {"metrics.json": read_json(run_dir / "metrics.json"), "compare.json": read_json(run_dir / cmp.MEASURE_FILE)}
+        files = {"metrics.json": read_json(run_dir / "metrics.json"), "compare.json": read_json(run_dir / MEASURE_FILE)}
         for split in ("test", "test2"):
             for metric in ("accuracy", "macro_f1", "weighted_f1"):
                 assert float(row[f"{split}/{metric}"]) == pytest.approx(files["metrics.json"][split][metric])
@@ -145,13 +146,13 @@ def test_png_is_a_real_image(compared):
 def test_without_resume_an_existing_comparison_is_refused(compared):
     recipe = compared.parent.parent / "sent.toml"
     with pytest.raises(PeftFtError, match="--resume"):
-        cmp.compare([str(recipe)], ["lora", "full"])
+        runner.compare([str(recipe)], ["lora", "full"])
 
 
 def test_resume_after_an_interruption_skips_the_finished_runs(tmp_path, tiny_bert, monkeypatch):
     recipe = str(make_recipe(tmp_path, tiny_bert))
     trained, interrupt = [], [True]
-    real_run_variant = cmp.run_variant
+    real_run_variant = runner.run_variant
 
     def interrupted_on_full(variant, recipe_file, isolate=True):
         trained.append(variant.run_name)
@@ -159,16 +160,16 @@ def test_resume_after_an_interruption_skips_the_finished_runs(tmp_path, tiny_ber
             raise KeyboardInterrupt
         return real_run_variant(variant, recipe_file, isolate=False)
 
-    monkeypatch.setattr(cmp, "run_variant", interrupted_on_full)
+    monkeypatch.setattr(runner, "run_variant", interrupted_on_full)
     with pytest.raises(KeyboardInterrupt):
-        cmp.compare([recipe], ["lora", "full"])
+        runner.compare([recipe], ["lora", "full"])
     out = tmp_path / "runs" / "compare-sent"
     (lora_run,) = (out / "lora-seed42").iterdir()
-    assert cmp.finished_run(out, "lora-seed42") == lora_run and not (out / "comparison.csv").exists()
+    assert finished_run(out, "lora-seed42") == lora_run and not (out / "comparison.csv").exists()
 
     trained.clear()
     interrupt[0] = False
-    cmp.compare([recipe], ["lora", "full"], resume=True)
+    runner.compare([recipe], ["lora", "full"], resume=True)
     assert trained == ["full-seed42"]  # lora was finished: skipped
     assert list((out / "lora-seed42").iterdir()) == [lora_run]
     rows = {r["variant"]: r for r in read_csv(out / "comparison.csv")}
@@ -176,14 +177,14 @@ def test_resume_after_an_interruption_skips_the_finished_runs(tmp_path, tiny_ber
 
     # A finished run trained from a different recipe is not "the same command": refuse to mix them.
     with pytest.raises(PeftFtError, match="different recipe"):
-        cmp.compare([recipe], ["lora", "full"], overrides=["train.epochs=2"], resume=True)
+        runner.compare([recipe], ["lora", "full"], overrides=["train.epochs=2"], resume=True)
 
 
 def test_seeds_give_mean_and_std(tmp_path, tiny_bert):
     recipe = str(make_recipe(tmp_path, tiny_bert))
-    out = cmp.compare([recipe], ["lora"], seeds=2, lrs=["lora=5e-2"], isolate=False)
+    out = runner.compare([recipe], ["lora"], seeds=2, lrs=["lora=5e-2"], isolate=False)
     (row,) = read_csv(out / "comparison.csv")
-    runs = [cmp.finished_run(out, f"lora-seed{s}") for s in (42, 43)]
+    runs = [finished_run(out, f"lora-seed{s}") for s in (42, 43)]
     assert row["seeds"] == "42 43" and row["n_runs"] == "2" and float(row["lr"]) == 5e-2
     assert [load_recipe(r / "recipe.toml").train.seed for r in runs] == [42, 43]
     losses = [read_json(r / "metrics.json")["train"]["history"][0]["train_loss"] for r in runs]
@@ -201,26 +202,26 @@ def test_seeds_give_mean_and_std(tmp_path, tiny_bert):
 
 def test_variants_and_learning_rates_are_checked_before_training(tmp_path, tiny_bert):
     recipe = str(make_recipe(tmp_path, tiny_bert))
-    variants = cmp.build_variants([recipe], ["full", "lora"], 1, {"full": 1e-3}, ["adapter.r=2"], tmp_path / "c", None)
+    variants = build_variants([recipe], ["full", "lora"], 1, {"full": 1e-3}, ["adapter.r=2"], tmp_path / "c", None)
     assert [(v.method, v.lr) for v in variants] == [("full", 1e-3), ("lora", 1e-2)]
     assert "r = 2" in variants[1].toml and "\nr = " not in variants[0].toml  # --set adapter.r only reaches lora
     with pytest.raises(RecipeError, match="ia3"):
-        cmp.parse_lrs(["ia3=1e-3"], ["lora", "full"])
+        parse_lrs(["ia3=1e-3"], ["lora", "full"])
     with pytest.raises(RecipeError, match="--methods"):
-        cmp.parse_methods("lora,nope")
+        parse_methods("lora,nope")
     assert main(["compare", recipe, "--methods", "lora", "--lr", "lora=fast"]) == 2
     assert not (tmp_path / "runs").exists()  # nothing trained
 
 
 def test_a_variant_trains_in_a_process_of_its_own(tmp_path, tiny_bert):
-    """What the CLI does for every variant: `python -m peft_ft.compare VARIANT.toml` in a subprocess."""
+    """What the CLI does for every variant: `python -m peft_ft.compare.child VARIANT.toml` in a subprocess."""
     recipe = str(make_recipe(tmp_path, tiny_bert))
-    (variant,) = cmp.build_variants([recipe], ["lora"], 1, {}, [], tmp_path / "c", None)
+    (variant,) = build_variants([recipe], ["lora"], 1, {}, [], tmp_path / "c", None)
     (tmp_path / "c").mkdir()
     write_recipe(tmp_path / "c" / "lora.toml", variant.toml)
-    assert cmp.run_variant(variant, tmp_path / "c" / "lora.toml") == 0
-    run_dir = cmp.finished_run(tmp_path / "c", "lora-seed42")
-    measured = read_json(run_dir / cmp.MEASURE_FILE)
+    assert runner.run_variant(variant, tmp_path / "c" / "lora.toml") == 0
+    run_dir = finished_run(tmp_path / "c", "lora-seed42")
+    measured = read_json(run_dir / MEASURE_FILE)
     assert measured["memory_kind"] == "peak RSS"  # the child's own peak, not this test process's
     assert measured["peak_memory_mib"] == read_json(run_dir / "metrics.json")["train"]["peak_rss_mib"]
     assert measured["latency_split"] == "test" and measured["latency_examples"] == 8 and measured["eval_latency_ms"] > 0
@@ -229,16 +230,16 @@ def test_a_variant_trains_in_a_process_of_its_own(tmp_path, tiny_bert):
 def test_several_recipes_are_labelled_by_file(tmp_path, tiny_bert):
     first = make_recipe(tmp_path, tiny_bert)
     second = write_recipe(tmp_path / "longer.toml", first.read_text().replace("epochs = 1", "epochs = 2"))
-    variants = cmp.build_variants([str(first), str(second)], ["lora", "full"], 1, {}, [], tmp_path / "c", None)
+    variants = build_variants([str(first), str(second)], ["lora", "full"], 1, {}, [], tmp_path / "c", None)
     assert [v.run_name for v in variants] == ["sent-lora-seed42", "sent-full-seed42", "longer-lora-seed42", "longer-full-seed42"]
-    assert cmp.budget_differences([str(first), str(second)], []) == ["train.epochs"]
+    assert budget_differences([str(first), str(second)], []) == ["train.epochs"]
 
 
 def test_a_failed_variant_is_reported_and_the_others_tabulated(tmp_path, tiny_bert, monkeypatch):
     recipe = str(make_recipe(tmp_path, tiny_bert))
-    monkeypatch.setattr(cmp, "run_variant", lambda v, f, isolate=True: 2 if v.method == "full" else in_process(v, f))
+    monkeypatch.setattr(runner, "run_variant", lambda v, f, isolate=True: 2 if v.method == "full" else in_process(v, f))
     with pytest.raises(PeftFtError, match="1 run\\(s\\) failed: full-seed42"):
-        cmp.compare([recipe], ["lora", "full"])
+        runner.compare([recipe], ["lora", "full"])
     rows = {r["variant"]: r for r in read_csv(tmp_path / "runs" / "compare-sent" / "comparison.csv")}
     assert rows["lora"]["n_runs"] == "1" and float(rows["lora"]["test/accuracy"]) >= 0
     assert rows["full"]["n_runs"] == "0" and rows["full"]["failed"] == "1"
@@ -251,15 +252,15 @@ def test_plot_draws_every_test_split_on_an_axis_from_zero(compared, monkeypatch,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = cmp.aggregate([], compared)  # (no variants: an empty plot still writes)
-    cmp.plot_comparison(rows, tmp_path / "empty.png")
+    rows = report.aggregate([], compared)  # (no variants: an empty plot still writes)
+    report.plot_comparison(rows, tmp_path / "empty.png")
     rows = [r for r in read_csv(compared / "comparison.csv")]
-    assert cmp.plotted_metrics([{**r, "n_runs": 1} for r in rows]) == ["test/macro_f1", "test2/macro_f1"]
+    assert report.plotted_metrics([{**r, "n_runs": 1} for r in rows]) == ["test/macro_f1", "test2/macro_f1"]
     figures = []
     monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
     typed = [{k: (float(v) if k.endswith(("macro_f1", "_params", "seconds")) and v else v) for k, v in r.items()} | {"n_runs": 1}
              for r in rows]
-    cmp.plot_comparison(typed, tmp_path / "plot.png")
+    report.plot_comparison(typed, tmp_path / "plot.png")
     bars, by_params, by_time = figures[0].axes
     assert bars.get_ylim()[0] == 0.0 and by_params.get_ylim()[0] == 0.0 and by_time.get_ylim()[0] == 0.0
     assert [t.get_text() for t in bars.get_legend().get_texts()] == ["test", "test2"]
@@ -270,15 +271,15 @@ def test_methods_all_picks_what_fits_the_task_and_model(tmp_path, tiny_bert, cap
     import logging
 
     recipe = str(make_recipe(tmp_path, tiny_bert))
-    assert cmp.parse_methods("all") == [cmp.ALL]
+    assert parse_methods("all") == [ALL]
     with caplog.at_level(logging.INFO, logger="peft_ft"):
-        variants = cmp.build_variants([recipe], [cmp.ALL], 1, {}, [], tmp_path / "c", None)
+        variants = build_variants([recipe], [ALL], 1, {}, [], tmp_path / "c", None)
     chosen = [v.method for v in variants]
     expected = [m for m in METHODS if m != "prefix_tuning" or "prefix_tuning left out" not in caplog.text]
     assert chosen == expected and {"lora", "full", "adalora", "vera", "p_tuning", "fourierft", "vblora"} <= set(chosen)
     # a recipe whose inputs leave no room for virtual tokens: the prompt methods are left out, with the reason
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="peft_ft"):
-        variants = cmp.build_variants([recipe], [cmp.ALL], 1, {}, ["model.max_length=500"], tmp_path / "c", None)
+        variants = build_variants([recipe], [ALL], 1, {}, ["model.max_length=500"], tmp_path / "c", None)
     assert not {"prompt_tuning", "p_tuning"} & {v.method for v in variants}
     assert "p_tuning left out: model.max_length (500) + adapter.num_virtual_tokens (20) exceeds the 512 positions" in caplog.text

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from peft_ft.errors import PeftFtError
-from peft_ft.recipe.schema import build_recipe, load_recipe
+from peft_ft.recipe.load import build_recipe, load_recipe
 from peft_ft.tasks import TASKS
 
 TEXTS = ["good film", "bad film", "great plot", "awful plot", "fine acting", "terrible acting"]
@@ -117,8 +117,8 @@ def test_no_evaluation_split_is_a_warning_at_validate(tmp_path, tiny_bert):
 def test_written_files_and_folders_honour_the_umask(tmp_path, mask):
     import torch
 
-    from peft_ft.engine import checkpoint
     from peft_ft import storage as output
+    from peft_ft.engine import checkpoint
 
     old = os.umask(mask)
     output.umask.cache_clear()
@@ -136,9 +136,9 @@ def test_written_files_and_folders_honour_the_umask(tmp_path, mask):
 
 
 def test_a_merged_folder_honours_the_umask(tmp_path, tiny_bert):
+    from helpers import train_sentiment
     from peft_ft import storage as output
     from peft_ft.serving.merge import merge_run
-    from helpers import train_sentiment
 
     run_dir = train_sentiment(tmp_path, tiny_bert, "pos")
     old = os.umask(0o022)

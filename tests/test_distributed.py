@@ -20,11 +20,11 @@ import pytest
 import torch.distributed
 
 from helpers import sentiment_rows, write_jsonl, write_recipe
-from peft_ft.engine import distributed
 from peft_ft.data.batching import train_batches
-from peft_ft.errors import PeftFtError
+from peft_ft.engine import distributed
 from peft_ft.engine.run import resume, run
-from peft_ft.recipe.schema import load_recipe
+from peft_ft.errors import PeftFtError
+from peft_ft.recipe.load import load_recipe
 
 # Rows not a multiple of the batch size (61 = 7 x 8 + 5): the last batch splits 3 + 2, and the
 # validation and test splits (11, 13 rows) split unevenly too.
@@ -298,7 +298,7 @@ def test_accumulation_4_x_8_equals_1_x_32(token_labels):
 
     from peft_ft.engine import train
     from peft_ft.engine.accelerator import make_accelerator
-    from peft_ft.recipe.schema import build_recipe
+    from peft_ft.recipe.load import build_recipe
 
     model, rows = tiny_model_and_rows(token_labels, lengths=[3 + i % 9 for i in range(32)])
     accelerator = make_accelerator(build_recipe({"data": {"train": "t.jsonl"}, "train": {"device": "cpu"}}, "r.toml"))

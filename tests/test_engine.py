@@ -10,7 +10,9 @@ import pytest
 
 from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.errors import PeftFtError, RecipeError
-from peft_ft.recipe.schema import SCHEDULERS, build_recipe, explain, load_recipe
+from peft_ft.recipe.explain import explain
+from peft_ft.recipe.load import build_recipe, load_recipe
+from peft_ft.recipe.schema import SCHEDULERS
 
 RECIPE = """
 [model]
@@ -208,9 +210,9 @@ def test_fast_kernels_are_for_cpu_only(tiny_bert, data, tmp_path):
     import torch
     from peft.tuners.lora import Linear as PeftLoraLinear
 
-    from peft_ft.methods import METHODS
-    from peft_ft.kernels.fastlora import FastDropout
     from peft_ft.engine.run import build_model, use_fast_kernels
+    from peft_ft.kernels.fastlora import FastDropout
+    from peft_ft.methods import METHODS
     from peft_ft.tasks import TASKS
 
     recipe = load_recipe(recipe_file(tmp_path, tiny_bert, data))
@@ -241,8 +243,8 @@ def test_glibc_allocator_setting_only_with_fast_kernels(monkeypatch, fast):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from peft_ft.kernels import allocator
     from peft_ft.engine.train import train
+    from peft_ft.kernels import allocator
 
     calls = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("keep"))

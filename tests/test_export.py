@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from peft_ft.errors import PeftFtError
 from helpers import train_ner
+from peft_ft.errors import PeftFtError
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def test_export_answers_like_pytorch(ner_run, tmp_path, capsys):
     import torch
 
     from peft_ft.cli import main
-    from peft_ft.engine.run import load_run
+    from peft_ft.rundir.load import load_run
 
     out = tmp_path / "onnx"
     assert main(["export", str(ner_run), "--onnx", str(out)]) == 0

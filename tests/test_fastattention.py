@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from helpers import fit
-from peft_ft.kernels import fastattention
+from peft_ft.kernels import fastattention, install
 from peft_ft.kernels.fastattention import AttentionFunction
-from peft_ft.kernels.fastlora import keep_mask, speed_up
+from peft_ft.kernels.masks import keep_mask
 
 
 def reference(q, k, v, bias, scale, keep, p):
@@ -64,7 +64,7 @@ def count_calls(monkeypatch) -> list:
 def test_used_only_while_training_with_dropout_and_evaluation_is_sdpa_exactly(monkeypatch):
     stock = tiny_bert(0.2)
     fast = copy.deepcopy(stock)
-    assert speed_up(fast)["fast_attention_configs"] == 1
+    assert install(fast)["fast_attention_configs"] == 1
     assert fast.config._attn_implementation == fastattention.NAME
     calls = count_calls(monkeypatch)
     ids = torch.randint(1, 50, (3, 6))
@@ -82,7 +82,7 @@ def test_used_only_while_training_with_dropout_and_evaluation_is_sdpa_exactly(mo
 def test_padding_is_masked_while_training(monkeypatch):
     """A padded row's real tokens do not see the padding: changing the padded ids changes nothing."""
     model = tiny_bert(0.2)
-    speed_up(model)
+    install(model)
     calls = count_calls(monkeypatch)
     model.train()
     ids = torch.randint(1, 50, (2, 7))
@@ -101,7 +101,7 @@ def test_padding_is_masked_while_training(monkeypatch):
 
 def test_without_attention_dropout_training_uses_sdpa(monkeypatch):
     model = tiny_bert(0.0)
-    speed_up(model)
+    install(model)
     calls = count_calls(monkeypatch)
     model.train()
     model(input_ids=torch.randint(1, 50, (2, 5)), labels=torch.zeros(2, 5, dtype=torch.long)).loss.backward()
@@ -110,7 +110,7 @@ def test_without_attention_dropout_training_uses_sdpa(monkeypatch):
 
 def test_a_saved_model_does_not_name_our_attention(tmp_path):
     model = tiny_bert(0.1)
-    speed_up(model)
+    install(model)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert fastattention.NAME not in json.dumps(saved)
@@ -118,7 +118,7 @@ def test_a_saved_model_does_not_name_our_attention(tmp_path):
 
 def test_training_learns():
     model = tiny_bert(0.1)
-    speed_up(model)
+    install(model)
     torch.manual_seed(3)
     ids = torch.randint(1, 5, (8, 6))
     losses = fit(model, ids, ids % 2, steps=30)

@@ -147,7 +147,7 @@ def adapter_folder(tmp_path_factory, tiny_bert) -> Path:
        info=st.none() | st.dictionaries(st.sampled_from(["task", "is_adapter", "base_model", "auto_class", "labels", "method"]), json_values, max_size=4))
 def test_run_folder_checks(tmp_path, adapter_folder, cut, flip, byte, config, info):
     """Cut or flipped safetensors bytes, edited adapter_config.json / peft_ft.json: checked (no torch) or refused."""
-    from peft_ft.engine.run import check_run_folder
+    from peft_ft.rundir.load import check_run_folder
 
     # beside the original: the run's local base model is recorded relative to the run folder (peft_ft.rundir.portable)
     folder = shutil.copytree(adapter_folder, adapter_folder.parent / f"{tmp_path.name}-copy", dirs_exist_ok=True)

@@ -11,9 +11,10 @@ import pytest
 
 from helpers import write_jsonl, write_recipe
 from peft_ft.data.formats import glue
+from peft_ft.engine.run import run
 from peft_ft.errors import DataError, RecipeError
-from peft_ft.engine.run import load_run, run
-from peft_ft.recipe.schema import load_recipe
+from peft_ft.recipe.load import load_recipe
+from peft_ft.rundir.load import load_run
 from peft_ft.tasks import TASKS
 from peft_ft.tasks.classification import PredictSplit
 

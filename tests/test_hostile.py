@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import sentiment_rows, train_sentiment, write_jsonl, write_recipe
-from peft_ft.recipe.schema import build_recipe
+from peft_ft.recipe.load import build_recipe
 
 RECIPE = """
 [model]
@@ -198,8 +198,8 @@ def test_validate_and_run_refuse_alike_and_run_leaves_no_folder(case, recipe_cas
 def test_rank_is_bounded_by_the_narrowest_target_layer():
     import torch
 
-    from peft_ft.methods import check_rank
     from peft_ft.errors import PeftFtError
+    from peft_ft.methods import check_rank
 
     model = torch.nn.Module()
     model.wide, model.narrow = torch.nn.Linear(32, 32), torch.nn.Linear(32, 4)
@@ -224,7 +224,7 @@ def test_a_refusal_found_while_building_removes_the_new_run_folder(recipe_case, 
     """A misfit only the real model shows (here: forced) ends the run without leaving an orphan folder."""
     import peft_ft.engine.run
     from peft_ft.errors import PeftFtError
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
 
     path, runs = recipe_case
 

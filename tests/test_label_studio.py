@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from peft_ft.data.formats.conll import read_conll
 from peft_ft.data.files import carve_fractions, carve_validation
-from peft_ft.errors import DataError, RecipeError
+from peft_ft.data.formats.conll import read_conll
 from peft_ft.data.formats.label_studio import bio_to_spans, pre_tokenize, read_classification, read_ner, spans_to_bio
-from peft_ft.recipe.schema import build_recipe, load_recipe
+from peft_ft.errors import DataError, RecipeError
+from peft_ft.recipe.load import build_recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -420,8 +420,8 @@ dir = "{tmp_path / 'runs'}"
 
 
 def test_classification_end_to_end_from_json_min(tiny_bert, tmp_path):
-    from peft_ft.engine.run import run
     from helpers import sentiment_rows
+    from peft_ft.engine.run import run
 
     data = tmp_path / "data"
     data.mkdir()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TEXTS, train_sentiment
 from peft_ft.errors import PeftFtError
 from peft_ft.serving.merge import merge_run
-from helpers import TEXTS, train_sentiment
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_merged_folder_is_plain_and_predicts_like_the_adapter(trained, tmp_path)
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from peft_ft.engine.run import load_run
+    from peft_ft.rundir.load import load_run
 
     out = merge_run(trained, tmp_path / "merged")
     assert sorted(p.name for p in out.iterdir()) == [
@@ -114,7 +114,7 @@ def two_adapters(trained, tmp_path_factory, tiny_bert) -> tuple[Path, Path]:
 def logits_of(run_dir: Path):
     import torch
 
-    from peft_ft.engine.run import load_run
+    from peft_ft.rundir.load import load_run
 
     model, tokenizer, _ = load_run(run_dir)
     with torch.inference_mode():
@@ -142,8 +142,9 @@ def test_ties_dare_and_cat_give_an_adapter_that_predict_merge_and_a_plain_pipeli
     import torch
     import transformers
 
+    from peft_ft.rundir.load import label_kwargs
     from peft_ft.serving.combine import combine_runs
-    from peft_ft.serving.pipelines import label_kwargs, pipeline
+    from peft_ft.serving.pipelines import pipeline
 
     first, second = two_adapters
     out = combine_runs([("a", first, 0.5), ("b", second, 0.5)], how, tmp_path / "combined",
@@ -153,7 +154,7 @@ def test_ties_dare_and_cat_give_an_adapter_that_predict_merge_and_a_plain_pipeli
     assert [o["label"] for o in ours] == [p["label"] for p in plain] and all(o["label"] in ("pos", "neg") for o in ours)
     assert [o["score"] for o in ours] == pytest.approx([p["score"] for p in plain], abs=1e-5)
     merged = merge_run(out, tmp_path / "merged")  # a combined adapter folds into its base like a trained one
-    from peft_ft.engine.run import load_run
+    from peft_ft.rundir.load import load_run
 
     model, tokenizer, _ = load_run(merged)
     with torch.inference_mode():
@@ -161,8 +162,8 @@ def test_ties_dare_and_cat_give_an_adapter_that_predict_merge_and_a_plain_pipeli
 
 
 def test_combining_refuses_other_tasks_methods_and_options(two_adapters, tmp_path, tiny_bert):
-    from peft_ft.serving.combine import combine_runs, parse_combine
     from helpers import train_ner
+    from peft_ft.serving.combine import combine_runs, parse_combine
 
     first, second = two_adapters
     ner = train_ner(tmp_path, tiny_bert)

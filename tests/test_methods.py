@@ -21,10 +21,11 @@ import pytest
 
 import peft_ft.engine.train
 from helpers import official_file, qa_rows, sentiment_rows, toy_sentences, write_conll, write_jsonl, write_recipe, write_tiny_t5
-from peft_ft.methods import METHODS, cuda_available
+from peft_ft.engine.run import run
 from peft_ft.errors import PeftFtError, RecipeError
-from peft_ft.engine.run import load_run, run
-from peft_ft.recipe.schema import build_recipe, load_recipe
+from peft_ft.methods import METHODS, cuda_available
+from peft_ft.recipe.load import build_recipe, load_recipe
+from peft_ft.rundir.load import load_run
 from peft_ft.tasks import TASKS
 
 ADAPTERS = ["lora", "prompt_tuning", "prefix_tuning", "ia3", "adalora", "vera", "loha", "lokr", "oft", "boft", "ln_tuning",
@@ -186,6 +187,7 @@ ONE_FAMILY = {"lora:rslora", "lora:gaussian", "lora:loraplus"}
 def batch_logits(model, features: list[dict], family: str):
     """The model's logits on a fixed padded batch (T5: teacher-forced on the targets), for merge checks."""
     import torch
+
     from peft_ft.data.batching import pad_batch
 
     batch = pad_batch(features[:8], 0)
@@ -203,6 +205,7 @@ def batch_logits(model, features: list[dict], family: str):
 def assert_merge_matches_or_is_refused(method: str, run_dir: Path, recipe, family: str, data_dir: Path, out: Path) -> None:
     """A method that merges: `peft-ft merge`'s plain model gives the adapter's logits. One that cannot: refused, saying why."""
     import torch
+
     from peft_ft.serving.merge import merge_run
 
     if not METHODS[method].merges:
@@ -307,6 +310,7 @@ def test_prompt_tuning_ner_loss_reads_the_real_positions(tmp_path, tiny_bert, fa
     """The loss of the shifted labels equals cross-entropy over the logits of the real tokens
     against the unshifted labels: label k belongs to input token k, not to a virtual one."""
     import torch
+
     from peft_ft.data.batching import pad_batch
 
     recipe = recipe_for(tmp_path, tiny_bert, family_data["ner"], "ner", "prompt_tuning")
@@ -327,6 +331,7 @@ def test_prompt_tuning_ner_loss_reads_the_real_positions(tmp_path, tiny_bert, fa
 
 def test_prompt_tuning_qa_positions_are_shifted_and_logits_cut(tmp_path, tiny_bert, family_data):
     import torch
+
     from peft_ft.data.batching import pad_batch
 
     recipe = recipe_for(tmp_path, tiny_bert, family_data["qa"], "qa", "prompt_tuning")

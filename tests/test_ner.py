@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from helpers import toy_sentences, write_conll
+from peft_ft.data.files import Split
 from peft_ft.data.formats.conll import read_conll
 from peft_ft.errors import DataError
-from peft_ft.recipe.schema import build_recipe, load_recipe
-from peft_ft.tasks import TASKS, Split
+from peft_ft.recipe.load import build_recipe, load_recipe
+from peft_ft.tasks import TASKS
 from peft_ft.tasks.ner import NerData, entity_metrics, word_windows
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -172,7 +173,8 @@ def test_shipped_recipes_validate(name):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_end_to_end_run_reload_same_predictions(tiny_bert, toy_dir, tmp_path, method):
-    from peft_ft.engine.run import load_run, run
+    from peft_ft.engine.run import run
+    from peft_ft.rundir.load import load_run
 
     recipe_path = tmp_path / "ner.toml"
     recipe_path.write_text(f"""

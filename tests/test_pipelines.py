@@ -1,13 +1,17 @@
-"""`peft_ft.pipeline(RUN_DIR)` and the per-family answer table."""
+"""`peft_ft.pipeline(RUN_DIR)` and how each task family answers (`Task.answers`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from peft_ft.errors import PeftFtError
-from peft_ft.serving.pipelines import ANSWERS, Generator, QuestionAnswerer, label_kwargs
-from peft_ft.recipe.schema import build_recipe
 from helpers import TEXTS, train_ner, train_sentiment
+from peft_ft.errors import PeftFtError
+from peft_ft.recipe.load import build_recipe
+from peft_ft.rundir.load import label_kwargs
+from peft_ft.tasks import TASKS
+from peft_ft.tasks.base import Answers
+from peft_ft.tasks.qa import QuestionAnswerer
+from peft_ft.tasks.seq2seq import Generator
 
 
 @pytest.fixture(scope="module")
@@ -15,10 +19,8 @@ def trained(tmp_path_factory, tiny_bert):
     return train_sentiment(tmp_path_factory.mktemp("pipelines"), tiny_bert, "pos")
 
 
-def test_every_family_has_an_answer_entry():
-    from peft_ft.tasks import TASKS
-
-    assert {t.pipeline_task for t in TASKS.values()} <= set(ANSWERS)
+def test_every_family_says_how_it_answers():
+    assert all(isinstance(t.answers, Answers) for t in TASKS.values())
 
 
 def test_pipeline_from_a_run_folder_has_real_label_names(trained):
@@ -34,7 +36,8 @@ def test_pipeline_from_a_run_folder_has_real_label_names(trained):
 
 
 def test_ner_pipeline_groups_entities_with_real_tag_names(tmp_path, tiny_bert):
-    from peft_ft.serving.pipelines import WordTagger, pipeline
+    from peft_ft.serving.pipelines import pipeline
+    from peft_ft.tasks.ner import WordTagger
 
     pipe = pipeline(train_ner(tmp_path, tiny_bert))
     assert isinstance(pipe, WordTagger)
@@ -51,7 +54,7 @@ def biased_tagger(tiny_bert, tag: str, max_length: int = 128):
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    from peft_ft.serving.pipelines import WordTagger
+    from peft_ft.tasks.ner import WordTagger
 
     model = AutoModelForTokenClassification.from_pretrained(
         tiny_bert, id2label=dict(enumerate(NER_LABELS)), label2id={n: i for i, n in enumerate(NER_LABELS)}).eval()
@@ -85,11 +88,11 @@ def test_a_long_text_is_tagged_to_its_last_word(tiny_bert):
 
 
 def test_empty_texts_and_token_rows(tiny_bert):
-    from peft_ft.serving.pipelines import Words
+    from peft_ft.tasks.ner import Words
 
     tagger = biased_tagger(tiny_bert, "B-PER")
     assert tagger(["", "   "]) == [[], []]
-    row = ANSWERS["token-classification"].to_input({"tokens": ["john", "lives"]}, tagger.recipe, "row 1")
+    row = TASKS["ner"].answers.to_input({"tokens": ["john", "lives"]}, tagger.recipe, "row 1")
     assert row == Words("john lives", ("john", "lives"), ((0, 4), (5, 10)))
     assert [e["word"] for e in tagger(row)] == ["john", "lives"]
 
@@ -108,7 +111,7 @@ def test_question_answerer_returns_a_span_of_the_context(tiny_bert):
     for a in answers:
         assert a["answer"] and a["answer"] == context[a["start"]:a["end"]] and 0 < a["score"] <= 1
         assert len(a["answer"].split()) <= recipe.task.max_answer_length
-    assert ANSWERS["question-answering"].to_answer(answers[0])["answer"] == answers[0]["answer"]
+    assert TASKS["qa"].answers.to_answer(answers[0])["answer"] == answers[0]["answer"]
 
 
 def test_generator_generates_with_the_run_settings(tmp_path):
@@ -121,7 +124,7 @@ def test_generator_generates_with_the_run_settings(tmp_path):
     model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     recipe = build_recipe({"task": {"type": "seq2seq"}, "eval": {"max_new_tokens": 3}, "data": {"train": "t.json"}}, "test.toml")
     row = {"question": "where is john ?", "context": "john lives in paris ."}
-    text = ANSWERS["text2text-generation"].to_input(row, recipe, "row 1")
+    text = TASKS["seq2seq"].answers.to_input(row, recipe, "row 1")
     assert text == "question: where is john ? context: john lives in paris ."
     [answer] = Generator(model, tokenizer, recipe)([text])
     with torch.inference_mode():

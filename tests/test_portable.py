@@ -329,8 +329,9 @@ def test_shipped_card_snippets_run_offline_with_stock_tools(name, tmp_path):
 
 
 def test_recipe_text_shortens_absolute_paths_and_says_so():
+    from peft_ft.recipe.dump import to_toml
+    from peft_ft.recipe.load import build_recipe
     from peft_ft.rundir.portable import portable_toml
-    from peft_ft.recipe.schema import build_recipe, to_toml
 
     recipe = build_recipe({"model": {"name": "/models/my-bert"}, "data": {"dir": "/data", "train": "a/train.jsonl",
                            "test": ["/elsewhere/test.jsonl", "b/test2.jsonl"]}, "output": {"dir": "/runs"}}, "/home/me/r.toml")
@@ -352,9 +353,9 @@ def test_data_sources_are_relative_to_the_data_folder(tmp_path):
 
 
 def test_a_run_on_a_local_base_names_it_by_folder_and_says_when_it_is_gone(tmp_path, tiny_bert):
-    from peft_ft.errors import PeftFtError
-    from peft_ft.engine.run import load_run
     from helpers import train_sentiment
+    from peft_ft.errors import PeftFtError
+    from peft_ft.rundir.load import load_run
 
     run_dir = train_sentiment(tmp_path, tiny_bert, "pos")
     assert json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_bert.name

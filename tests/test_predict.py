@@ -12,6 +12,7 @@ from helpers import TEXTS, reference, train_ner, train_sentiment, write_jsonl
 from peft_ft.errors import DataError, PeftFtError
 from peft_ft.serving.predict import AdapterSet, read_inputs, route
 
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_bert) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("predict")

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from peft_ft.data.formats.conll import SEPARATORS, check_bio_tags, fix_iob1, read_conll, read_jsonl
 from peft_ft.errors import PeftFtError
-from peft_ft.recipe.schema import Recipe, build_recipe, section_types
+from peft_ft.recipe.load import build_recipe
+from peft_ft.recipe.schema import Recipe, section_types
 
 SECTIONS = section_types()
 KNOWN_KEYS = sorted({f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)})

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from helpers import official_file, qa_rows, write_jsonl, write_recipe
-from peft_ft.errors import DataError
-from peft_ft.engine.run import load_run, run
-from peft_ft.recipe.schema import build_recipe, load_recipe
+from peft_ft.data.files import Split
 from peft_ft.data.formats.squad import squad_metrics
-from peft_ft.tasks import TASKS, Split
+from peft_ft.engine.run import run
+from peft_ft.errors import DataError
+from peft_ft.recipe.load import build_recipe, load_recipe
+from peft_ft.rundir.load import load_run
+from peft_ft.tasks import TASKS
 from peft_ft.tasks.qa import answer_token_span, best_answer, encode_windows, window_candidates
 
 CONTEXT = "john lives in paris . mary works at acme corp in london ."

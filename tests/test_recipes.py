@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from peft_ft.recipe.schema import load_recipe
+from peft_ft.recipe.load import load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.toml"))
 

@@ -144,7 +144,7 @@ def test_the_decision_is_one_function(tmp_path, caplog):
     import logging
 
     from peft_ft.models.safety import remote_code
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
 
     (tmp_path / "r.toml").write_text('[model]\ntrust_remote_code = true\n[data]\ntrain = "x.jsonl"\n')
     asking = load_recipe(tmp_path / "r.toml")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RESUME_RECIPE as RECIPE, run_killed, sentiment_rows, write_jsonl, write_recipe
-from peft_ft.engine import checkpoint
+from helpers import RESUME_RECIPE as RECIPE
+from helpers import run_killed, sentiment_rows, write_jsonl, write_recipe
 from peft_ft.cli import main
+from peft_ft.engine import checkpoint
 from peft_ft.errors import PeftFtError
 
 # Measured: the resumed runs match the uninterrupted one bit for bit on CPU (same seed, one thread):

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import RESUME_RECIPE as RECIPE
+from helpers import run_killed, sentiment_rows, write_jsonl, write_recipe
 from peft_ft.engine import checkpoint
-from peft_ft.storage import RunDirLock, recorded_fingerprint
-from helpers import RESUME_RECIPE as RECIPE, run_killed, sentiment_rows, write_jsonl, write_recipe
+from peft_ft.rundir.layout import RunDirLock, recorded_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,8 @@ def edit(run_dir: Path, **values) -> None:
 
 
 def test_the_run_folder_records_a_fingerprint(killed):
-    from peft_ft.storage import fingerprint
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
+    from peft_ft.rundir.layout import fingerprint
 
     mark = recorded_fingerprint(killed / "recipe.toml")
     assert mark and len(mark) == 64 and mark == fingerprint(load_recipe(killed / "recipe.toml"))
@@ -80,8 +81,8 @@ def test_resume_allows_more_epochs_and_runs_to_the_new_end(killed, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train"]["epochs_run"] == 3
     assert not list(run_dir.glob(".saving-*"))
-    from peft_ft.storage import fingerprint
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
+    from peft_ft.rundir.layout import fingerprint
 
     assert recorded_fingerprint(run_dir / "recipe.toml") == fingerprint(load_recipe(run_dir / "recipe.toml"))
 
@@ -103,7 +104,7 @@ def test_a_second_resume_of_a_folder_in_use_is_refused(killed, tmp_path):
 
 def test_the_lock_is_released_with_its_process(killed, tmp_path):
     """A killed run's lock goes with it (flock): the killed fixture's folder is not in use."""
-    from peft_ft.storage import in_use
+    from peft_ft.rundir.layout import in_use
 
     assert not in_use(killed)
     with RunDirLock(killed):
@@ -112,8 +113,8 @@ def test_the_lock_is_released_with_its_process(killed, tmp_path):
 
 
 def test_a_new_run_cleans_stale_saves_of_earlier_runs_not_in_use(tmp_path):
-    from peft_ft.storage import clean_stale_siblings
-    from peft_ft.recipe.schema import build_recipe
+    from peft_ft.recipe.load import build_recipe
+    from peft_ft.rundir.layout import clean_stale_siblings
 
     recipe = build_recipe({"data": {"train": "x.jsonl"}, "output": {"dir": str(tmp_path), "name": "r"}}, "r.toml")
     idle, busy = tmp_path / "r" / "20260101-000000", tmp_path / "r" / "20260101-000001"

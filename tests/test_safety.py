@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TEXTS, reference, train_sentiment
 from peft_ft.errors import PeftFtError
 from peft_ft.models.safety import check_no_pickle, pickle_files, remote_code
-from helpers import TEXTS, reference, train_sentiment
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,10 @@ def test_check_names_the_file_and_the_flag(tmp_path, name, caplog):
 
 
 def test_every_loader_refuses_a_pickle_in_an_adapter_folder_unless_allowed(run_dir, tmp_path):
+    from peft_ft.rundir.load import load_run
     from peft_ft.serving.merge import merge_run
     from peft_ft.serving.pipelines import pipeline
     from peft_ft.serving.predict import AdapterSet
-    from peft_ft.engine.run import load_run
 
     tainted = with_pickle(run_dir, tmp_path)
     for load in (lambda: AdapterSet({"pos": tainted}), lambda: load_run(tainted), lambda: pipeline(tainted),
@@ -91,7 +91,7 @@ def test_training_does_not_fall_back_to_pickle_weights(tiny_bert, tmp_path):
     """load_model passes use_safetensors=True: a folder whose only weights are a .bin fails to load even
     when the folder check is bypassed."""
     from peft_ft.models.loading import load_model
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
 
     folder = shutil.copytree(tiny_bert, tmp_path / "old-model")
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
@@ -102,7 +102,7 @@ def test_training_does_not_fall_back_to_pickle_weights(tiny_bert, tmp_path):
 
 
 def test_trust_remote_code_is_off_by_default_and_warned_when_on(tmp_path, caplog):
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
 
     recipe_file = tmp_path / "r.toml"
     recipe_file.write_text('[data]\ntrain = "x.jsonl"\n')

@@ -9,7 +9,10 @@ import sys
 import pytest
 
 from peft_ft.errors import RecipeError
-from peft_ft.recipe.schema import explain, load_recipe, parse_override, section_types, to_toml
+from peft_ft.recipe.dump import to_toml
+from peft_ft.recipe.explain import explain
+from peft_ft.recipe.load import load_recipe, parse_override
+from peft_ft.recipe.schema import section_types
 
 GOOD = """
 [task]

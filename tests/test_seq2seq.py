@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from helpers import official_file, qa_rows, write_jsonl, write_recipe, write_tiny_t5
-from peft_ft.errors import DataError, PeftFtError, RecipeError
-from peft_ft.engine.run import load_run, run
-from peft_ft.recipe.schema import build_recipe, load_recipe
 from peft_ft.data.formats.squad import squad_metrics
+from peft_ft.engine.run import run
+from peft_ft.errors import DataError, PeftFtError, RecipeError
+from peft_ft.recipe.load import build_recipe, load_recipe
+from peft_ft.rundir.load import load_run
 from peft_ft.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent

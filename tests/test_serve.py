@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from helpers import TEXTS, reference, sentiment_rows, train_ner, train_sentiment, write_jsonl, write_recipe
-from peft_ft.serving.predict import AdapterSet
-from peft_ft.serving.serve import make_server
 from peft_ft.serving.app import Metrics
+from peft_ft.serving.predict import AdapterSet
 from peft_ft.serving.scheduler import Job, Scheduler
+from peft_ft.serving.serve import make_server
 
 KEY, ADMIN = "s3cret-key", "adm1n-key"
 LIMITS = {"max_body": 4096, "max_texts": 8, "max_batch": 8, "max_wait_ms": 20, "max_tokens": 400}
@@ -30,7 +30,7 @@ LIMITS = {"max_body": 4096, "max_texts": 8, "max_batch": 8, "max_wait_ms": 20, "
 def train_weak(root: Path, tiny_bert: Path) -> Path:
     """A third sentiment adapter with its own head: another seed, fewer epochs."""
     from peft_ft.engine.run import run
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
 
     data = root / "data-weak"
     data.mkdir(parents=True)

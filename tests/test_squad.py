@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from helpers import write_jsonl
-from peft_ft.errors import DataError
-from peft_ft.recipe.schema import build_recipe
 from peft_ft.data.formats.squad import (
     exact_match_score,
     f1_score,
@@ -18,6 +16,8 @@ from peft_ft.data.formats.squad import (
     read_squad_split,
     squad_metrics,
 )
+from peft_ft.errors import DataError
+from peft_ft.recipe.load import build_recipe
 
 CONTEXT = "John lives in Paris. Mary works at Acme Corp in London."
 

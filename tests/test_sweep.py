@@ -17,7 +17,7 @@ import pytest
 
 from helpers import sentiment_rows, write_jsonl, write_recipe
 from peft_ft.cli import main
-from peft_ft.recipe.schema import load_recipe
+from peft_ft.recipe.load import load_recipe
 from peft_ft.sweep.space import SpaceError
 from peft_ft.sweep.study import open_study, storage_url, sweep
 
@@ -386,7 +386,7 @@ def test_conditional_keys_are_sampled_only_where_they_apply(tmp_path, recipe):
     """adapter.r is a LoRA key: a trial that draws IA3 has no adapter.r and uses IA3's default learning rate."""
     import optuna
 
-    from peft_ft.recipe.schema import build_recipe
+    from peft_ft.recipe.load import build_recipe
     from peft_ft.sweep.space import trial_raw
     from peft_ft.sweep.study import load_parts
 

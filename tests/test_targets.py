@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from peft_ft.methods import IA3_TARGETS, LORA_TARGETS, METHODS, ia3_targets, lora_targets, prefix_problem
 from peft_ft.errors import PeftFtError
-from peft_ft.recipe.schema import build_recipe
+from peft_ft.methods import IA3_TARGETS, LORA_TARGETS, METHODS, ia3_targets, lora_targets, prefix_problem
+from peft_ft.recipe.load import build_recipe
 
 SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 100}
 

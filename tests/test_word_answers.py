@@ -54,9 +54,9 @@ def as_chunks(tags: list[str]) -> list[str]:
 
 
 def test_predict_answers_score_like_the_runs_own_predictions(tmp_path, tiny_bert):
-    from peft_ft.serving.predict import run_predict
     from peft_ft.engine.run import run
-    from peft_ft.recipe.schema import load_recipe
+    from peft_ft.recipe.load import load_recipe
+    from peft_ft.serving.predict import run_predict
 
     data = tmp_path / "data"
     data.mkdir()

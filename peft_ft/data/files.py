@@ -8,10 +8,39 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft_ft.errors import DataError
 from peft_ft.recipe.schema import Recipe
+
+
+@dataclass
+class Split:
+    name: str  # "train", "validation", "test_ua", ...
+    source: str  # the file (or hub split) it came from, for messages and the model card
+    examples: list[dict]
+
+
+def cap_splits(splits: dict[str, "Split"], recipe: Recipe) -> None:
+    """data.max_train_samples / max_eval_samples: keep the first N examples of each split.
+    Splits marked `capped = False` (unlabelled predict splits: a submission answers every row) stay whole."""
+    for name, split in splits.items():
+        cap = recipe.data.max_train_samples if name == "train" else recipe.data.max_eval_samples
+        if cap and getattr(split, "capped", True):
+            split.examples = split.examples[:cap]
+
+
+@dataclass
+class TaskData:
+    splits: dict[str, Split]  # train first, then validation, then the test splits
+    labels: list[str]
+    notes: list[str] = field(default_factory=list)  # what the reader dropped or converted, for the log
+
+    @property
+    def eval_names(self) -> list[str]:
+        return [n for n in self.splits if n != "train"]
+
 
 DATA_DIR_ENV = "PEFT_FT_DATA_DIR"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -225,8 +254,6 @@ def carve_splits(splits: dict, recipe: Recipe, stratify_key: str | None, unit: s
     """Carve `validation` (data.validation_fraction) and `test` (data.test_fraction) out of the
     training split, seeded by train.seed. Returns the splits in order (train, validation, test,
     the rest) and a note per carved split."""
-    from peft_ft.tasks import Split
-
     d, seed = recipe.data, recipe.train.seed
     wanted = {n: f for n, f in (("validation", d.validation_fraction), ("test", d.test_fraction)) if f}
     if not wanted:
@@ -265,18 +292,3 @@ def split_summary(splits: dict, labels: list[str]) -> dict:
                 counts[labels[e["label"]]] += 1
         summary[name] = {"source": split.source, "size": len(split.examples), key: dict(sorted(counts.items()))}
     return summary
-
-
-def record_splits(splits: dict, labels: list[str], run_dir: Path) -> None:
-    """Log every split's size and label counts and write them to <run>/splits.json."""
-    import logging
-
-    from peft_ft.storage import write_json
-
-    summary = split_summary(splits, labels)
-    for name, s in summary.items():
-        counts = s.get("labels", s.get("entities", {}))
-        what = "entities" if "entities" in s else "labels"
-        shown = ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
-        logging.getLogger("peft_ft").info("%s: %d rows; %s: %s", name, s["size"], what, shown)
-    write_json(run_dir / "splits.json", summary)

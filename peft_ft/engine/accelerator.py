@@ -17,6 +17,7 @@ import logging
 import os
 from pathlib import Path
 
+from peft_ft.engine import distributed
 from peft_ft.errors import PeftFtError
 from peft_ft.recipe.schema import Recipe
 
@@ -62,8 +63,6 @@ def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs
-
-    from peft_ft.engine import distributed
 
     if distributed.world().size == 1:
         # accelerate keeps its state per process; several runs in one process (tests, `compare`) may

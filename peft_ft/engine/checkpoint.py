@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
+from peft_ft.storage import honour_umask, space_for, tensor_bytes, write_json
 
 FOLDER = "checkpoints"
 WEIGHTS = "trainable.safetensors"
@@ -43,8 +44,6 @@ def listed(run_dir: Path) -> list[Path]:
 def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
     """Write checkpoint `step-<step>` atomically; an existing one of the same step is replaced."""
     from safetensors.torch import save_file
-
-    from peft_ft.storage import honour_umask, space_for, tensor_bytes, write_json
 
     root = Path(run_dir) / FOLDER
     root.mkdir(exist_ok=True)

@@ -19,6 +19,7 @@ from typing import Callable
 
 from peft_ft.errors import PeftFtError
 
+
 @dataclass(frozen=True)
 class World:
     size: int = 1  # processes in all

@@ -12,40 +12,59 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from peft_ft import __version__
-from peft_ft.engine import checkpoint
-from peft_ft.engine import distributed
-from peft_ft.rundir import portable
-from peft_ft.methods import METHODS, check_on_skeleton, needs_skeleton, route_prefixes
-from peft_ft.data.files import record_splits, resolve_data_dir
+from peft_ft.data.files import TaskData, resolve_data_dir
+from peft_ft.engine import checkpoint, distributed
+from peft_ft.engine.accelerator import finish_tracking, gathered_state_dict, is_sharded, make_accelerator, start_tracking
+from peft_ft.engine.checkpoint import FOLDER
+from peft_ft.engine.train import TrainHooks, check_device, setup_torch, track, train
 from peft_ft.errors import PeftFtError
-from peft_ft.models.integrity import base_config
+from peft_ft.kernels import install
 from peft_ft.log import setup_logging
+from peft_ft.methods import METHODS, check_on_skeleton, needs_skeleton
+from peft_ft.models.hub_cache import EMBEDDED_HUB_ID, register_embedded
+from peft_ft.models.integrity import base_config
+from peft_ft.models.loading import (
+    EMBEDDED_NAME,
+    check_model_config,
+    enable_activation_checkpointing,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    settle_hub_mode,
+)
+from peft_ft.models.safety import remote_code
+from peft_ft.recipe.load import load_recipe
+from peft_ft.recipe.schema import Recipe
+from peft_ft.rundir import portable
 from peft_ft.rundir.card import model_card
-from peft_ft.models.loading import (EMBEDDED_NAME, _hub_call, check_model_config, embedded_model_dir, enable_activation_checkpointing,
-                            load_model, load_tokenizer, quiet_transformers, resolve_model, settle_hub_mode)
-from peft_ft.storage import (RAISABLE_ON_RESUME, RunDirLock, clean_stale_saves, clean_stale_siblings, create_run_dir, fingerprint,
-                            folder_size, human_size, recipe_changes, recipe_text, recorded_fingerprint,
-                            save_pretrained_atomic, write_atomic, write_json)
-from peft_ft.recipe.schema import Recipe, load_recipe
-from peft_ft.tasks import TASKS, Task, TaskData
-
-if TYPE_CHECKING:
-    from peft_ft.engine.train import TrainHooks
+from peft_ft.rundir.layout import (
+    INFO,
+    LOG,
+    METRICS,
+    RAISABLE_ON_RESUME,
+    RECIPE,
+    RunDirLock,
+    clean_stale_saves,
+    clean_stale_siblings,
+    create_run_dir,
+    fingerprint,
+    recipe_changes,
+    recipe_text,
+    record_splits,
+    recorded_fingerprint,
+)
+from peft_ft.storage import folder_size, human_size, save_pretrained_atomic, write_atomic, write_json
+from peft_ft.tasks import TASKS, Task
+from peft_ft.version import __version__
 
 log = logging.getLogger("peft_ft")
-INFO_FILE = "peft_ft.json"
 
 
 def run(recipe: Recipe, data_dir: str | None = None, hooks: TrainHooks | None = None) -> Path:
     """Train and evaluate one recipe; returns the run folder. Started by torchrun or accelerate launch:
     data-parallel over its processes (peft_ft.engine.distributed), the main process alone writing the folder.
     `hooks` reach the training loop (`peft-ft sweep` hears every evaluation through `on_evaluation`)."""
-    from peft_ft.engine.accelerator import make_accelerator
-    from peft_ft.models.safety import remote_code
-
     recipe = remote_code(recipe)  # given on the command line: its own model.trust_remote_code decides (warned)
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
     location, data, resolved_dir = preflight(recipe, data_dir)
@@ -56,7 +75,7 @@ def run(recipe: Recipe, data_dir: str | None = None, hooks: TrainHooks | None = 
         for stale in clean_stale_siblings(recipe):
             log.info("removed %s, left by a save that was killed", stale)
         run_dir = create_run_dir(recipe)
-        write_atomic(run_dir / "recipe.toml", recipe_text(recipe))
+        write_atomic(run_dir / RECIPE, recipe_text(recipe))
         return run_dir
 
     run_dir = distributed.on_main(new_run_dir)  # one folder, made by the main process, named to all
@@ -80,17 +99,14 @@ def resume(run_dir: str | Path, data_dir: str | None = None, trust_remote_code: 
         raise PeftFtError(f"--resume {run_dir}: resuming with several processes is not supported; resume with one "
                           f"process (peft-ft run --resume {run_dir}, without torchrun or accelerate launch)")
     run_dir = Path(run_dir)
-    if not (run_dir / "recipe.toml").is_file():
+    if not (run_dir / RECIPE).is_file():
         raise PeftFtError(f"--resume {run_dir}: not a run folder (no recipe.toml); give the folder `peft-ft run` printed")
     with RunDirLock(run_dir):  # held until the resumed run ends: a second resume is refused, not raced
         return _resume_locked(run_dir, data_dir, trust_remote_code)
 
 
 def _resume_locked(run_dir: Path, data_dir: str | None, trust_remote_code: bool) -> Path:
-    from peft_ft.engine.accelerator import make_accelerator
-    from peft_ft.models.safety import remote_code
-
-    if (run_dir / "metrics.json").is_file():
+    if (run_dir / METRICS).is_file():
         raise PeftFtError(f"--resume {run_dir}: this run finished (metrics.json exists); there is nothing to resume")
     saved = checkpoint.listed(run_dir)
     if not saved:
@@ -98,7 +114,7 @@ def _resume_locked(run_dir: Path, data_dir: str | None, trust_remote_code: bool)
                           f"first one: the end of epoch 1, or train.checkpoint_every steps); start it again instead")
     state = checkpoint.read_state(saved[-1])["run"]
     # Messages, relative data.dir and the run name refer to the recipe the run was started from.
-    recipe = dataclasses.replace(load_recipe(run_dir / "recipe.toml"), source=state.get("recipe_source", str(run_dir / "recipe.toml")))
+    recipe = dataclasses.replace(load_recipe(run_dir / RECIPE), source=state.get("recipe_source", str(run_dir / RECIPE)))
     check_unchanged(run_dir, recipe, state)
     recipe = remote_code(recipe, trust_remote_code, str(run_dir))
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
@@ -119,15 +135,15 @@ def check_unchanged(run_dir: Path, recipe: Recipe, state: dict) -> None:
     if isinstance(recorded, dict):
         changes = recipe_changes(recorded, recipe)
     else:  # a checkpoint written before values were recorded: the fingerprint tells whether, not what
-        mark = recorded_fingerprint(run_dir / "recipe.toml")
+        mark = recorded_fingerprint(run_dir / RECIPE)
         changes = ["(which values: not recorded; the fingerprint in recipe.toml differs)"] if mark and mark != fingerprint(recipe) else []
     if changes:
         raise PeftFtError(
             f"--resume {run_dir}: recipe.toml differs from the recipe this run started with: {'; '.join(changes)}. "
             f"Resuming would mix two recipes in one model. Put the old values back, or start a new run with the new "
             f"recipe (only raising {' / '.join(RAISABLE_ON_RESUME)} may change on resume)")
-    if fingerprint(recipe) != recorded_fingerprint(run_dir / "recipe.toml"):
-        write_atomic(run_dir / "recipe.toml", recipe_text(recipe))  # a raised epochs / max_steps: the record follows
+    if fingerprint(recipe) != recorded_fingerprint(run_dir / RECIPE):
+        write_atomic(run_dir / RECIPE, recipe_text(recipe))  # a raised epochs / max_steps: the record follows
 
 
 def preflight(recipe: Recipe, data_dir: str | None):
@@ -137,11 +153,10 @@ def preflight(recipe: Recipe, data_dir: str | None):
     task = TASKS[recipe.task.type]
     settle_hub_mode(recipe)
     location = resolve_model(recipe)
-    check_model_config(location, recipe, task.auto_class)
     method = METHODS[recipe.adapter.method]
+    check_model_config(location, recipe, task.auto_class, method.config_check)
     if method.preflight:  # what only the architecture can answer (prefix tuning: a real forward with a prefix)
         method.preflight(location, recipe, task.auto_class, task.peft_task_type)
-    from peft_ft.engine.train import check_device  # torch only when the recipe asks for CUDA or mixed precision
 
     check_device(recipe)
     resolved_dir = None if recipe.data.hub else resolve_data_dir(recipe, data_dir)
@@ -157,7 +172,7 @@ def preflight(recipe: Recipe, data_dir: str | None):
 
 def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, data: TaskData, data_dir: Path | None,
             resume_from: Path | None, accelerator, hooks: TrainHooks | None = None) -> None:
-    setup_logging(run_dir if distributed.is_main() else None)
+    setup_logging(run_dir / LOG if distributed.is_main() else None)
     if not distributed.is_main():
         log.setLevel(logging.WARNING)  # progress and results are the main process's to report
     try:
@@ -173,7 +188,7 @@ def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, da
         _train_evaluate_save(recipe, task, method, location, data, run_dir, accelerator, resume_from, run_state, hooks)
     finally:
         setup_logging(None)  # detach train.log so later log lines of this process do not land in it
-        if distributed.is_main() and (run_dir / "metrics.json").is_file():
+        if distributed.is_main() and (run_dir / METRICS).is_file():
             portable.scrub_log(run_dir, str(data_dir) if data_dir else None)
 
 
@@ -193,9 +208,7 @@ def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskDat
     if recipe.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     if use_fast_kernels(recipe, device):
-        from peft_ft.kernels.fastlora import speed_up
-
-        log.info("fast kernels: %s", ", ".join(f"{k} {v}" for k, v in speed_up(model).items()))
+        log.info("fast kernels: %s", ", ".join(f"{k} {v}" for k, v in install(model).items()))
         model.peft_ft_fast_kernels = True  # the loop then also keeps freed memory (peft_ft.kernels.allocator)
     return model, tokenizer, heads
 
@@ -210,8 +223,6 @@ def use_fast_kernels(recipe: Recipe, device) -> bool:
 def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,
                          accelerator, resume_from: Path | None = None, run_state: dict | None = None,
                          hooks: TrainHooks | None = None) -> None:
-    from peft_ft.engine.accelerator import finish_tracking, start_tracking
-
     start_tracking(accelerator, recipe, run_dir)
     try:
         _train_evaluate_save_tracked(recipe, task, method, location, data, run_dir, accelerator, resume_from, run_state, hooks)
@@ -223,10 +234,6 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
                                  accelerator, resume_from: Path | None, run_state: dict | None,
                                  hooks: TrainHooks | None) -> None:
     import shutil
-
-    from peft_ft.engine.checkpoint import FOLDER
-    from peft_ft.engine.accelerator import gathered_state_dict, is_sharded
-    from peft_ft.engine.train import setup_torch, track, train
 
     setup_torch(recipe)
     device = accelerator.device
@@ -313,11 +320,11 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
     if method.is_adapter:
         portable.finish_adapter_config(run_dir, info)
     portable.write_labels(run_dir, data.labels)
-    write_json(run_dir / INFO_FILE, info)
-    write_json(run_dir / "metrics.json", {**metrics, "train": info["train"], "params": params})
+    write_json(run_dir / INFO, info)
+    write_json(run_dir / METRICS, {**metrics, "train": info["train"], "params": params})
     write_atomic(run_dir / "README.md", model_card(portable.portable_recipe(recipe), info, metrics))
     # Written in full while the run could be resumed; now without the machine's paths.
-    write_atomic(run_dir / "recipe.toml", portable.recipe_text(recipe, run_dir))
+    write_atomic(run_dir / RECIPE, portable.recipe_text(recipe, run_dir))
     if info["base_model_source"] == "embedded":
         _register_embedded()
     # The saved weights are the best epoch's: the checkpoints only served to resume an unfinished run.
@@ -328,8 +335,6 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
 def _register_embedded() -> None:
     """The adapter names its base `sentence-transformers/all-MiniLM-L6-v2`: make that id resolve
     offline on this machine (peft_ft.models.hub_cache), so stock loaders take the folder at once."""
-    from peft_ft.models.hub_cache import EMBEDDED_HUB_ID, register_embedded
-
     try:
         snapshot, what = register_embedded()
         log.info("hub cache: %s %s (%s)", EMBEDDED_HUB_ID, what, snapshot)
@@ -354,91 +359,3 @@ def save_model(model, tokenizer, is_adapter: bool, run_dir: Path, state_dict: di
     if not is_adapter:
         tokenizer.save_pretrained(run_dir)
     return [f for f in files if f.suffix == ".safetensors"]
-
-
-def base_location(info: dict) -> str:
-    """Where the base model of a saved run is on this machine (the embedded model moves with its venv;
-    a local base folder's path, kept relative to the run folder, is resolved by `pipelines.read_info`)."""
-    if info["base_model"] == EMBEDDED_NAME:
-        return str(embedded_model_dir())
-    if info.get("base_model_source") == "local folder" and not Path(info["base_model"]).is_dir():
-        raise PeftFtError(
-            f"base model: this run was trained on a local model folder named {info['base_model_id']!r}, recorded relative to "
-            f"the run folder; it is not at {info['base_model']} (the run folder was copied or moved without it). Keep the run "
-            f"folder where the base folder is found at the same relative path, or load it with peft: "
-            f"PeftModel.from_pretrained(AutoModelFor...from_pretrained(PATH_OF_{info['base_model_id']}), RUN_DIR)")
-    return info["base_model"]
-
-
-def check_run_folder(run_dir: Path, allow_pickle: bool = False, what: str = "") -> dict:
-    """Everything about a run folder that can be checked without torch, before anything is loaded from it:
-    no pickle, peft_ft.json and recipe.toml readable, every safetensors file whole, the base model folder
-    complete, and adapter_config.json's sizes those of its tensors (peft would allocate what it claims)."""
-    from peft_ft.models.integrity import check_adapter, check_weights
-    from peft_ft.models.loading import check_model_folder, position_limit
-    from peft_ft.serving.pipelines import read_info
-    from peft_ft.models.safety import check_no_pickle
-
-    if not run_dir.is_dir():
-        raise PeftFtError(f"{what}{run_dir}: no such folder; give a run folder written by `peft-ft run` or `peft-ft merge`")
-    check_no_pickle(run_dir, f"{what}run folder", allow_pickle)
-    info = read_info(run_dir)
-    recipe = load_recipe(run_dir / "recipe.toml")
-    base = str(run_dir) if not info["is_adapter"] else base_location(info)
-    config = base_config(base)
-    limit = position_limit(config or {})
-    if limit and recipe.model.max_length > limit:  # inputs are cut at this length: past the table, a crash per long input
-        raise PeftFtError(f"{what}{run_dir / 'recipe.toml'}: model.max_length {recipe.model.max_length} is more than the {limit} "
-                          f"positions of its model ({base}); the folder was edited: set it to at most {limit}, or copy the folder again")
-    if not info["is_adapter"]:
-        check_weights(run_dir)
-        return info
-    if Path(base).is_dir():
-        check_model_folder(Path(base), f"{what}{run_dir}: base model", allow_pickle)
-    check_adapter(run_dir, config)
-    return info
-
-
-def attach(run_dir: Path, base: str, load):
-    """`load()` (peft putting this folder's adapter on its base), its failures as one message naming the folder."""
-    from safetensors import SafetensorError
-
-    from peft_ft.models.integrity import load_failure
-
-    try:
-        return load()
-    except (ValueError, KeyError, RuntimeError, SafetensorError) as e:
-        if isinstance(e, PeftFtError):
-            raise
-        raise load_failure(e, run_dir, base) from None
-
-
-def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False):
-    """Rebuild a trained model from a run folder: returns (model, tokenizer, info) in eval mode.
-    A run or base folder holding pickle files is refused unless `allow_pickle`; a model's own Python code
-    runs only with `trust_remote_code`, whatever the folder's recipe.toml says (peft_ft.models.safety)."""
-    import torch
-    import transformers
-
-    from peft_ft.serving.pipelines import read_info
-    from peft_ft.models.safety import remote_code, safetensors_only
-
-    run_dir = Path(run_dir)
-    check_run_folder(run_dir, allow_pickle)
-    info = read_info(run_dir)
-    recipe = remote_code(load_recipe(run_dir / "recipe.toml"), trust_remote_code, str(run_dir))
-    task: Task = TASKS[info["task"]]
-    kwargs = {**task.model_kwargs(TaskData(splits={}, labels=info["labels"])), **safetensors_only(allow_pickle)}
-    quiet_transformers()
-    cls = getattr(transformers, info["auto_class"])
-    if info["is_adapter"]:
-        from peft import PeftModel
-
-        base = base_location(info)
-        model = route_prefixes(attach(run_dir, base, lambda: PeftModel.from_pretrained(
-            _hub_call(cls.from_pretrained, base, recipe, "model", dtype=torch.float32, **kwargs), run_dir)))
-        tokenizer = load_tokenizer(base, recipe)
-    else:
-        model = _hub_call(cls.from_pretrained, str(run_dir), recipe, "model", dtype=torch.float32, **safetensors_only(allow_pickle))
-        tokenizer = load_tokenizer(str(run_dir), recipe)
-    return model.to(device).eval(), tokenizer, info

@@ -33,10 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from peft_ft.engine import distributed
-from peft_ft.data.batching import eval_batches, pad_batch, train_batches
-from peft_ft.engine.accelerator import check_engine, use_cuda  # noqa: F401 - re-exported: callers import them from here
+from peft_ft.data.batching import pad_batch, train_batches
+from peft_ft.engine import checkpoint, distributed
+from peft_ft.engine.accelerator import check_engine, is_sharded, make_accelerator, notes, use_cuda  # noqa: F401 - re-exported: callers import them from here
 from peft_ft.errors import PeftFtError
+from peft_ft.kernels.allocator import keep_freed_memory, release_freed_memory
+from peft_ft.log import console
+from peft_ft.methods import METHODS, TrainingStart
 from peft_ft.recipe.schema import Recipe
 
 log = logging.getLogger("peft_ft")
@@ -143,22 +146,6 @@ def make_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
-def predict(model, task, features: list[dict], pad_id: int, batch_size: int, device) -> list:
-    """Per-row outputs in the features' order; batches sorted by length, no gradients."""
-    import torch
-
-    model.eval()
-    outputs: list = [None] * len(features)
-    with torch.inference_mode():
-        for indices in eval_batches([f["length"] for f in features], batch_size):
-            batch = pad_batch([features[i] for i in indices], pad_id)
-            batch.pop("labels", None)
-            result = model(**{k: v.to(device) for k, v in batch.items()})
-            for i, row in zip(indices, task.unpack(result, batch)):
-                outputs[i] = row
-    return outputs
-
-
 def loss_units(rows: list[dict]) -> int:
     """What a model's loss averages over: the label tokens (not -100) when labels are lists
     (token classification, seq2seq), else the rows."""
@@ -244,11 +231,6 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     only the main process writes checkpoints. Ctrl-C then just stops: the processes could not agree
     on the step to save at without one more exchange per step.
     """
-    from peft_ft.engine import checkpoint
-    from peft_ft.methods import METHODS, TrainingStart
-    from peft_ft.kernels.allocator import keep_freed_memory, release_freed_memory
-    from peft_ft.engine.accelerator import is_sharded, make_accelerator, notes
-
     t, hooks = recipe.train, hooks or TrainHooks()
     accelerator = accelerator or make_accelerator(recipe)
     lengths = [f["length"] for f in features]
@@ -399,8 +381,6 @@ def track(accelerator, values: dict, step: int) -> None:
 
 
 def _numerical_error(value: float, step: int, epoch: int, lr: float, t, run_dir: Path | None) -> PeftFtError:
-    from peft_ft.engine import checkpoint
-
     saved = checkpoint.listed(run_dir) if run_dir is not None else []
     kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint had been written yet"
     return PeftFtError(
@@ -441,8 +421,6 @@ class _StopRequests:
 
 def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from peft_ft.log import console
 
     return Progress(
         TextColumn("{task.description}"),

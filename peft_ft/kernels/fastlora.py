@@ -21,43 +21,11 @@ integer generator instead of bernoulli, a 1-byte mask kept for backward instead 
 
 from __future__ import annotations
 
-import math
 import weakref
 
-import numpy as np
 import torch
 
-_LANE = 2**16  # masks are drawn as 16-bit integers: p is realised to 1/65536 (|error| <= 7.6e-6)
-
-
-def keep_mask(shape, p: float, device) -> torch.Tensor:
-    """Bernoulli(1 - p) keep-mask as uint8 (1 = kept).
-
-    On CPU the random bits come from numpy's SFC64, seeded by one draw from torch's generator (so
-    `torch.manual_seed` and checkpointed RNG state fix the masks, as for nn.Dropout): measured for a
-    704 x 1536 mask, torch's serial mt19937 took 1.6 ms for the int32 draws and `bernoulli_`
-    longer, SFC64 0.54 ms for the same bits, each 64-bit draw giving four 16-bit lanes. uint8
-    rather than bool: bool -> float conversion is 7x slower than uint8 -> float here, and
-    `torch.ge(..., out=uint8)` 3.5x faster than producing bool.
-    """
-    numel = math.prod(shape)
-    threshold = round(p * _LANE) - _LANE // 2  # lanes are uniform int16 on [-32768, 32768)
-    if torch.device(device).type == "cpu":
-        seed = int(torch.randint(0, 2**62, (1,)))
-        raw = np.random.SFC64(seed).random_raw((numel + 3) // 4)
-        lanes = torch.from_numpy(raw.view(np.int16)[:numel])
-    else:  # accelerators have fast counter-based generators of their own
-        lanes = torch.randint(-_LANE // 2, _LANE // 2, (numel,), dtype=torch.int32, device=device)
-    keep = torch.empty(numel, dtype=torch.uint8, device=device)
-    return torch.ge(lanes, threshold, out=keep).view(shape)
-
-
-def apply_mask(x, keep, p: float):
-    """x * keep / (1 - p), with `keep` a uint8 mask made a float multiplier first: `x * mask` of
-    mixed dtypes, `masked_fill` and `where` cost 5-20x more per value than a float multiply on this
-    CPU. Masks stay uint8 (1 byte a value) for backward: ~100 MB less than float masks for a MiniLM
-    batch of 2,000 tokens."""
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+from peft_ft.kernels.masks import apply_mask, keep_mask
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -300,12 +268,9 @@ def speed_up(model) -> dict:
     """Patch a (peft-wrapped or plain) model in place for training; returns what was changed.
 
     LoRA layers get the fused forward; every plain `nn.Dropout` becomes a `FastDropout` with the
-    same p; attention that used SDPA uses `peft_ft.kernels.fastattention` while training with dropout.
-    All keep parameter names and state dicts unchanged.
+    same p. All keep parameter names and state dicts unchanged. (`peft_ft.kernels.install` adds the attention.)
     """
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    from peft_ft.kernels import fastattention
+    from peft.tuners.lora.layer import Linear as LoraLinear  # peft's LoRA layer module imports peft's tuners (seconds)
 
     shared, lora_layers, dropouts, lora_dropouts = _SharedDropout(), 0, 0, set()
     groups = _sibling_groups(model, LoraLinear)
@@ -320,5 +285,4 @@ def speed_up(model) -> dict:
             if type(child) is torch.nn.Dropout and child.p > 0 and id(child) not in lora_dropouts:
                 setattr(parent, name, FastDropout(child.p))
                 dropouts += 1
-    return {"fused_lora_layers": lora_layers, "sibling_groups": len(groups), "fast_dropouts": dropouts,
-            "fast_attention_configs": fastattention.install(model)}
+    return {"fused_lora_layers": lora_layers, "sibling_groups": len(groups), "fast_dropouts": dropouts}

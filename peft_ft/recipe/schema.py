@@ -1,24 +1,22 @@
 """The recipe schema: one dataclass per TOML section, every field typed and documented.
 
-Validation walks these dataclasses, collects *every* problem with its dotted key, and raises one
-`RecipeError`. Values are never rewritten: a default that depends on other choices (the learning
-rate of a method, the metric of a task) is documented as such and resolved by the runner, which
-records the resolved value in the run folder.
+Here: the sections, their fields (type, default, help, bounds, which method or family a key applies to) and
+the checks of one value against its field. `peft_ft.recipe.load` reads a file and checks the recipe as a
+whole against the registries; `explain` prints the fields; `dump` writes a recipe back as TOML. Values are
+never rewritten: a default that depends on other choices (the learning rate of a method, the metric of a
+task) is documented as such and resolved by the runner, which records the resolved value in the run folder.
 
-This module imports nothing heavy, so `peft-ft validate` and `peft-ft explain` answer at once.
+The bottom of the package: imports nothing of peft-ft.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
+import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-from peft_ft.errors import RecipeError
 
 
 def opt(default, help: str, *, min=None, max=None, below=None, only: dict | None = None):
@@ -301,7 +299,7 @@ def section_types() -> dict[str, type]:
     return {f.name: hints[f.name] for f in section_fields()}
 
 
-# --- type checking ------------------------------------------------------------------------------
+# --- checks of one value ------------------------------------------------------------------------------
 
 _TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
@@ -323,7 +321,7 @@ def type_name(tp) -> str:
     return tp.__name__
 
 
-def _check_type(value, tp) -> str | None:
+def check_type(value, tp) -> str | None:
     """Return an error (without the key) or None. No coercion except int -> float, which loses nothing."""
     if typing.get_origin(tp) is Literal:
         choices = typing.get_args(tp)
@@ -343,9 +341,7 @@ def _check_type(value, tp) -> str | None:
     return f"expected {describe_type(tp)}, got {shown}"
 
 
-def _check_range(value, meta) -> str | None:
-    import math
-
+def check_range(value, meta) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
     if isinstance(value, int) and abs(value) > 2**63 - 1:  # TOML integers are 64-bit; tomllib reads longer ones
@@ -359,219 +355,13 @@ def _check_range(value, meta) -> str | None:
     return None
 
 
-def _unknown(key: str, known: list[str], where: str) -> str:
+def unknown_key(key: str, known: list[str], where: str) -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f" (did you mean `{close[0]}`?)" if close else f" (known: {', '.join(known)})"
     return f"{where}: unknown key{hint}"
 
 
-# --- loading ------------------------------------------------------------------------------------
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`train.lr=3e-4` -> ("train.lr", 0.0003). The value is read as TOML; bare words stay strings."""
-    if "=" not in text:
-        raise RecipeError("--set", [f"{text!r}: expected key=value, for example train.lr=3e-4"])
-    key, raw = (s.strip() for s in text.split("=", 1))
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare word such as model.name=bert-base-cased
-    return key, value
-
-
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a TOML recipe, apply `--set` overrides, validate everything, return a typed Recipe."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(str(path), ["file not found (give the path of a .toml recipe, e.g. recipes/scientsbank_lora.toml)"])
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: an editor's byte-order mark is no TOML
-    except UnicodeDecodeError as e:
-        raise RecipeError(str(path), [f"not UTF-8 text ({e.reason} at byte {e.start}); save the recipe as UTF-8"])
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(str(path), [f"not valid TOML: {e}"])
-    return build_recipe(raw, str(path), overrides)
-
-
-def build_recipe(raw: dict, source: str, overrides: list[str] = ()) -> Recipe:
-    problems: list[str] = []
-    explicit = set()
-    for text in overrides:
-        key, value = parse_override(text)
-        parts = key.split(".")
-        if len(parts) != 2:
-            problems.append(f"--set {key}: expected section.key, for example train.lr")
-            continue
-        section = raw.setdefault(parts[0], {})
-        if isinstance(section, dict):
-            section[parts[1]] = value
-    sections = {}
-    types = section_types()
-    for name, value in raw.items():
-        if name not in types:
-            problems.append(_unknown(name, list(types), f"[{name}]"))
-        elif not isinstance(value, dict):
-            problems.append(f"{name}: expected a [{name}] section, got {value!r}")
-    for name, cls in types.items():
-        values = raw.get(name, {}) if isinstance(raw.get(name, {}), dict) else {}
-        sections[name] = _build_section(name, cls, values, problems)
-        explicit.update(f"{name}.{k}" for k in values)
-    recipe = Recipe(**sections, source=source, explicit=frozenset(explicit))
-    problems += _check_applicability(recipe)
-    problems += _check_cross_field(recipe)
-    if problems:
-        raise RecipeError(source, problems)
-    return recipe
-
-
-def _build_section(name: str, cls: type, values: dict, problems: list[str]):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{name}.{key}"
-        if key not in fields:
-            problems.append(_unknown(key, list(fields), dotted))
-            continue
-        error = _check_type(value, hints[key])
-        if error is None and isinstance(value, (int, float)) and not isinstance(value, bool):
-            error = _check_range(value, fields[key].metadata)
-        if error:
-            problems.append(f"{dotted}: {error}")
-        else:
-            kwargs[key] = float(value) if hints[key] is float else value
-    return cls(**kwargs)
-
-
-def _check_applicability(recipe: Recipe) -> list[str]:
-    """A key set for another method or task family would be silently ignored: refuse it instead."""
-    problems = []
-    for section in section_fields():
-        for f in dataclasses.fields(getattr(recipe, section.name)):
-            dotted = f"{section.name}.{f.name}"
-            for other, allowed in f.metadata["only"].items():
-                if dotted in recipe.explicit and recipe.get(other) not in allowed:
-                    problems.append(
-                        f"{dotted}: applies only when {other} is {' or '.join(map(repr, allowed))} "
-                        f"(it is {recipe.get(other)!r}); remove the key or change {other}"
-                    )
-    return problems
-
-
-def _check_cross_field(recipe: Recipe) -> list[str]:
-    """Checks that need the registries (task families, adapter methods) and several fields at once."""
-    from peft_ft import tasks  # registries are light: no torch at import
-    from peft_ft import methods as adapters
-
-    problems = []
-    task = tasks.TASKS.get(recipe.task.type)
-    if task is None:
-        problems.append(_choice_error("task.type", recipe.task.type, list(tasks.TASKS)))
-    method = adapters.METHODS.get(recipe.adapter.method)
-    if method is None:
-        problems.append(_choice_error("adapter.method", recipe.adapter.method, list(adapters.METHODS)))
-    if not recipe.data.train:
-        problems.append("data.train: required; name the training file (relative to data.dir) or hub split")
-    if recipe.data.validation and recipe.data.validation_fraction:
-        problems.append("data.validation_fraction: set either data.validation or data.validation_fraction, not both")
-    if recipe.data.test and recipe.data.test_fraction:
-        problems.append("data.test_fraction: set either data.test or data.test_fraction, not both")
-    if recipe.data.validation_fraction + recipe.data.test_fraction >= 1:
-        problems.append("data.test_fraction: data.validation_fraction + data.test_fraction must leave some training data (sum below 1)")
-    if recipe.data.hub and recipe.data.format == "label_studio":
-        problems.append("data.format: \"label_studio\" reads an exported file; remove data.hub and name the export in data.train")
-    if recipe.train.activation_checkpointing and recipe.adapter.method == "prefix_tuning":
-        problems.append("train.activation_checkpointing: prefix tuning's virtual keys and values are dropped by "
-                        "transformers' checkpointed layers (only the head would train); set it to false")
-    problems += _check_train(recipe)
-    if recipe.model.load_in_8bit and recipe.adapter.method == "full":
-        problems.append("model.load_in_8bit: an 8-bit base cannot be fully fine-tuned; use adapter.method = \"lora\"")
-    if task is not None:
-        if recipe.data.format not in ("auto", *task.formats):
-            problems.append(_choice_error("data.format", recipe.data.format, ["auto", *task.formats]))
-        if recipe.eval.metric and recipe.eval.metric not in task.metrics:
-            problems.append(_choice_error("eval.metric", recipe.eval.metric, list(task.metrics)))
-        if recipe.data.predict and not getattr(task, "predicts_unlabelled", False):
-            problems.append(f"data.predict: the {task.name} family does not read unlabelled splits; remove data.predict")
-        problems += task.validate(recipe)
-    if method is not None:
-        problems += method.validate(recipe)
-    return problems
-
-
-def _check_train(recipe: Recipe) -> list[str]:
-    """Choices of the training engine (peft_ft.engine.accelerator) that the types alone do not catch."""
-    t, problems = recipe.train, []
-    if t.scheduler not in SCHEDULERS:
-        problems.append(_choice_error("train.scheduler", t.scheduler, list(SCHEDULERS)))
-    for name in t.report_to:
-        if name not in TRACKERS:
-            problems.append(_choice_error("train.report_to", name, list(TRACKERS)))
-    if len(set(t.report_to)) != len(t.report_to):
-        problems.append("train.report_to: a tracker is named twice; name each once")
-    if t.early_stopping_patience and not (recipe.data.validation or recipe.data.validation_fraction):
-        problems.append("train.early_stopping_patience: needs a validation split to watch; set data.validation "
-                        "(or data.validation_fraction), or remove the key")
-    return problems
-
-
-def _choice_error(key: str, value: str, known: list[str]) -> str:
+def choice_error(key: str, value: str, known: list[str]) -> str:
     close = difflib.get_close_matches(value, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return f"{key}: unknown value {value!r}{hint}; choose one of: {', '.join(known)}"
-
-
-# --- explain and TOML output --------------------------------------------------------------------
-
-
-def explain(section: str | None = None) -> str:
-    """Every field with its type, default and help, read from the dataclasses above."""
-    types = section_types()
-    if section is not None and section not in types:
-        raise RecipeError("explain", [_unknown(section, list(types), section)])
-    lines = []
-    for name, cls in types.items():
-        if section and name != section:
-            continue
-        lines.append(f"[{name}]")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            only = "".join(f" (only when {k} = {' | '.join(v)})" for k, v in f.metadata["only"].items())
-            lines.append(f"  {f.name} : {type_name(hints[f.name])} = {toml_value(default)}")
-            lines.append(f"      {f.metadata['help']}{only}")
-        lines.append("")
-    if section in (None, "task"):
-        from peft_ft import tasks
-
-        lines.append("task.type values:")
-        for t in tasks.TASKS.values():
-            lines.append(f"  {t.name}: data.format {', '.join(t.formats)}; eval.metric {', '.join(t.metrics)} (default {t.default_metric})")
-    if section in (None, "adapter"):
-        from peft_ft import methods as adapters
-
-        lines.append(adapters.explain_methods())
-    return "\n".join(lines)
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
-def to_toml(recipe: Recipe) -> str:
-    """The fully resolved recipe, every field written out, so a run folder says exactly what ran."""
-    out = [f"# resolved from {recipe.source}"]
-    for section in section_fields():
-        out.append(f"\n[{section.name}]")
-        for f in dataclasses.fields(getattr(recipe, section.name)):
-            # Keys of other methods / task families are left out: they would not apply (and are rejected).
-            if all(recipe.get(other) in allowed for other, allowed in f.metadata["only"].items()):
-                out.append(f"{f.name} = {toml_value(recipe.get(section.name + '.' + f.name))}")
-    return "\n".join(out) + "\n"

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peft_ft.storage import human_size
 from peft_ft.recipe.schema import Recipe
+from peft_ft.storage import human_size
+from peft_ft.tasks.classification import settings
 
 # metrics.json key -> (model-index metric type, what it is and how it was scored)
 METRIC_NAMES = {
@@ -98,8 +99,6 @@ def model_card(recipe: Recipe, info: dict, metrics: dict, folder_name: str | Non
 
     folder = folder_name or info["run_name"]
     if info["task"] == "classification":
-        from peft_ft.tasks.classification import settings
-
         info = {**info, "text_pair": bool(settings(recipe).text_pair)}  # the snippet's example input
     meta = yaml.safe_dump(front_matter(info, metrics), sort_keys=False, allow_unicode=True, width=200)
     lines = [

@@ -24,12 +24,17 @@ import dataclasses
 import json
 import os
 import re
+import tomllib
 from pathlib import Path
 
 from peft_ft.models.hub_cache import EMBEDDED_HUB_ID
-from peft_ft.recipe.schema import Recipe, to_toml
+from peft_ft.models.loading import EMBEDDED_NAME
+from peft_ft.recipe.dump import to_toml, toml_value
+from peft_ft.recipe.load import build_recipe
+from peft_ft.recipe.schema import Recipe
+from peft_ft.rundir.layout import ADAPTER_CONFIG, LABELS, LOG, RECIPE, with_fingerprint
+from peft_ft.storage import write_atomic, write_json
 
-LABELS_FILE = "labels.json"
 SOURCES = ("embedded", "hub", "local folder")
 
 
@@ -37,8 +42,6 @@ def base_fields(recipe: Recipe, location: str, run_dir: Path) -> dict:
     """peft_ft.json's fields naming the base: `base_model` (what peft-ft loads: the embedded marker,
     a hub id, or a local folder's path relative to the run folder), `base_model_id` (the name written
     into adapter_config.json) and `base_model_source`."""
-    from peft_ft.models.loading import EMBEDDED_NAME
-
     name = recipe.model.name
     if not name:
         return {"base_model": EMBEDDED_NAME, "base_model_id": EMBEDDED_HUB_ID, "base_model_source": "embedded"}
@@ -50,29 +53,21 @@ def base_fields(recipe: Recipe, location: str, run_dir: Path) -> dict:
             **({"base_model_revision": recipe.model.revision} if recipe.model.revision else {})}
 
 
-def resolve_base(info: dict, run_dir: Path) -> dict:
-    """`info` with a local base folder's relative path resolved against the run folder (peft-ft's
-    loaders take `base_model` as a loadable location)."""
-    if info.get("base_model_source") == "local folder" and not Path(info["base_model"]).is_absolute():
-        return {**info, "base_model": str((Path(run_dir) / info["base_model"]).resolve())}
-    return info
-
-
 def finish_adapter_config(run_dir: Path, info: dict) -> None:
     """Point adapter_config.json at the base's portable name (peft wrote the path it was loaded from)."""
-    path = run_dir / "adapter_config.json"
+    path = run_dir / ADAPTER_CONFIG
     config = json.loads(path.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = info["base_model_id"]
     config["revision"] = info.get("base_model_revision") or None
-    _write_json(path, config)
+    write_json(path, config)
 
 
 def write_labels(run_dir: Path, labels: list[str]) -> Path | None:
     """labels.json: the head's label names in id order (none for QA and seq2seq)."""
     if not labels:
         return None
-    path = run_dir / LABELS_FILE
-    _write_json(path, list(labels))
+    path = run_dir / LABELS
+    write_json(path, list(labels))
     return path
 
 
@@ -98,15 +93,13 @@ def data_sources(sources: dict[str, str], data_dir: Path | None) -> dict[str, st
 def scrub_log(run_dir: Path, data_dir: str | None) -> None:
     """train.log of a finished run: the run folder's path becomes `.`, data files relative to the data
     folder, any other absolute path its last part."""
-    path = run_dir / "train.log"
+    path = run_dir / LOG
     if not path.is_file():
         return
     text = path.read_text(encoding="utf-8")
     for folder in dict.fromkeys([str(run_dir.resolve()), str(run_dir)]):
         text = text.replace(folder, ".")
     text = "\n".join(data_sources({"": line}, Path(data_dir) if data_dir else None)[""] for line in text.split("\n"))
-    from peft_ft.storage import write_atomic
-
     write_atomic(path, text)
 
 
@@ -126,27 +119,15 @@ def portable_recipe(recipe: Recipe) -> Recipe:
 def recipe_text(recipe: Recipe, run_dir: Path | None = None) -> str:
     """recipe.toml of a finished run: the resolved recipe (`to_toml`) made portable by `portable_toml`;
     its `# resolved from` header names the recipe relative to the working folder, else to the run folder.
-    The fingerprint line (peft_ft.storage.recipe_text) is that of the values as now written."""
-    import tomllib
-
-    from peft_ft.storage import FINGERPRINT, fingerprint
-    from peft_ft.recipe.schema import build_recipe
-
-    lines = portable_toml(to_toml(dataclasses.replace(recipe, source=_source_name(recipe.source, run_dir)))).splitlines()
-    mark = fingerprint(build_recipe(tomllib.loads("\n".join(lines)), "recipe.toml"))
-    at = next(i for i, line in enumerate(lines) if not line.startswith("#"))  # after the header comments
-    lines.insert(at, f"{FINGERPRINT}{mark} (sha256 of the values below; --resume refuses other values)")
-    return "\n".join(lines) + "\n"
+    The fingerprint line is that of the values as now written."""
+    text = portable_toml(to_toml(dataclasses.replace(recipe, source=_source_name(recipe.source, run_dir))))
+    return with_fingerprint(text, build_recipe(tomllib.loads(text), RECIPE))
 
 
 def portable_toml(text: str) -> str:
     """A resolved recipe's text with every absolute path value (a string, or strings in a list) shortened
     to its last part, and the keys that changed named in a comment under the first line (not silently:
     the values differ). Idempotent, so two texts can be compared in this form."""
-    import tomllib
-
-    from peft_ft.recipe.schema import toml_value
-
     lines, changed, section = [], [], ""
     for line in text.splitlines():
         if line.startswith("[") and line.endswith("]"):
@@ -187,8 +168,3 @@ def _source_name(source: str, run_dir: Path | None = None) -> str:
     except ValueError:
         return (os.path.relpath(path, Path(run_dir).resolve()) if run_dir else Path(path).name) + note
 
-
-def _write_json(path: Path, data) -> None:
-    from peft_ft.storage import write_json
-
-    write_json(path, data)

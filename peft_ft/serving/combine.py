@@ -19,8 +19,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from peft_ft.data.files import TaskData
 from peft_ft.errors import PeftFtError
-from peft_ft.serving.pipelines import read_info
+from peft_ft.models.loading import quiet_transformers
+from peft_ft.models.safety import check_no_pickle, safetensors_only
+from peft_ft.rundir.layout import ADAPTER_CONFIG, INFO, RECIPE, read_info
+from peft_ft.rundir.load import base_location
+from peft_ft.serving.merge import check_out
+from peft_ft.storage import write_atomic, write_json
+from peft_ft.tasks import TASKS
 
 HOWS = ("linear", "cat", "ties", "dare_ties", "dare_linear")
 PRUNING = ("ties", "dare_ties", "dare_linear")  # these keep the `density` fraction of each task vector
@@ -69,7 +76,7 @@ def check_combinable(parts: list[tuple[str, Path, float]], how: str, density: fl
     for name, run_dir, _ in parts:
         info = read_info(run_dir)
         infos.append(info)
-        config = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8")) if info["is_adapter"] else {}
+        config = json.loads((run_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")) if info["is_adapter"] else {}
         if info["method"] != "lora" or config.get("peft_type") != "LORA":
             problems.append(f"{name} ({run_dir}): method {info['method']!r}; only LoRA adapters combine (peft's weighted merging)")
         elif config.get("init_lora_weights") in NOT_COMBINABLE_INITS:
@@ -103,13 +110,6 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
     import transformers
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from peft.utils import get_peft_model_state_dict
-
-    from peft_ft.serving.merge import check_out
-    from peft_ft.models.loading import quiet_transformers
-    from peft_ft.storage import write_atomic, write_json
-    from peft_ft.engine.run import base_location
-    from peft_ft.models.safety import check_no_pickle, safetensors_only
-    from peft_ft.tasks import TASKS, TaskData
 
     out = Path(out)
     check_out(out)
@@ -161,7 +161,7 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
     try:
         final.save_pretrained(staging)
         (staging / "README.md").unlink(missing_ok=True)
-        shutil.copyfile(parts[0][1] / "recipe.toml", staging / "recipe.toml")
+        shutil.copyfile(parts[0][1] / RECIPE, staging / RECIPE)
         trainable = sum(p.numel() for n, p in final.named_parameters() if "lora_" in n or "modules_to_save" in n)
         total_params = sum(p.numel() for n, p in final.named_parameters() if "original_module" not in n)
         weight_bytes = (staging / "adapter_model.safetensors").stat().st_size
@@ -171,7 +171,7 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
                                 "heads": "weighted average of the heads' weights, sum(w_i * head_i) / sum(w_i)"},
                 "trainable_params": trainable, "total_params": total_params, "trainable_percent": 100 * trainable / total_params,
                 "weight_files": ["adapter_model.safetensors"], "weight_bytes": weight_bytes}
-        write_json(staging / "peft_ft.json", info)
+        write_json(staging / INFO, info)
         write_atomic(staging / "README.md", _card(info))
         check_out(out)
         if out.exists():

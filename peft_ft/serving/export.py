@@ -23,6 +23,11 @@ import tempfile
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
+from peft_ft.models.safety import check_no_pickle
+from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info
+from peft_ft.rundir.load import load_run
+from peft_ft.serving.merge import check_mergeable, check_out, unwrap_heads
+from peft_ft.storage import write_json
 
 # What each family's model returns: ONNX output names, taken from the model output of the same name.
 OUTPUTS = {"ner": ["logits"], "classification": ["logits"], "qa": ["start_logits", "end_logits"]}
@@ -57,12 +62,6 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
                 trust_remote_code: bool = False) -> dict:
     """Merge, export, check with onnxruntime; returns export.json's content. OUT is complete or absent.
     The base model's own Python code runs only with `trust_remote_code` (--trust-remote-code; peft_ft.models.safety)."""
-    from peft_ft.serving.merge import check_mergeable, check_out, unwrap_heads
-    from peft_ft.storage import write_json
-    from peft_ft.serving.pipelines import read_info
-    from peft_ft.engine.run import load_run
-    from peft_ft.models.safety import check_no_pickle
-
     run_dir, out = Path(run_dir), Path(out)
     info = read_info(run_dir)
     check_no_pickle(run_dir, "run folder", allow_pickle)
@@ -88,11 +87,11 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
                               f"nothing was written (raise --tolerance only if you accept that difference)")
         model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        for name in ("labels.json", "recipe.toml"):
+        for name in (LABELS, RECIPE):
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, staging / name)
-        raw = json.loads((run_dir / "peft_ft.json").read_text(encoding="utf-8"))
-        write_json(staging / "peft_ft.json", {**raw, "is_adapter": False, "exported_from": run_dir.resolve().name, "format": "onnx"})
+        raw = json.loads((run_dir / INFO).read_text(encoding="utf-8"))
+        write_json(staging / INFO, {**raw, "is_adapter": False, "exported_from": run_dir.resolve().name, "format": "onnx"})
         write_json(staging / "export.json", report)
         check_out(out)
         if out.exists():

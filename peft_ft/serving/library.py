@@ -19,6 +19,8 @@ from collections import OrderedDict
 from pathlib import Path, PurePosixPath
 
 from peft_ft.errors import PeftFtError
+from peft_ft.rundir.layout import read_info
+from peft_ft.tasks import TASKS
 
 
 class LibraryError(PeftFtError):
@@ -137,9 +139,6 @@ class Library:
 
 
 def _run_summary(run_dir: Path) -> dict:
-    from peft_ft.serving.pipelines import read_info
-    from peft_ft.tasks import TASKS
-
     info = read_info(run_dir)
     return {"task": info["task"], "pipeline_task": TASKS[info["task"]].pipeline_task, "method": info["method"],
             "base_model": info["base_model"], "labels": info["labels"]}

@@ -13,14 +13,17 @@ import tempfile
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
-from peft_ft.serving.pipelines import read_info
+from peft_ft.models.safety import check_no_pickle
+from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info
+from peft_ft.rundir.load import check_run_folder, load_run
+from peft_ft.storage import honour_umask, space_for, tensor_bytes, write_json
 
 
 def read_info_raw(run_dir: Path) -> dict:
     """peft_ft.json as written (read_info resolves a local base's relative path for loading)."""
     import json
 
-    return json.loads((run_dir / "peft_ft.json").read_text(encoding="utf-8"))
+    return json.loads((run_dir / INFO).read_text(encoding="utf-8"))
 
 
 def check_mergeable(run_dir: Path, info: dict) -> None:
@@ -69,10 +72,6 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
     A run (or base) folder holding pickle files is refused unless `allow_pickle`; the base's own code runs
     only with `trust_remote_code` (peft_ft.models.safety).
     """
-    from peft_ft.storage import honour_umask, space_for, tensor_bytes, write_json
-    from peft_ft.engine.run import check_run_folder, load_run
-    from peft_ft.models.safety import check_no_pickle
-
     run_dir, out = Path(run_dir), Path(out)
     check_no_pickle(run_dir, "run folder", allow_pickle)
     info = read_info(run_dir)
@@ -91,12 +90,12 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
         with space_for(out.parent, tensor_bytes(merged.parameters()), "the merged model"):
             merged.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-        shutil.copyfile(run_dir / "recipe.toml", staging / "recipe.toml")
-        if (run_dir / "labels.json").is_file():
-            shutil.copyfile(run_dir / "labels.json", staging / "labels.json")
+        shutil.copyfile(run_dir / RECIPE, staging / RECIPE)
+        if (run_dir / LABELS).is_file():
+            shutil.copyfile(run_dir / LABELS, staging / LABELS)
         weights = sorted(p.name for p in staging.glob("*.safetensors"))
         # No paths of this machine: the merged folder is its own base and names its source run by name.
-        write_json(staging / "peft_ft.json", {
+        write_json(staging / INFO, {
             **{k: v for k, v in read_info_raw(run_dir).items() if k != "run_dir"}, "is_adapter": False, "merged_from": run_dir.resolve().name,
             "weight_files": weights, "weight_bytes": sum((staging / w).stat().st_size for w in weights),
         })

@@ -12,8 +12,10 @@ complete models: each is a group of its own.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+import os
 import re
 import sys
 import threading
@@ -21,9 +23,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peft_ft.data.files import TaskData, json_record, read_text
 from peft_ft.errors import DataError, PeftFtError
-from peft_ft.serving.pipelines import ANSWERS, Answers, read_info
-from peft_ft.recipe.schema import Recipe, load_recipe
+from peft_ft.models.loading import quiet_transformers
+from peft_ft.models.safety import remote_code
+from peft_ft.recipe.schema import Recipe
+from peft_ft.rundir.layout import ADAPTER_CONFIG, read_info, read_recipe
+from peft_ft.rundir.load import base_location, check_run_folder, load_run
+from peft_ft.storage import write_atomic
+from peft_ft.tasks import TASKS
+from peft_ft.tasks.base import Answers
 
 NAME = re.compile(r"[A-Za-z0-9_-]+")  # used with fullmatch  # adapter names end up in URLs and peft module keys
 
@@ -75,8 +84,6 @@ class AdapterSet:
                  trust_remote_code: bool = False):
         """`allow_pickle` and `trust_remote_code` are the caller's say-so (command-line flags), never read
         from the folders being loaded (peft_ft.models.safety)."""
-        from peft_ft.models.loading import quiet_transformers
-
         self.device, self.batch_size, self.allow_pickle = device, batch_size, allow_pickle
         for name, run_dir in adapters.items():  # every folder checked (no torch yet) before any model loads
             self._check(name, run_dir)
@@ -95,8 +102,6 @@ class AdapterSet:
 
     def _check(self, name: str, run_dir: str | Path) -> None:
         """The name, and the folder as far as it can be checked without torch (peft_ft.engine.run.check_run_folder)."""
-        from peft_ft.engine.run import check_run_folder
-
         if not NAME.fullmatch(name):
             raise PeftFtError(f"adapter name {name!r} may use only letters, digits, '_' and '-'")
         check_run_folder(Path(run_dir), self.allow_pickle, f"adapter {name}: ")
@@ -126,41 +131,27 @@ class AdapterSet:
                     del self.groups[key]
 
     def _attach(self, name: str, run_dir: Path, groups: dict) -> Adapter:
-        import torch
-        import transformers
-
-        from peft_ft.models.loading import _hub_call, load_tokenizer
-        from peft_ft.engine.run import attach, base_location, load_run
-        from peft_ft.models.safety import remote_code, safetensors_only
-        from peft_ft.tasks import TASKS, TaskData
-
+        """Load `run_dir` with the one run-folder loader: onto the loaded base it shares with others when there is
+        one (same base, head size and peft method), else on a base of its own."""
         info = read_info(run_dir)  # the folder was checked (check_run_folder) in __init__
-        recipe = remote_code(load_recipe(run_dir / "recipe.toml"), self.trust_remote_code, f"adapter {name}: {run_dir}")
+        recipe = remote_code(read_recipe(run_dir), self.trust_remote_code, f"adapter {name}: {run_dir}")
         task = TASKS[info["task"]]
-        answers = ANSWERS[task.pipeline_task]
+        load = functools.partial(load_run, run_dir, self.device, self.allow_pickle, self.trust_remote_code,
+                                 adapter_name=name, what=f"adapter {name}: ")
         if not info["is_adapter"]:
-            model, tokenizer, _ = load_run(run_dir, self.device, self.allow_pickle, self.trust_remote_code)
+            model, tokenizer, _ = load()
             group = groups[("run", str(run_dir.resolve()))] = Group(model, tokenizer, shared=False)
-            return Adapter(name, run_dir, info, recipe, answers, group, answers.build(model, tokenizer, recipe))
-        kwargs = task.model_kwargs(TaskData(splits={}, labels=info["labels"]))
-        location = base_location(info)
-        key = (location, info["auto_class"], kwargs.get("num_labels"), share_key(run_dir))
-        group = groups.get(key)
-        if group is None:
-            from peft import PeftModel
-
-            from peft_ft.methods import route_prefixes
-
-            base = _hub_call(getattr(transformers, info["auto_class"]).from_pretrained, location, recipe, "model",
-                             dtype=torch.float32, **safetensors_only(self.allow_pickle), **kwargs)
-            model = attach(run_dir, location, lambda: PeftModel.from_pretrained(base, run_dir, adapter_name=name))
-            model = route_prefixes(model).to(self.device)
-            group = groups[key] = Group(model, load_tokenizer(location, recipe), shared=True)
         else:
-            with group.lock:  # a batch may be running on this base (runtime loads in `serve`)
-                attach(run_dir, location, lambda: group.model.load_adapter(run_dir, adapter_name=name))
-                group.model.to(self.device)
-        return Adapter(name, run_dir, info, recipe, answers, group, answers.build(group.model, group.tokenizer, recipe))
+            kwargs = task.model_kwargs(TaskData(splits={}, labels=info["labels"]))
+            key = (base_location(info), info["auto_class"], kwargs.get("num_labels"), share_key(run_dir))
+            group = groups.get(key)
+            if group is None:
+                model, tokenizer, _ = load()
+                group = groups[key] = Group(model, tokenizer, shared=True)
+            else:
+                with group.lock:  # a batch may be running on this base (runtime loads in `serve`)
+                    load(onto=group.model)
+        return Adapter(name, run_dir, info, recipe, task.answers, group, task.answers.build(group.model, group.tokenizer, recipe))
 
     @property
     def names(self) -> list[str]:
@@ -168,8 +159,6 @@ class AdapterSet:
 
     def describe(self) -> dict:
         """What each adapter is, for GET /adapters and logs."""
-        from peft_ft.tasks import TASKS
-
         return {
             a.name: {"run_dir": str(a.run_dir), "task": a.info["task"], "pipeline_task": TASKS[a.info["task"]].pipeline_task,
                      "method": a.info["method"], "base_model": a.info["base_model"], "labels": a.info["labels"]}
@@ -196,14 +185,12 @@ class AdapterSet:
     def run_inputs(self, name: str, inputs: list) -> list[dict]:
         """Answer pipeline inputs with adapter `name` active. The whole call holds the group's lock:
         the active adapter, the label names and the tokenizer's truncation setting are shared state."""
-        from peft_ft.serving.pipelines import truncated
-
         adapter = self.get(name)
         group = adapter.group
         with group.lock:
             if group.shared:
                 activate(group.model, name, adapter.info["labels"])
-            cut = [truncated(group.tokenizer, item, adapter.recipe.model.max_length) for item in inputs]
+            cut = [adapter.answers.truncated(group.tokenizer, item, adapter.recipe.model.max_length) for item in inputs]
             outputs: list = [None] * len(inputs)
             for chunk in _length_chunks(inputs, self.batch_size):
                 for i, output in zip(chunk, adapter.pipe([inputs[i] for i in chunk], batch_size=len(chunk))):
@@ -219,7 +206,7 @@ class AdapterSet:
         adapter = self.get(name)
         config = getattr(adapter.group.model, "peft_config", {}).get(name)
         if (not adapter.group.shared or config is None or getattr(config.peft_type, "value", config.peft_type) != "LORA"
-                or getattr(config, "use_dora", False) or adapter.answers not in _MIXABLE):
+                or getattr(config, "use_dora", False) or not adapter.answers.mixable):
             return None
         return (id(adapter.group), adapter.answers, tuple(adapter.info["labels"] or ()), adapter.recipe.model.max_length)
 
@@ -227,14 +214,12 @@ class AdapterSet:
         """Answer pipeline inputs, input i with adapter names[i], in forwards that mix adapters (every
         name with the same `mix_key`). Inputs are cut into batches as in `run_inputs`; each batch is one
         pipeline call whose single forward gets its rows' adapter names."""
-        from peft_ft.serving.pipelines import truncated
-
         first = self.get(names[0])
         group = first.group
         outputs: list = [None] * len(inputs)
         with group.lock:
             activate(group.model, first.name, first.info["labels"])  # a LoRA adapter active: peft then reads adapter_names
-            cut = [truncated(group.tokenizer, item, first.recipe.model.max_length) for item in inputs]
+            cut = [first.answers.truncated(group.tokenizer, item, first.recipe.model.max_length) for item in inputs]
             for chunk in _length_chunks(inputs, self.batch_size):
                 with _per_row_adapters(group.model, [names[i] for i in chunk]):
                     answered = first.pipe([inputs[i] for i in chunk], batch_size=len(chunk))
@@ -254,10 +239,6 @@ def _per_row_adapters(model, names: list[str]):
     finally:
         handle.remove()
 
-
-# One forward row per input, in input order. NER answers are not: `WordTagger` cuts a long text into
-# windows and batches the windows by length, so per-row adapter names would land on other rows.
-_MIXABLE = (ANSWERS["text-classification"],)
 
 
 def _length_chunks(inputs: list, batch_size: int):
@@ -287,7 +268,7 @@ def share_key(run_dir: Path) -> str:
     """Which adapters may share one loaded base: peft holds one method type per model (LoRA and LoHa
     cannot be combined), and PiSSA/OLoRA write their residual into the base weights as they load, so
     such an adapter gets a base of its own."""
-    config = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    config = json.loads((run_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     if config.get("init_lora_weights") in ("pissa", "olora") or str(config.get("init_lora_weights", "")).startswith("pissa_niter"):
         return f"own:{run_dir.resolve()}"
     return str(config.get("peft_type"))
@@ -309,8 +290,6 @@ INPUT_FORMATS = ("auto", "jsonl", "csv", "tsv", "text")
 
 def read_inputs(path: str, fmt: str = "auto") -> tuple[list[dict], list[str]]:
     """Rows (dicts) and where each came from (`file: line N`). A text line becomes {"text": line}."""
-    from peft_ft.data.files import json_record, read_text
-
     name = "<stdin>" if path == "-" else path
     if path == "-":
         text = sys.stdin.read()
@@ -374,8 +353,6 @@ def predict_rows(adapters: AdapterSet, rows: list[dict], where: list[str], route
 
 def check_writable(path: Path) -> None:
     """--output must be a file (new or replaced) in an existing folder this process may write into."""
-    import os
-
     folder = path.parent if str(path.parent) else Path(".")
     why = ("it is a folder" if path.is_dir() else "its folder does not exist" if not folder.is_dir()
            else "its folder is on a read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY
@@ -397,8 +374,6 @@ def run_predict(adapter_args: list[str], input_path: str, fmt: str, use: str | N
     adapters = AdapterSet(specs, device, batch_size, allow_pickle, trust_remote_code)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predict_rows(adapters, rows, where, routes))
     if output:
-        from peft_ft.storage import write_atomic
-
         try:
             write_atomic(Path(output), text)
         except OSError as e:

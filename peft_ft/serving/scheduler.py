@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from peft_ft.kernels.allocator import freed_memory_releaser
 
 
-
 class DeadlineExceeded(Exception):
     """The request's deadline passed before all its rows were answered."""
 
@@ -167,7 +166,7 @@ class Scheduler:
         adapter = self.adapters.get(name)
         base = self.base(name)
         with base.counter_lock:
-            return [input_cost(base.counter, adapter.recipe, item) for item in inputs]
+            return [adapter.answers.cost(base.counter, adapter.recipe, item) for item in inputs]
 
     def submit(self, job: Job) -> Future:
         self.base(job.adapter).put(job)
@@ -212,20 +211,3 @@ class Scheduler:
             job.fail(e)
             return
         self._deliver(own, outputs, [job.adapter] * len(own))
-
-
-def input_cost(tokenizer, recipe, item) -> int:
-    """Tokens the model reads for one pipeline input (see `Scheduler.costs`)."""
-    max_length = recipe.model.max_length
-    if isinstance(item, dict) and "question" in item and "context" in item:
-        enc = tokenizer(item["question"].lstrip(), item["context"], truncation="only_second", max_length=max_length,
-                        stride=recipe.task.doc_stride, return_overflowing_tokens=True)
-        return sum(len(ids) for ids in enc["input_ids"])
-    if isinstance(item, dict):
-        ids = tokenizer(item.get("text", ""), item.get("text_pair"), truncation=False)["input_ids"]
-    else:  # a text, or NER's `Words` (its text)
-        ids = tokenizer(getattr(item, "text", item), truncation=False)["input_ids"]
-    if recipe.task.type == "ner":  # windows of max_length cover the whole text (peft_ft.serving.pipelines.WordTagger)
-        return len(ids)
-    generated = getattr(recipe.eval, "max_new_tokens", 0) if recipe.task.type == "seq2seq" else 0
-    return min(len(ids), max_length) + (generated or 0)

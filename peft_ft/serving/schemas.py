@@ -3,7 +3,7 @@ against them (422 with the field that is wrong) and publishes them in `/openapi.
 
 A request names its adapter in the path; the adapter's family says which fields each row needs, so the
 row models below document the families and `PredictRequest.inputs` takes any of them (a row is checked
-against its adapter's family after routing: `peft_ft.serving.pipelines.ANSWERS[...].to_input`).
+against its adapter's family after routing: `Task.answers.to_input` of the family's module in `peft_ft.tasks`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ import sys
 import threading
 
 from peft_ft.errors import PeftFtError
+from peft_ft.log import setup_logging
+from peft_ft.serving.library import Library
+from peft_ft.serving.predict import AdapterSet, parse_adapter_args
+from peft_ft.serving.scheduler import Scheduler
 
 log = logging.getLogger("peft_ft")
 API_KEY_ENV = "PEFT_FT_API_KEY"
@@ -123,9 +127,9 @@ def make_server(adapters, host: str = "127.0.0.1", port: int = 0, *, api_key: st
                 max_tokens: int = MAX_TOKENS, request_timeout: float = REQUEST_TIMEOUT, max_wait_ms: float = MAX_WAIT_MS,
                 mix: bool = True, started: dict | None = None) -> Server:
     """A server for a loaded `AdapterSet`, bound to host:port (0 = a free port: read `server.url`), not yet serving."""
+    # Here, not at the top: FastAPI and pydantic take about a second to import, and `run_serve` reports a
+    # mistake in its arguments or adapter folders before that.
     from peft_ft.serving.app import Guard, Metrics, create_app
-    from peft_ft.serving.library import Library
-    from peft_ft.serving.scheduler import Scheduler
 
     metrics = Metrics()
     library = Library(adapters, started or {a.name: a.run_dir for a in adapters.adapters.values()}, adapter_dir, max_adapters)
@@ -150,9 +154,6 @@ def run_serve(adapter_args: list[str], host: str, port: int, batch_size: int, de
               max_wait_ms: float = MAX_WAIT_MS, mix: bool = True) -> int:
     """`peft-ft serve`: load every adapter, then serve until SIGTERM or Ctrl-C; requests in flight finish,
     then the process exits 0 (it does not return)."""
-    from peft_ft.log import setup_logging
-    from peft_ft.serving.predict import AdapterSet, parse_adapter_args
-
     setup_logging()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or None

@@ -11,7 +11,10 @@ import io
 import logging
 from pathlib import Path
 
+from peft_ft.recipe.dump import to_toml
+from peft_ft.recipe.load import build_recipe
 from peft_ft.storage import write_atomic
+from peft_ft.sweep.space import trial_raw
 
 log = logging.getLogger("peft_ft")
 PARETO_AXES = (("trainable_params", "trainable parameters (log)"), ("train_seconds", "training time (s)"))
@@ -167,9 +170,6 @@ def best_recipe_text(study, plan, base: dict, space) -> str | None:
     """The best trial's recipe in full: the recipe with the trial's values, test splits and output as
     the recipe has them; validated before it is written."""
     from optuna.trial import TrialState
-
-    from peft_ft.recipe.schema import build_recipe, to_toml
-    from peft_ft.sweep.space import trial_raw
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return None

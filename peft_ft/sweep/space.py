@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from peft_ft.errors import RecipeError
-from peft_ft.recipe.schema import (Recipe, _build_section, _check_range, _check_type, build_recipe, describe_type,
-                            opt, section_types)
+from peft_ft.recipe.load import build_recipe, build_section
+from peft_ft.recipe.schema import Recipe, check_range, check_type, describe_type, opt, section_types
 
 # Keys a sweep may not vary, and why: the sweep owns them, or trials would stop being comparable.
 FIXED = {
@@ -171,7 +171,7 @@ def load_space(path: str | Path, recipe: Recipe, base: dict) -> Space:
         problems.append(f"sweep: expected a [sweep] section, got {sweep_raw!r}")
         sweep_raw = {}
     enqueue_raw = sweep_raw.pop("enqueue", [])
-    settings = _build_section("sweep", SweepSection, sweep_raw, problems)
+    settings = build_section("sweep", SweepSection, sweep_raw, problems)
     params = _read_params(raw, problems)
     by_key = {p.key: p for p in params}
     problems += _check_conditions(params, by_key, base)
@@ -232,12 +232,12 @@ def _read_param(key: str, spec, tp, meta: dict, problems: list[str]) -> Param | 
         if value is None:
             errors.append(f"{key}: the range needs `{name}`")
         else:
-            error = _check_type(value, tp) or _check_range(value, meta)
+            error = check_type(value, tp) or check_range(value, meta)
             if error:
                 errors.append(f"{key}.{name}: {error}")
     if type(log) is not bool:
         errors.append(f"{key}.log: expected true or false, got {log!r}")
-    if step is not None and (_check_type(step, tp) or step <= 0):
+    if step is not None and (check_type(step, tp) or step <= 0):
         errors.append(f"{key}.step: expected a positive {'integer' if tp is int else 'number'}, got {step!r}")
     if errors:
         problems.extend(errors)
@@ -263,9 +263,9 @@ def _read_choices(key: str, spec: list, tp, meta: dict, only: tuple, problems: l
         return None
     errors = []
     for i, value in enumerate(spec):
-        error = _check_type(value, tp)
+        error = check_type(value, tp)
         if error is None and isinstance(value, (int, float)) and not isinstance(value, bool):
-            error = _check_range(value, meta)
+            error = check_range(value, meta)
         if error is None and isinstance(value, list) and any("," in v for v in value):
             error = "names in a list choice cannot contain commas"
         if error:

@@ -25,8 +25,21 @@ import tomllib
 import warnings
 from pathlib import Path
 
+from peft_ft import log as log_module
+from peft_ft.compare.variants import with_overrides
+from peft_ft.data.files import resolve_data_dir, split_sources
+from peft_ft.engine.checkpoint import FOLDER
+from peft_ft.engine.run import run
+from peft_ft.engine.train import TrainHooks
 from peft_ft.errors import PeftFtError
+from peft_ft.log import setup_logging
+from peft_ft.models.loading import resolve_model, settle_hub_mode
+from peft_ft.recipe.load import build_recipe, load_recipe
+from peft_ft.rundir.layout import METRICS
 from peft_ft.storage import write_json
+from peft_ft.sweep.report import write_reports
+from peft_ft.sweep.space import current_value, load_space, trial_raw
+from peft_ft.tasks import TASKS
 
 log = logging.getLogger("peft_ft")
 SWEEP_FILE = "sweep.json"
@@ -58,10 +71,6 @@ class Plan:
 
 def load_parts(recipe_path: str, space_path: str, overrides: list[str]) -> tuple:
     """The base recipe (validated), its raw TOML with overrides, and the space checked against it."""
-    from peft_ft.compare import with_overrides
-    from peft_ft.recipe.schema import load_recipe
-    from peft_ft.sweep.space import load_space
-
     recipe = load_recipe(recipe_path, overrides)
     base = with_overrides(tomllib.loads(Path(recipe_path).read_text(encoding="utf-8")), overrides)
     if not (recipe.data.validation or recipe.data.validation_fraction or recipe.data.hub):
@@ -112,10 +121,6 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
           study: str | None = None) -> Path:
     """Run a sweep to `trials` trials in all; returns the sweep folder (with its reports). One worker
     runs in this process; several run in processes of their own."""
-    from peft_ft.data.files import resolve_data_dir
-    from peft_ft.log import setup_logging
-    from peft_ft.sweep.report import write_reports
-
     setup_logging(None)
     if workers < 1:
         raise PeftFtError("sweep: --workers must be at least 1")
@@ -162,9 +167,6 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
 
 def _check_files(recipe, data_dir: str | None) -> None:
     """The recipe's model and data files exist: otherwise every trial would fail the same way."""
-    from peft_ft.data.files import resolve_data_dir, split_sources
-    from peft_ft.models.loading import resolve_model, settle_hub_mode
-
     settle_hub_mode(recipe)
     resolve_model(recipe)
     split_sources(recipe, None if recipe.data.hub else resolve_data_dir(recipe, data_dir))
@@ -183,8 +185,6 @@ def _check_finished(study, sweep_dir: Path) -> None:
 
 
 def _default_metric(recipe) -> str:
-    from peft_ft.tasks import TASKS
-
     return TASKS[recipe.task.type].default_metric
 
 
@@ -296,8 +296,6 @@ def _start_workers(sweep_dir: Path, url: str, workers: int) -> None:
 def _worker_process(sweep_dir: Path, url: str, worker: int) -> None:
     from rich.console import Console
 
-    from peft_ft import log as log_module
-
     # Several live progress bars redrawing one terminal garble it: workers print log lines only
     # (a bar still prints once, when its epoch ends).
     log_module._console = Console(force_interactive=False)
@@ -356,9 +354,6 @@ def work(sweep_dir: Path, url: str, worker: int) -> int:
 def trial_recipe(trial, values: dict, sweep_dir: Path, plan: Plan, base: dict):
     """The recipe of one trial: the sampled values, its run folder under the sweep, no test splits
     (a sweep selects on validation only), and a share of this machine's cores when train.threads is 0."""
-    from peft_ft.recipe.schema import build_recipe
-    from peft_ft.sweep.space import current_value, trial_raw
-
     raw = trial_raw(base, values)
     raw["output"] = {"dir": str(sweep_dir / TRIALS), "name": f"trial-{trial.number:04d}"}
     data = raw.setdefault("data", {})
@@ -372,10 +367,6 @@ def trial_recipe(trial, values: dict, sweep_dir: Path, plan: Plan, base: dict):
 def run_trial(trial, sweep_dir: Path, plan: Plan, base: dict, space) -> float:
     """Train one trial; its value is the best epoch's validation metric (the epoch its weights keep)."""
     import optuna
-
-    from peft_ft.engine.checkpoint import FOLDER
-    from peft_ft.engine.run import run
-    from peft_ft.engine.train import TrainHooks
 
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
@@ -409,7 +400,7 @@ def run_trial(trial, sweep_dir: Path, plan: Plan, base: dict, space) -> float:
     except KeyboardInterrupt:
         trial.set_user_attr("interrupted", True)  # --resume runs it again
         raise
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
     trial.set_user_attr("run_dir", str(run_dir))
     trial.set_user_attr("trainable_params", metrics["params"]["trainable_params"])
     trial.set_user_attr("train_seconds", metrics["train"]["seconds"])
@@ -424,8 +415,6 @@ def worker_main(argv: list[str], url: str | None = None) -> int:
     """`python -m peft_ft.sweep.study SWEEP_DIR --worker I`: one worker, the storage URL from `url`, else
     $PEFT_FT_SWEEP_STORAGE, else the sweep folder's SQLite (a URL in argv would show its password in `ps`)."""
     import argparse
-
-    from peft_ft.log import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m peft_ft.sweep.study", description="one worker of peft-ft sweep")
     parser.add_argument("sweep_dir")

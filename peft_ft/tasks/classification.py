@@ -12,12 +12,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from peft_ft.data.files import Split, TaskData, cap_splits, carve_splits, read_split_rows, require_columns, split_sources
 from peft_ft.data.formats import glue
-from peft_ft.data.files import carve_splits, read_split_rows, require_columns, split_sources
-from peft_ft.errors import DataError
 from peft_ft.data.formats.label_studio import read_classification
+from peft_ft.errors import DataError
 from peft_ft.recipe.schema import DataSection, Recipe
-from peft_ft.tasks import Split, Task, TaskData, cap_splits, register_task
+from peft_ft.storage import write_atomic
+from peft_ft.tasks.base import Answers, Task, register_task, request_text, stock_pipeline, token_count
 
 log = logging.getLogger("peft_ft")
 # A regression head has one output; its one "label" names it. One label <=> regression (a
@@ -108,6 +109,39 @@ def _is_unlabeled(value, regression: bool = False) -> bool:
     return not regression and _as_index(value) == -1
 
 
+# --- answering requests --------------------------------------------------------------------------------
+
+
+def _classification_input(row: dict, recipe: Recipe, where: str):
+    d = recipe.data
+    text = request_text(row, ["text", d.text_column], where)
+    if not d.text_pair_column:
+        return text
+    # A pair model answers single texts too, but badly: ask for the second text instead.
+    return {"text": text, "text_pair": request_text(row, ["text_pair", d.text_pair_column], where)}
+
+
+def _truncated(tokenizer, item, max_length: int) -> bool:
+    """Whether the model sees only the start of this input (over `max_length` tokens with its special tokens)."""
+    if isinstance(item, dict):
+        return token_count(tokenizer, item["text"], item.get("text_pair")) > max_length
+    return token_count(tokenizer, item) > max_length
+
+
+def _cost(tokenizer, recipe: Recipe, item) -> int:
+    text, pair = (item.get("text", ""), item.get("text_pair")) if isinstance(item, dict) else (item, None)
+    return min(token_count(tokenizer, text, pair), recipe.model.max_length)
+
+
+ANSWERS = Answers(
+    # Truncate as in training: the stock pipeline does not by default, and a long text then fails.
+    build=stock_pipeline("text-classification", lambda r: {"truncation": True, "max_length": r.model.max_length}),
+    to_input=_classification_input,
+    to_answer=lambda o: {"label": o["label"], "score": round(float(o["score"]), 6)},
+    cost=_cost, truncated=_truncated, mixable=True,
+)
+
+
 @register_task
 class Classification(Task):
     name = "classification"
@@ -117,6 +151,7 @@ class Classification(Task):
     metrics = CLASS_METRICS + REGRESSION_METRICS  # mse is reported too, but lower is better: it cannot pick
     formats = ("csv", "tsv", "jsonl", "json", "parquet", "glue", "label_studio")
     pipeline_task = "text-classification"
+    answers = ANSWERS
     predicts_unlabelled = True  # reads data.predict
 
     def validate(self, recipe: Recipe) -> list[str]:
@@ -240,8 +275,6 @@ class Classification(Task):
         return classification_metrics(gold, predicted, data.labels), records
 
     def write_predictions(self, run_dir: Path, split: Split, records: list[dict]) -> list[Path]:
-        from peft_ft.storage import write_atomic
-
         paths = super().write_predictions(run_dir, split, records)
         if isinstance(split, PredictSplit) and split.glue:
             preset = glue.PRESETS[split.glue]

@@ -22,17 +22,28 @@ predictions they differ from seqeval strict whenever a predicted entity opens wi
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft_ft.methods import virtual_positions
-from peft_ft.data.formats.conll import check_bio_tags, check_known_tags, fix_iob1, label_list, read_conll, read_jsonl, read_tagged_rows
-from peft_ft.data.files import carve_splits, read_hub_split, split_sources
-from peft_ft.errors import DataError
+from peft_ft.data.files import Split, TaskData, cap_splits, carve_splits, read_hub_split, split_sources
+from peft_ft.data.formats.conll import (
+    check_bio_tags,
+    check_known_tags,
+    fix_iob1,
+    label_list,
+    read_conll,
+    read_jsonl,
+    read_tagged_rows,
+)
 from peft_ft.data.formats.label_studio import read_ner
+from peft_ft.errors import DataError
+from peft_ft.methods import virtual_positions
 from peft_ft.recipe.schema import Recipe
-from peft_ft.tasks import Split, Task, TaskData, cap_splits, register_task
+from peft_ft.storage import write_atomic
+from peft_ft.tasks.base import Answers, FamilyAnswerer, Task, register_task, request_text, token_count
+from peft_ft.tasks.conlleval import chunks, score
 
 log = logging.getLogger("peft_ft")
 
@@ -170,8 +181,6 @@ def entity_metrics(gold: list[list[str]], predicted: list[list[str]], mode: str 
 def conlleval_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict:
     """The same predictions scored under conlleval's rules, as flat `conlleval_*` keys (any can pick
     the best epoch) and a per-type table."""
-    from peft_ft.tasks.conlleval import score
-
     result = score(gold, predicted)
     return {
         **{f"conlleval_{k}": float(result[k]) for k in ("f1", "precision", "recall")},
@@ -190,6 +199,92 @@ def conll_text(records: list[dict]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+# --- answering requests: whole words, as the evaluation decides them --------------------------------------
+
+
+@dataclass(frozen=True)
+class Words:
+    """A text to tag, as words with their character spans (a request row's `tokens`, or the text's
+    whitespace-separated words)."""
+
+    text: str
+    words: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of_text(cls, text: str) -> "Words":
+        found = [(m.group(0), m.span()) for m in re.finditer(r"\S+", text)]
+        return cls(text, tuple(w for w, _ in found), tuple(s for _, s in found))
+
+    @classmethod
+    def of_tokens(cls, tokens: list[str]) -> "Words":
+        """The words joined by single spaces: answer offsets refer to that text."""
+        spans, at = [], 0
+        for token in tokens:
+            spans.append((at, at + len(token)))
+            at += len(token) + 1
+        return cls(" ".join(tokens), tuple(tokens), tuple(spans))
+
+
+class WordTagger(FamilyAnswerer):
+    """NER answers per word, in place of the stock pipeline's subword groups: each word gets the label
+    of its first subword, a long text is cut into windows at word boundaries (`model.max_length`), so
+    every word is tagged, exactly as the evaluation decides and scores; consecutive tags become
+    entities under conlleval's chunk rules (an entity may open with I-). Text in (or `Words`),
+    `[{"entity_group", "word", "start", "end", "score"}]` out, `score` the mean probability of the
+    entity's words' tags."""
+
+    task_name = "ner"
+
+    def __call__(self, inputs, batch_size: int = 32):
+        single = isinstance(inputs, (str, Words))
+        items = [_as_words(i) for i in ([inputs] if single else inputs)]
+        names = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
+        tagged = [i for i, item in enumerate(items) if item.words]  # an empty text has no word to tag
+        examples = [{"tokens": list(items[i].words), "tags": [0] * len(items[i].words), "line": i} for i in tagged]
+        answers: list[list[dict]] = [[] for _ in items]
+        if examples:
+            features, outputs = self._outputs(examples, batch_size, names)
+            tags, probs = word_predictions(examples, features, outputs)
+            for i, row, row_probs in zip(tagged, tags, probs):
+                answers[i] = entities(items[i], [names[t] for t in row], row_probs)
+        return answers[0] if single else answers
+
+
+def _as_words(item) -> Words:
+    return item if isinstance(item, Words) else Words.of_text(item)
+
+
+def entities(item: Words, tags: list[str], probs: list[float]) -> list[dict]:
+    """Word tags -> entities (conlleval's chunks), with character offsets into the text."""
+    found = []
+    for kind, first, end in chunks(tags):
+        start, stop = item.spans[first][0], item.spans[end - 1][1]
+        found.append({"entity_group": kind, "word": item.text[start:stop], "start": start, "end": stop,
+                      "score": sum(probs[first:end]) / (end - first)})
+    return found
+
+
+def _words_input(row: dict, recipe: Recipe, where: str) -> Words:
+    """A NER row: its `tokens` (the run's `data.tokens_field`) as the words, else its text split at whitespace."""
+    if "text" not in row and isinstance(row.get(recipe.data.tokens_field), list):
+        return Words.of_tokens([str(t) for t in row[recipe.data.tokens_field]])  # offsets refer to the tokens joined by spaces
+    return Words.of_text(request_text(row, ["text", recipe.data.text_column], where))
+
+
+def _entities(output: list[dict]) -> dict:
+    keys = ("entity_group", "word", "start", "end")
+    return {"entities": [{**{k: e[k] for k in keys}, "score": round(float(e["score"]), 6)} for e in output]}
+
+
+def _cost(tokenizer, recipe: Recipe, item: Words) -> int:
+    """Every token of the text: windows of model.max_length cover all of it."""
+    return token_count(tokenizer, item.text)
+
+
+ANSWERS = Answers(build=WordTagger, to_input=_words_input, to_answer=_entities, cost=_cost)
+
+
 @register_task
 class Ner(Task):
     name = "ner"
@@ -199,6 +294,7 @@ class Ner(Task):
     metrics = ("f1", "precision", "recall", "accuracy", "conlleval_f1", "conlleval_precision", "conlleval_recall")
     formats = ("conll", "jsonl", "label_studio")
     pipeline_task = "token-classification"
+    answers = ANSWERS
 
     def validate(self, recipe: Recipe) -> list[str]:
         d = recipe.data
@@ -310,8 +406,6 @@ class Ner(Task):
         return metrics, records
 
     def write_predictions(self, run_dir: Path, split: Split, records: list[dict]) -> list[Path]:
-        from peft_ft.storage import write_atomic
-
         path = run_dir / f"predictions_{split.name}.conll"
         write_atomic(path, conll_text(records))
         return [*super().write_predictions(run_dir, split, records), path]

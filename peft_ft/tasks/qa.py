@@ -8,13 +8,16 @@ offset mapping and the best-scoring span over all windows of a question is its a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from peft_ft.methods import virtual_positions
-from peft_ft.errors import DataError, PeftFtError
-from peft_ft.recipe.schema import Recipe
+from peft_ft.data.files import Split, TaskData, split_sources
 from peft_ft.data.formats.squad import read_squad_split, squad_metrics
-from peft_ft.tasks import Split, Task, TaskData, register_task
+from peft_ft.errors import DataError, PeftFtError
+from peft_ft.methods import virtual_positions
+from peft_ft.recipe.schema import Recipe
+from peft_ft.storage import write_json
+from peft_ft.tasks.base import Answers, FamilyAnswerer, Task, register_task, request_text
 
 # Questions named in an error message about their length (the rest are counted).
 SHOWN_IDS = 5
@@ -30,8 +33,6 @@ def cap_examples(splits: dict[str, Split], recipe: Recipe) -> dict[str, Split]:
 
 
 def load_squad_splits(recipe: Recipe, data_dir: Path | None) -> dict[str, Split]:
-    from peft_ft.data.files import split_sources
-
     splits = {name: Split(name, location, read_squad_split(recipe, location)) for name, _, location in split_sources(recipe, data_dir)}
     return cap_examples(splits, recipe)
 
@@ -147,11 +148,53 @@ def answers_by_example(examples: list[dict], features: list[dict], outputs: list
 
 def write_official_predictions(run_dir: Path, split: Split, records: list[dict]) -> list[Path]:
     """`predictions_<split>.json` = {question id: answer}, the file the official evaluate-v1.1.py scores."""
-    from peft_ft.storage import write_json
-
     path = run_dir / f"predictions_{split.name}.json"
     write_json(path, {r["id"]: r["predicted"] for r in records})
     return [path]
+
+
+# --- answering requests ----------------------------------------------------------------------------------
+
+
+class QuestionAnswerer(FamilyAnswerer):
+    """Extractive QA, in place of the removed `question-answering` pipeline: `{"question", "context"}`
+    in, `{"answer", "score", "start", "end"}` out (character offsets into the context). Windows and
+    span choice are the QA family's (`task.doc_stride`, `task.n_best`, `task.max_answer_length`); the
+    score is the answer's softmax weight among every candidate span of its question."""
+
+    task_name = "qa"
+
+    def __call__(self, inputs: dict | list[dict], batch_size: int = 32) -> dict | list[dict]:
+        rows = [inputs] if isinstance(inputs, dict) else inputs
+        examples = [{"id": str(i), "question": r["question"], "context": r["context"]} for i, r in enumerate(rows)]
+        features, outputs = self._outputs(examples, batch_size)
+        t = self.recipe.task
+        candidates: list[list] = [[] for _ in rows]
+        for feature, (start_logits, end_logits) in zip(features, outputs):
+            candidates[feature["_example"]] += window_candidates(start_logits, end_logits, feature["_offsets"], t.n_best, t.max_answer_length)
+        answers = []
+        for row, found in zip(rows, candidates):
+            if not found:
+                answers.append({"answer": "", "score": 0.0, "start": 0, "end": 0})
+                continue
+            best, start, end = max(found)
+            score = 1.0 / sum(math.exp(c[0] - best) for c in found)
+            answers.append({"answer": row["context"][start:end], "score": score, "start": start, "end": end})
+        return answers[0] if isinstance(inputs, dict) else answers
+
+
+def _qa_input(row: dict, recipe: Recipe, where: str) -> dict:
+    return {"question": request_text(row, ["question"], where), "context": request_text(row, ["context"], where)}
+
+
+def _cost(tokenizer, recipe: Recipe, item: dict) -> int:
+    """Every window of the context: all of them go through the model."""
+    enc = tokenizer(item["question"].lstrip(), item["context"], truncation="only_second", max_length=recipe.model.max_length,
+                    stride=recipe.task.doc_stride, return_overflowing_tokens=True)
+    return sum(len(ids) for ids in enc["input_ids"])
+
+
+ANSWERS = Answers(build=QuestionAnswerer, to_input=_qa_input, to_answer=lambda o: {**o, "score": round(o["score"], 6)}, cost=_cost)
 
 
 @register_task
@@ -165,6 +208,7 @@ class ExtractiveQA(Task):
     metrics = ("exact_match", "f1")
     formats = ("squad", "jsonl", "parquet")
     pipeline_task = "question-answering"
+    answers = ANSWERS
 
     def validate(self, recipe: Recipe) -> list[str]:
         problems = []

@@ -13,10 +13,12 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-from peft_ft.errors import DataError
-from peft_ft.recipe.schema import Recipe
+from peft_ft.data.batching import eval_batches, pad_batch
+from peft_ft.data.files import Split, TaskData, carve_validation, read_split_rows, require_columns, split_sources
 from peft_ft.data.formats.squad import squad_metrics
-from peft_ft.tasks import Split, Task, TaskData, register_task
+from peft_ft.errors import DataError
+from peft_ft.recipe.schema import Recipe, TaskSection
+from peft_ft.tasks.base import Answers, FamilyAnswerer, Task, register_task, request_text, token_count
 from peft_ft.tasks.qa import cap_examples, load_squad_splits, write_official_predictions
 
 # Fields of a SQuAD question that task.input_template may name.
@@ -48,8 +50,6 @@ def qa_examples(questions: list[dict], template: str, source: str) -> list[dict]
 def uses_template(recipe: Recipe) -> bool:
     """Text-to-text rows take their input from the template only when it was changed: the default names
     SQuAD fields. (Not `recipe.explicit`: a run folder's resolved recipe.toml writes every key out.)"""
-    from peft_ft.recipe.schema import TaskSection
-
     return recipe.task.input_template != TaskSection().input_template
 
 
@@ -68,8 +68,6 @@ def pair_examples(rows: list[dict], recipe: Recipe, source: str) -> list[dict]:
 
 
 def load_pair_splits(recipe: Recipe, data_dir: Path | None) -> tuple[dict[str, Split], list[str]]:
-    from peft_ft.data.files import carve_validation, read_split_rows, require_columns, split_sources
-
     d = recipe.data
     columns = {"data.target_column": d.target_column}
     if not uses_template(recipe):
@@ -93,8 +91,6 @@ def generate_texts(model, features: list[dict], pad_id: int, batch_size: int, de
     the model here: with them it would score the gold answer instead of generating."""
     import torch
 
-    from peft_ft.data.batching import eval_batches, pad_batch
-
     settings = features[0]["_generate"]
     tokenizer = settings["tokenizer"]
     model.eval()
@@ -111,6 +107,40 @@ def generate_texts(model, features: list[dict], pad_id: int, batch_size: int, de
     return texts
 
 
+# --- answering requests ----------------------------------------------------------------------------------
+
+
+class Generator(FamilyAnswerer):
+    """Seq2seq generation, in place of the removed `text2text-generation` pipeline: text in,
+    `[{"generated_text": ...}]` out, with the run's `eval.num_beams` and `eval.max_new_tokens`."""
+
+    task_name = "seq2seq"
+
+    def __call__(self, inputs: str | list[str], batch_size: int = 32) -> list[dict] | list[list[dict]]:
+        texts = [inputs] if isinstance(inputs, str) else inputs
+        _, generated = self._outputs([{"input": text} for text in texts], batch_size)
+        answers = [[{"generated_text": g}] for g in generated]
+        return answers[0] if isinstance(inputs, str) else answers
+
+
+def _seq2seq_input(row: dict, recipe: Recipe, where: str) -> str:
+    """The row's `text` as it is, else built as in training: the run's `task.input_template` filled
+    from the row's fields (SQuAD-style runs, or a changed template), or its `data.text_column`."""
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    if recipe.data.target_column and not uses_template(recipe):
+        return request_text(row, [recipe.data.text_column], where)
+    return render(recipe.task.input_template, row, where)
+
+
+def _cost(tokenizer, recipe: Recipe, item: str) -> int:
+    """The input up to model.max_length, plus every token it may generate."""
+    return min(token_count(tokenizer, item), recipe.model.max_length) + recipe.eval.max_new_tokens
+
+
+ANSWERS = Answers(build=Generator, to_input=_seq2seq_input, to_answer=lambda o: {"generated_text": o[0]["generated_text"]}, cost=_cost)
+
+
 @register_task
 class Seq2Seq(Task):
     name = "seq2seq"
@@ -120,6 +150,7 @@ class Seq2Seq(Task):
     metrics = ("exact_match", "f1")
     formats = ("squad", "jsonl", "parquet", "json", "csv", "tsv")
     pipeline_task = "text2text-generation"
+    answers = ANSWERS
 
     def validate(self, recipe: Recipe) -> list[str]:
         problems = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peft_ft.data.files import read_text
 from peft_ft.errors import DataError
 
 # CoLA's train/dev files have no header row; these are their four columns.
@@ -76,8 +77,6 @@ def read_glue_tsv(path: Path, preset: Preset, *, skip_malformed: bool) -> tuple[
     split on "\\n" only: GLUE's text holds characters such as U+2028 that `str.splitlines` would
     treat as line ends, silently cutting a row in two.
     """
-    from peft_ft.data.files import read_text
-
     lines = read_text(path).removeprefix("\ufeff").split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline

@@ -15,6 +15,7 @@ import re
 import string
 from pathlib import Path
 
+from peft_ft.data.files import read_split_rows, read_table, read_text, table_format
 from peft_ft.errors import DataError
 
 FLAT_COLUMNS = ("id", "question", "context", "answers")
@@ -24,8 +25,6 @@ FLAT_FORMATS = ("jsonl", "parquet")
 def read_squad_split(recipe, location: str) -> list[dict]:
     """Examples of one split: official SQuAD JSON (`.json`, or data.format = "squad"), flat JSONL or
     parquet in the `datasets` layout, or a hub split."""
-    from peft_ft.data.files import read_split_rows, read_table, table_format
-
     if recipe.data.hub:
         return examples_from_rows(read_split_rows(recipe, location), location)
     path, fmt = Path(location), recipe.data.format
@@ -40,8 +39,6 @@ def read_squad_split(recipe, location: str) -> list[dict]:
 
 def read_squad_json(path: Path) -> list[dict]:
     """Examples of an official SQuAD file: `{"data": [{"paragraphs": [{"context", "qas": [...]}]}]}`."""
-    from peft_ft.data.files import read_text
-
     try:
         document = json.loads(read_text(path))
     except json.JSONDecodeError as e:

@@ -1,0 +1,41 @@
+"""`peft-ft explain`: every recipe field with its type, default and help, read from the schema, then the
+registered task families and adapter methods."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from peft_ft.errors import RecipeError
+from peft_ft.methods import explain_methods
+from peft_ft.recipe.dump import toml_value
+from peft_ft.recipe.schema import section_types, type_name, unknown_key
+from peft_ft.tasks import TASKS
+
+
+def explain(section: str | None = None) -> str:
+    """Every field with its type, default and help, read from the dataclasses above."""
+    types = section_types()
+    if section is not None and section not in types:
+        raise RecipeError("explain", [unknown_key(section, list(types), section)])
+    lines = []
+    for name, cls in types.items():
+        if section and name != section:
+            continue
+        lines.append(f"[{name}]")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            only = "".join(f" (only when {k} = {' | '.join(v)})" for k, v in f.metadata["only"].items())
+            lines.append(f"  {f.name} : {type_name(hints[f.name])} = {toml_value(default)}")
+            lines.append(f"      {f.metadata['help']}{only}")
+        lines.append("")
+    if section in (None, "task"):
+        lines.append("task.type values:")
+        for t in TASKS.values():
+            lines.append(f"  {t.name}: data.format {', '.join(t.formats)}; eval.metric {', '.join(t.metrics)} (default {t.default_metric})")
+    if section in (None, "adapter"):
+        lines.append(explain_methods())
+    return "\n".join(lines)
+
+

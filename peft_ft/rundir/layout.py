@@ -1,0 +1,252 @@
+"""The run folder's layout: every file name in it, creating it, locking it while a run works in it, its
+recipe.toml's fingerprint, and reading its records back. The one owner of that layout: other modules name
+these constants and call these functions rather than spelling file names out.
+
+    <output.dir>/<name>/<timestamp>/
+      recipe.toml        the resolved recipe (portable once finished) with its fingerprint
+      peft_ft.json       what loaders need: task, base model, head, labels, method (INFO_KEYS), provenance
+      metrics.json       every split's scores       splits.json   rows and labels per split
+      labels.json        label names in id order    train.log     the run's log
+      README.md          the model card             adapter_config.json + *.safetensors: peft's adapter
+      predictions_*.jsonl, checkpoints/ (while training)
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from peft_ft.data.files import split_summary
+from peft_ft.errors import PeftFtError
+from peft_ft.models.integrity import DAMAGED, read_json_object
+from peft_ft.recipe.dump import to_toml
+from peft_ft.recipe.load import load_recipe
+from peft_ft.recipe.schema import Recipe
+from peft_ft.storage import write_json
+from peft_ft.tasks import TASKS
+
+RECIPE = "recipe.toml"
+INFO = "peft_ft.json"
+METRICS = "metrics.json"
+SPLITS = "splits.json"
+LABELS = "labels.json"
+LOG = "train.log"
+CARD = "README.md"
+ADAPTER_CONFIG = "adapter_config.json"
+CHECKPOINTS = "checkpoints"
+log = logging.getLogger("peft_ft")
+# Keys of peft_ft.json that loaders use, with their types.
+INFO_KEYS = {"task": str, "is_adapter": bool, "base_model": str, "auto_class": str, "labels": list, "method": str}
+
+
+def create_run_dir(recipe: Recipe, now: datetime.datetime | None = None) -> Path:
+    """`<output.dir>/<name>/<timestamp>/`; an existing folder is an error, never reused."""
+    name = recipe.output.name or Path(recipe.source).stem
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(recipe.output.dir) / name / stamp
+    taken = f"output: run folder {run_dir} already exists; it is kept as it is. Wait a second and run again, or set output.name"
+    if run_dir.exists():
+        raise PeftFtError(taken)
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir()  # not exist_ok: two runs started in the same second never share a folder
+    except OSError as e:
+        if run_dir.is_dir():
+            raise PeftFtError(taken) from None
+        blocking = next((p for p in run_dir.parents if p.is_file()), None)
+        why = f"{blocking} is a file" if blocking else e.strerror
+        raise PeftFtError(f"{recipe.source}: output.dir: cannot make the run folder {run_dir} ({why}); "
+                          f"set output.dir to a folder you can write") from None
+    return run_dir
+
+
+FINGERPRINT = "# fingerprint: "
+# What `--resume` lets differ from the run's recorded recipe: only a longer run (documented in README).
+RAISABLE_ON_RESUME = ("train.epochs", "train.max_steps")
+
+
+def fingerprint(recipe: Recipe) -> str:
+    """sha256 of the resolved recipe's values (not its comments or layout)."""
+    return hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def with_fingerprint(text: str, values: Recipe) -> str:
+    """A recipe.toml's text with the fingerprint line of `values` after its header comments (the first line stays
+    "# resolved from ...", which tools follow back to the recipe file)."""
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    lines.insert(at, f"{FINGERPRINT}{fingerprint(values)} (sha256 of the values below; --resume refuses other values)")
+    return "\n".join(lines) + "\n"
+
+
+def recipe_text(recipe: Recipe) -> str:
+    """recipe.toml of a run in progress: every resolved value, and the fingerprint `--resume` checks
+    (`peft_ft.rundir.portable.recipe_text` writes a finished run's)."""
+    return with_fingerprint(to_toml(recipe), recipe)
+
+
+def recorded_fingerprint(path: Path) -> str | None:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith(FINGERPRINT):
+            return line[len(FINGERPRINT):].split()[0]
+    return None
+
+
+def recipe_changes(recorded: dict, now: Recipe) -> list[str]:
+    """`key: was X, now Y` for every value of `now` that differs from the `recorded` one (Recipe.to_dict()),
+    except a raised train.epochs / train.max_steps (0 = no step limit counts as the highest)."""
+    changes = []
+    current = now.to_dict()
+    for section, values in current.items():
+        for key, value in values.items():
+            dotted, old = f"{section}.{key}", recorded.get(section, {}).get(key)
+            if old == value:
+                continue
+            if dotted in RAISABLE_ON_RESUME and isinstance(old, int) and _raised(dotted, old, value):
+                continue
+            changes.append(f"{dotted}: was {old!r}, now {value!r}")
+    return changes
+
+
+def _raised(dotted: str, old: int, new: int) -> bool:
+    if dotted == "train.max_steps":
+        return new == 0 or (old != 0 and new > old)
+    return new > old
+
+
+class RunDirLock:
+    """An exclusive lock (flock) on a run folder for as long as a run or resume works in it: a second
+    `--resume` (or a resume of a run still training) is refused instead of racing it. The lock is on the
+    folder itself: no lock file is left behind, and a killed process's lock goes with it."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.fd = Path(run_dir), None
+
+    def __enter__(self):
+        self.fd = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise PeftFtError(f"{self.run_dir}: another peft-ft process is training in this run folder (it holds its lock); "
+                              f"wait for it to finish or stop it, then resume") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+def in_use(run_dir: Path) -> bool:
+    """Whether a process holds `run_dir`'s lock (a run or resume working in it now)."""
+    try:
+        with RunDirLock(run_dir):
+            return False
+    except PeftFtError:
+        return True
+    except OSError:
+        return False
+
+
+def clean_stale_saves(run_dir: Path) -> list[str]:
+    """Remove what a killed save left in a run folder nobody works in: hidden `.saving-*` folders (a
+    save_pretrained cut short) and `.NAME.*.tmp` files (a write_atomic cut short). Returns their names."""
+    removed = []
+    for p in Path(run_dir).glob(".*"):
+        if p.is_dir() and p.name.startswith(".saving-"):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+        elif p.is_file() and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+def clean_stale_siblings(recipe: Recipe) -> list[str]:
+    """Before a new run: the stale saves in earlier runs of the same name that no process works in."""
+    parent = Path(recipe.output.dir) / (recipe.output.name or Path(recipe.source).stem)
+    removed = []
+    if parent.is_dir():
+        for run_dir in sorted(p for p in parent.iterdir() if p.is_dir()):
+            if any(run_dir.glob(".saving-*")) and not in_use(run_dir):
+                removed += [f"{run_dir}/{name}" for name in clean_stale_saves(run_dir)]
+    return removed
+
+
+def record_splits(splits: dict, labels: list[str], run_dir: Path) -> None:
+    """Log every split's size and label counts and write them to <run>/splits.json."""
+    summary = split_summary(splits, labels)
+    for name, s in summary.items():
+        counts = s.get("labels", s.get("entities", {}))
+        what = "entities" if "entities" in s else "labels"
+        shown = ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+        log.info("%s: %d rows; %s: %s", name, s["size"], what, shown)
+    write_json(run_dir / SPLITS, summary)
+
+
+# --- reading a run folder back ------------------------------------------------------------------
+
+
+def read_info(run_dir: str | Path) -> dict:
+    """`peft_ft.json` of a run folder, checked, with a local base's relative path resolved for loading; a clear
+    error when the folder is not a run folder."""
+    path = Path(run_dir) / INFO
+    if not path.is_file():
+        what = "has adapter_config.json but" if (Path(run_dir) / ADAPTER_CONFIG).is_file() else "has"
+        raise PeftFtError(
+            f"{run_dir}: not a peft-ft run folder: it {what} no peft_ft.json (the task, base model and label names "
+            f"are read from it). Point at a folder written by `peft-ft run` or `peft-ft merge`."
+        )
+    return resolve_base(check_info(path, read_json_object(path, "a run folder holds peft_ft.json")), Path(run_dir))
+
+
+def resolve_base(info: dict, run_dir: Path) -> dict:
+    """`info` with a local base folder's relative path resolved against the run folder (peft-ft's
+    loaders take `base_model` as a loadable location)."""
+    if info.get("base_model_source") == "local folder" and not Path(info["base_model"]).is_absolute():
+        return {**info, "base_model": str((Path(run_dir) / info["base_model"]).resolve())}
+    return info
+
+
+def read_info_raw(run_dir: Path) -> dict:
+    """peft_ft.json as written (read_info resolves a local base's relative path for loading)."""
+    return json.loads((Path(run_dir) / INFO).read_text(encoding="utf-8"))
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / METRICS).read_text(encoding="utf-8"))
+
+
+def read_recipe(run_dir: Path) -> Recipe:
+    """The run's own recipe.toml, validated like any recipe."""
+    return load_recipe(Path(run_dir) / RECIPE)
+
+
+def finished(run_dir: Path) -> bool:
+    """A run that saved its results (metrics.json is written after the weights and peft_ft.json)."""
+    return (Path(run_dir) / METRICS).is_file()
+
+
+def check_info(path: Path, info: dict) -> dict:
+    """peft_ft.json's keys that loaders use: present, of the right type, and naming a known task family
+    whose own model class is the one named (a file cannot pick an arbitrary transformers attribute)."""
+    problems = [f"{k} must be {t.__name__}" for k, t in INFO_KEYS.items() if not isinstance(info.get(k), t)]
+    if not problems:
+        task = TASKS.get(info["task"])
+        if task is None:
+            problems.append(f"task {info['task']!r} is not one of {', '.join(TASKS)}")
+        elif info["auto_class"] != task.auto_class:
+            problems.append(f"auto_class {info['auto_class']!r} is not the {task.name} family's {task.auto_class}")
+        if not all(isinstance(label, str) for label in info["labels"]):
+            problems.append("labels must be a list of strings")
+    if problems:
+        raise PeftFtError(f"{path}: {'; '.join(problems)}; {DAMAGED}")
+    return info

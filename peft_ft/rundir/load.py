@@ -1,0 +1,120 @@
+"""Loading a run folder back: checked first without torch (no pickle, whole files, an adapter config that
+matches its tensors, the base folder complete), then rebuilt with its head and real label names. `load_run` is
+the one loader every command uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft_ft.data.files import TaskData
+from peft_ft.errors import PeftFtError
+from peft_ft.methods import route_prefixes
+from peft_ft.models.integrity import base_config, check_adapter, check_weights, load_failure
+from peft_ft.models.loading import (
+    EMBEDDED_NAME,
+    _hub_call,
+    check_model_folder,
+    embedded_model_dir,
+    load_tokenizer,
+    position_limit,
+    quiet_transformers,
+)
+from peft_ft.models.safety import check_no_pickle, remote_code, safetensors_only
+from peft_ft.rundir.layout import RECIPE, read_info, read_recipe
+from peft_ft.tasks import TASKS
+
+
+def base_location(info: dict) -> str:
+    """Where the base model of a saved run is on this machine (the embedded model moves with its venv;
+    a local base folder's path, kept relative to the run folder, is resolved by `pipelines.read_info`)."""
+    if info["base_model"] == EMBEDDED_NAME:
+        return str(embedded_model_dir())
+    if info.get("base_model_source") == "local folder" and not Path(info["base_model"]).is_dir():
+        raise PeftFtError(
+            f"base model: this run was trained on a local model folder named {info['base_model_id']!r}, recorded relative to "
+            f"the run folder; it is not at {info['base_model']} (the run folder was copied or moved without it). Keep the run "
+            f"folder where the base folder is found at the same relative path, or load it with peft: "
+            f"PeftModel.from_pretrained(AutoModelFor...from_pretrained(PATH_OF_{info['base_model_id']}), RUN_DIR)")
+    return info["base_model"]
+
+
+def check_run_folder(run_dir: Path, allow_pickle: bool = False, what: str = "") -> dict:
+    """Everything about a run folder that can be checked without torch, before anything is loaded from it:
+    no pickle, peft_ft.json and recipe.toml readable, every safetensors file whole, the base model folder
+    complete, and adapter_config.json's sizes those of its tensors (peft would allocate what it claims)."""
+    if not run_dir.is_dir():
+        raise PeftFtError(f"{what}{run_dir}: no such folder; give a run folder written by `peft-ft run` or `peft-ft merge`")
+    check_no_pickle(run_dir, f"{what}run folder", allow_pickle)
+    info = read_info(run_dir)
+    recipe = read_recipe(run_dir)
+    base = str(run_dir) if not info["is_adapter"] else base_location(info)
+    config = base_config(base)
+    limit = position_limit(config or {})
+    if limit and recipe.model.max_length > limit:  # inputs are cut at this length: past the table, a crash per long input
+        raise PeftFtError(f"{what}{run_dir / RECIPE}: model.max_length {recipe.model.max_length} is more than the {limit} "
+                          f"positions of its model ({base}); the folder was edited: set it to at most {limit}, or copy the folder again")
+    if not info["is_adapter"]:
+        check_weights(run_dir)
+        return info
+    if Path(base).is_dir():
+        check_model_folder(Path(base), f"{what}{run_dir}: base model", allow_pickle)
+    check_adapter(run_dir, config)
+    return info
+
+
+def attach(run_dir: Path, base: str, load):
+    """`load()` (peft putting this folder's adapter on its base), its failures as one message naming the folder."""
+    from safetensors import SafetensorError  # torch-free, but only loaders need it
+
+    try:
+        return load()
+    except (ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        if isinstance(e, PeftFtError):
+            raise
+        raise load_failure(e, run_dir, base) from None
+
+
+def base_kwargs(info: dict, allow_pickle: bool = False) -> dict:
+    """`from_pretrained` arguments of a run's model: its head's label count and names, safetensors only."""
+    return {**TASKS[info["task"]].model_kwargs(TaskData(splits={}, labels=info["labels"])), **safetensors_only(allow_pickle)}
+
+
+def label_kwargs(run_dir: str | Path) -> dict:
+    """`from_pretrained` arguments that give a run's head its real label names (`num_labels`, `id2label`,
+    `label2id`; nothing for families without labels). For `transformers.pipeline(..., model_kwargs=...)`."""
+    info = read_info(run_dir)
+    return TASKS[info["task"]].model_kwargs(TaskData(splits={}, labels=info["labels"]))
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False, *,
+             adapter_name: str = "default", onto=None, what: str = ""):
+    """Rebuild a trained model from a run folder: returns (model, tokenizer, info) in eval mode. The one loader of
+    run folders (predict, serve, pipelines, merge, export, compare): the folder is checked first (no torch), then
+    the base loads with the run's head and the adapter goes on it under `adapter_name`.
+
+    `onto`: a loaded peft model of the same base (hot-swapping in predict/serve) that takes this adapter besides
+    its own; it is returned, with no tokenizer (the caller has the base's). `what` prefixes messages ("adapter
+    ner: "). A run or base folder holding pickle files is refused unless `allow_pickle`; a model's own Python
+    code runs only with `trust_remote_code`, whatever the folder's recipe.toml says (peft_ft.models.safety)."""
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    run_dir = Path(run_dir)
+    check_run_folder(run_dir, allow_pickle, what)
+    info = read_info(run_dir)
+    recipe = remote_code(read_recipe(run_dir), trust_remote_code, f"{what}{run_dir}")
+    quiet_transformers()
+    cls = getattr(transformers, info["auto_class"])
+    if not info["is_adapter"]:
+        model = _hub_call(cls.from_pretrained, str(run_dir), recipe, "model", dtype=torch.float32, **safetensors_only(allow_pickle))
+        return model.to(device).eval(), load_tokenizer(str(run_dir), recipe), info
+    base = base_location(info)
+    if onto is not None:
+        attach(run_dir, base, lambda: onto.load_adapter(run_dir, adapter_name=adapter_name))
+        return onto.to(device).eval(), None, info
+    model = route_prefixes(attach(run_dir, base, lambda: PeftModel.from_pretrained(
+        _hub_call(cls.from_pretrained, base, recipe, "model", dtype=torch.float32, **base_kwargs(info, allow_pickle)),
+        run_dir, adapter_name=adapter_name)))
+    return model.to(device).eval(), load_tokenizer(base, recipe), info

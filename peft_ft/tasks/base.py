@@ -1,0 +1,154 @@
+"""The interface every task family implements, and the registry families add themselves to.
+
+A family knows how to read its data into examples, which transformers head it needs, how to turn examples into
+token-id features, how to cut a batch's model outputs into per-row outputs, how to score them and write
+predictions, and how to answer a request once trained (its `Answers`). The runner (`peft_ft.engine.run`) and
+the serving layer know nothing else about tasks. Light at import: torch and transformers load in functions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from peft_ft.data.batching import eval_batches, pad_batch
+from peft_ft.data.files import Split, TaskData
+from peft_ft.errors import DataError
+from peft_ft.recipe.schema import Recipe
+from peft_ft.storage import write_atomic
+
+
+class Task:
+    """The interface every family implements (this base only documents it and holds defaults)."""
+
+    name: str
+    auto_class: str  # transformers Auto class of the model with the right head
+    peft_task_type: str | None  # peft TaskType for the adapter config
+    default_metric: str  # validation metric that picks the best checkpoint (higher is better)
+    metrics: tuple[str, ...]  # scalar metrics `score` reports, any of which may pick the best checkpoint
+    formats: tuple[str, ...]  # data.format values this family reads
+    pipeline_task: str  # the transformers pipeline that serves this family's models
+    answers: Answers  # how a trained model answers requests
+
+    def validate(self, recipe: Recipe) -> list[str]:
+        """Recipe checks specific to this family, without reading data (runs in `validate`)."""
+        return []
+
+    def load(self, recipe: Recipe, data_dir: Path | None) -> TaskData:
+        raise NotImplementedError
+
+    def model_kwargs(self, data: TaskData) -> dict:
+        """Extra `from_pretrained` arguments: label count and names for the head."""
+        return {}
+
+    def prepare_training(self, model, recipe: Recipe, data: TaskData) -> None:
+        """Adjust the built model before training (e.g. the loss); the default leaves it as it is."""
+
+    def encode(self, split: Split, tokenizer, recipe: Recipe, data: TaskData) -> list[dict]:
+        """Token-id features, one dict per model row, each with a `length`."""
+        raise NotImplementedError
+
+    def predict(self, model, features: list[dict], pad_id: int, batch_size: int, device) -> list[Any]:
+        """Per-row outputs for a split, in feature order. The default runs the model forward on
+        length-sorted batches and cuts the outputs with `unpack`; generative tasks override it."""
+        return predict(model, self, features, pad_id, batch_size, device)
+
+    def unpack(self, outputs, batch) -> list[Any]:
+        """Cut a batch's model outputs into one numpy output per row."""
+        raise NotImplementedError
+
+    def score(self, split: Split, features: list[dict], outputs: list[Any], data: TaskData) -> tuple[dict, list[dict]]:
+        """Metrics and per-row prediction records from the per-row outputs."""
+        raise NotImplementedError
+
+    def write_predictions(self, run_dir: Path, split: Split, records: list[dict]) -> list[Path]:
+        path = run_dir / f"predictions_{split.name}.jsonl"
+        write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        return [path]
+
+
+# --- answering requests: what `peft-ft predict`, `peft-ft serve` and `peft_ft.pipeline` ask of a family --------
+
+
+def _never_cut(tokenizer, item, max_length: int) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Answers:
+    """How a trained model of a family answers requests. The serving layer knows nothing else about families."""
+
+    build: Callable[..., Any]  # (model, tokenizer, recipe, **kwargs) -> callable(list of inputs, batch_size=)
+    to_input: Callable[[dict, Recipe, str], Any]  # (request row, the run's recipe, where) -> one input
+    to_answer: Callable[[Any], dict]  # the callable's output for one input -> our JSON answer
+    cost: Callable[[Any, Recipe, Any], int]  # (tokenizer, recipe, input) -> tokens the model reads for it (serve's bound)
+    # (tokenizer, input, max_length) -> whether the model reads only the start of the input
+    truncated: Callable[[Any, Any, int], bool] = _never_cut
+    mixable: bool = False  # one forward row per input: inputs of several adapters may share a forward pass
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(cls):
+    task = cls()
+    if task.name in TASKS:
+        raise ValueError(f"task family {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return cls
+
+
+def predict(model, task: Task, features: list[dict], pad_id: int, batch_size: int, device) -> list:
+    """Per-row outputs in the features' order; batches sorted by length, no gradients."""
+    import torch  # the registry is read by `validate`, which must not wait for torch
+
+    model.eval()
+    outputs: list = [None] * len(features)
+    with torch.inference_mode():
+        for indices in eval_batches([f["length"] for f in features], batch_size):
+            batch = pad_batch([features[i] for i in indices], pad_id)
+            batch.pop("labels", None)
+            result = model(**{k: v.to(device) for k, v in batch.items()})
+            for i, row in zip(indices, task.unpack(result, batch)):
+                outputs[i] = row
+    return outputs
+
+
+def stock_pipeline(task: str, options: Callable[[Recipe], dict]) -> Callable:
+    """A builder of the stock pipeline `task` over a loaded model, with options taken from the run's recipe."""
+
+    def build(model, tokenizer, recipe: Recipe, **kwargs):
+        import transformers
+
+        return transformers.pipeline(task, model=model, tokenizer=tokenizer, **{**options(recipe), **kwargs})
+
+    return build
+
+
+class FamilyAnswerer:
+    """Answers through the family's own code (`encode`, `predict`), with the run's recipe settings:
+    the same windows, generation settings and post-processing as evaluation."""
+
+    task_name: str
+
+    def __init__(self, model, tokenizer, recipe: Recipe):
+        self.model, self.tokenizer, self.recipe, self.task = model, tokenizer, recipe, TASKS[self.task_name]
+
+    def _outputs(self, examples: list[dict], batch_size: int, labels: list[str] = ()) -> tuple[list[dict], list]:
+        features = self.task.encode(Split("predict", "<request>", examples), self.tokenizer, self.recipe, TaskData({}, list(labels)))
+        device = next(self.model.parameters()).device
+        return features, self.task.predict(self.model, features, self.tokenizer.pad_token_id or 0, batch_size, device)
+
+
+def request_text(row: dict, names: list[str], where: str) -> str:
+    for name in names:
+        if name and isinstance(row.get(name), str):
+            return row[name]
+    raise DataError(f"{where}: expected a text field {' or '.join(repr(n) for n in dict.fromkeys(names) if n)}; got fields {', '.join(map(repr, row)) or 'none'}")
+
+
+def token_count(tokenizer, text: str, pair: str | None = None) -> int:
+    """Tokens of a text (or pair) with the special tokens, untruncated."""
+    return len(tokenizer(text, pair, truncation=False)["input_ids"])
