@@ -153,7 +153,7 @@ def test_engine_keys_are_validated_together_and_explained():
 
 
 def test_fp16_on_cpu_is_refused_with_the_reason():
-    from peft_ft.engine.accelerator import check_engine
+    from peft_ft.engine.device import check_engine
 
     recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"mixed_precision": "fp16", "device": "cpu"}}, "r.toml")
     with pytest.raises(PeftFtError, match="fp16.*needs a CUDA GPU.*use \"bf16\""):
@@ -243,19 +243,18 @@ def test_glibc_allocator_setting_only_with_fast_kernels(monkeypatch, fast):
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from peft_ft.engine.train import train
-    from peft_ft.kernels import allocator
+    from peft_ft.engine import train as loop
 
-    calls = []
-    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("keep"))
-    monkeypatch.setattr(allocator, "release_freed_memory", lambda: calls.append("release"))
+    calls = []  # the loop's own names for peft_ft.kernels.allocator's two settings
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append("keep"))
+    monkeypatch.setattr(loop, "release_freed_memory", lambda: calls.append("release"))
     model = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                                      intermediate_size=32, num_labels=2))
     if fast:
         model.peft_ft_fast_kernels = True  # what peft_ft.engine.run.build_model marks when it installs them
     recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"epochs": 1, "batch_size": 4, "threads": 1, "device": "cpu"}}, "r.toml")
     features = [{"input_ids": [2, 5 + i, 3], "labels": i % 2, "length": 3} for i in range(4)]
-    train(model, features, recipe, lr=1e-3, pad_id=0, device=torch.device("cpu"), validate=None, metric="accuracy")
+    loop.train(model, features, recipe, lr=1e-3, pad_id=0, device=torch.device("cpu"), validate=None, metric="accuracy")
     assert calls == (["keep", "release"] if fast else [])
 
 

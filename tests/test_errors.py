@@ -193,7 +193,7 @@ def output_folder_exists(c):
     # The run folder's name is the second it starts: pretend that second's folder is already there.
     import datetime
 
-    import peft_ft.storage
+    import peft_ft.rundir.layout
 
     frozen = datetime.datetime(2026, 1, 2, 3, 4, 5)
 
@@ -202,7 +202,7 @@ def output_folder_exists(c):
         def now(cls, tz=None):
             return frozen
 
-    c.monkeypatch.setattr(peft_ft.storage.datetime, "datetime", Clock)
+    c.monkeypatch.setattr(peft_ft.rundir.layout.datetime, "datetime", Clock)
     taken = c.out / "r" / "20260102-030405"
     taken.mkdir(parents=True)
     (taken / "metrics.json").write_text("{}")

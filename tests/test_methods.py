@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import peft_ft.engine.run
 import peft_ft.engine.train
 from helpers import official_file, qa_rows, sentiment_rows, toy_sentences, write_conll, write_jsonl, write_recipe, write_tiny_t5
 from peft_ft.engine.run import run
@@ -121,12 +122,12 @@ dir = "{tmp_path / 'runs'}"
 
 
 class Probe:
-    """Wraps `peft_ft.engine.train.train`: records the model, its weights, which parameters get gradients
+    """Wraps the training loop (`peft_ft.engine.train.train`, as the runner calls it): records the model, its weights, which parameters get gradients
     and the loss on one fixed batch, before and after the real training."""
 
     def __init__(self, monkeypatch):
         self.real = peft_ft.engine.train.train
-        monkeypatch.setattr(peft_ft.engine.train, "train", self)
+        monkeypatch.setattr(peft_ft.engine.run, "train", self)
 
     def batch_loss(self, batch) -> float:
         import torch
@@ -394,7 +395,7 @@ def test_prefix_tuning_on_a_model_without_past_key_values_is_refused_before_trai
         if (tiny_bert / f).exists():
             shutil.copy(tiny_bert / f, model_dir / f)
     called = []
-    monkeypatch.setattr(peft_ft.engine.train, "train", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(peft_ft.engine.run, "train", lambda *a, **k: called.append(1))
     recipe = recipe_for(tmp_path, model_dir, family_data["classification"], "classification", "prefix_tuning")
     refusal = r"adapter.method: prefix_tuning cannot train .*\(distilbert\): (its forward ignores the prefix|a forward with a prefix fails).*prompt_tuning, lora or ia3"
     with pytest.raises(PeftFtError, match=refusal):

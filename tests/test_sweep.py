@@ -137,6 +137,7 @@ def test_pruning_stops_the_trial_with_the_worst_first_epoch(tmp_path, recipe, mo
     """Two trials, then one whose first-epoch validation value is below theirs: it stops after epoch 1.
     Every trial really trains; its validation macro-F1 is set per seed (what a tiny model learns in an
     epoch moves with any library or numerics change, the pruner's decision must not)."""
+    import peft_ft.engine.run
     import peft_ft.engine.train
 
     curves = {2: [0.5, 0.7, 0.8], 3: [0.45, 0.6, 0.75], 4: [0.1, 0.9, 0.95]}
@@ -147,7 +148,7 @@ def test_pruning_stops_the_trial_with_the_worst_first_epoch(tmp_path, recipe, mo
             return {**validate(epoch), "macro_f1": curves[recipe.train.seed][epoch - 1]}
         return real_train(model, features, recipe, validate=scores, **kwargs)
 
-    monkeypatch.setattr(peft_ft.engine.train, "train", train_with_set_scores)
+    monkeypatch.setattr(peft_ft.engine.run, "train", train_with_set_scores)  # the loop as the runner calls it
     recipe_file = recipe(epochs=3)
     text = """
 [train]

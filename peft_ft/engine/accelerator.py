@@ -12,12 +12,12 @@ What stays ours: the batches (peft_ft.data.batching), how a batch is shared betw
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
 
 from peft_ft.engine import distributed
+from peft_ft.engine.device import use_cuda
 from peft_ft.errors import PeftFtError
 from peft_ft.recipe.schema import Recipe
 
@@ -25,36 +25,6 @@ log = logging.getLogger("peft_ft")
 
 # Where each tracker writes, inside the run folder (so a run folder carries its own curves).
 TRACKING_FOLDER = "tracking"
-
-
-def use_cuda(recipe: Recipe) -> bool:
-    import torch
-
-    return recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available())
-
-
-def check_engine(recipe: Recipe) -> None:
-    """Device and precision choices this machine cannot run; called before the run folder is made (and by
-    `validate`: torch, seconds to import, only when the recipe asks for CUDA or mixed precision)."""
-    t = recipe.train
-    for name in t.report_to:
-        module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}[name]
-        if importlib.util.find_spec(module) is None:
-            raise PeftFtError(f"{recipe.source}: train.report_to: {name!r} is not installed; "
-                              f"pip install 'peft-ft[tracking]' (or remove {name!r})")
-    if t.device != "cuda" and t.mixed_precision == "no":
-        return
-    import torch
-
-    if t.device == "cuda" and not torch.cuda.is_available():
-        raise PeftFtError(f"{recipe.source}: train.device: \"cuda\" asked for, but torch sees no CUDA GPU; use \"auto\" or \"cpu\"")
-    cuda = use_cuda(recipe)
-    if t.mixed_precision == "fp16" and not cuda:
-        raise PeftFtError(f"{recipe.source}: train.mixed_precision: \"fp16\" needs a CUDA GPU (float16 autocast with loss "
-                          f"scaling); this run is on the CPU: use \"bf16\" (CPU autocast) or \"no\"")
-    if t.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise PeftFtError(f"{recipe.source}: train.mixed_precision: \"bf16\" is not supported by this GPU "
-                          f"(compute capability below 8.0); use \"fp16\" or \"no\"")
 
 
 def make_accelerator(recipe: Recipe):

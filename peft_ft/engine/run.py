@@ -15,9 +15,10 @@ from pathlib import Path
 
 from peft_ft.data.files import TaskData, resolve_data_dir
 from peft_ft.engine import checkpoint, distributed
-from peft_ft.engine.accelerator import finish_tracking, gathered_state_dict, is_sharded, make_accelerator, start_tracking
+from peft_ft.engine.accelerator import (finish_tracking, gathered_state_dict, is_sharded, make_accelerator, start_tracking)
 from peft_ft.engine.checkpoint import FOLDER
-from peft_ft.engine.train import TrainHooks, check_device, setup_torch, track, train
+from peft_ft.engine.train import TrainHooks, track, train
+from peft_ft.engine.device import check_device, setup_torch
 from peft_ft.errors import PeftFtError
 from peft_ft.kernels import install
 from peft_ft.log import setup_logging

@@ -35,7 +35,7 @@ from typing import Callable
 
 from peft_ft.data.batching import pad_batch, train_batches
 from peft_ft.engine import checkpoint, distributed
-from peft_ft.engine.accelerator import check_engine, is_sharded, make_accelerator, notes, use_cuda  # noqa: F401 - re-exported: callers import them from here
+from peft_ft.engine.accelerator import is_sharded, make_accelerator, notes
 from peft_ft.errors import PeftFtError
 from peft_ft.kernels.allocator import keep_freed_memory, release_freed_memory
 from peft_ft.log import console
@@ -88,30 +88,6 @@ class TrainHooks:
 
     after_step: Callable[[object, int], None] | None = None
     on_evaluation: Callable[[dict], None] | None = None
-
-
-def setup_torch(recipe: Recipe):
-    """Seed everything and pick threads and device; returns the device."""
-    import os
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(recipe.train.seed)
-    np.random.seed(recipe.train.seed)
-    torch.manual_seed(recipe.train.seed)
-    world = distributed.world()  # processes on one machine share its cores
-    torch.set_num_threads(recipe.train.threads or max(1, (os.cpu_count() or 1) // world.local_size))
-    check_engine(recipe)
-    if not use_cuda(recipe):
-        return torch.device("cpu")
-    return torch.device("cuda", world.local_rank) if world.size > 1 else torch.device("cuda")
-
-
-def check_device(recipe: Recipe) -> None:
-    """Choices this machine cannot run; the runner calls this before making the run folder."""
-    check_engine(recipe)
 
 
 def param_groups(model, lr: float, weight_decay: float, lr_scale=None) -> list[dict]:

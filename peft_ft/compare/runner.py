@@ -1,0 +1,106 @@
+"""`peft-ft compare`: train every variant not finished yet, each in its own process, then write the tables."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from peft_ft.compare.child import child_main
+from peft_ft.compare.report import print_table, write_comparison
+from peft_ft.compare.variants import ALL, Variant, budget_differences, build_variants, finished_run, parse_lrs
+from peft_ft.errors import PeftFtError
+from peft_ft.log import setup_logging
+from peft_ft.methods import METHODS
+from peft_ft.recipe.load import load_recipe
+from peft_ft.rundir.layout import RECIPE
+from peft_ft.rundir.portable import portable_toml
+from peft_ft.storage import write_atomic
+
+log = logging.getLogger("peft_ft")
+
+
+def _recipe_body(text: str) -> str:
+
+    # the values in the form a finished run writes them (machine paths shortened), without the header
+    # comments ("# resolved from ...", the run folder's "# fingerprint: ...")
+    return "\n".join(line for line in portable_toml(text).splitlines() if not line.startswith("#"))
+
+
+def check_resumable(compare_dir: Path, variants: list[Variant], resume: bool) -> dict[str, Path]:
+    """Finished runs to keep: {run name: run folder}. Refuses a folder that `--resume` would misread."""
+    if not resume:
+        if compare_dir.exists() and any(compare_dir.iterdir()):
+            raise PeftFtError(f"compare: {compare_dir} already holds a comparison; pass --resume to continue it "
+                              f"(finished runs are skipped), or choose another folder with --out")
+        return {}
+    kept = {}
+    for v in variants:
+        run_dir = finished_run(compare_dir, v.run_name)
+        if run_dir is None:
+            continue
+        if _recipe_body((run_dir / RECIPE).read_text(encoding="utf-8")) != _recipe_body(v.toml):
+            raise PeftFtError(f"compare --resume: the finished run {run_dir} was trained from a different recipe than "
+                              f"{v.run_name} now resolves to; compare into a new folder with --out, or remove that run folder")
+        kept[v.run_name] = run_dir
+    return kept
+
+
+def run_variant(variant: Variant, recipe_file: Path, isolate: bool = True) -> int:
+    """Train one variant, in a subprocess of its own unless `isolate` is off; returns its exit status."""
+    args = [str(recipe_file)] + (["--data-dir", variant.data_dir] if variant.data_dir else [])
+    if not isolate:  # quick (no second import of torch), but peak RSS is then this process's running maximum
+        return child_main(args, shared_process=True)
+    child = subprocess.Popen([sys.executable, "-m", "peft_ft.compare.child", *args])
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.terminate()  # it got the terminal's SIGINT too; make sure it is gone before we report
+        child.wait()
+        raise
+
+
+def compare(recipes: list[str], methods: list[str] | None = None, seeds: int = 1, lrs: list[str] = (),
+            overrides: list[str] = (), out: str | None = None, resume: bool = False, data_dir: str | None = None,
+            isolate: bool = True) -> Path:
+    """Train every variant not yet finished, then write comparison.{csv,md,png}; returns the folder.
+    `isolate=False` trains in this process (tests): quicker to start, but peak memory is then cumulative."""
+
+    setup_logging(None)
+    if seeds < 1:
+        raise PeftFtError("compare: --seeds must be at least 1")
+    first = load_recipe(recipes[0], list(overrides))
+    stems = "+".join(Path(r).stem for r in recipes)
+    compare_dir = Path(out) if out else Path(first.output.dir) / f"compare-{stems}"
+
+    method_names = list(METHODS) if methods == [ALL] else methods or [load_recipe(r, list(overrides)).adapter.method for r in recipes]
+    variants = build_variants(recipes, methods, seeds, parse_lrs(list(lrs), method_names), list(overrides),
+                              compare_dir, data_dir)
+    for key in budget_differences(recipes, list(overrides)) if len(recipes) > 1 else []:
+        log.warning("recipes differ in %s: the comparison is not like for like", key)
+    kept = check_resumable(compare_dir, variants, resume)
+    (compare_dir / "recipes").mkdir(parents=True, exist_ok=True)
+    failed = []
+    for number, v in enumerate(variants, 1):
+        if v.run_name in kept:
+            log.info("[%d/%d] %s: finished in %s, skipped", number, len(variants), v.run_name, kept[v.run_name])
+            continue
+        recipe_file = compare_dir / "recipes" / f"{v.run_name}.toml"
+        write_atomic(recipe_file, v.toml)
+        log.info("[%d/%d] %s: training (lr %g)", number, len(variants), v.run_name, v.lr)
+        try:
+            status = run_variant(v, recipe_file, isolate)
+        except KeyboardInterrupt:
+            done = sum(finished_run(compare_dir, w.run_name) is not None for w in variants)
+            log.warning("interrupted: %d finished run(s) kept in %s; run the same command with --resume to go on", done, compare_dir)
+            raise
+        if status != 0 or finished_run(compare_dir, v.run_name) is None:
+            log.error("%s failed (exit status %d); see its train.log under %s", v.run_name, status, compare_dir / v.run_name)
+            failed.append(v.run_name)
+    rows = write_comparison(compare_dir, variants)
+    print_table(rows)
+    if failed:
+        raise PeftFtError(f"compare: {len(failed)} run(s) failed: {', '.join(failed)}; the tables in {compare_dir} "
+                          f"hold the others. Fix the cause and run again with --resume")
+    return compare_dir
