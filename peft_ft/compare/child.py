@@ -10,8 +10,8 @@ from pathlib import Path
 
 from peft_ft.compare.variants import LATENCY_EXAMPLES, MEASURE_FILE
 from peft_ft.data.files import Split, resolve_data_dir
-from peft_ft.engine.run import run
 from peft_ft.engine.device import setup_torch
+from peft_ft.engine.run import run
 from peft_ft.errors import PeftFtError
 from peft_ft.recipe.load import load_recipe
 from peft_ft.rundir.layout import read_metrics, read_recipe

@@ -15,7 +15,6 @@ from peft_ft.rundir.layout import read_metrics, read_recipe
 from peft_ft.storage import human_size, write_atomic
 from peft_ft.tasks import TASKS
 
-
 # Numbers of a run besides its task metrics: (column, where in metrics.json / compare.json).
 RUN_NUMBERS = {
     "trainable_params": ("params", "trainable_params"),

@@ -20,11 +20,9 @@ from peft_ft.engine import distributed
 from peft_ft.engine.device import use_cuda
 from peft_ft.errors import PeftFtError
 from peft_ft.recipe.schema import Recipe
+from peft_ft.rundir.layout import TRACKING
 
 log = logging.getLogger("peft_ft")
-
-# Where each tracker writes, inside the run folder (so a run folder carries its own curves).
-TRACKING_FOLDER = "tracking"
 
 
 def make_accelerator(recipe: Recipe):
@@ -86,7 +84,7 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
         return
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-    folder = run_dir / TRACKING_FOLDER
+    folder = run_dir / TRACKING
     name = recipe.output.name or Path(recipe.source).stem
     kwargs = {"tensorboard": {"logging_dir": str(folder / "tensorboard")},
               "mlflow": {"logging_dir": str(folder / "mlflow-artifacts")},

@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
+from peft_ft.rundir.layout import CHECKPOINTS
 from peft_ft.storage import honour_umask, space_for, tensor_bytes, write_json
 
-FOLDER = "checkpoints"
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
@@ -35,7 +35,7 @@ def name_of(step: int) -> str:
 
 def listed(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (half-written ones are hidden folders and never listed)."""
-    root = Path(run_dir) / FOLDER
+    root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE).is_file())
@@ -45,7 +45,7 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> 
     """Write checkpoint `step-<step>` atomically; an existing one of the same step is replaced."""
     from safetensors.torch import save_file
 
-    root = Path(run_dir) / FOLDER
+    root = Path(run_dir) / CHECKPOINTS
     root.mkdir(exist_ok=True)
     final = root / name_of(step)
     weights = trainable_tensors(model)
@@ -136,7 +136,7 @@ def prune(run_dir: Path, keep: int, protect: str | None) -> list[str]:
 
 def clean_partial(run_dir: Path) -> None:
     """Remove hidden folders a killed save left behind."""
-    root = Path(run_dir) / FOLDER
+    root = Path(run_dir) / CHECKPOINTS
     for p in root.glob(".*"):
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

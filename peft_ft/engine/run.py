@@ -15,10 +15,9 @@ from pathlib import Path
 
 from peft_ft.data.files import TaskData, resolve_data_dir
 from peft_ft.engine import checkpoint, distributed
-from peft_ft.engine.accelerator import (finish_tracking, gathered_state_dict, is_sharded, make_accelerator, start_tracking)
-from peft_ft.engine.checkpoint import FOLDER
-from peft_ft.engine.train import TrainHooks, track, train
+from peft_ft.engine.accelerator import finish_tracking, gathered_state_dict, is_sharded, make_accelerator, start_tracking
 from peft_ft.engine.device import check_device, setup_torch
+from peft_ft.engine.train import TrainHooks, track, train
 from peft_ft.errors import PeftFtError
 from peft_ft.kernels import install
 from peft_ft.log import setup_logging
@@ -40,6 +39,8 @@ from peft_ft.recipe.schema import Recipe
 from peft_ft.rundir import portable
 from peft_ft.rundir.card import model_card
 from peft_ft.rundir.layout import (
+    CARD,
+    CHECKPOINTS,
     INFO,
     LOG,
     METRICS,
@@ -111,7 +112,7 @@ def _resume_locked(run_dir: Path, data_dir: str | None, trust_remote_code: bool)
         raise PeftFtError(f"--resume {run_dir}: this run finished (metrics.json exists); there is nothing to resume")
     saved = checkpoint.listed(run_dir)
     if not saved:
-        raise PeftFtError(f"--resume {run_dir}: no checkpoint in {run_dir / checkpoint.FOLDER} (the run stopped before its "
+        raise PeftFtError(f"--resume {run_dir}: no checkpoint in {run_dir / CHECKPOINTS} (the run stopped before its "
                           f"first one: the end of epoch 1, or train.checkpoint_every steps); start it again instead")
     state = checkpoint.read_state(saved[-1])["run"]
     # Messages, relative data.dir and the run name refer to the recipe the run was started from.
@@ -323,13 +324,13 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
     portable.write_labels(run_dir, data.labels)
     write_json(run_dir / INFO, info)
     write_json(run_dir / METRICS, {**metrics, "train": info["train"], "params": params})
-    write_atomic(run_dir / "README.md", model_card(portable.portable_recipe(recipe), info, metrics))
+    write_atomic(run_dir / CARD, model_card(portable.portable_recipe(recipe), info, metrics))
     # Written in full while the run could be resumed; now without the machine's paths.
     write_atomic(run_dir / RECIPE, portable.recipe_text(recipe, run_dir))
     if info["base_model_source"] == "embedded":
         _register_embedded()
     # The saved weights are the best epoch's: the checkpoints only served to resume an unfinished run.
-    shutil.rmtree(run_dir / FOLDER, ignore_errors=True)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
     log.info("saved %s (%s) in %s", ", ".join(info["weight_files"]), human_size(info["weight_bytes"]), run_dir)
 
 

@@ -12,48 +12,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft_ft.methods import METHODS
 from peft_ft.recipe.schema import Recipe
 from peft_ft.storage import human_size
-from peft_ft.tasks.classification import settings
-
-# metrics.json key -> (model-index metric type, what it is and how it was scored)
-METRIC_NAMES = {
-    "ner": {
-        "f1": ("f1", "entity F1, {seqeval}"),
-        "precision": ("precision", "entity precision, {seqeval}"),
-        "recall": ("recall", "entity recall, {seqeval}"),
-        "conlleval_f1": ("f1", "entity F1, conlleval rules"),
-        "conlleval_precision": ("precision", "entity precision, conlleval rules"),
-        "conlleval_recall": ("recall", "entity recall, conlleval rules"),
-        "accuracy": ("accuracy", "word accuracy"),
-    },
-    "classification": {
-        "accuracy": ("accuracy", "accuracy"),
-        "macro_f1": ("f1", "macro-F1 over the classes present in the split ({present})"),
-        "macro_f1_all_classes": ("f1", "macro-F1 over all {all} classes"),
-        "weighted_f1": ("f1", "support-weighted F1"),
-        "matthews": ("matthews_correlation", "Matthews correlation"),
-        "f1": ("f1", "F1 of the positive class"),
-        "pearson": ("pearsonr", "Pearson correlation"),
-        "spearman": ("spearmanr", "Spearman correlation"),
-    },
-    "qa": {"exact_match": ("exact_match", "exact match, SQuAD v1.1 script rules (percent)"),
-           "f1": ("f1", "token F1, SQuAD v1.1 script rules (percent)")},
-    "seq2seq": {"exact_match": ("exact_match", "exact match, SQuAD v1.1 script rules (percent)"),
-                "f1": ("f1", "token F1, SQuAD v1.1 script rules (percent)")},
-}
-PIPELINE_TAGS = {"ner": "token-classification", "classification": "text-classification", "qa": "question-answering",
-                 "seq2seq": "text2text-generation"}
+from peft_ft.tasks import TASKS
 
 
 def metric_entries(task: str, metrics: dict, labels: list[str]) -> list[tuple[str, str, float]]:
-    """(metric type, name with its scorer, value) of one split's metrics, in METRIC_NAMES order."""
+    """(metric type, name with its scorer, value) of one split's metrics, in the order of the family's card."""
     seqeval = metrics.get("scorers", {}).get("f1") or f"seqeval {metrics.get('seqeval_mode', 'strict')}"
     present = metrics.get("classes_present")
     fill = {"seqeval": seqeval, "all": len(labels),
             "present": f"{len(present)} of {len(labels)}" if present is not None else "scikit-learn's default"}
     return [(kind, name.format(**fill), float(metrics[key]))
-            for key, (kind, name) in METRIC_NAMES.get(task, {}).items() if isinstance(metrics.get(key), (int, float))]
+            for key, (kind, name) in TASKS[task].card.metrics.items() if isinstance(metrics.get(key), (int, float))]
 
 
 def dataset_name(source: str, data_folder: str = "") -> str:
@@ -78,14 +50,14 @@ def front_matter(info: dict, metrics: dict) -> dict:
             continue
         name = dataset_name(info["data"].get(split, split), folder)
         results.append({
-            "task": {"type": PIPELINE_TAGS[task]},
+            "task": {"type": TASKS[task].pipeline_task},
             "dataset": {"name": name, "type": name, "split": split},
             "metrics": [{"type": kind, "name": label, "value": round(value, 4)} for kind, label, value in entries],
         })
     meta = {
         "base_model": info.get("base_model_id") or info["base_model"],
         "library_name": "peft" if info["is_adapter"] else "transformers",
-        "pipeline_tag": PIPELINE_TAGS[task],
+        "pipeline_tag": TASKS[task].pipeline_task,
         "tags": ["peft-ft", info["method"]],
         "datasets": datasets,
         "model-index": [{"name": info["run_name"], "results": results}],
@@ -98,8 +70,7 @@ def model_card(recipe: Recipe, info: dict, metrics: dict, folder_name: str | Non
     import yaml
 
     folder = folder_name or info["run_name"]
-    if info["task"] == "classification":
-        info = {**info, "text_pair": bool(settings(recipe).text_pair)}  # the snippet's example input
+    info = {**info, "example": TASKS[info["task"]].card.example(recipe)}  # the snippet's example input
     meta = yaml.safe_dump(front_matter(info, metrics), sort_keys=False, allow_unicode=True, width=200)
     lines = [
         "---", meta.rstrip(), "---", "",
@@ -140,26 +111,24 @@ def _base_note(info: dict) -> str:
 
 def usage(info: dict, folder: str) -> list[str]:
     """Markdown: one python block per loading path (each runs on its own)."""
-    task = info["task"]
+    task = TASKS[info["task"]]
     if not info["is_adapter"]:
-        return _block(_full_snippet(task, folder))
-    if info["method"] in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+        return _block(_full_snippet(info["task"], folder))
+    if METHODS[info["method"]].prompt_learning:
         notes = ["Prompt-learning adapters prepend virtual tokens that stock pipelines do not strip: "
                  "load the model as below and use `peft_ft.pipeline(DIR)` for answers."]
         return [*notes, "", *_block(_peft_model_snippet(info, folder, pipeline=False))]
     blocks = []
     if info.get("base_model_source") == "local folder":
         pass  # AutoPeftModel loads the base named in adapter_config.json, which is no path here
-    elif task in ("ner", "classification"):
+    elif task.card.pipeline:
         blocks += ["Loading with `AutoPeftModel`:", "", *_block(_auto_snippet(info, folder)), ""]
-    elif task == "qa":
-        blocks += ["Loading with `AutoPeftModel` (transformers 5 has no question-answering pipeline):", "",
-                   *_block(_qa_snippet(info, folder)), ""]
-    blocks += ["Loading the base, then the adapter:", "", *_block(_peft_model_snippet(info, folder, pipeline=task in PIPE))]
-    if task == "ner":
-        blocks += ["", "Stock pipelines group subwords by their own rules (they split `AL-AIN` at the hyphen); "
-                   "`peft_ft.pipeline(DIR)` and `peft-ft predict` answer per whitespace word with the label of its "
-                   "first subword, as the evaluation scores."]
+    elif task.card.answer:
+        blocks += [f"Loading with `AutoPeftModel` (transformers 5 has no {task.pipeline_task} pipeline):", "",
+                   *_block(_answer_snippet(info, folder)), ""]
+    blocks += ["Loading the base, then the adapter:", "", *_block(_peft_model_snippet(info, folder, pipeline=bool(task.card.pipeline)))]
+    if task.card.note:
+        blocks += ["", task.card.note]
     return blocks
 
 
@@ -167,14 +136,10 @@ def _block(code: str) -> list[str]:
     return ["```python", code.rstrip(), "```"]
 
 
-PIPE = {"ner": 'pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="first")\n'
-               'print(pipe("John Smith flew from London to Berlin."))',
-        "classification": 'pipe = pipeline("text-classification", model=model, tokenizer=tokenizer)\n'
-                          'print(pipe({TEXT}))'}
-AUTO = {"ner": ("AutoPeftModelForTokenClassification", "AutoModelForTokenClassification"),
-        "classification": ("AutoPeftModelForSequenceClassification", "AutoModelForSequenceClassification"),
-        "qa": ("AutoPeftModel", "AutoModelForQuestionAnswering"),
-        "seq2seq": ("AutoPeftModelForSeq2SeqLM", "AutoModelForSeq2SeqLM")}
+def _auto_classes(task: str) -> tuple[str, str]:
+    """(peft's AutoPeftModel class, transformers' Auto class) of a family."""
+    family = TASKS[task]
+    return family.card.peft_auto_class or "AutoPeft" + family.auto_class.removeprefix("Auto"), family.auto_class
 
 
 def _label_lines(info: dict) -> tuple[str, str]:
@@ -187,9 +152,7 @@ def _label_lines(info: dict) -> tuple[str, str]:
 
 
 def _pipe_code(info: dict) -> str:
-    text = '{"text": "Plants need water to grow.", "text_pair": "Plants need water and light."}' \
-        if info.get("text_pair") else '"This is great."'
-    return PIPE[info["task"]].replace("{TEXT}", text)
+    return TASKS[info["task"]].card.pipeline.replace("{TEXT}", info["example"])
 
 
 def _base_expr(info: dict) -> tuple[str, str]:
@@ -200,7 +163,7 @@ def _base_expr(info: dict) -> tuple[str, str]:
 
 
 def _auto_snippet(info: dict, folder: str) -> str:
-    auto, _ = AUTO[info["task"]]
+    auto, _ = _auto_classes(info["task"])
     labels_line, kwargs = _label_lines(info)
     _, base = _base_expr(info)
     code = (f"import json\n\nfrom peft import {auto}\nfrom transformers import AutoTokenizer, pipeline\n\n"
@@ -211,51 +174,42 @@ def _auto_snippet(info: dict, folder: str) -> str:
 
 
 def _peft_model_snippet(info: dict, folder: str, pipeline: bool) -> str:
-    _, auto = AUTO[info["task"]]
+    _, auto = _auto_classes(info["task"])
     labels_line, kwargs = _label_lines(info)
     base_line, base = _base_expr(info)
     imports = f"from transformers import {auto}, AutoTokenizer" + (", pipeline" if pipeline else "")
-    first = "import torch\n" if info["task"] == "qa" else "import json\n"
+    answer = TASKS[info["task"]].card.answer
+    first = "import torch\n" if answer else "import json\n"
     code = (f"{first}\nfrom peft import PeftModel\n{imports}\n\n"
             f'DIR = "{folder}"  # this folder\n{base_line}{labels_line}'
             f"base = {auto}.from_pretrained({base}{', ' + kwargs if kwargs else ''})\n"
             f"model = PeftModel.from_pretrained(base, DIR).eval()\n"
             f"tokenizer = AutoTokenizer.from_pretrained({base})\n")
-    if info["task"] == "qa":
-        return code + QA_ANSWER
+    if answer:
+        return code + answer
     return code + (_pipe_code(info) + "\n" if pipeline else "")
 
 
-QA_ANSWER = """question, context = "Where does the Eiffel Tower stand?", "The Eiffel Tower stands in Paris, the capital of France."
-inputs = tokenizer(question, context, return_tensors="pt", truncation="only_second", max_length=384)
-with torch.no_grad():
-    out = model(**inputs)
-in_context = torch.tensor([s == 1 for s in inputs.sequence_ids(0)])  # the answer lies in the context
-start_logits = out.start_logits[0].masked_fill(~in_context, -1e9)
-end_logits = out.end_logits[0].masked_fill(~in_context, -1e9)
-start = int(start_logits.argmax())
-end = start + int(end_logits[start:start + 30].argmax())
-answer = context[inputs.token_to_chars(0, start).start:inputs.token_to_chars(0, end).end]
-print(answer)
-"""
-
-
-def _qa_snippet(info: dict, folder: str) -> str:
+def _answer_snippet(info: dict, folder: str) -> str:
+    """AutoPeftModel, then the family's own answering code (a family transformers 5 has no pipeline for)."""
+    card = TASKS[info["task"]].card
+    auto, _ = _auto_classes(info["task"])
     _, base = _base_expr(info)
-    return (f"import torch\nfrom peft import AutoPeftModel\nfrom transformers import AutoTokenizer\n\n"
+    comment = f"  # {card.peft_auto_comment}" if card.peft_auto_comment else ""
+    return (f"import torch\nfrom peft import {auto}\nfrom transformers import AutoTokenizer\n\n"
             f'DIR = "{folder}"  # this folder\n'
-            f"model = AutoPeftModel.from_pretrained(DIR).eval()  # the generic PeftModel passes token_type_ids on\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({base})\n{QA_ANSWER}")
+            f"model = {auto}.from_pretrained(DIR).eval(){comment}\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({base})\n{card.answer}")
 
 
 def _full_snippet(task: str, folder: str) -> str:
-    if task in ("ner", "classification"):
-        kind = PIPELINE_TAGS[task]
-        extra = ', aggregation_strategy="first"' if task == "ner" else ""
+    family = TASKS[task]
+    if family.card.pipeline:
         return (f"from transformers import pipeline\n\n"
-                f'pipe = pipeline("{kind}", model="{folder}"{extra})  # a complete model folder with its labels\n'
+                f'pipe = pipeline("{family.pipeline_task}", model="{folder}"{family.card.full_pipeline_options})  '
+                f'# a complete model folder with its labels\n'
                 f'print(pipe("John Smith flew from London to Berlin."))\n')
-    _, auto = AUTO[task]
+    _, auto = _auto_classes(task)
     return (f"from transformers import {auto}, AutoTokenizer\n\n"
             f'model = {auto}.from_pretrained("{folder}").eval()  # a complete model folder\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{folder}")\n')

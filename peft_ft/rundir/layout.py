@@ -8,7 +8,7 @@ these constants and call these functions rather than spelling file names out.
       metrics.json       every split's scores       splits.json   rows and labels per split
       labels.json        label names in id order    train.log     the run's log
       README.md          the model card             adapter_config.json + *.safetensors: peft's adapter
-      predictions_*.jsonl, checkpoints/ (while training)
+      predictions_*.jsonl, checkpoints/ (while training), tracking/ (train.report_to)
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ LABELS = "labels.json"
 LOG = "train.log"
 CARD = "README.md"
 ADAPTER_CONFIG = "adapter_config.json"
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = "checkpoints"  # resumable checkpoints while training (peft_ft.engine.checkpoint writes inside)
+TRACKING = "tracking"  # where each tracker writes (so a run folder carries its own curves)
 log = logging.getLogger("peft_ft")
 # Keys of peft_ft.json that loaders use, with their types.
 INFO_KEYS = {"task": str, "is_adapter": bool, "base_model": str, "auto_class": str, "labels": list, "method": str}

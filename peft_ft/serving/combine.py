@@ -23,7 +23,7 @@ from peft_ft.data.files import TaskData
 from peft_ft.errors import PeftFtError
 from peft_ft.models.loading import quiet_transformers
 from peft_ft.models.safety import check_no_pickle, safetensors_only
-from peft_ft.rundir.layout import ADAPTER_CONFIG, INFO, RECIPE, read_info
+from peft_ft.rundir.layout import ADAPTER_CONFIG, CARD, INFO, RECIPE, read_info
 from peft_ft.rundir.load import base_location
 from peft_ft.serving.merge import check_out
 from peft_ft.storage import write_atomic, write_json
@@ -160,7 +160,7 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.combining-"))
     try:
         final.save_pretrained(staging)
-        (staging / "README.md").unlink(missing_ok=True)
+        (staging / CARD).unlink(missing_ok=True)
         shutil.copyfile(parts[0][1] / RECIPE, staging / RECIPE)
         trainable = sum(p.numel() for n, p in final.named_parameters() if "lora_" in n or "modules_to_save" in n)
         total_params = sum(p.numel() for n, p in final.named_parameters() if "original_module" not in n)
@@ -172,7 +172,7 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
                 "trainable_params": trainable, "total_params": total_params, "trainable_percent": 100 * trainable / total_params,
                 "weight_files": ["adapter_model.safetensors"], "weight_bytes": weight_bytes}
         write_json(staging / INFO, info)
-        write_atomic(staging / "README.md", _card(info))
+        write_atomic(staging / CARD, _card(info))
         check_out(out)
         if out.exists():
             out.rmdir()

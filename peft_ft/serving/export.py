@@ -16,7 +16,6 @@ Text classification, NER and extractive QA models export; seq2seq generation and
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -24,20 +23,20 @@ from pathlib import Path
 
 from peft_ft.errors import PeftFtError
 from peft_ft.models.safety import check_no_pickle
-from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info
+from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info, read_info_raw
 from peft_ft.rundir.load import load_run
 from peft_ft.serving.merge import check_mergeable, check_out, unwrap_heads
 from peft_ft.storage import write_json
+from peft_ft.tasks import TASKS
 
 # What each family's model returns: ONNX output names, taken from the model output of the same name.
-OUTPUTS = {"ner": ["logits"], "classification": ["logits"], "qa": ["start_logits", "end_logits"]}
 # Texts the export is traced on and checked with (other lengths and batch sizes for the check).
 TRACE = ["john smith lives in paris .", "the plot was great"]
 CHECK = ["mary works at acme corp in london and paris .", "good", "where does john live ?", "the film was awful , not good at all ."]
 
 
 def _inputs(task: str, tokenizer, texts: list[str]) -> dict:
-    if task == "qa":  # question, then a context
+    if TASKS[task].onnx_pairs:  # question, then a context
         return tokenizer(texts, [t[::-1] + " " + t for t in texts], padding=True, return_tensors="pt")
     return tokenizer(texts, padding=True, return_tensors="pt")
 
@@ -66,9 +65,10 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
     info = read_info(run_dir)
     check_no_pickle(run_dir, "run folder", allow_pickle)
     check_out(out)
-    if info["task"] not in OUTPUTS:
+    if not TASKS[info["task"]].onnx_outputs:
+        exporting = ", ".join(t.name for t in TASKS.values() if t.onnx_outputs)
         raise PeftFtError(f"{run_dir}: task {info['task']!r} cannot be exported to ONNX by peft-ft export (generation loops are "
-                          f"not one graph); families that export: {', '.join(OUTPUTS)}")
+                          f"not one graph); families that export: {exporting}")
     if info["is_adapter"]:
         check_mergeable(run_dir, info)
     _check_installed()
@@ -90,7 +90,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
         for name in (LABELS, RECIPE):
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, staging / name)
-        raw = json.loads((run_dir / INFO).read_text(encoding="utf-8"))
+        raw = read_info_raw(run_dir)
         write_json(staging / INFO, {**raw, "is_adapter": False, "exported_from": run_dir.resolve().name, "format": "onnx"})
         write_json(staging / "export.json", report)
         check_out(out)
@@ -120,7 +120,7 @@ def _export(model, tokenizer, task: str, path: Path) -> dict:
 
     traced = _inputs(task, tokenizer, TRACE)
     input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in traced]
-    output_names = OUTPUTS[task]
+    output_names = list(TASKS[task].onnx_outputs)
     wrapped = _wrap(model, input_names, output_names)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     with warnings.catch_warnings(), torch.no_grad():

@@ -14,16 +14,9 @@ from pathlib import Path
 
 from peft_ft.errors import PeftFtError
 from peft_ft.models.safety import check_no_pickle
-from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info
+from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info, read_info_raw
 from peft_ft.rundir.load import check_run_folder, load_run
 from peft_ft.storage import honour_umask, space_for, tensor_bytes, write_json
-
-
-def read_info_raw(run_dir: Path) -> dict:
-    """peft_ft.json as written (read_info resolves a local base's relative path for loading)."""
-    import json
-
-    return json.loads((run_dir / INFO).read_text(encoding="utf-8"))
 
 
 def check_mergeable(run_dir: Path, info: dict) -> None:

@@ -35,7 +35,7 @@ from peft_ft.errors import PeftFtError
 from peft_ft.log import setup_logging
 from peft_ft.models.loading import resolve_model, settle_hub_mode
 from peft_ft.recipe.load import build_recipe, load_recipe
-from peft_ft.rundir.layout import METRICS
+from peft_ft.rundir.layout import read_metrics
 from peft_ft.storage import write_json
 from peft_ft.sweep.report import write_reports
 from peft_ft.sweep.space import current_value, load_space, trial_raw
@@ -400,7 +400,7 @@ def run_trial(trial, sweep_dir: Path, plan: Plan, base: dict, space) -> float:
     except KeyboardInterrupt:
         trial.set_user_attr("interrupted", True)  # --resume runs it again
         raise
-    metrics = json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
+    metrics = read_metrics(run_dir)
     trial.set_user_attr("run_dir", str(run_dir))
     trial.set_user_attr("trainable_params", metrics["params"]["trainable_params"])
     trial.set_user_attr("train_seconds", metrics["train"]["seconds"])

@@ -9,7 +9,7 @@ the serving layer know nothing else about tasks. Light at import: torch and tran
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +18,27 @@ from peft_ft.data.files import Split, TaskData
 from peft_ft.errors import DataError
 from peft_ft.recipe.schema import Recipe
 from peft_ft.storage import write_atomic
+
+
+def _plain_example(recipe: Recipe) -> str:
+    return '"This is great."'
+
+
+@dataclass(frozen=True)
+class Card:
+    """What a family's model card says (peft_ft.rundir.card): each metric with its scorer, and how to load and answer
+    with stock transformers + peft, no peft-ft import. The defaults suit a family transformers has no pipeline for."""
+
+    # metrics.json key -> (model-index metric type, the metric and its scorer); {seqeval}, {present} and {all} are
+    # filled in from the split's metrics. Keys not listed here stay out of the card.
+    metrics: dict = field(default_factory=dict)
+    pipeline: str = ""  # stock pipeline code over `model` and `tokenizer`, {TEXT} the example; empty: no pipeline
+    example: Callable[[Recipe], str] = _plain_example  # the example input of `pipeline`, as Python source
+    full_pipeline_options: str = ""  # extra arguments of pipeline(...) over a complete (full or merged) model folder
+    peft_auto_class: str = ""  # peft's AutoPeftModel class; empty: AutoPeftModelFor... after the family's auto_class
+    peft_auto_comment: str = ""  # a remark on that line of the snippet
+    answer: str = ""  # without a pipeline: code answering one example with `model`, `tokenizer` (torch imported)
+    note: str = ""  # a closing remark under the snippets
 
 
 class Task:
@@ -31,6 +52,9 @@ class Task:
     formats: tuple[str, ...]  # data.format values this family reads
     pipeline_task: str  # the transformers pipeline that serves this family's models
     answers: Answers  # how a trained model answers requests
+    card: Card = Card()  # what its model card says
+    onnx_outputs: tuple[str, ...] = ()  # the model's outputs `peft-ft export` checks; empty: not exportable
+    onnx_pairs: bool = False  # export traces text pairs (question, context) rather than single texts
 
     def validate(self, recipe: Recipe) -> list[str]:
         """Recipe checks specific to this family, without reading data (runs in `validate`)."""
@@ -69,26 +93,6 @@ class Task:
         return [path]
 
 
-# --- answering requests: what `peft-ft predict`, `peft-ft serve` and `peft_ft.pipeline` ask of a family --------
-
-
-def _never_cut(tokenizer, item, max_length: int) -> bool:
-    return False
-
-
-@dataclass(frozen=True)
-class Answers:
-    """How a trained model of a family answers requests. The serving layer knows nothing else about families."""
-
-    build: Callable[..., Any]  # (model, tokenizer, recipe, **kwargs) -> callable(list of inputs, batch_size=)
-    to_input: Callable[[dict, Recipe, str], Any]  # (request row, the run's recipe, where) -> one input
-    to_answer: Callable[[Any], dict]  # the callable's output for one input -> our JSON answer
-    cost: Callable[[Any, Recipe, Any], int]  # (tokenizer, recipe, input) -> tokens the model reads for it (serve's bound)
-    # (tokenizer, input, max_length) -> whether the model reads only the start of the input
-    truncated: Callable[[Any, Any, int], bool] = _never_cut
-    mixable: bool = False  # one forward row per input: inputs of several adapters may share a forward pass
-
-
 TASKS: dict[str, Task] = {}
 
 
@@ -114,6 +118,26 @@ def predict(model, task: Task, features: list[dict], pad_id: int, batch_size: in
             for i, row in zip(indices, task.unpack(result, batch)):
                 outputs[i] = row
     return outputs
+
+
+# --- answering requests: what `peft-ft predict`, `peft-ft serve` and `peft_ft.pipeline` ask of a family --------
+
+
+def _never_cut(tokenizer, item, max_length: int) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Answers:
+    """How a trained model of a family answers requests. The serving layer knows nothing else about families."""
+
+    build: Callable[..., Any]  # (model, tokenizer, recipe, **kwargs) -> callable(list of inputs, batch_size=)
+    to_input: Callable[[dict, Recipe, str], Any]  # (request row, the run's recipe, where) -> one input
+    to_answer: Callable[[Any], dict]  # the callable's output for one input -> our JSON answer
+    cost: Callable[[Any, Recipe, Any], int]  # (tokenizer, recipe, input) -> tokens the model reads for it (serve's bound)
+    # (tokenizer, input, max_length) -> whether the model reads only the start of the input
+    truncated: Callable[[Any, Any, int], bool] = _never_cut
+    mixable: bool = False  # one forward row per input: inputs of several adapters may share a forward pass
 
 
 def stock_pipeline(task: str, options: Callable[[Recipe], dict]) -> Callable:

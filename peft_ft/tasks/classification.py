@@ -18,7 +18,7 @@ from peft_ft.data.formats.label_studio import read_classification
 from peft_ft.errors import DataError
 from peft_ft.recipe.schema import DataSection, Recipe
 from peft_ft.storage import write_atomic
-from peft_ft.tasks.base import Answers, Task, register_task, request_text, stock_pipeline, token_count
+from peft_ft.tasks.base import Answers, Card, Task, register_task, request_text, stock_pipeline, token_count
 
 log = logging.getLogger("peft_ft")
 # A regression head has one output; its one "label" names it. One label <=> regression (a
@@ -142,6 +142,28 @@ ANSWERS = Answers(
 )
 
 
+def _card_example(recipe: Recipe) -> str:
+    if settings(recipe).text_pair:
+        return '{"text": "Plants need water to grow.", "text_pair": "Plants need water and light."}'
+    return '"This is great."'
+
+
+CARD = Card(
+    metrics={
+        "accuracy": ("accuracy", "accuracy"),
+        "macro_f1": ("f1", "macro-F1 over the classes present in the split ({present})"),
+        "macro_f1_all_classes": ("f1", "macro-F1 over all {all} classes"),
+        "weighted_f1": ("f1", "support-weighted F1"),
+        "matthews": ("matthews_correlation", "Matthews correlation"),
+        "f1": ("f1", "F1 of the positive class"),
+        "pearson": ("pearsonr", "Pearson correlation"),
+        "spearman": ("spearmanr", "Spearman correlation"),
+    },
+    pipeline='pipe = pipeline("text-classification", model=model, tokenizer=tokenizer)\nprint(pipe({TEXT}))',
+    example=_card_example,
+)
+
+
 @register_task
 class Classification(Task):
     name = "classification"
@@ -152,6 +174,8 @@ class Classification(Task):
     formats = ("csv", "tsv", "jsonl", "json", "parquet", "glue", "label_studio")
     pipeline_task = "text-classification"
     answers = ANSWERS
+    card = CARD
+    onnx_outputs = ("logits",)
     predicts_unlabelled = True  # reads data.predict
 
     def validate(self, recipe: Recipe) -> list[str]:

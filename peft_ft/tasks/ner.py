@@ -42,7 +42,7 @@ from peft_ft.errors import DataError
 from peft_ft.methods import virtual_positions
 from peft_ft.recipe.schema import Recipe
 from peft_ft.storage import write_atomic
-from peft_ft.tasks.base import Answers, FamilyAnswerer, Task, register_task, request_text, token_count
+from peft_ft.tasks.base import Answers, Card, FamilyAnswerer, Task, register_task, request_text, token_count
 from peft_ft.tasks.conlleval import chunks, score
 
 log = logging.getLogger("peft_ft")
@@ -285,6 +285,24 @@ def _cost(tokenizer, recipe: Recipe, item: Words) -> int:
 ANSWERS = Answers(build=WordTagger, to_input=_words_input, to_answer=_entities, cost=_cost)
 
 
+CARD = Card(
+    metrics={
+        "f1": ("f1", "entity F1, {seqeval}"),
+        "precision": ("precision", "entity precision, {seqeval}"),
+        "recall": ("recall", "entity recall, {seqeval}"),
+        "conlleval_f1": ("f1", "entity F1, conlleval rules"),
+        "conlleval_precision": ("precision", "entity precision, conlleval rules"),
+        "conlleval_recall": ("recall", "entity recall, conlleval rules"),
+        "accuracy": ("accuracy", "word accuracy"),
+    },
+    pipeline='pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="first")\n'
+             'print(pipe("John Smith flew from London to Berlin."))',
+    full_pipeline_options=', aggregation_strategy="first"',
+    note="Stock pipelines group subwords by their own rules (they split `AL-AIN` at the hyphen); `peft_ft.pipeline(DIR)` and "
+         "`peft-ft predict` answer per whitespace word with the label of its first subword, as the evaluation scores.",
+)
+
+
 @register_task
 class Ner(Task):
     name = "ner"
@@ -295,6 +313,8 @@ class Ner(Task):
     formats = ("conll", "jsonl", "label_studio")
     pipeline_task = "token-classification"
     answers = ANSWERS
+    card = CARD
+    onnx_outputs = ("logits",)
 
     def validate(self, recipe: Recipe) -> list[str]:
         d = recipe.data

@@ -17,7 +17,7 @@ from peft_ft.errors import DataError, PeftFtError
 from peft_ft.methods import virtual_positions
 from peft_ft.recipe.schema import Recipe
 from peft_ft.storage import write_json
-from peft_ft.tasks.base import Answers, FamilyAnswerer, Task, register_task, request_text
+from peft_ft.tasks.base import Answers, Card, FamilyAnswerer, Task, register_task, request_text
 
 # Questions named in an error message about their length (the rest are counted).
 SHOWN_IDS = 5
@@ -197,6 +197,27 @@ def _cost(tokenizer, recipe: Recipe, item: dict) -> int:
 ANSWERS = Answers(build=QuestionAnswerer, to_input=_qa_input, to_answer=lambda o: {**o, "score": round(o["score"], 6)}, cost=_cost)
 
 
+# How to answer without peft-ft (transformers 5 has no question-answering pipeline): the best span within the context.
+CARD_ANSWER = """question, context = "Where does the Eiffel Tower stand?", "The Eiffel Tower stands in Paris, the capital of France."
+inputs = tokenizer(question, context, return_tensors="pt", truncation="only_second", max_length=384)
+with torch.no_grad():
+    out = model(**inputs)
+in_context = torch.tensor([s == 1 for s in inputs.sequence_ids(0)])  # the answer lies in the context
+start_logits = out.start_logits[0].masked_fill(~in_context, -1e9)
+end_logits = out.end_logits[0].masked_fill(~in_context, -1e9)
+start = int(start_logits.argmax())
+end = start + int(end_logits[start:start + 30].argmax())
+answer = context[inputs.token_to_chars(0, start).start:inputs.token_to_chars(0, end).end]
+print(answer)
+"""
+CARD = Card(
+    metrics={"exact_match": ("exact_match", "exact match, SQuAD v1.1 script rules (percent)"),
+             "f1": ("f1", "token F1, SQuAD v1.1 script rules (percent)")},
+    peft_auto_class="AutoPeftModel", peft_auto_comment="the generic PeftModel passes token_type_ids on",
+    answer=CARD_ANSWER,
+)
+
+
 @register_task
 class ExtractiveQA(Task):
     name = "qa"
@@ -209,6 +230,9 @@ class ExtractiveQA(Task):
     formats = ("squad", "jsonl", "parquet")
     pipeline_task = "question-answering"
     answers = ANSWERS
+    card = CARD
+    onnx_outputs = ("start_logits", "end_logits")
+    onnx_pairs = True  # question, then a context
 
     def validate(self, recipe: Recipe) -> list[str]:
         problems = []

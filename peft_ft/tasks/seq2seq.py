@@ -18,7 +18,7 @@ from peft_ft.data.files import Split, TaskData, carve_validation, read_split_row
 from peft_ft.data.formats.squad import squad_metrics
 from peft_ft.errors import DataError
 from peft_ft.recipe.schema import Recipe, TaskSection
-from peft_ft.tasks.base import Answers, FamilyAnswerer, Task, register_task, request_text, token_count
+from peft_ft.tasks.base import Answers, Card, FamilyAnswerer, Task, register_task, request_text, token_count
 from peft_ft.tasks.qa import cap_examples, load_squad_splits, write_official_predictions
 
 # Fields of a SQuAD question that task.input_template may name.
@@ -141,6 +141,12 @@ def _cost(tokenizer, recipe: Recipe, item: str) -> int:
 ANSWERS = Answers(build=Generator, to_input=_seq2seq_input, to_answer=lambda o: {"generated_text": o[0]["generated_text"]}, cost=_cost)
 
 
+CARD = Card(
+    metrics={"exact_match": ("exact_match", "exact match, SQuAD v1.1 script rules (percent)"),
+             "f1": ("f1", "token F1, SQuAD v1.1 script rules (percent)")},
+)
+
+
 @register_task
 class Seq2Seq(Task):
     name = "seq2seq"
@@ -151,6 +157,7 @@ class Seq2Seq(Task):
     formats = ("squad", "jsonl", "parquet", "json", "csv", "tsv")
     pipeline_task = "text2text-generation"
     answers = ANSWERS
+    card = CARD
 
     def validate(self, recipe: Recipe) -> list[str]:
         problems = []
