@@ -208,7 +208,7 @@ label_column = "topics"
 [adapter]
 method = "lora"
 [train]
-epochs = 40
+epochs = {epochs}
 batch_size = 16
 lr = 1e-2
 threads = 1
@@ -225,7 +225,9 @@ def set_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict:
             "exact_match": sum(set(g) == set(p) for g, p in zip(gold, predicted)) / len(gold)}
 
 
-def test_a_family_registered_outside_the_package_trains_evaluates_and_answers(tmp_path, tiny_bert):
+def run_child(tmp_path: Path, tiny_bert: Path, epochs: int, card_tables: str) -> tuple[subprocess.CompletedProcess, Path, list[dict]]:
+    """Data, recipe and family script in tmp_path; the child registers the family, trains, loads back and answers
+    the test split's texts. `card_tables`: "fill" adds the family to the model card's tables first."""
     data = tmp_path / "data"
     data.mkdir()
     write_jsonl(data / "train.jsonl", keyword_rows(96, seed=1))
@@ -233,13 +235,18 @@ def test_a_family_registered_outside_the_package_trains_evaluates_and_answers(tm
     test_rows = keyword_rows(24, seed=3)
     write_jsonl(data / "test.jsonl", test_rows)
     requests = write_jsonl(tmp_path / "requests.jsonl", [{"text": r["text"]} for r in test_rows])
-    recipe = write_recipe(tmp_path / "kw.toml", RECIPE.format(model=tiny_bert, data=data, out=tmp_path / "runs"))
+    recipe = write_recipe(tmp_path / "kw.toml", RECIPE.format(model=tiny_bert, data=data, out=tmp_path / "runs", epochs=epochs))
     script = tmp_path / "keywords_family.py"
     script.write_text(FAMILY, encoding="utf-8")
     out = tmp_path / "seen.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    child = subprocess.run([sys.executable, str(script), str(recipe), str(requests), str(out), "fill"], cwd=tmp_path,
+    child = subprocess.run([sys.executable, str(script), str(recipe), str(requests), str(out), card_tables], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=300)
+    return child, out, test_rows
+
+
+def test_a_family_registered_outside_the_package_trains_evaluates_and_answers(tmp_path, tiny_bert):
+    child, out, test_rows = run_child(tmp_path, tiny_bert, epochs=40, card_tables="fill")
     assert child.returncode == 0, child.stderr[-4000:]
     seen = json.loads(out.read_text())
     run_dir = Path(seen["run_dir"])
@@ -276,3 +283,15 @@ def test_a_family_registered_outside_the_package_trains_evaluates_and_answers(tm
         assert direct["topics"] == record["predicted"]
         assert direct["scores"] == pytest.approx(record["scores"], abs=1e-5)
     assert 2 <= seen["cost"] <= 32  # [CLS] + words + [SEP], within model.max_length
+
+
+def test_a_family_needs_nothing_outside_its_own_file(tmp_path, tiny_bert):
+    """README: a family "touches one new file and one line". Not so today: the model card (peft_ft/rundir/card.py)
+    keys PIPELINE_TAGS / AUTO by family name, and a run of any other family fails with KeyError once its weights are
+    saved. Marked xfail for exactly that failure; when card.py asks the Task instead, this passes as it stands and
+    fill_card_tables can go."""
+    child, out, _ = run_child(tmp_path, tiny_bert, epochs=1, card_tables="leave")
+    if child.returncode and "KeyError: 'keywords'" in child.stderr and "card.py" in child.stderr:
+        pytest.xfail("the model card's tables know only the built-in families (peft_ft/rundir/card.py)")
+    assert child.returncode == 0, child.stderr[-4000:]
+    assert json.loads(out.read_text())["info"]["task"] == "keywords"
