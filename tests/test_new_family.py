@@ -7,8 +7,8 @@ number of them, none included). It has its own `load` (JSONL rows with a list-va
 
 The registry is process-global, so the family is registered in a child process (FAMILY below, written to
 tmp_path), which then drives peft-ft's own entry points: `load_recipe` -> `engine.run.run` on the tiny BERT
--> `rundir.load.load_run` + `TASKS["keywords"].answers`, `serving.predict.AdapterSet`, and `peft-ft serve`'s
-server on a free port. The child writes what it saw as JSON; the assertions are here. The last test pins the
+-> `rundir.load.load_run` + `TASKS["keywords"].answers`, `peft_ft.pipeline`, `serving.predict.AdapterSet`, and
+`peft-ft serve`'s server on a free port. The child writes what it saw as JSON; the assertions are here. The last test pins the
 one thing the family could not do from its own file (the model card's tables).
 """
 
@@ -212,10 +212,14 @@ if __name__ == "__main__":
     inputs = [answers.to_input(row, saved, f"request {i}") for i, row in enumerate(rows, 1)]
     answerer = answers.build(model, tokenizer, saved)
     direct = [answers.to_answer(o) for o in answerer(inputs, batch_size=8)]
+    # peft_ft.pipeline(RUN_DIR): the same builder, over its own load_run
+    from peft_ft.serving.pipelines import pipeline
+
+    piped = [answers.to_answer(o) for o in pipeline(run_dir)(inputs, batch_size=8)]
     # and as `peft-ft predict` / `serve` answer: an AdapterSet of named runs
     adapter_set = AdapterSet({"kw": run_dir}, batch_size=8)
     served = adapter_set.answer("kw", rows)
-    seen = {"run_dir": str(run_dir), "info": info, "direct": direct, "served": served,
+    seen = {"run_dir": str(run_dir), "info": info, "direct": direct, "piped": piped, "served": served,
             "cost": answers.cost(tokenizer, saved, inputs[0])}
     Path(out_path).write_text(json.dumps(seen))
     seen["http"] = serve_once(adapter_set, [row["text"] for row in rows[:3]])
@@ -310,6 +314,7 @@ def test_the_run_folder_holds_the_familys_head_metrics_and_predictions(keywords)
 def test_answers_through_load_run_and_adapter_set_match_the_evaluation(keywords):
     direct, served, records = keywords["direct"], keywords["served"], keywords["predictions"]["test"]
     assert len(direct) == len(served) == len(records)
+    assert keywords["piped"] == direct  # peft_ft.pipeline: the same model, the same batches
     for d, a, record in zip(direct, served, records):
         # the family's answer shape; a topic is found when its probability is at least 0.5
         assert set(d) == {"topics", "scores"} and set(d["scores"]) == {"cinema", "city", "nature"}
