@@ -8,8 +8,8 @@ number of them, none included). It has its own `load` (JSONL rows with a list-va
 The registry is process-global, so the family is registered in a child process (FAMILY below, written to
 tmp_path), which then drives peft-ft's own entry points: `load_recipe` -> `engine.run.run` on the tiny BERT
 -> `rundir.load.load_run` + `TASKS["keywords"].answers`, `peft_ft.pipeline`, `serving.predict.AdapterSet`, and
-`peft-ft serve`'s server on a free port. The child writes what it saw as JSON; the assertions are here. The last test pins the
-one thing the family could not do from its own file (the model card's tables).
+`peft-ft serve`'s server on a free port. The child writes what it saw as JSON; the assertions are here. Nothing
+outside the family's own code is touched: its model card, metrics and answers come from its `Task` alone.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from pathlib import Path
 
 from peft_ft.data.files import Split, TaskData, cap_splits, carve_splits, read_split_rows, require_columns, split_sources
 from peft_ft.errors import DataError
-from peft_ft.tasks.base import Answers, FamilyAnswerer, Task, register_task, request_text, token_count
+from peft_ft.tasks.base import Answers, Card, FamilyAnswerer, Task, register_task, request_text, token_count
 
 THRESHOLD = 0.5
 
@@ -70,7 +70,7 @@ class TopicFinder(FamilyAnswerer):
         single = isinstance(inputs, str)
         texts = [inputs] if single else list(inputs)
         names = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
-        _, outputs = self._outputs([{"text": t} for t in texts], batch_size, names)
+        _, outputs = self.run_examples([{"text": t} for t in texts], batch_size, names)
         probs = 1 / (1 + np.exp(-np.stack(outputs)))
         answers = [{"topics": found, "scores": {n: round(float(p), 6) for n, p in zip(names, row)}}
                    for found, row in zip(topic_sets(probs, names), probs)]
@@ -90,6 +90,7 @@ class Keywords(Task):
     metrics = ("micro_f1", "exact_match")
     formats = ("jsonl", "json")
     pipeline_task = "text-classification"
+    card = Card(metrics={"micro_f1": ("f1", "micro-F1 over topic sets"), "exact_match": ("exact_match", "topic set exactly right")})
     answers = Answers(
         build=TopicFinder,
         to_input=lambda row, recipe, where: request_text(row, ["text", recipe.data.text_column], where),
@@ -156,18 +157,6 @@ def set_metrics(gold, predicted):
             "exact_match": sum(set(g) == set(p) for g, p in zip(gold, predicted)) / len(gold), "n": len(gold)}
 
 
-def fill_card_tables():
-    """Not in README: the model card (peft_ft/rundir/card.py) looks the family up by name in tables of its own
-    (pipeline tag, metric names, Auto classes) instead of asking the Task, and a run of an unknown family fails
-    with KeyError after its weights are saved. A family living outside the package has to add itself there."""
-    from peft_ft.rundir import card
-
-    card.PIPELINE_TAGS.setdefault("keywords", Keywords.pipeline_task)
-    card.AUTO.setdefault("keywords", ("AutoPeftModelForSequenceClassification", Keywords.auto_class))
-    card.METRIC_NAMES.setdefault("keywords", {"micro_f1": ("f1", "micro-F1 over topic sets"),
-                                              "exact_match": ("exact_match", "topic set exactly right")})
-
-
 def serve_once(adapter_set, texts):
     """`peft-ft serve` on a free port: POST /predict/kw once; (status, body)."""
     import time
@@ -199,9 +188,7 @@ if __name__ == "__main__":
     from peft_ft.serving.predict import AdapterSet
     from peft_ft.tasks import TASKS
 
-    recipe_path, requests_path, out_path, card_tables = sys.argv[1:5]
-    if card_tables == "fill":
-        fill_card_tables()
+    recipe_path, requests_path, out_path = sys.argv[1:4]
     run_dir = run(load_recipe(recipe_path))
     rows = [json.loads(line) for line in Path(requests_path).read_text().splitlines()]
 
@@ -259,9 +246,9 @@ def set_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict:
             "exact_match": sum(set(g) == set(p) for g, p in zip(gold, predicted)) / len(gold)}
 
 
-def run_child(root: Path, tiny_bert: Path, epochs: int, card_tables: str) -> tuple[subprocess.CompletedProcess, Path, list[dict]]:
+def run_child(root: Path, tiny_bert: Path, epochs: int) -> tuple[subprocess.CompletedProcess, Path, list[dict]]:
     """Data, recipe and family script in `root`; the child registers the family, trains, loads back and answers
-    the test split's texts. `card_tables`: "fill" adds the family to the model card's tables first."""
+    the test split's texts."""
     data = root / "data"
     data.mkdir()
     write_jsonl(data / "train.jsonl", keyword_rows(96, seed=1))
@@ -274,7 +261,7 @@ def run_child(root: Path, tiny_bert: Path, epochs: int, card_tables: str) -> tup
     script.write_text(FAMILY, encoding="utf-8")
     out = root / "seen.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    child = subprocess.run([sys.executable, str(script), str(recipe), str(requests), str(out), card_tables], cwd=root,
+    child = subprocess.run([sys.executable, str(script), str(recipe), str(requests), str(out)], cwd=root,
                            env=env, capture_output=True, text=True, timeout=300)
     return child, out, test_rows
 
@@ -282,7 +269,7 @@ def run_child(root: Path, tiny_bert: Path, epochs: int, card_tables: str) -> tup
 @pytest.fixture(scope="module")
 def keywords(tmp_path_factory, tiny_bert) -> dict:
     """One run of the family (about 20 s): what the child saw, its run folder's files, the test rows."""
-    child, out, test_rows = run_child(tmp_path_factory.mktemp("keywords"), tiny_bert, epochs=40, card_tables="fill")
+    child, out, test_rows = run_child(tmp_path_factory.mktemp("keywords"), tiny_bert, epochs=40)
     assert child.returncode == 0, child.stderr[-4000:]
     seen = json.loads(out.read_text())
     run_dir = Path(seen["run_dir"])
@@ -339,15 +326,3 @@ def test_serve_answers_the_family_over_http(keywords):
     for answer, alone in zip(body["predictions"], keywords["served"]):
         assert {k: answer[k] for k in ("adapter", "topics", "truncated")} == {k: alone[k] for k in ("adapter", "topics", "truncated")}
         assert answer["scores"] == pytest.approx(alone["scores"], abs=1e-5)
-
-
-def test_a_family_needs_nothing_outside_its_own_file(tmp_path, tiny_bert):
-    """README: a family "touches one new file and one line". Not so today: the model card (peft_ft/rundir/card.py)
-    keys PIPELINE_TAGS / AUTO by family name, and a run of any other family fails with KeyError once its weights are
-    saved. Marked xfail for exactly that failure; when card.py asks the Task instead, this passes as it stands and
-    fill_card_tables can go."""
-    child, out, _ = run_child(tmp_path, tiny_bert, epochs=1, card_tables="leave")
-    if child.returncode and "KeyError: 'keywords'" in child.stderr and "card.py" in child.stderr:
-        pytest.xfail("the model card's tables know only the built-in families (peft_ft/rundir/card.py)")
-    assert child.returncode == 0, child.stderr[-4000:]
-    assert json.loads(out.read_text())["info"]["task"] == "keywords"

@@ -152,21 +152,25 @@ def stock_pipeline(task: str, options: Callable[[Recipe], dict]) -> Callable:
 
 
 class FamilyAnswerer:
-    """Answers through the family's own code (`encode`, `predict`), with the run's recipe settings:
-    the same windows, generation settings and post-processing as evaluation."""
+    """Answers through the family's own code (`encode`, `predict`), with the run's recipe settings: the same windows,
+    generation settings and post-processing as evaluation. A subclass names its family (`task_name`) and writes
+    `__call__(inputs, batch_size=32)`, usually around `run_examples`; the class itself is the `Answers.build`."""
 
     task_name: str
 
     def __init__(self, model, tokenizer, recipe: Recipe):
         self.model, self.tokenizer, self.recipe, self.task = model, tokenizer, recipe, TASKS[self.task_name]
 
-    def _outputs(self, examples: list[dict], batch_size: int, labels: list[str] = ()) -> tuple[list[dict], list]:
+    def run_examples(self, examples: list[dict], batch_size: int, labels: list[str] = ()) -> tuple[list[dict], list]:
+        """Request rows as the family's examples (no gold labels: `labels` are the head's names) -> (features, per-row
+        outputs of `Task.predict`)."""
         features = self.task.encode(Split("predict", "<request>", examples), self.tokenizer, self.recipe, TaskData({}, list(labels)))
         device = next(self.model.parameters()).device
         return features, self.task.predict(self.model, features, self.tokenizer.pad_token_id or 0, batch_size, device)
 
 
 def request_text(row: dict, names: list[str], where: str) -> str:
+    """The first of the fields `names` that holds a text; a DataError naming the row (`where`) when none does."""
     for name in names:
         if name and isinstance(row.get(name), str):
             return row[name]

@@ -244,7 +244,7 @@ class WordTagger(FamilyAnswerer):
         examples = [{"tokens": list(items[i].words), "tags": [0] * len(items[i].words), "line": i} for i in tagged]
         answers: list[list[dict]] = [[] for _ in items]
         if examples:
-            features, outputs = self._outputs(examples, batch_size, names)
+            features, outputs = self.run_examples(examples, batch_size, names)
             tags, probs = word_predictions(examples, features, outputs)
             for i, row, row_probs in zip(tagged, tags, probs):
                 answers[i] = entities(items[i], [names[t] for t in row], row_probs)

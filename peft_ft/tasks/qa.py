@@ -167,7 +167,7 @@ class QuestionAnswerer(FamilyAnswerer):
     def __call__(self, inputs: dict | list[dict], batch_size: int = 32) -> dict | list[dict]:
         rows = [inputs] if isinstance(inputs, dict) else inputs
         examples = [{"id": str(i), "question": r["question"], "context": r["context"]} for i, r in enumerate(rows)]
-        features, outputs = self._outputs(examples, batch_size)
+        features, outputs = self.run_examples(examples, batch_size)
         t = self.recipe.task
         candidates: list[list] = [[] for _ in rows]
         for feature, (start_logits, end_logits) in zip(features, outputs):

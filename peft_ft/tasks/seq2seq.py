@@ -118,7 +118,7 @@ class Generator(FamilyAnswerer):
 
     def __call__(self, inputs: str | list[str], batch_size: int = 32) -> list[dict] | list[list[dict]]:
         texts = [inputs] if isinstance(inputs, str) else inputs
-        _, generated = self._outputs([{"input": text} for text in texts], batch_size)
+        _, generated = self.run_examples([{"input": text} for text in texts], batch_size)
         answers = [[{"generated_text": g}] for g in generated]
         return answers[0] if isinstance(inputs, str) else answers
 
