@@ -65,7 +65,70 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+# --- recipes ---------------------------------------------------------------------------------------
+
+# [train] keys most test recipes share: one short pass, small batches, one thread (tiny models gain nothing
+# from threads on a busy machine). A test that needs another value passes it; None leaves a key out.
+TRAIN_DEFAULTS = {"epochs": 1, "batch_size": 8, "threads": 1}
+
+
+def toml_value(value) -> str:
+    """One value as TOML: strings (and paths) quoted and escaped, bools, ints, floats (nan, inf), lists, inline tables."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (str, os.PathLike)):
+        return toml_string(os.fspath(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def toml_string(text: str) -> str:
+    escapes = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+    return '"' + "".join(escapes.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c) for c in text) + '"'
+
+
+def toml_key(key: str) -> str:
+    return key if key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key) else toml_string(key)
+
+
+def recipe_text(model=None, data_dir=None, *, train="train.jsonl", task=None, data=None, model_opts=None, adapter=None,
+                train_opts=None, eval=None, output=None) -> str:
+    """The one recipe builder of the tests: TOML text for `model` (model.name) trained on `data_dir`/`train`.
+
+    Each section is a dict of key -> value (model_opts: [model] keys besides name; data: [data] keys besides dir
+    and train; train_opts: [train] keys over TRAIN_DEFAULTS). A value of None leaves its key out, so
+    `model=None`, `data_dir=None`, `train=None` or `train_opts={"epochs": None}` give a recipe without that key
+    (the recipe's own default then applies, and the key is not explicit). Empty sections are left out."""
+    sections = {
+        "model": {"name": model, **(model_opts or {})},
+        "task": task or {},
+        "data": {"dir": data_dir, "train": train, **(data or {})},
+        "adapter": adapter or {},
+        "train": {**TRAIN_DEFAULTS, **(train_opts or {})},
+        "eval": eval or {},
+        "output": output or {},
+    }
+    lines = []
+    for name, keys in sections.items():
+        keys = {k: v for k, v in keys.items() if v is not None}
+        if keys:
+            lines += [f"[{name}]"] + [f"{toml_key(k)} = {toml_value(v)}" for k, v in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
 def write_recipe(path: Path, text: str) -> Path:
+    """Writes recipe text (recipe_text(...), or a literal where the text itself is under test) to `path`."""
     path.write_text(text, encoding="utf-8")
     return path
 
