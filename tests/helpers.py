@@ -103,19 +103,20 @@ def toml_key(key: str) -> str:
 
 
 def recipe_text(model=None, data_dir=None, *, train="train.jsonl", task=None, data=None, model_opts=None, adapter=None,
-                train_opts=None, eval=None, output=None) -> str:
+                train_opts=None, eval=None, output=None, defaults: bool = True) -> str:
     """The one recipe builder of the tests: TOML text for `model` (model.name) trained on `data_dir`/`train`.
 
     Each section is a dict of key -> value (model_opts: [model] keys besides name; data: [data] keys besides dir
     and train; train_opts: [train] keys over TRAIN_DEFAULTS). A value of None leaves its key out, so
     `model=None`, `data_dir=None`, `train=None` or `train_opts={"epochs": None}` give a recipe without that key
-    (the recipe's own default then applies, and the key is not explicit). Empty sections are left out."""
+    (the recipe's own default then applies, and the key is not explicit); `defaults=False` leaves out all of
+    TRAIN_DEFAULTS ([train] holds train_opts only). Empty sections are left out."""
     sections = {
         "model": {"name": model, **(model_opts or {})},
         "task": task or {},
         "data": {"dir": data_dir, "train": train, **(data or {})},
         "adapter": adapter or {},
-        "train": {**TRAIN_DEFAULTS, **(train_opts or {})},
+        "train": {**(TRAIN_DEFAULTS if defaults else {}), **(train_opts or {})},
         "eval": eval or {},
         "output": output or {},
     }

@@ -79,8 +79,8 @@ def test_a_recipe_trains_with_it(tmp_path, tiny_bert):
 def test_prefix_tuning_with_it_is_refused_at_validation(tmp_path, tiny_bert):
     from peft_ft.recipe.schema import load_recipe
 
-    recipe = write_recipe(tmp_path / "r.toml", recipe_text(tiny_bert, adapter={"method": "prefix_tuning"}, train_opts={
-        "epochs": None, "batch_size": None, "threads": None, "activation_checkpointing": True}))
+    recipe = write_recipe(tmp_path / "r.toml", recipe_text(tiny_bert, adapter={"method": "prefix_tuning"},
+                                                           train_opts={"activation_checkpointing": True}, defaults=False))
     with pytest.raises(RecipeError, match="train.activation_checkpointing"):
         load_recipe(recipe)
 

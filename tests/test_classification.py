@@ -139,7 +139,7 @@ def test_pairs_integer_labels_names_and_held_out_validation(tmp_path, tiny_bert)
     recipe = load_recipe(write_recipe(tmp_path / "pair.toml", recipe_text(
         tiny_bert, d, task={"labels": ["correct", "contradictory", "irrelevant"]},
         data={"validation_fraction": 0.2, "test": ["test.jsonl"], "text_column": "ref", "text_pair_column": "answer"},
-        train_opts={"batch_size": None})))
+        train_opts={"epochs": 1, "threads": 1}, defaults=False)))
     data = TASKS["classification"].load(recipe, d)
     assert len(data.splits["validation"].examples) == 12 and len(data.splits["train"].examples) == 48
     assert sorted(e["label"] for e in data.splits["validation"].examples) == [0] * 4 + [1] * 4 + [2] * 4
