@@ -168,23 +168,9 @@ def train_sentiment(root: Path, tiny_bert: Path, name: str, *, flip: bool = Fals
     data.mkdir(parents=True)
     rows = [{**r, "label": FLIP[r["label"]] if flip else r["label"]} for r in sentiment_rows(64, seed=1)]
     write_jsonl(data / "train.jsonl", rows)
-    recipe = write_recipe(root / f"{name}.toml", f"""
-[model]
-name = "{tiny_bert}"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-[adapter]
-method = "{method}"
-[train]
-epochs = 60
-batch_size = 16
-lr = {5e-3 if method == "lora" else 2e-3}
-threads = 1
-[output]
-dir = "{root / 'runs'}"
-name = "{name}"
-""")
+    recipe = write_recipe(root / f"{name}.toml", recipe_text(
+        tiny_bert, data, adapter={"method": method}, train_opts={"epochs": 60, "batch_size": 16, "lr": 5e-3 if method == "lora" else 2e-3},
+        output={"dir": root / "runs", "name": name}))
     return run(load_recipe(recipe))
 
 
@@ -200,24 +186,9 @@ def train_ner(root: Path, tiny_bert: Path) -> Path:
     data = root / "data-ner"
     data.mkdir(parents=True)
     write_jsonl(data / "train.jsonl", rows)
-    recipe = write_recipe(root / "ner.toml", f"""
-[model]
-name = "{tiny_bert}"
-max_length = 32
-[task]
-type = "ner"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-[train]
-epochs = 20
-batch_size = 16
-lr = 1e-2
-threads = 1
-[output]
-dir = "{root / 'runs'}"
-name = "ner"
-""")
+    recipe = write_recipe(root / "ner.toml", recipe_text(
+        tiny_bert, data, model_opts={"max_length": 32}, task={"type": "ner"}, train_opts={"epochs": 20, "batch_size": 16, "lr": 1e-2},
+        output={"dir": root / "runs", "name": "ner"}))
     return run(load_recipe(recipe))
 
 
@@ -318,25 +289,11 @@ def write_tiny_t5(path: Path) -> Path:
 
 # --- a run killed mid-epoch (resume tests) -----------------------------------------------------------
 
-RESUME_RECIPE = """
-[model]
-name = "{model}"
-max_length = 32
-[data]
-dir = "{data}"
-train = "train.jsonl"
-validation = "valid.jsonl"
-test = ["test.jsonl"]
-[train]
-epochs = 2
-batch_size = 8
-lr = 1e-2
-threads = 1
-checkpoint_every = 3
-[output]
-dir = "{out}"
-name = "r"
-"""
+def resume_recipe(model, data, out) -> str:
+    """2 epochs of 8 batches, a checkpoint every 3 steps, run folders in `out`/r."""
+    return recipe_text(model, data, model_opts={"max_length": 32}, data={"validation": "valid.jsonl", "test": ["test.jsonl"]},
+                       train_opts={"epochs": 2, "lr": 1e-2, "checkpoint_every": 3}, output={"dir": out, "name": "r"})
+
 
 # Runs the CLI in a child process that kills itself on the N-th batch after its first checkpoint:
 # a deterministic "killed mid-epoch" (the batches of epoch 1 are steps 1-8; the first checkpoint is step 3).
