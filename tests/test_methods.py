@@ -97,8 +97,9 @@ def method_section(method: str) -> dict:
 
 def recipe_for(tmp_path: Path, model: Path, data: Path, family: str, method: str, overrides=()):
     task, train, test = TASK_SECTIONS[family]
+    lr = LR_FOR.get((method, family), LR[method])
     text = recipe_text(model, data, train=train, model_opts={"max_length": MAX_LENGTH[family]}, task=task, data={"test": test},
-                       adapter=method_section(method), train_opts={"epochs": 2, "warmup": 0.0, "lr": LR_FOR.get((method, family), LR[method])},
+                       adapter=method_section(method), train_opts={"epochs": 2, "warmup": 0.0, "lr": lr},
                        eval=EVAL_SECTIONS.get(family), output={"dir": tmp_path / "runs"})
     return load_recipe(write_recipe(tmp_path / f"{family}_{method}.toml", text), list(overrides))
 

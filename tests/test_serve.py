@@ -35,8 +35,8 @@ def train_weak(root: Path, tiny_bert: Path) -> Path:
     data = root / "data-weak"
     data.mkdir(parents=True)
     write_jsonl(data / "train.jsonl", sentiment_rows(64, seed=5))
-    recipe = write_recipe(root / "weak.toml", recipe_text(tiny_bert, data, train_opts={"epochs": 8, "batch_size": 16, "lr": 1e-2, "seed": 7},
-                                                          output={"dir": root / "runs", "name": "weak"}))
+    recipe = write_recipe(root / "weak.toml", recipe_text(
+        tiny_bert, data, train_opts={"epochs": 8, "batch_size": 16, "lr": 1e-2, "seed": 7}, output={"dir": root / "runs", "name": "weak"}))
     return run(load_recipe(recipe))
 
 
