@@ -351,8 +351,8 @@ def run_peft_ft(cfg: Config, opts: Options, workdir: Path) -> Measured:
     `warmup` steps (untimed), then the timed steps with the next seed (fresh batches; the second
     call builds its own optimizer, whose state allocation then falls inside the timed steps)."""
     from peft_ft.data.batching import train_batches
-    from peft_ft.engine.run import build_model
     from peft_ft.engine.device import setup_torch as peft_ft_setup_torch
+    from peft_ft.engine.run import build_model
     from peft_ft.engine.train import train
     from peft_ft.methods import METHODS
     from peft_ft.models.loading import resolve_model

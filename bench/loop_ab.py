@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 import peft_ft
-from peft_ft.engine.run import build_model
 from peft_ft.engine.device import setup_torch
+from peft_ft.engine.run import build_model
 from peft_ft.engine.train import train
 from peft_ft.methods import METHODS
 from peft_ft.models.loading import resolve_model

@@ -65,7 +65,71 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+# --- recipes ---------------------------------------------------------------------------------------
+
+# [train] keys most test recipes share: one short pass, small batches, one thread (tiny models gain nothing
+# from threads on a busy machine). A test that needs another value passes it; None leaves a key out.
+TRAIN_DEFAULTS = {"epochs": 1, "batch_size": 8, "threads": 1}
+
+
+def toml_value(value) -> str:
+    """One value as TOML: strings (and paths) quoted and escaped, bools, ints, floats (nan, inf), lists, inline tables."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (str, os.PathLike)):
+        return toml_string(os.fspath(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def toml_string(text: str) -> str:
+    escapes = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+    return '"' + "".join(escapes.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c) for c in text) + '"'
+
+
+def toml_key(key: str) -> str:
+    return key if key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key) else toml_string(key)
+
+
+def recipe_text(model=None, data_dir=None, *, train="train.jsonl", task=None, data=None, model_opts=None, adapter=None,
+                train_opts=None, eval=None, output=None, defaults: bool = True) -> str:
+    """The one recipe builder of the tests: TOML text for `model` (model.name) trained on `data_dir`/`train`.
+
+    Each section is a dict of key -> value (model_opts: [model] keys besides name; data: [data] keys besides dir
+    and train; train_opts: [train] keys over TRAIN_DEFAULTS). A value of None leaves its key out, so
+    `model=None`, `data_dir=None`, `train=None` or `train_opts={"epochs": None}` give a recipe without that key
+    (the recipe's own default then applies, and the key is not explicit); `defaults=False` leaves out all of
+    TRAIN_DEFAULTS ([train] holds train_opts only). Empty sections are left out."""
+    sections = {
+        "model": {"name": model, **(model_opts or {})},
+        "task": task or {},
+        "data": {"dir": data_dir, "train": train, **(data or {})},
+        "adapter": adapter or {},
+        "train": {**(TRAIN_DEFAULTS if defaults else {}), **(train_opts or {})},
+        "eval": eval or {},
+        "output": output or {},
+    }
+    lines = []
+    for name, keys in sections.items():
+        keys = {k: v for k, v in keys.items() if v is not None}
+        if keys:
+            lines += [f"[{name}]"] + [f"{toml_key(k)} = {toml_value(v)}" for k, v in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
 def write_recipe(path: Path, text: str) -> Path:
+    """Writes recipe text (recipe_text(...), or a literal where the text itself is under test) to `path`."""
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -104,23 +168,9 @@ def train_sentiment(root: Path, tiny_bert: Path, name: str, *, flip: bool = Fals
     data.mkdir(parents=True)
     rows = [{**r, "label": FLIP[r["label"]] if flip else r["label"]} for r in sentiment_rows(64, seed=1)]
     write_jsonl(data / "train.jsonl", rows)
-    recipe = write_recipe(root / f"{name}.toml", f"""
-[model]
-name = "{tiny_bert}"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-[adapter]
-method = "{method}"
-[train]
-epochs = 60
-batch_size = 16
-lr = {5e-3 if method == "lora" else 2e-3}
-threads = 1
-[output]
-dir = "{root / 'runs'}"
-name = "{name}"
-""")
+    recipe = write_recipe(root / f"{name}.toml", recipe_text(
+        tiny_bert, data, adapter={"method": method}, train_opts={"epochs": 60, "batch_size": 16, "lr": 5e-3 if method == "lora" else 2e-3},
+        output={"dir": root / "runs", "name": name}))
     return run(load_recipe(recipe))
 
 
@@ -136,24 +186,9 @@ def train_ner(root: Path, tiny_bert: Path) -> Path:
     data = root / "data-ner"
     data.mkdir(parents=True)
     write_jsonl(data / "train.jsonl", rows)
-    recipe = write_recipe(root / "ner.toml", f"""
-[model]
-name = "{tiny_bert}"
-max_length = 32
-[task]
-type = "ner"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-[train]
-epochs = 20
-batch_size = 16
-lr = 1e-2
-threads = 1
-[output]
-dir = "{root / 'runs'}"
-name = "ner"
-""")
+    recipe = write_recipe(root / "ner.toml", recipe_text(
+        tiny_bert, data, model_opts={"max_length": 32}, task={"type": "ner"}, train_opts={"epochs": 20, "batch_size": 16, "lr": 1e-2},
+        output={"dir": root / "runs", "name": "ner"}))
     return run(load_recipe(recipe))
 
 
@@ -254,25 +289,11 @@ def write_tiny_t5(path: Path) -> Path:
 
 # --- a run killed mid-epoch (resume tests) -----------------------------------------------------------
 
-RESUME_RECIPE = """
-[model]
-name = "{model}"
-max_length = 32
-[data]
-dir = "{data}"
-train = "train.jsonl"
-validation = "valid.jsonl"
-test = ["test.jsonl"]
-[train]
-epochs = 2
-batch_size = 8
-lr = 1e-2
-threads = 1
-checkpoint_every = 3
-[output]
-dir = "{out}"
-name = "r"
-"""
+def resume_recipe(model, data, out) -> str:
+    """2 epochs of 8 batches, a checkpoint every 3 steps, run folders in `out`/r."""
+    return recipe_text(model, data, model_opts={"max_length": 32}, data={"validation": "valid.jsonl", "test": ["test.jsonl"]},
+                       train_opts={"epochs": 2, "lr": 1e-2, "checkpoint_every": 3}, output={"dir": out, "name": "r"})
+
 
 # Runs the CLI in a child process that kills itself on the N-th batch after its first checkpoint:
 # a deterministic "killed mid-epoch" (the batches of epoch 1 are steps 1-8; the first checkpoint is step 3).

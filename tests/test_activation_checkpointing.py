@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import sentiment_rows, write_jsonl, write_recipe
+from helpers import recipe_text, sentiment_rows, write_jsonl, write_recipe
 from peft_ft.errors import RecipeError
 from peft_ft.kernels import install
 from peft_ft.models.loading import enable_activation_checkpointing
@@ -69,20 +69,8 @@ def test_a_recipe_trains_with_it(tmp_path, tiny_bert):
     from peft_ft.recipe.load import load_recipe
 
     write_jsonl(tmp_path / "train.jsonl", sentiment_rows(32, seed=1))
-    recipe = write_recipe(tmp_path / "r.toml", f"""
-[model]
-name = "{tiny_bert}"
-[data]
-dir = "{tmp_path}"
-train = "train.jsonl"
-[train]
-epochs = 2
-batch_size = 8
-threads = 1
-activation_checkpointing = true
-[output]
-dir = "{tmp_path / 'runs'}"
-""")
+    recipe = write_recipe(tmp_path / "r.toml", recipe_text(tiny_bert, tmp_path, train_opts={"epochs": 2, "activation_checkpointing": True},
+                                                           output={"dir": tmp_path / "runs"}))
     run_dir = run(load_recipe(recipe))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 8
@@ -91,16 +79,8 @@ dir = "{tmp_path / 'runs'}"
 def test_prefix_tuning_with_it_is_refused_at_validation(tmp_path, tiny_bert):
     from peft_ft.recipe.load import load_recipe
 
-    recipe = write_recipe(tmp_path / "r.toml", f"""
-[model]
-name = "{tiny_bert}"
-[data]
-train = "train.jsonl"
-[adapter]
-method = "prefix_tuning"
-[train]
-activation_checkpointing = true
-""")
+    recipe = write_recipe(tmp_path / "r.toml", recipe_text(tiny_bert, adapter={"method": "prefix_tuning"},
+                                                           train_opts={"activation_checkpointing": True}, defaults=False))
     with pytest.raises(RecipeError, match="train.activation_checkpointing"):
         load_recipe(recipe)
 

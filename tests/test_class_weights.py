@@ -8,31 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import write_jsonl, write_recipe
+from helpers import recipe_text, write_jsonl, write_recipe
 from peft_ft.engine.run import run
 from peft_ft.errors import RecipeError
 from peft_ft.recipe.load import load_recipe
 from peft_ft.tasks.classification import balanced_weights, use_weighted_loss
 
-RECIPE = """
-[model]
-name = "{model}"
-max_length = 32
-[task]
-type = "{task}"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-validation = "valid.jsonl"
-[train]
-epochs = 2
-batch_size = 8
-lr = 1e-2
-threads = 1
-{extra}
-[output]
-dir = "{out}"
-"""
+
+def weights_recipe(model, task, data, out, class_weights=None, **sections) -> str:
+    """2 epochs at lr 1e-2 with a validation split; `class_weights` is train.class_weights (None: not set)."""
+    return recipe_text(model, data, model_opts={"max_length": 32}, task=task, data={"validation": "valid.jsonl"},
+                       train_opts={"epochs": 2, "lr": 1e-2, "class_weights": class_weights}, output={"dir": out}, **sections)
 
 
 def test_balanced_weights_are_rows_over_classes_times_count():
@@ -60,19 +46,19 @@ def test_the_hook_weights_training_loss_only(tiny_bert):
     assert model.classifier.weight.grad is not None
 
 
-def _imbalanced(tmp_path, tiny_bert, extra: str, name: str):
+def _imbalanced(tmp_path, tiny_bert, class_weights: str | None, name: str):
     d = tmp_path / "data"
     d.mkdir(exist_ok=True)
     rows = [{"text": "good movie" if i % 4 else "bad movie", "label": "pos" if i % 4 else "neg"} for i in range(32)]
     write_jsonl(d / "train.jsonl", rows)
     write_jsonl(d / "valid.jsonl", rows[:8])
-    text = RECIPE.format(model=tiny_bert, task="classification", data=d, out=tmp_path / "runs", extra=extra)
+    text = weights_recipe(tiny_bert, {"type": "classification"}, d, tmp_path / "runs", class_weights)
     return run(load_recipe(write_recipe(tmp_path / f"{name}.toml", text)))
 
 
 def test_balanced_run_logs_its_weights_and_trains_differently(tmp_path, tiny_bert):
-    weighted = _imbalanced(tmp_path, tiny_bert, 'class_weights = "balanced"', "weighted")
-    plain = _imbalanced(tmp_path, tiny_bert, "", "plain")
+    weighted = _imbalanced(tmp_path, tiny_bert, "balanced", "weighted")
+    plain = _imbalanced(tmp_path, tiny_bert, None, "plain")
     assert "class weights (balanced): neg 2.000, pos 0.667" in (weighted / "train.log").read_text()
     assert "class weights" not in (plain / "train.log").read_text()
     assert 'class_weights = "balanced"' in (weighted / "recipe.toml").read_text()
@@ -80,15 +66,13 @@ def test_balanced_run_logs_its_weights_and_trains_differently(tmp_path, tiny_ber
     assert losses[0] != pytest.approx(losses[1])
 
 
-@pytest.mark.parametrize("task, extra, message", [
-    ("ner", 'class_weights = "balanced"', "train.class_weights: applies only when task.type is 'classification'"),
-    ("classification", 'class_weights = "balanced"\n[eval]\nmetric = "pearson"',
+@pytest.mark.parametrize("task, class_weights, sections, message", [
+    ({"type": "ner"}, "balanced", {}, "train.class_weights: applies only when task.type is 'classification'"),
+    ({"type": "classification", "regression": True}, "balanced", {"eval": {"metric": "pearson"}},
      "train.class_weights: a regression task has no classes to weight"),
-    ("classification", 'class_weights = "inverse"', "train.class_weights: expected one of 'none', 'balanced'"),
+    ({"type": "classification"}, "inverse", {}, "train.class_weights: expected one of 'none', 'balanced'"),
 ])
-def test_class_weights_is_checked(tmp_path, tiny_bert, task, extra, message):
-    text = RECIPE.format(model=tiny_bert, task=task, data=tmp_path, out=tmp_path / "runs", extra=extra)
-    if "pearson" in extra:
-        text = text.replace('type = "classification"', 'type = "classification"\nregression = true')
+def test_class_weights_is_checked(tmp_path, tiny_bert, task, class_weights, sections, message):
+    text = weights_recipe(tiny_bert, task, tmp_path, tmp_path / "runs", class_weights, **sections)
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_recipe(write_recipe(tmp_path / "r.toml", text))

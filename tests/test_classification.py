@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import write_jsonl, write_recipe
+from helpers import recipe_text, write_jsonl, write_recipe
 from peft_ft.engine.run import run
 from peft_ft.errors import DataError, PeftFtError
 from peft_ft.recipe.load import load_recipe
@@ -15,27 +15,13 @@ from peft_ft.rundir.load import load_run
 from peft_ft.tasks import TASKS
 from peft_ft.tasks.classification import classification_metrics
 
-RECIPE = """
-[model]
-name = "{model}"
-max_length = 64
-[task]
-type = "classification"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-validation = "valid.jsonl"
-test = ["test.jsonl"]
-[adapter]
-method = "{method}"
-[train]
-epochs = 8
-batch_size = 8
-lr = {lr}
-threads = 1
-[output]
-dir = "{out}"
-"""
+
+def classification_recipe(model, data, out, method="lora", lr=5e-3) -> str:
+    """8 epochs of `method` at `lr`, with validation and test splits."""
+    return recipe_text(model, data, model_opts={"max_length": 64}, task={"type": "classification"},
+                       data={"validation": "valid.jsonl", "test": ["test.jsonl"]}, adapter={"method": method},
+                       train_opts={"epochs": 8, "lr": lr}, output={"dir": out})
+
 
 RUN_FILES = {
     "lora": {"adapter_model.safetensors", "adapter_config.json"},
@@ -45,8 +31,8 @@ COMMON_FILES = {"README.md", "recipe.toml", "train.log", "metrics.json", "peft_f
                 "predictions_validation.jsonl", "predictions_test.jsonl", "labels.json"}
 
 
-def make_run(tmp_path, tiny_bert, data_dir, method="lora", lr=5e-3, extra=""):
-    text = RECIPE.format(model=tiny_bert, data=data_dir, method=method, lr=lr, out=tmp_path / "runs") + extra
+def make_run(tmp_path, tiny_bert, data_dir, method="lora", lr=5e-3):
+    text = classification_recipe(tiny_bert, data_dir, tmp_path / "runs", method, lr)
     return run(load_recipe(write_recipe(tmp_path / f"{method}.toml", text)))
 
 
@@ -129,7 +115,7 @@ def test_an_existing_run_folder_is_never_reused(tmp_path, tiny_bert, sentiment_d
 
     from peft_ft.rundir.layout import create_run_dir
 
-    recipe = load_recipe(write_recipe(tmp_path / "r.toml", RECIPE.format(model=tiny_bert, data=sentiment_dir, method="lora", lr=1e-3, out=tmp_path / "runs")))
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", classification_recipe(tiny_bert, sentiment_dir, tmp_path / "runs", "lora", 1e-3)))
     now = datetime.datetime(2026, 1, 1, 12, 0, 0)
     first = create_run_dir(recipe, now)
     (first / "metrics.json").write_text("{}")
@@ -152,22 +138,10 @@ def test_pairs_integer_labels_names_and_held_out_validation(tmp_path, tiny_bert)
     d.mkdir()
     write_jsonl(d / "train.jsonl", pair_rows(60))
     write_jsonl(d / "test.jsonl", pair_rows(9))
-    recipe = load_recipe(write_recipe(tmp_path / "pair.toml", f"""
-[model]
-name = "{tiny_bert}"
-[task]
-labels = ["correct", "contradictory", "irrelevant"]
-[data]
-dir = "{d}"
-train = "train.jsonl"
-validation_fraction = 0.2
-test = ["test.jsonl"]
-text_column = "ref"
-text_pair_column = "answer"
-[train]
-epochs = 1
-threads = 1
-"""))
+    recipe = load_recipe(write_recipe(tmp_path / "pair.toml", recipe_text(
+        tiny_bert, d, task={"labels": ["correct", "contradictory", "irrelevant"]},
+        data={"validation_fraction": 0.2, "test": ["test.jsonl"], "text_column": "ref", "text_pair_column": "answer"},
+        train_opts={"epochs": 1, "threads": 1}, defaults=False)))
     data = TASKS["classification"].load(recipe, d)
     assert len(data.splits["validation"].examples) == 12 and len(data.splits["train"].examples) == 48
     assert sorted(e["label"] for e in data.splits["validation"].examples) == [0] * 4 + [1] * 4 + [2] * 4
@@ -179,13 +153,13 @@ threads = 1
 def test_unknown_eval_label_names_file_row_and_label(tmp_path, tiny_bert, sentiment_dir):
     rows = [{"text": "good", "label": "pos"}, {"text": "meh", "label": "neutral"}]
     write_jsonl(sentiment_dir / "test.jsonl", rows)
-    recipe = load_recipe(write_recipe(tmp_path / "r.toml", RECIPE.format(model=tiny_bert, data=sentiment_dir, method="lora", lr=1e-3, out=tmp_path / "runs")))
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", classification_recipe(tiny_bert, sentiment_dir, tmp_path / "runs", "lora", 1e-3)))
     with pytest.raises(DataError, match=r"test.jsonl: row 2: label 'neutral' is not among the training labels \(neg, pos\)"):
         TASKS["classification"].load(recipe, sentiment_dir)
 
 
 def test_missing_column_and_missing_file_are_clear(tmp_path, tiny_bert, sentiment_dir):
-    text = RECIPE.format(model=tiny_bert, data=sentiment_dir, method="lora", lr=1e-3, out=tmp_path / "runs")
+    text = classification_recipe(tiny_bert, sentiment_dir, tmp_path / "runs", "lora", 1e-3)
     recipe = load_recipe(write_recipe(tmp_path / "r.toml", text), ["data.text_column=sentence"])
     with pytest.raises(DataError, match=r"train.jsonl: missing column\(s\) data.text_column = 'sentence'; the file has: text, label"):
         TASKS["classification"].load(recipe, sentiment_dir)

@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from helpers import sentiment_rows, write_jsonl, write_recipe
+from helpers import recipe_text, sentiment_rows, write_jsonl, write_recipe
 from peft_ft.cli import main
 from peft_ft.compare import report, runner
 from peft_ft.compare.variants import ALL, MEASURE_FILE, budget_differences, build_variants, finished_run, parse_lrs, parse_methods
@@ -19,29 +19,6 @@ from peft_ft.errors import PeftFtError, RecipeError
 from peft_ft.methods import METHODS
 from peft_ft.recipe.load import load_recipe
 
-RECIPE = """
-[model]
-name = "{model}"
-max_length = 32
-[task]
-type = "classification"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-validation = "valid.jsonl"
-test = ["test.jsonl", "test2.jsonl"]
-[adapter]
-method = "lora"
-r = 4
-alpha = 8
-[train]
-epochs = 1
-batch_size = 8
-lr = 1e-2
-threads = 1
-[output]
-dir = "{out}"
-"""
 RUN_NUMBERS = {  # comparison.csv column -> where the run folder says it
     "trainable_params": ("metrics.json", "params", "trainable_params"),
     "trainable_percent": ("metrics.json", "params", "trainable_percent"),
@@ -60,7 +37,10 @@ def make_recipe(tmp, tiny_bert):
     write_jsonl(data / "valid.jsonl", sentiment_rows(8, seed=2))
     write_jsonl(data / "test.jsonl", sentiment_rows(8, seed=3))
     write_jsonl(data / "test2.jsonl", sentiment_rows(6, seed=4))
-    return write_recipe(tmp / "sent.toml", RECIPE.format(model=tiny_bert, data=data, out=tmp / "runs"))
+    return write_recipe(tmp / "sent.toml", recipe_text(
+        tiny_bert, data, model_opts={"max_length": 32}, task={"type": "classification"},
+        data={"validation": "valid.jsonl", "test": ["test.jsonl", "test2.jsonl"]}, adapter={"method": "lora", "r": 4, "alpha": 8},
+        train_opts={"lr": 1e-2}, output={"dir": tmp / "runs"}))
 
 
 def read_csv(path):

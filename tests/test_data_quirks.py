@@ -106,8 +106,10 @@ def test_an_explicit_data_dir_wins_over_the_environment(tmp_path, monkeypatch):
 
 
 def test_no_evaluation_split_is_a_warning_at_validate(tmp_path, tiny_bert):
+    from helpers import recipe_text
+
     write_table(tmp_path / "train.csv", ["pos", "neg"] * 3)
-    (tmp_path / "r.toml").write_text(f'[model]\nname = "{tiny_bert}"\n[data]\ndir = "{tmp_path}"\ntrain = "train.csv"\n')
+    (tmp_path / "r.toml").write_text(recipe_text(tiny_bert, tmp_path, train="train.csv", defaults=False))
     done = subprocess.run([sys.executable, "-m", "peft_ft", "validate", str(tmp_path / "r.toml")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "no validation or test split: nothing will be evaluated" in done.stderr

@@ -19,38 +19,13 @@ from pathlib import Path
 import pytest
 import torch.distributed
 
-from helpers import sentiment_rows, write_jsonl, write_recipe
+from helpers import recipe_text, sentiment_rows, write_jsonl, write_recipe
 from peft_ft.data.batching import train_batches
 from peft_ft.engine import distributed
 from peft_ft.engine.run import resume, run
 from peft_ft.errors import PeftFtError
 from peft_ft.recipe.load import load_recipe
 
-# Rows not a multiple of the batch size (61 = 7 x 8 + 5): the last batch splits 3 + 2, and the
-# validation and test splits (11, 13 rows) split unevenly too.
-RECIPE = """
-[model]
-name = "{model}"
-max_length = 32
-[task]
-type = "classification"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-validation = "valid.jsonl"
-test = ["test.jsonl"]
-[adapter]
-method = "lora"
-dropout = 0.0
-[train]
-epochs = 8
-batch_size = 8
-lr = 5e-3
-threads = 1
-[output]
-dir = "{out}"
-name = "dp"
-"""
 # Measured over 64 steps (2026-11-30, torch 2.13 CPU, accelerate 1.15 DDP): every metric equal, epoch train
 # losses within 2e-7. lr 5e-3: at 1e-2 this tiny run turns unstable in epoch 5 (loss up from 0.46 to
 # 0.59) and float rounding then grows to 4e-4 by epoch 6, in any data-parallel engine.
@@ -92,7 +67,12 @@ def setup(tmp_path_factory, tiny_bert):
     write_jsonl(data / "train.jsonl", sentiment_rows(61, seed=1))
     write_jsonl(data / "valid.jsonl", sentiment_rows(11, seed=2))
     write_jsonl(data / "test.jsonl", sentiment_rows(13, seed=3))
-    recipe = write_recipe(tmp / "dp.toml", RECIPE.format(model=model, data=data, out=tmp / "one"))
+    # Rows not a multiple of the batch size (61 = 7 x 8 + 5): the last batch splits 3 + 2, and the
+    # validation and test splits (11, 13 rows) split unevenly too.
+    recipe = write_recipe(tmp / "dp.toml", recipe_text(
+        model, data, model_opts={"max_length": 32}, task={"type": "classification"},
+        data={"validation": "valid.jsonl", "test": ["test.jsonl"]}, adapter={"method": "lora", "dropout": 0.0},
+        train_opts={"epochs": 8, "batch_size": 8, "lr": 5e-3}, output={"dir": tmp / "one", "name": "dp"}))
     return tmp, recipe, data
 
 

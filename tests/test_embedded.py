@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import sentiment_rows, write_jsonl
+from helpers import recipe_text, sentiment_rows, write_jsonl
 
 
 @pytest.mark.slow
@@ -19,20 +19,10 @@ def test_embedded_model_trains_offline_through_the_cli(tmp_path):
     write_jsonl(data / "train.jsonl", sentiment_rows(48, seed=1))
     write_jsonl(data / "test.jsonl", sentiment_rows(16, seed=3))
     recipe = tmp_path / "embedded.toml"
-    recipe.write_text(f"""
-[task]
-type = "classification"
-[data]
-train = "train.jsonl"
-validation_fraction = 0.25
-test = ["test.jsonl"]
-[train]
-epochs = 1
-max_steps = 3
-batch_size = 8
-[output]
-dir = "{tmp_path / 'runs'}"
-""")
+    # no model.name: the embedded model; no data.dir: --data-dir below
+    recipe.write_text(recipe_text(task={"type": "classification"}, data={"validation_fraction": 0.25, "test": ["test.jsonl"]},
+                                  train_opts={"epochs": 1, "max_steps": 3, "batch_size": 8}, defaults=False,
+                                  output={"dir": tmp_path / "runs"}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-m", "peft_ft", "run", str(recipe), "--data-dir", str(data)],
                          capture_output=True, text=True, env=env, timeout=300)

@@ -8,31 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import sentiment_rows, write_jsonl, write_recipe
+from helpers import recipe_text, sentiment_rows, write_jsonl, write_recipe
 from peft_ft.errors import PeftFtError, RecipeError
 from peft_ft.recipe.explain import explain
 from peft_ft.recipe.load import build_recipe, load_recipe
 from peft_ft.recipe.schema import SCHEDULERS
-
-RECIPE = """
-[model]
-name = "{model}"
-max_length = 32
-[data]
-dir = "{data}"
-train = "train.jsonl"
-validation = "valid.jsonl"
-test = ["test.jsonl"]
-[train]
-epochs = 2
-batch_size = 8
-lr = 1e-2
-threads = 1
-{train}
-[output]
-dir = "{out}"
-name = "e"
-"""
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +24,11 @@ def data(tmp_path_factory):
     return d
 
 
-def recipe_file(tmp: Path, tiny_bert, data, train: str = "") -> Path:
-    return write_recipe(tmp / "e.toml", RECIPE.format(model=tiny_bert, data=data, out=tmp / "runs", train=train))
+def recipe_file(tmp: Path, tiny_bert, data, train: dict | None = None) -> Path:
+    """2 epochs at lr 1e-2 with validation and test splits; `train`: more [train] keys."""
+    return write_recipe(tmp / "e.toml", recipe_text(
+        tiny_bert, data, model_opts={"max_length": 32}, data={"validation": "valid.jsonl", "test": ["test.jsonl"]},
+        train_opts={"epochs": 2, "lr": 1e-2, **(train or {})}, output={"dir": tmp / "runs", "name": "e"}))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +37,7 @@ def tracked_bf16_run(tmp_path_factory, tiny_bert, data):
     from peft_ft.engine.run import run
 
     tmp = tmp_path_factory.mktemp("tracked")
-    train = 'mixed_precision = "bf16"\neval_every = 2\nreport_to = ["tensorboard", "mlflow"]\nscheduler = "cosine"'
+    train = {"mixed_precision": "bf16", "eval_every": 2, "report_to": ["tensorboard", "mlflow"], "scheduler": "cosine"}
     return run(load_recipe(recipe_file(tmp, tiny_bert, data, train)))
 
 

@@ -8,51 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import sentiment_rows, write_jsonl, write_recipe
+from helpers import recipe_text, sentiment_rows, write_jsonl, write_recipe
 from peft_ft.cli import main
 
-CLASSIFICATION = """
-[model]
-name = "{model}"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-validation = "valid.jsonl"
-[train]
-epochs = 1
-threads = 1
-[output]
-dir = "{out}"
-name = "r"
-"""
-
-NER = """
-[model]
-name = "{model}"
-[task]
-type = "ner"
-[data]
-dir = "{data}"
-train = "train.txt"
-[train]
-threads = 1
-[output]
-dir = "{out}"
-"""
-
-QA = """
-[model]
-name = "{model}"
-[task]
-type = "qa"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-[train]
-threads = 1
-[output]
-dir = "{out}"
-"""
+# recipe_text keywords of a valid recipe per task (Case.recipe adds the model, data folder and output dir)
+CLASSIFICATION = {"data": {"validation": "valid.jsonl"}, "train_opts": {"epochs": 1, "threads": 1}, "defaults": False,
+                  "output": {"name": "r"}}
+NER = {"task": {"type": "ner"}, "train": "train.txt", "train_opts": {"threads": 1}, "defaults": False}
+QA = {"task": {"type": "qa"}, "train_opts": {"threads": 1}, "defaults": False}
 
 
 class Case:
@@ -64,8 +27,10 @@ class Case:
         write_jsonl(self.data / "train.jsonl", sentiment_rows(8, seed=1))
         write_jsonl(self.data / "valid.jsonl", sentiment_rows(4, seed=2))
 
-    def recipe(self, template: str = CLASSIFICATION, extra: str = "", model: Path | str | None = None) -> str:
-        text = template.format(model=model if model is not None else self.model, data=self.data, out=self.out) + extra
+    def recipe(self, template: dict = CLASSIFICATION, extra: str = "", model: Path | str | None = None) -> str:
+        """The valid recipe, then `extra` as literal TOML text (the broken part of a case)."""
+        sections = {**template, "output": {"dir": self.out, **template.get("output", {})}}
+        text = recipe_text(model if model is not None else self.model, self.data, **sections) + extra
         return str(write_recipe(self.tmp / "recipe.toml", text))
 
 

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from helpers import recipe_text
 from peft_ft.cli import main
 from peft_ft.errors import PeftFtError
 
@@ -44,9 +45,10 @@ def validate(path: Path, capsys) -> int:
     return code
 
 
-def recipe_file(tmp_path: Path, model: Path, train: str, extra: str = "") -> Path:
+def recipe_file(tmp_path: Path, model: Path, train: str, task: dict | None = None, data: dict | None = None) -> Path:
+    """A valid recipe on the fuzzed file `train` (the file is what is fuzzed, not the recipe)."""
     path = tmp_path / "r.toml"
-    path.write_text(f'[model]\nname = "{model}"\n{extra}\n[data]\ndir = "{tmp_path}"\ntrain = "{train}"\n', encoding="utf-8")
+    path.write_text(recipe_text(model, tmp_path, train=train, task=task, data=data, defaults=False), encoding="utf-8")
     return path
 
 
@@ -76,7 +78,7 @@ def test_classification_tables(tmp_path, tiny_bert, capsys, rows, suffix, bom, j
 def test_squad_files(tmp_path, tiny_bert, capsys, document, junk):
     text = json.dumps(document) + ("}" if junk else "")
     (tmp_path / "train.json").write_text(text, encoding="utf-8")
-    validate(recipe_file(tmp_path, tiny_bert, "train.json", '[task]\ntype = "qa"'), capsys)
+    validate(recipe_file(tmp_path, tiny_bert, "train.json", {"type": "qa"}), capsys)
 
 
 span = st.fixed_dictionaries({"start": cells, "end": cells, "text": cells, "labels": st.lists(cells, max_size=2)})
@@ -94,10 +96,7 @@ ls_min = st.fixed_dictionaries({"id": cells, "text": cells, "label": st.lists(sp
 @given(records=st.lists(ls_task, max_size=4) | st.lists(ls_min, max_size=4) | json_values, task=st.sampled_from(["ner", "classification"]))
 def test_label_studio_exports(tmp_path, tiny_bert, capsys, records, task):
     (tmp_path / "export.json").write_text(json.dumps(records), encoding="utf-8")
-    path = tmp_path / "r.toml"
-    path.write_text(f'[model]\nname = "{tiny_bert}"\n[task]\ntype = "{task}"\n[data]\ndir = "{tmp_path}"\ntrain = "export.json"\n'
-                    f'format = "label_studio"\n', encoding="utf-8")
-    validate(path, capsys)
+    validate(recipe_file(tmp_path, tiny_bert, "export.json", {"type": task}, {"format": "label_studio"}), capsys)
 
 
 @FUZZ
@@ -107,7 +106,7 @@ def test_label_studio_exports(tmp_path, tiny_bert, capsys, records, task):
        junk=raw_bytes | st.just(b""))
 def test_conll_files(tmp_path, tiny_bert, capsys, lines, junk):
     (tmp_path / "train.txt").write_bytes("\n".join(lines).encode("utf-8", "surrogatepass") + junk)
-    validate(recipe_file(tmp_path, tiny_bert, "train.txt", '[task]\ntype = "ner"'), capsys)
+    validate(recipe_file(tmp_path, tiny_bert, "train.txt", {"type": "ner"}), capsys)
 
 
 toml_lines = st.lists(

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import write_jsonl, write_recipe
+from helpers import recipe_text, write_jsonl, write_recipe
 from peft_ft.data.formats import glue
 from peft_ft.engine.run import run
 from peft_ft.errors import DataError, RecipeError
@@ -90,31 +90,15 @@ def write_glue(root: Path, task: str, n: int = 6) -> Path:
     return root
 
 
-def glue_recipe(tmp_path: Path, task: str, data: Path, extra: str = "", model: str = "") -> Path:
+def glue_recipe(tmp_path: Path, task: str, data: Path, adapter: dict | None = None, model: str = "") -> Path:
     folder = glue.PRESETS[task].folder
-    tests = f'["{folder}/dev_matched.tsv", "{folder}/dev_mismatched.tsv"]' if task == "mnli" else f'["{folder}/dev.tsv"]'
-    predict = f'["{folder}/test_matched.tsv", "{folder}/test_mismatched.tsv"]' if task == "mnli" else f'["{folder}/test.tsv"]'
+    tests = [f"{folder}/dev_matched.tsv", f"{folder}/dev_mismatched.tsv"] if task == "mnli" else [f"{folder}/dev.tsv"]
+    predict = [f"{folder}/test_matched.tsv", f"{folder}/test_mismatched.tsv"] if task == "mnli" else [f"{folder}/test.tsv"]
     metric = "pearson" if task == "stsb" else "accuracy"
-    return write_recipe(tmp_path / f"{task}.toml", f"""
-[model]
-name = "{model}"
-max_length = 32
-[task]
-glue = "{task}"
-[data]
-dir = "{data}"
-train = "{folder}/train.tsv"
-test = {tests}
-predict = {predict}
-[train]
-epochs = 1
-batch_size = 4
-threads = 1
-[eval]
-metric = "{metric}"
-[output]
-dir = "{tmp_path / 'runs'}"
-{extra}""")
+    return write_recipe(tmp_path / f"{task}.toml", recipe_text(
+        model, data, train=f"{folder}/train.tsv", model_opts={"max_length": 32}, task={"glue": task},
+        data={"test": tests, "predict": predict}, adapter=adapter, train_opts={"batch_size": 4}, eval={"metric": metric},
+        output={"dir": tmp_path / "runs"}))
 
 
 # --- the preset table ---------------------------------------------------------------------------
@@ -242,14 +226,14 @@ def test_submission_files_in_glue_format():
 
 
 @pytest.mark.parametrize("extra, problem", [
-    ({"task": 'labels = ["a", "b"]'}, "task.labels: task.glue = 'sst2' fixes the labels"),
-    ({"task": "regression = true"}, "task.regression: task.glue = 'sst2' is a classification task"),
-    ({"eval": 'metric = "pearson"'}, "eval.metric: 'pearson' scores regression"),
-    ({"data": 'hub = "nyu-mll/glue"'}, "data.hub_config: set it to the GLUE task's configuration"),
+    ({"task": {"labels": ["a", "b"]}}, "task.labels: task.glue = 'sst2' fixes the labels"),
+    ({"task": {"regression": True}}, "task.regression: task.glue = 'sst2' is a classification task"),
+    ({"eval": {"metric": "pearson"}}, "eval.metric: 'pearson' scores regression"),
+    ({"data": {"hub": "nyu-mll/glue"}}, "data.hub_config: set it to the GLUE task's configuration"),
 ])
 def test_recipe_checks_on_presets(tmp_path, extra, problem):
-    sections = {"task": 'glue = "sst2"', "data": 'train = "SST-2/train.tsv"', "eval": ""}
-    text = "".join(f"[{name}]\n{body}\n{extra.get(name, '')}\n" for name, body in sections.items())
+    text = recipe_text(train="SST-2/train.tsv", task={"glue": "sst2", **extra.get("task", {})}, data=extra.get("data"),
+                       eval=extra.get("eval"), defaults=False)
     with pytest.raises(RecipeError, match=problem):
         load_recipe(write_recipe(tmp_path / "r.toml", text))
 
@@ -313,8 +297,7 @@ def sts_run(request, tmp_path_factory, tiny_bert):
     _tsv(root / "STS-B" / "dev.tsv", STSB_COLUMNS + ["score"], sts_rows(16, 2))
     _tsv(root / "STS-B" / "test.tsv", STSB_COLUMNS, [r[:9] for r in sts_rows(8, 3)])
     lr = 1e-2 if request.param == "lora" else 2e-3
-    extra = f'[adapter]\nmethod = "{request.param}"\n'
-    recipe = load_recipe(glue_recipe(tmp, "stsb", root, extra, str(tiny_bert)),
+    recipe = load_recipe(glue_recipe(tmp, "stsb", root, {"method": request.param}, str(tiny_bert)),
                          ["train.epochs=6", "train.batch_size=8", f"train.lr={lr}", "data.validation_fraction=0.25"])
     return request.param, run(recipe)
 
@@ -356,20 +339,9 @@ def test_regression_on_a_users_score_column(tmp_path, tiny_bert):
     d.mkdir()
     write_jsonl(d / "train.jsonl", [{"text": s, "rating": -1 + i * 0.25} for i, s in enumerate(SENTENCES * 2)])
     write_jsonl(d / "new.jsonl", [{"text": s} for s in SENTENCES[:3]])
-    recipe = load_recipe(write_recipe(tmp_path / "r.toml", f"""
-[model]
-name = "{tiny_bert}"
-[task]
-regression = true
-[data]
-dir = "{d}"
-train = "train.jsonl"
-validation_fraction = 0.25
-predict = ["new.jsonl"]
-label_column = "rating"
-[eval]
-metric = "spearman"
-"""))
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", recipe_text(
+        tiny_bert, d, task={"regression": True}, data={"validation_fraction": 0.25, "predict": ["new.jsonl"], "label_column": "rating"},
+        eval={"metric": "spearman"}, defaults=False)))
     data = CLS.load(recipe, d)
     assert data.labels == ["score"] and CLS.model_kwargs(data)["problem_type"] == "regression"
     # A score of -1 is a score (not GLUE's "no label"); the held-out rows are not stratified by value.

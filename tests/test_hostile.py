@@ -15,23 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import sentiment_rows, train_sentiment, write_jsonl, write_recipe
+from helpers import recipe_text, sentiment_rows, train_sentiment, write_jsonl, write_recipe
 from peft_ft.recipe.load import build_recipe
-
-RECIPE = """
-[model]
-name = "{model}"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-validation = "valid.jsonl"
-[train]
-epochs = 1
-threads = 1
-[output]
-dir = "{out}"
-name = "r"
-"""
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +132,9 @@ def recipe_case(tmp_path, tiny_bert):
     data.mkdir()
     write_jsonl(data / "train.jsonl", sentiment_rows(32, seed=1))
     write_jsonl(data / "valid.jsonl", sentiment_rows(8, seed=2))
-    path = write_recipe(tmp_path / "r.toml", RECIPE.format(model=tiny_bert, data=data, out=tmp_path / "runs"))
+    path = write_recipe(tmp_path / "r.toml", recipe_text(tiny_bert, data, data={"validation": "valid.jsonl"},
+                                                         train_opts={"epochs": 1, "threads": 1}, defaults=False,
+                                                         output={"dir": tmp_path / "runs", "name": "r"}))
     return path, tmp_path / "runs"
 
 

@@ -379,32 +379,16 @@ def ner_export(path: Path, n: int) -> Path:
 
 
 def test_ner_end_to_end_from_a_label_studio_export(tiny_bert, tmp_path):
+    from helpers import recipe_text
     from peft_ft.engine.run import run
 
     data = tmp_path / "data"
     data.mkdir()
     ner_export(data / "export.json", 30)
     recipe_path = tmp_path / "ls.toml"
-    recipe_path.write_text(f"""
-[model]
-name = "{tiny_bert}"
-max_length = 32
-[task]
-type = "ner"
-[data]
-dir = "{data}"
-format = "label_studio"
-train = "export.json"
-validation_fraction = 0.2
-test_fraction = 0.2
-[train]
-epochs = 1
-batch_size = 8
-lr = 5e-3
-threads = 1
-[output]
-dir = "{tmp_path / 'runs'}"
-""")
+    recipe_path.write_text(recipe_text(tiny_bert, data, train="export.json", model_opts={"max_length": 32}, task={"type": "ner"},
+                                       data={"format": "label_studio", "validation_fraction": 0.2, "test_fraction": 0.2},
+                                       train_opts={"lr": 5e-3}, output={"dir": tmp_path / "runs"}))
     run_dir = run(load_recipe(recipe_path))
     assert {"splits.json", "predictions_validation.conll", "predictions_test.conll", "metrics.json"} <= {p.name for p in run_dir.iterdir()}
     splits = json.loads((run_dir / "splits.json").read_text())
@@ -420,7 +404,7 @@ dir = "{tmp_path / 'runs'}"
 
 
 def test_classification_end_to_end_from_json_min(tiny_bert, tmp_path):
-    from helpers import sentiment_rows
+    from helpers import recipe_text, sentiment_rows
     from peft_ft.engine.run import run
 
     data = tmp_path / "data"
@@ -428,23 +412,9 @@ def test_classification_end_to_end_from_json_min(tiny_bert, tmp_path):
     records = [min_record(i + 1, r["text"], i + 1, sentiment=r["label"]) for i, r in enumerate(sentiment_rows(40))]
     write_export(data / "export.json", records)
     recipe_path = tmp_path / "cls.toml"
-    recipe_path.write_text(f"""
-[model]
-name = "{tiny_bert}"
-max_length = 32
-[data]
-dir = "{data}"
-format = "label_studio"
-train = "export.json"
-validation_fraction = 0.1
-test_fraction = 0.2
-[train]
-epochs = 1
-batch_size = 8
-threads = 1
-[output]
-dir = "{tmp_path / 'runs'}"
-""")
+    recipe_path.write_text(recipe_text(tiny_bert, data, train="export.json", model_opts={"max_length": 32},
+                                       data={"format": "label_studio", "validation_fraction": 0.1, "test_fraction": 0.2},
+                                       output={"dir": tmp_path / "runs"}))
     run_dir = run(load_recipe(recipe_path))
     splits = json.loads((run_dir / "splits.json").read_text())
     assert splits["validation"]["labels"] == {"neg": 2, "pos": 2} and splits["test"]["labels"] == {"neg": 4, "pos": 4}

@@ -21,7 +21,17 @@ import pytest
 
 import peft_ft.engine.run
 import peft_ft.engine.train
-from helpers import official_file, qa_rows, sentiment_rows, toy_sentences, write_conll, write_jsonl, write_recipe, write_tiny_t5
+from helpers import (
+    official_file,
+    qa_rows,
+    recipe_text,
+    sentiment_rows,
+    toy_sentences,
+    write_conll,
+    write_jsonl,
+    write_recipe,
+    write_tiny_t5,
+)
 from peft_ft.engine.run import run
 from peft_ft.errors import PeftFtError, RecipeError
 from peft_ft.methods import METHODS, cuda_available
@@ -48,20 +58,21 @@ ADAPTER_PARAMS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prom
                   "boft": ("boft_",), "ln_tuning": ("ln_tuning_layers",), "p_tuning": ("prompt_encoder",),
                   "fourierft": ("fourierft_",), "vblora": ("vblora_",)}
 # Small sizes for the tiny models, so that every method's runs stay fast.
-METHOD_OPTIONS = {"vera": "vera_r = 16", "fourierft": "n_frequency = 64", "vblora": "num_vectors = 16\nr = 4",
-                  "oft": "oft_block_size = 16", "adalora": "init_r = 6\nr = 4\ntinit = 0.0\ntfinal = 0.2"}
+METHOD_OPTIONS = {"vera": {"vera_r": 16}, "fourierft": {"n_frequency": 64}, "vblora": {"num_vectors": 16, "r": 4},
+                  "oft": {"oft_block_size": 16}, "adalora": {"init_r": 6, "r": 4, "tinit": 0.0, "tfinal": 0.2}}
 
-# [task] and [data] lines per family; seq2seq also caps its generated answers.# How the saved adapter file names them.
+# How the saved adapter file names them.
 SAVED_ADAPTER_KEYS = {**ADAPTER_PARAMS, "prompt_tuning": ("prompt_embeddings",), "prefix_tuning": ("prompt_embeddings",),
                       "p_tuning": ("prompt_embeddings",), "vera": ("vera_",)}
 
+# [task] keys and the training and test files per family; seq2seq also caps its generated answers.
 TASK_SECTIONS = {
-    "classification": ('type = "classification"', 'train = "train.jsonl"\ntest = ["valid.jsonl"]'),
-    "ner": ('type = "ner"', 'train = "train.txt"\ntest = ["valid.txt"]'),
-    "qa": ('type = "qa"\ndoc_stride = 6', 'train = "train.json"\ntest = ["valid.jsonl"]'),
-    "seq2seq": ('type = "seq2seq"\nmax_target_length = 8', 'train = "train.json"\ntest = ["valid.jsonl"]'),
+    "classification": ({"type": "classification"}, "train.jsonl", ["valid.jsonl"]),
+    "ner": ({"type": "ner"}, "train.txt", ["valid.txt"]),
+    "qa": ({"type": "qa", "doc_stride": 6}, "train.json", ["valid.jsonl"]),
+    "seq2seq": ({"type": "seq2seq", "max_target_length": 8}, "train.json", ["valid.jsonl"]),
 }
-EVAL_SECTIONS = {"seq2seq": "[eval]\nmax_new_tokens = 4"}
+EVAL_SECTIONS = {"seq2seq": {"max_new_tokens": 4}}
 MAX_LENGTH = {"classification": 24, "ner": 24, "qa": 24, "seq2seq": 48}
 
 
@@ -90,34 +101,18 @@ def family_data(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
-def method_section(method: str) -> str:
-    extra = f"\nnum_virtual_tokens = {NV}" if method in ("prompt_tuning", "prefix_tuning", "p_tuning") else ""
-    extra += f"\n{METHOD_OPTIONS[method]}" if method in METHOD_OPTIONS else ""
-    return f'[adapter]\nmethod = "{method}"{extra}'
+def method_section(method: str) -> dict:
+    """The [adapter] keys of `method`: few virtual tokens, METHOD_OPTIONS' small sizes."""
+    virtual = {"num_virtual_tokens": NV} if method in ("prompt_tuning", "prefix_tuning", "p_tuning") else {}
+    return {"method": method, **virtual, **METHOD_OPTIONS.get(method, {})}
 
 
 def recipe_for(tmp_path: Path, model: Path, data: Path, family: str, method: str, overrides=()):
-    task, data_lines = TASK_SECTIONS[family]
-    text = f"""
-[model]
-name = "{model}"
-max_length = {MAX_LENGTH[family]}
-[task]
-{task}
-[data]
-dir = "{data}"
-{data_lines}
-{method_section(method)}
-[train]
-epochs = 2
-batch_size = 8
-warmup = 0.0
-lr = {LR_FOR.get((method, family), LR[method])}
-threads = 1
-{EVAL_SECTIONS.get(family, "")}
-[output]
-dir = "{tmp_path / 'runs'}"
-"""
+    task, train, test = TASK_SECTIONS[family]
+    lr = LR_FOR.get((method, family), LR[method])
+    text = recipe_text(model, data, train=train, model_opts={"max_length": MAX_LENGTH[family]}, task=task, data={"test": test},
+                       adapter=method_section(method), train_opts={"epochs": 2, "warmup": 0.0, "lr": lr},
+                       eval=EVAL_SECTIONS.get(family), output={"dir": tmp_path / "runs"})
     return load_recipe(write_recipe(tmp_path / f"{family}_{method}.toml", text), list(overrides))
 
 

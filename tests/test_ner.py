@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import toy_sentences, write_conll
+from helpers import recipe_text, toy_sentences, write_conll
 from peft_ft.data.files import Split
 from peft_ft.data.formats.conll import read_conll
 from peft_ft.errors import DataError
@@ -177,27 +177,10 @@ def test_end_to_end_run_reload_same_predictions(tiny_bert, toy_dir, tmp_path, me
     from peft_ft.rundir.load import load_run
 
     recipe_path = tmp_path / "ner.toml"
-    recipe_path.write_text(f"""
-[model]
-name = "{tiny_bert}"
-max_length = 32
-[task]
-type = "ner"
-[data]
-dir = "{toy_dir}"
-train = "train.txt"
-validation = "valid.txt"
-test = ["test.txt"]
-[adapter]
-method = "{method}"
-[train]
-epochs = 2
-batch_size = 8
-lr = {5e-3 if method == "lora" else 1e-3}
-threads = 1
-[output]
-dir = "{tmp_path / 'runs'}"
-""")
+    recipe_path.write_text(recipe_text(
+        tiny_bert, toy_dir, train="train.txt", model_opts={"max_length": 32}, task={"type": "ner"},
+        data={"validation": "valid.txt", "test": ["test.txt"]}, adapter={"method": method},
+        train_opts={"epochs": 2, "lr": 5e-3 if method == "lora" else 1e-3}, output={"dir": tmp_path / "runs"}))
     run_dir = run(load_recipe(recipe_path))
     files = {p.name for p in run_dir.iterdir()}
     expected = {"recipe.toml", "train.log", "peft_ft.json", "metrics.json", "README.md", "predictions_validation.jsonl",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import sentiment_rows, write_jsonl, write_recipe
+from helpers import recipe_text, sentiment_rows, write_jsonl, write_recipe
 
 ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 TINY_ID = "peft-ft-tests/tiny-bert"
@@ -168,26 +168,12 @@ def hub_runs(tmp_path_factory, tiny_bert):
     write_jsonl(data / "sent_train.jsonl", sentiment_rows(64, seed=1))
     write_jsonl(data / "sent_test.jsonl", sentiment_rows(12, seed=3))
     runs = {}
-    for name, task, extra in [("tiny_ner", "ner", "max_length = 32\n"), ("tiny_sentiment", "classification", "")]:
+    for name, task, model_opts in [("tiny_ner", "ner", {"max_length": 32}), ("tiny_sentiment", "classification", None)]:
         prefix = "ner" if task == "ner" else "sent"
-        recipe = write_recipe(root / f"{name}.toml", f"""
-[model]
-name = "{TINY_ID}"
-{extra}[task]
-type = "{task}"
-[data]
-dir = "{data}"
-train = "{prefix}_train.jsonl"
-test = ["{prefix}_test.jsonl"]
-[train]
-epochs = 20
-batch_size = 16
-lr = 1e-2
-threads = 1
-[output]
-dir = "{root / 'runs'}"
-name = "{name}"
-""")
+        recipe = write_recipe(root / f"{name}.toml", recipe_text(
+            TINY_ID, data, train=f"{prefix}_train.jsonl", model_opts=model_opts, task={"type": task},
+            data={"test": [f"{prefix}_test.jsonl"]}, train_opts={"epochs": 20, "batch_size": 16, "lr": 1e-2},
+            output={"dir": root / "runs", "name": name}))
         done = subprocess.run([sys.executable, "-m", "peft_ft", "run", str(recipe)], cwd=root, env=clean_env(cache),
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import official_file, qa_rows, write_jsonl, write_recipe
+from helpers import official_file, qa_rows, recipe_text, write_jsonl, write_recipe
 from peft_ft.data.files import Split
 from peft_ft.data.formats.squad import squad_metrics
 from peft_ft.engine.run import run
@@ -146,27 +146,12 @@ def test_the_best_window_wins_and_maps_to_the_context():
 
 # --- end to end ---------------------------------------------------------------------------------
 
-RECIPE = """
-[model]
-name = "{model}"
-max_length = 24
-[task]
-type = "qa"
-doc_stride = 6
-[data]
-dir = "{data}"
-train = "train.json"
-validation = "valid.jsonl"
-[adapter]
-method = "{method}"
-[train]
-epochs = 6
-batch_size = 8
-lr = {lr}
-threads = 1
-[output]
-dir = "{out}"
-"""
+def qa_recipe(model, data, out, method="lora", lr=1e-3) -> str:
+    """6 epochs of `method` at `lr` on train.json, with a validation split; short windows (24 tokens, stride 6)."""
+    return recipe_text(model, data, train="train.json", model_opts={"max_length": 24}, task={"type": "qa", "doc_stride": 6},
+                       data={"validation": "valid.jsonl"}, adapter={"method": method}, train_opts={"epochs": 6, "lr": lr},
+                       output={"dir": out})
+
 
 RUN_FILES = {
     "lora": {"adapter_model.safetensors", "adapter_config.json"},
@@ -183,7 +168,7 @@ def trained(request, tmp_path_factory, tiny_bert):
     official_file(d / "train.json", qa_rows(48, seed=1))
     write_jsonl(d / "valid.jsonl", qa_rows(12, seed=2))
     lr = 1e-2 if request.param == "lora" else 2e-3
-    text = RECIPE.format(model=tiny_bert, data=d, method=request.param, lr=lr, out=tmp / "runs")
+    text = qa_recipe(tiny_bert, d, tmp / "runs", request.param, lr)
     return request.param, run(load_recipe(write_recipe(tmp / f"{request.param}.toml", text))), d
 
 
@@ -273,7 +258,7 @@ def test_max_samples_cap_questions_not_windows(tmp_path, tiny_bert):
     d.mkdir()
     official_file(d / "train.json", qa_rows(20, seed=1))
     write_jsonl(d / "valid.jsonl", qa_rows(10, seed=2))
-    text = RECIPE.format(model=tiny_bert, data=d, method="lora", lr=1e-3, out=tmp_path / "runs")
+    text = qa_recipe(tiny_bert, d, tmp_path / "runs", "lora", 1e-3)
     recipe = load_recipe(write_recipe(tmp_path / "r.toml", text), ["data.max_train_samples=5", "data.max_eval_samples=3"])
     data = TASKS["qa"].load(recipe, d)
     assert [len(s.examples) for s in data.splits.values()] == [5, 3]

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RESUME_RECIPE as RECIPE
-from helpers import run_killed, sentiment_rows, write_jsonl, write_recipe
+from helpers import resume_recipe, run_killed, sentiment_rows, write_jsonl, write_recipe
 from peft_ft.cli import main
 from peft_ft.engine import checkpoint
 from peft_ft.errors import PeftFtError
@@ -33,7 +32,7 @@ def setup(tmp_path_factory, tiny_bert):
     write_jsonl(d / "test.jsonl", sentiment_rows(16, seed=3))
 
     def recipe(name: str) -> Path:
-        return write_recipe(tmp / f"{name}.toml", RECIPE.format(model=tiny_bert, data=d, out=tmp / name))
+        return write_recipe(tmp / f"{name}.toml", resume_recipe(tiny_bert, d, tmp / name))
 
     assert main(["run", str(recipe("straight"))]) == 0
     straight = next((tmp / "straight" / "r").iterdir())

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RESUME_RECIPE as RECIPE
-from helpers import run_killed, sentiment_rows, write_jsonl, write_recipe
+from helpers import resume_recipe, run_killed, sentiment_rows, write_jsonl, write_recipe
 from peft_ft.engine import checkpoint
 from peft_ft.rundir.layout import RunDirLock, recorded_fingerprint
 
@@ -28,7 +27,7 @@ def killed(tmp_path_factory, tiny_bert) -> Path:
     write_jsonl(d / "train.jsonl", sentiment_rows(64, seed=1))
     write_jsonl(d / "valid.jsonl", sentiment_rows(16, seed=2))
     write_jsonl(d / "test.jsonl", sentiment_rows(16, seed=3))
-    recipe = write_recipe(tmp / "r.toml", RECIPE.format(model=tiny_bert, data=d, out=tmp / "out"))
+    recipe = write_recipe(tmp / "r.toml", resume_recipe(tiny_bert, d, tmp / "out"))
     done = run_killed(recipe, 2, tmp)
     assert done.returncode == -9, done.stderr
     (run_dir,) = (tmp / "out" / "r").iterdir()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TEXTS, reference, train_sentiment
+from helpers import TEXTS, recipe_text, reference, train_sentiment
 from peft_ft.errors import PeftFtError
 from peft_ft.models.safety import check_no_pickle, pickle_files, remote_code
 
@@ -96,7 +96,7 @@ def test_training_does_not_fall_back_to_pickle_weights(tiny_bert, tmp_path):
     folder = shutil.copytree(tiny_bert, tmp_path / "old-model")
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     recipe_file = tmp_path / "r.toml"
-    recipe_file.write_text(f'[model]\nname = "{folder}"\n[data]\ntrain = "x.jsonl"\n')
+    recipe_file.write_text(recipe_text(folder, train="x.jsonl", defaults=False))
     with pytest.raises((PeftFtError, OSError)):
         load_model(str(folder), load_recipe(recipe_file), "AutoModelForSequenceClassification", num_labels=2)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import official_file, qa_rows, write_jsonl, write_recipe, write_tiny_t5
+from helpers import official_file, qa_rows, recipe_text, write_jsonl, write_recipe, write_tiny_t5
 from peft_ft.data.formats.squad import squad_metrics
 from peft_ft.engine.run import run
 from peft_ft.errors import DataError, PeftFtError, RecipeError
@@ -31,34 +31,11 @@ def squad_dir(tmp_path_factory) -> Path:
     return d
 
 
-RECIPE = """
-[model]
-name = "{model}"
-max_length = 48
-[task]
-type = "seq2seq"
-max_target_length = 8
-[data]
-dir = "{data}"
-train = "train.json"
-validation = "valid.jsonl"
-[adapter]
-method = "{method}"
-[train]
-epochs = 4
-batch_size = 8
-lr = {lr}
-threads = 1
-[eval]
-num_beams = 2
-max_new_tokens = 4
-[output]
-dir = "{out}"
-"""
-
-
 def recipe_at(tmp_path, tiny_t5, data_dir, method="lora", lr=1e-2, overrides=()):
-    text = RECIPE.format(model=tiny_t5, data=data_dir, method=method, lr=lr, out=tmp_path / "runs")
+    text = recipe_text(tiny_t5, data_dir, train="train.json", model_opts={"max_length": 48},
+                       task={"type": "seq2seq", "max_target_length": 8}, data={"validation": "valid.jsonl"},
+                       adapter={"method": method}, train_opts={"epochs": 4, "lr": lr}, eval={"num_beams": 2, "max_new_tokens": 4},
+                       output={"dir": tmp_path / "runs"})
     return load_recipe(write_recipe(tmp_path / f"{method}.toml", text), list(overrides))
 
 

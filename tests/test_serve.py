@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TEXTS, reference, sentiment_rows, train_ner, train_sentiment, write_jsonl, write_recipe
+from helpers import TEXTS, recipe_text, reference, sentiment_rows, train_ner, train_sentiment, write_jsonl, write_recipe
 from peft_ft.serving.app import Metrics
 from peft_ft.serving.predict import AdapterSet
 from peft_ft.serving.scheduler import Job, Scheduler
@@ -35,22 +35,8 @@ def train_weak(root: Path, tiny_bert: Path) -> Path:
     data = root / "data-weak"
     data.mkdir(parents=True)
     write_jsonl(data / "train.jsonl", sentiment_rows(64, seed=5))
-    recipe = write_recipe(root / "weak.toml", f"""
-[model]
-name = "{tiny_bert}"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-[train]
-epochs = 8
-batch_size = 16
-lr = 1e-2
-threads = 1
-seed = 7
-[output]
-dir = "{root / 'runs'}"
-name = "weak"
-""")
+    recipe = write_recipe(root / "weak.toml", recipe_text(
+        tiny_bert, data, train_opts={"epochs": 8, "batch_size": 16, "lr": 1e-2, "seed": 7}, output={"dir": root / "runs", "name": "weak"}))
     return run(load_recipe(recipe))
 
 

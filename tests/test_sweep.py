@@ -15,35 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import sentiment_rows, write_jsonl, write_recipe
+from helpers import recipe_text, sentiment_rows, write_jsonl, write_recipe
 from peft_ft.cli import main
 from peft_ft.recipe.load import load_recipe
 from peft_ft.sweep.space import SpaceError
 from peft_ft.sweep.study import open_study, storage_url, sweep
-
-RECIPE = """
-[model]
-name = "{model}"
-max_length = 32
-[task]
-type = "classification"
-[data]
-dir = "{data}"
-train = "train.jsonl"
-validation = "valid.jsonl"
-test = ["test.jsonl"]
-[adapter]
-method = "lora"
-r = 4
-alpha = 8
-[train]
-epochs = {epochs}
-batch_size = 8
-lr = 1e-2
-threads = 1
-[output]
-dir = "{out}"
-"""
 
 
 @pytest.fixture
@@ -55,7 +31,10 @@ def recipe(tmp_path, tiny_bert):
     write_jsonl(data / "test.jsonl", sentiment_rows(8, seed=3))
 
     def make(epochs: int = 1) -> Path:
-        return write_recipe(tmp_path / "sent.toml", RECIPE.format(model=tiny_bert, data=data, out=tmp_path / "runs", epochs=epochs))
+        return write_recipe(tmp_path / "sent.toml", recipe_text(
+            tiny_bert, data, model_opts={"max_length": 32}, task={"type": "classification"},
+            data={"validation": "valid.jsonl", "test": ["test.jsonl"]}, adapter={"method": "lora", "r": 4, "alpha": 8},
+            train_opts={"epochs": epochs, "lr": 1e-2}, output={"dir": tmp_path / "runs"}))
 
     return make
 

@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from helpers import write_recipe
+from helpers import recipe_text, write_recipe
 from peft_ft.tasks.conlleval import chunks, read_conll_columns, score
 
 
@@ -63,25 +63,9 @@ def test_predict_answers_score_like_the_runs_own_predictions(tmp_path, tiny_bert
     conll_file(data / "train.txt", sentences(60, 0))
     test = sentences(24, 1)
     conll_file(data / "test.txt", test)
-    recipe = write_recipe(tmp_path / "ner.toml", f"""
-[model]
-name = "{tiny_bert}"
-max_length = 24
-[task]
-type = "ner"
-[data]
-dir = "{data}"
-train = "train.txt"
-test = ["test.txt"]
-[train]
-epochs = 4
-batch_size = 16
-lr = 1e-2
-threads = 1
-[output]
-dir = "{tmp_path / 'runs'}"
-name = "ner"
-""")
+    recipe = write_recipe(tmp_path / "ner.toml", recipe_text(
+        tiny_bert, data, train="train.txt", model_opts={"max_length": 24}, task={"type": "ner"}, data={"test": ["test.txt"]},
+        train_opts={"epochs": 4, "batch_size": 16, "lr": 1e-2}, output={"dir": tmp_path / "runs", "name": "ner"}))
     run_dir = run(load_recipe(recipe))
     assert json.loads((run_dir / "metrics.json").read_text())["test"]["windowed"] > 0  # long sentences were cut
     rows = tmp_path / "rows.jsonl"
