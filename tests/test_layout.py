@@ -99,3 +99,12 @@ def test_the_check_sees_a_planted_upward_import(tmp_path):
     planted.write_text(schema.read_text(encoding="utf-8") + "\n\ndef _x():\n    from peft_ft.tasks import TASKS\n", encoding="utf-8")
     assert "peft_ft.tasks" in imports(planted, set(known))
     assert layer("peft_ft.tasks") > layer("peft_ft.recipe.schema")
+
+
+def test_every_module_imports():
+    """A name imported from where it no longer lives fails here, whichever command would have reached it."""
+    import importlib
+
+    for name in sorted(modules()):
+        if name != "peft_ft.__main__":  # runs the CLI
+            importlib.import_module(name)

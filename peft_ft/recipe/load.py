@@ -15,7 +15,17 @@ from typing import Any
 
 from peft_ft.errors import RecipeError
 from peft_ft.methods import METHODS
-from peft_ft.recipe.schema import (SCHEDULERS, TRACKERS, Recipe, check_range, check_type, choice_error, section_fields, section_types, unknown_key)
+from peft_ft.recipe.schema import (
+    SCHEDULERS,
+    TRACKERS,
+    Recipe,
+    check_range,
+    check_type,
+    choice_error,
+    section_fields,
+    section_types,
+    unknown_key,
+)
 from peft_ft.tasks import TASKS
 
 

@@ -28,14 +28,13 @@ from pathlib import Path
 from peft_ft import log as log_module
 from peft_ft.compare.variants import with_overrides
 from peft_ft.data.files import resolve_data_dir, split_sources
-from peft_ft.engine.checkpoint import FOLDER
 from peft_ft.engine.run import run
 from peft_ft.engine.train import TrainHooks
 from peft_ft.errors import PeftFtError
 from peft_ft.log import setup_logging
 from peft_ft.models.loading import resolve_model, settle_hub_mode
 from peft_ft.recipe.load import build_recipe, load_recipe
-from peft_ft.rundir.layout import read_metrics
+from peft_ft.rundir.layout import CHECKPOINTS, read_metrics
 from peft_ft.storage import write_json
 from peft_ft.sweep.report import write_reports
 from peft_ft.sweep.space import current_value, load_space, trial_raw
@@ -391,7 +390,7 @@ def run_trial(trial, sweep_dir: Path, plan: Plan, base: dict, space) -> float:
         folders = sorted((sweep_dir / TRIALS / f"trial-{trial.number:04d}").glob("*"))
         if folders:
             trial.set_user_attr("run_dir", str(folders[-1]))
-            shutil.rmtree(folders[-1] / FOLDER, ignore_errors=True)  # nothing will resume a stopped trial
+            shutil.rmtree(folders[-1] / CHECKPOINTS, ignore_errors=True)  # nothing will resume a stopped trial
         if isinstance(e, optuna.TrialPruned):
             log.info("trial %d pruned: %s", trial.number, e)
         else:
