@@ -65,6 +65,7 @@ _PROMPT_TASK_TYPES = {
     "ForConditionalGeneration": "SEQ_2_SEQ_LM",
 }
 
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -438,8 +439,6 @@ def _validate_ia3(recipe: Recipe) -> list[str]:
         problems.append(f"adapter.feedforward_modules: {', '.join(extra)} not in adapter.target_modules; "
                         f"feed-forward modules are a subset of the targets")
     return problems
-
-
 
 
 # --- the other peft methods -------------------------------------------------------------------------

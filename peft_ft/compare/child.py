@@ -25,7 +25,6 @@ def measure_latency(run_dir: Path, data_dir: str | None, rows: int = LATENCY_EXA
     validation's), on the reloaded model, batched as in evaluation, after one warm-up batch."""
     import torch
 
-
     recipe = read_recipe(run_dir)
     task = TASKS[recipe.task.type]
     device = setup_torch(recipe)

@@ -205,7 +205,6 @@ def write_comparison(compare_dir: Path, variants: list[Variant]) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
-
     header, body = display_rows(rows)
     # One column per variant: a handful of methods fit a terminal's width, a dozen measures do not.
     table = Table(title="peft-ft compare")

@@ -117,7 +117,6 @@ def model_skeleton(recipe, location: str, auto_class: str):
     import torch
     import transformers
 
-
     quiet_transformers()
     config = transformers.AutoConfig.from_pretrained(location, trust_remote_code=recipe.model.trust_remote_code)
     with torch.device("meta"):

@@ -37,5 +37,3 @@ def explain(section: str | None = None) -> str:
     if section in (None, "adapter"):
         lines.append(explain_methods())
     return "\n".join(lines)
-
-

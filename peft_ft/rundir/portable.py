@@ -167,4 +167,3 @@ def _source_name(source: str, run_dir: Path | None = None) -> str:
         return str(Path(path).relative_to(Path.cwd())) + note
     except ValueError:
         return (os.path.relpath(path, Path(run_dir).resolve()) if run_dir else Path(path).name) + note
-

@@ -115,6 +115,7 @@ class AdapterSet:
         adapter.group.model.eval()
         self.adapters[name] = adapter
         return adapter
+
     def remove(self, name: str) -> None:
         """Unload adapter `name` (peft's `delete_adapter`); a base left without adapters is dropped."""
         adapter = self.get(name)
@@ -238,7 +239,6 @@ def _per_row_adapters(model, names: list[str]):
         yield
     finally:
         handle.remove()
-
 
 
 def _length_chunks(inputs: list, batch_size: int):

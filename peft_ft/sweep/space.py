@@ -338,4 +338,3 @@ def _flatten(item: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{k}"] = v
     return flat
-
