@@ -12,6 +12,7 @@ complete models: each is a group of its own.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -26,7 +27,6 @@ from pathlib import Path
 from peft_ft.data.files import TaskData, json_record, read_text
 from peft_ft.errors import DataError, PeftFtError
 from peft_ft.models.loading import quiet_transformers
-from peft_ft.models.safety import remote_code
 from peft_ft.recipe.schema import Recipe
 from peft_ft.rundir.layout import ADAPTER_CONFIG, read_info, read_recipe
 from peft_ft.rundir.load import base_location, check_run_folder, load_run
@@ -135,7 +135,9 @@ class AdapterSet:
         """Load `run_dir` with the one run-folder loader: onto the loaded base it shares with others when there is
         one (same base, head size and peft method), else on a base of its own."""
         info = read_info(run_dir)  # the folder was checked (check_run_folder) in __init__
-        recipe = remote_code(read_recipe(run_dir), self.trust_remote_code, f"adapter {name}: {run_dir}")
+        # load_run below makes (and reports) the remote-code decision: the command line's, never the folder's
+        recipe = read_recipe(run_dir)
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, trust_remote_code=self.trust_remote_code))
         task = TASKS[info["task"]]
         load = functools.partial(load_run, run_dir, self.device, self.allow_pickle, self.trust_remote_code,
                                  adapter_name=name, what=f"adapter {name}: ")
