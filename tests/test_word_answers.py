@@ -89,5 +89,8 @@ def test_predict_answers_score_like_the_runs_own_predictions(tmp_path, tiny_bert
     # back as B-. With the run's tags written the same way, the accuracy is the same too.
     assert {k: v for k, v in ours.items() if k != "accuracy"} == {k: v for k, v in runs_own.items() if k != "accuracy"}
     assert ours["accuracy"] == score(gold, [as_chunks(p) for p in predicted])["accuracy"]
+    # Each answer's `tags` are the run's own word tags: from them, conlleval's every line is the run's, accuracy too.
+    assert [a["tags"] for a in answers] == predicted
+    assert score(gold, [a["tags"] for a in answers]) == runs_own
     metrics = json.loads((run_dir / "metrics.json").read_text())["test"]
     assert ours["f1"] == metrics["conlleval_f1"] and ours["precision"] == metrics["conlleval_precision"]

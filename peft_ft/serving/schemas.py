@@ -107,6 +107,8 @@ class Entity(BaseModel):
 
 class EntitiesAnswer(_Answer):
     entities: list[Entity]
+    tags: list[str] = Field(description="one label per word (the row's tokens, or the text's whitespace-separated words), "
+                                        "as the evaluation decides it: an entity may open with I-")
 
 
 class SpanAnswer(_Answer):

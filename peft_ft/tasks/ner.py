@@ -226,13 +226,22 @@ class Words:
         return cls(" ".join(tokens), tuple(tokens), tuple(spans))
 
 
+class Entities(list):
+    """A text's entities, a list as stock pipelines return, with `tags`: each word's own label (the request's
+    tokens, or the text's whitespace-separated words), as the evaluation decides and scores it."""
+
+    def __init__(self, found: list[dict], tags: list[str]):
+        super().__init__(found)
+        self.tags = tags
+
+
 class WordTagger(FamilyAnswerer):
     """NER answers per word, in place of the stock pipeline's subword groups: each word gets the label
     of its first subword, a long text is cut into windows at word boundaries (`model.max_length`), so
     every word is tagged, exactly as the evaluation decides and scores; consecutive tags become
     entities under conlleval's chunk rules (an entity may open with I-). Text in (or `Words`),
-    `[{"entity_group", "word", "start", "end", "score"}]` out, `score` the mean probability of the
-    entity's words' tags."""
+    `[{"entity_group", "word", "start", "end", "score"}]` out (an `Entities` list, its `tags` the words'
+    labels), `score` the mean probability of the entity's words' tags."""
 
     task_name = "ner"
 
@@ -242,12 +251,13 @@ class WordTagger(FamilyAnswerer):
         names = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
         tagged = [i for i, item in enumerate(items) if item.words]  # an empty text has no word to tag
         examples = [{"tokens": list(items[i].words), "tags": [0] * len(items[i].words), "line": i} for i in tagged]
-        answers: list[list[dict]] = [[] for _ in items]
+        answers = [Entities([], []) for _ in items]
         if examples:
             features, outputs = self.run_examples(examples, batch_size, names)
             tags, probs = word_predictions(examples, features, outputs)
             for i, row, row_probs in zip(tagged, tags, probs):
-                answers[i] = entities(items[i], [names[t] for t in row], row_probs)
+                labels = [names[t] for t in row]
+                answers[i] = Entities(entities(items[i], labels, row_probs), labels)
         return answers[0] if single else answers
 
 
@@ -272,9 +282,12 @@ def _words_input(row: dict, recipe: Recipe, where: str) -> Words:
     return Words.of_text(request_text(row, ["text", recipe.data.text_column], where))
 
 
-def _entities(output: list[dict]) -> dict:
+def _entities(output: Entities) -> dict:
+    """The JSON answer: the entities, and `tags`, one label per word (a tokens request's tokens, else the text's
+    whitespace-separated words): what the evaluation's predictions_<split>.conll holds for the same words."""
     keys = ("entity_group", "word", "start", "end")
-    return {"entities": [{**{k: e[k] for k in keys}, "score": round(float(e["score"]), 6)} for e in output]}
+    return {"entities": [{**{k: e[k] for k in keys}, "score": round(float(e["score"]), 6)} for e in output],
+            "tags": list(output.tags)}
 
 
 def _cost(tokenizer, recipe: Recipe, item: Words) -> int:
