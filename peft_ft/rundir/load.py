@@ -88,21 +88,24 @@ def label_kwargs(run_dir: str | Path) -> dict:
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = False, trust_remote_code: bool = False, *,
-             adapter_name: str = "default", onto=None, what: str = ""):
+             adapter_name: str = "default", onto=None, what: str = "", checked: bool = False):
     """Rebuild a trained model from a run folder: returns (model, tokenizer, info) in eval mode. The one loader of
     run folders (predict, serve, pipelines, merge, export, compare): the folder is checked first (no torch), then
     the base loads with the run's head and the adapter goes on it under `adapter_name`.
 
     `onto`: a loaded peft model of the same base (hot-swapping in predict/serve) that takes this adapter besides
     its own; it is returned, with no tokenizer (the caller has the base's). `what` prefixes messages ("adapter
-    ner: "). A run or base folder holding pickle files is refused unless `allow_pickle`; a model's own Python
-    code runs only with `trust_remote_code`, whatever the folder's recipe.toml says (peft_ft.models.safety)."""
+    ner: "). `checked`: the caller has just run `check_run_folder` on it (AdapterSet checks every folder before
+    loading any, and then attaches under a lock that requests wait on). A run or base folder holding pickle
+    files is refused unless `allow_pickle`; a model's own Python code runs only with `trust_remote_code`,
+    whatever the folder's recipe.toml says (peft_ft.models.safety)."""
     import torch
     import transformers
     from peft import PeftModel
 
     run_dir = Path(run_dir)
-    check_run_folder(run_dir, allow_pickle, what)
+    if not checked:
+        check_run_folder(run_dir, allow_pickle, what)
     info = read_info(run_dir)
     recipe = remote_code(read_recipe(run_dir), trust_remote_code, f"{what}{run_dir}")
     quiet_transformers()

@@ -140,7 +140,7 @@ class AdapterSet:
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, trust_remote_code=self.trust_remote_code))
         task = TASKS[info["task"]]
         load = functools.partial(load_run, run_dir, self.device, self.allow_pickle, self.trust_remote_code,
-                                 adapter_name=name, what=f"adapter {name}: ")
+                                 adapter_name=name, what=f"adapter {name}: ", checked=True)  # _check ran on it
         if not info["is_adapter"]:
             model, tokenizer, _ = load()
             group = groups[("run", str(run_dir.resolve()))] = Group(model, tokenizer, shared=False)
