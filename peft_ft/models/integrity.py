@@ -19,6 +19,8 @@ from peft_ft.errors import PeftFtError
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 # adapter_config.json fields that size what peft allocates: rank-like numbers, checked against the tensors.
 RANK_FIELDS = ("r", "num_virtual_tokens")
+# VeRA's `r` is the rank of its shared random projections, which may exceed the width (peft allows it).
+UNBOUNDED_RANK = ("VERA",)
 # OFT/BOFT size their blocks by oft_block_size / boft_block_size; their `r` (block count) may be 0, meaning "derived".
 BLOCK_SIZED = ("OFT", "BOFT")
 DAMAGED = "the folder is damaged or was edited: copy it again from its source, or train it again"
@@ -29,16 +31,19 @@ def safetensors_header(path: Path) -> dict[str, dict]:
     a PeftFtError naming the file when it is empty, cut short, or not safetensors at all."""
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
+        head = f.read(9)
+        if len(head) < 9:
             raise PeftFtError(f"{path}: not a safetensors file: {size} bytes, too short to hold a header; {DAMAGED}")
-        (n,) = struct.unpack("<Q", head)
-        if head.startswith((b"\x80", b"PK")):  # pickle protocol 2+ / a zip (torch.save): renamed, not converted
+        (n,) = struct.unpack("<Q", head[:8])
+        plausible = n <= min(MAX_HEADER, size - 8) and head[8:] == b"{"
+        # A pickle (protocol 2+) starts with 0x80 and a torch.save zip with "PK"; so does a real header whose length
+        # ends in 0x80 (1,920 bytes = 80 07 ...), hence the plausibility test first.
+        if not plausible and head.startswith((b"\x80", b"PK")):
             raise PeftFtError(f"{path}: not a safetensors file: it is a pickle (torch.save) file renamed to .safetensors. "
                               f"Loading a pickle can run any code hidden in it; {DAMAGED}")
         if n > min(MAX_HEADER, size - 8):
             raise PeftFtError(f"{path}: not a safetensors file (its header claims {n} bytes, the file has {size}); {DAMAGED}")
-        raw = f.read(n)
+        raw = head[8:] + f.read(n - 1) if n else b""
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -95,7 +100,7 @@ def check_adapter(run_dir: Path, base_config: dict | None) -> None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PeftFtError(f"{config_path}: {key} must be a positive integer, got {value!r}; {DAMAGED}")
-        if width and key == "r" and value > width:
+        if width and key == "r" and value > width and config.get("peft_type") not in UNBOUNDED_RANK:
             raise PeftFtError(f"{config_path}: r = {value} is larger than the base model's hidden size ({width}); a rank "
                               f"cannot exceed the layer it adapts; {DAMAGED}")
     held = _tensor_ranks(config, tensors)
