@@ -77,7 +77,8 @@ def cmd_predict(args) -> int:
     from peft_ft.serving.predict import run_predict
 
     n = run_predict(args.adapter, args.input, args.format, args.use, args.adapter_field, args.output, args.batch_size, args.device,
-                    allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+                    allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, combine=args.combine, how=args.how,
+                    density=args.density)
     if args.output:
         print(f"{n} predictions: {args.output}", file=sys.stderr)
     return 0
@@ -108,7 +109,8 @@ def cmd_serve(args) -> int:
                      trust_remote_code=args.trust_remote_code,
                      admin_key=args.admin_key, adapter_dir=args.adapter_dir, max_adapters=args.max_adapters,
                      max_body=args.max_body_bytes, max_texts=args.max_texts, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens,
-                     max_tokens=args.max_tokens, request_timeout=args.request_timeout, max_wait_ms=args.max_wait_ms, mix=not args.no_mix)
+                     max_tokens=args.max_tokens, request_timeout=args.request_timeout, max_wait_ms=args.max_wait_ms, mix=not args.no_mix,
+                     combine=args.combine, how=args.how, density=args.density)
 
 
 def cmd_export(args) -> int:
@@ -163,6 +165,13 @@ def loader_args(p) -> None:
 def adapters_args(p) -> None:
     p.add_argument("--adapter", action="append", default=[], required=True, metavar="NAME=RUN_DIR",
                    help="a run folder to load under NAME (repeatable); adapters on the same base share one loaded base")
+    p.add_argument("--combine", action="append", default=[], metavar="NAME=ADAPTER:WEIGHT,...",
+                   help="also answer under NAME with LoRA adapters given by --adapter combined at start-up (repeatable): "
+                        "with --how cat, weights 1,1 stack them and 0.5,0.5 average them (same base, task and labels)")
+    p.add_argument("--how", default="cat", choices=("linear", "cat", "ties", "dare_ties", "dare_linear"),
+                   help="with --combine: how the LoRA matrices combine (default cat: exactly the weighted sum of the updates)")
+    p.add_argument("--density", type=float, default=None,
+                   help="with --how ties/dare_ties/dare_linear: fraction of each adapter's update kept (default 0.5)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
     loader_args(p)

@@ -177,3 +177,85 @@ def test_combining_refuses_other_tasks_methods_and_options(two_adapters, tmp_pat
     with pytest.raises(PeftFtError, match=r"expected NAME=RUN_DIR:WEIGHT"):
         parse_combine(f"a={first},b={second}:1")
     assert not (tmp_path / "x").exists()
+
+
+# --- stacking and averaging at inference (predict / serve --combine) ------------------------------------------
+
+
+def test_cat_with_weights_one_one_is_both_adapters_active_at_once(two_adapters, tmp_path):
+    """`--how cat` with weights (1, 1) gives every LoRA layer the sum of both updates: what peft computes with both
+    adapters active at once (its LoRA stacking); the head is the two heads' average."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from peft_ft.rundir.layout import read_info
+    from peft_ft.rundir.load import base_location
+    from peft_ft.serving.combine import _split_state, combine_runs
+
+    first, second = two_adapters
+    stacked = combine_runs([("a", first, 1.0), ("b", second, 1.0)], "cat", tmp_path / "stacked")
+    info = read_info(first)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_location(info), num_labels=2)
+    model, heads = None, []
+    for name, run_dir in (("a", first), ("b", second)):
+        config = LoraConfig.from_pretrained(str(run_dir))
+        config.task_type, config.modules_to_save = None, None  # LoRA parts only: peft activates one head at a time
+        lora, head = _split_state(run_dir, info["heads"])
+        model = get_peft_model(base, config, adapter_name=name) if model is None else model
+        if name != "a":
+            model.add_adapter(name, config)
+        set_peft_model_state_dict(model, lora, adapter_name=name)
+        heads.append({k.removeprefix("base_model.model."): v for k, v in head.items()})
+    model.base_model.set_adapter(["a", "b"])  # both LoRA adapters active: their updates add up
+    model.eval()  # (LoRA dropout off)
+    classifier = model.base_model.model.classifier
+    with torch.no_grad():
+        for key in ("weight", "bias"):
+            getattr(classifier, key).copy_((heads[0][f"classifier.{key}"] + heads[1][f"classifier.{key}"]) / 2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base_location(info))
+    with torch.inference_mode():
+        both_active = model(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+    assert torch.allclose(logits_of(stacked), both_active, atol=1e-5, rtol=0)
+
+
+def test_predict_answers_under_a_combination_beside_the_adapters(two_adapters, tmp_path, capsys):
+    from peft_ft.cli import main
+
+    first, second = two_adapters
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": t, "adapter": name}) + "\n" for name in ("a", "b", "first_only", "avg")
+                            for t in TEXTS))
+    assert main(["predict", "--adapter", f"a={first}", "--adapter", f"b={second}", "--combine", "first_only=a:1,b:0",
+                 "--combine", "avg=a:0.5,b:0.5", "--adapter-field", "adapter", str(rows)]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    by = {name: [a for a in answers if a["adapter"] == name] for name in ("a", "b", "first_only", "avg")}
+    assert [a["label"] for a in by["first_only"]] == [a["label"] for a in by["a"]]  # weights (1, 0): adapter a itself
+    assert [a["score"] for a in by["first_only"]] == pytest.approx([a["score"] for a in by["a"]], abs=1e-5)
+    assert [a["score"] for a in by["avg"]] != pytest.approx([a["score"] for a in by["a"]], abs=1e-3)
+    assert not list(Path(tempfile_dir()).glob("peft-ft-combined-*"))  # the combined folders are gone
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def test_predict_combine_refusals_name_the_problem(two_adapters, tmp_path):
+    from peft_ft.cli import main
+
+    first, second = two_adapters
+    (tmp_path / "in.txt").write_text("good film\n")
+    cases = {
+        ("--combine", "avg=a:0.5,c:0.5"): "'c' not given with --adapter",
+        ("--combine", "a=a:0.5,b:0.5"): "'a' already names an --adapter",
+        ("--combine", "avg"): "expected NAME=ADAPTER:WEIGHT",
+        ("--combine", "avg=a:x,b:1"): "expected NAME=RUN_DIR:WEIGHT",
+        ("--how", "ties"): "--how and --density apply to --combine",
+    }
+    for extra, message in cases.items():
+        done = subprocess.run([sys.executable, "-m", "peft_ft", "predict", "--adapter", f"a={first}", "--adapter", f"b={second}",
+                               *extra, str(tmp_path / "in.txt")], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert message in done.stderr, (extra, done.stderr)

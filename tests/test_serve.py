@@ -500,3 +500,32 @@ def test_unloading_the_last_adapter_of_a_base_ends_its_worker(runs):
         assert model() is None  # nothing holds the unloaded model
     finally:
         srv.stop()
+
+
+def test_cli_serves_a_stack_of_two_adapters_beside_them_and_removes_its_folder(runs, tmp_path):
+    """`serve --combine both=pos:1,flip:1` (stacked updates, averaged heads) answers like the same combination made by
+    `merge --combine ... --how cat` and served as a folder; the start-up folder is gone after SIGTERM."""
+    from peft_ft.serving.combine import combine_runs
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "peft_ft", "serve", "--adapter", f"pos={runs['pos']}", "--adapter", f"flip={runs['flip']}",
+         "--combine", "both=pos:1,flip:1", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving pos, flip, both on http://127.0.0.1:"), line
+        url = line.split()[-1]
+        assert list(tmp_path.glob("peft-ft-combined-*/both/adapter_model.safetensors"))
+        status, body = call(f"{url}/predict/both", texts_body(TEXTS), key=None)
+        assert status == 200, body
+        folder = combine_runs([("pos", runs["pos"], 1.0), ("flip", runs["flip"], 1.0)], "cat", tmp_path / "made-by-merge")
+        expected = AdapterSet({"m": folder}).answer("m", [{"text": t} for t in TEXTS])
+        assert [p["label"] for p in body["predictions"]] == [e["label"] for e in expected]
+        assert [p["score"] for p in body["predictions"]] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert not list(tmp_path.glob("peft-ft-combined-*"))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)

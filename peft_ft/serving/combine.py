@@ -10,6 +10,12 @@ dare_ties, dare_linear; `--density` for the TIES/DARE kinds). peft refuses to co
 sum(w_i * head_i) / sum(w_i) (weights (1, 0) keep the first head exactly). The result is a normal
 adapter folder: `peft-ft predict`, `serve`, `merge`, `peft_ft.pipeline` and a plain transformers
 pipeline load it like a trained run.
+
+`peft-ft predict` / `serve --combine NAME=A:WEIGHT,B:WEIGHT` build the same folder at start-up from adapters
+given with `--adapter` and answer under NAME beside them: stacking and averaging at inference. With
+`--how cat` the combined update is exactly sum(w_i * update_i) (peft concatenates the ranks), so weights
+(1, 1) stack the adapters (what peft computes with several LoRA adapters active at once) and (0.5, 0.5)
+average them; `linear` sums the A and the B matrices separately, which adds cross terms.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from peft_ft.tasks import TASKS
 HOWS = ("linear", "cat", "ties", "dare_ties", "dare_linear")
 PRUNING = ("ties", "dare_ties", "dare_linear")  # these keep the `density` fraction of each task vector
 DEFAULT_DENSITY = 0.5
+INFERENCE_HOW = "cat"  # predict/serve's default: exactly the weighted sum of the updates (merge keeps peft's linear)
 NOT_COMBINABLE_INITS = ("pissa", "olora")  # their base weights hold a residual of their own
 
 
@@ -59,6 +66,47 @@ def parse_combine(text: str) -> list[tuple[str, Path, float]]:
     if problems:
         raise PeftFtError("--combine: " + "; ".join(problems))
     return parts
+
+
+def parse_inference_combine(text: str, adapters: dict[str, str]) -> tuple[str, list[tuple[str, Path, float]]]:
+    """`avg=s1:0.5,s2:0.5` (s1, s2 named by `--adapter`) -> ("avg", [(name, run_dir, weight), ...])."""
+    name, eq, rest = text.partition("=")
+    if not (eq and name and rest):
+        raise PeftFtError(f"--combine {text}: expected NAME=ADAPTER:WEIGHT,ADAPTER:WEIGHT with ADAPTERs named by --adapter, "
+                          f"e.g. avg=seed1:0.5,seed2:0.5")
+    if name in adapters:
+        raise PeftFtError(f"--combine {text}: {name!r} already names an --adapter; give the combination a name of its own")
+    items = [s.strip() for s in rest.split(",") if s.strip()]
+    unknown = [i.rpartition(":")[0] or i for i in items if (i.rpartition(":")[0] or i) not in adapters]
+    if unknown:
+        raise PeftFtError(f"--combine {text}: {', '.join(map(repr, unknown))} not given with --adapter (loaded: {', '.join(adapters)})")
+    try:
+        parts = parse_combine(",".join(f"{a}={adapters[a]}:{w}" for a, _, w in (i.rpartition(":") for i in items)))
+    except PeftFtError as e:
+        raise PeftFtError(f"--combine {text}: {str(e).removeprefix('--combine: ')}") from None
+    return name, parts
+
+
+Combination = tuple[str, list[tuple[str, Path, float]]]  # (name, [(adapter name, run folder, weight), ...])
+
+
+def parse_inference_combinations(texts: list[str], adapters: dict[str, str], how: str, density: float | None) -> list[Combination]:
+    """Every `--combine` of predict/serve parsed and its options checked, before anything loads."""
+    if not texts and (how != INFERENCE_HOW or density is not None):
+        raise PeftFtError("--how and --density apply to --combine NAME=ADAPTER:WEIGHT,...; give --combine or remove them")
+    parsed = [parse_inference_combine(t, adapters) for t in texts]
+    names = [n for n, _ in parsed]
+    if len(set(names)) != len(names):
+        raise PeftFtError(f"--combine: each combination needs its own name: {', '.join(names)}")
+    for _, parts in parsed:
+        check_combinable(parts, how, density)
+    return parsed
+
+
+def build_inference_combinations(parsed: list[Combination], how: str, density: float | None, workdir: Path,
+                                 allow_pickle: bool = False) -> dict[str, str]:
+    """Each parsed `--combine` written as an adapter folder under `workdir` -> {name: folder}."""
+    return {name: str(combine_runs(parts, how, workdir / name, density, allow_pickle)) for name, parts in parsed}
 
 
 def check_combinable(parts: list[tuple[str, Path, float]], how: str, density: float | None) -> list[dict]:

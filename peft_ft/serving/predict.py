@@ -19,6 +19,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from peft_ft.models.loading import quiet_transformers
 from peft_ft.recipe.schema import Recipe
 from peft_ft.rundir.layout import ADAPTER_CONFIG, read_info, read_recipe
 from peft_ft.rundir.load import base_location, check_run_folder, load_run
+from peft_ft.serving.combine import build_inference_combinations, parse_inference_combinations
 from peft_ft.storage import write_atomic
 from peft_ft.tasks import TASKS
 from peft_ft.tasks.base import Answers
@@ -366,15 +368,20 @@ def check_writable(path: Path) -> None:
 
 def run_predict(adapter_args: list[str], input_path: str, fmt: str, use: str | None, field_name: str | None,
                 output: str | None, batch_size: int, device: str = "cpu", allow_pickle: bool = False,
-                trust_remote_code: bool = False) -> int:
-    """`peft-ft predict`: read every row (and route it) before loading any model, then answer as JSONL."""
+                trust_remote_code: bool = False, combine: list[str] = (), how: str = "cat", density: float | None = None) -> int:
+    """`peft-ft predict`: read every row (and route it) before loading any model, then answer as JSONL.
+    `combine`: adapters stacked or averaged at start-up (peft_ft.serving.combine), answering under their own names."""
     specs = parse_adapter_args(adapter_args)
+    combined = parse_inference_combinations(list(combine), specs, how, density)  # names known before the rows are routed
     if output:
         check_writable(Path(output))  # before any model loads: a wrong path costs no minutes
     rows, where = read_inputs(input_path, fmt)
-    routes = route(rows, where, list(specs), use, field_name)
-    adapters = AdapterSet(specs, device, batch_size, allow_pickle, trust_remote_code)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predict_rows(adapters, rows, where, routes))
+    routes = route(rows, where, [*specs, *(name for name, _ in combined)], use, field_name)
+    with tempfile.TemporaryDirectory(prefix="peft-ft-combined-") as workdir:
+        specs |= build_inference_combinations(combined, how, density, Path(workdir), allow_pickle)
+        adapters = AdapterSet(specs, device, batch_size, allow_pickle, trust_remote_code)
+        answers = predict_rows(adapters, rows, where, routes)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answers)
     if output:
         try:
             write_atomic(Path(output), text)

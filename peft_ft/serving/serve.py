@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 from peft_ft.errors import PeftFtError
 from peft_ft.log import setup_logging
+from peft_ft.serving.combine import build_inference_combinations, parse_inference_combinations
 from peft_ft.serving.library import Library
 from peft_ft.serving.predict import AdapterSet, parse_adapter_args
 from peft_ft.serving.scheduler import Scheduler
@@ -151,9 +155,11 @@ def run_serve(adapter_args: list[str], host: str, port: int, batch_size: int, de
               admin_key: str | None = None, adapter_dir: str | None = None, max_adapters: int | None = None, allow_pickle: bool = False,
               trust_remote_code: bool = False, max_body: int = MAX_BODY, max_texts: int = MAX_TEXTS, max_batch: int = MAX_BATCH,
               max_batch_tokens: int = MAX_BATCH_TOKENS, max_tokens: int = MAX_TOKENS, request_timeout: float = REQUEST_TIMEOUT,
-              max_wait_ms: float = MAX_WAIT_MS, mix: bool = True) -> int:
+              max_wait_ms: float = MAX_WAIT_MS, mix: bool = True, combine: list[str] = (), how: str = "cat",
+              density: float | None = None) -> int:
     """`peft-ft serve`: load every adapter, then serve until SIGTERM or Ctrl-C; requests in flight finish,
-    then the process exits 0 (it does not return)."""
+    then the process exits 0 (it does not return). `combine`: adapters stacked or averaged at start-up
+    (peft_ft.serving.combine), served under their own names."""
     setup_logging()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     admin_key = admin_key or os.environ.get(ADMIN_KEY_ENV) or None
@@ -167,7 +173,15 @@ def run_serve(adapter_args: list[str], host: str, port: int, batch_size: int, de
         log.warning("listening on %s without an API key: anyone who can reach this address can use the models "
                     "(set --api-key or $%s)", host, API_KEY_ENV)
     specs = parse_adapter_args(adapter_args)
-    adapters = AdapterSet(specs, device, batch_size, allow_pickle, trust_remote_code)
+    combined = parse_inference_combinations(list(combine), specs, how, density)
+    # the combined folders live as long as the server: removed before the process exits below
+    workdir = Path(tempfile.mkdtemp(prefix="peft-ft-combined-"))
+    try:
+        specs |= build_inference_combinations(combined, how, density, workdir, allow_pickle)
+        adapters = AdapterSet(specs, device, batch_size, allow_pickle, trust_remote_code)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     server = make_server(adapters, host, port, api_key=api_key, admin_key=admin_key, adapter_dir=adapter_dir, max_adapters=max_adapters,
                          max_body=max_body, max_texts=max_texts, max_batch=max_batch, max_batch_tokens=max_batch_tokens,
                          max_tokens=max_tokens, request_timeout=request_timeout, max_wait_ms=max_wait_ms, mix=mix, started=specs)
@@ -176,6 +190,7 @@ def run_serve(adapter_args: list[str], host: str, port: int, batch_size: int, de
     print(f"API documentation: {server.url}/docs", file=sys.stderr, flush=True)
     server.serve()  # uvicorn handles SIGTERM/SIGINT: stop accepting, close idle connections, finish requests in flight
     print("stopped", file=sys.stderr, flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)
     sys.stdout.flush()
     # Every request is answered; tearing down the interpreter (torch, the loaded models) took 3-4 s more on
     # a busy machine, past the 5 s a supervisor gives after SIGTERM. Nothing is left to write.
