@@ -28,6 +28,11 @@ from common import write_smoke_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+
+
+def markers(section: str) -> tuple[str, str]:
+    """The lines that enclose a table section in RESULTS.md: the default one, or `--section NAME`'s own."""
+    return (BEGIN, END) if not section else (f"<!-- quality:{section}:begin -->", f"<!-- quality:{section}:end -->")
 METHODS = ("full", "lora", "ia3", "prompt_tuning", "prefix_tuning")  # the order of the table's rows
 GOAL_POINTS, GOAL_TRAINABLE = 1.0, 2.0  # LoRA at most 1.0 point below full, with <= 2 % trainable
 
@@ -290,8 +295,14 @@ def row_cells(spec: DataSet, run: Run, full: Run | None) -> list[str]:
         *[metric_text(spec, value(run, split, m)) for split in spec.splits for m, _ in spec.metrics],
         vs_full, f"{params['trainable_params']:,}", f"{params['trainable_percent']:.3f}", human_size(params["weight_bytes"]),
         lr_text(run), f"{train['epochs_run']} (best {train.get('best_epoch', '-')})",
-        f"{train['seconds'] / 60:.1f} min",
+        f"{train['seconds'] / 60:.1f} min", peak_text(train),
     ]
+
+
+def peak_text(train: dict) -> str:
+    """The run's peak resident memory (the whole process: training and evaluation), from metrics.json."""
+    peak = train.get("peak_rss_mib")
+    return f"{peak / 1024:.2f} GiB" if peak else "-"
 
 
 def goal_line(spec: DataSet, rows: dict[str, Run]) -> str:
@@ -335,7 +346,7 @@ def table_markdown(spec: DataSet, rows: dict[str, Run]) -> str:
     metric_columns = [f"{split} {label}" for split in spec.splits for _, label in spec.metrics]
     main_label = dict(spec.metrics)[spec.main]
     vs_full = f"vs full ({main_label} points{': ' + ' / '.join(s.removeprefix('test_') for s in spec.splits) if len(spec.splits) > 1 else ''})"
-    header = ["method", *metric_columns, vs_full, "trainable", "trainable %", "weights on disk", "lr", "epochs", "train time"]
+    header = ["method", *metric_columns, vs_full, "trainable", "trainable %", "weights on disk", "lr", "epochs", "train time", "peak RSS"]
     lines = [f"### {spec.title}", ""]
     subsets = sorted({r.subset for r in rows.values() if r.subset})
     if subsets:
@@ -370,13 +381,15 @@ def machine_text(threads: str) -> str:
             f"{packages}; python {platform.python_version()}")
 
 
-def section_markdown(chosen: dict[tuple[str, str], Run], data_sets: list[str], command: str, left_out: str) -> str:
+def section_markdown(chosen: dict[tuple[str, str], Run], data_sets: list[str], command: str, left_out: str,
+                     section: str = "") -> str:
+    begin, end = markers(section)
     threads = sorted({str(r.recipe.get("train", {}).get("threads") or "all") for r in chosen.values()}) or ["-"]
     machine = machine_text("/".join(threads))
     models = sorted({r.info.get("base_model", "?") for r in chosen.values()}) or ["-"]
     lines = [
-        BEGIN,
-        "## Quality: full fine-tuning vs adapter methods",
+        begin,
+        "## Quality: full fine-tuning vs adapter methods" + (f" ({section})" if section else ""),
         "",
         f"Base model: {', '.join(models)}.",
         f"Table built {datetime.date.today().isoformat()} with `{command}`, from the run folders named under each table "
@@ -389,7 +402,7 @@ def section_markdown(chosen: dict[tuple[str, str], Run], data_sets: list[str], c
         "- trainable: parameters that receive gradients, and their share of all the model's parameters; weights on "
         "disk: the saved .safetensors (adapter + task head, or the whole model for full)",
         "- train time: the training loop only (per-epoch validation and the test splits not counted), from "
-        "metrics.json; epochs: run (best)",
+        "metrics.json; epochs: run (best); peak RSS: the run process's peak resident memory (training and evaluation)",
         "- one run per method (the recipe's seed): no spread across seeds is measured; `peft-ft compare --seeds N` "
         "measures it",
         "- command: `peft-ft run` with the differences between the run's resolved recipe.toml and its source recipe "
@@ -402,22 +415,23 @@ def section_markdown(chosen: dict[tuple[str, str], Run], data_sets: list[str], c
     missing = [d for d in DATASETS if d not in data_sets]
     if missing:
         lines.append(f"Not in this table: {', '.join(missing)} ({left_out}).\n")
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between the markers (markers included), or append the section when the file
-    has none; everything else in the file stays as it is."""
+def write_section(path: Path, section_text: str, section: str = "") -> None:
+    """Replace the text between the section's markers (markers included), or append the section when the
+    file has none; everything else in the file stays as it is."""
+    begin, end = markers(section)
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    begins, ends = text.count(BEGIN), text.count(END)
+    begins, ends = text.count(begin), text.count(end)
     if (begins, ends) == (0, 0):
-        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section
-    elif (begins, ends) == (1, 1) and text.index(BEGIN) < text.index(END):
-        start, stop = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:start] + section.rstrip("\n") + text[stop:]
+        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section_text
+    elif (begins, ends) == (1, 1) and text.index(begin) < text.index(end):
+        start, stop = text.index(begin), text.index(end) + len(end)
+        text = text[:start] + section_text.rstrip("\n") + text[stop:]
     else:
-        raise SystemExit(f"error: {path}: expected one {BEGIN} line followed by one {END} line "
+        raise SystemExit(f"error: {path}: expected one {begin} line followed by one {end} line "
                          f"(found {begins} and {ends}); fix the file by hand")
     path.write_text(text, encoding="utf-8")
 
@@ -439,6 +453,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--collect", nargs="+", metavar="RUN_DIR", help="build the table from finished run folders; no training")
     parser.add_argument("--results", default="", help="markdown file to write the section into (default bench/RESULTS.md; "
                         "with --smoke OUT_DIR/RESULTS.md)")
+    parser.add_argument("--section", default="", help="write into RESULTS.md's section of this name (its own markers), "
+                        "e.g. a smaller budget beside the full-data table (default: the full-data table)")
     parser.add_argument("--smoke", action="store_true", help="tiny BERT and tiny data in the real formats; seconds")
     return parser.parse_args(argv)
 
@@ -469,9 +485,9 @@ def main(argv: list[str]) -> int:
     data_sets = [d for d in DATASETS if any(k[0] == d for k in chosen)] if args.collect else args.data
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in argv)
     left_out = "no run folder of it among those collected" if args.collect else "not asked for with --data"
-    section = section_markdown(chosen, data_sets, command, left_out)
+    section = section_markdown(chosen, data_sets, command, left_out, args.section)
     results = Path(args.results) if args.results else (out_dir / "RESULTS.md" if args.smoke else REPO / "bench" / "RESULTS.md")
-    write_section(results, section)
+    write_section(results, section, args.section)
     print(section)
     print(f"written: {results}")
     return 0
