@@ -147,7 +147,7 @@ def call(url: str, body: bytes | None = None, key: str | None = None, timeout: f
 
 def start_server(adapters: dict[str, str], key: str, args, log_path: Path) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "peft_ft", "serve", "--host", HOST, "--port", "0", "--max-batch", str(args.max_batch),
-               "--max-wait-ms", str(args.max_wait_ms), "--batch-size", str(args.max_batch)] + (["--no-mix"] if args.no_mix else [])
+               "--max-wait-ms", str(args.max_wait_ms), "--batch-size", str(args.max_batch), "--device", args.device] + (["--no-mix"] if args.no_mix else [])
     for name, path in adapters.items():
         command += ["--adapter", f"{name}={path}"]
     env = {**os.environ, "PEFT_FT_API_KEY": key, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(args.threads)}
@@ -395,7 +395,7 @@ def time_forwards(adapters: dict[str, str], repeats: int) -> list[str]:
     from peft_ft.serving.predict import AdapterSet
 
     names = list(adapters)[:4]
-    loaded = AdapterSet({n: adapters[n] for n in names}, batch_size=32)
+    loaded = AdapterSet({n: adapters[n] for n in names}, device=args.device, batch_size=32)
     texts = TEXTS[:4] * 4
     routes = [names[i % len(names)] for i in range(len(texts))]
     inputs = [loaded.inputs(n, [{"text": t, "text_pair": PAIR_TEXT}] if n in PAIRED else [{"text": t}])[0] for n, t in zip(routes, texts)]
@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bad", type=float, default=0.1, help="share of malformed requests")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--device", default="cpu", help="the server's --device (cuda: where one forward of many rows costs "
+                        "about what one of few rows does, which is what mixing adapters is for)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rss-every", type=float, default=None, metavar="SECONDS",

@@ -3,7 +3,9 @@
 #   - LoRA on CoNLL-2003 in float32 and in bf16: real tokens/s, peak torch.cuda.max_memory_allocated, test entity F1
 #     after a short run (STEPS optimizer steps);
 #   - the same LoRA on an 8-bit base (bitsandbytes, the [cuda] extra), when installed;
-#   - DDP over every GPU present (accelerate launch, configs/accelerate/multi_gpu_ddp.yaml), when there are 2 or more.
+#   - DDP over every GPU present (accelerate launch, configs/accelerate/multi_gpu_ddp.yaml), when there are 2 or more;
+#   - serving (issue 25's goal): bench/loadtest.py --compare on the GPU, 4 LoRA adapters mixed in one forward vs one
+#     adapter vs switching (--no-mix); its table is written to OUT/loadtest.txt.
 # Usage: scripts/gpu_check.sh [OUT_DIR]      env: PYTHON (default .venv/bin/python), PEFT_FT_DATA_DIR, STEPS (300)
 # Status: written without a GPU; it has not run yet.
 set -uo pipefail
@@ -38,6 +40,11 @@ else
   echo "ddp skipped: 1 GPU present" >"$OUT/ddp.skipped"
 fi
 
+echo "== loadtest (serve on cuda)" >&2
+"$PY" bench/loadtest.py --compare --device cuda --seconds 20 --adapter a=adapters/grading_lora --adapter b=adapters/grading_lora \
+    --adapter c=adapters/grading_lora --adapter d=adapters/grading_lora >"$OUT/loadtest.txt" 2>&1 \
+  || echo "loadtest FAILED (see $OUT/loadtest.txt)" >&2
+
 "$PY" - "$OUT" "$GPUS" <<'PYEOF'
 import json, sys
 from pathlib import Path
@@ -59,3 +66,4 @@ for name in ["fp32", "bf16", "int8-base", "ddp", *[p.stem for p in sorted(out.gl
     elif (out / f"{name}.log").is_file():
         print(f"{name:<12} {'-':>6} {'-':>11} {'-':>14} {'-':>8}  FAILED: see {out / (name + '.log')}")
 PYEOF
+echo; grep -E "^\||mixed /" "$OUT/loadtest.txt" || true
