@@ -174,21 +174,22 @@ def train_sentiment(root: Path, tiny_bert: Path, name: str, *, flip: bool = Fals
     return run(load_recipe(recipe))
 
 
-def train_ner(root: Path, tiny_bert: Path) -> Path:
+def train_ner(root: Path, tiny_bert: Path, name: str = "ner", seed: int = 0, epochs: int = 20) -> Path:
     from peft_ft.engine.run import run
     from peft_ft.recipe.load import load_recipe
 
-    rng = random.Random(0)
+    rng = random.Random(seed)
     rows = []
     for _ in range(48):
         person, place = rng.choice(["john", "mary"]), rng.choice(["paris", "london", "berlin"])
         rows.append({"tokens": [person, rng.choice(["lives", "works"]), "in", place, "."], "tags": ["B-PER", "O", "O", "B-LOC", "O"]})
-    data = root / "data-ner"
+    data = root / f"data-{name}"
     data.mkdir(parents=True)
     write_jsonl(data / "train.jsonl", rows)
-    recipe = write_recipe(root / "ner.toml", recipe_text(
-        tiny_bert, data, model_opts={"max_length": 32}, task={"type": "ner"}, train_opts={"epochs": 20, "batch_size": 16, "lr": 1e-2},
-        output={"dir": root / "runs", "name": "ner"}))
+    recipe = write_recipe(root / f"{name}.toml", recipe_text(
+        tiny_bert, data, model_opts={"max_length": 32}, task={"type": "ner"},
+        train_opts={"epochs": epochs, "batch_size": 16, "lr": 1e-2, **({"seed": seed} if seed else {})},
+        output={"dir": root / "runs", "name": name}))
     return run(load_recipe(recipe))
 
 

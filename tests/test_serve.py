@@ -268,11 +268,31 @@ def test_mixed_adapter_batches_equal_the_answers_alone(adapters, runs):
     assert metrics.snapshot()["mixed_batches"] == 0
 
 
-def test_ner_adapters_are_not_mixed(runs):
-    """NER answers window long texts and batch the windows by length: per-row adapter names would land on
-    other rows, so NER adapters keep forwards of their own (and answer as alone)."""
-    adapters = AdapterSet({"ner": runs["ner"], "ner2": runs["ner"]})
-    assert adapters.mix_key("ner") is None and adapters.mix_key("ner2") is None
+def test_ner_adapters_mix_and_every_window_gets_its_texts_adapter(runs, tmp_path_factory, tiny_bert):
+    """Two NER adapters (other seeds and epochs: other answers) in one forward: each text's windows, a long text's
+    several among them, run with that text's adapter; every answer equals the text answered alone."""
+    other = train_ner(tmp_path_factory.mktemp("ner2"), tiny_bert, name="ner2", seed=3, epochs=4)
+    adapters = AdapterSet({"ner": runs["ner"], "ner2": other})
+    assert adapters.mix_key("ner") == adapters.mix_key("ner2") is not None
+    long_text = " ".join(["john lives in paris ."] * 12)  # 60 words: windows of max_length 32 tokens
+    texts = ["mary works in berlin .", long_text, "john lives in london .", "", "paris"]
+    names = [n for t in texts for n in ("ner", "ner2")]
+    inputs = [adapters.inputs(n, [{"text": t}])[0] for t in texts for n in ("ner", "ner2")]
+    alone = [adapters.run_inputs(n, [i])[0] for n, i in zip(names, inputs)]
+    forwards = []
+    hook = adapters.get("ner").group.model.register_forward_hook(
+        lambda m, a, kw, out: forwards.append(kw.get("adapter_names")), with_kwargs=True)
+    try:
+        mixed = adapters.run_mixed(names, inputs)
+    finally:
+        hook.remove()
+    assert any(f is not None and set(f) == {"ner", "ner2"} for f in forwards)  # adapters shared a forward
+    assert sum(len(f) for f in forwards) > len([t for t in texts if t]) * 2  # the long text ran as several windows
+    for got, want in zip(mixed, alone):
+        assert got["adapter"] == want["adapter"] and got["tags"] == want["tags"]
+        assert [e["entity_group"] for e in got["entities"]] == [e["entity_group"] for e in want["entities"]]
+        assert [e["score"] for e in got["entities"]] == pytest.approx([e["score"] for e in want["entities"]], abs=1e-5)
+    assert [a["tags"] for a in alone[0::2]] != [a["tags"] for a in alone[1::2]]  # the two adapters do answer differently
 
 
 def test_concurrent_requests_over_the_socket_get_their_own_adapters_answer(server):

@@ -207,11 +207,12 @@ class AdapterSet:
         cannot. peft 0.21 takes per-row `adapter_names` in LoRA layers and `modules_to_save` heads
         only: IA3 ignores it silently, prompt/prefix methods and DoRA refuse it. Rows must also share
         what the pipeline reads from the model and recipe: label names (from the shared config) and
-        the truncation length. QA windows and seq2seq generation are not one row per forward row."""
+        the truncation length. NER gives each of its windows its text's adapter (`Answers.mixes`); QA windows and
+        seq2seq generation do not mix."""
         adapter = self.get(name)
         config = getattr(adapter.group.model, "peft_config", {}).get(name)
         if (not adapter.group.shared or config is None or getattr(config.peft_type, "value", config.peft_type) != "LORA"
-                or getattr(config, "use_dora", False) or not adapter.answers.mixable):
+                or getattr(config, "use_dora", False) or not adapter.answers.mixes):
             return None
         return (id(adapter.group), adapter.answers, tuple(adapter.info["labels"] or ()), adapter.recipe.model.max_length)
 
@@ -226,8 +227,12 @@ class AdapterSet:
             activate(group.model, first.name, first.info["labels"])  # a LoRA adapter active: peft then reads adapter_names
             cut = [first.answers.truncated(group.tokenizer, item, first.recipe.model.max_length) for item in inputs]
             for chunk in _length_chunks(inputs, self.batch_size):
-                with _per_row_adapters(group.model, [names[i] for i in chunk]):
-                    answered = first.pipe([inputs[i] for i in chunk], batch_size=len(chunk))
+                chunk_names = [names[i] for i in chunk]
+                if first.answers.mixes == "argument":  # the answerer hands each of its forward rows its input's adapter
+                    answered = first.pipe([inputs[i] for i in chunk], batch_size=len(chunk), adapter_names=chunk_names)
+                else:
+                    with _per_row_adapters(group.model, chunk_names):
+                        answered = first.pipe([inputs[i] for i in chunk], batch_size=len(chunk))
                 for i, output in zip(chunk, answered):
                     outputs[i] = output
         return [{"adapter": n, **first.answers.to_answer(o), "truncated": c} for n, o, c in zip(names, outputs, cut)]

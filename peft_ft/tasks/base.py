@@ -74,10 +74,11 @@ class Task:
         """Token-id features, one dict per model row, each with a `length`."""
         raise NotImplementedError
 
-    def predict(self, model, features: list[dict], pad_id: int, batch_size: int, device) -> list[Any]:
+    def predict(self, model, features: list[dict], pad_id: int, batch_size: int, device, adapter_names: list[str] | None = None) -> list[Any]:
         """Per-row outputs for a split, in feature order. The default runs the model forward on
-        length-sorted batches and cuts the outputs with `unpack`; generative tasks override it."""
-        return predict(model, self, features, pad_id, batch_size, device)
+        length-sorted batches and cuts the outputs with `unpack`; generative tasks override it.
+        `adapter_names` (one per feature): each row's adapter, for peft's per-row LoRA (serving)."""
+        return predict(model, self, features, pad_id, batch_size, device, adapter_names)
 
     def unpack(self, outputs, batch) -> list[Any]:
         """Cut a batch's model outputs into one numpy output per row."""
@@ -104,8 +105,10 @@ def register_task(cls):
     return cls
 
 
-def predict(model, task: Task, features: list[dict], pad_id: int, batch_size: int, device) -> list:
-    """Per-row outputs in the features' order; batches sorted by length, no gradients."""
+def predict(model, task: Task, features: list[dict], pad_id: int, batch_size: int, device,
+            adapter_names: list[str] | None = None) -> list:
+    """Per-row outputs in the features' order; batches sorted by length, no gradients. With `adapter_names` (one per
+    feature) each forward gets its rows' names: peft picks every row's LoRA weights and head."""
     import torch  # the registry is read by `validate`, which must not wait for torch
 
     model.eval()
@@ -114,7 +117,8 @@ def predict(model, task: Task, features: list[dict], pad_id: int, batch_size: in
         for indices in eval_batches([f["length"] for f in features], batch_size):
             batch = pad_batch([features[i] for i in indices], pad_id)
             batch.pop("labels", None)
-            result = model(**{k: v.to(device) for k, v in batch.items()})
+            per_row = {"adapter_names": [adapter_names[i] for i in indices]} if adapter_names else {}
+            result = model(**{k: v.to(device) for k, v in batch.items()}, **per_row)
             for i, row in zip(indices, task.unpack(result, batch)):
                 outputs[i] = row
     return outputs
@@ -137,7 +141,10 @@ class Answers:
     cost: Callable[[Any, Recipe, Any], int]  # (tokenizer, recipe, input) -> tokens the model reads for it (serve's bound)
     # (tokenizer, input, max_length) -> whether the model reads only the start of the input
     truncated: Callable[[Any, Any, int], bool] = _never_cut
-    mixable: bool = False  # one forward row per input: inputs of several adapters may share a forward pass
+    # Inputs of several adapters may share a forward pass: "rows" when the callable makes one forward row per input
+    # (the serving layer then adds each row's adapter to the forward), "argument" when it takes `adapter_names=` (one
+    # per input) and gives each of its forward rows (windows, say) its input's adapter; "" when they may not.
+    mixes: str = ""
 
 
 def stock_pipeline(task: str, options: Callable[[Recipe], dict]) -> Callable:
@@ -161,12 +168,15 @@ class FamilyAnswerer:
     def __init__(self, model, tokenizer, recipe: Recipe):
         self.model, self.tokenizer, self.recipe, self.task = model, tokenizer, recipe, TASKS[self.task_name]
 
-    def run_examples(self, examples: list[dict], batch_size: int, labels: list[str] = ()) -> tuple[list[dict], list]:
+    def run_examples(self, examples: list[dict], batch_size: int, labels: list[str] = (),
+                     adapter_names: list[str] | None = None) -> tuple[list[dict], list]:
         """Request rows as the family's examples (no gold labels: `labels` are the head's names) -> (features, per-row
-        outputs of `Task.predict`)."""
+        outputs of `Task.predict`). `adapter_names` (one per example) reach every feature made from that example
+        (its `_example`), for families whose `Answers.mixes` is "argument"."""
         features = self.task.encode(Split("predict", "<request>", examples), self.tokenizer, self.recipe, TaskData({}, list(labels)))
         device = next(self.model.parameters()).device
-        return features, self.task.predict(self.model, features, self.tokenizer.pad_token_id or 0, batch_size, device)
+        per_feature = {"adapter_names": [adapter_names[f["_example"]] for f in features]} if adapter_names else {}
+        return features, self.task.predict(self.model, features, self.tokenizer.pad_token_id or 0, batch_size, device, **per_feature)
 
 
 def request_text(row: dict, names: list[str], where: str) -> str:

@@ -138,7 +138,7 @@ ANSWERS = Answers(
     build=stock_pipeline("text-classification", lambda r: {"truncation": True, "max_length": r.model.max_length}),
     to_input=_classification_input,
     to_answer=lambda o: {"label": o["label"], "score": round(float(o["score"]), 6)},
-    cost=_cost, truncated=_truncated, mixable=True,
+    cost=_cost, truncated=_truncated, mixes="rows",
 )
 
 

@@ -245,7 +245,8 @@ class WordTagger(FamilyAnswerer):
 
     task_name = "ner"
 
-    def __call__(self, inputs, batch_size: int = 32):
+    def __call__(self, inputs, batch_size: int = 32, adapter_names: list[str] | None = None):
+        """`adapter_names` (one per input): each input's adapter, given to every window of it (mixed-adapter forwards)."""
         single = isinstance(inputs, (str, Words))
         items = [_as_words(i) for i in ([inputs] if single else inputs)]
         names = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
@@ -253,7 +254,8 @@ class WordTagger(FamilyAnswerer):
         examples = [{"tokens": list(items[i].words), "tags": [0] * len(items[i].words), "line": i} for i in tagged]
         answers = [Entities([], []) for _ in items]
         if examples:
-            features, outputs = self.run_examples(examples, batch_size, names)
+            features, outputs = self.run_examples(examples, batch_size, names,
+                                                  [adapter_names[i] for i in tagged] if adapter_names else None)
             tags, probs = word_predictions(examples, features, outputs)
             for i, row, row_probs in zip(tagged, tags, probs):
                 labels = [names[t] for t in row]
@@ -295,7 +297,7 @@ def _cost(tokenizer, recipe: Recipe, item: Words) -> int:
     return token_count(tokenizer, item.text)
 
 
-ANSWERS = Answers(build=WordTagger, to_input=_words_input, to_answer=_entities, cost=_cost)
+ANSWERS = Answers(build=WordTagger, to_input=_words_input, to_answer=_entities, cost=_cost, mixes="argument")
 
 
 CARD = Card(
