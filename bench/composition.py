@@ -81,15 +81,16 @@ def evaluate(folders: dict[str, Path], data: Path) -> dict[str, dict[str, dict]]
     from peft_ft.serving.predict import AdapterSet
     from peft_ft.tasks.classification import classification_metrics
 
-    adapters = AdapterSet({name: str(f) for name, f in folders.items()}, batch_size=64)
-    labels = adapters.get(next(iter(folders))).info["labels"]
+    keys = {name: f"adapter{i}" for i, name in enumerate(folders)}  # adapter names are URL-safe; the table's are prose
+    adapters = AdapterSet({keys[name]: str(f) for name, f in folders.items()}, batch_size=64)
+    labels = adapters.get(keys[next(iter(folders))]).info["labels"]
     results: dict[str, dict[str, dict]] = {name: {} for name in folders}
     for split in SPLITS:
         frame = pd.read_parquet(data / "scientsbank" / f"{split}.parquet")
         rows = [{"text": r.reference_answer, "text_pair": r.student_answer} for r in frame.itertuples()]
         gold = frame["label"].tolist()
         for name in folders:
-            predicted = [labels.index(a["label"]) for a in adapters.answer(name, rows)]
+            predicted = [labels.index(a["label"]) for a in adapters.answer(keys[name], rows)]
             results[name][split] = classification_metrics(gold, predicted, labels)
     return results
 
