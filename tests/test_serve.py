@@ -549,3 +549,17 @@ def test_cli_serves_a_stack_of_two_adapters_beside_them_and_removes_its_folder(r
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+def test_cli_serve_on_a_taken_port_leaves_no_combination_folder(runs, tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        done = subprocess.run([sys.executable, "-m", "peft_ft", "serve", "--adapter", f"pos={runs['pos']}", "--adapter",
+                               f"flip={runs['flip']}", "--combine", "both=pos:1,flip:1", "--port", str(taken.getsockname()[1])],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+    finally:
+        taken.close()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert not list(tmp_path.glob("peft-ft-combined-*"))

@@ -80,11 +80,23 @@ def parse_inference_combine(text: str, adapters: dict[str, str]) -> tuple[str, l
     unknown = [i.rpartition(":")[0] or i for i in items if (i.rpartition(":")[0] or i) not in adapters]
     if unknown:
         raise PeftFtError(f"--combine {text}: {', '.join(map(repr, unknown))} not given with --adapter (loaded: {', '.join(adapters)})")
+    bad = [i for i in items if not _is_number(i.rpartition(":")[2]) or not i.rpartition(":")[0]]
+    if bad:
+        raise PeftFtError(f"--combine {text}: {', '.join(map(repr, bad))}: expected ADAPTER:WEIGHT with a number as WEIGHT, "
+                          f"e.g. avg=seed1:0.5,seed2:0.5")
     try:
         parts = parse_combine(",".join(f"{a}={adapters[a]}:{w}" for a, _, w in (i.rpartition(":") for i in items)))
-    except PeftFtError as e:
+    except PeftFtError as e:  # fewer than two adapters, a name twice, weights adding up to 0
         raise PeftFtError(f"--combine {text}: {str(e).removeprefix('--combine: ')}") from None
     return name, parts
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 Combination = tuple[str, list[tuple[str, Path, float]]]  # (name, [(adapter name, run folder, weight), ...])

@@ -179,12 +179,13 @@ def run_serve(adapter_args: list[str], host: str, port: int, batch_size: int, de
     try:
         specs |= build_inference_combinations(combined, how, density, workdir, allow_pickle)
         adapters = AdapterSet(specs, device, batch_size, allow_pickle, trust_remote_code)
-    except BaseException:
+        server = make_server(adapters, host, port, api_key=api_key, admin_key=admin_key, adapter_dir=adapter_dir,
+                             max_adapters=max_adapters, max_body=max_body, max_texts=max_texts, max_batch=max_batch,
+                             max_batch_tokens=max_batch_tokens, max_tokens=max_tokens, request_timeout=request_timeout,
+                             max_wait_ms=max_wait_ms, mix=mix, started=specs)
+    except BaseException:  # a refused adapter, a port in use: nothing of this start stays behind
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    server = make_server(adapters, host, port, api_key=api_key, admin_key=admin_key, adapter_dir=adapter_dir, max_adapters=max_adapters,
-                         max_body=max_body, max_texts=max_texts, max_batch=max_batch, max_batch_tokens=max_batch_tokens,
-                         max_tokens=max_tokens, request_timeout=request_timeout, max_wait_ms=max_wait_ms, mix=mix, started=specs)
     # flushed at once: a script that started us with --port 0 reads the port from this line
     print(f"serving {', '.join(adapters.names)} on {server.url}", flush=True)
     print(f"API documentation: {server.url}/docs", file=sys.stderr, flush=True)
