@@ -63,6 +63,7 @@ class Options:
     max_length: int = 256
     lora_dropout: float = LORA["dropout"]  # the comparison uses 0.1; 0 measures dropout's cost
     activation_checkpointing: bool = False  # recompute each layer in backward (both runners)
+    mixed_precision: str = "no"  # "bf16": peft-ft's train.mixed_precision, the Trainer's bf16=True (both runners)
 
 
 @dataclass
@@ -129,13 +130,16 @@ def add_option_arguments(parser, steps: int, warmup: int) -> None:
                         help=f"LoRA dropout for every runner (default {LORA['dropout']}, the issue's setting)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="every runner recomputes each layer's activations in backward instead of keeping them")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                        help="bf16 for every runner: peft-ft's train.mixed_precision, the Trainer's bf16=True (CPU autocast)")
 
 
 def options_from(args) -> Options:
     return Options(model_dir=args.model, data_dir=args.data_dir or default_data_dir(), batch_size=args.batch_size,
                    steps=args.steps, warmup=args.warmup, max_seconds=args.max_seconds, threads=args.threads,
                    device=args.device, max_train_samples=args.max_train_samples,
-                   lora_dropout=args.lora_dropout, activation_checkpointing=args.activation_checkpointing)
+                   lora_dropout=args.lora_dropout, activation_checkpointing=args.activation_checkpointing,
+                   mixed_precision=args.mixed_precision)
 
 
 def model_root(opts: Options) -> str:
@@ -336,6 +340,7 @@ lr = {LR[cfg.method]}
 group_by_length = {"false" if cfg.batching == "random" else "true"}
 fast_kernels = {"false" if cfg.batching == "stock-layers" else "true"}
 activation_checkpointing = {"true" if opts.activation_checkpointing else "false"}
+mixed_precision = "{opts.mixed_precision}"
 seed = {seed}
 threads = {opts.threads}
 device = "{opts.device}"

@@ -145,6 +145,7 @@ def run_trainer(cfg: Config, opts: Options, workdir: Path) -> Measured:
         warmup_steps=0.06,
         train_sampling_strategy="group_by_length" if cfg.batching == "grouped" else "random",
         use_cpu=opts.device == "cpu",
+        bf16=opts.mixed_precision == "bf16",
         save_strategy="no",
         logging_strategy="no",
         report_to="none",

@@ -87,6 +87,7 @@ def run_cell(cell_dict: dict, result_file: str) -> None:
     """In the cell's own process: build, train `warmup` then `steps` steps, write what it measured."""
     import torch
 
+    from peft_ft.engine.precision import FrozenBf16, frozen_bf16
     from peft_ft.engine.run import use_fast_kernels
     from peft_ft.engine.train import train
     from peft_ft.methods import METHODS
@@ -98,6 +99,8 @@ def run_cell(cell_dict: dict, result_file: str) -> None:
     recipe = recipe_for(cell, cell.warmup, seed=1)
     model = build_model(cell.model, cell.seq_len)
     model = METHODS[cell.method].wrap(model, recipe, ["classifier"], "SEQ_CLS").to(device)
+    if frozen_bf16(recipe):  # as `peft-ft run` does: LoRA on CPU keeps a bf16 frozen base; full fine-tuning autocasts
+        FrozenBf16.attach(model)
     if cell.variant == "checkpointing":
         enable_activation_checkpointing(model)
     if use_fast_kernels(recipe, device):
@@ -154,31 +157,58 @@ def table(results: list[tuple[Cell, dict]]) -> tuple[list[str], list[list], list
     return columns, rows, reached
 
 
+COLORS = {"minilm": "tab:blue", "bert-base": "tab:orange", "bert-large": "tab:green", "tiny": "tab:gray"}
+MARKERS = {"plain": "o", "checkpointing": "s", "bf16": "^"}
+
+
 def plot(results: list[tuple[Cell, dict]], path: str) -> None:
-    """Peak memory and real tokens/s against sequence length, one line per (model, method, variant, batch)."""
+    """Peak memory and real tokens/s against sequence length, one line per (model, method, variant, batch):
+    colour = model, solid = LoRA / dashed = full, marker = variant, thicker = larger batch."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display
     import matplotlib.pyplot as plt
 
-    fig, (mem_ax, speed_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (mem_ax, speed_ax) = plt.subplots(1, 2, figsize=(13, 5.5))
     lines: dict = {}
     for c, m in results:
         if "failed" not in m and m["seconds"]:
-            key = f"{c.model} {c.method} {c.variant} b{c.batch_size}"
+            key = (c.model, c.method, c.variant, c.batch_size)
             lines.setdefault(key, []).append((c.seq_len, m["memory"]["peak_mib"], m["tokens"] / m["seconds"]))
+    batches = sorted({key[3] for key in lines})
     for key, points in sorted(lines.items()):
+        model, method, variant, batch = key
         points.sort()
-        style = "-" if " lora " in f" {key} " else "--"
         seq, mem, speed = zip(*points)
-        mem_ax.plot(seq, mem, style, marker="o", label=key)
-        speed_ax.plot(seq, speed, style, marker="o", label=key)
-    mem_ax.set(xlabel="sequence length (tokens)", ylabel="peak memory (MiB)", title="Peak memory (solid: LoRA, dashed: full)", xscale="log", yscale="log")
-    speed_ax.set(xlabel="sequence length (tokens)", ylabel="real tokens / s", title="Training throughput", xscale="log", yscale="log")
-    speed_ax.legend(fontsize=7, loc="best")
+        style = {"color": COLORS.get(model), "linestyle": "-" if method == "lora" else "--",
+                 "marker": MARKERS.get(variant, "o"), "linewidth": 1 + batches.index(batch),
+                 "label": f"{model} {method} {variant} b{batch}"}
+        mem_ax.plot(seq, mem, **style)
+        speed_ax.plot(seq, speed, **style)
+    for ax, what, title in ((mem_ax, "peak memory (MiB)", "Peak memory"), (speed_ax, "real tokens / s", "Training throughput")):
+        ax.set(xlabel="sequence length (tokens)", ylabel=what, xscale="log", yscale="log",
+               title=f"{title} (solid: LoRA, dashed: full; o plain, s checkpointing, ^ bf16)")
+        ax.title.set_fontsize(9)
+    speed_ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def results_from_table(path: str) -> list[tuple[Cell, dict]]:
+    """The cells and measurements of a table this script wrote (`--out`), for `--replot`."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    results = []
+    for line in lines[2:]:  # after the header and its --- line
+        row = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        if row["steps"] == "-":  # a failed cell
+            continue
+        cell = Cell(row["model"], int(row["seq len"]), int(row["batch"]), row["method"], row["variant"],
+                    int(row["steps"]), 0, 0, "cpu")
+        results.append((cell, {"seconds": 1.0, "tokens": float(row["real tok/s"]),
+                               "memory": {"peak_mib": float(row["peak (MiB)"])}}))
+    return results
 
 
 def cells(args) -> list[Cell]:
@@ -206,9 +236,13 @@ def main(argv=None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", help="also write the table as markdown to this file")
     parser.add_argument("--plot", help="write the PNG plot to this file")
+    parser.add_argument("--replot", metavar="TABLE.md", help="only draw the plot again from a table this script wrote (--out)")
     parser.add_argument("--smoke", action="store_true", help="a tiny BERT config, 2 short sequence lengths, 1 step, "
                         "all in this process (seconds; not a measurement)")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(results_from_table(args.replot), args.plot or str(Path(args.replot).with_suffix(".png")))
+        return
     if args.smoke:
         args.models, args.seq_lens, args.batch_sizes, args.steps, args.warmup = ["tiny"], [16, 32], [4], 1, 1
     context = None if args.smoke else multiprocessing.get_context("forkserver")

@@ -121,6 +121,8 @@ def main(argv=None) -> None:
         f"{len(peaks)} measurements around the configurations, lowest {min(peaks) / 1e9:.1f}: a wide spread means a busy machine)",
         f"batch {opts.batch_size}; LoRA r {LORA['r']}, alpha {LORA['alpha']}, dropout {opts.lora_dropout:g}; "
         + ("activation checkpointing on (every runner); " if opts.activation_checkpointing else "")
+        + ("bf16 (peft-ft: train.mixed_precision, LoRA with a bf16 frozen base; Trainer: bf16=True autocast; "
+           "% of matmul peak is against the float32 peak); " if opts.mixed_precision == "bf16" else "")
         + f"{opts.warmup} untimed warm-up steps, then up to {opts.steps} timed steps"
         + (f" or {opts.max_seconds:g} s" if opts.max_seconds else "") + (" (SMOKE: tiny model, tiny data)" if args.smoke else ""),
         "ratios: this row's rate / peft-ft's with the same data and method; real/computed: non-padding share of the padded batches",

@@ -333,3 +333,19 @@ def run_killed(recipe: Path, after: int, cwd: Path) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=300)
 
 
+
+
+def reload_difference(run_dir: Path) -> float:
+    """Largest difference between the probabilities a classification run wrote for its test split and
+    those of its saved folder reloaded with `load_run` (float32, as users load it)."""
+    import numpy as np
+
+    from peft_ft.rundir.load import load_run
+
+    model, tokenizer, info = load_run(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "predictions_test.jsonl").read_text().splitlines()]
+    enc = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        probs = model(**enc).logits.softmax(-1).numpy()
+    saved = np.array([[r["probabilities"][n] for n in info["labels"]] for r in rows])
+    return float(np.abs(probs - saved).max())

@@ -82,3 +82,15 @@ def test_scaling_smoke(tmp_path):
         if r["method"] == "full":
             assert r["peak vs full"] == "1.00x"
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recipe_steps_smoke():
+    """bench/recipe_steps.py --smoke: an NER recipe built as `peft-ft run` builds it (here with a bf16 frozen
+    base) trains 2 steps and prints the time of each and the loop's speed."""
+    proc = subprocess.run([sys.executable, str(BENCH / "recipe_steps.py"), "--smoke", "--set", "train.mixed_precision=bf16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "steps 1-1: " in proc.stdout and "steps 2-2: " in proc.stdout, proc.stdout
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("bf16: 2 steps in "), last
+    assert number(last.rsplit(", ", 1)[1].split()[0]) > 0

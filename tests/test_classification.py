@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from helpers import recipe_text, write_jsonl, write_recipe
+from helpers import recipe_text, reload_difference, write_jsonl, write_recipe
 from peft_ft.engine.run import run
 from peft_ft.errors import DataError, PeftFtError
 from peft_ft.recipe.load import load_recipe
-from peft_ft.rundir.load import load_run
 from peft_ft.tasks import TASKS
 from peft_ft.tasks.classification import classification_metrics
 
@@ -83,16 +82,8 @@ def test_model_learns_the_toy_task(trained):
 
 
 def test_reload_gives_identical_predictions(trained):
-    import torch
-
     _, run_dir = trained
-    model, tokenizer, info = load_run(run_dir)
-    rows = [json.loads(line) for line in (run_dir / "predictions_test.jsonl").read_text().splitlines()]
-    enc = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
-    with torch.inference_mode():
-        probs = model(**enc).logits.softmax(-1).numpy()
-    saved = np.array([[r["probabilities"][n] for n in info["labels"]] for r in rows])
-    assert np.abs(probs - saved).max() < 1e-5
+    assert reload_difference(run_dir) < 1e-5
 
 
 def test_lora_trains_only_adapter_and_head(trained):

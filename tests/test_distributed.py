@@ -306,6 +306,23 @@ def test_fsdp_config_is_accepted_on_cpu_and_runs_data_parallel(setup):
     assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
 
 
+@gloo
+def test_bf16_frozen_base_trains_data_parallel(setup):
+    """A bf16 frozen base (peft_ft.engine.precision) under DDP: its bf16 weights go through gloo's start-up
+    broadcast, only the float32 trained weights through the gradient exchange; the adapter saved is float32."""
+    from safetensors.torch import load_file
+
+    tmp, recipe, _ = setup
+    done = launch(recipe, "--set", f"output.dir={tmp / 'bf16'}", "--set", "train.epochs=1",
+                  "--set", "train.mixed_precision=bf16")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = next((tmp / "bf16" / "dp").iterdir())
+    log = (run_dir / "train.log").read_text()
+    assert "data-parallel over 2 processes" in log and "frozen base in bfloat16" in log
+    weights = load_file(str(run_dir / "adapter_model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
 def test_deepspeed_and_gpu_configs_are_valid_accelerate_configs():
     from accelerate.commands.config.config_args import load_config_from_file
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import recipe_text, sentiment_rows, write_jsonl, write_recipe
+from helpers import recipe_text, reload_difference, sentiment_rows, write_jsonl, write_recipe
 from peft_ft.errors import PeftFtError, RecipeError
 from peft_ft.recipe.explain import explain
 from peft_ft.recipe.load import build_recipe, load_recipe
@@ -49,7 +49,13 @@ def test_bf16_on_cpu_trains_and_saves_a_float32_adapter(tracked_bf16_run, tiny_b
     assert {w.dtype for w in weights.values()} == {torch.float32}
     assert any("lora_B" in n and w.abs().max() > 1e-4 for n, w in weights.items())  # B starts at zero: it trained
     log = (tracked_bf16_run / "train.log").read_text()
-    assert "precision bf16" in log
+    assert "precision bf16 (frozen base in bfloat16, trained weights float32)" in log
+
+
+def test_bf16_run_scores_the_saved_adapter_on_the_float32_base(tracked_bf16_run):
+    """The final evaluation runs after the frozen weights are back in float32: reloading the saved adapter
+    (float32, as users load it) gives the run's own test predictions."""
+    assert reload_difference(tracked_bf16_run) < 1e-5
 
 
 def test_eval_every_makes_one_history_entry_per_evaluation(tracked_bf16_run):
@@ -229,11 +235,40 @@ def test_fast_kernels_are_for_cpu_only(tiny_bert, data, tmp_path):
     assert all("forward" in vars(m) for m in fused.modules() if isinstance(m, PeftLoraLinear))  # the fused one
 
 
-def test_bf16_runs_the_stock_layers():
+@pytest.mark.parametrize("adapter, task, fused", [
+    ({}, {}, True),  # LoRA on CPU: a bf16 frozen base (peft_ft.engine.precision) with the fused kernels
+    ({"method": "full"}, {}, False),  # autocast: the fused autograd functions are not autocast-aware
+    ({"use_dora": True}, {}, False),
+    ({}, {"type": "seq2seq"}, False),
+])
+def test_where_bf16_runs_the_fused_kernels(adapter, task, fused):
     from peft_ft.engine.run import use_fast_kernels
 
-    recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"mixed_precision": "bf16"}}, "r.toml")
-    assert recipe.train.fast_kernels and not use_fast_kernels(recipe, "cpu")
+    recipe = build_recipe({"data": {"train": "t.jsonl"}, "adapter": adapter, "task": task,
+                           "train": {"mixed_precision": "bf16"}}, "r.toml")
+    assert recipe.train.fast_kernels and use_fast_kernels(recipe, "cpu") is fused
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_build_casts_the_frozen_base_and_warns_where_bf16_is_emulated(tiny_bert, data, tmp_path, monkeypatch, caplog, native):
+    import logging
+
+    import torch
+
+    from peft_ft.engine import run as runner
+    from peft_ft.methods import METHODS
+    from peft_ft.tasks import TASKS
+
+    monkeypatch.setattr(runner, "native_bf16_cpu", lambda: native)
+    recipe = load_recipe(recipe_file(tmp_path, tiny_bert, data, {"mixed_precision": "bf16"}))
+    task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
+    with caplog.at_level(logging.INFO, logger="peft_ft"):
+        model, _, _ = runner.build_model(recipe, task, method, str(tiny_bert), task.load(recipe, data), torch.device("cpu"))
+    assert model.peft_ft_fast_kernels and model.peft_ft_frozen_bf16
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert "frozen base in bfloat16" in caplog.text
+    assert ("no native bf16" in caplog.text) is not native
 
 
 @pytest.mark.parametrize("fast", [False, True])

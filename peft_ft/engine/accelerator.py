@@ -18,6 +18,7 @@ from pathlib import Path
 
 from peft_ft.engine import distributed
 from peft_ft.engine.device import use_cuda
+from peft_ft.engine.precision import frozen_bf16
 from peft_ft.errors import PeftFtError
 from peft_ft.recipe.schema import Recipe
 from peft_ft.rundir.layout import TRACKING
@@ -43,7 +44,8 @@ def make_accelerator(recipe: Recipe):
                     launcher_precision, recipe.train.mixed_precision)
     accelerator = Accelerator(
         cpu=not use_cuda(recipe),
-        mixed_precision=recipe.train.mixed_precision,
+        # A bf16 frozen base casts its own weights (peft_ft.engine.precision): no autocast on top.
+        mixed_precision="no" if frozen_bf16(recipe) else recipe.train.mixed_precision,
         # Our loop weights each share and micro-batch by what its loss averages over, so accelerate
         # must not divide the loss again: accumulation is done by the loop (peft_ft.engine.train).
         gradient_accumulation_steps=1,

@@ -17,6 +17,7 @@ from peft_ft.data.files import TaskData, resolve_data_dir
 from peft_ft.engine import checkpoint, distributed
 from peft_ft.engine.accelerator import finish_tracking, gathered_state_dict, is_sharded, make_accelerator, start_tracking
 from peft_ft.engine.device import check_device, setup_torch
+from peft_ft.engine.precision import FrozenBf16, frozen_bf16, native_bf16_cpu
 from peft_ft.engine.train import TrainHooks, track, train
 from peft_ft.errors import PeftFtError
 from peft_ft.kernels import install
@@ -207,6 +208,12 @@ def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskDat
     model = method.wrap(model, recipe, heads, task.peft_task_type)
     if not recipe.model.load_in_8bit:  # an 8-bit base is placed on the GPU as it loads and cannot be moved
         model = model.to(device)
+    if frozen_bf16(recipe):
+        log.info("bf16: frozen base in bfloat16, trained weights in float32: %s",
+                 ", ".join(f"{k} {v}" for k, v in FrozenBf16.attach(model).items()))
+        if not native_bf16_cpu():
+            log.warning("this CPU has no native bf16 (AMX or AVX512-BF16): bf16 is emulated here and likely slower "
+                        "than float32; train.mixed_precision = \"no\" may train faster")
     if recipe.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     if use_fast_kernels(recipe, device):
@@ -216,10 +223,11 @@ def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskDat
 
 
 def use_fast_kernels(recipe: Recipe, device) -> bool:
-    """train.fast_kernels on CPU in float32 only: they were written and measured for that; on CUDA
-    peft's stock layers run until a GPU measurement says otherwise, and under bf16 autocast too (the
-    fused matmuls take float32 operands)."""
-    return recipe.train.fast_kernels and str(device).split(":")[0] == "cpu" and recipe.train.mixed_precision == "no"
+    """train.fast_kernels on CPU, in float32 or with a bf16 frozen base (peft_ft.engine.precision): they were
+    written and measured for that; on CUDA peft's stock layers run until a GPU measurement says otherwise,
+    and under autocast too (autocast does not reach into the fused autograd functions)."""
+    on_cpu = str(device).split(":")[0] == "cpu"
+    return recipe.train.fast_kernels and on_cpu and (recipe.train.mixed_precision == "no" or frozen_bf16(recipe))
 
 
 def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,
@@ -277,6 +285,7 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
         validate=validate if "validation" in data.splits else None, metric=metric,
         run_dir=run_dir, resume_from=resume_from, run_state=run_state, accelerator=accelerator, hooks=hooks,
     )
+    FrozenBf16.detach(model)  # a bf16 base: scored and saved as users will load it, on the float32 base
     metrics = {}
     for name in data.eval_names:
         scored = evaluate(name)

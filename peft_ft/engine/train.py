@@ -36,6 +36,7 @@ from typing import Callable
 from peft_ft.data.batching import pad_batch, train_batches
 from peft_ft.engine import checkpoint, distributed
 from peft_ft.engine.accelerator import is_sharded, make_accelerator, notes
+from peft_ft.engine.precision import precision_label
 from peft_ft.errors import PeftFtError
 from peft_ft.kernels.allocator import keep_freed_memory, release_freed_memory
 from peft_ft.log import console
@@ -275,7 +276,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
 
     log.info("effective batch %d rows per optimizer step (train.batch_size %d x gradient_accumulation_steps %d), "
              "split across %d process%s; %d steps; precision %s", step_rows, t.batch_size, t.gradient_accumulation_steps,
-             accelerator.num_processes, "es" if accelerator.num_processes > 1 else "", total, accelerator.mixed_precision)
+             accelerator.num_processes, "es" if accelerator.num_processes > 1 else "", total, precision_label(model, accelerator))
     for note in notes(accelerator):
         log.warning(note)
     with _progress() as progress, _StopRequests(enabled=saving and distributed.world().size == 1) as stop:

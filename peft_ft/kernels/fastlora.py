@@ -45,6 +45,8 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, kept, keep):
         flat = x.reshape(-1, x.shape[-1])
         kept = kept.reshape(flat.shape)
+        ctx.factor_dtype = lora_a.dtype
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # a bf16 base trains float32 factors (engine.precision)
         out = torch.nn.functional.linear(flat, weight, bias)
         zt = lora_a @ kept.t()  # r x N
         out.addmm_(zt.t(), lora_b.t(), alpha=scale)
@@ -65,7 +67,7 @@ class LoraLinearFunction(torch.autograd.Function):
             if keep is not None:  # the LoRA branch saw only the kept entries of x
                 grad_x.mul_(keep.reshape(grad_x.shape).to(grad_x.dtype))
             grad_x = grad_x.addmm_(g, weight).view(ctx.x_shape)  # + the frozen layer's g W, in the GEMM
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a.to(ctx.factor_dtype), grad_b.to(ctx.factor_dtype), None, None, None
 
 
 class _DropoutFunction(torch.autograd.Function):
@@ -158,7 +160,9 @@ class SiblingLoraFunction(torch.autograd.Function):
     def forward(ctx, x, kept, keep, scale: float, n: int, *params):
         weights, biases, a_list, b_list = (params[i * n : (i + 1) * n] for i in range(4))
         flat = x.reshape(-1, x.shape[-1])
-        lora_a = torch.cat(a_list)  # (n r) x d_in
+        ctx.factor_dtype = a_list[0].dtype
+        lora_a = torch.cat(a_list).to(x.dtype)  # (n r) x d_in; a bf16 base trains float32 factors (engine.precision)
+        b_list = [b.to(x.dtype) for b in b_list]
         zt = lora_a @ kept.reshape(flat.shape).t()  # (n r) x N
         ranks = [a.shape[0] for a in a_list]
         outs = []
@@ -180,8 +184,8 @@ class SiblingLoraFunction(torch.autograd.Function):
         for rows, lora_b, g in zip(gzt.split(ranks), b_list, gs):
             torch.mm(lora_b.t(), g.t(), out=rows)
         gzt.mul_(scale)
-        grad_a = (gzt @ kept.reshape(-1, kept.shape[-1])).split(ranks)
-        grad_b = [(z @ g).mul_(scale).t() for z, g in zip(zt.split(ranks), gs)]
+        grad_a = (gzt @ kept.reshape(-1, kept.shape[-1])).to(ctx.factor_dtype).split(ranks)
+        grad_b = [(z @ g).mul_(scale).t().to(ctx.factor_dtype) for z, g in zip(zt.split(ranks), gs)]
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = gzt.t() @ lora_a
