@@ -24,6 +24,8 @@ from peft_ft.engine.device import use_cuda
 from peft_ft.recipe.schema import Recipe
 from peft_ft.tasks import TASKS
 
+# LoRA's own factor modules: peft's layer casts their input to their dtype, and the fused kernels cast A and B.
+_LORA_FACTORS = {"lora_A", "lora_B"}
 # Loss computed inside the model from a frozen head's logits: they would be bf16.
 _LOSS_IN_FROZEN_HEAD = {"SEQ_2_SEQ_LM"}
 
@@ -77,10 +79,10 @@ class FrozenBf16:
             elif param.is_floating_point() and param.dtype != torch.bfloat16:
                 self.originals[name] = param.data
                 param.data = param.data.to(torch.bfloat16)
-        for module in self.model.modules():
+        for name, module in self.model.named_modules():
             own = list(module.parameters(recurse=False))
-            if own and all(p.requires_grad for p in own):  # the head (LoRA's A and B: a no-op, peft casts first)
-                self.hooks.append(module.register_forward_pre_hook(_inputs_to_float32))
+            if own and all(p.requires_grad for p in own) and not _LORA_FACTORS.intersection(name.split(".")):
+                self.hooks.append(module.register_forward_pre_hook(_inputs_to_float32))  # the head
         return {"bf16_frozen_tensors": len(self.originals), "float32_input_hooks": len(self.hooks)}
 
     def restore(self) -> None:
