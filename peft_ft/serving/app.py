@@ -90,6 +90,9 @@ class Metrics:
                     "adapters": per}
 
 
+DRAIN_SECONDS = 1.0  # how long a refused request's body is read before its connection closes anyway
+
+
 class Guard:
     """ASGI middleware: Host, keys, body size and read timeout, OPTIONS; see the module docstring."""
 
@@ -106,7 +109,10 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
         refusal = self._refusal(scope, headers)
         if refusal is not None:  # a body left unread would be taken for the next request: such connections close
-            return await _answer(send, *refusal, close=scope["method"] in ("POST", "PUT", "PATCH", "DELETE"))
+            close = scope["method"] in ("POST", "PUT", "PATCH", "DELETE")
+            if close:
+                await self._drain(receive)
+            return await _answer(send, *refusal, close=close)
         if scope["method"] in ("POST", "PUT", "PATCH"):
             try:
                 body = await _read_body(receive, self.max_body, time.monotonic() + self.body_timeout, self.stopping)
@@ -124,6 +130,16 @@ class Guard:
         if scope["method"] == "HEAD":  # a GET without its body; the routes (and /docs) list GET only
             scope, send = {**scope, "method": "GET"}, _headers_only(send)
         await self.app(scope, receive, send)
+
+    async def _drain(self, receive) -> None:
+        """Read (and drop) a refused request's body if it comes at once, up to the body limit, before the
+        connection closes. Without it, Schemathesis' refused `POST /adapters` (API key, not the admin key) was
+        now and then read by the client as a broken response ("Connection reset by peer"): 4 of 14 runs of
+        tests/test_serve.py's fuzzing test, none in 8 with it. A body that is slow or too large is not waited for."""
+        try:
+            await _read_body(receive, self.max_body, time.monotonic() + DRAIN_SECONDS, self.stopping)
+        except (_Slow, _TooLarge):
+            pass
 
     def _refusal(self, scope, headers: dict) -> tuple | None:
         method, path = scope["method"], scope["path"]
