@@ -306,6 +306,71 @@ def test_fsdp_config_is_accepted_on_cpu_and_runs_data_parallel(setup):
     assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "metrics.json").is_file()
 
 
+FSDP2_SCRIPT = """
+import os, sys, types
+import torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from peft import LoraConfig, get_peft_model
+from torch.distributed.device_mesh import init_device_mesh
+from transformers import BertConfig, BertForTokenClassification
+from peft_ft.engine.accelerator import fit_fsdp_wrapping
+
+torch.manual_seed(0)
+config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3, vocab_size=100)
+model = get_peft_model(BertForTokenClassification(config), LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"]))
+plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+accelerator = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), distributed_type=types.SimpleNamespace(value="FSDP"),
+    torch_device_mesh=init_device_mesh("cpu", (1,), mesh_dim_names=("dp_shard",)), device=torch.device("cpu"),
+    parallelism_config=types.SimpleNamespace(fsdp_dim_names=["dp_shard"]), mixed_precision="no", is_main_process=True)
+fit_fsdp_wrapping(accelerator, model)
+print("blocks:", plugin.transformer_cls_names_to_wrap)
+fsdp2_prepare_model(accelerator, model)
+model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[0, 1, 2]])).loss.backward()
+print("sharded:", sorted(type(m).__name__ for m in model.modules() if type(m).__name__.startswith("FSDP")))
+"""
+
+
+@gloo
+def test_fsdp2_shards_a_bert_model_with_lora(tmp_path):
+    """accelerate's FSDP2 preparation (the code a GPU run of configs/accelerate/fsdp.yaml goes through), here in one
+    CPU process over gloo. BERT lists its embeddings block in `_no_split_modules`; accelerate sharded it and then the
+    word embedding inside it again, which torch refused on an H200 (torch 2.11) and breaks the forward on CPU.
+    `fit_fsdp_wrapping` names the blocks without it: each layer and the embedding are sharded once, and a LoRA
+    model's forward and backward run."""
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(free_port())], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "blocks: ['BertLayer']" in done.stdout
+    assert "sharded: ['FSDPBertLayer', 'FSDPBertLayer', 'FSDPEmbedding', 'FSDPPeftModel']" in done.stdout
+
+
+def test_fsdp_blocks_keep_an_explicit_choice():
+    """Block classes named in the launcher's config (fsdp_transformer_layer_cls_to_wrap) are left as they are, and
+    nothing changes outside FSDP2."""
+    import types
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from peft_ft.engine.accelerator import fit_fsdp_wrapping
+
+    def accelerator(plugin, kind="FSDP"):
+        return types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin), distributed_type=types.SimpleNamespace(value=kind))
+
+    named = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                           transformer_cls_names_to_wrap=["BertLayer", "BertEmbeddings"])
+    fit_fsdp_wrapping(accelerator(named), model=None)  # the model is not even looked at
+    assert named.transformer_cls_names_to_wrap == ["BertLayer", "BertEmbeddings"]
+    version1 = FullyShardedDataParallelPlugin(fsdp_version=1, auto_wrap_policy="transformer_based_wrap")
+    fit_fsdp_wrapping(accelerator(version1), model=None)
+    assert version1.transformer_cls_names_to_wrap is None
+    fit_fsdp_wrapping(accelerator(None, kind="MULTI_GPU"), model=None)
+
+
 @gloo
 def test_bf16_frozen_base_trains_data_parallel(setup):
     """A bf16 frozen base (peft_ft.engine.precision) under DDP: its bf16 weights go through gloo's start-up

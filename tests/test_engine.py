@@ -209,6 +209,27 @@ def test_without_patience_every_evaluation_runs():
     assert len(calls) == 8 and not result.stopped_early and result.best_epoch == 1
 
 
+def test_cuda_runs_keep_cudnn_attention_out(tiny_bert, data, tmp_path, monkeypatch):
+    """On CUDA, setup_torch takes cuDNN out of torch's attention backends (it builds a plan per batch shape, and ours
+    change at every step); on the CPU it leaves the setting alone."""
+    import torch
+
+    from peft_ft.engine import device
+
+    monkeypatch.setattr(device, "check_engine", lambda recipe: None)  # no GPU here: skip "torch sees no CUDA GPU"
+    recipe = load_recipe(recipe_file(tmp_path, tiny_bert, data))
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert device.setup_torch(recipe).type == "cpu" and torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setattr(device, "use_cuda", lambda recipe: True)
+        assert device.setup_torch(recipe).type == "cuda"
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)
+
+
 def test_fast_kernels_are_for_cpu_only(tiny_bert, data, tmp_path):
     """On CUDA (or any device but the CPU) the stock peft layers run; the fused ones only on CPU."""
     import torch

@@ -135,7 +135,8 @@ class Probe:
         from peft_ft.data.batching import pad_batch
 
         self.model = model
-        batch = pad_batch(features[:8], kwargs["pad_id"])
+        device = next(model.parameters()).device  # an 8-bit base sits on the GPU already
+        batch = {k: v.to(device) for k, v in pad_batch(features[:8], kwargs["pad_id"]).items()}
         self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
         self.loss_before = self.batch_loss(batch)
         model.train()

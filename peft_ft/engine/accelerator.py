@@ -74,6 +74,33 @@ def notes(accelerator) -> list[str]:
     return []
 
 
+def fsdp_blocks(model) -> list[str]:
+    """The model's `_no_split_modules` (the blocks accelerate's transformer-based FSDP2 wrapping shards one by one)
+    without those that hold the input embedding.
+
+    accelerate (1.15) shards each such block and then the input embedding on its own. BERT-family models list
+    their embeddings block among them, so the word embedding would be sharded twice, which torch refuses ("Invariant
+    encountered: value was None", seen with torch 2.11 on an H200 and 2.13 on CPU). Left out of the list, the
+    embeddings block is sharded once, as the input embedding's own unit, and the rest with the root."""
+    embedding = model.get_input_embeddings().weight
+    holders = {type(m).__name__ for m in model.modules() if m is not model and any(p is embedding for p in m.parameters())}
+    return [name for name in sorted(getattr(model, "_no_split_modules", None) or []) if name not in holders]
+
+
+def fit_fsdp_wrapping(accelerator, model) -> None:
+    """Under FSDP2 with transformer-based wrapping and no block classes named in the launcher's config, name the
+    blocks accelerate should shard (`fsdp_blocks`), before `accelerator.prepare`."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if accelerator.distributed_type.value != "FSDP" or plugin is None or plugin.fsdp_version != 2:
+        return
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)  # a functools.partial, or not
+    if plugin.transformer_cls_names_to_wrap is None and policy is transformer_auto_wrap_policy:
+        plugin.transformer_cls_names_to_wrap = fsdp_blocks(model)
+        log.info("FSDP2 shards these blocks one by one: %s", ", ".join(plugin.transformer_cls_names_to_wrap) or "none")
+
+
 def is_sharded(accelerator) -> bool:
     """FSDP or DeepSpeed: parameters and optimizer state are split across processes."""
     return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")

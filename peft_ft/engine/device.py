@@ -56,7 +56,23 @@ def setup_torch(recipe: Recipe):
     check_engine(recipe)
     if not use_cuda(recipe):
         return torch.device("cpu")
+    keep_cudnn_attention_out()
     return torch.device("cuda", world.local_rank) if world.size > 1 else torch.device("cuda")
+
+
+def keep_cudnn_attention_out() -> None:
+    """Take cuDNN out of torch's scaled-dot-product attention backends, for this process.
+
+    Our batches change length at nearly every step (length-grouped, each padded to its own longest row). For bf16
+    and fp16 attention with a padding mask, torch (2.11 on an H200, seen) tries cuDNN first, and cuDNN builds an
+    execution plan for every new shape: on one H200, LoRA on CoNLL ran at 4,516 real tok/s in bf16 against 19,034 in
+    float32, and full fine-tuning at 9,830 against 32,112 (bench/RESULTS.md, "GPU check"). The flash and
+    memory-efficient kernels that run instead need no per-shape plan. float32 attention never went to cuDNN."""
+    import torch
+
+    enable = getattr(torch.backends.cuda, "enable_cudnn_sdp", None)  # torch >= 2.3
+    if enable is not None:
+        enable(False)
 
 
 def check_device(recipe: Recipe) -> None:

@@ -35,7 +35,7 @@ from typing import Callable
 
 from peft_ft.data.batching import pad_batch, train_batches
 from peft_ft.engine import checkpoint, distributed
-from peft_ft.engine.accelerator import is_sharded, make_accelerator, notes
+from peft_ft.engine.accelerator import fit_fsdp_wrapping, is_sharded, make_accelerator, notes
 from peft_ft.engine.precision import precision_label
 from peft_ft.errors import PeftFtError
 from peft_ft.kernels.allocator import keep_freed_memory, release_freed_memory
@@ -232,6 +232,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
         patience_used = state.get("patience_used", 0)
         best_state = checkpoint.load_weights(resume_from.parent / best_name) if best_name else None
         log.info("resumed from %s: epoch %d, step %d", resume_from, start_epoch, result.steps)
+    fit_fsdp_wrapping(accelerator, model)
     # Together: DeepSpeed builds its engine from both. An 8-bit base is on its GPU already and cannot move.
     wrapped, optimizer = accelerator.prepare(model, optimizer, device_placement=[not recipe.model.load_in_8bit, True])
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
