@@ -31,6 +31,7 @@ from peft_ft.models.loading import quiet_transformers
 from peft_ft.recipe.schema import Recipe
 from peft_ft.rundir.layout import ADAPTER_CONFIG, read_info, read_recipe
 from peft_ft.rundir.load import base_location, check_run_folder, load_run
+from peft_ft.serving import mixed
 from peft_ft.serving.combine import build_inference_combinations, parse_inference_combinations
 from peft_ft.storage import write_atomic
 from peft_ft.tasks import TASKS
@@ -153,9 +154,11 @@ class AdapterSet:
             if group is None:
                 model, tokenizer, _ = load()
                 group = groups[key] = Group(model, tokenizer, shared=True)
+                mixed.install(group.model)
             else:
                 with group.lock:  # a batch may be running on this base (runtime loads in `serve`)
                     load(onto=group.model)
+                    mixed.install(group.model)  # LoRA layers this adapter added, where it targets new modules
         return Adapter(name, run_dir, info, recipe, task.answers, group, task.answers.build(group.model, group.tokenizer, recipe))
 
     @property
