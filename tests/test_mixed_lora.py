@@ -71,3 +71,24 @@ def test_factors_follow_adapters_attached_and_removed(tiny_bert):
     torch.testing.assert_close(after[:3], before, rtol=0, atol=1e-6)
     model.delete_adapter("delta")
     torch.testing.assert_close(outputs(model, names), before, rtol=0, atol=1e-6)
+
+
+def test_lora_bias_keeps_peft_path(tiny_bert, monkeypatch):
+    """An adapter with a bias on B (lora_bias) is not a pure product of factors: its rows go through peft's path."""
+    from peft import LoraConfig
+
+    model = build(tiny_bert)
+    model.add_adapter("biased", LoraConfig(r=2, target_modules=["value"], lora_bias=True, modules_to_save=["classifier"],
+                                           init_lora_weights=False))
+    for n, p in model.named_parameters():
+        if ".biased." in n:
+            p.data += 0.05 * torch.randn_like(p)
+    names = ["biased", "beta", "__base__"]
+    expected = outputs(model, names)
+    mixed.install(model)
+    calls = []
+    real = mixed._factors
+    monkeypatch.setattr(mixed, "_factors", lambda layer, device: calls.append(layer) or real(layer, device))
+    torch.testing.assert_close(outputs(model, names), expected, rtol=0, atol=1e-6)
+    value_layers = {id(m) for n, m in model.named_modules() if n.endswith("attention.self.value")}
+    assert calls and not value_layers & {id(layer) for layer in calls}  # the biased adapter's layers: peft's path

@@ -14,7 +14,7 @@ where the mask keeps, for each row, the R columns of its own adapter (rows of `_
 layer does not have keep none). The extra arithmetic is R instead of r columns: 32 instead of 8 for four rank-8
 adapters, small beside the base layer. The row ids reach the device once per forward, not once per layer.
 
-Only plain LoRA layers take this path: LoRA variants (aLoRA...) keep peft's. peft itself refuses per-row adapters
+Only plain LoRA layers take this path: LoRA variants (aLoRA...) and LoRA with a bias on B keep peft's. peft itself refuses per-row adapters
 in training and with DoRA.
 """
 
@@ -47,8 +47,9 @@ def _mixed_forward(self, x, *args, adapter_names: list[str], **kwargs):
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
     variants = getattr(self, "lora_variant", {})
-    if (any(name in variants for name in set(adapter_names))
-            or any(kwargs.get(k) is not None for k in VARIANT_KWARG_KEYS)):
+    present = set(adapter_names)
+    if (any(name in variants for name in present) or any(kwargs.get(k) is not None for k in VARIANT_KWARG_KEYS)
+            or any(self.lora_B[n].bias is not None for n in present if n in self.lora_B)):  # lora_bias: peft's path
         return self._peft_ft_peft_mixed(x, *args, adapter_names=adapter_names, **kwargs)
     for k in VARIANT_KWARG_KEYS:  # peft hands them on even when None; the base layer takes none of them
         kwargs.pop(k, None)
