@@ -33,13 +33,14 @@ def build(tiny_bert):
     return model.eval()
 
 
-def outputs(model, names):
+def outputs(model, names, per_row=True):
+    """Logits of a fixed batch, row i with adapter names[i] (per_row=False: peft's ordinary path, the active adapter)."""
     torch.manual_seed(1)
     ids = torch.randint(5, 90, (len(names), 7))
     mask = torch.ones_like(ids)
     mask[0, 5:] = 0  # a padded row
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+        return model(input_ids=ids, attention_mask=mask, **({"adapter_names": names} if per_row else {})).logits
 
 
 @pytest.mark.parametrize("names", [["alpha_one", "beta", "gamma", "alpha_one", "__base__", "beta"], ["gamma"] * 3, ["__base__", "beta"]])
@@ -92,3 +93,44 @@ def test_lora_bias_keeps_peft_path(tiny_bert, monkeypatch):
     torch.testing.assert_close(outputs(model, names), expected, rtol=0, atol=1e-6)
     value_layers = {id(m) for n, m in model.named_modules() if n.endswith("attention.self.value")}
     assert calls and not value_layers & {id(layer) for layer in calls}  # the biased adapter's layers: peft's path
+
+
+def test_an_adapter_loaded_again_under_its_name_is_not_answered_from_stale_factors(tiny_bert):
+    """Delete, then attach other weights under the same name (serve's DELETE then POST /adapters): AdapterSet calls
+    `install` after each, and the next mixed forward uses the new weights, whatever addresses the allocator reuses."""
+    from peft import LoraConfig
+
+    def attach(model, seed):
+        torch.manual_seed(seed)
+        model.add_adapter("swap", LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                             modules_to_save=["classifier"], init_lora_weights=False))
+        for n, p in model.named_parameters():
+            if ".swap." in n:
+                p.data += 0.1 * torch.randn_like(p)
+        mixed.install(model)
+
+    def alone(model, name):
+        model.set_adapter(name)
+        return outputs(model, [name, name], per_row=False)
+
+    model = build(tiny_bert)
+    mixed.install(model)
+    attach(model, seed=3)
+    first = outputs(model, ["swap", "swap"])
+    torch.testing.assert_close(first, alone(model, "swap"), rtol=0, atol=1e-6)
+    model.set_adapter("beta")
+    model.delete_adapter("swap")
+    mixed.install(model)
+    attach(model, seed=4)
+    second = outputs(model, ["swap", "swap"])
+    torch.testing.assert_close(second, alone(model, "swap"), rtol=0, atol=1e-6)
+    assert not torch.allclose(first, second)
+    # The allocator may hand the new tensors the old addresses; new values in the same tensors are that case, always.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".swap." in n and "lora_B" in n:
+                p.mul_(-1.0)
+    mixed.install(model)
+    third = outputs(model, ["swap", "swap"])
+    torch.testing.assert_close(third, alone(model, "swap"), rtol=0, atol=1e-6)
+    assert not torch.allclose(second, third)

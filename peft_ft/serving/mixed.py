@@ -2,8 +2,8 @@
 
 peft's own per-row path (`lora.Linear._mixed_batch_forward`) runs, in every LoRA layer, one sub-batch per adapter
 present: it builds each adapter's row list in Python, gathers those rows (`x[rows]`: a host-to-device copy of the
-index on a GPU) and scatters the result back. MiniLM has 36 LoRA layers, so a batch over 4 adapters pays 144
-gathers, 144 scatters and as many index copies per forward: per-call work that no GPU hides.
+index on a GPU) and scatters the result back. MiniLM has 37 LoRA layers, so a batch over 4 adapters pays 148
+gathers, 148 scatters and as many index copies per forward: per-call work that no GPU hides.
 
 Here each layer keeps its adapters' factors side by side: A_cat (R x in) stacks every adapter's A, B_cat (out x R)
 every adapter's B times its scaling, R the sum of their ranks. A row's output is then
@@ -14,8 +14,8 @@ where the mask keeps, for each row, the R columns of its own adapter (rows of `_
 layer does not have keep none). The extra arithmetic is R instead of r columns: 32 instead of 8 for four rank-8
 adapters, small beside the base layer. The row ids reach the device once per forward, not once per layer.
 
-Only plain LoRA layers take this path: LoRA variants (aLoRA...) and LoRA with a bias on B keep peft's. peft itself refuses per-row adapters
-in training and with DoRA.
+Only plain LoRA layers take this path: LoRA variants (aLoRA...) and LoRA with a bias on B keep peft's. peft itself
+refuses per-row adapters in training and with DoRA.
 """
 
 from __future__ import annotations
@@ -24,21 +24,34 @@ import threading
 import types
 
 _IDS: dict[str, int] = {}  # adapter name -> small integer, the same in every layer (the mask compares these)
+_IDS_LOCK = threading.Lock()  # two threads must never give two names one id
 _ROWS = threading.local()  # per thread (groups answer in parallel): the forward's adapter_names list, its ids
 
 
 def install(model) -> int:
-    """Give every plain LoRA Linear of `model` the concatenated mixed-batch path; returns how many. Idempotent:
-    call it again after attaching adapters (new LoRA layers appear where a new adapter targets new modules)."""
+    """Give every plain LoRA Linear of `model` the concatenated mixed-batch path; returns how many layers were new
+    to it. Call it again after each attach or delete of an adapter: new LoRA layers appear where a new adapter
+    targets new modules, and every layer's concatenated factors are dropped (rebuilt at the next forward)."""
     from peft.tuners.lora.layer import Linear
 
     count = 0
     for module in model.modules():
-        if type(module) is Linear and "_mixed_batch_forward" not in vars(module):
+        if type(module) is not Linear:
+            continue
+        module._peft_ft_factors = None
+        if "_mixed_batch_forward" not in vars(module):
             module._peft_ft_peft_mixed = module._mixed_batch_forward  # peft's own, for what this path does not take
             module._mixed_batch_forward = types.MethodType(_mixed_forward, module)
             count += 1
     return count
+
+
+def _id(name: str) -> int:
+    found = _IDS.get(name)
+    if found is None:
+        with _IDS_LOCK:
+            found = _IDS.setdefault(name, len(_IDS))
+    return found
 
 
 def _mixed_forward(self, x, *args, adapter_names: list[str], **kwargs):
@@ -65,8 +78,8 @@ def _mixed_forward(self, x, *args, adapter_names: list[str], **kwargs):
 
 
 def _factors(layer, device):
-    """(A_cat, B_cat with scaling, column ids) of the layer's adapters, rebuilt when its adapters or their tensors
-    change (runtime loads and unloads); None when the layer has none."""
+    """(A_cat, B_cat with scaling, column ids) of the layer's adapters; None when the layer has none. `install`
+    drops them at each attach or delete; the key also catches adapters changed behind its back (names, tensors)."""
     import torch
 
     names = [n for n in layer.lora_A if n in layer.lora_B]
@@ -79,7 +92,7 @@ def _factors(layer, device):
     else:
         a = torch.cat([layer.lora_A[n].weight for n in names], dim=0).detach()
         b = torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in names], dim=1).detach()
-        ids = [_IDS.setdefault(n, len(_IDS)) for n in names]
+        ids = [_id(n) for n in names]
         columns = torch.tensor([i for n, i in zip(names, ids) for _ in range(layer.lora_A[n].weight.shape[0])],
                                device=device)
         factors = (a, b, columns)
@@ -93,6 +106,6 @@ def _row_ids(adapter_names: list[str], device):
     import torch
 
     if getattr(_ROWS, "names", None) is not adapter_names or _ROWS.ids.device != device:
-        ids = [_IDS.setdefault(n, len(_IDS)) if n != "__base__" else -1 for n in adapter_names]
+        ids = [_id(n) if n != "__base__" else -1 for n in adapter_names]
         _ROWS.names, _ROWS.ids = adapter_names, torch.tensor(ids, device=device)
     return _ROWS.ids

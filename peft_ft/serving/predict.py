@@ -130,6 +130,7 @@ class AdapterSet:
                 if name in getattr(group.model, "active_adapters", [name]):
                     group.model.set_adapter(next(iter(group.members)), inference_mode=True)
                 group.model.delete_adapter(name)
+                mixed.install(group.model)  # drops the concatenated factors that held this adapter
             else:  # the last adapter of a base, or a full run: the whole model goes
                 for key in [k for k, g in self.groups.items() if g is group]:
                     del self.groups[key]
