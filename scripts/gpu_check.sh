@@ -3,7 +3,7 @@
 #   - LoRA on CoNLL-2003 in float32, bf16 and fp16 (loss scaling), and full fine-tuning in float32 and bf16: real
 #     tokens/s, peak torch.cuda.max_memory_allocated, test entity F1 after a short run (STEPS optimizer steps);
 #   - the same LoRA through `accelerate launch` with configs/accelerate/single_gpu.yaml, and with fsdp.yaml on one
-#     process (FSDP2's code path, nothing to shard with one GPU);
+#     process (FSDP2's code path, nothing to shard with one GPU), and with deepspeed_zero3.yaml on one process;
 #   - LoRA on an 8-bit base (bitsandbytes, the [cuda] extra), when installed;
 #   - DDP over every GPU present (configs/accelerate/multi_gpu_ddp.yaml), when there are 2 or more;
 #   - serving (issue 25's goal): bench/loadtest.py --compare, 4 LoRA adapters mixed in one forward vs one adapter vs
@@ -52,6 +52,12 @@ if [ "$DEVICE" = cuda ]; then
   run fsdp-1proc "$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
       -m peft_ft run $RECIPE
 fi
+if "$PY" -c "import deepspeed" 2>/dev/null; then  # one process: DeepSpeed's ZeRO-3 path, on CPU in a dry run too
+  run zero3-1proc "$PY" -m accelerate.commands.launch --config_file configs/accelerate/deepspeed_zero3.yaml \
+      --num_processes 1 -m peft_ft run $RECIPE
+else
+  skip zero3-1proc "skipped: deepspeed not installed (pip install 'peft-ft[deepspeed]')"
+fi
 if [ "$DEVICE" = cuda ] && "$PY" -c "import bitsandbytes" 2>/dev/null; then
   run int8-base "$PY" -m peft_ft run $RECIPE --set model.load_in_8bit=true
 else
@@ -87,7 +93,7 @@ import torch
 name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run)"
 print(f"\n{name} x {gpus}, torch {torch.__version__}")
 print(f"{'run':<12} {'steps':>6} {'real tok/s':>11} {'peak CUDA MiB':>14} {'test F1':>8}  note")
-rows = ["fp32", "bf16", "fp16", "full-fp32", "full-bf16", "launch-1gpu", "fsdp-1proc", "int8-base", "ddp",
+rows = ["fp32", "bf16", "fp16", "full-fp32", "full-bf16", "launch-1gpu", "fsdp-1proc", "zero3-1proc", "int8-base", "ddp",
         *[p.stem for p in sorted(out.glob("ddp-*.log"))]]
 for row in rows:
     skipped = out / f"{row}.skipped"

@@ -46,10 +46,11 @@ def free_port() -> int:
 REPO = Path(__file__).resolve().parent.parent
 
 
-def launch(recipe, *args, timeout=120, config="cpu_ddp.yaml") -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file configs/accelerate/CONFIG -m peft_ft run RECIPE ARGS` with this venv."""
+def launch(recipe, *args, timeout=120, config="cpu_ddp.yaml", launcher=()) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/CONFIG LAUNCHER -m peft_ft run RECIPE ARGS` with this venv."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / config),
-           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), "-m", "peft_ft", "run", str(recipe), *args]
+           *launcher, "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+           "-m", "peft_ft", "run", str(recipe), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -125,9 +126,14 @@ def test_predictions_hold_every_row_exactly_once_in_order(setup, two_processes):
 
 @gloo
 def test_two_processes_match_one_process(one_process, two_processes):
+    run_dir, _ = two_processes
+    assert_same_run(one_process, run_dir)
+
+
+def assert_same_run(one_process: Path, run_dir: Path) -> None:
+    """Metrics, losses per epoch, best epoch and saved adapter of `run_dir` equal the one-process run's to rounding."""
     from safetensors.torch import load_file
 
-    run_dir, _ = two_processes
     one, two = (json.loads((d / "metrics.json").read_text()) for d in (one_process, run_dir))
     for split in ("validation", "test"):
         for key, value in one[split].items():
@@ -386,6 +392,39 @@ def test_bf16_frozen_base_trains_data_parallel(setup):
     assert "data-parallel over 2 processes" in log and "frozen base in bfloat16" in log
     weights = load_file(str(run_dir / "adapter_model.safetensors"))
     assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
+@gloo
+def test_deepspeed_zero3_in_one_cpu_process_trains_and_saves_the_same_adapter(setup, one_process):
+    """configs/accelerate/deepspeed_zero3.yaml with one CPU process: accelerate runs DeepSpeed there (it does not
+    on several CPU processes), so the ZeRO-3 path a GPU run takes is exercised here: DeepSpeed's engine built from
+    our model and optimizer (it refuses a device_placement argument and needs the micro-batch size), the base loaded
+    partitioned, the fused CPU layers left out, the adapter gathered and saved in peft's format. Without dropout the
+    run equals the plain one-process run to float rounding."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
+    tmp, recipe, _ = setup
+    done = launch(recipe, "--set", f"output.dir={tmp / 'zero3'}", config="deepspeed_zero3.yaml",
+                  launcher=("--num_processes", "1"), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = next((tmp / "zero3" / "dp").iterdir())
+    log = (run_dir / "train.log").read_text()
+    assert "accelerate: DEEPSPEED over 1 process" in log and "fast kernels" not in log
+    plain = (one_process / "train.log").read_text()
+    counts = [line.split("method lora: ")[1] for text in (log, plain) for line in text.splitlines() if "method lora: " in line]
+    assert counts[0] == counts[1] and "7,746 trainable of 46,052" in counts[0]  # partitioned weights counted whole
+    assert_same_run(one_process, run_dir)
+
+
+@gloo
+def test_deepspeed_config_with_several_cpu_processes_trains_data_parallel(setup):
+    """Several CPU processes under a DeepSpeed config: accelerate would count one process where DeepSpeed's group
+    counts two, so the run stays DDP and says so, as with FSDP on CPU."""
+    tmp, recipe, _ = setup
+    done = launch(recipe, "--set", f"output.dir={tmp / 'ds2'}", "--set", "train.epochs=1", config="deepspeed_zero3.yaml")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (next((tmp / "ds2" / "dp").iterdir()) / "train.log").read_text()
+    assert "asks for DeepSpeed, which accelerate runs on CPU with one process only" in log
+    assert "data-parallel over 2 processes" in log
 
 
 def test_deepspeed_and_gpu_configs_are_valid_accelerate_configs():

@@ -42,8 +42,12 @@ def make_accelerator(recipe: Recipe):
     if launcher_precision and launcher_precision != recipe.train.mixed_precision:
         log.warning("the launcher asks for mixed precision %r; the recipe's train.mixed_precision %r is used",
                     launcher_precision, recipe.train.mixed_precision)
+    on_cpu = not use_cuda(recipe)
     accelerator = Accelerator(
-        cpu=not use_cuda(recipe),
+        # accelerate applies DeepSpeed only when not told cpu=True. One CPU process then runs it as on GPUs (ZeRO-3's
+        # partitioned weights, gathered to save). Several CPU processes do not: accelerate's state would count one
+        # process where DeepSpeed's gloo group counts all, so they stay plain DDP (`notes` says so).
+        cpu=on_cpu and not deepspeed_in_one_process(),
         # A bf16 frozen base casts its own weights (peft_ft.engine.precision): no autocast on top.
         mixed_precision="no" if frozen_bf16(recipe) else recipe.train.mixed_precision,
         # Our loop weights each share and micro-batch by what its loss averages over, so accelerate
@@ -62,11 +66,24 @@ def make_accelerator(recipe: Recipe):
     return accelerator
 
 
+def deepspeed_launch() -> bool:
+    """Whether `accelerate launch` was given a DeepSpeed config (it says so in the environment)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def deepspeed_in_one_process() -> bool:
+    """A DeepSpeed launch of one process: accelerate runs DeepSpeed in it, on CPU too (see `make_accelerator`)."""
+    return deepspeed_launch() and distributed.world().size == 1
+
+
 def notes(accelerator) -> list[str]:
     """What the run log should say about the engine (the launcher's choices as accelerate applied them)."""
     kind = accelerator.distributed_type.value
     if kind in ("FSDP", "DEEPSPEED"):
-        return [f"accelerate: {kind} over {accelerator.num_processes} processes"]
+        return [f"accelerate: {kind} over {accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"]
+    if deepspeed_launch():
+        return ["the launcher's config asks for DeepSpeed, which accelerate runs on CPU with one process only: these "
+                "CPU processes train data-parallel (DDP), each holding the whole model"]
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         # accelerate applies FSDP to GPU processes only; CPU processes run as plain DDP (see README).
         return ["the launcher's config asks for FSDP, but accelerate shards models only on GPUs: these CPU "
@@ -99,6 +116,19 @@ def fit_fsdp_wrapping(accelerator, model) -> None:
     if plugin.transformer_cls_names_to_wrap is None and policy is transformer_auto_wrap_policy:
         plugin.transformer_cls_names_to_wrap = fsdp_blocks(model)
         log.info("FSDP2 shards these blocks one by one: %s", ", ".join(plugin.transformer_cls_names_to_wrap) or "none")
+
+
+def fit_deepspeed_batch(accelerator, batch_size: int) -> None:
+    """Under DeepSpeed, tell it the per-process micro-batch before `accelerator.prepare`, unless the launcher's
+    config names one. accelerate reads it from the dataloaders it prepares, and ours are not prepared: the loop
+    makes its own length-grouped batches and splits each across the processes (peft_ft.engine.distributed).
+    DeepSpeed uses it for its batch bookkeeping only; the loop still weights each process's share."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if accelerator.distributed_type.value != "DEEPSPEED" or plugin is None:
+        return
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = max(1, batch_size // accelerator.num_processes)
 
 
 def is_sharded(accelerator) -> bool:

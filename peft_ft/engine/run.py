@@ -15,7 +15,8 @@ from pathlib import Path
 
 from peft_ft.data.files import TaskData, resolve_data_dir
 from peft_ft.engine import checkpoint, distributed
-from peft_ft.engine.accelerator import finish_tracking, gathered_state_dict, is_sharded, make_accelerator, start_tracking
+from peft_ft.engine.accelerator import (deepspeed_in_one_process, finish_tracking, gathered_state_dict, is_sharded, make_accelerator,
+                                        start_tracking)
 from peft_ft.engine.device import check_device, setup_torch
 from peft_ft.engine.precision import FrozenBf16, frozen_bf16, native_bf16_cpu
 from peft_ft.engine.train import TrainHooks, track, train
@@ -227,7 +228,10 @@ def use_fast_kernels(recipe: Recipe, device) -> bool:
     written and measured for that; on CUDA peft's stock layers run until a GPU measurement says otherwise,
     and under autocast too (autocast does not reach into the fused autograd functions)."""
     on_cpu = str(device).split(":")[0] == "cpu"
-    return recipe.train.fast_kernels and on_cpu and (recipe.train.mixed_precision == "no" or frozen_bf16(recipe))
+    # Under DeepSpeed ZeRO-3 a frozen weight is a placeholder outside its module's own forward (DeepSpeed gathers it
+    # in the module's hooks); the fused layers read it directly.
+    return (recipe.train.fast_kernels and on_cpu and not deepspeed_in_one_process()
+            and (recipe.train.mixed_precision == "no" or frozen_bf16(recipe)))
 
 
 def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,
@@ -354,8 +358,9 @@ def _register_embedded() -> None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    # DeepSpeed ZeRO-3 loads the base partitioned: each parameter's own size is in ds_numel, numel() is 0.
+    sizes = [(p.requires_grad, getattr(p, "ds_numel", p.numel())) for p in model.parameters()]
+    return sum(n for trains, n in sizes if trains), sum(n for _, n in sizes)
 
 
 def numbers(scores: dict) -> dict:

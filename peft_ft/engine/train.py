@@ -35,7 +35,7 @@ from typing import Callable
 
 from peft_ft.data.batching import pad_batch, train_batches
 from peft_ft.engine import checkpoint, distributed
-from peft_ft.engine.accelerator import fit_fsdp_wrapping, is_sharded, make_accelerator, notes
+from peft_ft.engine.accelerator import fit_deepspeed_batch, fit_fsdp_wrapping, is_sharded, make_accelerator, notes
 from peft_ft.engine.precision import precision_label
 from peft_ft.errors import PeftFtError
 from peft_ft.kernels.allocator import keep_freed_memory, release_freed_memory
@@ -233,8 +233,11 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
         best_state = checkpoint.load_weights(resume_from.parent / best_name) if best_name else None
         log.info("resumed from %s: epoch %d, step %d", resume_from, start_epoch, result.steps)
     fit_fsdp_wrapping(accelerator, model)
-    # Together: DeepSpeed builds its engine from both. An 8-bit base is on its GPU already and cannot move.
-    wrapped, optimizer = accelerator.prepare(model, optimizer, device_placement=[not recipe.model.load_in_8bit, True])
+    fit_deepspeed_batch(accelerator, t.batch_size)
+    # Together: DeepSpeed builds its engine from both. An 8-bit base is on its GPU already and cannot move; other
+    # models keep accelerate's default placement (DeepSpeed refuses any device_placement argument).
+    placement = {"device_placement": [False, True]} if recipe.model.load_in_8bit else {}
+    wrapped, optimizer = accelerator.prepare(model, optimizer, **placement)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     saving = run_dir is not None and distributed.is_main() and not is_sharded(accelerator)
     if run_dir is not None and is_sharded(accelerator):
