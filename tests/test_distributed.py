@@ -416,9 +416,29 @@ def test_deepspeed_zero3_in_one_cpu_process_trains_and_saves_the_same_adapter(se
 
 
 @gloo
+def test_deepspeed_zero3_bf16_trains_16_bit_weights_and_saves_a_float32_adapter(setup):
+    """bf16 under DeepSpeed: the base loads partitioned in bf16 and peft makes the adapter float32 afterwards, which
+    ZeRO-3 refuses (deepspeedai/DeepSpeed#8072) unless the adapter is made bf16 too before DeepSpeed takes the
+    model (its optimizer keeps float32 masters). The adapter is saved float32, as in every other mode."""
+    from safetensors.torch import load_file
+
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
+    tmp, recipe, _ = setup
+    done = launch(recipe, "--set", f"output.dir={tmp / 'zero3-bf16'}", "--set", "train.epochs=2",
+                  "--set", "train.mixed_precision=bf16", config="deepspeed_zero3.yaml",
+                  launcher=("--num_processes", "1"), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = next((tmp / "zero3-bf16" / "dp").iterdir())
+    assert "precision bf16 (DeepSpeed" in (run_dir / "train.log").read_text()
+    weights = load_file(str(run_dir / "adapter_model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32} and any("lora_A" in n for n in weights)
+
+
+@gloo
 def test_deepspeed_config_with_several_cpu_processes_trains_data_parallel(setup):
     """Several CPU processes under a DeepSpeed config: accelerate would count one process where DeepSpeed's group
     counts two, so the run stays DDP and says so, as with FSDP on CPU."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed: accelerate's launcher needs it for this config")
     tmp, recipe, _ = setup
     done = launch(recipe, "--set", f"output.dir={tmp / 'ds2'}", "--set", "train.epochs=1", config="deepspeed_zero3.yaml")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -47,7 +47,7 @@ def make_accelerator(recipe: Recipe):
         # accelerate applies DeepSpeed only when not told cpu=True. One CPU process then runs it as on GPUs (ZeRO-3's
         # partitioned weights, gathered to save). Several CPU processes do not: accelerate's state would count one
         # process where DeepSpeed's gloo group counts all, so they stay plain DDP (`notes` says so).
-        cpu=on_cpu and not deepspeed_in_one_process(),
+        cpu=on_cpu and not distributed.deepspeed_in_one_process(),
         # A bf16 frozen base casts its own weights (peft_ft.engine.precision): no autocast on top.
         mixed_precision="no" if frozen_bf16(recipe) else recipe.train.mixed_precision,
         # Our loop weights each share and micro-batch by what its loss averages over, so accelerate
@@ -66,22 +66,12 @@ def make_accelerator(recipe: Recipe):
     return accelerator
 
 
-def deepspeed_launch() -> bool:
-    """Whether `accelerate launch` was given a DeepSpeed config (it says so in the environment)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def deepspeed_in_one_process() -> bool:
-    """A DeepSpeed launch of one process: accelerate runs DeepSpeed in it, on CPU too (see `make_accelerator`)."""
-    return deepspeed_launch() and distributed.world().size == 1
-
-
 def notes(accelerator) -> list[str]:
     """What the run log should say about the engine (the launcher's choices as accelerate applied them)."""
     kind = accelerator.distributed_type.value
     if kind in ("FSDP", "DEEPSPEED"):
         return [f"accelerate: {kind} over {accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"]
-    if deepspeed_launch():
+    if distributed.deepspeed_launch():
         return ["the launcher's config asks for DeepSpeed, which accelerate runs on CPU with one process only: these "
                 "CPU processes train data-parallel (DDP), each holding the whole model"]
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
@@ -116,6 +106,23 @@ def fit_fsdp_wrapping(accelerator, model) -> None:
     if plugin.transformer_cls_names_to_wrap is None and policy is transformer_auto_wrap_policy:
         plugin.transformer_cls_names_to_wrap = fsdp_blocks(model)
         log.info("FSDP2 shards these blocks one by one: %s", ", ".join(plugin.transformer_cls_names_to_wrap) or "none")
+
+
+def fit_deepspeed_dtypes(accelerator, model) -> None:
+    """Under DeepSpeed with bf16/fp16, the model's own weights in that 16-bit type before `accelerator.prepare`.
+
+    DeepSpeed keeps float32 master copies in its optimizer and wants the module's weights 16-bit. Under ZeRO-3 the
+    base is loaded partitioned and already 16-bit, while peft makes the adapter's weights (and the head's copy)
+    float32 afterwards; ZeRO-3 then refuses the mixed dtypes (`defragment`: "assert len(set(t.dtype ...)) == 1",
+    deepspeedai/DeepSpeed#8072). Saved weights are float32 again (`gathered_state_dict`)."""
+    import torch
+
+    if accelerator.distributed_type.value != "DEEPSPEED" or accelerator.mixed_precision not in ("bf16", "fp16"):
+        return
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype and not hasattr(p, "ds_id"):  # ds_id: partitioned already
+            p.data = p.data.to(dtype)
 
 
 def fit_deepspeed_batch(accelerator, batch_size: int) -> None:
@@ -188,4 +195,7 @@ def gathered_state_dict(accelerator, model) -> dict | None:
         return None
     # The prepared (wrapped) model is the one that can gather; accelerate keeps it in `_models`.
     prepared = next((m for m in accelerator._models if accelerator.unwrap_model(m) is model), model)
-    return accelerator.get_state_dict(prepared)
+    state = accelerator.get_state_dict(prepared)
+    # Under bf16/fp16 DeepSpeed's gather gives its 16-bit copies: saved as float32, like the trained weights of every
+    # other mode (and the base they are loaded onto).
+    return None if state is None else {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -43,6 +43,16 @@ def world() -> World:
     return World(size, rank, local_rank, local_size)
 
 
+def deepspeed_launch() -> bool:
+    """Whether `accelerate launch` was given a DeepSpeed config (it says so in the environment)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def deepspeed_in_one_process() -> bool:
+    """A DeepSpeed launch of one process: accelerate runs DeepSpeed in it, on CPU too (see `make_accelerator`)."""
+    return deepspeed_launch() and world().size == 1
+
+
 def is_main() -> bool:
     return world().rank == 0
 

@@ -21,6 +21,7 @@ models whose loss comes from a frozen LM head, CUDA) bf16 stays accelerate's aut
 from __future__ import annotations
 
 from peft_ft.engine.device import use_cuda
+from peft_ft.engine.distributed import deepspeed_in_one_process
 from peft_ft.recipe.schema import Recipe
 from peft_ft.tasks import TASKS
 
@@ -36,6 +37,7 @@ def frozen_bf16(recipe: Recipe) -> bool:
     return (
         recipe.train.mixed_precision == "bf16"
         and not use_cuda(recipe)
+        and not deepspeed_in_one_process()  # ZeRO-3 partitions the frozen weights: DeepSpeed's own bf16 runs instead
         and a.method == "lora"
         and a.bias == "none"  # a trained bias would sit in a bf16 layer
         and not a.use_dora  # DoRA's magnitude is computed from the frozen weight inside peft's layer
@@ -104,7 +106,11 @@ def precision_label(model, accelerator) -> str:
     """For the run log: what precision the loop runs in."""
     if getattr(model, "peft_ft_frozen_bf16", None) is not None:
         return "bf16 (frozen base in bfloat16, trained weights float32)"
-    return "float32" if accelerator.mixed_precision == "no" else f"{accelerator.mixed_precision} autocast"
+    if accelerator.mixed_precision == "no":
+        return "float32"
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        return f"{accelerator.mixed_precision} (DeepSpeed: 16-bit weights, float32 master copies in its optimizer)"
+    return f"{accelerator.mixed_precision} autocast"
 
 
 def native_bf16_cpu() -> bool:

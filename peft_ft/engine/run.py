@@ -15,8 +15,7 @@ from pathlib import Path
 
 from peft_ft.data.files import TaskData, resolve_data_dir
 from peft_ft.engine import checkpoint, distributed
-from peft_ft.engine.accelerator import (deepspeed_in_one_process, finish_tracking, gathered_state_dict, is_sharded, make_accelerator,
-                                        start_tracking)
+from peft_ft.engine.accelerator import finish_tracking, gathered_state_dict, is_sharded, make_accelerator, start_tracking
 from peft_ft.engine.device import check_device, setup_torch
 from peft_ft.engine.precision import FrozenBf16, frozen_bf16, native_bf16_cpu
 from peft_ft.engine.train import TrainHooks, track, train
@@ -230,7 +229,7 @@ def use_fast_kernels(recipe: Recipe, device) -> bool:
     on_cpu = str(device).split(":")[0] == "cpu"
     # Under DeepSpeed ZeRO-3 a frozen weight is a placeholder outside its module's own forward (DeepSpeed gathers it
     # in the module's hooks); the fused layers read it directly.
-    return (recipe.train.fast_kernels and on_cpu and not deepspeed_in_one_process()
+    return (recipe.train.fast_kernels and on_cpu and not distributed.deepspeed_in_one_process()
             and (recipe.train.mixed_precision == "no" or frozen_bf16(recipe)))
 
 

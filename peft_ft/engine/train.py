@@ -35,7 +35,7 @@ from typing import Callable
 
 from peft_ft.data.batching import pad_batch, train_batches
 from peft_ft.engine import checkpoint, distributed
-from peft_ft.engine.accelerator import fit_deepspeed_batch, fit_fsdp_wrapping, is_sharded, make_accelerator, notes
+from peft_ft.engine.accelerator import fit_deepspeed_batch, fit_deepspeed_dtypes, fit_fsdp_wrapping, is_sharded, make_accelerator, notes
 from peft_ft.engine.precision import precision_label
 from peft_ft.errors import PeftFtError
 from peft_ft.kernels.allocator import keep_freed_memory, release_freed_memory
@@ -234,6 +234,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
         log.info("resumed from %s: epoch %d, step %d", resume_from, start_epoch, result.steps)
     fit_fsdp_wrapping(accelerator, model)
     fit_deepspeed_batch(accelerator, t.batch_size)
+    fit_deepspeed_dtypes(accelerator, model)
     # Together: DeepSpeed builds its engine from both. An 8-bit base is on its GPU already and cannot move; other
     # models keep accelerate's default placement (DeepSpeed refuses any device_placement argument).
     placement = {"device_placement": [False, True]} if recipe.model.load_in_8bit else {}
