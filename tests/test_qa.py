@@ -249,8 +249,68 @@ def test_qa_recipe_checks(tmp_path):
 
     with pytest.raises(RecipeError, match=r"task\.doc_stride: 256 must be well below model\.max_length \(256\)"):
         build_recipe({"task": {"type": "qa", "doc_stride": 256}, "data": {"train": "t.json"}}, "r.toml")
-    with pytest.raises(RecipeError, match=r"data\.validation_fraction: not for QA"):
-        build_recipe({"task": {"type": "qa"}, "data": {"train": "t.json", "validation_fraction": 0.1}}, "r.toml")
+    with pytest.raises(RecipeError, match=r"data\.validation_fraction: set either data\.validation or data\.validation_fraction"):
+        build_recipe({"task": {"type": "qa"}, "data": {"train": "t.json", "validation": "v.json", "validation_fraction": 0.1}}, "r.toml")
+
+
+def titled_rows(articles: int, per_article: int) -> list[dict]:
+    rows = qa_rows(articles * per_article, seed=3)
+    for i, row in enumerate(rows):
+        row["title"] = f"article_{i // per_article}"
+    return rows
+
+
+def carved(tmp_path, tiny_bert, rows, fraction, seed=42, test=()):
+    d = tmp_path / "data"
+    d.mkdir(exist_ok=True)
+    official_file(d / "train.json", rows)
+    recipe = build_recipe({"model": {"name": str(tiny_bert)}, "task": {"type": "qa"}, "train": {"seed": seed},
+                           "data": {"dir": str(d), "train": "train.json", "validation_fraction": fraction, "test": list(test)}},
+                          str(tmp_path / "r.toml"))
+    return TASKS["qa"].load(recipe, d)
+
+
+def test_validation_fraction_holds_out_whole_articles(tmp_path, tiny_bert):
+    rows = titled_rows(articles=10, per_article=6)
+    data = carved(tmp_path, tiny_bert, rows, 0.25)
+    train, held = data.splits["train"].examples, data.splits["validation"].examples
+    train_titles, held_titles = {e["title"] for e in train}, {e["title"] for e in held}
+    # 25 % of 60 questions is 15: three articles of 6 are the first whole-article count to reach it.
+    assert len(held_titles) == 3 and len(held) == 18 and len(train) == 42
+    assert not train_titles & held_titles
+    assert sorted(e["id"] for e in train + held) == sorted(r["id"] for r in rows)
+    assert data.notes == ["validation: held out 3 whole article(s), 18 of 60 training questions (seed 42; no article on both sides)"]
+    # Seeded by train.seed: the same seed holds out the same articles, another seed (here) others.
+    again = carved(tmp_path, tiny_bert, rows, 0.25)
+    assert [e["id"] for e in again.splits["validation"].examples] == [e["id"] for e in held]
+    other = {e["title"] for e in carved(tmp_path, tiny_bert, rows, 0.25, seed=7).splits["validation"].examples}
+    assert other != held_titles
+
+
+def test_validation_fraction_without_titles_holds_out_whole_paragraphs(tmp_path, tiny_bert):
+    rows = qa_rows(12, seed=4)
+    for i, row in enumerate(rows):
+        row["title"], row["context"] = "", f"paragraph {i // 3} : " + row["context"]
+        row["answers"]["answer_start"] = [row["answers"]["answer_start"][0] + len(f"paragraph {i // 3} : ")]
+    data = carved(tmp_path, tiny_bert, rows, 0.2)
+    held = {e["context"] for e in data.splits["validation"].examples}
+    assert held and not held & {e["context"] for e in data.splits["train"].examples}
+
+
+def test_validation_fraction_needs_two_articles(tmp_path, tiny_bert):
+    with pytest.raises(DataError, match=r"train\.json: data\.validation_fraction needs at least two articles"):
+        carved(tmp_path, tiny_bert, titled_rows(articles=1, per_article=5), 0.5)
+
+
+def test_a_test_file_named_validation_is_reported_as_a_test_split(tmp_path, tiny_bert):
+    """A held-out file called validation.json must not become the split that picks the best epoch."""
+    official_file_path = tmp_path / "data"
+    official_file_path.mkdir()
+    official_file(official_file_path / "validation.json", qa_rows(4, seed=9))
+    data = carved(tmp_path, tiny_bert, titled_rows(articles=4, per_article=3), 0.25, test=["validation.json"])
+    assert list(data.splits) == ["train", "validation", "test_validation"]
+    assert [e["id"] for e in data.splits["test_validation"].examples] == [f"9-{i}" for i in range(4)]
+    assert {e["title"] for e in data.splits["validation"].examples} <= {f"article_{i}" for i in range(4)}
 
 
 def test_max_samples_cap_questions_not_windows(tmp_path, tiny_bert):

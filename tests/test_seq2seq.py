@@ -77,6 +77,21 @@ def test_text_to_text_pairs_from_a_table(tmp_path, tiny_t5):
         TASKS["seq2seq"].load(missing, d)
 
 
+def test_squad_data_holds_out_whole_articles_for_validation(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = qa_rows(24, seed=5)
+    for i, row in enumerate(rows):
+        row["title"] = f"article_{i % 6}"
+    official_file(d / "train.json", rows)
+    recipe = build_recipe({"task": {"type": "seq2seq"}, "data": {"dir": str(d), "train": "train.json", "validation_fraction": 0.3}}, "r.toml")
+    data = TASKS["seq2seq"].load(recipe, d)
+    titles = {name: {r["title"] for r in rows if r["id"] in {e["id"] for e in split.examples}} for name, split in data.splits.items()}
+    assert len(data.splits["validation"].examples) == 8 and len(titles["validation"]) == 2  # 30 % of 24 -> two articles of 4
+    assert not titles["train"] & titles["validation"]
+    assert data.notes and data.notes[0].startswith("validation: held out 2 whole article(s), 8 of 24 training questions")
+
+
 def test_template_problems_are_recipe_errors():
     base = {"data": {"train": "t.json"}}
     with pytest.raises(RecipeError, match=r"task\.input_template: answer not among the SQuAD fields id, title, question, context"):

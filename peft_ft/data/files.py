@@ -183,18 +183,28 @@ def require_columns(rows: list[dict], columns: dict[str, str], path: str):
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the file has: {', '.join(map(str, have))}")
 
 
+ROLE_SPLITS = ("train", "validation")
+
+
+def split_name(key: str, value: str, hub: bool) -> str:
+    name = value if hub else Path(value).stem
+    return f"{key}_{name}" if name in ROLE_SPLITS else name
+
+
 def split_sources(recipe: Recipe, data_dir: Path | None) -> list[tuple[str, str, str]]:
     """(split name, recipe key, file path or hub split) for train, validation, each test split and
     each unlabelled predict split (key `data.predict[i]`).
 
-    Test and predict splits are named by file stem (`test_ua.parquet` -> `test_ua`) or by hub split name.
+    Test and predict splits are named by file stem (`test_ua.parquet` -> `test_ua`) or by hub split name;
+    a name that is a role (`train`, `validation`) gets the key in front (`validation.json` as a test file ->
+    `test_validation`), so a test file can never be taken for the split that picks the best epoch.
     """
     d = recipe.data
     entries = [("train", "data.train", d.train)]
     if d.validation:
         entries.append(("validation", "data.validation", d.validation))
     for key in ("test", "predict"):
-        entries += [(Path(t).stem if not d.hub else t, f"data.{key}[{i}]", t) for i, t in enumerate(getattr(d, key))]
+        entries += [(split_name(key, t, bool(d.hub)), f"data.{key}[{i}]", t) for i, t in enumerate(getattr(d, key))]
     names = [name for name, _, _ in entries]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -248,6 +258,27 @@ def carve_validation(examples: list[dict], fraction: float, seed: int, stratify_
     """Hold out `fraction` of the rows, seeded, keeping each label's share when `stratify_key` is set."""
     keep, held = carve_fractions(examples, [fraction], seed, stratify_key)
     return keep, held
+
+
+def carve_groups(examples: list[dict], fraction: float, seed: int, group_of) -> tuple[list, list, int]:
+    """Hold out whole groups of rows (a SQuAD article: every question on its paragraphs), seeded, until at
+    least `fraction` of the rows are held out, so no group lands on both sides; one group always stays.
+    Returns (kept, held, groups held), each list in the input order."""
+    import random
+
+    groups: dict = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(group_of(ex), []).append(i)
+    order = sorted(groups, key=str)
+    random.Random(seed).shuffle(order)
+    held: set[int] = set()
+    taken = 0
+    for key in order[:-1]:
+        if len(held) >= fraction * len(examples):
+            break
+        held.update(groups[key])
+        taken += 1
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held], taken
 
 
 def carve_splits(splits: dict, recipe: Recipe, stratify_key: str | None, unit: str) -> tuple[dict, list[str]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from peft_ft.data.files import Split, TaskData, split_sources
+from peft_ft.data.files import Split, TaskData, carve_groups, split_sources
 from peft_ft.data.formats.squad import read_squad_split, squad_metrics
 from peft_ft.errors import DataError, PeftFtError
 from peft_ft.methods import virtual_positions
@@ -32,9 +32,32 @@ def cap_examples(splits: dict[str, Split], recipe: Recipe) -> dict[str, Split]:
     return splits
 
 
-def load_squad_splits(recipe: Recipe, data_dir: Path | None) -> dict[str, Split]:
+def load_squad_splits(recipe: Recipe, data_dir: Path | None) -> tuple[dict[str, Split], list[str]]:
+    """The recipe's splits (validation carved by article when data.validation_fraction is set) and a note per carved split."""
     splits = {name: Split(name, location, read_squad_split(recipe, location)) for name, _, location in split_sources(recipe, data_dir)}
-    return cap_examples(splits, recipe)
+    notes = []
+    if recipe.data.validation_fraction:
+        splits, notes = hold_out_articles(splits, recipe)
+    return cap_examples(splits, recipe), notes
+
+
+def article_of(example: dict) -> str:
+    """The unit that must not straddle train and validation: the article (its title), or the paragraph
+    where rows carry no title. Questions on one paragraph share its answers' wording."""
+    return example.get("title") or example["context"]
+
+
+def hold_out_articles(splits: dict[str, Split], recipe: Recipe) -> tuple[dict[str, Split], list[str]]:
+    """data.validation_fraction for QA: whole articles of train, seeded by train.seed, become `validation`."""
+    train, fraction, seed = splits["train"], recipe.data.validation_fraction, recipe.train.seed
+    keep, held, articles = carve_groups(train.examples, fraction, seed, article_of)
+    if not held:
+        raise DataError(f"{train.source}: data.validation_fraction needs at least two articles (titles, or paragraphs "
+                        f"where rows have no title) to hold one out; name a data.validation file instead")
+    carved = {"train": Split("train", train.source, keep), "validation": Split("validation", f"{fraction:.0%} of {train.source} by article", held)}
+    note = (f"validation: held out {articles} whole article(s), {len(held)} of {len(train.examples)} training questions "
+            f"(seed {seed}; no article on both sides)")
+    return {**carved, **{n: s for n, s in splits.items() if n != "train"}}, [note]
 
 
 # --- preprocessing ------------------------------------------------------------------------------
@@ -241,13 +264,11 @@ class ExtractiveQA(Task):
                 f"task.doc_stride: {recipe.task.doc_stride} must be well below model.max_length ({recipe.model.max_length}); "
                 f"the usual pair is max_length 384, doc_stride 128"
             )
-        if recipe.data.validation_fraction:
-            problems.append("data.validation_fraction: not for QA (questions on one paragraph would land in both splits); "
-                            "name a data.validation file")
         return problems
 
     def load(self, recipe: Recipe, data_dir: Path | None) -> TaskData:
-        return TaskData(load_squad_splits(recipe, data_dir), labels=[])
+        splits, notes = load_squad_splits(recipe, data_dir)
+        return TaskData(splits, labels=[], notes=notes)
 
     def encode(self, split: Split, tokenizer, recipe: Recipe, data: TaskData) -> list[dict]:
         features = encode_windows(split.examples, tokenizer, recipe, with_positions=split.name == "train", source=split.source)

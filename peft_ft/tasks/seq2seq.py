@@ -172,9 +172,6 @@ class Seq2Seq(Task):
             if unknown:
                 problems.append(f"task.input_template: {', '.join(unknown)} not among the SQuAD fields {', '.join(QA_FIELDS)}; "
                                 f"for other columns set data.target_column (text-to-text rows)")
-            if recipe.data.validation_fraction:
-                problems.append("data.validation_fraction: not for SQuAD data (questions on one paragraph would land in "
-                                "both splits); name a data.validation file")
         elif recipe.data.format == "squad":
             problems.append("data.format: \"squad\" files hold questions, not input/target rows; "
                             "remove data.target_column or pick a table format")
@@ -184,10 +181,10 @@ class Seq2Seq(Task):
         if recipe.data.target_column:
             splits, notes = load_pair_splits(recipe, data_dir)
             return TaskData(splits, labels=[], notes=notes)
-        splits = load_squad_splits(recipe, data_dir)
+        splits, notes = load_squad_splits(recipe, data_dir)
         for split in splits.values():
             split.examples = qa_examples(split.examples, recipe.task.input_template, split.source)
-        return TaskData(splits, labels=[])
+        return TaskData(splits, labels=[], notes=notes)
 
     def encode(self, split: Split, tokenizer, recipe: Recipe, data: TaskData) -> list[dict]:
         enc = tokenizer([e["input"] for e in split.examples], truncation=True, max_length=recipe.model.max_length)
