@@ -1,6 +1,7 @@
 """Quality of the adapter methods against full fine-tuning on the full data sets, with the embedded
 MiniLM-L6: CoNLL-2003 (entity F1), SciEntsBank (test_ua / test_uq / test_ud accuracy and macro-F1)
-and SQuAD v1.1 (validation EM / F1), with trainable parameters, weights on disk and training time.
+and SQuAD v1.1 (EM / F1 on the held-out articles 39-48, split test_validation), with trainable
+parameters, weights on disk and training time.
 
     python bench/quality.py --data conll scientsbank squad --methods full,lora,ia3,prompt_tuning,prefix_tuning
     python bench/quality.py --collect /work/final_runs/conll_lora /work/final_runs/conll_full ...
@@ -60,10 +61,11 @@ DATASETS = {d.name: d for d in [
             (("accuracy", "acc"), ("macro_f1", "macro-F1")), "macro_f1", 100, True,
             "the seeds' RoBERTa-large (15x MiniLM's parameters), full fine-tuning: test_ua accuracy 0.72, macro-F1 0.63 "
             "(for orientation only)"),
-    DataSet("squad", "SQuAD v1.1 extractive QA", "squad", ("validation",),
+    DataSet("squad", "SQuAD v1.1 extractive QA", "squad", ("test_validation",),
             (("exact_match", "EM"), ("f1", "F1")), "f1", 1, False,
             "none from the seeds. The official train set is not available offline: training uses the dev set's "
-            "articles 1-38 (8,582 questions), validation its articles 39-48 (1,988)",
+            "articles 1-38 (8,582 questions; whole articles of them held out to pick the best epoch), the reported split "
+            "its articles 39-48 (1,988; named test_validation)",
             ("model.max_length=64", "task.doc_stride=16")),
 ]}
 
@@ -98,13 +100,15 @@ def write_smoke_data(root: Path) -> tuple[str, str]:
     (data / "squad_v1.1").mkdir()
     people = [("john", "paris"), ("mary", "london"), ("google", "paris"), ("acme", "london")]
     for name, rows in (("train", 24), ("validation", 8)):
-        paragraphs = []
+        articles = {}
         for i in range(rows):
             who, where = people[i % len(people)]
             context = f"the plant needs water . {who} lives in {where} because it is light ."
-            paragraphs.append({"context": context, "qas": [{"id": f"{name}-{i}", "question": f"{who} lives in",
-                                                            "answers": [{"text": where, "answer_start": context.index(where)}]}]})
-        squad = {"version": "1.1", "data": [{"title": "smoke", "paragraphs": paragraphs}]}
+            # Several articles: the recipe holds whole articles of train out for validation.
+            articles.setdefault(f"smoke_{i % 4}", []).append(
+                {"context": context, "qas": [{"id": f"{name}-{i}", "question": f"{who} lives in",
+                                              "answers": [{"text": where, "answer_start": context.index(where)}]}]})
+        squad = {"version": "1.1", "data": [{"title": t, "paragraphs": p} for t, p in articles.items()]}
         (data / "squad_v1.1" / f"{name}.json").write_text(json.dumps(squad), encoding="utf-8")
     return model_dir, data_dir
 
@@ -264,7 +268,14 @@ def pick_runs(runs: list[Run]) -> dict[tuple[str, str], Run]:
 # --- the markdown -------------------------------------------------------------------------------
 
 
+# Runs made before a recipe renamed its reported split: SQuAD's articles 39-48 were `validation` until
+# recipes/squad_*.toml held out articles of train for validation and named them `test_validation`.
+EARLIER_NAMES = {"test_validation": "validation"}
+
+
 def value(run: Run, split: str, metric: str) -> float | None:
+    if split not in run.metrics and split in EARLIER_NAMES:
+        split = EARLIER_NAMES[split]
     v = run.metrics.get(split, {}).get(metric)
     return v if isinstance(v, (int, float)) else None
 
@@ -396,7 +407,8 @@ def section_markdown(chosen: dict[tuple[str, str], Run], data_sets: list[str], c
         "(their metrics.json, peft_ft.json and recipe.toml; nothing is retyped).",
         f"Machine: {machine}. The run folders do not record their machine: this is the one that built the table.",
         "",
-        "- metrics: each test split of the run (SQuAD: validation, it has no test split), from the best epoch's weights "
+        "- metrics: each test split of the run (SQuAD: test_validation, articles 39-48; `validation` in runs made before "
+        "2026-12-01), from the best epoch's weights "
         "(the epoch with the best validation metric); fractions, except SQuAD's EM/F1 in percent",
         "- vs full: the method's main metric minus full fine-tuning's, in points (x100 for fractions)",
         "- trainable: parameters that receive gradients, and their share of all the model's parameters; weights on "
