@@ -304,9 +304,9 @@ def test_validation_fraction_needs_two_articles(tmp_path, tiny_bert):
 
 def test_a_test_file_named_validation_is_reported_as_a_test_split(tmp_path, tiny_bert):
     """A held-out file called validation.json must not become the split that picks the best epoch."""
-    official_file_path = tmp_path / "data"
-    official_file_path.mkdir()
-    official_file(official_file_path / "validation.json", qa_rows(4, seed=9))
+    d = tmp_path / "data"
+    d.mkdir()
+    official_file(d / "validation.json", qa_rows(4, seed=9))
     data = carved(tmp_path, tiny_bert, titled_rows(articles=4, per_article=3), 0.25, test=["validation.json"])
     assert list(data.splits) == ["train", "validation", "test_validation"]
     assert [e["id"] for e in data.splits["test_validation"].examples] == [f"9-{i}" for i in range(4)]

@@ -87,11 +87,11 @@ class DataSection:
     train: str = opt("", "Training file (relative to data.dir) or hub split name.")
     validation: str = opt("", "Validation file or split, evaluated every epoch to pick the best checkpoint.")
     validation_fraction: float = opt(
-        0.0, "Without data.validation: fraction of train held out (seeded by train.seed; stratified by label for classification; "
-           "whole articles for QA) for validation.", min=0.0, below=1.0
+        0.0, "Without data.validation: fraction of train held out (seeded by train.seed; stratified by label for "
+             "classification; whole articles for QA) for validation.", min=0.0, below=1.0
     )
-    test: list[str] = opt([], "Test files or splits, each evaluated on the best checkpoint; named by file stem (a file called "
-                                     "train or validation is named test_train / test_validation).")
+    test: list[str] = opt([], "Test files or splits, each evaluated on the best checkpoint; named by file stem "
+                              "(a file called train or validation is named test_train / test_validation).")
     test_fraction: float = opt(
         0.0, "Without data.test: fraction of train held out (seeded; stratified by label for classification) as the split `test`.",
         min=0.0, below=1.0, only={"task.type": ("classification", "ner")},
