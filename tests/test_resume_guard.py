@@ -124,3 +124,17 @@ def test_a_new_run_cleans_stale_saves_of_earlier_runs_not_in_use(tmp_path):
         removed = clean_stale_siblings(recipe)
     assert removed == [f"{idle}/.saving-abc"]
     assert (busy / ".saving-abc").is_dir() and (idle / "adapter_model.safetensors").is_file()
+
+
+def test_a_key_newer_than_the_run_counts_as_unchanged_at_its_default():
+    """A run checkpointed before a key existed resumes when the key is at its default (what the run did then), and
+    is refused when the key is set to something else."""
+    from peft_ft.recipe.load import build_recipe
+    from peft_ft.rundir.layout import recipe_changes
+
+    recipe = build_recipe({"data": {"train": "t.jsonl"}}, "r.toml")
+    recorded = recipe.to_dict()
+    del recorded["train"]["pad_to_multiple_of"]  # recorded by a version without the key
+    assert recipe_changes(recorded, recipe) == []
+    changed = build_recipe({"data": {"train": "t.jsonl"}, "train": {"pad_to_multiple_of": 8}}, "r.toml")
+    assert recipe_changes(recorded, changed) == ["train.pad_to_multiple_of: was None, now 8"]

@@ -36,12 +36,21 @@ def eval_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def pad_batch(features: list[dict], pad_id: int, label_pad: int = -100):
+def padded_width(width: int, multiple: int = 1, max_width: int = 0) -> int:
+    """`width` rounded up to a multiple of `multiple`, but never past `max_width` (when set); a field already past it
+    (a seq2seq target longer than model.max_length) keeps its own width."""
+    rounded = -(-width // multiple) * multiple
+    return min(rounded, max(width, max_width)) if max_width else rounded
+
+
+def pad_batch(features: list[dict], pad_id: int, label_pad: int = -100, multiple: int = 1, max_width: int = 0):
     """Pad list-valued fields to the longest row and stack everything into tensors.
 
     `input_ids` pads with the tokenizer's pad id, `labels` (when a list) with -100 so the loss
     ignores it, everything else with 0; `attention_mask` is built from the lengths. Keys starting
     with `_` (and `length`) are a task's bookkeeping (offsets, example ids) and stay out of the batch.
+    `multiple` (train.pad_to_multiple_of) rounds each field's width up, capped at `max_width`
+    (`padded_width`): fewer distinct tensor sizes for the allocator to fit into its freed memory.
     """
     import torch
 
@@ -53,7 +62,7 @@ def pad_batch(features: list[dict], pad_id: int, label_pad: int = -100):
         if isinstance(values[0], list):
             # Each field to its own longest row: seq2seq targets are shorter (or longer) than inputs.
             fill = pad_id if key == "input_ids" else (label_pad if key == "labels" else 0)
-            key_width = max(len(v) for v in values)
+            key_width = padded_width(max(len(v) for v in values), multiple, max_width)
             values = [v + [fill] * (key_width - len(v)) for v in values]
         batch[key] = torch.tensor(values)
     width = batch["input_ids"].shape[1]

@@ -131,14 +131,15 @@ def loss_units(rows: list[dict]) -> int:
     return len(rows)
 
 
-def forward_backward(model, rows: list[dict], pad_id: int, device, accelerator, micro_batch: int | None = None) -> float:
+def forward_backward(model, rows: list[dict], pad_id: int, device, accelerator, micro_batch: int | None = None,
+                     padding: dict | None = None) -> float:
     """Loss of one optimizer step's rows, its gradients left in the trainable parameters.
 
     The rows are cut into micro-batches of `micro_batch` (gradient accumulation); each process runs
     its strided share of every micro-batch. Each part's loss is weighted by its share of what the
     whole step's loss averages over (times the process count, since DDP averages over processes), so
     the gradient and the returned loss are the whole step's in one piece, up to float rounding, even
-    when the parts differ in size or one is empty."""
+    when the parts differ in size or one is empty. `padding`: pad_batch's `multiple` and `max_width`."""
     import torch
 
     world = distributed.world()
@@ -153,10 +154,10 @@ def forward_backward(model, rows: list[dict], pad_id: int, device, accelerator, 
         sync = k == len(parts) - 1 or world.size == 1
         with nullcontext() if sync else accelerator.no_sync(model):
             if units == 0:  # an empty share still joins DDP's exchange, with a zero gradient
-                out = model(**{k2: v.to(device) for k2, v in pad_batch(mine or part[:1], pad_id).items()})
+                out = model(**{k2: v.to(device) for k2, v in pad_batch(mine or part[:1], pad_id, **(padding or {})).items()})
                 loss = sum(v.float().sum() for k2, v in out.items() if k2 != "loss" and torch.is_tensor(v)) * 0.0
             else:
-                loss = model(**{k2: v.to(device) for k2, v in pad_batch(mine, pad_id).items()}).loss
+                loss = model(**{k2: v.to(device) for k2, v in pad_batch(mine, pad_id, **(padding or {})).items()}).loss
                 if units != total_units or world.size > 1:  # one process, one part: weight 1, skip the multiply
                     loss = loss * (units / total_units * world.size)
             accelerator.backward(loss)
@@ -215,6 +216,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     if fast:
         keep_freed_memory()  # no page faults to get back each step's activations (peft_ft/kernels/allocator.py)
     step_rows = t.batch_size * t.gradient_accumulation_steps
+    padding = {"multiple": t.pad_to_multiple_of, "max_width": recipe.model.max_length}
     per_epoch = steps_per_epoch(len(features), t)
     total = min(per_epoch * t.epochs, t.max_steps or per_epoch * t.epochs)
     # The method's own hooks (EVA's data-driven init, AdaLoRA's rank budget, LoRA+'s rates); before
@@ -293,7 +295,8 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
             epoch_start = time.perf_counter()  # result.seconds counts training only, not evaluation
             batches = train_batches(lengths, step_rows, group_by_length=t.group_by_length, seed=t.seed, epoch=epoch)
             for done, indices in enumerate(batches[skip:], skip + 1):  # on resume: skip the batches already trained
-                loss_value = forward_backward(wrapped, [features[i] for i in indices], pad_id, device, accelerator, t.batch_size)
+                loss_value = forward_backward(wrapped, [features[i] for i in indices], pad_id, device, accelerator, t.batch_size,
+                                              padding)
                 if t.grad_clip:
                     accelerator.clip_grad_norm_(trainable, t.grad_clip)
                 if not math.isfinite(loss_value):  # checked before the step, so the weights stay finite

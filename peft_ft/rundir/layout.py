@@ -13,6 +13,7 @@ these constants and call these functions rather than spelling file names out.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fcntl
 import hashlib
@@ -105,14 +106,25 @@ def recipe_changes(recorded: dict, now: Recipe) -> list[str]:
     changes = []
     current = now.to_dict()
     for section, values in current.items():
+        defaults = _section_defaults(now, section)
         for key, value in values.items():
             dotted, old = f"{section}.{key}", recorded.get(section, {}).get(key)
             if old == value:
                 continue
+            if key not in recorded.get(section, {}) and key in defaults and value == defaults[key]:
+                continue  # a key newer than the run, at its default: the run started with what it does now
             if dotted in RAISABLE_ON_RESUME and isinstance(old, int) and _raised(dotted, old, value):
                 continue
             changes.append(f"{dotted}: was {old!r}, now {value!r}")
     return changes
+
+
+def _section_defaults(recipe: Recipe, section: str) -> dict:
+    """A section's default values (its dataclass built without arguments), or {} where it needs arguments."""
+    try:
+        return dataclasses.asdict(type(getattr(recipe, section))())
+    except TypeError:
+        return {}
 
 
 def _raised(dotted: str, old: int, new: int) -> bool:
