@@ -536,7 +536,15 @@ def _start_adalora(model, recipe: Recipe, start: TrainingStart):
     return tuner.update_and_allocate
 
 
-EVA_BATCHES = 16  # training batches EVA reads (peft stops earlier once every layer's SVD has converged)
+EVA_BATCHES = 16  # training batches EVA reads
+# peft cycles over those batches until every layer's SVD has settled, with no limit of its own. On real text
+# that takes a few passes (MiniLM on CoNLL: 30 forward passes over 16 batches of 16); on data whose layer inputs
+# have no dominant directions it may never end (a 32-wide toy BERT on 2 batches of NER toys: 4,280 passes).
+EVA_PASSES = 100
+
+
+class _EvaUnsettled(Exception):
+    """Raised from inside peft's EVA loop when its forward-pass budget is spent."""
 
 
 def _start_eva(model, recipe: Recipe, start: TrainingStart):
@@ -553,11 +561,33 @@ def _start_eva(model, recipe: Recipe, start: TrainingStart):
         batches.append({k: v.to(start.device) for k, v in batch.items()})
     was_training = model.training
     model.eval()  # no dropout in the statistics
-    with torch.no_grad():
-        initialize_lora_eva_weights(model, batches, prepare_layer_inputs_fn=_eva_layer_inputs, show_progress_bar=False)
+    try:
+        with torch.no_grad():
+            initialize_lora_eva_weights(model, batches, forward_fn=_bounded_forward(EVA_PASSES * len(batches)),
+                                        prepare_layer_inputs_fn=_eva_layer_inputs, show_progress_bar=False)
+    except _EvaUnsettled:
+        raise PeftFtError(
+            f"{recipe.source}: adapter.init = \"eva\": the SVDs of the layer inputs did not settle within {EVA_PASSES} "
+            f"passes over the first {len(batches)} training batch{'es' if len(batches) > 1 else ''} ({len(batches) * start.batch_size} rows); "
+            f"on real text they settle in a few. Train on more rows, raise train.batch_size, lower adapter.r, "
+            f"or use adapter.init = \"default\"") from None
     model.train(was_training)
     log.info("EVA: LoRA A matrices initialised from %d training rows", len(rows))
     return None
+
+
+def _bounded_forward(limit: int):
+    """peft's forward step for EVA (`model(**inputs)`), refusing to run more than `limit` times."""
+    calls = 0
+
+    def forward(model, inputs):
+        nonlocal calls
+        calls += 1
+        if calls > limit:
+            raise _EvaUnsettled
+        return model(**inputs)
+
+    return forward
 
 
 def _eva_layer_inputs(layer_input, model_input, layer_name):

@@ -43,7 +43,7 @@ ADAPTERS = ["lora", "prompt_tuning", "prefix_tuning", "ia3", "adalora", "vera", 
             "p_tuning", "fourierft", "vblora"]
 # LoRA's options, each run as its own variant: "lora:NAME" -> recipe overrides.
 LORA_VARIANTS = {"dora": ["adapter.use_dora=true"], "rslora": ["adapter.use_rslora=true"], "gaussian": ['adapter.init="gaussian"'],
-                 "pissa": ['adapter.init="pissa"'], "olora": ['adapter.init="olora"'], "eva": ['adapter.init="eva"'],
+                 "pissa": ['adapter.init="pissa"'], "olora": ['adapter.init="olora"'], "eva": ['adapter.init="eva"', "adapter.r=4"],
                  "loraplus": ["adapter.loraplus_lr_ratio=4.0"]}
 FAMILIES = ["classification", "ner", "qa", "seq2seq"]
 NV = 4  # virtual tokens in these tests: few, so that the tiny runs stay fast
@@ -496,6 +496,24 @@ def test_8bit_base_trains_the_adapter_and_a_float_head(method, tmp_path, monkeyp
 
 
 # --- the newer methods: options, hooks and refusals ---------------------------------------------------
+
+
+def test_eva_that_does_not_settle_is_refused_with_what_to_change(tmp_path, tiny_bert, family_data, capsys):
+    """peft's EVA loops over its batches until every layer's SVD settles, without a limit of its own. On the toy NER
+    rows at rank 8 (8 of the tiny BERT's 32 directions) it took 4,280 passes; peft-ft stops at EVA_PASSES per batch."""
+    from peft_ft.cli import main
+    from peft_ft.methods import EVA_PASSES
+
+    recipe = recipe_for(tmp_path, tiny_bert, family_data["ner"], "ner", "lora", ['adapter.init="eva"'])
+    capsys.readouterr()
+    code = main(["run", str(recipe.source), "--set", 'adapter.init="eva"'])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    message = " ".join(err[err.index("error:"):].split())
+    assert f'adapter.init = "eva": the SVDs of the layer inputs did not settle within {EVA_PASSES} passes over the first 2 ' \
+           "training batches (16 rows)" in message, message
+    assert all(piece in message for piece in ("train.batch_size", "adapter.r", 'adapter.init = "default"')), message
+    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]  # refused before anything worth keeping
 
 
 def test_lora_eva_on_seq2seq_is_refused():
