@@ -28,6 +28,16 @@ from helpers import sentiment_rows, write_jsonl, write_tiny_bert  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): xdist's one worker per core, except for one test file (or tests of one file)
+    named on the command line. Workers take whole files, so one file would run on one worker anyway, after the
+    ~10 s it takes to start them; it runs in this process instead."""
+    files = {arg.split("::")[0] for arg in config.args}
+    if len(files) == 1 and (config.invocation_params.dir / files.pop()).is_file():
+        return 0
+    return None  # xdist's own count
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
