@@ -539,7 +539,8 @@ def _start_adalora(model, recipe: Recipe, start: TrainingStart):
 EVA_BATCHES = 16  # training batches EVA reads
 # peft cycles over those batches until every layer's SVD has settled, with no limit of its own. On real text
 # that takes a few passes (MiniLM on CoNLL: 30 forward passes over 16 batches of 16); on data whose layer inputs
-# have no dominant directions it may never end (a 32-wide toy BERT on 2 batches of NER toys: 4,280 passes).
+# have no dominant directions it may never end (a 32-wide toy BERT on 2 batches of NER toys: 4,280 forward
+# passes, 2,140 over each batch). The limit counts passes over the batches.
 EVA_PASSES = 100
 
 
