@@ -569,7 +569,7 @@ def _start_eva(model, recipe: Recipe, start: TrainingStart):
     except _EvaUnsettled:
         raise PeftFtError(
             f"{recipe.source}: adapter.init = \"eva\": the SVDs of the layer inputs did not settle within {EVA_PASSES} "
-            f"passes over the first {len(batches)} training batch{'es' if len(batches) > 1 else ''} ({len(batches) * start.batch_size} rows); "
+            f"passes over the first {len(batches)} training batch{'es' if len(batches) > 1 else ''} ({sum(len(b['input_ids']) for b in batches)} rows); "
             f"on real text they settle in a few. Train on more rows, raise train.batch_size, lower adapter.r, "
             f"or use adapter.init = \"default\"") from None
     model.train(was_training)
