@@ -567,9 +567,10 @@ def _start_eva(model, recipe: Recipe, start: TrainingStart):
             initialize_lora_eva_weights(model, batches, forward_fn=_bounded_forward(EVA_PASSES * len(batches)),
                                         prepare_layer_inputs_fn=_eva_layer_inputs, show_progress_bar=False)
     except _EvaUnsettled:
+        read = sum(len(b["input_ids"]) for b in batches)
         raise PeftFtError(
             f"{recipe.source}: adapter.init = \"eva\": the SVDs of the layer inputs did not settle within {EVA_PASSES} "
-            f"passes over the first {len(batches)} training batch{'es' if len(batches) > 1 else ''} ({sum(len(b['input_ids']) for b in batches)} rows); "
+            f"passes over the first {len(batches)} training batch{'es' if len(batches) > 1 else ''} ({read} rows); "
             f"on real text they settle in a few. Train on more rows, raise train.batch_size, lower adapter.r, "
             f"or use adapter.init = \"default\"") from None
     model.train(was_training)
