@@ -323,3 +323,51 @@ def test_max_samples_cap_questions_not_windows(tmp_path, tiny_bert):
     data = TASKS["qa"].load(recipe, d)
     assert [len(s.examples) for s in data.splits.values()] == [5, 3]
     assert isinstance(data.splits["train"], Split)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_training_loss_and_gradients_do_not_depend_on_padding(tiny_bert, method):
+    """The QA head's stock loss takes its softmax over padded positions too; ours (prepare_training) leaves them
+    out, so padding a batch wider (train.pad_to_multiple_of) changes neither the loss nor the gradients.
+    Prompt tuning prepends virtual positions to the logits: they count as tokens."""
+    import torch
+
+    from peft_ft.data.batching import pad_batch
+    from peft_ft.methods import METHODS
+    from peft_ft.models.loading import load_model
+
+    from transformers import AutoTokenizer
+
+    recipe = build_recipe({"model": {"name": str(tiny_bert), "max_length": 24}, "task": {"type": "qa", "doc_stride": 6},
+                           "data": {"train": "t.json"}, "adapter": {"method": method}}, "test.toml")
+    task = TASKS["qa"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    split = Split("train", "t.json", qa_rows(6, seed=4))
+    features = task.encode(split, tokenizer, recipe, None)
+    assert len({f["length"] for f in features}) > 1  # rows of several lengths: the narrow ones are padded already
+
+    def loss_and_grads(model, multiple: int):
+        model.zero_grad(set_to_none=True)
+        batch = pad_batch(features, tokenizer.pad_token_id, multiple=multiple)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    torch.manual_seed(0)
+    model, heads = load_model(str(tiny_bert), recipe, task.auto_class)
+    model = METHODS[method].wrap(model, recipe, heads, task.peft_task_type)
+    for module in model.modules():  # dropout (the model's, LoRA's) would draw masks of each width's shape
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    stock = [loss_and_grads(model, m)[0] for m in (1, 64)]
+    assert abs(stock[0] - stock[1]) > 1e-3  # the stock loss does change with padding: the case below is real
+
+    task.prepare_training(model, recipe, None)
+    (narrow, narrow_grads), (wide, wide_grads) = loss_and_grads(model, 1), loss_and_grads(model, 64)
+    assert wide == pytest.approx(narrow, rel=1e-5)
+    assert narrow < stock[0]  # padding no longer takes probability from the gold positions
+    for a, b in zip(narrow_grads, wide_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model.eval()  # evaluation keeps the model's own loss
+    assert model(**pad_batch(features, tokenizer.pad_token_id, multiple=64)).loss.item() == pytest.approx(stock[1], rel=1e-5)

@@ -133,6 +133,34 @@ def encode_windows(examples: list[dict], tokenizer, recipe: Recipe, *, with_posi
 # --- post-processing ----------------------------------------------------------------------------
 
 
+def loss_over_tokens_only(model) -> None:
+    """Leave padding out of the training loss's softmax over positions.
+
+    transformers' QA heads take the cross-entropy of the start and end logits over every position of the padded
+    batch, padding included, so the loss and its gradients depend on how wide the batch was padded: with
+    `train.pad_to_multiple_of = 64` the SQuAD recipe's validation F1 fell in each of 3 seeds (bench/RESULTS.md).
+    A forward hook recomputes the loss with padded positions at -inf: the same for any padding, one small
+    cross-entropy per batch, no change to the model or what it saves. Evaluation keeps the model's own loss."""
+    import torch
+    import torch.nn.functional as F
+
+    def over_tokens(module, args, kwargs, output):
+        starts, ends, mask = kwargs.get("start_positions"), kwargs.get("end_positions"), kwargs.get("attention_mask")
+        if not module.training or starts is None or ends is None or mask is None:
+            return output
+        start_logits, end_logits = output["start_logits"].float(), output["end_logits"].float()
+        # Prompt tuning prepends virtual positions to the logits (and the labels were shifted past them): real ones.
+        virtual = start_logits.shape[1] - mask.shape[1]
+        padded = mask == 0
+        if virtual:
+            padded = torch.cat([padded.new_zeros(padded.shape[0], virtual), padded], dim=1)
+        output["loss"] = (F.cross_entropy(start_logits.masked_fill(padded, float("-inf")), starts)
+                          + F.cross_entropy(end_logits.masked_fill(padded, float("-inf")), ends)) / 2
+        return output
+
+    model.register_forward_hook(over_tokens, with_kwargs=True)
+
+
 def window_candidates(start_logits, end_logits, offsets: list, n_best: int, max_answer_length: int) -> list[tuple[float, int, int]]:
     """(score, start_char, end_char) for the valid pairs among the n-best starts and ends of one window:
     both in the context, end not before start, at most max_answer_length tokens."""
@@ -269,6 +297,9 @@ class ExtractiveQA(Task):
     def load(self, recipe: Recipe, data_dir: Path | None) -> TaskData:
         splits, notes = load_squad_splits(recipe, data_dir)
         return TaskData(splits, labels=[], notes=notes)
+
+    def prepare_training(self, model, recipe: Recipe, data: TaskData) -> None:
+        loss_over_tokens_only(model)
 
     def encode(self, split: Split, tokenizer, recipe: Recipe, data: TaskData) -> list[dict]:
         features = encode_windows(split.examples, tokenizer, recipe, with_positions=split.name == "train", source=split.source)
