@@ -49,9 +49,10 @@ FAMILIES = ["classification", "ner", "qa", "seq2seq"]
 NV = 4  # virtual tokens in these tests: few, so that the tiny runs stay fast
 LR = {"lora": 1e-2, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "ia3": 3e-2, "full": 3e-3, "adalora": 1e-2, "vera": 3e-2,
       "loha": 1e-2, "lokr": 1e-2, "oft": 1e-2, "boft": 1e-2, "ln_tuning": 3e-2, "p_tuning": 3e-2, "fourierft": 1e-1, "vblora": 1e-2}
-# where a family needs another rate: FourierFT on extractive QA overshoots the fixed batch at 1e-1 (after the
-# accelerate schedule and the 512-position tiny BERT); elsewhere 5e-2 leaves merged and unmerged 3e-4 apart
-LR_FOR = {("fourierft", "qa"): 5e-2}
+# where a family needs another rate: FourierFT on extractive QA overshoots the fixed batch at 1e-1, and since the
+# QA loss leaves padding out (no easy gain from pushing padded positions down) it rises at 1e-2 and 2e-2 and falls,
+# a little, at 3e-3 and 5e-3; elsewhere 5e-2 leaves merged and unmerged 3e-4 apart
+LR_FOR = {("fourierft", "qa"): 5e-3}
 # Names of the parameters each method may train (besides the head copies in modules_to_save).
 ADAPTER_PARAMS = {"lora": ("lora_",), "ia3": ("ia3_l",), "prompt_tuning": ("prompt_encoder",), "prefix_tuning": ("prompt_encoder",),
                   "adalora": ("lora_",), "vera": ("vera_lambda",), "loha": ("hada_",), "lokr": ("lokr_",), "oft": ("oft_",),

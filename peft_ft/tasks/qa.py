@@ -140,13 +140,14 @@ def loss_over_tokens_only(model) -> None:
     batch, padding included, so the loss and its gradients depend on how wide the batch was padded: with
     `train.pad_to_multiple_of = 64` the SQuAD recipe's validation F1 fell in each of 3 seeds (bench/RESULTS.md).
     A forward hook recomputes the loss with padded positions at -inf: the same for any padding, one small
-    cross-entropy per batch, no change to the model or what it saves. Evaluation keeps the model's own loss."""
+    cross-entropy per batch, no change to the model or what it saves. In eval mode too, so that a loss measured
+    on a batch is the one training lowers."""
     import torch
     import torch.nn.functional as F
 
     def over_tokens(module, args, kwargs, output):
         starts, ends, mask = kwargs.get("start_positions"), kwargs.get("end_positions"), kwargs.get("attention_mask")
-        if not module.training or starts is None or ends is None or mask is None:
+        if starts is None or ends is None or mask is None:
             return output
         start_logits, end_logits = output["start_logits"].float(), output["end_logits"].float()
         # Prompt tuning prepends virtual positions to the logits (and the labels were shifted past them): real ones.
