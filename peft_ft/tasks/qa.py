@@ -130,15 +130,13 @@ def encode_windows(examples: list[dict], tokenizer, recipe: Recipe, *, with_posi
     return features
 
 
-# --- post-processing ----------------------------------------------------------------------------
-
-
 def loss_over_tokens_only(model) -> None:
-    """Leave padding out of the training loss's softmax over positions.
+    """Leave padding out of the loss's softmax over positions.
 
     transformers' QA heads take the cross-entropy of the start and end logits over every position of the padded
-    batch, padding included, so the loss and its gradients depend on how wide the batch was padded: with
-    `train.pad_to_multiple_of = 64` the SQuAD recipe's validation F1 fell in each of 3 seeds (bench/RESULTS.md).
+    batch, padding included, so the loss and its gradients depend on how wide the batch was padded (with
+    `train.pad_to_multiple_of = 64` the SQuAD recipe's validation F1 fell in each of 3 seeds; whether this hook
+    gives it back is not measured yet: bench/RESULTS.md).
     A forward hook recomputes the loss with padded positions at -inf: the same for any padding, one small
     cross-entropy per batch, no change to the model or what it saves. In eval mode too, so that a loss measured
     on a batch is the one training lowers."""
@@ -160,6 +158,9 @@ def loss_over_tokens_only(model) -> None:
         return output
 
     model.register_forward_hook(over_tokens, with_kwargs=True)
+
+
+# --- post-processing ----------------------------------------------------------------------------
 
 
 def window_candidates(start_logits, end_logits, offsets: list, n_best: int, max_answer_length: int) -> list[tuple[float, int, int]]:
