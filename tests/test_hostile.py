@@ -221,7 +221,12 @@ def test_a_refusal_found_while_building_removes_the_new_run_folder(recipe_case, 
     monkeypatch.setattr(peft_ft.engine.run, "build_model", misfit)
     with pytest.raises(PeftFtError, match="does not fit"):
         peft_ft.engine.run.run(load_recipe(path))
-    assert list((runs / "r").iterdir()) == []
+    assert not (runs / "r").exists()  # the recipe's folder held only this run: gone too
+    earlier = runs / "r" / "20260101-000000"
+    earlier.mkdir(parents=True)
+    with pytest.raises(PeftFtError, match="does not fit"):
+        peft_ft.engine.run.run(load_recipe(path))
+    assert list((runs / "r").iterdir()) == [earlier]  # an earlier run's folder is kept, and so is their parent
 
 
 def test_validate_stays_fast_without_model_checks(recipe_case):

@@ -91,6 +91,8 @@ def run(recipe: Recipe, data_dir: str | None = None, hooks: TrainHooks | None = 
             # folder holding only recipe.toml and train.log. With a checkpoint, the run can be resumed: kept.
             if distributed.is_main() and not checkpoint.listed(run_dir) and not any(run_dir.glob("*.safetensors")):
                 shutil.rmtree(run_dir, ignore_errors=True)
+                with contextlib.suppress(OSError):  # <output.dir>/<name>/ too, when this run was all it held
+                    run_dir.parent.rmdir()
             raise
     return run_dir
 

@@ -105,6 +105,24 @@ def register_task(cls):
     return cls
 
 
+def replace_loss(model, loss: Callable[[dict, Any], Any], training_only: bool = False) -> None:
+    """Recompute the loss of `model`'s forwards as `loss(kwargs, output)`; None from it keeps the model's own.
+
+    transformers' heads build their loss inside `forward` (unweighted, over every position), so a forward hook is
+    the one place a family can change it: one small extra computation per batch, no change to the model or what
+    it saves. `training_only`: evaluation (model.eval()) keeps the model's loss."""
+
+    def hook(module, args, kwargs, output):
+        if training_only and not module.training:
+            return output
+        value = loss(kwargs, output)
+        if value is not None:
+            output["loss"] = value
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
+
+
 def predict(model, task: Task, features: list[dict], pad_id: int, batch_size: int, device,
             adapter_names: list[str] | None = None) -> list:
     """Per-row outputs in the features' order; batches sorted by length, no gradients. With `adapter_names` (one per

@@ -18,7 +18,7 @@ from peft_ft.data.formats.label_studio import read_classification
 from peft_ft.errors import DataError
 from peft_ft.recipe.schema import DataSection, Recipe
 from peft_ft.storage import write_atomic
-from peft_ft.tasks.base import Answers, Card, Task, register_task, request_text, stock_pipeline, token_count
+from peft_ft.tasks.base import Answers, Card, Task, register_task, replace_loss, request_text, stock_pipeline, token_count
 
 log = logging.getLogger("peft_ft")
 # A regression head has one output; its one "label" names it. One label <=> regression (a
@@ -317,27 +317,22 @@ def balanced_weights(labels: list[int], n_classes: int) -> list[float]:
 
 
 def use_weighted_loss(model, weights: list[float]) -> None:
-    """Replace the loss of training forwards with class-weighted cross-entropy.
-
-    transformers' sequence-classification heads build an unweighted `CrossEntropyLoss` inside
-    `forward` (BERT, RoBERTa, DeBERTa alike), so a forward hook recomputes the loss from the logits
-    and the labels: one small extra cross-entropy per batch, no change to the model or what it saves.
-    Evaluation (model.eval()) keeps the model's own loss; nothing reads it there."""
+    """Class-weighted cross-entropy as the loss of training forwards (transformers' sequence-classification heads,
+    BERT, RoBERTa and DeBERTa alike, build an unweighted `CrossEntropyLoss`). Evaluation keeps the model's own
+    loss; nothing reads it there."""
     import torch
     import torch.nn.functional as F
 
     weight = torch.tensor(weights, dtype=torch.float32)
 
-    def weighted(module, args, kwargs, output):
+    def weighted(kwargs, output):
         labels = kwargs.get("labels")
-        if not module.training or labels is None:
-            return output
+        if labels is None:
+            return None
         logits = output["logits"]
-        output["loss"] = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1),
-                                         weight=weight.to(logits.device))
-        return output
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), weight=weight.to(logits.device))
 
-    model.register_forward_hook(weighted, with_kwargs=True)
+    replace_loss(model, weighted, training_only=True)
 
 
 def _read_rows(recipe: Recipe, s: Settings, name: str, location: str, predict: bool, notes: list[str]) -> list[dict]:

@@ -17,7 +17,7 @@ from peft_ft.errors import DataError, PeftFtError
 from peft_ft.methods import virtual_positions
 from peft_ft.recipe.schema import Recipe
 from peft_ft.storage import write_json
-from peft_ft.tasks.base import Answers, Card, FamilyAnswerer, Task, register_task, request_text
+from peft_ft.tasks.base import Answers, Card, FamilyAnswerer, Task, register_task, replace_loss, request_text
 
 # Questions named in an error message about their length (the rest are counted).
 SHOWN_IDS = 5
@@ -135,29 +135,26 @@ def loss_over_tokens_only(model) -> None:
 
     transformers' QA heads take the cross-entropy of the start and end logits over every position of the padded
     batch, padding included, so the loss and its gradients depend on how wide the batch was padded (with
-    `train.pad_to_multiple_of = 64` the SQuAD recipe's validation F1 fell in each of 3 seeds; whether this hook
-    gives it back is not measured yet: bench/RESULTS.md).
-    A forward hook recomputes the loss with padded positions at -inf: the same for any padding, one small
-    cross-entropy per batch, no change to the model or what it saves. In eval mode too, so that a loss measured
-    on a batch is the one training lowers."""
+    `train.pad_to_multiple_of = 64` the SQuAD recipe's validation F1 fell in each of 3 seeds; whether this
+    gives it back is not measured yet: bench/RESULTS.md). The loss is recomputed with padded positions at -inf:
+    the same for any padding. In eval mode too, so that a loss measured on a batch is the one training lowers."""
     import torch
     import torch.nn.functional as F
 
-    def over_tokens(module, args, kwargs, output):
+    def over_tokens(kwargs, output):
         starts, ends, mask = kwargs.get("start_positions"), kwargs.get("end_positions"), kwargs.get("attention_mask")
         if starts is None or ends is None or mask is None:
-            return output
+            return None
         start_logits, end_logits = output["start_logits"].float(), output["end_logits"].float()
         # Prompt tuning prepends virtual positions to the logits (and the labels were shifted past them): real ones.
         virtual = start_logits.shape[1] - mask.shape[1]
         padded = mask == 0
         if virtual:
             padded = torch.cat([padded.new_zeros(padded.shape[0], virtual), padded], dim=1)
-        output["loss"] = (F.cross_entropy(start_logits.masked_fill(padded, float("-inf")), starts)
-                          + F.cross_entropy(end_logits.masked_fill(padded, float("-inf")), ends)) / 2
-        return output
+        return (F.cross_entropy(start_logits.masked_fill(padded, float("-inf")), starts)
+                + F.cross_entropy(end_logits.masked_fill(padded, float("-inf")), ends)) / 2
 
-    model.register_forward_hook(over_tokens, with_kwargs=True)
+    replace_loss(model, over_tokens)
 
 
 # --- post-processing ----------------------------------------------------------------------------
