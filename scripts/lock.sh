@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 uv=${UV:-uv}
 command -v "$uv" >/dev/null || uv=".venv/bin/uv"
 echo "torch==2.13.0+cpu" > /tmp/peft-ft-torch-override.txt
-"$uv" pip compile pyproject.toml --all-extras --python-version 3.11 \
+# --upgrade: without it uv keeps the versions the existing lock already pins (pyarrow stayed at 24.0.0
+# after the range admitted 26.0.1), which is not "the newest the ranges allow".
+"$uv" pip compile pyproject.toml --all-extras --upgrade --python-version 3.11 \
     --find-links /opt/wheels --override /tmp/peft-ft-torch-override.txt \
     --no-emit-package torch --no-emit-package peft-ft --no-header --quiet \
     --output-file requirements.lock
