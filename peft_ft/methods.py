@@ -289,6 +289,8 @@ def route_prefixes(model):
     """
     if hasattr(model, "_prefix_tuning_forward") and hasattr(model, "get_prompt"):
         model._prefix_tuning_forward = types.MethodType(_prefix_forward, model)
+    if hasattr(model, "base_model_prepare_inputs_for_generation") and hasattr(model, "get_prompt"):
+        model.prepare_inputs_for_generation = types.MethodType(_prefix_generation_inputs, model)
     return model
 
 
@@ -298,6 +300,20 @@ def _prefix_forward(self, input_ids=None, inputs_embeds=None, **kwargs):
     name = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
     kwargs[name] = self.get_prompt(batch_size)
     return self.base_model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+
+def _prefix_generation_inputs(self, *args, **kwargs):
+    """peft's seq2seq `prepare_inputs_for_generation`, with the prefix handed over as the cache.
+
+    On the first generation step peft puts the prefix under `past_key_values`, while transformers 5.24's own
+    preparation already put an empty cache under `cache`; T5 then takes `cache` and drops the prefix, so
+    `generate` answered as the bare base model (tests/test_methods.py pins that a prefix changes generation).
+    The prefix becomes the cache that generation goes on filling, as it was before the rename.
+    """
+    inputs = type(self).prepare_inputs_for_generation(self, *args, **kwargs)
+    if "past_key_values" in inputs and "cache" in inspect.signature(self.base_model.forward).parameters:
+        inputs["cache"] = inputs.pop("past_key_values")
+    return inputs
 
 
 def prefix_problem(model, peft_task_type: str | None) -> str | None:

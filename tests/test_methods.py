@@ -623,3 +623,32 @@ def test_adapters_of_different_methods_answer_from_one_adapter_set(tmp_path, tin
         expected = [(a["label"], round(float(a["score"]), 5)) for a in pipeline(run_dir)(texts)]
         got = [(a["label"], round(float(a["score"]), 5)) for a in adapters.answer(name, [{"text": t} for t in texts])]
         assert got == expected, name
+
+
+def test_prefix_tuned_t5_generates_with_its_prefix():
+    """transformers 5.24 prepares an empty `cache` while peft hands the prefix over as `past_key_values` on the first
+    generation step; T5 kept the cache and `generate` answered as the bare base. `route_prefixes` hands it over."""
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from peft_ft.methods import route_prefixes
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=1)
+    model = route_prefixes(get_peft_model(T5ForConditionalGeneration(config),
+                                          PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=4))).eval()
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.copy_(torch.randn_like(p) * 5)  # a prefix large enough to move every answer
+    ids = torch.randint(2, 64, (2, 7))
+    first_step = lambda: model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, output_scores=True,
+                                        return_dict_in_generate=True).scores[0]
+    prefixed = first_step()
+    with model.disable_adapter():
+        bare = first_step()
+    with torch.no_grad():  # the forward training uses, with the prefix
+        forward = model(input_ids=ids, decoder_input_ids=torch.zeros((2, 1), dtype=torch.long)).logits[:, -1]
+    assert not torch.allclose(prefixed, bare, atol=1e-3)
+    torch.testing.assert_close(prefixed, forward)
