@@ -280,7 +280,8 @@ def _wrap_prompt_tuning(model, recipe: Recipe, heads: list[str], peft_task_type:
 
 def route_prefixes(model):
     """Make a peft model hand its prefixes to the transformers model itself (prefix tuning on classification,
-    token classification and QA heads); returns the model. Harmless for other methods and models.
+    token classification and QA heads, and seq2seq `generate`); returns the model. Harmless for other methods
+    and models.
 
     peft 0.21 decides by the *signature* of the model's forward whether it takes `past_key_values`; transformers
     5.24 renamed that argument `cache` (the old name still works until 5.40), so peft refuses models that use a
