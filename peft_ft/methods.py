@@ -308,12 +308,22 @@ def _prefix_generation_inputs(self, *args, **kwargs):
 
     On the first generation step peft puts the prefix under `past_key_values`, while transformers 5.24's own
     preparation already put an empty cache under `cache`; T5 then takes `cache` and drops the prefix, so
-    `generate` answered as the bare base model (tests/test_methods.py pins that a prefix changes generation).
-    The prefix becomes the cache that generation goes on filling, as it was before the rename.
+    `generate` answered as the bare base model. The prefix becomes the cache that generation goes on filling, as it
+    was before the rename.
+
+    Only on that first step: transformers passes `is_first_iteration` to the first step alone, and on the later ones
+    peft looks for its prefix under `past_key_values`, finds none, takes the step for a first one and hands over a
+    fresh prefix every step. Taking that one would throw away every token generated so far (each step saw the prefix
+    and its own token only). tests/test_methods.py pins both: a prefix changes generation, and every generated
+    step's scores equal the teacher-forced forward's.
     """
     inputs = type(self).prepare_inputs_for_generation(self, *args, **kwargs)
-    if "past_key_values" in inputs and "cache" in inspect.signature(self.base_model.forward).parameters:
-        inputs["cache"] = inputs.pop("past_key_values")
+    if "cache" not in inspect.signature(self.base_model.forward).parameters:
+        return inputs  # transformers before the rename: peft's own call is right
+    prefix = inputs.pop("past_key_values", None)
+    cache = inputs.get("cache")
+    if prefix is not None and (cache is None or cache.get_seq_length() == 0):
+        inputs["cache"] = prefix
     return inputs
 
 

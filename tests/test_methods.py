@@ -627,7 +627,9 @@ def test_adapters_of_different_methods_answer_from_one_adapter_set(tmp_path, tin
 
 def test_prefix_tuned_t5_generates_with_its_prefix():
     """transformers 5.24 prepares an empty `cache` while peft hands the prefix over as `past_key_values` on the first
-    generation step; T5 kept the cache and `generate` answered as the bare base. `route_prefixes` hands it over."""
+    generation step; T5 kept the cache and `generate` answered as the bare base. `route_prefixes` hands it over, on
+    the first step only: peft offers a fresh prefix on every later step too, and taking it dropped the tokens
+    generated so far. Every step's scores equal the forward's that training and evaluation use."""
     import torch
     from peft import PrefixTuningConfig, get_peft_model
     from transformers import T5Config, T5ForConditionalGeneration
@@ -643,12 +645,14 @@ def test_prefix_tuned_t5_generates_with_its_prefix():
         for p in model.prompt_encoder.parameters():
             p.copy_(torch.randn_like(p) * 5)  # a prefix large enough to move every answer
     ids = torch.randint(2, 64, (2, 7))
-    first_step = lambda: model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, output_scores=True,
-                                        return_dict_in_generate=True).scores[0]
-    prefixed = first_step()
+    generate = lambda: model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, output_scores=True,
+                                      return_dict_in_generate=True)
+    prefixed = generate()
     with model.disable_adapter():
-        bare = first_step()
-    with torch.no_grad():  # the forward training uses, with the prefix
-        forward = model(input_ids=ids, decoder_input_ids=torch.zeros((2, 1), dtype=torch.long)).logits[:, -1]
-    assert not torch.allclose(prefixed, bare, atol=1e-3)
-    torch.testing.assert_close(prefixed, forward)
+        bare = generate()
+    assert not torch.allclose(prefixed.scores[0], bare.scores[0], atol=1e-3)
+    with torch.no_grad():  # the forward training uses, with the prefix, teacher-forced on what was generated
+        forward = model(input_ids=ids, decoder_input_ids=prefixed.sequences[:, :-1]).logits
+    assert len(prefixed.scores) == 6
+    for step, scores in enumerate(prefixed.scores):
+        torch.testing.assert_close(scores, forward[:, step], msg=lambda m: f"generation step {step}: {m}")

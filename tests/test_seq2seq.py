@@ -143,15 +143,16 @@ def test_targets_longer_than_their_inputs_can_be_batched(tmp_path, tiny_t5):
 
 RUN_FILES = {
     "lora": {"adapter_model.safetensors", "adapter_config.json"},
+    "prefix_tuning": {"adapter_model.safetensors", "adapter_config.json"},
     "full": {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"},
 }
 COMMON_FILES = {"README.md", "recipe.toml", "train.log", "metrics.json", "peft_ft.json", "predictions_validation.json"}
 
 
-@pytest.fixture(scope="module", params=["lora", "full"])
+@pytest.fixture(scope="module", params=["lora", "prefix_tuning", "full"])
 def trained(request, tmp_path_factory, tiny_t5, squad_dir):
     tmp = tmp_path_factory.mktemp(f"s2s-{request.param}")
-    return run(recipe_at(tmp, tiny_t5, squad_dir, request.param, lr=5e-2 if request.param == "lora" else 5e-3))
+    return run(recipe_at(tmp, tiny_t5, squad_dir, request.param, lr=5e-3 if request.param == "full" else 5e-2))
 
 
 def test_run_folder_holds_exactly_the_expected_files(trained):
@@ -192,6 +193,14 @@ def test_reload_gives_the_same_answers(trained, squad_dir, tiny_t5):
     base = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5).eval()
     with torch.inference_mode():
         assert not torch.allclose(model(**batch).logits, base(**batch).logits, atol=1e-3)
+
+
+def test_card_says_where_a_prefix_reaches_generate(trained):
+    """Stock `generate` drops a seq2seq prefix on transformers 5.24 + peft 0.21 (peft_ft.methods.route_prefixes):
+    the card of a prefix-tuned run says so and sends users to peft_ft.pipeline; other runs' cards do not."""
+    method = json.loads((trained / "peft_ft.json").read_text())["method"]
+    card = (trained / "README.md").read_text()
+    assert ("Stock `generate` on this model drops the prefix" in card) == (method == "prefix_tuning")
 
 
 def test_shipped_t5_recipe_offline_says_where_it_looked(tmp_path, monkeypatch):

@@ -117,6 +117,10 @@ def usage(info: dict, folder: str) -> list[str]:
     if METHODS[info["method"]].prompt_learning:
         notes = ["Prompt-learning adapters prepend virtual tokens that stock pipelines do not strip: "
                  "load the model as below and use `peft_ft.pipeline(DIR)` for answers."]
+        if info["method"] == "prefix_tuning" and info["task"] == "seq2seq":
+            # peft 0.21 hands the prefix over under the name transformers 5.24 renamed (peft_ft.methods.route_prefixes)
+            notes += ["", "Stock `generate` on this model drops the prefix with transformers 5.24 and peft 0.21 "
+                          "(it answers as the base model); `peft_ft.pipeline(DIR)` hands the prefix over."]
         return [*notes, "", *_block(_peft_model_snippet(info, folder, pipeline=False))]
     blocks = []
     if info.get("base_model_source") == "local folder":
