@@ -101,6 +101,32 @@ def test_training_does_not_fall_back_to_pickle_weights(tiny_bert, tmp_path):
         load_model(str(folder), load_recipe(recipe_file), "AutoModelForSequenceClassification", num_labels=2)
 
 
+def test_every_model_load_fetches_no_hub_kernels(run_dir, tiny_bert, tmp_path, monkeypatch):
+    """transformers 5.25 turns `use_kernels` on by default (kernels fetched from the Hub replace layers such as GELU
+    on a GPU); training, reloading a run and combining adapters all ask for it off (safety.model_load_kwargs)."""
+    import transformers
+
+    from peft_ft.models.loading import load_model
+    from peft_ft.recipe.load import load_recipe
+    from peft_ft.rundir.load import load_run
+    from peft_ft.serving.combine import combine_runs
+
+    original = transformers.PreTrainedModel.from_pretrained.__func__
+    asked = []
+
+    def spy(cls, *args, **kwargs):
+        asked.append(kwargs.get("use_kernels", "not passed"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(spy))
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text(recipe_text(tiny_bert, train="x.jsonl", defaults=False))
+    load_model(str(tiny_bert), load_recipe(recipe_file), "AutoModelForSequenceClassification", num_labels=2)
+    load_run(run_dir)
+    combine_runs([("a", run_dir, 0.5), ("b", run_dir, 0.5)], "linear", tmp_path / "combined")
+    assert len(asked) >= 3 and set(asked) == {False}, asked
+
+
 def test_trust_remote_code_is_off_by_default_and_warned_when_on(tmp_path, caplog):
     from peft_ft.recipe.load import load_recipe
 

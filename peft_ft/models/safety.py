@@ -4,11 +4,12 @@ A pickle file (`.bin`, `.pt`, `.pth`, `.pkl`, `.ckpt`) runs code when it is load
 holds one is refused unless the user says, explicitly, that they trust it (`--allow-pickle` on
 predict / serve / merge, `allow_pickle=True` in Python). peft-ft itself writes only safetensors and
 JSON/TOML, so its own folders never trip the check. Where transformers would fall back to
-`pytorch_model.bin` by itself, the loaders also pass `use_safetensors=True` (`safetensors_only`).
+`pytorch_model.bin` by itself, the loaders also pass `use_safetensors=True` (`model_load_kwargs`).
 
 Remote code (a model's own Python files, run by transformers when `trust_remote_code` is on) is
 decided in one place, `remote_code`: only the person running the command can switch it on, never a
-file inside a folder being loaded.
+file inside a folder being loaded. Kernels downloaded from the Hub (transformers' `use_kernels`) stay off
+in every model load (`model_load_kwargs`).
 """
 
 from __future__ import annotations
@@ -48,9 +49,17 @@ def check_no_pickle(folder: str | Path, what: str, allow_pickle: bool = False) -
     )
 
 
-def safetensors_only(allow_pickle: bool = False) -> dict:
-    """`from_pretrained` arguments that stop transformers from falling back to pickle weights by itself."""
-    return {} if allow_pickle else {"use_safetensors": True}
+def model_load_kwargs(allow_pickle: bool = False) -> dict:
+    """`from_pretrained` arguments of every model load: no falling back to pickle weights by itself, and no
+    kernels from the Hub.
+
+    transformers 5.25 turns `use_kernels` on by default (5.0-5.24: off): `from_pretrained` then swaps the forward
+    of layers such as BERT's GELU for compiled kernels fetched from the Hub (kernels-community/activation, on a GPU
+    in inference mode), and refuses to load where the `kernels` package is missing. Off, every transformers
+    version runs the torch layers that our measurements, our fused CPU kernels and peft's wrappers were made
+    against, and loading a model fetches no code.
+    """
+    return {"use_kernels": False, **({} if allow_pickle else {"use_safetensors": True})}
 
 
 def remote_code(recipe: Recipe, command_line: bool | None = None, where: str = "") -> Recipe:

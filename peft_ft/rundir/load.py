@@ -20,7 +20,7 @@ from peft_ft.models.loading import (
     position_limit,
     quiet_transformers,
 )
-from peft_ft.models.safety import check_no_pickle, remote_code, safetensors_only
+from peft_ft.models.safety import check_no_pickle, model_load_kwargs, remote_code
 from peft_ft.rundir.layout import RECIPE, read_info, read_recipe
 from peft_ft.tasks import TASKS
 
@@ -76,8 +76,9 @@ def attach(run_dir: Path, base: str, load):
 
 
 def base_kwargs(info: dict, allow_pickle: bool = False) -> dict:
-    """`from_pretrained` arguments of a run's model: its head's label count and names, safetensors only."""
-    return {**TASKS[info["task"]].model_kwargs(TaskData(splits={}, labels=info["labels"])), **safetensors_only(allow_pickle)}
+    """`from_pretrained` arguments of a run's model: its head's label count and names, safetensors only, no Hub
+    kernels (`model_load_kwargs`)."""
+    return {**TASKS[info["task"]].model_kwargs(TaskData(splits={}, labels=info["labels"])), **model_load_kwargs(allow_pickle)}
 
 
 def label_kwargs(run_dir: str | Path) -> dict:
@@ -111,7 +112,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = Fals
     quiet_transformers()
     cls = getattr(transformers, info["auto_class"])
     if not info["is_adapter"]:
-        model = _hub_call(cls.from_pretrained, str(run_dir), recipe, "model", dtype=torch.float32, **safetensors_only(allow_pickle))
+        model = _hub_call(cls.from_pretrained, str(run_dir), recipe, "model", dtype=torch.float32, **model_load_kwargs(allow_pickle))
         return model.to(device).eval(), load_tokenizer(str(run_dir), recipe), info
     base = base_location(info)
     if onto is not None:

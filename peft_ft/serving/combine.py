@@ -28,7 +28,7 @@ from pathlib import Path
 from peft_ft.data.files import TaskData
 from peft_ft.errors import PeftFtError
 from peft_ft.models.loading import quiet_transformers
-from peft_ft.models.safety import check_no_pickle, safetensors_only
+from peft_ft.models.safety import check_no_pickle, model_load_kwargs
 from peft_ft.rundir.layout import ADAPTER_CONFIG, CARD, INFO, RECIPE, read_info
 from peft_ft.rundir.load import base_location
 from peft_ft.serving.merge import check_out
@@ -178,7 +178,7 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
     infos = check_combinable(parts, how, density)
     first = infos[0]
     quiet_transformers()
-    kwargs = {**TASKS[first["task"]].model_kwargs(TaskData(splits={}, labels=first["labels"])), **safetensors_only(allow_pickle)}
+    kwargs = {**TASKS[first["task"]].model_kwargs(TaskData(splits={}, labels=first["labels"])), **model_load_kwargs(allow_pickle)}
     cls = getattr(transformers, first["auto_class"])
 
     def base():
