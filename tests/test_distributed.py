@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,7 +53,16 @@ def launch(recipe, *args, timeout=120, config="cpu_ddp.yaml", launcher=()) -> su
            *launcher, "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
            "-m", "peft_ft", "run", str(recipe), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    # Its own process group, killed whole on a timeout: subprocess.run would kill the launcher only and leave its
+    # training processes running on (one left holding torch's extension-build lock hung every later DeepSpeed test).
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
