@@ -6,9 +6,10 @@
 #                                        transformers/peft release is caught before we raise a cap and users meet it
 #   extra arguments go to pytest, e.g.   scripts/check_latest.sh --uncapped tests/test_methods.py -x
 #
-# It prints every installed version that differs from requirements.lock. When the suite passes, raise the caps in
-# pyproject.toml to those versions and run scripts/lock.sh. torch stays at the local CPU wheel (2.13.0): a newer
-# torch from the registry is a multi-GB CUDA build.
+# It prints every installed version that differs from requirements.lock, and every direct dependency whose newest
+# release on the registry was not installed (capped, or not installable: what it needs is missing there). When the
+# suite passes, raise the caps in pyproject.toml to those versions and run scripts/lock.sh. torch stays at the local
+# CPU wheel (2.13.0): a newer torch from the registry is a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 uncapped=0
@@ -51,4 +52,22 @@ for line in sys.stdin:
     if m and norm(m.group(1)) in locked and locked[norm(m.group(1))] != m.group(2):
         print(f"  {m.group(1)} {locked[norm(m.group(1))]} -> {m.group(2)}")
 '
+# A release the resolver could not take is easy to miss: transformers 5.25.0 needs kernels>=0.19.1, which the
+# registry did not have, and --uncapped quietly installed 5.24.0. Name every direct dependency left behind.
+echo "direct dependencies not at the registry's newest release:"
+"$py" - <<'PY'
+import importlib.metadata as md, json, re, subprocess, sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+specs = list(project["dependencies"]) + [d for deps in project["optional-dependencies"].values() for d in deps]
+names = sorted({re.match(r"[A-Za-z0-9_.\-]+", s).group(0) for s in specs} - {"torch", "peft-ft"})
+for name in names:
+    try:
+        installed = md.version(name)
+    except md.PackageNotFoundError:
+        continue  # an extra of another platform (bitsandbytes off Linux)
+    found = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "--json", name],
+                           capture_output=True, text=True)
+    if found.returncode == 0 and (newest := json.loads(found.stdout)["latest"]) != installed:
+        print(f"  {name}: {installed} installed, {newest} on the registry")
+PY
 "$py" -m pytest -q "$@"
