@@ -53,8 +53,8 @@ def launch(recipe, *args, timeout=120, config="cpu_ddp.yaml", launcher=()) -> su
            *launcher, "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
            "-m", "peft_ft", "run", str(recipe), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    # Its own process group, killed whole on a timeout: subprocess.run would kill the launcher only and leave its
-    # training processes running on (one left holding torch's extension-build lock hung every later DeepSpeed test).
+    # Its own process group, killed whole on a timeout: subprocess.run kills the launcher only, and after two timed-out
+    # DeepSpeed tests their training processes were still running many minutes after the suite ended.
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
