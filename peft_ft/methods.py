@@ -290,7 +290,9 @@ def route_prefixes(model):
     """
     if hasattr(model, "_prefix_tuning_forward") and hasattr(model, "get_prompt"):
         model._prefix_tuning_forward = types.MethodType(_prefix_forward, model)
-    if hasattr(model, "base_model_prepare_inputs_for_generation") and hasattr(model, "get_prompt"):
+    if (hasattr(model, "base_model_prepare_inputs_for_generation") and hasattr(model, "get_prompt")
+            and "cache" in inspect.signature(model.base_model.forward).parameters):
+        # before transformers' rename of `past_key_values` to `cache`, peft's own generation call is right
         model.prepare_inputs_for_generation = types.MethodType(_prefix_generation_inputs, model)
     return model
 
@@ -318,8 +320,6 @@ def _prefix_generation_inputs(self, *args, **kwargs):
     step's scores equal the teacher-forced forward's.
     """
     inputs = type(self).prepare_inputs_for_generation(self, *args, **kwargs)
-    if "cache" not in inspect.signature(self.base_model.forward).parameters:
-        return inputs  # transformers before the rename: peft's own call is right
     prefix = inputs.pop("past_key_values", None)
     cache = inputs.get("cache")
     if prefix is not None and (cache is None or cache.get_seq_length() == 0):
