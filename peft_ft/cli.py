@@ -45,6 +45,8 @@ def cmd_validate(args) -> int:
         print(f"  {name}: {split.source} ({len(split.examples)} examples)")
     if data.labels:
         print(f"  labels: {', '.join(data.labels[:20])}{' ...' if len(data.labels) > 20 else ''}")
+    for note in data.notes:  # rows dropped or converted: what `run` logs, seen before training
+        print(f"  note: {note}")
     return 0
 
 

@@ -62,12 +62,20 @@ def data_dir_candidates(recipe: Recipe, cli_dir: str | None = None) -> list[tupl
     return [(Path.cwd() / "../shared/data", "default"), (PROJECT_ROOT / "../shared/data", "default")]
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a folder above it that we may not enter: not a data folder we can use
+        return False
+
+
 def resolve_data_dir(recipe: Recipe, cli_dir: str | None = None) -> Path:
     candidates = data_dir_candidates(recipe, cli_dir)
     for path, _ in candidates:
-        if path.is_dir():
+        if _is_dir(path):
             return path.resolve()
-    looked = ", ".join(f"{p.resolve()} ({why})" for p, why in candidates)
+    # abspath, not resolve(): resolving a symlink loop raises instead of naming the path.
+    looked = ", ".join(f"{os.path.abspath(p)} ({why})" for p, why in candidates)
     raise DataError(
         f"{recipe.source}: data directory not found; looked in {looked}. "
         f"Set data.dir in the recipe, pass --data-dir, or set ${DATA_DIR_ENV}."
@@ -77,11 +85,18 @@ def resolve_data_dir(recipe: Recipe, cli_dir: str | None = None) -> Path:
 def resolve_file(data_dir: Path, name: str, key: str, source: str) -> Path:
     path = Path(name).expanduser()
     path = path if path.is_absolute() else data_dir / path
-    if not path.is_file():
+    try:
+        if path.is_file():
+            return path
+        if path.is_dir():
+            raise DataError(f"{source}: {key}: {path} is a folder; name a data file in it")
+        if path.is_symlink():  # a link whose target is missing, or a loop of links
+            raise DataError(f"{source}: {key}: {path} is a symbolic link that leads to no file; fix the link or name the file")
         near = sorted(p.name for p in path.parent.glob("*"))[:20] if path.parent.is_dir() else []
-        hint = f" Files there: {', '.join(near)}." if near else f" Folder {path.parent} does not exist."
-        raise DataError(f"{source}: {key}: file not found: {path}.{hint} Fix the name or data.dir.")
-    return path
+    except OSError as e:  # a folder on the way that we may not enter
+        raise DataError(f"{source}: {key}: cannot look up {path} ({e.strerror}); check the folder's permissions") from None
+    hint = f" Files there: {', '.join(near)}." if near else f" Folder {path.parent} does not exist."
+    raise DataError(f"{source}: {key}: file not found: {path}.{hint} Fix the name or data.dir.")
 
 
 FORMATS_BY_SUFFIX = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
@@ -102,6 +117,8 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise DataError(f"{path}: line {line}: not UTF-8 ({e.reason}); re-save the file as UTF-8") from None
+    except OSError as e:  # no permission, a folder, a link loop
+        raise DataError(f"{path}: cannot read the file ({e.strerror}); check that it is a readable file") from None
 
 
 def json_record(line: str, where: str) -> dict:
@@ -129,16 +146,7 @@ def read_table(path: Path, fmt: str = "auto") -> list[dict]:
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
     text = read_text(path)
     if fmt in ("csv", "tsv"):
-        import csv
-        import io
-
-        reader = csv.DictReader(io.StringIO(text), delimiter="," if fmt == "csv" else "\t")
-        rows = []
-        for row in reader:
-            if None in row:  # more fields than the header has
-                raise DataError(f"{path}: line {reader.line_num}: more fields than the header's {len(reader.fieldnames)}")
-            rows.append(row)
-        return rows
+        return _read_delimited(path, text, "," if fmt == "csv" else "\t")
     if fmt == "jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -152,8 +160,63 @@ def read_table(path: Path, fmt: str = "auto") -> list[dict]:
             raise DataError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of records; for one record per line use .jsonl")
+        for number, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: record {number}: expected a JSON object ({{\"column\": value, ...}}), got {type(row).__name__}")
         return rows
     raise DataError(f"{path}: unknown data.format {fmt!r}; use one of {', '.join(FORMATS_BY_SUFFIX.values())}")
+
+
+def _read_delimited(path: Path, text: str, delimiter: str) -> list[dict]:
+    """CSV/TSV rows as dicts. Every row must have the header's fields: a short row is refused, not read as
+    unlabelled, because an unclosed quote makes one (it runs on to the next quote and swallows the lines between)."""
+    import csv
+    import io
+
+    # The whole file is in memory already; csv's default 128 KiB field limit would refuse one long text.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    header = reader.fieldnames or []
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise DataError(f"{path}: line 1: the header names column(s) {', '.join(map(repr, twice))} more than once; "
+                        f"give every column its own name")
+    rows, last = [], reader.line_num
+    for row in reader:
+        values = [v for v in row.values() if v is not None]
+        # The row's first line: after the last row (blank lines are skipped), and a line above each line break its
+        # quoted fields hold (the field an unclosed quote runs to the end of the file on also holds the last newline).
+        spanned = sum(v.count("\n") for v in values if isinstance(v, str))
+        first, last = max(last + 1, reader.line_num - spanned), reader.line_num
+        spanned = last - first
+        lines = f"line {first}" if first == last else f"lines {first}-{last}"
+        if None in row:  # more fields than the header has
+            raise DataError(f"{path}: {lines}: more fields than the header's {len(header)}")
+        if None in row.values():
+            if not any(v.strip() for v in values):
+                continue  # a line of spaces: as blank as an empty line
+            quote = (f"; a quote opened there is not closed, so the field ran on over {spanned + 1} lines: close it, "
+                     f"or double a quote inside a field (\"\")" if spanned else "")
+            raise DataError(f"{path}: {lines}: {len(values)} field(s) where the header has {len(header)}{quote}")
+        rows.append(row)
+    if rows and spanned and _ends_inside_quotes(text, delimiter):
+        raise DataError(f"{path}: {lines}: a quote opened on line {first} is never closed, so every line "
+                        f"after it was read into one field; close it, or double a quote inside a field (\"\")")
+    return rows
+
+
+def _ends_inside_quotes(text: str, delimiter: str) -> bool:
+    """Whether the file ends inside a quoted field. Only a strict reader says so; the default reader quietly
+    takes the rest of the file as the field (and strict mode would also refuse files we read today)."""
+    import csv
+    import io
+
+    try:
+        for _ in csv.reader(io.StringIO(text), delimiter=delimiter, strict=True):
+            pass
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
 
 
 def read_hub_split(recipe: Recipe, split: str) -> list[dict]:
@@ -181,6 +244,13 @@ def require_columns(rows: list[dict], columns: dict[str, str], path: str):
     missing = [f"{key} = {name!r}" for key, name in columns.items() if name and name not in rows[0]]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the file has: {', '.join(map(str, have))}")
+    # JSON records need not share keys: every row must have the columns, not only the first.
+    names = [name for name in columns.values() if name]
+    for number, row in enumerate(rows, 1):
+        lacking = [name for name in names if name not in row]
+        if lacking:
+            raise DataError(f"{path}: record {number}: no {', '.join(map(repr, lacking))} (it has: {', '.join(map(str, row))}); "
+                            f"every record needs the columns the recipe names (null leaves a label empty)")
 
 
 ROLE_SPLITS = ("train", "validation")

@@ -9,6 +9,7 @@ Files listed in `data.predict` need no label column: they get predictions only (
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,43 +69,73 @@ class PredictSplit(Split):
     submission: str = ""  # that file's name (CoLA.tsv, MNLI-m.tsv, ...)
 
 
+_NUMBER = re.compile(r"[+-]?\d+(\.\d*)?")
+
+
 def _as_index(value) -> int | None:
-    """Integer label ids arrive as ints (parquet, JSON) or digit strings (CSV/TSV)."""
+    """An integer label id, however the file wrote it: 2 (JSON), 2.0 (parquet or pandas floats), "2" or " 2.0"
+    (CSV/TSV). A bool, a fraction or a word is no id."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
-    return None
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) else None
 
 
-def label_names(recipe: Recipe, train_values: list) -> list[str]:
+def label_key(value, where: str) -> int | str:
+    """A labelled cell as its class: an integer id, else the name without surrounding spaces ("a, neg" in a CSV)."""
+    index = _as_index(value)
+    if index is not None:
+        return index
+    if isinstance(value, float) or (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+        raise DataError(f"{where}: label {value!r} is a fraction, not a class; for a numeric target set task.regression = true")
+    if isinstance(value, str) and "\n" in value:
+        raise DataError(f"{where}: label {value!r} spans several lines; an unclosed quote in the file joins lines into it")
+    if not isinstance(value, (str, bool)):
+        raise DataError(f"{where}: label {value!r} is a {type(value).__name__}; a label is a name or an integer id")
+    return str(value).strip()
+
+
+def label_names(recipe: Recipe, train_values: list, source: str) -> list[str]:
     """Names in id order: the recipe's, else the classes the training data holds, sorted (integers by
     value: labels 1-5 are five classes "1".."5", never a sixth, phantom class 0)."""
     if recipe.task.labels:
         return list(recipe.task.labels)
-    ids = [_as_index(v) for v in train_values]
-    if all(i is not None for i in ids):
-        return [str(i) for i in sorted(set(ids))]
-    return sorted({str(v) for v in train_values})
+    keys = {label_key(v, f"{source}: row {row}") for row, v in train_values}
+    ids, words = sorted(k for k in keys if isinstance(k, int)), sorted(k for k in keys if isinstance(k, str))
+    if ids and words:
+        raise DataError(f"{source}: the training labels mix integer ids ({', '.join(map(str, ids[:5]))}) and names "
+                        f"({', '.join(words[:5])}); use one or the other, or list the names in id order in task.labels")
+    folded = {}
+    for word in words:
+        folded.setdefault(word.casefold(), []).append(word)
+    clash = [names for names in folded.values() if len(names) > 1]
+    if clash:
+        raise DataError(f"{source}: training labels {' and '.join(map(repr, clash[0]))} differ only in case; make the rows "
+                        f"agree, or list every label in task.labels if they are different classes")
+    return [str(i) for i in ids] or words
 
 
-def label_id(value, names: list[str]) -> int | None:
-    """The id of a label value: its name, or an integer id within range when the names are words
-    (task.labels = ["neg", "pos"] with 0/1 in the data). None if neither."""
-    if str(value) in names:
-        return names.index(str(value))
-    index = _as_index(value)
-    if index is not None and 0 <= index < len(names) and not all(_as_index(n) is not None for n in names):
-        return index
+def label_id(value, names: list[str], explicit: bool, where: str) -> int | None:
+    """The id of a label value: its name, or, when the recipe gave the names (task.labels, a GLUE preset), an
+    integer id within range (task.labels = ["neg", "pos"] with 0/1 in the data). None if neither: ids never
+    index names read from the training data, whose order (sorted) the user did not choose."""
+    key = label_key(value, where)
+    if str(key) in names:
+        return names.index(str(key))
+    if isinstance(key, int) and explicit and 0 <= key < len(names) and not all(_as_index(n) is not None for n in names):
+        return key
     return None
 
 
 def _is_unlabeled(value, regression: bool = False) -> bool:
     # MNLI's test rows and GLUE's hub splits mark "no label" with -1; a score of -1 is a real score.
-    # An empty cell (CSV/TSV ""), a JSON null or a parquet NaN is no label in every format.
-    if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and value != value):
+    # An empty cell (CSV/TSV ""), a JSON null or a parquet NaN is no label in every format; so is a CSV's "NaN".
+    if value is None or (isinstance(value, str) and value.strip().casefold() in ("", "nan")):
+        return True
+    if isinstance(value, float) and value != value:
         return True
     return not regression and _as_index(value) == -1
 
@@ -213,10 +244,10 @@ class Classification(Task):
             columns = {"data.text_column": s.text, "data.text_pair_column": s.text_pair}
             require_columns(rows, columns if predict else {**columns, "data.label_column": s.label}, location)
             raw[name] = (location, rows, predict)
-        train_values = [r[s.label] for r in raw["train"][1] if not _is_unlabeled(r[s.label], s.regression)]
+        train_values = [(row, r[s.label]) for row, r in enumerate(raw["train"][1], 1) if not _is_unlabeled(r[s.label], s.regression)]
         if not train_values:
             raise DataError(f"{raw['train'][0]}: no labelled rows in the training split")
-        names = REGRESSION_LABELS if s.regression else list(s.labels) or label_names(recipe, train_values)
+        names = REGRESSION_LABELS if s.regression else list(s.labels) or label_names(recipe, train_values, raw["train"][0])
         if not s.regression and len(names) < 2:
             raise DataError(f"{raw['train'][0]}: only one label ({names[0]!r}) in the training split; a classifier needs two "
                             f"(for a numeric target set task.regression = true)")
@@ -227,7 +258,7 @@ class Classification(Task):
             if predict:
                 splits[name] = _predict_split(name, location, rows, s)
                 continue
-            examples, dropped = _examples(rows, names, location, s)
+            examples, dropped = _examples(rows, names, location, s, explicit=bool(s.labels))
             if dropped:
                 notes.append(f"{name}: dropped {dropped} unlabelled rows (label -1 or empty) from {location}")
             splits[name] = Split(name, location, examples)
@@ -352,21 +383,23 @@ def _read_rows(recipe: Recipe, s: Settings, name: str, location: str, predict: b
     return rows
 
 
-def _examples(rows: list[dict], names: list[str], location: str, s: Settings) -> tuple[list[dict], int]:
+def _examples(rows: list[dict], names: list[str], location: str, s: Settings, explicit: bool) -> tuple[list[dict], int]:
     examples, dropped = [], 0
     for number, row in enumerate(rows, 1):
         value = row[s.label]
         if _is_unlabeled(value, s.regression):
             dropped += 1
             continue
-        label = _score_value(value) if s.regression else label_id(value, names)
+        where = f"{location}: row {number}"
+        label = _score_value(value) if s.regression else label_id(value, names, explicit, where)
         if label is None:
             if s.regression:
-                raise DataError(f"{location}: row {number}: label {value!r} is not a number; a regression label is a score such as 3.8")
-            raise DataError(
-                f"{location}: row {number}: label {value!r} is not among the training labels ({', '.join(names)}); "
-                f"fix the row or list every label in task.labels"
-            )
+                raise DataError(f"{where}: label {value!r} is not a number; a regression label is a score such as 3.8")
+            ids = ("; integer ids stand for names only when task.labels lists the names in id order"
+                   if _as_index(value) is not None and not explicit else "")
+            raise DataError(f"{where}: label {value!r} is not among the "
+                            f"{'labels of task.labels' if explicit else 'training labels'} ({', '.join(names)}); "
+                            f"fix the row or list every label in task.labels{ids}")
         examples.append({**_text_fields(row, number, location, s), "label": label, "row": number})
     if not examples:
         raise DataError(f"{location}: no labelled rows; check data.label_column ({s.label!r})")
@@ -390,10 +423,11 @@ def _check_submissions(splits: dict[str, Split]) -> None:
 
 
 def _text_fields(row: dict, number: int, location: str, s: Settings) -> dict:
-    text = row[s.text]
-    if not isinstance(text, str):
-        raise DataError(f"{location}: row {number}: column {s.text!r} is {text!r}, expected text")
-    return {"text": text, **({"text_pair": str(row[s.text_pair] or "")} if s.text_pair else {})}
+    fields = {"text": s.text, **({"text_pair": s.text_pair} if s.text_pair else {})}
+    for column in fields.values():
+        if not isinstance(row[column], str):
+            raise DataError(f"{location}: row {number}: column {column!r} is {row[column]!r}, expected text")
+    return {field: row[column] for field, column in fields.items()}
 
 
 def _record(example: dict) -> dict:

@@ -45,10 +45,9 @@ def read_conll(path: Path | str, *, token_column: int = 0, tag_column: int = -1,
         if width is None:
             width = _check_width(path, number, columns, token_column, tag_column, separator)
         elif len(columns) != width:
-            raise DataError(
-                f"{path}: line {number}: {len(columns)} column(s) where the file's first line has {width} "
-                f"({line.strip()!r}); every token line needs the same columns (data.separator = {separator!r})"
-            )
+            raise DataError(f"{path}: line {number}: {len(columns)} column(s) where the file's first line has {width} "
+                            f"({line.strip()!r}){_blank_column(line, separator, width)}; every token line needs the same "
+                            f"columns (data.separator = {separator!r})")
         if current is None:
             current = {"tokens": [], "tags": [], "line": number, "lines": []}
             sentences.append(current)
@@ -56,6 +55,15 @@ def read_conll(path: Path | str, *, token_column: int = 0, tag_column: int = -1,
         current["tags"].append(columns[tag_column])
         current["lines"].append(number)
     return sentences
+
+
+def _blank_column(line: str, separator: str, width: int) -> str:
+    """A hint when the line has its columns but one is blank (an empty token), which stripping the line hid."""
+    sep = SEPARATORS[separator]
+    if sep is None:
+        return ""
+    columns = line.rstrip("\r\n").split(sep)
+    return " - one of its columns is blank (an empty token or tag?)" if len(columns) == width and not all(c.strip() for c in columns) else ""
 
 
 def _check_width(path: Path, number: int, columns: list[str], token_column: int, tag_column: int, separator: str) -> int:
@@ -92,6 +100,9 @@ def read_tagged_rows(rows: list[tuple[int, dict]], where: str, *, tokens_field: 
         if not tokens:
             empty += 1
             continue
+        odd = next((t for t in tokens if isinstance(t, bool) or not isinstance(t, (str, int, float))), None)
+        if odd is not None or None in tokens:
+            raise DataError(f"{where}: line {number}: token {odd!r} is a {type(odd).__name__}; every token is a string")
         tags = [_tag_name(t, labels, where, number) for t in tags]
         sentences.append({"tokens": [str(t) for t in tokens], "tags": tags, "line": number, "lines": [number] * len(tokens)})
     return sentences, empty

@@ -49,20 +49,40 @@ def read_squad_json(path: Path) -> list[dict]:
             f"for one record per line with id, question, context, answers use .jsonl (data.format = \"jsonl\")"
         )
     examples = []
-    for article in document["data"]:
+    for a, article in enumerate(document["data"]):
+        where = f"data[{a}]"
+        _require(path, where, article, dict, '{"title": ..., "paragraphs": [...]}')
         title = str(article.get("title") or "")
-        for paragraph in article.get("paragraphs", []):
+        _require(path, f"{where}.paragraphs", article.get("paragraphs"), list, "a list of {\"context\", \"qas\"}")
+        for p, paragraph in enumerate(article["paragraphs"]):
+            here = f"{where}.paragraphs[{p}]"
+            _require(path, here, paragraph, dict, '{"context": ..., "qas": [...]}')
+            _require(path, f"{here}.qas", paragraph.get("qas"), list, "a list of questions")
             context = paragraph.get("context")
-            for qa in paragraph.get("qas", []):
-                answers = qa.get("answers", [])
+            for q, qa in enumerate(paragraph["qas"]):
+                _require(path, f"{here}.qas[{q}]", qa, dict, '{"id", "question", "answers": [...]}')
                 examples.append({
                     "id": str(qa.get("id", "")),
                     "title": title,
                     "question": qa.get("question"),
                     "context": context,
-                    "answers": {"text": [a.get("text") for a in answers], "answer_start": [a.get("answer_start") for a in answers]},
+                    "answers": _official_answers(path, qa.get("id", f"{here}.qas[{q}]"), qa.get("answers", [])),
                 })
     return check_examples(examples, path)
+
+
+def _require(path, where: str, value, kind: type, shape: str) -> None:
+    if not isinstance(value, kind):
+        got = "missing" if value is None else f"a {type(value).__name__}"
+        raise DataError(f"{path}: {where} is {got}; expected {shape} (the official SQuAD layout)")
+
+
+def _official_answers(path, qid, answers) -> dict:
+    """The official nesting, a list of {"text", "answer_start"}, in the `datasets` layout."""
+    if not isinstance(answers, list) or not all(isinstance(a, dict) for a in answers):
+        raise DataError(f"{path}: question {qid}: answers is {str(answers)[:80]!r}; expected a list of "
+                        f"{{\"text\": ..., \"answer_start\": ...}} records")
+    return {"text": [a.get("text") for a in answers], "answer_start": [a.get("answer_start") for a in answers]}
 
 
 def examples_from_rows(rows: list[dict], path) -> list[dict]:
@@ -80,12 +100,16 @@ def examples_from_rows(rows: list[dict], path) -> list[dict]:
             f"(answers = {{\"text\": [...], \"answer_start\": [...]}}); the file has: {', '.join(map(str, rows[0]))}"
         )
     examples = []
-    for row in rows:
+    for number, row in enumerate(rows, 1):
+        lacking = [c for c in FLAT_COLUMNS if c not in row]
+        if lacking:
+            raise DataError(f"{path}: record {number}: no {', '.join(lacking)}; every record needs {', '.join(FLAT_COLUMNS)}")
         answers = row["answers"]
         if isinstance(answers, list):
-            answers = {"text": [a.get("text") for a in answers], "answer_start": [a.get("answer_start") for a in answers]}
-        elif not isinstance(answers, dict):
-            raise DataError(f"{path}: question {row['id']}: answers is {answers!r}; expected {{\"text\": [...], \"answer_start\": [...]}}")
+            answers = _official_answers(path, row["id"], answers)
+        if not isinstance(answers, dict) or not all(isinstance(answers.get(k, []), list) for k in ("text", "answer_start")):
+            raise DataError(f"{path}: question {row['id']}: answers is {str(answers)[:80]!r}; expected "
+                            f"{{\"text\": [...], \"answer_start\": [...]}}")
         examples.append({
             "id": str(row["id"]),
             "title": str(row.get("title") or ""),
@@ -122,8 +146,8 @@ def check_examples(examples: list[dict], path) -> list[dict]:
 
 
 def check_answer(context: str, text, start, qid: str, path) -> None:
-    if not isinstance(text, str) or not text or isinstance(start, bool) or not isinstance(start, int):
-        raise DataError(f"{path}: question {qid}: answer {text!r} at {start!r}: expected a non-empty text and an integer answer_start")
+    if not isinstance(text, str) or not text.strip() or isinstance(start, bool) or not isinstance(start, int):
+        raise DataError(f"{path}: question {qid}: answer {text!r} at {start!r}: expected a non-blank text and an integer answer_start")
     found = context[start : start + len(text)]
     if found != text:
         where = context.find(text)
