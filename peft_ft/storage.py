@@ -66,6 +66,14 @@ def honour_umask(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
+def honour_umask_tree(folder: Path) -> None:
+    """`honour_umask` for a staging folder and everything in it: safetensors writes its files 0600 itself."""
+    honour_umask(folder, directory=True)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            honour_umask(path, directory=path.is_dir())
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: a crash leaves the old file or the new one."""
     data = text.encode("utf-8")
@@ -100,6 +108,7 @@ def save_pretrained_atomic(model, run_dir: Path, state_dict: dict | None = None)
         for f in sorted(staging.iterdir()):
             if f.name == "README.md":  # peft's generic card; ours replaces it
                 continue
+            honour_umask(f)  # safetensors writes its file private (0600), as a temporary file would be
             os.replace(f, run_dir / f.name)
             moved.append(run_dir / f.name)
         return moved

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from peft_ft.errors import PeftFtError
 from peft_ft.rundir.layout import CHECKPOINTS
-from peft_ft.storage import honour_umask, space_for, tensor_bytes, write_json
+from peft_ft.storage import honour_umask_tree, space_for, tensor_bytes, write_json
 
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -60,7 +60,7 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> 
             save_file(rng_tensors, str(staging / RNG))
             write_json(staging / STATE, {**state, "step": step, "optimizer": optim_json,
                                          "scheduler": scheduler.state_dict(), "rng": rng_json})
-        honour_umask(staging, directory=True)
+        honour_umask_tree(staging)
         if final.exists():  # e.g. Ctrl-C on the last step of an epoch, then the epoch-end save
             old = Path(tempfile.mkdtemp(dir=root, prefix=".replaced-"))
             os.replace(final, old / final.name)

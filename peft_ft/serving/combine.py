@@ -32,7 +32,7 @@ from peft_ft.models.safety import check_no_pickle, model_load_kwargs
 from peft_ft.rundir.layout import ADAPTER_CONFIG, CARD, INFO, RECIPE, read_info
 from peft_ft.rundir.load import base_location
 from peft_ft.serving.merge import check_out
-from peft_ft.storage import write_atomic, write_json
+from peft_ft.storage import honour_umask_tree, write_atomic, write_json
 from peft_ft.tasks import TASKS
 
 HOWS = ("linear", "cat", "ties", "dare_ties", "dare_linear")
@@ -236,6 +236,7 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
         check_out(out)
         if out.exists():
             out.rmdir()
+        honour_umask_tree(staging)
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -26,7 +26,7 @@ from peft_ft.models.safety import check_no_pickle
 from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info, read_info_raw
 from peft_ft.rundir.load import load_run
 from peft_ft.serving.merge import check_mergeable, check_out, unwrap_heads
-from peft_ft.storage import write_json
+from peft_ft.storage import honour_umask_tree, write_json
 from peft_ft.tasks import TASKS
 
 # What each family's model returns: ONNX output names, taken from the model output of the same name.
@@ -96,8 +96,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
         check_out(out)
         if out.exists():
             out.rmdir()
+        honour_umask_tree(staging)  # mkdtemp made it private; it is an ordinary output folder
         os.replace(staging, out)
-        os.chmod(out, 0o755)  # mkdtemp made it private; it is an ordinary output folder
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report

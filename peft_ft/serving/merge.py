@@ -16,7 +16,7 @@ from peft_ft.errors import PeftFtError
 from peft_ft.models.safety import check_no_pickle
 from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info, read_info_raw
 from peft_ft.rundir.load import check_run_folder, load_run
-from peft_ft.storage import honour_umask, space_for, tensor_bytes, write_json
+from peft_ft.storage import honour_umask_tree, space_for, tensor_bytes, write_json
 
 
 def check_mergeable(run_dir: Path, info: dict) -> None:
@@ -95,7 +95,7 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
         check_out(out)  # again: something may have appeared there while we merged
         if out.exists():
             out.rmdir()
-        honour_umask(staging, directory=True)
+        honour_umask_tree(staging)
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
