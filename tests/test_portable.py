@@ -204,7 +204,7 @@ def test_card_snippets_load_a_fresh_adapter_with_stock_tools(hub_runs, tmp_path,
     assert len(blocks) == 2 and "AutoPeftModelFor" in blocks[0] and "PeftModel.from_pretrained" in blocks[1]
     labels = json.loads((run_dir / "labels.json").read_text())
     for i, code in enumerate(blocks):
-        folder = copy_folder(run_dir, tmp_path / str(i), name)
+        folder = copy_folder(run_dir, tmp_path / str(i), run_dir.name)  # as written: runs/NAME/<timestamp>
         if name == "tiny_ner":
             lines = [block.splitlines() for block in (run_dir / "predictions_ner_test.conll").read_text().strip().split("\n\n")]
             sentences = [[line.split()[0] for line in s] for s in lines]

@@ -338,7 +338,8 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
     portable.write_labels(run_dir, data.labels)
     write_json(run_dir / INFO, info)
     write_json(run_dir / METRICS, {**metrics, "train": info["train"], "params": params})
-    write_atomic(run_dir / CARD, model_card(portable.portable_recipe(recipe), info, metrics))
+    # The snippets name the folder as written (runs/NAME/<timestamp>): copied as it is, they run there.
+    write_atomic(run_dir / CARD, model_card(portable.portable_recipe(recipe), info, metrics, folder_name=run_dir.name))
     # Written in full while the run could be resumed; now without the machine's paths.
     write_atomic(run_dir / RECIPE, portable.recipe_text(recipe, run_dir))
     if info["base_model_source"] == "embedded":

