@@ -64,6 +64,15 @@ def truncated(folder: Path):
     (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
 
 
+def nan_weights(folder: Path):
+    # a readable file whose numbers are gone (every tensor byte 0xff is NaN): before, predict answered with one
+    # label for every input and export compared NaN with NaN and reported a difference of 0
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v.clone().fill_(float("nan")) for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+
+
 FOLDER_CASES = {
     "empty weights": (lambda f: (f / "adapter_model.safetensors").write_bytes(b""), ["adapter_model.safetensors", "too short"]),
     "truncated weights": (truncated, ["adapter_model.safetensors", "truncated", "the file has"]),
@@ -73,6 +82,7 @@ FOLDER_CASES = {
     "bogus target module": (edit_json("adapter_config.json", target_modules=["bogus"]), ["does not load onto its base", "copy the folder again"]),
     "rank 20000 in adapter_config.json": (edit_json("adapter_config.json", r=20000), ["adapter_config.json", "r = 20000", "hidden size (32)"]),
     "rank 16 over rank-8 tensors": (edit_json("adapter_config.json", r=16), ["adapter_config.json", "r = 16", "tensors hold r 8"]),
+    "NaN weights": (nan_weights, ["hold NaN or infinity", "the folder is damaged"]),
     "max_length past the positions": (lambda f: (f / "recipe.toml").write_text((f / "recipe.toml").read_text().replace(
         "max_length = 256", "max_length = 4096")), ["recipe.toml", "model.max_length 4096", "512 positions"]),
 }
@@ -89,10 +99,22 @@ def test_a_damaged_adapter_folder_is_one_message(case, clean_run, tmp_path):
         assert time.monotonic() - started < 60  # refused before peft allocates a 20000-rank adapter (it took GBs)
 
 
-def test_merge_refuses_a_damaged_folder_and_writes_nothing(clean_run, tmp_path):
-    folder = edited_copy(clean_run, tmp_path, truncated)
-    refused(cli("merge", folder, "--out", tmp_path / "merged"), "adapter_model.safetensors")
-    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))
+@pytest.mark.parametrize("edit, says", [(truncated, "adapter_model.safetensors"), (nan_weights, "hold NaN or infinity"),
+                                         (lambda f: (f / "adapter_config.json").write_text('{"r": 8,,'), "adapter_config.json")],
+                         ids=["truncated", "NaN weights", "adapter_config.json not JSON"])
+def test_merge_and_export_refuse_a_damaged_folder_and_write_nothing(clean_run, tmp_path, edit, says):
+    folder = edited_copy(clean_run, tmp_path, edit)
+    refused(cli("merge", folder, "--out", tmp_path / "merged"), says)
+    refused(cli("export", folder, "--onnx", tmp_path / "onnx"), says)
+    assert not list(tmp_path.glob("*merged*")) and not list(tmp_path.glob("*onnx*"))
+
+
+@pytest.mark.parametrize("row, says", [('{"text": "\\ud800 x"}', "line 1: field 'text': character 0 is a lone UTF-16 surrogate"),
+                                       ('{"text": 12345}', "line 1: field 'text' is int '12345'; expected text"),
+                                       ('{"text": null}', "line 1: field 'text' is NoneType 'None'; expected text")])
+def test_predict_names_a_row_that_holds_no_text(clean_run, tmp_path, row, says):
+    (tmp_path / "in.jsonl").write_text(row + "\n")
+    refused(cli("predict", "--adapter", f"a={clean_run}", tmp_path / "in.jsonl"), says)  # a lone surrogate: a traceback before
 
 
 def test_predict_output_to_a_read_only_place(clean_run, tmp_path):
@@ -291,3 +313,19 @@ def test_a_small_real_file_system_fills_up(clean_run, tmp_path):
         assert list(small.iterdir()) == [], message
     finally:
         mount([str(small)], "umount")
+
+
+@pytest.mark.parametrize("tokens, says", [([["a", "b"], ["c"]], "holds list"), ([1, 2], "holds int"), (["ok", "\ud800"], "lone UTF-16 surrogate")])
+def test_ner_request_tokens_must_be_words(tokens, says):
+    from peft_ft.errors import DataError
+    from peft_ft.tasks.ner import _words_input
+
+    recipe = build_recipe({"task": {"type": "ner"}, "data": {"train": "train.conll"}}, "r.toml")
+    with pytest.raises(DataError, match=f"in.jsonl: line 1: field 'tokens'.*{says}"):  # before: str() of each item, tagged
+        _words_input({"tokens": tokens}, recipe, "in.jsonl: line 1")
+
+
+def test_export_names_its_own_flag_for_an_occupied_output(clean_run, tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    refused(cli("export", clean_run, "--onnx", tmp_path / "taken"), "--onnx", "is a file, not an empty folder")
+    assert (tmp_path / "taken").read_text() == "mine"

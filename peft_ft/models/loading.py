@@ -255,9 +255,10 @@ def head_modules(model, missing_keys) -> list[str]:
     return heads
 
 
-def _hub_call(fn, location: str, recipe: Recipe, what: str, **kwargs):
+def _hub_call(fn, location: str, recipe: Recipe, what: str, *, where: str = "", **kwargs):
     """`fn(location, ...)` with the recipe's revision and remote-code decision (`recipe.model.trust_remote_code`
-    is what `peft_ft.models.safety.remote_code` decided), its failures as messages."""
+    is what `peft_ft.models.safety.remote_code` decided), its failures as messages. `where` names the file and key
+    the location came from (default: the recipe's model.name)."""
     try:
         return fn(
             location,
@@ -266,9 +267,11 @@ def _hub_call(fn, location: str, recipe: Recipe, what: str, **kwargs):
             **kwargs,
         )
     except OSError as e:  # transformers reports a missing or unreachable model as OSError
+        fix = ("set model.name to a local folder (or leave it empty for the embedded MiniLM-L6)" if not where else
+               "the base must already be in the Hugging Face cache; or set base_model to a local copy of it")
         raise PeftFtError(
-            f"{recipe.source}: model.name: cannot load the {what} {location!r}: {str(e).splitlines()[0]}. "
-            f"Without internet, set model.name to a local folder (or leave it empty for the embedded MiniLM-L6)."
+            f"{where or f'{recipe.source}: model.name'}: cannot load the {what} {location!r}: "
+            f"{str(e).splitlines()[0].rstrip('.')}. Without internet, {fix}."
         ) from None
     except ValueError as e:
         refusal = remote_code_refusal(e, f"{recipe.source}: model.name {location!r}")

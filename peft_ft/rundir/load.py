@@ -21,7 +21,7 @@ from peft_ft.models.loading import (
     quiet_transformers,
 )
 from peft_ft.models.safety import check_no_pickle, model_load_kwargs, remote_code
-from peft_ft.rundir.layout import RECIPE, read_info, read_recipe
+from peft_ft.rundir.layout import INFO, RECIPE, read_info, read_recipe
 from peft_ft.tasks import TASKS
 
 
@@ -49,7 +49,13 @@ def check_run_folder(run_dir: Path, allow_pickle: bool = False, what: str = "") 
     info = read_info(run_dir)
     recipe = read_recipe(run_dir)
     base = str(run_dir) if not info["is_adapter"] else base_location(info)
-    config = base_config(base)
+    try:
+        config = base_config(base)
+    except PeftFtError as e:
+        if not info["is_adapter"]:
+            raise
+        raise PeftFtError(f"{what}{run_dir / INFO}: base_model {base} is no model folder ({e}); point it at the base the "
+                          f"adapter was trained on, or copy the run folder again") from None
     limit = position_limit(config or {})
     if limit and recipe.model.max_length > limit:  # inputs are cut at this length: past the table, a crash per long input
         raise PeftFtError(f"{what}{run_dir / RECIPE}: model.max_length {recipe.model.max_length} is more than the {limit} "
@@ -113,12 +119,27 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = Fals
     cls = getattr(transformers, info["auto_class"])
     if not info["is_adapter"]:
         model = _hub_call(cls.from_pretrained, str(run_dir), recipe, "model", dtype=torch.float32, **model_load_kwargs(allow_pickle))
+        check_finite(model.named_parameters(), f"{what}{run_dir}")
         return model.to(device).eval(), load_tokenizer(str(run_dir), recipe), info
     base = base_location(info)
     if onto is not None:
         attach(run_dir, base, lambda: onto.load_adapter(run_dir, adapter_name=adapter_name))
+        check_finite(((n, p) for n, p in onto.named_parameters() if f".{adapter_name}." in n), f"{what}{run_dir}")
         return onto.to(device).eval(), None, info
+    where = f"{what}{run_dir / INFO}: base_model"  # a hub base that does not load: named as the folder names it
     model = route_prefixes(attach(run_dir, base, lambda: PeftModel.from_pretrained(
-        _hub_call(cls.from_pretrained, base, recipe, "model", dtype=torch.float32, **base_kwargs(info, allow_pickle)),
+        _hub_call(cls.from_pretrained, base, recipe, "model", dtype=torch.float32, where=where, **base_kwargs(info, allow_pickle)),
         run_dir, adapter_name=adapter_name)))
+    check_finite(model.named_parameters(), f"{what}{run_dir}")
     return model.to(device).eval(), load_tokenizer(base, recipe), info
+
+
+def check_finite(named_parameters, where: str) -> None:
+    """Refuse weights holding NaN or infinity: a damaged file (or a run loaded from a diverged checkpoint) would
+    answer every input with the same wrong label and no error, and an ONNX export of it would compare NaN to NaN."""
+    import torch
+
+    bad = [name for name, p in named_parameters if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise PeftFtError(f"{where}: {len(bad)} weight tensor(s) hold NaN or infinity ({', '.join(bad[:3])}"
+                          f"{', ...' if len(bad) > 3 else ''}); the folder is damaged: copy it again, or train again")

@@ -267,7 +267,7 @@ def create_app(library, scheduler, metrics: Metrics, *, max_texts: int, max_toke
     async def http_error(request, exc: HTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 400 and message == "There was an error parsing the body":  # e.g. nested deeper than the parser goes
-            message = "body could not be parsed as JSON (nested too deeply?): send an object with \"text\", \"texts\" or \"inputs\""
+            message = "body could not be parsed as JSON (not UTF-8, or nested too deeply): send a UTF-8 JSON object with \"text\", \"texts\" or \"inputs\""
         if exc.status_code == 404:
             message = f"no such path {request.url.path}; see /docs: GET /health, /adapters, /metrics; POST /predict/{{adapter}}"
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
@@ -332,7 +332,7 @@ def create_app(library, scheduler, metrics: Metrics, *, max_texts: int, max_toke
             status, answer = 400, {"error": str(e)}
         except Exception as e:  # a bug or a model failure: reported, and the server keeps serving
             log.exception("request /predict/%s failed", adapter)
-            status, answer = 500, {"error": f"{type(e).__name__}: {e}"}
+            status, answer = 500, {"error": f"internal error ({type(e).__name__}); the server's log has the details"}
         metrics.request(adapter if adapter in library.known else None, status, time.monotonic() - start, texts)
         return JSONResponse(answer, status_code=status)
 

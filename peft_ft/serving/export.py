@@ -64,7 +64,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
     run_dir, out = Path(run_dir), Path(out)
     info = read_info(run_dir)
     check_no_pickle(run_dir, "run folder", allow_pickle)
-    check_out(out)
+    check_out(out, "--onnx")
     if not TASKS[info["task"]].onnx_outputs:
         exporting = ", ".join(t.name for t in TASKS.values() if t.onnx_outputs)
         raise PeftFtError(f"{run_dir}: task {info['task']!r} cannot be exported to ONNX by peft-ft export (generation loops are "
@@ -93,7 +93,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
         raw = read_info_raw(run_dir)
         write_json(staging / INFO, {**raw, "is_adapter": False, "exported_from": run_dir.resolve().name, "format": "onnx"})
         write_json(staging / "export.json", report)
-        check_out(out)
+        check_out(out, "--onnx")
         if out.exists():
             out.rmdir()
         honour_umask_tree(staging)  # mkdtemp made it private; it is an ordinary output folder
@@ -135,7 +135,8 @@ def _export(model, tokenizer, task: str, path: Path) -> dict:
         answers = session.run(output_names, {n: enc[n].numpy() for n in input_names})
         with torch.no_grad():
             expected = wrapped(*(enc[n] for n in input_names))
-        worst = max(worst, *(float(np.abs(a - e.numpy()).max()) for a, e in zip(answers, expected)))
+        # NaN compares false with everything, so max() would pass it over: a NaN logit is the worst difference.
+        worst = max(worst, *(float(np.nan_to_num(np.abs(a - e.numpy()), nan=np.inf).max()) for a, e in zip(answers, expected)))
     return {
         "file": path.name, "inputs": input_names, "outputs": output_names, "dynamic_axes": ["batch", "sequence"],
         "opset": _opset(path), "max_abs_diff": worst, "checked_texts": len(CHECK) + 1 + len(TRACE),

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
+from peft_ft.models.integrity import read_json_object
 from peft_ft.models.safety import check_no_pickle
 from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info, read_info_raw
 from peft_ft.rundir.load import check_run_folder, load_run
@@ -31,6 +32,7 @@ def check_mergeable(run_dir: Path, info: dict) -> None:
         )
     from peft import PeftConfig
 
+    read_json_object(run_dir / "adapter_config.json", "an adapter run folder holds adapter_config.json")  # peft's own reader raises bare JSON errors
     config = PeftConfig.from_pretrained(str(run_dir))
     if config.is_prompt_learning:
         raise PeftFtError(
@@ -53,9 +55,10 @@ def unwrap_heads(model):
     return model
 
 
-def check_out(out: Path) -> None:
+def check_out(out: Path, flag: str = "--out") -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise PeftFtError(f"--out {out}: already exists and is not an empty folder; it is kept as it is. Choose a new folder")
+        what = "is not an empty folder" if out.is_dir() else "is a file, not an empty folder"
+        raise PeftFtError(f"{flag} {out}: already exists and {what}; it is kept as it is. Choose a new folder")
 
 
 def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:

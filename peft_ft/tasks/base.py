@@ -199,10 +199,25 @@ class FamilyAnswerer:
 
 def request_text(row: dict, names: list[str], where: str) -> str:
     """The first of the fields `names` that holds a text; a DataError naming the row (`where`) when none does."""
+    names = [n for n in dict.fromkeys(names) if n]
     for name in names:
-        if name and isinstance(row.get(name), str):
-            return row[name]
-    raise DataError(f"{where}: expected a text field {' or '.join(repr(n) for n in dict.fromkeys(names) if n)}; got fields {', '.join(map(repr, row)) or 'none'}")
+        if isinstance(row.get(name), str):
+            return unicode_text(row[name], f"{where}: field {name!r}")
+    wrong = [f"{n!r} is {type(row[n]).__name__} {str(row[n])[:40]!r}" for n in names if n in row]
+    if wrong:
+        raise DataError(f"{where}: field {wrong[0]}; expected text")
+    raise DataError(f"{where}: expected a text field {' or '.join(map(repr, names))}; got fields {', '.join(map(repr, row)) or 'none'}")
+
+
+def unicode_text(text: str, where: str) -> str:
+    """`text`, refused when it holds a lone UTF-16 surrogate: JSON can spell one (\\ud800) but it is no character,
+    and the tokenizer raises a TypeError on it deep inside."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: character {e.start} is a lone UTF-16 surrogate ({text[e.start]!r}), not text; "
+                        f"send UTF-8 (a \\uD800-\\uDFFF escape must be one half of a pair)") from None
+    return text
 
 
 def token_count(tokenizer, text: str, pair: str | None = None) -> int:

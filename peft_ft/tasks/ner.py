@@ -42,7 +42,7 @@ from peft_ft.errors import DataError
 from peft_ft.methods import virtual_positions
 from peft_ft.recipe.schema import Recipe
 from peft_ft.storage import write_atomic
-from peft_ft.tasks.base import Answers, Card, FamilyAnswerer, Task, register_task, request_text, token_count
+from peft_ft.tasks.base import Answers, Card, FamilyAnswerer, Task, register_task, request_text, token_count, unicode_text
 from peft_ft.tasks.conlleval import chunks, score
 
 log = logging.getLogger("peft_ft")
@@ -279,8 +279,14 @@ def entities(item: Words, tags: list[str], probs: list[float]) -> list[dict]:
 
 def _words_input(row: dict, recipe: Recipe, where: str) -> Words:
     """A NER row: its `tokens` (the run's `data.tokens_field`) as the words, else its text split at whitespace."""
-    if "text" not in row and isinstance(row.get(recipe.data.tokens_field), list):
-        return Words.of_tokens([str(t) for t in row[recipe.data.tokens_field]])  # offsets refer to the tokens joined by spaces
+    field = recipe.data.tokens_field
+    if "text" not in row and isinstance(row.get(field), list):
+        tokens = row[field]
+        odd = next((t for t in tokens if not isinstance(t, str)), "")
+        if odd != "":
+            raise DataError(f"{where}: field {field!r} holds {type(odd).__name__} {str(odd)[:40]!r}; expected a list of words (strings)")
+        # offsets refer to the tokens joined by spaces
+        return Words.of_tokens([unicode_text(t, f"{where}: field {field!r}") for t in tokens])
     return Words.of_text(request_text(row, ["text", recipe.data.text_column], where))
 
 
