@@ -121,6 +121,17 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read the file ({e.strerror}); check that it is a readable file") from None
 
 
+def unicode_text(text: str, where: str) -> str:
+    """`text`, refused when it holds a lone UTF-16 surrogate: JSON can spell one (\\ud800) but it is no character,
+    and the tokenizer raises a TypeError on it deep inside."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: character {e.start} is a lone UTF-16 surrogate ({text[e.start]!r}), not text; "
+                        f"send UTF-8 (a \\uD800-\\uDFFF escape must be one half of a pair)") from None
+    return text
+
+
 def json_record(line: str, where: str) -> dict:
     """One JSONL line as a record; `where` names the file and line in the error."""
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from peft_ft.data.batching import eval_batches, pad_batch
-from peft_ft.data.files import Split, TaskData
+from peft_ft.data.files import Split, TaskData, unicode_text
 from peft_ft.errors import DataError
 from peft_ft.recipe.schema import Recipe
 from peft_ft.storage import write_atomic
@@ -207,17 +207,6 @@ def request_text(row: dict, names: list[str], where: str) -> str:
     if wrong:
         raise DataError(f"{where}: field {wrong[0]}; expected text")
     raise DataError(f"{where}: expected a text field {' or '.join(map(repr, names))}; got fields {', '.join(map(repr, row)) or 'none'}")
-
-
-def unicode_text(text: str, where: str) -> str:
-    """`text`, refused when it holds a lone UTF-16 surrogate: JSON can spell one (\\ud800) but it is no character,
-    and the tokenizer raises a TypeError on it deep inside."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DataError(f"{where}: character {e.start} is a lone UTF-16 surrogate ({text[e.start]!r}), not text; "
-                        f"send UTF-8 (a \\uD800-\\uDFFF escape must be one half of a pair)") from None
-    return text
 
 
 def token_count(tokenizer, text: str, pair: str | None = None) -> int:

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft_ft.data.files import Split, TaskData, cap_splits, carve_splits, read_split_rows, require_columns, split_sources
+from peft_ft.data.files import (Split, TaskData, cap_splits, carve_splits, read_split_rows, require_columns, split_sources,
+                                unicode_text)
 from peft_ft.data.formats import glue
 from peft_ft.data.formats.label_studio import read_classification
 from peft_ft.errors import DataError
@@ -427,7 +428,7 @@ def _text_fields(row: dict, number: int, location: str, s: Settings) -> dict:
     for column in fields.values():
         if not isinstance(row[column], str):
             raise DataError(f"{location}: row {number}: column {column!r} is {row[column]!r}, expected text")
-    return {field: row[column] for field, column in fields.items()}
+    return {field: unicode_text(row[column], f"{location}: row {number}: column {column!r}") for field, column in fields.items()}
 
 
 def _record(example: dict) -> dict:

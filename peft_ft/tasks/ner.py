@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft_ft.data.files import Split, TaskData, cap_splits, carve_splits, read_hub_split, split_sources
+from peft_ft.data.files import Split, TaskData, cap_splits, carve_splits, read_hub_split, split_sources, unicode_text
 from peft_ft.data.formats.conll import (
     check_bio_tags,
     check_known_tags,
@@ -42,7 +42,7 @@ from peft_ft.errors import DataError
 from peft_ft.methods import virtual_positions
 from peft_ft.recipe.schema import Recipe
 from peft_ft.storage import write_atomic
-from peft_ft.tasks.base import Answers, Card, FamilyAnswerer, Task, register_task, request_text, token_count, unicode_text
+from peft_ft.tasks.base import Answers, Card, FamilyAnswerer, Task, register_task, request_text, token_count
 from peft_ft.tasks.conlleval import chunks, score
 
 log = logging.getLogger("peft_ft")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from peft_ft.data.files import read_text
+from peft_ft.data.files import read_text, unicode_text
 from peft_ft.errors import DataError
 
 DOCSTART = "-DOCSTART-"
@@ -104,7 +104,8 @@ def read_tagged_rows(rows: list[tuple[int, dict]], where: str, *, tokens_field: 
         if odd is not None or None in tokens:
             raise DataError(f"{where}: line {number}: token {odd!r} is a {type(odd).__name__}; every token is a string")
         tags = [_tag_name(t, labels, where, number) for t in tags]
-        sentences.append({"tokens": [str(t) for t in tokens], "tags": tags, "line": number, "lines": [number] * len(tokens)})
+        tokens = [unicode_text(str(t), f"{where}: line {number}: token {i + 1}") for i, t in enumerate(tokens)]
+        sentences.append({"tokens": tokens, "tags": tags, "line": number, "lines": [number] * len(tokens)})
     return sentences, empty
 
 

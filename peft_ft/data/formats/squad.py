@@ -15,7 +15,7 @@ import re
 import string
 from pathlib import Path
 
-from peft_ft.data.files import read_split_rows, read_table, read_text, table_format
+from peft_ft.data.files import read_split_rows, read_table, read_text, table_format, unicode_text
 from peft_ft.errors import DataError
 
 FLAT_COLUMNS = ("id", "question", "context", "answers")
@@ -133,6 +133,7 @@ def check_examples(examples: list[dict], path) -> list[dict]:
         for key in ("question", "context"):
             if not isinstance(ex[key], str) or not ex[key].strip():
                 raise DataError(f"{path}: question {qid}: {key} is {ex[key]!r}, expected text")
+            unicode_text(ex[key], f"{path}: question {qid}: {key}")
         texts, starts = ex["answers"]["text"], ex["answers"]["answer_start"]
         if not texts:
             raise DataError(f"{path}: question {qid}: no answers; unanswerable (SQuAD v2) questions are not supported")
