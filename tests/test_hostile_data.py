@@ -246,3 +246,18 @@ def test_a_lone_surrogate_in_training_text_names_its_row(tmp_path):
     path = squad_file(tmp_path / "s.json", [{"id": "q1", "question": "Capital\ud800?", "answers": [{"text": "Paris", "answer_start": 25}]}])
     with pytest.raises(DataError, match=r"question q1: question: character 7 is a lone UTF-16 surrogate"):
         squad.read_squad_json(path)
+
+
+def test_validate_refuses_a_question_too_long_for_its_window_as_run_does(tmp_path, tiny_bert):
+    from transformers import AutoTokenizer
+
+    assert (tiny_bert / "tokenizer.json").is_file()  # read by `tokenizers` alone: validate imports no transformers
+    long = "the film " * 40
+    squad_file(tmp_path / "train.json", [{"id": "q1", "question": "Capital?", "answers": [{"text": "Paris", "answer_start": 25}]},
+                                         {"id": "q2", "question": long, "answers": [{"text": "Paris", "answer_start": 25}]}])
+    (tmp_path / "r.toml").write_text(f'[model]\nname = "{tiny_bert}"\nmax_length = 64\n[task]\ntype = "qa"\ndoc_stride = 16\n'
+                                     f'[data]\ndir = "{tmp_path}"\ntrain = "train.json"\n')
+    done = subprocess.run([sys.executable, "-m", "peft_ft", "validate", str(tmp_path / "r.toml")], capture_output=True, text=True)
+    tokens = len(AutoTokenizer.from_pretrained(tiny_bert)(long.lstrip(), add_special_tokens=False)["input_ids"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"train.json: question(s) q2 ({tokens} tokens) leave no more than task.doc_stride (16)" in done.stderr  # before: "valid"

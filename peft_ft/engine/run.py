@@ -166,6 +166,7 @@ def preflight(recipe: Recipe, data_dir: str | None):
     check_device(recipe)
     resolved_dir = None if recipe.data.hub else resolve_data_dir(recipe, data_dir)
     data = task.load(recipe, resolved_dir)
+    task.check_tokens(data, location, recipe)
     if not any(getattr(data.splits[n], "capped", True) for n in data.eval_names):  # predict splits (capped False) have no labels
         log.warning("%s: no validation or test split: nothing will be evaluated, and the last epoch is kept (no best "
                     "epoch to pick). Set data.validation (or data.validation_fraction) to measure the run", recipe.source)

@@ -63,6 +63,10 @@ class Task:
     def load(self, recipe: Recipe, data_dir: Path | None) -> TaskData:
         raise NotImplementedError
 
+    def check_tokens(self, data: TaskData, location: str, recipe: Recipe) -> None:
+        """Data checks that need the tokenizer, before a run folder is made (`validate` runs them too);
+        `location` is the model folder or hub id. The default has none."""
+
     def model_kwargs(self, data: TaskData) -> dict:
         """Extra `from_pretrained` arguments: label count and names for the head."""
         return {}

@@ -66,8 +66,35 @@ def hold_out_articles(splits: dict[str, Split], recipe: Recipe) -> tuple[dict[st
 def check_question_lengths(questions: list[str], ids: list[str], tokenizer, recipe: Recipe, source: str) -> None:
     """Every window holds the question, the special tokens and more than doc_stride context tokens;
     otherwise the tokenizer panics (a Rust panic, not a Python error) mid-split."""
-    room = recipe.model.max_length - tokenizer.num_special_tokens_to_add(pair=True) - recipe.task.doc_stride
     lengths = [len(ids_) for ids_ in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    refuse_long_questions(lengths, ids, tokenizer.num_special_tokens_to_add(pair=True), recipe, source)
+
+
+def check_questions_in_folder(splits: dict[str, Split], location: str, recipe: Recipe) -> None:
+    """`check_question_lengths` before the model loads, with the folder's tokenizer.json read by `tokenizers`
+    (a tenth of a second; transformers' import takes seconds, and `validate` stays fast). A hub id, or a folder
+    with only a slow tokenizer's files, is checked when `run` encodes."""
+    path = Path(location) / "tokenizer.json"
+    if not path.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()  # a tokenizer.json may pad or cut every encoding to a length (the embedded one: 128)
+    tokenizer.no_truncation()
+    specials = tokenizer.post_processor.num_special_tokens_to_add(True) if tokenizer.post_processor else 0
+    room = recipe.model.max_length - specials - recipe.task.doc_stride
+    for split in splits.values():
+        # Only questions that could be too long are tokenized: a token covers at least one UTF-8 byte (WordPiece,
+        # byte-level BPE; SentencePiece adds one word-start piece), so a question of fewer bytes fits.
+        maybe = [e for e in split.examples if len(e["question"].lstrip().encode("utf-8")) + 2 >= room]
+        if maybe:
+            encoded = tokenizer.encode_batch([e["question"].lstrip() for e in maybe], add_special_tokens=False)
+            refuse_long_questions([len(e.ids) for e in encoded], [e["id"] for e in maybe], specials, recipe, split.source)
+
+
+def refuse_long_questions(lengths: list[int], ids: list[str], specials: int, recipe: Recipe, source: str) -> None:
+    room = recipe.model.max_length - specials - recipe.task.doc_stride
     long = [(qid, n) for qid, n in zip(ids, lengths) if n >= room]
     if long:
         shown = ", ".join(f"{qid} ({n} tokens)" for qid, n in long[:SHOWN_IDS])
@@ -297,6 +324,9 @@ class ExtractiveQA(Task):
     def load(self, recipe: Recipe, data_dir: Path | None) -> TaskData:
         splits, notes = load_squad_splits(recipe, data_dir)
         return TaskData(splits, labels=[], notes=notes)
+
+    def check_tokens(self, data: TaskData, location: str, recipe: Recipe) -> None:
+        check_questions_in_folder(data.splits, location, recipe)
 
     def prepare_training(self, model, recipe: Recipe, data: TaskData) -> None:
         loss_over_tokens_only(model)
