@@ -329,3 +329,12 @@ def test_export_names_its_own_flag_for_an_occupied_output(clean_run, tmp_path):
     (tmp_path / "taken").write_text("mine")
     refused(cli("export", clean_run, "--onnx", tmp_path / "taken"), "--onnx", "is a file, not an empty folder")
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_a_hub_base_missing_offline_is_named_at_once(clean_run, tmp_path, monkeypatch):
+    # before: ~60 s of hub retries, then a message about the recipe's model.name, which this folder never used
+    folder = edited_copy(clean_run, tmp_path, edit_json("peft_ft.json", base_model="no-org/no-model", base_model_source="hub"))
+    (tmp_path / "in.txt").write_text("good film\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refused(cli("predict", "--adapter", f"a={folder}", tmp_path / "in.txt"),
+            f"adapter a: {folder}: base model (peft_ft.json's base_model): 'no-org/no-model' is a hub id", "not in the local cache")

@@ -19,13 +19,15 @@ from peft_ft.models.loading import (
     load_tokenizer,
     position_limit,
     quiet_transformers,
+    require_cached,
+    settle_hub_offline,
 )
 from peft_ft.models.safety import check_no_pickle, model_load_kwargs, remote_code
 from peft_ft.rundir.layout import INFO, RECIPE, read_info, read_recipe
 from peft_ft.tasks import TASKS
 
 
-def base_location(info: dict) -> str:
+def base_location(info: dict, where: str = "base model") -> str:
     """Where the base model of a saved run is on this machine (the embedded model moves with its venv;
     a local base folder's path, kept relative to the run folder, is resolved by `pipelines.read_info`)."""
     if info["base_model"] == EMBEDDED_NAME:
@@ -36,6 +38,9 @@ def base_location(info: dict) -> str:
             f"the run folder; it is not at {info['base_model']} (the run folder was copied or moved without it). Keep the run "
             f"folder where the base folder is found at the same relative path, or load it with peft: "
             f"PeftModel.from_pretrained(AutoModelFor...from_pretrained(PATH_OF_{info['base_model_id']}), RUN_DIR)")
+    if info.get("base_model_source") == "hub":
+        settle_hub_offline()
+        require_cached(info["base_model"], "", f"{where} (peft_ft.json's base_model)")
     return info["base_model"]
 
 
@@ -48,7 +53,7 @@ def check_run_folder(run_dir: Path, allow_pickle: bool = False, what: str = "") 
     check_no_pickle(run_dir, f"{what}run folder", allow_pickle)
     info = read_info(run_dir)
     recipe = read_recipe(run_dir)
-    base = str(run_dir) if not info["is_adapter"] else base_location(info)
+    base = str(run_dir) if not info["is_adapter"] else base_location(info, f"{what}{run_dir}: base model")
     try:
         config = base_config(base)
     except PeftFtError as e:
