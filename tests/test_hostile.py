@@ -103,34 +103,35 @@ def test_a_damaged_adapter_folder_is_one_message(case, clean_run, tmp_path):
                                          (lambda f: (f / "adapter_config.json").write_text('{"r": 8,,'), "adapter_config.json")],
                          ids=["truncated", "NaN weights", "adapter_config.json not JSON"])
 def test_merge_and_export_refuse_a_damaged_folder_and_write_nothing(clean_run, tmp_path, edit, says):
+    # In this process (the CLI's exit 2 for these errors is tested above): a subprocess per case cost ~20 s.
+    from peft_ft.errors import PeftFtError
+    from peft_ft.serving.export import export_onnx
+    from peft_ft.serving.merge import merge_run
+
     folder = edited_copy(clean_run, tmp_path, edit)
-    refused(cli("merge", folder, "--out", tmp_path / "merged"), says)
-    refused(cli("export", folder, "--onnx", tmp_path / "onnx"), says)
+    with pytest.raises(PeftFtError, match=says):
+        merge_run(folder, tmp_path / "merged")
+    with pytest.raises(PeftFtError, match=says):
+        export_onnx(folder, tmp_path / "onnx")
     assert not list(tmp_path.glob("*merged*")) and not list(tmp_path.glob("*onnx*"))
 
 
-@pytest.mark.parametrize("row, says", [('{"text": "\\ud800 x"}', "line 1: field 'text': character 0 is a lone UTF-16 surrogate"),
-                                       ('{"text": 12345}', "line 1: field 'text' is int '12345'; expected text"),
-                                       ('{"text": null}', "line 1: field 'text' is NoneType 'None'; expected text")])
-def test_predict_names_a_row_that_holds_no_text(clean_run, tmp_path, row, says):
-    (tmp_path / "in.jsonl").write_text(row + "\n")
-    refused(cli("predict", "--adapter", f"a={clean_run}", tmp_path / "in.jsonl"), says)  # a lone surrogate: a traceback before
+def test_predict_names_a_row_that_holds_no_text(clean_run, tmp_path):
+    from peft_ft.errors import DataError
+    from peft_ft.tasks.base import request_text
 
-
-def test_predict_output_to_a_read_only_place(clean_run, tmp_path):
-    (tmp_path / "in.txt").write_text("good film\n")
-    refused(cli("predict", "--adapter", f"a={clean_run}", "--output", tmp_path / "no-such-folder" / "out.jsonl", tmp_path / "in.txt"),
-            "--output", "folder does not exist")
-    readonly = tmp_path / "ro"
-    readonly.mkdir()
-    if mount(["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)]):
-        try:
-            refused(cli("predict", "--adapter", f"a={clean_run}", "--output", readonly / "out.jsonl", tmp_path / "in.txt"),
-                    "--output", "read-only")
-        finally:
-            mount([str(readonly)], "umount")
-    # root writes through permission bits; /proc refuses new files to everyone
-    refused(cli("predict", "--adapter", f"a={clean_run}", "--output", "/proc/peft-ft-out.jsonl", tmp_path / "in.txt"), "--output")
+    for row, says in [({"text": 12345}, "field 'text' is int '12345'; expected text"),
+                      ({"text": None}, "field 'text' is NoneType 'None'; expected text"),
+                      ({"sentence": "ok", "text": 5}, None)]:
+        if says is None:
+            assert request_text(row, ["text", "sentence"], "in.jsonl: line 1") == "ok"  # another field holds the text
+            continue
+        with pytest.raises(DataError, match=f"in.jsonl: line 1: {says}"):
+            request_text(row, ["text", "sentence"], "in.jsonl: line 1")
+    # a lone surrogate, end to end: a traceback and exit 1 before
+    (tmp_path / "in.jsonl").write_text('{"text": "\\ud800 x"}\n')
+    refused(cli("predict", "--adapter", f"a={clean_run}", tmp_path / "in.jsonl"),
+            "in.jsonl: line 1: field 'text': character 0 is a lone UTF-16 surrogate")
 
 
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])
@@ -326,8 +327,12 @@ def test_ner_request_tokens_must_be_words(tokens, says):
 
 
 def test_export_names_its_own_flag_for_an_occupied_output(clean_run, tmp_path):
+    from peft_ft.errors import PeftFtError
+    from peft_ft.serving.export import export_onnx
+
     (tmp_path / "taken").write_text("mine")
-    refused(cli("export", clean_run, "--onnx", tmp_path / "taken"), "--onnx", "is a file, not an empty folder")
+    with pytest.raises(PeftFtError, match="--onnx .*taken: already exists and is a file, not an empty folder"):
+        export_onnx(clean_run, tmp_path / "taken")
     assert (tmp_path / "taken").read_text() == "mine"
 
 
