@@ -43,6 +43,8 @@ def make_accelerator(recipe: Recipe):
         log.warning("the launcher asks for mixed precision %r; the recipe's train.mixed_precision %r is used",
                     launcher_precision, recipe.train.mixed_precision)
     on_cpu = not use_cuda(recipe)
+    if on_cpu and distributed.deepspeed_in_one_process():
+        skip_deepspeed_shm_build()
     accelerator = Accelerator(
         # accelerate applies DeepSpeed only when not told cpu=True. One CPU process then runs it as on GPUs (ZeRO-3's
         # partitioned weights, gathered to save). Several CPU processes do not: accelerate's state would count one
@@ -64,6 +66,18 @@ def make_accelerator(recipe: Recipe):
         raise PeftFtError(f"{recipe.source}: train.gradient_accumulation_steps: under DeepSpeed set it to 1 and put "
                           f"gradient_accumulation_steps in the accelerate config's deepspeed_config instead")
     return accelerator
+
+
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU backend compiles its shared-memory all-reduce (the deepspeed_shm_comm op) when it starts:
+    114 s on 2 cores the first time in each environment, and it needs a C++ compiler. One process has nothing to
+    reduce, so the op is marked unusable and DeepSpeed takes torch.distributed's collectives, as it does off Linux.
+    A DeepSpeed without this table (another version) builds it as before."""
+    import deepspeed.ops
+
+    ops = getattr(deepspeed.ops, "__compatible_ops__", None)  # probed on first access, then cached in the module
+    if isinstance(ops, dict) and "deepspeed_shm_comm" in ops:
+        ops["deepspeed_shm_comm"] = False
 
 
 def notes(accelerator) -> list[str]:
