@@ -134,6 +134,22 @@ def test_predict_names_a_row_that_holds_no_text(clean_run, tmp_path):
             "in.jsonl: line 1: field 'text': character 0 is a lone UTF-16 surrogate")
 
 
+def test_predict_output_to_a_read_only_place(clean_run, tmp_path):
+    (tmp_path / "in.txt").write_text("good film\n")
+    refused(cli("predict", "--adapter", f"a={clean_run}", "--output", tmp_path / "no-such-folder" / "out.jsonl", tmp_path / "in.txt"),
+            "--output", "folder does not exist")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    if mount(["-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(readonly)]):
+        try:
+            refused(cli("predict", "--adapter", f"a={clean_run}", "--output", readonly / "out.jsonl", tmp_path / "in.txt"),
+                    "--output", "read-only")
+        finally:
+            mount([str(readonly)], "umount")
+    # root writes through permission bits; /proc refuses new files to everyone
+    refused(cli("predict", "--adapter", f"a={clean_run}", "--output", "/proc/peft-ft-out.jsonl", tmp_path / "in.txt"), "--output")
+
+
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])
 def test_serve_port_out_of_range(port):
     refused(cli("serve", "--adapter", "a=/nowhere", "--port", port, timeout=60), "--port")
