@@ -197,20 +197,19 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> list[dict]:
         values = [v for v in row.values() if v is not None]
         # The row's first line: after the last row (blank lines are skipped), and a line above each line break its
         # quoted fields hold (the field an unclosed quote runs to the end of the file on also holds the last newline).
-        spanned = sum(v.count("\n") for v in values if isinstance(v, str))
-        first, last = max(last + 1, reader.line_num - spanned), reader.line_num
-        spanned = last - first
+        breaks = sum(v.count("\n") for v in values if isinstance(v, str))
+        first, last = max(last + 1, reader.line_num - breaks), reader.line_num
         lines = f"line {first}" if first == last else f"lines {first}-{last}"
         if None in row:  # more fields than the header has
             raise DataError(f"{path}: {lines}: more fields than the header's {len(header)}")
         if None in row.values():
             if not any(v.strip() for v in values):
                 continue  # a line of spaces: as blank as an empty line
-            quote = (f"; a quote opened there is not closed, so the field ran on over {spanned + 1} lines: close it, "
-                     f"or double a quote inside a field (\"\")" if spanned else "")
+            quote = (f"; a quote opened there is not closed, so the field ran on over {last - first + 1} lines: close it, "
+                     f"or double a quote inside a field (\"\")" if last > first else "")
             raise DataError(f"{path}: {lines}: {len(values)} field(s) where the header has {len(header)}{quote}")
         rows.append(row)
-    if rows and spanned and _ends_inside_quotes(text, delimiter):
+    if rows and last > first and _ends_inside_quotes(text, delimiter):
         raise DataError(f"{path}: {lines}: a quote opened on line {first} is never closed, so every line "
                         f"after it was read into one field; close it, or double a quote inside a field (\"\")")
     return rows

@@ -6,6 +6,7 @@ tokenizer, is the hub reachable) is checked first, so a bad `model.name` fails b
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -96,6 +97,7 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+@functools.cache  # once per process: run folders on a hub base ask at every load (serve reloads them)
 def hub_reachable(timeout: float = 3.0) -> bool:
     import socket
     from urllib.parse import urlparse
@@ -124,12 +126,12 @@ def settle_hub_offline() -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def require_cached(name: str, revision: str, where: str) -> None:
+def require_cached(name: str, revision: str, where: str, fix: str = "point it at a local model folder") -> None:
     """Offline, a hub id must be in the local cache: refused at once, naming where it looked, instead of ~25 s of retries."""
     if hub_offline() and not _in_hub_cache(name, revision):
         raise PeftFtError(f"{where}: {name!r} is a hub id, the hub cannot be reached (no network, or HF_HUB_OFFLINE=1) and "
                           f"the model is not in the local cache ({_hub_cache_dir()}). Download it where you have internet "
-                          f"(it is then cached), or point it at a local model folder.")
+                          f"(it is then cached), or {fix}.")
 
 
 def resolve_model(recipe: Recipe) -> str:
@@ -145,13 +147,8 @@ def resolve_model(recipe: Recipe) -> str:
         return str(path.resolve())
     if looks_like_path(name):
         raise PeftFtError(f"{recipe.source}: model.name: no model folder at {path.resolve()}; fix the path")
-    if hub_offline() and not _in_hub_cache(name, recipe.model.revision):
-        raise PeftFtError(
-            f"{recipe.source}: model.name: {name!r} is a hub id, the hub cannot be reached (no network, or HF_HUB_OFFLINE=1) "
-            f"and the model is not in the local cache "
-            f"({_hub_cache_dir()}). Download it where you have internet (it is then cached), or set model.name to a "
-            f"local model folder; leave model.name empty for the embedded MiniLM-L6."
-        )
+    require_cached(name, recipe.model.revision, f"{recipe.source}: model.name",
+                   "set model.name to a local model folder; leave model.name empty for the embedded MiniLM-L6")
     return name
 
 

@@ -282,9 +282,9 @@ def _words_input(row: dict, recipe: Recipe, where: str) -> Words:
     field = recipe.data.tokens_field
     if "text" not in row and isinstance(row.get(field), list):
         tokens = row[field]
-        odd = next((t for t in tokens if not isinstance(t, str)), "")
-        if odd != "":
-            raise DataError(f"{where}: field {field!r} holds {type(odd).__name__} {str(odd)[:40]!r}; expected a list of words (strings)")
+        odd = [t for t in tokens if not isinstance(t, str)]
+        if odd:
+            raise DataError(f"{where}: field {field!r} holds {type(odd[0]).__name__} {str(odd[0])[:40]!r}; expected a list of words (strings)")
         # offsets refer to the tokens joined by spaces
         return Words.of_tokens([unicode_text(t, f"{where}: field {field!r}") for t in tokens])
     return Words.of_text(request_text(row, ["text", recipe.data.text_column], where))

@@ -100,9 +100,9 @@ def read_tagged_rows(rows: list[tuple[int, dict]], where: str, *, tokens_field: 
         if not tokens:
             empty += 1
             continue
-        odd = next((t for t in tokens if isinstance(t, bool) or not isinstance(t, (str, int, float))), None)
-        if odd is not None or None in tokens:
-            raise DataError(f"{where}: line {number}: token {odd!r} is a {type(odd).__name__}; every token is a string")
+        odd = [t for t in tokens if isinstance(t, bool) or not isinstance(t, (str, int, float))]
+        if odd:
+            raise DataError(f"{where}: line {number}: token {odd[0]!r} is a {type(odd[0]).__name__}; every token is a string")
         tags = [_tag_name(t, labels, where, number) for t in tags]
         tokens = [unicode_text(str(t), f"{where}: line {number}: token {i + 1}") for i, t in enumerate(tokens)]
         sentences.append({"tokens": tokens, "tags": tags, "line": number, "lines": [number] * len(tokens)})
