@@ -37,7 +37,9 @@ def test_inference_smoke(tmp_path):
     assert list(found) == ["Inference speed", "Adapter switch vs reload", "Model load time"]
 
     speed = found["Inference speed"]
-    assert [(r["adapter"], r["model"]) for r in speed] == [(a, m) for a in ADAPTERS for m in [*MODELS, "onnxruntime"]]
+    # --smoke exports ONNX for the first adapter only (each export costs ~30 s)
+    expected = [(a, m) for a in ADAPTERS for m in [*MODELS, *(["onnxruntime"] if a == ADAPTERS[0] else [])]]
+    assert [(r["adapter"], r["model"]) for r in speed] == expected
     for r in speed:
         for column in ("p50 ms", "p90 ms", "texts/s b1", "texts/s b8", "texts/s b32"):
             assert number(r[column]) > 0, (r, column)

@@ -73,7 +73,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(setup):
     assert "resumed from" in (run_dir / "train.log").read_text()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches(setup, monkeypatch):
+@pytest.mark.parametrize("sent", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(setup, monkeypatch, sent):
+    """Ctrl-C, or SIGTERM (what a batch scheduler sends before it kills), stops after the step with a checkpoint."""
     import signal
 
     import peft_ft.engine.train
@@ -84,18 +86,18 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches(setup, monkeypatch):
     def pad_batch(*args, **kwargs):  # a real SIGINT to this process while step 5 is being prepared
         count["n"] += 1
         if count["n"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), getattr(signal, sent))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(peft_ft.engine.train, "pad_batch", pad_batch)
-    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest was started in the background
-    assert main(["run", str(recipe("ctrlc"))]) == 130
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # SIG_IGN when pytest runs in the background
+    assert main(["run", str(recipe(f"stop-{sent}"))]) == 130
     monkeypatch.undo()
-    run_dir = next((tmp / "ctrlc" / "r").iterdir())
+    run_dir = next((tmp / f"stop-{sent}" / "r").iterdir())
     # Step 5 finished, then a checkpoint of it was written (step 3's was pruned: keep_checkpoints = 1).
     assert [p.name for p in checkpoint.listed(run_dir)] == ["step-0000005"]
-    assert "--resume" in (run_dir / "train.log").read_text()
-    assert signal.getsignal(signal.SIGINT) is before  # the loop gave Ctrl-C back as it found it
+    assert f"interrupted ({sent})" in (run_dir / "train.log").read_text() and "--resume" in (run_dir / "train.log").read_text()
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # the loop gave the signals back as it found them
     assert main(["run", "--resume", str(run_dir)]) == 0
     assert_same_results(run_dir, straight)
 
@@ -115,7 +117,8 @@ def test_prune_keeps_the_newest_and_never_the_best(tmp_path):
     for step in (3, 6, 8, 9, 12):
         folder = tmp_path / "checkpoints" / checkpoint.name_of(step)
         folder.mkdir(parents=True)
-        (folder / checkpoint.STATE).write_text("{}")
+        for name in checkpoint.FILES:
+            (folder / name).write_text("{}")
     (tmp_path / "checkpoints" / ".saving-x").mkdir()  # a save killed halfway: never listed
     removed = checkpoint.prune(tmp_path, keep=2, protect="step-0000003")
     assert removed == ["step-0000006", "step-0000008"]

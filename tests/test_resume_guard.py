@@ -4,6 +4,7 @@ killed save left behind is cleaned."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -84,6 +85,67 @@ def test_resume_allows_more_epochs_and_runs_to_the_new_end(killed, tmp_path):
     from peft_ft.rundir.layout import fingerprint
 
     assert recorded_fingerprint(run_dir / "recipe.toml") == fingerprint(load_recipe(run_dir / "recipe.toml"))
+
+
+def resume_with_data(run_dir: Path, data_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peft_ft", "run", "--resume", str(run_dir), "--data-dir", str(data_dir)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_resume_refuses_changed_training_rows_naming_the_split(killed, tmp_path):
+    """The recipe names files, not their rows: an edited train file would continue on other data in silence."""
+    run_dir = copy_of(killed, tmp_path)
+    data = shutil.copytree(killed.parent.parent.parent / "data", tmp_path / "data")
+    lines = (data / "train.jsonl").read_text().splitlines()
+    (data / "train.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same rows in another order
+    done = resume_with_data(run_dir, data)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "the data differs from what this run started on: train (" in done.stderr, done.stderr
+    assert "validation (" not in done.stderr, done.stderr
+    assert sorted(p.name for p in checkpoint.listed(run_dir)) == sorted(p.name for p in checkpoint.listed(killed))
+    assert not (run_dir / "metrics.json").exists()
+
+
+def _state(folder: Path, **changes) -> None:
+    state = json.loads((folder / checkpoint.STATE).read_text())
+    (folder / checkpoint.STATE).write_text(json.dumps({**state, **changes}))
+
+
+def _nan_weights(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / checkpoint.WEIGHTS))
+    first = sorted(tensors)[0]
+    tensors[first][..., 0] = float("nan")
+    save_file(tensors, str(folder / checkpoint.WEIGHTS))
+
+
+DAMAGE = {
+    "not an object": (lambda f: (f / checkpoint.STATE).write_text("[1, 2]"), "state.json: not a JSON object"),
+    "epoch as text": (lambda f: _state(f, epoch="1"), "state.json: 'epoch' is str"),
+    "no run": (lambda f: _state(f, run=None), "state.json: 'run' is NoneType"),
+    "best elsewhere": (lambda f: _state(f, best="../../x"), "names no checkpoint"),
+    "truncated weights": (lambda f: (f / checkpoint.WEIGHTS).write_bytes((f / checkpoint.WEIGHTS).read_bytes()[:100]),
+                          "trainable.safetensors does not read"),
+    "NaN weights": (_nan_weights, "trainable.safetensors: NaN or inf in"),
+    "garbled optimizer": (lambda f: (f / checkpoint.OPTIMIZER).write_bytes(b"\x00" * 64), "optimizer.safetensors does not read"),
+    "missing rng": (lambda f: (f / checkpoint.RNG).unlink(), "no complete checkpoint"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_named_not_a_traceback(killed, tmp_path, capsys, damage):
+    from peft_ft.cli import main
+
+    run_dir = copy_of(killed, tmp_path)
+    (newest,) = checkpoint.listed(run_dir)
+    harm, expected = DAMAGE[damage]
+    harm(newest)
+    assert main(["run", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+    assert "remove this folder" in err or "put the files back" in err, err
+    assert not (run_dir / "metrics.json").exists() and newest.is_dir()
 
 
 def test_resume_refuses_fewer_epochs(killed, tmp_path):

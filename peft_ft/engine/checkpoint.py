@@ -27,6 +27,8 @@ WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 STATE = "state.json"
+FILES = (WEIGHTS, OPTIMIZER, RNG, STATE)
+DAMAGED = "remove this folder to resume from the checkpoint before it, or start a new run"
 
 
 def name_of(step: int) -> str:
@@ -34,11 +36,13 @@ def name_of(step: int) -> str:
 
 
 def listed(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (half-written ones are hidden folders and never listed)."""
+    """Complete checkpoints, oldest first (half-written ones are hidden folders and never listed; a folder
+    missing one of its four files, by a hand or a failing disk, is not one either)."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE).is_file())
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith("step-") and all((p / f).is_file() for f in FILES))
 
 
 def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
@@ -76,27 +80,79 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> 
 
 def load(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG states from a checkpoint; returns its state."""
-    from safetensors.torch import load_file
-
-    state = read_state(path)
-    restore_weights(model, load_file(str(path / WEIGHTS)))
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / OPTIMIZER)), state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(load_file(str(path / RNG)), state["rng"])
+    state = read_state(path, _TENSOR_STATE)  # the loop's position: checked in full by `--resume` before
+    if state.get("best") and not (Path(path).parent / state["best"] / WEIGHTS).is_file():
+        raise PeftFtError(f"{path}: the best evaluation's checkpoint {state['best']} is missing beside it; put it back, "
+                          f"or start a new run")
+    restore_weights(model, load_weights(path))
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(_tensors(Path(path) / OPTIMIZER), state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(_tensors(Path(path) / RNG), state["rng"])
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+        raise PeftFtError(f"{path}: damaged checkpoint (the optimizer, scheduler or RNG state does not load: {e}); {DAMAGED}") from None
     return state
 
 
-def read_state(path: Path) -> dict:
+# state.json's keys and the types the loop reads them as
+_STATE_TYPES = {"step": int, "epoch": int, "batches_done": int, "epoch_losses": list, "best": (str, type(None)),
+                "result": dict, "run": dict, "optimizer": dict, "scheduler": dict, "rng": dict}
+
+
+# what `load` itself restores from state.json (the loop's position is the runner's: checked by `--resume` first)
+_TENSOR_STATE = {k: _STATE_TYPES[k] for k in ("optimizer", "scheduler", "rng")}
+
+
+def read_state(path: Path, types: dict = _STATE_TYPES) -> dict:
+    """state.json, its keys checked against the types the loop reads them as."""
     try:
-        return json.loads((Path(path) / STATE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise PeftFtError(f"{path}: unreadable checkpoint ({e}); remove this folder to resume from the one before") from None
+        state = json.loads((Path(path) / STATE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PeftFtError(f"{path}: unreadable checkpoint ({e}); {DAMAGED}") from None
+    problem = _state_problem(state, types)
+    if problem:
+        raise PeftFtError(f"{path}: damaged checkpoint ({STATE}: {problem}); {DAMAGED}")
+    return state
+
+
+def _state_problem(state, types: dict) -> str | None:
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    for key, kind in types.items():
+        if key not in state:
+            return f"no {key!r}"
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            return f"{key!r} is {type(state[key]).__name__}"
+    if types is not _STATE_TYPES:
+        return None
+    if state["step"] < 0 or state["epoch"] < 1 or state["batches_done"] < 0:
+        return f"step {state['step']}, epoch {state['epoch']}, batches_done {state['batches_done']} out of range"
+    if state["best"] is not None and (not state["best"].startswith("step-") or "/" in state["best"] or "\\" in state["best"]):
+        return f"'best' {state['best']!r} names no checkpoint"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in state["epoch_losses"]):
+        return "'epoch_losses' holds a non-number"
+    return None
+
+
+def _tensors(path: Path) -> dict:
+    """A safetensors file, read whole; a damaged one is named (safetensors' own error says little)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise PeftFtError(f"{path.parent}: damaged checkpoint ({path.name} does not read: {e}); {DAMAGED}") from None
 
 
 def load_weights(path: Path) -> dict:
-    from safetensors.torch import load_file
+    import torch
 
-    return load_file(str(Path(path) / WEIGHTS))
+    tensors = _tensors(Path(path) / WEIGHTS)
+    broken = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise PeftFtError(f"{path}: damaged checkpoint ({WEIGHTS}: NaN or inf in {', '.join(broken[:3])}); {DAMAGED}")
+    return tensors
 
 
 def trainable_tensors(model) -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -115,6 +117,11 @@ def _resume_locked(run_dir: Path, data_dir: str | None, trust_remote_code: bool)
         raise PeftFtError(f"--resume {run_dir}: this run finished (metrics.json exists); there is nothing to resume")
     saved = checkpoint.listed(run_dir)
     if not saved:
+        partial = sorted(p.name for p in (run_dir / CHECKPOINTS).glob("step-*") if p.is_dir())
+        if partial:
+            raise PeftFtError(f"--resume {run_dir}: no complete checkpoint in {run_dir / CHECKPOINTS}: {', '.join(partial[-3:])} "
+                              f"lack{'s' if len(partial) == 1 else ''} some of {', '.join(checkpoint.FILES)}; put the files "
+                              f"back, or start the run again")
         raise PeftFtError(f"--resume {run_dir}: no checkpoint in {run_dir / CHECKPOINTS} (the run stopped before its "
                           f"first one: the end of epoch 1, or train.checkpoint_every steps); start it again instead")
     state = checkpoint.read_state(saved[-1])["run"]
@@ -124,6 +131,7 @@ def _resume_locked(run_dir: Path, data_dir: str | None, trust_remote_code: bool)
     recipe = remote_code(recipe, trust_remote_code, str(run_dir))
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
     location, data, resolved_dir = preflight(recipe, data_dir or state.get("data_dir"))
+    check_same_data(run_dir, state, data)
     checkpoint.clean_partial(run_dir)
     for stale in clean_stale_saves(run_dir):
         log.info("removed %s, left by a save that was killed", stale)
@@ -149,6 +157,31 @@ def check_unchanged(run_dir: Path, recipe: Recipe, state: dict) -> None:
             f"recipe (only raising {' / '.join(RAISABLE_ON_RESUME)} may change on resume)")
     if fingerprint(recipe) != recorded_fingerprint(run_dir / RECIPE):
         write_atomic(run_dir / RECIPE, recipe_text(recipe))  # a raised epochs / max_steps: the record follows
+
+
+def data_digests(data: TaskData) -> dict:
+    """sha256 of each split's rows as the task read them, and of the label list: what `--resume` compares."""
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+    return {"splits": {name: digest(split.examples) for name, split in data.splits.items()}, "labels": digest(data.labels)}
+
+
+def check_same_data(run_dir: Path, state: dict, data: TaskData) -> None:
+    """A resumed run trains on the rows it started on. The recipe names files, not their contents: an edited,
+    replaced or regenerated file (or another --data-dir) would silently continue on other data, and the
+    restored data order would index other rows. Checkpoints written before digests were recorded pass."""
+    recorded = state.get("data")
+    if not isinstance(recorded, dict):
+        return
+    now = data_digests(data)
+    changed = sorted(n for n in {*recorded.get("splits", {}), *now["splits"]} if recorded.get("splits", {}).get(n) != now["splits"].get(n))
+    if recorded.get("labels") != now["labels"]:
+        changed.append("labels")
+    if changed:
+        where = ", ".join(f"{n} ({data.splits[n].source})" if n in data.splits else n for n in changed)
+        raise PeftFtError(f"--resume {run_dir}: the data differs from what this run started on: {where}. Resuming would "
+                          f"continue on other rows. Put the files (or --data-dir) back as they were, or start a new run")
 
 
 def preflight(recipe: Recipe, data_dir: str | None):
@@ -190,7 +223,7 @@ def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, da
             record_splits(data.splits, data.labels, run_dir)  # splits carved or exported: log and keep what went where
         # Saved in every checkpoint: `--resume` compares the recipe it finds with these values.
         run_state = {"recipe_source": recipe.source, "data_dir": str(data_dir) if data_dir else None,
-                     "recipe": recipe.to_dict(), "fingerprint": fingerprint(recipe)}
+                     "recipe": recipe.to_dict(), "fingerprint": fingerprint(recipe), "data": data_digests(data)}
         _train_evaluate_save(recipe, task, method, location, data, run_dir, accelerator, resume_from, run_state, hooks)
     finally:
         setup_logging(None)  # detach train.log so later log lines of this process do not land in it

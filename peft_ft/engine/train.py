@@ -229,7 +229,10 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     result, best_state, best_name, start_epoch, skip, losses, patience_used = TrainResult(best_metric=metric), None, None, 1, 0, [], 0
     if resume_from is not None:
         state = checkpoint.load(resume_from, model, optimizer, scheduler)
-        result = TrainResult(**state["result"])
+        try:
+            result = TrainResult(**state["result"])
+        except TypeError as e:
+            raise PeftFtError(f"{resume_from}: damaged checkpoint (its 'result' does not fit: {e}); {checkpoint.DAMAGED}") from None
         start_epoch, skip, losses, best_name = state["epoch"], state["batches_done"], state["epoch_losses"], state["best"]
         patience_used = state.get("patience_used", 0)
         best_state = checkpoint.load_weights(resume_from.parent / best_name) if best_name else None
@@ -376,31 +379,35 @@ def _numerical_error(value: float, step: int, epoch: int, lr: float, t, run_dir:
 
 
 class _StopRequests:
-    """While training, Ctrl-C asks the loop to stop after the current step, which then writes a
-    checkpoint; a second Ctrl-C stops at once. Signal handlers exist only in the main thread."""
+    """While training, Ctrl-C (or SIGTERM, what a batch scheduler or `kill` sends before SIGKILL) asks the loop
+    to stop after the current step, which then writes a checkpoint; a second one stops at once. Signal
+    handlers exist only in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, enabled: bool):
-        self.enabled, self.requested, self.previous = enabled, False, None
+        self.enabled, self.requested, self.previous = enabled, None, {}
 
     def __enter__(self):
         if self.enabled and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signal.Signals(signum).name
 
     def check(self, saved: Path) -> None:
-        """After a checkpoint: stop here if Ctrl-C was pressed."""
+        """After a checkpoint: stop here if Ctrl-C or SIGTERM came."""
         if self.requested:
-            log.warning("interrupted: checkpoint %s written; continue with `peft-ft run --resume %s`", saved, saved.parent.parent)
+            log.warning("interrupted (%s): checkpoint %s written; continue with `peft-ft run --resume %s`",
+                        self.requested, saved, saved.parent.parent)
             raise KeyboardInterrupt
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
         return False
 
 
