@@ -33,11 +33,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from peft_ft.engine.run import preflight
     from peft_ft.recipe.load import load_recipe
 
-    # Exactly `run`'s pre-flight: what validate passes, run does not refuse before training.
+    # The recipe before the runner's imports: a bad key answers at once.
     recipe = load_recipe(args.recipe, args.set)
+    from peft_ft.engine.run import preflight
+
+    # Exactly `run`'s pre-flight: what validate passes, run does not refuse before training.
     model, data, _ = preflight(recipe, args.data_dir)
     print(f"{args.recipe}: valid")
     print(f"  task {recipe.task.type}, method {recipe.adapter.method}, model {model}")
@@ -313,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_single_process(args.command)
+        if getattr(args, "data_dir", None) is not None and not args.data_dir.strip():
+            # `--data-dir "$DATA"` with DATA unset: say so rather than fall back to the default folder
+            raise PeftFtError("--data-dir is empty; give the data folder, or leave the option out for data.dir / "
+                              "$PEFT_FT_DATA_DIR / ../shared/data")
         return args.fn(args)
     except PeftFtError as e:
         if args.debug:

@@ -14,7 +14,8 @@ class RecipeError(PeftFtError):
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = problems
-        lines = [f"{source}: {p}" for p in problems]
+        # a `--set key=value` problem is the command line's, not the file's
+        lines = [p if p.startswith("--set ") else f"{source}: {p}" for p in problems]
         noun = "problem" if len(problems) == 1 else "problems"
         super().__init__(f"{len(problems)} {noun} in the recipe:\n  " + "\n  ".join(lines))
 

@@ -110,9 +110,9 @@ def test_an_existing_run_folder_is_never_reused(tmp_path, tiny_bert, sentiment_d
     now = datetime.datetime(2026, 1, 1, 12, 0, 0)
     first = create_run_dir(recipe, now)
     (first / "metrics.json").write_text("{}")
-    with pytest.raises(PeftFtError, match="already exists"):
-        create_run_dir(recipe, now)
-    assert (first / "metrics.json").read_text() == "{}"
+    second, third = create_run_dir(recipe, now), create_run_dir(recipe, now)  # runs started in the same second
+    assert (first.name, second.name, third.name) == ("20260101-120000", "20260101-120000-2", "20260101-120000-3")
+    assert (first / "metrics.json").read_text() == "{}" and not any(second.iterdir())
 
 
 def pair_rows(n):

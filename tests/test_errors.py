@@ -35,11 +35,11 @@ class Case:
 
 
 def unknown_key(c):
-    return ["run", c.recipe(), "--set", "train.lrr=0.1"], ["recipe.toml", "train.lrr: unknown key (did you mean `lr`?)"]
+    return ["run", c.recipe(), "--set", "train.lrr=0.1"], ["--set train.lrr=0.1: unknown key (did you mean `lr`?)"]
 
 
 def unknown_section(c):
-    return ["run", c.recipe(extra="[trainer]\nlr = 1\n")], ["recipe.toml", "[trainer]: unknown key (did you mean `train`?)"]
+    return ["run", c.recipe(extra="[trainer]\nlr = 1\n")], ["recipe.toml", "[trainer]: unknown section (did you mean `train`?)"]
 
 
 def wrong_type(c):
@@ -47,11 +47,11 @@ def wrong_type(c):
 
 
 def negative_lr(c):
-    return ["run", c.recipe(), "--set", "train.lr=-0.001"], ["recipe.toml", "train.lr: must be at least 0.0, got -0.001"]
+    return ["run", c.recipe(), "--set", "train.lr=-0.001"], ["--set train.lr=-0.001: must be at least 0.0, got -0.001"]
 
 
 def zero_rank(c):
-    return ["run", c.recipe(), "--set", "adapter.r=0"], ["recipe.toml", "adapter.r: must be at least 1, got 0"]
+    return ["run", c.recipe(), "--set", "adapter.r=0"], ["--set adapter.r=0: must be at least 1, got 0"]
 
 
 def recipe_not_utf8(c):
@@ -69,7 +69,7 @@ def missing_split(c):
 
 
 def no_train_split(c):
-    return ["run", c.recipe(), "--set", 'data.train=""'], ["recipe.toml", "data.train: required"]
+    return ["run", c.recipe(), "--set", 'data.train=""'], ["--set data.train=\"\": required"]
 
 
 def data_dir_missing(c):
@@ -154,26 +154,6 @@ def cuda_on_cpu(c):
     return ["run", c.recipe(), "--set", "train.device=cuda"], ["recipe.toml: train.device: \"cuda\" asked for, but torch sees no CUDA GPU"]
 
 
-def output_folder_exists(c):
-    # The run folder's name is the second it starts: pretend that second's folder is already there.
-    import datetime
-
-    import peft_ft.rundir.layout
-
-    frozen = datetime.datetime(2026, 1, 2, 3, 4, 5)
-
-    class Clock(datetime.datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return frozen
-
-    c.monkeypatch.setattr(peft_ft.rundir.layout.datetime, "datetime", Clock)
-    taken = c.out / "r" / "20260102-030405"
-    taken.mkdir(parents=True)
-    (taken / "metrics.json").write_text("{}")
-    return ["run", c.recipe()], ["run folder", "20260102-030405 already exists; it is kept as it is", "output.name"]
-
-
 def output_dir_is_a_file(c):
     c.out.write_text("not a folder")
     return ["run", c.recipe()], ["output.dir", "runs", "is a file"]
@@ -189,7 +169,7 @@ CASES = [
     csv_missing_column, parquet_missing_column, empty_split, unseen_eval_label, data_not_utf8, bad_jsonl_line,
     conll_wrong_columns, squad_answer_start,
     model_without_weights, model_without_tokenizer, model_path_missing, hub_id_offline,
-    cuda_on_cpu, output_folder_exists, output_dir_is_a_file, validate_command_too,
+    cuda_on_cpu, output_dir_is_a_file, validate_command_too,
 ]
 
 

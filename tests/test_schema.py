@@ -27,7 +27,8 @@ def problems_of(tmp_path, text: str, overrides=()) -> list[str]:
     path.write_text(text, encoding="utf-8")
     with pytest.raises(RecipeError) as info:
         load_recipe(path, list(overrides))
-    assert str(path) in str(info.value)
+    # each line names the file, or the `--set key=value` it came from
+    assert all(line.strip().startswith((str(path), "--set ")) for line in str(info.value).splitlines()[1:]), str(info.value)
     return info.value.problems
 
 
@@ -60,7 +61,7 @@ def test_three_mistakes_give_three_errors_in_one_message(tmp_path):
         ("[train]\ndevice = \"gpu\"\n", "train.device: expected one of 'auto', 'cpu', 'cuda', got 'gpu'"),
         ("[adapter]\nbias = \"nonee\"\n", "(did you mean 'none'?)"),
         ("[adapter]\ntarget_modules = \"query\"\n", "adapter.target_modules: expected a list of strings"),
-        ("[modle]\nname = \"x\"\n", "[modle]: unknown key (did you mean `model`?)"),
+        ("[modle]\nname = \"x\"\n", "[modle]: unknown section (did you mean `model`?)"),
         ("[task]\nlabel_all_subwords = true\n", "task.label_all_subwords: applies only when task.type is 'ner'"),
         ("[adapter]\nmethod = \"loar\"\n", "adapter.method: unknown value 'loar' (did you mean 'lora'?)"),
         ("[eval]\nmetric = \"f2\"\n", "eval.metric: unknown value 'f2'"),
@@ -102,7 +103,7 @@ def test_overrides_are_validated_like_the_file(tmp_path):
     assert "train.lr" in recipe.explicit
     problems = problems_of(tmp_path, GOOD, ["train.lr=fast", "train.nope=1", "adapter.r=-1"])
     assert len(problems) == 3
-    assert any("train.nope: unknown key" in p for p in problems)
+    assert any("--set train.nope=1: unknown key" in p for p in problems)
 
 
 def test_override_without_equals_sign():
@@ -144,3 +145,55 @@ def test_cli_help_validate_and_explain_do_not_import_torch(tmp_path):
     assert "HEAVY [] RC 2" in out.stdout, out.stdout + out.stderr
     assert "train.lr: expected a number" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_set_problems_name_what_was_typed_and_values_read_as_the_field_wants(tmp_path):
+    problems = problems_of(tmp_path, GOOD, ["train.lr=fast", "lr=1e-4", "learning_rate=1e-4", "Train.lr=1",
+                                            "train.max_length=64", "output.name=a/b", "train.seed=99999999999"])
+    assert "--set train.lr=fast: expected a number, got \"fast\"" in problems
+    assert "--set lr=1e-4: expected section.key, for example train.lr (did you mean `train.lr`?)" in problems
+    assert "--set learning_rate=1e-4: expected section.key, for example train.lr (did you mean `train.lr`?)" in problems
+    assert "--set Train.lr=1: unknown section (did you mean `train`?)" in problems
+    assert "--set train.max_length=64: unknown key (did you mean `model.max_length`?)" in problems
+    assert any(p.startswith("--set output.name=a/b: 'a/b' is not a plain folder name") for p in problems), problems
+    assert "--set train.seed=99999999999: must be at most 4294967295, got 99999999999" in problems
+    path = tmp_path / "r.toml"
+    recipe = load_recipe(path, ["output.name=2024", "data.test=a.jsonl, b.jsonl", "train.fast_kernels=False", "model.revision=7"])
+    assert recipe.output.name == "2024" and recipe.model.revision == "7"  # strings, as the fields want
+    assert recipe.data.test == ["a.jsonl", "b.jsonl"] and recipe.train.fast_kernels is False
+    assert load_recipe(path, ["data.test=a.jsonl", "data.test="]).data.test == []  # the empty list clears a list key
+
+
+def test_keys_outside_sections_and_names_from_transformers_point_home(tmp_path):
+    problems = problems_of(tmp_path, "lr = 1e-4\n" + GOOD + "[adapter]\nlora_alpha = 16\n[Output]\nname = 'x'\n")
+    assert "lr: a key outside any section (did you mean `train.lr`? Write it under [train])" in problems
+    assert "adapter.lora_alpha: unknown key (did you mean `alpha`?)" in problems
+    assert "[Output]: unknown section (did you mean `output`?)" in problems
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("[task]\nlabels = ['a', 'b', 'a']", "task.labels: 'a' listed twice"),
+    ("[data]\ntest = ['t.jsonl', '']", "data.test: an empty item"),
+    ("[output]\nname = '..'", "output.name: '..' is not a plain folder name"),
+    ("[output]\nname = 'x\\\\y'", "is not a plain folder name"),
+    ("[output]\ndir = ''", "output.dir: empty"),
+    ("[train]\nthreads = 5000", "train.threads: must be at most 1024"),
+])
+def test_values_that_would_misplace_runs_or_classes_are_refused(tmp_path, extra, expected):
+    text = GOOD.replace("[task]\n", "").replace("[data]\n", "") if extra.startswith(("[task]", "[data]")) else GOOD
+    if extra.startswith("[task]"):
+        text = "[data]\ntrain = \"train.jsonl\"\n" + extra + "\ntype = \"classification\"\n"
+    elif extra.startswith("[data]"):
+        text = "[task]\ntype = \"classification\"\n" + extra + "\ntrain = \"train.jsonl\"\n"
+    else:
+        text = GOOD + extra + "\n"
+    problems = problems_of(tmp_path, text)
+    assert any(expected in p for p in problems), problems
+
+
+def test_explain_takes_one_key_a_bracketed_section_and_transformers_names():
+    assert explain("train.lr").splitlines()[:2] == ["[train]", "  lr : float = 0.0"]
+    assert explain("learning_rate") == explain("train.lr")
+    assert explain("[train]") == explain("train")
+    with pytest.raises(RecipeError, match="train.foo: unknown key"):
+        explain("train.foo")

@@ -15,7 +15,7 @@ from peft_ft.errors import PeftFtError, RecipeError
 from peft_ft.methods import METHODS, unsupported
 from peft_ft.models.loading import quiet_transformers, resolve_model, settle_hub_mode
 from peft_ft.recipe.dump import to_toml
-from peft_ft.recipe.load import build_recipe, load_recipe, parse_override
+from peft_ft.recipe.load import apply_overrides, build_recipe, load_recipe, read_recipe_file
 from peft_ft.recipe.schema import AdapterSection, section_types
 from peft_ft.rundir.layout import METRICS
 from peft_ft.tasks import TASKS
@@ -146,14 +146,9 @@ def applicable_methods(raw: dict, path: str, location: str, out_dir: Path) -> li
 
 
 def with_overrides(raw: dict, overrides: list[str]) -> dict:
-
-    raw = copy.deepcopy(raw)
-    for text in overrides:
-        key, value = parse_override(text)
-        section, _, field = key.partition(".")
-        if field and isinstance(raw.setdefault(section, {}), dict):
-            raw[section][field] = value
-    return raw
+    """A copy of the raw recipe with the `--set` values in, read as their fields want (their problems are
+    load_recipe's to report)."""
+    return apply_overrides(copy.deepcopy(raw), overrides)[0]
 
 
 def build_variants(recipes: list[str], methods: list[str] | None, seeds: int, lrs: dict[str, float],
@@ -171,7 +166,7 @@ def build_variants(recipes: list[str], methods: list[str] | None, seeds: int, lr
         location = resolve_model(base)
         resolved_dir = None if base.data.hub else str(resolve_data_dir(base, data_dir))
         split_sources(base, None if base.data.hub else Path(resolved_dir))  # every file exists
-        raw = with_overrides(tomllib.loads(Path(path).read_text(encoding="utf-8")), overrides)
+        raw = with_overrides(read_recipe_file(path), overrides)
         names = applicable_methods(raw, path, location, out_dir) if methods == [ALL] else methods or [base.adapter.method]
         for method in names:
             label = method if len(recipes) == 1 else f"{stem}-{method}"

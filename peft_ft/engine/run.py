@@ -50,6 +50,7 @@ from peft_ft.rundir.layout import (
     RAISABLE_ON_RESUME,
     RECIPE,
     RunDirLock,
+    check_output_place,
     clean_stale_saves,
     clean_stale_siblings,
     create_run_dir,
@@ -130,7 +131,7 @@ def _resume_locked(run_dir: Path, data_dir: str | None, trust_remote_code: bool)
     check_unchanged(run_dir, recipe, state)
     recipe = remote_code(recipe, trust_remote_code, str(run_dir))
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
-    location, data, resolved_dir = preflight(recipe, data_dir or state.get("data_dir"))
+    location, data, resolved_dir = preflight(recipe, data_dir or state.get("data_dir"), new_run=False)
     check_same_data(run_dir, state, data)
     checkpoint.clean_partial(run_dir)
     for stale in clean_stale_saves(run_dir):
@@ -184,11 +185,14 @@ def check_same_data(run_dir: Path, state: dict, data: TaskData) -> None:
                           f"continue on other rows. Put the files (or --data-dir) back as they were, or start a new run")
 
 
-def preflight(recipe: Recipe, data_dir: str | None):
-    """Everything knowable before a run folder is made, and all that `peft-ft validate` checks: the model
-    folder and its config.json (task fit, bounds), the device, the data files, rows and labels.
-    Returns (model location, the loaded data, the data folder). torch is imported only for a CUDA recipe."""
+def preflight(recipe: Recipe, data_dir: str | None, new_run: bool = True):
+    """Everything knowable before a run folder is made, and all that `peft-ft validate` checks: where run
+    folders go (`new_run`), the model folder and its config.json (task fit, bounds), the device, the data files,
+    rows and labels. Returns (model location, the loaded data, the data folder). torch is imported only for a
+    CUDA recipe."""
     task = TASKS[recipe.task.type]
+    if new_run:
+        check_output_place(recipe)
     settle_hub_mode(recipe)
     location = resolve_model(recipe)
     method = METHODS[recipe.adapter.method]

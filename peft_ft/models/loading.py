@@ -137,6 +137,12 @@ def require_cached(name: str, revision: str, where: str, fix: str = "point it at
 def resolve_model(recipe: Recipe) -> str:
     """A loadable name: a checked local folder, or a hub id that is cached or may be downloaded."""
     name = recipe.model.name
+    if recipe.model.revision and (not name or Path(name).expanduser().is_dir()):
+        # a revision is a hub commit, branch or tag: a local folder has one version, and ignoring it would
+        # let a recipe claim a pinned base it does not use
+        raise PeftFtError(f"{recipe.source}: model.revision = {recipe.model.revision!r} applies to a hub id; model.name "
+                          f"is {'empty (the embedded MiniLM-L6)' if not name else 'the local folder ' + name}. Remove "
+                          f"model.revision, or name the hub id")
     if not name:
         path = embedded_model_dir()
         check_model_folder(path, "embedded model")

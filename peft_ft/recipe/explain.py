@@ -9,15 +9,25 @@ import typing
 from peft_ft.errors import RecipeError
 from peft_ft.methods import explain_methods
 from peft_ft.recipe.dump import toml_value
-from peft_ft.recipe.schema import section_types, type_name, unknown_key
+from peft_ft.recipe.schema import home_of, section_types, type_name, unknown_key
 from peft_ft.tasks import TASKS
 
 
 def explain(section: str | None = None) -> str:
-    """Every field with its type, default and help, read from the dataclasses above."""
+    """Every field with its type, default and help, read from the dataclasses above. `section` may be a
+    section (`train`, `[train]`) or one key (`train.lr`, or a name from transformers such as `learning_rate`)."""
     types = section_types()
-    if section is not None and section not in types:
-        raise RecipeError("explain", [unknown_key(section, list(types), section)])
+    key = None
+    if section is not None:
+        section = section.strip().strip("[]").strip()
+        if "." not in section and section not in types and home_of(section):
+            section = home_of(section)  # learning_rate -> train.lr
+        section, _, key = section.partition(".")
+        if section not in types:
+            raise RecipeError("explain", [unknown_key(section, list(types), section, what="section")])
+        fields = [f.name for f in dataclasses.fields(types[section])]
+        if key and key not in fields:
+            raise RecipeError("explain", [unknown_key(key, fields, f"{section}.{key}", section=section)])
     lines = []
     for name, cls in types.items():
         if section and name != section:
@@ -25,11 +35,15 @@ def explain(section: str | None = None) -> str:
         lines.append(f"[{name}]")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if key and f.name != key:
+                continue
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             only = "".join(f" (only when {k} = {' | '.join(v)})" for k, v in f.metadata["only"].items())
             lines.append(f"  {f.name} : {type_name(hints[f.name])} = {toml_value(default)}")
             lines.append(f"      {f.metadata['help']}{only}")
         lines.append("")
+    if key:
+        return "\n".join(lines).rstrip()
     if section in (None, "task"):
         lines.append("task.type values:")
         for t in TASKS.values():

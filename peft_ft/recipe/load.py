@@ -22,6 +22,7 @@ from peft_ft.recipe.schema import (
     check_range,
     check_type,
     choice_error,
+    home_of,
     section_fields,
     section_types,
     unknown_key,
@@ -32,7 +33,7 @@ from peft_ft.tasks import TASKS
 def parse_override(text: str) -> tuple[str, Any]:
     """`train.lr=3e-4` -> ("train.lr", 0.0003). The value is read as TOML; bare words stay strings."""
     if "=" not in text:
-        raise RecipeError("--set", [f"{text!r}: expected key=value, for example train.lr=3e-4"])
+        raise RecipeError("--set", [f"--set {text}: expected key=value, for example train.lr=3e-4"])
     key, raw = (s.strip() for s in text.split("=", 1))
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
@@ -41,65 +42,113 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def override_value(raw: str, value: Any, tp) -> Any:
+    """A `--set` value as its field reads it: the shell has no TOML, so `output.name=2024` is the string
+    "2024", `data.test=a.jsonl,b.jsonl` a list (`data.test=` the empty list) and `train.fast_kernels=False` a bool."""
+    if tp is str and not isinstance(value, str):
+        return raw
+    if typing.get_origin(tp) is list and isinstance(value, str):
+        return [part.strip() for part in value.split(",")] if value else []
+    if tp is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, dict[str, str], list[str]]:
+    """`--set` values written into the raw recipe (in place). Returns it, {dotted key: the --set text} (so a
+    problem names what the user typed, not the file) and the problems of the keys themselves."""
+    set_by, problems = {}, []
+    types = section_types()
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if len(parts) != 2 or not all(parts):
+            home = home_of(key) if len(parts) == 1 else None
+            problems.append(f"--set {text}: expected section.key, for example train.lr" + (f" (did you mean `{home}`?)" if home else ""))
+            continue
+        name, field_name = parts
+        cls = types.get(name)
+        if cls is None:
+            problems.append(unknown_key(name, list(types), f"--set {text}", what="section"))
+            continue
+        hints = typing.get_type_hints(cls)
+        if field_name in hints:
+            value = override_value(text.split("=", 1)[1].strip(), value, hints[field_name])
+        section = raw.setdefault(name, {})
+        if isinstance(section, dict):
+            section[field_name] = value
+            set_by[key] = text
+    return raw, set_by, problems
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a TOML recipe, apply `--set` overrides, validate everything, return a typed Recipe."""
+    return build_recipe(read_recipe_file(path), str(path), overrides)
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    """A recipe file's TOML as a dict; an unreadable file is a RecipeError naming it."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(str(path), ["file not found (give the path of a .toml recipe, e.g. recipes/scientsbank_lora.toml)"])
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: an editor's byte-order mark is no TOML
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: an editor's byte-order mark is no TOML
     except UnicodeDecodeError as e:
         raise RecipeError(str(path), [f"not UTF-8 text ({e.reason} at byte {e.start}); save the recipe as UTF-8"])
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(str(path), [f"not valid TOML: {e}"])
-    return build_recipe(raw, str(path), overrides)
+    except OSError as e:
+        raise RecipeError(str(path), [f"cannot be read ({e.strerror}); check its permissions"])
 
 
 def build_recipe(raw: dict, source: str, overrides: list[str] = ()) -> Recipe:
-    problems: list[str] = []
+    raw, set_by, problems = apply_overrides(raw, overrides)
     explicit = set()
-    for text in overrides:
-        key, value = parse_override(text)
-        parts = key.split(".")
-        if len(parts) != 2:
-            problems.append(f"--set {key}: expected section.key, for example train.lr")
-            continue
-        section = raw.setdefault(parts[0], {})
-        if isinstance(section, dict):
-            section[parts[1]] = value
     sections = {}
     types = section_types()
     for name, value in raw.items():
         if name not in types:
-            problems.append(unknown_key(name, list(types), f"[{name}]"))
+            if isinstance(value, dict):
+                problems.append(unknown_key(name, list(types), f"[{name}]", what="section"))
+            else:  # `lr = 1e-4` above every section header
+                home = home_of(name)
+                hint = f"did you mean `{home}`? Write it under [{home.split('.')[0]}]" if home else \
+                    f"every key belongs under a section: {', '.join(f'[{t}]' for t in types)}"
+                problems.append(f"{name}: a key outside any section ({hint})")
         elif not isinstance(value, dict):
             problems.append(f"{name}: expected a [{name}] section, got {value!r}")
     for name, cls in types.items():
         values = raw.get(name, {}) if isinstance(raw.get(name, {}), dict) else {}
-        sections[name] = build_section(name, cls, values, problems)
+        sections[name] = build_section(name, cls, values, problems, set_by)
         explicit.update(f"{name}.{k}" for k in values)
     recipe = Recipe(**sections, source=source, explicit=frozenset(explicit))
-    problems += _check_applicability(recipe)
-    problems += _check_cross_field(recipe)
+    problems += [_named_as_typed(p, set_by) for p in _check_applicability(recipe) + _check_cross_field(recipe)]
     if problems:
         raise RecipeError(source, problems)
     return recipe
 
 
-def build_section(name: str, cls: type, values: dict, problems: list[str]):
+def _named_as_typed(problem: str, set_by: dict[str, str]) -> str:
+    """A whole-recipe problem that starts with a key given by `--set` names the --set text instead."""
+    dotted = problem.split(":", 1)[0]
+    return f"--set {set_by[dotted]}{problem[len(dotted):]}" if dotted in set_by else problem
+
+
+def build_section(name: str, cls: type, values: dict, problems: list[str], set_by: dict[str, str] | None = None):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         dotted = f"{name}.{key}"
+        where = f"--set {set_by[dotted]}" if set_by and dotted in set_by else dotted
         if key not in fields:
-            problems.append(unknown_key(key, list(fields), dotted))
+            problems.append(unknown_key(key, list(fields), where, section=name))
             continue
         error = check_type(value, hints[key])
         if error is None and isinstance(value, (int, float)) and not isinstance(value, bool):
             error = check_range(value, fields[key].metadata)
         if error:
-            problems.append(f"{dotted}: {error}")
+            problems.append(f"{where}: {error}")
         else:
             kwargs[key] = float(value) if hints[key] is float else value
     return cls(**kwargs)
@@ -140,6 +189,8 @@ def _check_cross_field(recipe: Recipe) -> list[str]:
     if recipe.data.hub and recipe.data.format == "label_studio":
         problems.append("data.format: \"label_studio\" reads an exported file; remove data.hub and name the export in data.train")
     problems += _check_train(recipe)
+    problems += _check_lists(recipe)
+    problems += _check_output(recipe)
     if task is not None:
         if recipe.data.format not in ("auto", *task.formats):
             problems.append(choice_error("data.format", recipe.data.format, ["auto", *task.formats]))
@@ -166,4 +217,34 @@ def _check_train(recipe: Recipe) -> list[str]:
     if t.early_stopping_patience and not (recipe.data.validation or recipe.data.validation_fraction):
         problems.append("train.early_stopping_patience: needs a validation split to watch; set data.validation "
                         "(or data.validation_fraction), or remove the key")
+    return problems
+
+
+def _check_lists(recipe: Recipe) -> list[str]:
+    """List keys hold names: an empty item (`["a", ""]`, a trailing comma in --set) or a label named twice
+    would reach the data readers as a file "" or a class with two ids."""
+    problems = []
+    for section in section_fields():
+        for f in dataclasses.fields(getattr(recipe, section.name)):
+            value, dotted = getattr(getattr(recipe, section.name), f.name), f"{section.name}.{f.name}"
+            if not isinstance(value, list):
+                continue
+            if any(not item.strip() for item in value):
+                problems.append(f"{dotted}: an empty item in {value!r}; remove it")
+    labels = recipe.task.labels
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        problems.append(f"task.labels: {', '.join(map(repr, twice))} listed twice; each label once, in id order")
+    return problems
+
+
+def _check_output(recipe: Recipe) -> list[str]:
+    """output.name is one folder name under output.dir: `a/b`, `..` or `.` would put runs elsewhere (or
+    above output.dir); an empty output.dir would mean the working directory without saying so."""
+    problems, name = [], recipe.output.name
+    if name and (name.strip() in (".", "..") or any(c in name for c in "/\\") or not name.isprintable() or name != name.strip()):
+        problems.append(f"output.name: {name!r} is not a plain folder name (no / or \\, not . or .., no spaces around "
+                        f"it); runs are written to <output.dir>/<output.name>/<timestamp>")
+    if "output.dir" in recipe.explicit and not recipe.output.dir.strip():
+        problems.append('output.dir: empty; name the folder that holds run folders (default "runs")')
     return problems

@@ -209,8 +209,9 @@ class TrainSection:
     warmup: float = opt(0.06, "Fraction of the steps spent warming the learning rate up linearly.", min=0.0, below=1.0)
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).", min=0.0)
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 = off).", min=0.0)
-    seed: int = opt(42, "Seed for data order, initialisation and dropout.", min=0)
-    threads: int = opt(0, "CPU threads for torch (0 = every core).", min=0)
+    # 2**32 - 1: numpy's seed limit (a larger seed failed mid-run, after the run folder was made)
+    seed: int = opt(42, "Seed for data order, initialisation and dropout.", min=0, max=2**32 - 1)
+    threads: int = opt(0, "CPU threads for torch (0 = every core).", min=0, max=1024)
     activation_checkpointing: bool = opt(
         False, "Recompute each layer's activations during backward instead of keeping them: less memory, one "
         "more forward pass of compute (measured on CPU: LoRA 1.5x, full fine-tuning 1.3x slower)."
@@ -365,10 +366,41 @@ def check_range(value, meta) -> str | None:
     return None
 
 
-def unknown_key(key: str, known: list[str], where: str) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f" (did you mean `{close[0]}`?)" if close else f" (known: {', '.join(known)})"
-    return f"{where}: unknown key{hint}"
+# Names users bring from transformers' TrainingArguments and peft's LoraConfig, and where each lives here.
+ALIASES = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "per_device_train_batch_size": "train.batch_size",
+    "warmup_ratio": "train.warmup", "max_grad_norm": "train.grad_clip", "lr_scheduler_type": "train.scheduler",
+    "per_device_eval_batch_size": "eval.batch_size", "metric_for_best_model": "eval.metric",
+    "output_dir": "output.dir", "run_name": "output.name", "model_name_or_path": "model.name",
+    "max_seq_length": "model.max_length", "lora_r": "adapter.r", "lora_alpha": "adapter.alpha",
+    "lora_dropout": "adapter.dropout", "peft_type": "adapter.method", "task_type": "task.type",
+}
+
+
+def home_of(key: str, section: str | None = None) -> str | None:
+    """Where a misplaced key lives (`lr` -> train.lr, `learning_rate` -> train.lr, `train.max_length` ->
+    model.max_length): an alias, or the one other section with a field of that name."""
+    name = key.lower()
+    if name in ALIASES:
+        return ALIASES[name]
+    homes = [f"{s.name}.{f.name}" for s in section_fields() if s.name != section
+             for f in dataclasses.fields(section_types()[s.name]) if f.name == name]
+    return homes[0] if len(homes) == 1 else None
+
+
+def did_you_mean(word: str, known: list[str]) -> str | None:
+    """The closest known name, case aside (`Train` -> train)."""
+    lowered = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[close[0]] if close else None
+
+
+def unknown_key(key: str, known: list[str], where: str, section: str | None = None, what: str = "key") -> str:
+    """`where`: unknown key, with the closest name in the section, else where it lives elsewhere, else the list."""
+    close = did_you_mean(key, known)
+    home = None if close else home_of(key, section)
+    hint = f" (did you mean `{close}`?)" if close else f" (did you mean `{home}`?)" if home else f" (known: {', '.join(known)})"
+    return f"{where}: unknown {what}{hint}"
 
 
 def choice_error(key: str, value: str, known: list[str]) -> str:

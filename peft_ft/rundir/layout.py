@@ -47,25 +47,45 @@ log = logging.getLogger("peft_ft")
 INFO_KEYS = {"task": str, "is_adapter": bool, "base_model": str, "auto_class": str, "labels": list, "method": str}
 
 
+def runs_parent(recipe: Recipe) -> Path:
+    """`<output.dir>/<name>/`, the folder of this recipe's runs (`~` in output.dir is the user's home, as in a shell)."""
+    return Path(recipe.output.dir).expanduser() / (recipe.output.name or Path(recipe.source).stem)
+
+
+def check_output_place(recipe: Recipe) -> None:
+    """Before anything loads: run folders can be made under output.dir (the nearest folder that exists above
+    them is a folder this user can write), so a typo in output.dir fails at once, and in `validate`."""
+    parent = runs_parent(recipe)
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is None:
+        return
+    why = f"{existing} is a file" if not existing.is_dir() else \
+        None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable by this user"
+    if why:
+        raise PeftFtError(f"{recipe.source}: output.dir: cannot make run folders under {parent} ({why}); "
+                          f"set output.dir to a folder you can write")
+
+
 def create_run_dir(recipe: Recipe, now: datetime.datetime | None = None) -> Path:
-    """`<output.dir>/<name>/<timestamp>/`; an existing folder is an error, never reused."""
-    name = recipe.output.name or Path(recipe.source).stem
+    """`<output.dir>/<name>/<timestamp>/`, never an existing folder: a second run started in the same second
+    (a script, compare or sweep starting runs back to back) gets `<timestamp>-2`, and so on."""
     stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(recipe.output.dir) / name / stamp
-    taken = f"output: run folder {run_dir} already exists; it is kept as it is. Wait a second and run again, or set output.name"
-    if run_dir.exists():
-        raise PeftFtError(taken)
+    parent = runs_parent(recipe)
     try:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        run_dir.mkdir()  # not exist_ok: two runs started in the same second never share a folder
+        parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            run_dir = parent / (stamp if n == 1 else f"{stamp}-{n}")
+            try:
+                run_dir.mkdir()  # not exist_ok: atomic, so two processes never share a folder
+                return run_dir
+            except FileExistsError:
+                continue
     except OSError as e:
-        if run_dir.is_dir():
-            raise PeftFtError(taken) from None
-        blocking = next((p for p in run_dir.parents if p.is_file()), None)
+        blocking = next((p for p in (parent, *parent.parents) if p.is_file()), None)
         why = f"{blocking} is a file" if blocking else e.strerror
-        raise PeftFtError(f"{recipe.source}: output.dir: cannot make the run folder {run_dir} ({why}); "
+        raise PeftFtError(f"{recipe.source}: output.dir: cannot make the run folder under {parent} ({why}); "
                           f"set output.dir to a folder you can write") from None
-    return run_dir
+    raise PeftFtError(f"output: 999 run folders named {stamp} already exist under {parent}; set output.name")
 
 
 FINGERPRINT = "# fingerprint: "
@@ -182,7 +202,7 @@ def clean_stale_saves(run_dir: Path) -> list[str]:
 
 def clean_stale_siblings(recipe: Recipe) -> list[str]:
     """Before a new run: the stale saves in earlier runs of the same name that no process works in."""
-    parent = Path(recipe.output.dir) / (recipe.output.name or Path(recipe.source).stem)
+    parent = runs_parent(recipe)
     removed = []
     if parent.is_dir():
         for run_dir in sorted(p for p in parent.iterdir() if p.is_dir()):
