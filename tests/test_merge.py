@@ -130,7 +130,14 @@ def test_linear_combination_with_weights_one_and_zero_is_the_first_adapter(two_a
     out = tmp_path / "combined"
     assert main(["merge", "--combine", f"a={first}:1,b={second}:0", "--how", "linear", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                                     "peft_ft.json", "recipe.toml"]
+                                                     "labels.json", "peft_ft.json", "recipe.toml"]
+    # it travels as a trained run does: the base by its portable name, labels.json, no path of this machine
+    config, first_config = (json.loads((d / "adapter_config.json").read_text()) for d in (out, first))
+    assert config["base_model_name_or_path"] == first_config["base_model_name_or_path"] == first_config["base_model_name_or_path"].split("/")[-1]
+    assert (out / "labels.json").read_text() == (first / "labels.json").read_text()
+    for path in out.iterdir():
+        if path.suffix != ".safetensors":
+            assert str(tmp_path) not in path.read_text() and str(first.parent) not in path.read_text(), path.name
     info = json.loads((out / "peft_ft.json").read_text())
     assert [c["weight"] for c in info["combined_from"]] == [1.0, 0.0] and info["combination"]["how"] == "linear"
     assert torch.allclose(logits_of(out), logits_of(first), atol=1e-5, rtol=0)
@@ -138,7 +145,7 @@ def test_linear_combination_with_weights_one_and_zero_is_the_first_adapter(two_a
 
 
 @pytest.mark.parametrize("how", ["ties", "dare_ties", "dare_linear", "cat"])
-def test_ties_dare_and_cat_give_an_adapter_that_predict_merge_and_a_plain_pipeline_load(how, two_adapters, tmp_path):
+def test_ties_dare_and_cat_give_an_adapter_that_predict_merge_and_a_plain_pipeline_load(how, two_adapters, tmp_path, tiny_bert):
     import torch
     import transformers
 
@@ -150,7 +157,12 @@ def test_ties_dare_and_cat_give_an_adapter_that_predict_merge_and_a_plain_pipeli
     out = combine_runs([("a", first, 0.5), ("b", second, 0.5)], how, tmp_path / "combined",
                        density=0.5 if how != "cat" else None)
     ours = pipeline(out)(TEXTS)
-    plain = transformers.pipeline("text-classification", model=str(out), model_kwargs=label_kwargs(out))(TEXTS)
+    # stock code, as the card shows for a base that is a local folder (no name another machine resolves)
+    from peft import PeftModel
+
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, **label_kwargs(out))
+    stock = PeftModel.from_pretrained(base, str(out))
+    plain = transformers.pipeline("text-classification", model=stock, tokenizer=transformers.AutoTokenizer.from_pretrained(tiny_bert))(TEXTS)
     assert [o["label"] for o in ours] == [p["label"] for p in plain] and all(o["label"] in ("pos", "neg") for o in ours)
     assert [o["score"] for o in ours] == pytest.approx([p["score"] for p in plain], abs=1e-5)
     merged = merge_run(out, tmp_path / "merged")  # a combined adapter folds into its base like a trained one
