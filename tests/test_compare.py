@@ -189,8 +189,26 @@ def test_variants_and_learning_rates_are_checked_before_training(tmp_path, tiny_
         parse_lrs(["ia3=1e-3"], ["lora", "full"])
     with pytest.raises(RecipeError, match="--methods"):
         parse_methods("lora,nope")
+    with pytest.raises(RecipeError) as info:  # each bad item named
+        parse_methods("lora,,ful,lora")
+    assert info.value.problems[:3] == ["an empty item; separate methods by single commas",
+                                       "'ful' is no method (did you mean 'full'?)", "'lora' named twice"]
     assert main(["compare", recipe, "--methods", "lora", "--lr", "lora=fast"]) == 2
+    assert main(["compare", recipe, "--methods", "lora", "--seeds", "1001"]) == 2
+    assert main(["compare", recipe, "--methods", "lora", "--set", "train.seed=4294967295", "--seeds", "2"]) == 2
     assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+def test_a_device_this_machine_lacks_is_refused_once_before_any_run(tmp_path, tiny_bert, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    assert main(["compare", recipe, "--methods", "lora,full", "--set", "train.device=cuda", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("torch sees no CUDA GPU") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_variant_trains_in_a_process_of_its_own(tmp_path, tiny_bert):

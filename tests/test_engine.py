@@ -101,6 +101,17 @@ def test_mlflow_file_store_gets_the_metrics(tracked_bf16_run):
     assert run.data.params["train.mixed_precision"] == "bf16"
 
 
+def test_the_mlflow_file_store_is_this_runs_only(tracked_bf16_run):
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ: left there, the next run in this process
+    (a sweep's next trial) took it for the user's own setting and logged into the first run's folder."""
+    import os
+
+    import mlflow
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert str(tracked_bf16_run.resolve()) not in mlflow.get_tracking_uri()
+
+
 def test_wandb_writes_an_offline_run_inside_the_run_folder(tmp_path, tiny_bert, data, monkeypatch):
     """report_to = ["wandb"] with no WANDB_* settings: an offline run under <run>/tracking/wandb (no account, no
     network), its transaction log holding the loop's metrics. wandb 0.31 has no Python reader for that log (its

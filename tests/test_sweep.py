@@ -166,7 +166,12 @@ def test_resume_continues_the_same_study(tmp_path, recipe):
     assert len(list((sweep_dir / "trials").iterdir())) == 3
     other = write_recipe(tmp_path / "other.toml", "[train]\nlr = [1e-2, 2e-2]\n")
     assert main(["sweep", str(recipe()), "--space", str(other), "--out", str(sweep_dir), "--resume"]) == 2  # not mixed in
-    assert len(finished(sweep_dir).trials) == 3
+    # another study name, or another storage, would start an empty study and report it as this sweep
+    with pytest.raises(Exception, match="holds the study 'sent', not 'other'; leave --study out"):
+        sweep(str(recipe()), str(space), out=str(sweep_dir), resume=True, study="other")
+    with pytest.raises(Exception, match="study is stored in sqlite:///.*study.db, not sqlite:///.*elsewhere.db; pass the same --storage"):
+        sweep(str(recipe()), str(space), out=str(sweep_dir), resume=True, storage=f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    assert len(finished(sweep_dir).trials) == 3 and not (tmp_path / "elsewhere.db").exists()
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks for trials by hand
@@ -282,6 +287,7 @@ def test_two_workers_share_one_postgres_study(tmp_path, recipe, postgres):
 @pytest.mark.parametrize("url, message", [
     ("nosuchdb://host/db", "--storage nosuchdb://host/db: cannot open the study storage"),
     ("postgresql+psycopg://sweeper:secret@127.0.0.1:1/db", "cannot open the study storage (OperationalError"),
+    ("sweeper:secret@127.0.0.1/db", "--storage: not a database URL"),
 ])
 def test_a_storage_that_cannot_be_opened_is_one_message(tmp_path, recipe, capsys, url, message):
     space = space_file(tmp_path, LR_AND_RANK)
@@ -294,7 +300,9 @@ def test_a_storage_that_cannot_be_opened_is_one_message(tmp_path, recipe, capsys
 @pytest.mark.parametrize("change, extra, message", [
     (('validation = "valid.jsonl"\n', ""), [], "a sweep picks trials by their validation score, and the recipe has no validation data"),
     (("", ""), ["--resume"], "holds no sweep (sweep.json missing); start it without --resume"),
-    (("", ""), ["--workers", "0"], "--workers must be at least 1"),
+    (("", ""), ["--workers", "0"], "--workers 0: give 1 to 64"),
+    (("", ""), ["--workers", "1000"], "--workers 1000: give 1 to 64"),
+    (("", ""), ["--set", "train.device=cuda"], 'train.device: "cuda" asked for, but torch sees no CUDA GPU'),
     (('train = "train.jsonl"', 'train = "missing.jsonl"'), [], "data.train: file not found"),
 ])
 def test_sweep_refusals_are_one_message(tmp_path, recipe, capsys, change, extra, message):

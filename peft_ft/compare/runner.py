@@ -61,6 +61,9 @@ def run_variant(variant: Variant, recipe_file: Path, isolate: bool = True) -> in
         raise
 
 
+MAX_SEEDS = 1000  # a typo (--seeds 10000) would otherwise plan a month of runs before anyone notices
+
+
 def compare(recipes: list[str], methods: list[str] | None = None, seeds: int = 1, lrs: list[str] = (),
             overrides: list[str] = (), out: str | None = None, resume: bool = False, data_dir: str | None = None,
             isolate: bool = True) -> Path:
@@ -68,8 +71,8 @@ def compare(recipes: list[str], methods: list[str] | None = None, seeds: int = 1
     `isolate=False` trains in this process (tests): quicker to start, but peak memory is then cumulative."""
 
     setup_logging(None)
-    if seeds < 1:
-        raise PeftFtError("compare: --seeds must be at least 1")
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise PeftFtError(f"compare: --seeds {seeds}: give 1 to {MAX_SEEDS} runs per variant")
     first = load_recipe(recipes[0], list(overrides))
     stems = "+".join(Path(r).stem for r in recipes)
     compare_dir = Path(out) if out else Path(first.output.dir) / f"compare-{stems}"

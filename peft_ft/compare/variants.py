@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peft_ft.data.files import resolve_data_dir, split_sources
+from peft_ft.engine.device import check_device
 from peft_ft.errors import PeftFtError, RecipeError
 from peft_ft.methods import METHODS, unsupported
 from peft_ft.models.loading import quiet_transformers, resolve_model, settle_hub_mode
 from peft_ft.recipe.dump import to_toml
 from peft_ft.recipe.load import apply_overrides, build_recipe, load_recipe, read_recipe_file
-from peft_ft.recipe.schema import AdapterSection, section_types
+from peft_ft.recipe.schema import AdapterSection, did_you_mean, section_types
 from peft_ft.rundir.layout import METRICS
 from peft_ft.tasks import TASKS
 
@@ -75,10 +76,19 @@ def parse_methods(text: str | None) -> list[str] | None:
         return None
     if text.strip() == ALL:
         return [ALL]
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names or len(set(names)) != len(names):
-        raise RecipeError("--methods", [f"{text!r}: expected `all` or distinct methods separated by commas, from: {', '.join(METHODS)}"])
+    names = [m.strip() for m in text.split(",")]
+    problems = []
+    if not all(names):
+        problems.append("an empty item; separate methods by single commas")
+    for name in dict.fromkeys(n for n in names if n and n not in METHODS):
+        close = did_you_mean(name, list(METHODS))
+        problems.append(f"{name!r} is no method" + (f" (did you mean {close!r}?)" if close else ""))
+    twice = sorted({n for n in names if n and names.count(n) > 1})
+    if twice:
+        problems.append(f"{', '.join(map(repr, twice))} named twice")
+    if problems:
+        problems.append(f"give `all` or distinct methods separated by commas, from: {', '.join(METHODS)}")
+        raise RecipeError(f"--methods {text}", problems)
     return names
 
 
@@ -163,6 +173,7 @@ def build_variants(recipes: list[str], methods: list[str] | None, seeds: int, lr
     for path, stem in zip(recipes, stems):
         base = load_recipe(path, overrides)  # the recipe as written must be valid on its own
         settle_hub_mode(base)
+        check_device(base)  # train.device = "cuda" on a CPU machine: refused once, not by every run
         location = resolve_model(base)
         resolved_dir = None if base.data.hub else str(resolve_data_dir(base, data_dir))
         split_sources(base, None if base.data.hub else Path(resolved_dir))  # every file exists

@@ -178,7 +178,9 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
             # "in maintenance mode" and refuses it unless this opt-out is set; MLFLOW_TRACKING_URI
             # (a database or a server) replaces it altogether.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            mlflow.set_tracking_uri((folder / "mlruns").resolve().as_uri())
+            global _our_mlflow_uri
+            _our_mlflow_uri = (folder / "mlruns").resolve().as_uri()
+            mlflow.set_tracking_uri(_our_mlflow_uri)
     # Built here rather than named to Accelerator(log_with=...): accelerate wants the logging folder
     # when the Accelerator is made, before the main process has made the run folder.
     accelerator.log_with = [LOGGER_TYPE_TO_CLASS[n](name, **kwargs[n]) for n in recipe.train.report_to]
@@ -186,11 +188,24 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
     log.info("tracking: %s under %s", ", ".join(recipe.train.report_to), folder)
 
 
+# The MLflow file store this process pointed MLflow at, if any. mlflow.set_tracking_uri also writes
+# MLFLOW_TRACKING_URI into os.environ: left there, the next run in this process (a sweep's next trial, a
+# second peft_ft run() from a notebook) would take it for the user's own setting and log into this run's folder.
+_our_mlflow_uri: str | None = None
+
+
 def finish_tracking(accelerator) -> None:
     """Close the trackers (not `end_training`: that also ends the process group, still needed to evaluate)."""
+    global _our_mlflow_uri
     for tracker in accelerator.trackers:
         tracker.finish()
     accelerator.trackers = []
+    if _our_mlflow_uri is not None:
+        import mlflow
+
+        if mlflow.get_tracking_uri() == _our_mlflow_uri:  # not replaced by the user's code meanwhile
+            mlflow.set_tracking_uri(None)  # also removes MLFLOW_TRACKING_URI from os.environ
+        _our_mlflow_uri = None
 
 
 def _flat_config(recipe: Recipe) -> dict:

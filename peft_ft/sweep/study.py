@@ -28,6 +28,7 @@ from pathlib import Path
 from peft_ft import log as log_module
 from peft_ft.compare.variants import with_overrides
 from peft_ft.data.files import resolve_data_dir, split_sources
+from peft_ft.engine.device import check_device
 from peft_ft.engine.run import run
 from peft_ft.engine.train import TrainHooks
 from peft_ft.errors import PeftFtError
@@ -44,6 +45,7 @@ log = logging.getLogger("peft_ft")
 SWEEP_FILE = "sweep.json"
 STUDY_DB = "study.db"
 TRIALS = "trials"
+MAX_WORKERS = 64  # local processes, each loading torch and a model: a typo must not fork a thousand
 STORAGE_ENV = "PEFT_FT_SWEEP_STORAGE"  # hands the URL to workers outside argv, where `ps` would show a password
 DEFAULT_TRIALS = 20
 
@@ -89,8 +91,13 @@ def storage_url(sweep_dir: Path, given: str | None) -> str:
 
 def shown_url(url: str) -> str:
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    return make_url(url).render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # not shown back: a malformed URL may still hold a password
+        raise PeftFtError("--storage: not a database URL; use one such as postgresql+psycopg://user:pass@host/db "
+                          "(pip install 'peft-ft[postgres]') or sqlite:///path/study.db") from None
 
 
 def open_storage(url: str):
@@ -121,8 +128,9 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
     """Run a sweep to `trials` trials in all; returns the sweep folder (with its reports). One worker
     runs in this process; several run in processes of their own."""
     setup_logging(None)
-    if workers < 1:
-        raise PeftFtError("sweep: --workers must be at least 1")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise PeftFtError(f"sweep: --workers {workers}: give 1 to {MAX_WORKERS} (each worker is a process that trains; "
+                          f"more machines join with the same --storage)")
     if trials is not None and trials < 1:
         raise PeftFtError("sweep: --trials must be at least 1")
     recipe, base, space = load_parts(recipe_path, space_path, list(overrides))
@@ -137,9 +145,8 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
         metric=recipe.eval.metric or _default_metric(recipe), storage=shown_url(storage_url(sweep_dir, storage)),
         workers=workers, fingerprint=fingerprint(recipe_path, space_path, list(overrides)),
     )
-    if previous and previous.fingerprint != plan.fingerprint:
-        raise PeftFtError(f"sweep --resume: {sweep_dir} was started from another recipe, space or --set than now "
-                          f"({previous.recipe}, {previous.space}); resume with those, or start a new sweep with --out")
+    if previous:
+        _check_same_study(previous, plan, sweep_dir)
     if storage:  # a database that cannot be reached is reported before any folder is made
         open_storage(storage).engine.dispose()
     (sweep_dir / TRIALS).mkdir(parents=True, exist_ok=True)
@@ -164,8 +171,27 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
     return sweep_dir
 
 
+def _check_same_study(previous: Plan, plan: Plan, sweep_dir: Path) -> None:
+    """`--resume` goes on with the study it started: the same recipe, space and --set, the same study name in
+    the same storage. Another --study, or a sweep on a database resumed without --storage, would otherwise
+    start an empty study and report it as this sweep."""
+    if previous.fingerprint != plan.fingerprint:
+        raise PeftFtError(f"sweep --resume: {sweep_dir} was started from another recipe, space or --set than now "
+                          f"({previous.recipe}, {previous.space}); resume with those, or start a new sweep with --out")
+    if previous.study != plan.study:
+        raise PeftFtError(f"sweep --resume: {sweep_dir} holds the study {previous.study!r}, not {plan.study!r}; "
+                          f"leave --study out to resume it, or start a new sweep with --out")
+    def own_file(url: str) -> bool:  # the default: study.db in the sweep folder, wherever the folder now is
+        return url.startswith("sqlite:///") and url.endswith(f"/{STUDY_DB}")
+
+    if previous.storage != plan.storage and not (own_file(previous.storage) and own_file(plan.storage)):
+        raise PeftFtError(f"sweep --resume: {sweep_dir}'s study is stored in {previous.storage}, not {plan.storage}; "
+                          f"pass the same --storage URL to resume it")
+
+
 def _check_files(recipe, data_dir: str | None) -> None:
-    """The recipe's model and data files exist: otherwise every trial would fail the same way."""
+    """The recipe's model, device and data files: otherwise every trial would fail the same way."""
+    check_device(recipe)
     settle_hub_mode(recipe)
     resolve_model(recipe)
     split_sources(recipe, None if recipe.data.hub else resolve_data_dir(recipe, data_dir))
