@@ -199,6 +199,18 @@ def test_variants_and_learning_rates_are_checked_before_training(tmp_path, tiny_
     assert not (tmp_path / "runs").exists()  # nothing trained
 
 
+def test_a_set_key_of_another_compared_method_reaches_that_method_only(tmp_path, tiny_bert):
+    """A LoRA recipe compared with prompt tuning: `--set adapter.num_virtual_tokens=4` is prompt tuning's key
+    (validated on the LoRA recipe alone, it was refused)."""
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    variants = build_variants([recipe], ["lora", "prompt_tuning"], 1, {}, ["adapter.num_virtual_tokens=4"], tmp_path / "c", None)
+    toml = {v.method: v.toml for v in variants}
+    assert "num_virtual_tokens = 4" in toml["prompt_tuning"] and "num_virtual_tokens" not in toml["lora"]
+    with pytest.raises(RecipeError, match=r"--set adapter.num_virtual_tokens=4: applies only when adapter.method is .*"
+                                          r"none of the compared methods \(lora, full\) uses it"):
+        build_variants([recipe], ["lora", "full"], 1, {}, ["adapter.num_virtual_tokens=4"], tmp_path / "c", None)
+
+
 def test_a_device_this_machine_lacks_is_refused_once_before_any_run(tmp_path, tiny_bert, capsys):
     import torch
 

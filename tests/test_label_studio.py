@@ -393,7 +393,8 @@ def test_ner_end_to_end_from_a_label_studio_export(tiny_bert, tmp_path):
     assert {"splits.json", "predictions_validation.conll", "predictions_test.conll", "metrics.json"} <= {p.name for p in run_dir.iterdir()}
     splits = json.loads((run_dir / "splits.json").read_text())
     assert {n: s["size"] for n, s in splits.items()} == {"train": 18, "validation": 6, "test": 6}
-    assert splits["test"]["entities"] == {"LOC": 6, "PER": 6} and splits["test"]["source"] == "20% of " + str(data / "export.json")
+    assert splits["test"]["entities"] == {"LOC": 6, "PER": 6} and splits["test"]["source"] == "20% of export.json"
+    assert str(tmp_path) not in (run_dir / "splits.json").read_text()  # relative to the data folder: it travels
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test"]["n"] == 6 and metrics["test"]["entities"] == 12
     log = (run_dir / "train.log").read_text()

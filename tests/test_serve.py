@@ -102,6 +102,7 @@ def test_each_adapter_answers_with_its_own_labels_single_text_and_batch(server, 
     status, listing = call(f"{server}/adapters")
     assert status == 200 and set(listing["adapters"]) == {"pos", "flip", "weak", "ner"}
     assert listing["adapters"]["flip"]["labels"] == ["neg", "pos"] and listing["adapters"]["pos"]["mixes"] is True
+    assert listing["adapters"]["ner"]["mixes"] is False  # LoRA, but no other loaded adapter shares its labels
     expected = {name: reference(runs[name], TEXTS) for name in ("pos", "flip")}
     for name in ["pos", "flip", "pos"]:
         status, answer = call(f"{server}/predict/{name}", texts_body(TEXTS))
@@ -530,10 +531,12 @@ def test_cli_serves_a_stack_of_two_adapters_beside_them_and_removes_its_folder(r
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}
     process = subprocess.Popen(
         [sys.executable, "-m", "peft_ft", "serve", "--adapter", f"pos={runs['pos']}", "--adapter", f"flip={runs['flip']}",
-         "--combine", "both=pos:1,flip:1", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+         "--combine", "both=pos:1,flip:1", "--port", "0", "--max-adapters", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
-        line = process.stdout.readline()
-        assert line.startswith("serving pos, flip, both on http://127.0.0.1:"), line
+        line = process.stdout.readline()  # every adapter named, the one over --max-adapters too
+        assert line.startswith("serving pos, flip, both (pos unloaded by --max-adapters 2, loaded on first request) on "
+                               "http://127.0.0.1:"), line
         url = line.split()[-1]
         assert list(tmp_path.glob("peft-ft-combined-*/both/adapter_model.safetensors"))
         status, body = call(f"{url}/predict/both", texts_body(TEXTS), key=None)

@@ -9,11 +9,10 @@ from pathlib import Path
 
 from peft_ft.compare.child import child_main
 from peft_ft.compare.report import print_table, write_comparison
-from peft_ft.compare.variants import ALL, Variant, budget_differences, build_variants, finished_run, parse_lrs
+from peft_ft.compare.variants import ALL, Variant, budget_differences, build_variants, finished_run, load_base, parse_lrs
 from peft_ft.errors import PeftFtError
 from peft_ft.log import setup_logging
 from peft_ft.methods import METHODS
-from peft_ft.recipe.load import load_recipe
 from peft_ft.rundir.layout import RECIPE
 from peft_ft.rundir.portable import portable_toml
 from peft_ft.storage import write_atomic
@@ -73,11 +72,11 @@ def compare(recipes: list[str], methods: list[str] | None = None, seeds: int = 1
     setup_logging(None)
     if not 1 <= seeds <= MAX_SEEDS:
         raise PeftFtError(f"compare: --seeds {seeds}: give 1 to {MAX_SEEDS} runs per variant")
-    first = load_recipe(recipes[0], list(overrides))
+    first = load_base(recipes[0], list(overrides))
     stems = "+".join(Path(r).stem for r in recipes)
     compare_dir = Path(out) if out else Path(first.output.dir) / f"compare-{stems}"
 
-    method_names = list(METHODS) if methods == [ALL] else methods or [load_recipe(r, list(overrides)).adapter.method for r in recipes]
+    method_names = list(METHODS) if methods == [ALL] else methods or [load_base(r, list(overrides)).adapter.method for r in recipes]
     variants = build_variants(recipes, methods, seeds, parse_lrs(list(lrs), method_names), list(overrides),
                               compare_dir, data_dir)
     for key in budget_differences(recipes, list(overrides)) if len(recipes) > 1 else []:

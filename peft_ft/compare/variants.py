@@ -17,7 +17,7 @@ from peft_ft.methods import METHODS, unsupported
 from peft_ft.models.loading import quiet_transformers, resolve_model, settle_hub_mode
 from peft_ft.recipe.dump import to_toml
 from peft_ft.recipe.load import apply_overrides, build_recipe, load_recipe, read_recipe_file
-from peft_ft.recipe.schema import AdapterSection, did_you_mean, section_types
+from peft_ft.recipe.schema import AdapterSection, Recipe, did_you_mean, section_types
 from peft_ft.rundir.layout import METRICS
 from peft_ft.tasks import TASKS
 
@@ -155,6 +155,37 @@ def applicable_methods(raw: dict, path: str, location: str, out_dir: Path) -> li
     return chosen
 
 
+def _method_only_keys() -> dict[str, tuple]:
+    """{dotted key: the methods it applies to} for the keys of some methods only (adapter.r, ...)."""
+    return {f"{section}.{f.name}": f.metadata["only"]["adapter.method"]
+            for section, cls in section_types().items() for f in dataclasses.fields(cls) if "adapter.method" in f.metadata["only"]}
+
+
+def load_base(path: str, overrides: list[str]) -> Recipe:
+    """The recipe with the `--set` values that apply to its own method. A `--set` key of another compared method
+    (adapter.feedforward_modules for ia3 beside a LoRA recipe) reaches that method's variants only; validated
+    on the recipe's own method, it was refused."""
+    only = _method_only_keys()
+    adapter = apply_overrides(read_recipe_file(path), [t for t in overrides if _key(t) == "adapter.method"])[0].get("adapter")
+    method = adapter.get("method", AdapterSection().method) if isinstance(adapter, dict) else AdapterSection().method
+    return load_recipe(path, [t for t in overrides if method in only.get(_key(t), (method,))])
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].strip()
+
+
+def check_overrides_reach(overrides: list[str], methods: list[str]) -> None:
+    """A `--set` key of some methods only must apply to one of the compared methods: else it changes nothing."""
+    only = _method_only_keys()
+    idle = [t for t in overrides if not set(only.get(_key(t), methods)) & set(methods)]
+    if idle:
+        raise RecipeError("--set", [f"--set {t}: applies only when adapter.method is "
+                                    f"{' or '.join(map(repr, only[_key(t)]))}; none of the compared "
+                                    f"methods ({', '.join(methods)}) uses it. Remove it, or add such a method to --methods"
+                                    for t in idle])
+
+
 def with_overrides(raw: dict, overrides: list[str]) -> dict:
     """A copy of the raw recipe with the `--set` values in, read as their fields want (their problems are
     load_recipe's to report)."""
@@ -168,10 +199,10 @@ def build_variants(recipes: list[str], methods: list[str] | None, seeds: int, lr
     stems = [Path(r).stem for r in recipes]
     if len(set(stems)) != len(stems):
         raise PeftFtError(f"compare: several recipes share a file name ({', '.join(recipes)}); runs are named by it, rename one")
-    first_seed = load_recipe(recipes[0], overrides).train.seed
+    first_seed = load_base(recipes[0], overrides).train.seed
     variants = []
     for path, stem in zip(recipes, stems):
-        base = load_recipe(path, overrides)  # the recipe as written must be valid on its own
+        base = load_base(path, overrides)  # the recipe as written must be valid on its own
         settle_hub_mode(base)
         check_device(base)  # train.device = "cuda" on a CPU machine: refused once, not by every run
         location = resolve_model(base)
@@ -179,6 +210,7 @@ def build_variants(recipes: list[str], methods: list[str] | None, seeds: int, lr
         split_sources(base, None if base.data.hub else Path(resolved_dir))  # every file exists
         raw = with_overrides(read_recipe_file(path), overrides)
         names = applicable_methods(raw, path, location, out_dir) if methods == [ALL] else methods or [base.adapter.method]
+        check_overrides_reach(overrides, names)
         for method in names:
             label = method if len(recipes) == 1 else f"{stem}-{method}"
             for seed in range(first_seed, first_seed + seeds):
@@ -192,6 +224,6 @@ def build_variants(recipes: list[str], methods: list[str] | None, seeds: int, lr
 def budget_differences(recipes: list[str], overrides: list[str]) -> list[str]:
     """Keys of data and budget that differ between recipes: their comparison is then not like for like."""
 
-    loaded = [load_recipe(r, overrides) for r in recipes]
+    loaded = [load_base(r, overrides) for r in recipes]
     keys = [f"data.{f.name}" for f in dataclasses.fields(loaded[0].data)] + ["train.epochs", "train.max_steps", "task.type"]
     return [k for k in keys if len({repr(r.get(k)) for r in loaded}) > 1]

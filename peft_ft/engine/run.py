@@ -224,7 +224,9 @@ def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, da
             log.info(note)
         log.info("splits: %s", ", ".join(f"{n} {len(s.examples)}" for n, s in data.splits.items()))
         if distributed.is_main() and (recipe.data.format == "label_studio" or recipe.data.validation_fraction or recipe.data.test_fraction):
-            record_splits(data.splits, data.labels, run_dir)  # splits carved or exported: log and keep what went where
+            # splits carved or exported: log and keep what went where (sources relative to the data folder)
+            record_splits(data.splits, data.labels, run_dir,
+                          portable.data_sources({n: s.source for n, s in data.splits.items()}, data_dir))
         # Saved in every checkpoint: `--resume` compares the recipe it finds with these values.
         run_state = {"recipe_source": recipe.source, "data_dir": str(data_dir) if data_dir else None,
                      "recipe": recipe.to_dict(), "fingerprint": fingerprint(recipe), "data": data_digests(data)}

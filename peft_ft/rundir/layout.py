@@ -211,9 +211,12 @@ def clean_stale_siblings(recipe: Recipe) -> list[str]:
     return removed
 
 
-def record_splits(splits: dict, labels: list[str], run_dir: Path) -> None:
-    """Log every split's size and label counts and write them to <run>/splits.json."""
+def record_splits(splits: dict, labels: list[str], run_dir: Path, sources: dict[str, str] | None = None) -> None:
+    """Log every split's size and label counts and write them to <run>/splits.json. `sources`: each split's
+    source as the folder may show it (relative to the data folder: no path of this machine travels with it)."""
     summary = split_summary(splits, labels)
+    for name, source in (sources or {}).items():
+        summary[name]["source"] = source
     for name, s in summary.items():
         counts = s.get("labels", s.get("entities", {}))
         what = "entities" if "entities" in s else "labels"

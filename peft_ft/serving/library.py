@@ -124,11 +124,13 @@ class Library:
     def describe(self) -> dict:
         loaded = self.adapters.describe()
         with self.lock:
+            keys = {name: self.adapters.mix_key(name) for name in loaded}
             out = {}
             for name, run_dir in self.known.items():
                 info = loaded.get(name) or {"run_dir": str(run_dir), **_run_summary(run_dir)}
-                out[name] = {**info, "resident": name in loaded,
-                             "mixes": name in loaded and self.adapters.mix_key(name) is not None}
+                # mixing needs a partner: another loaded adapter of the same base, labels and max_length
+                partners = keys.get(name) is not None and sum(k == keys[name] for k in keys.values()) > 1
+                out[name] = {**info, "resident": name in loaded, "mixes": partners}
             return out
 
     def snapshot(self) -> dict:

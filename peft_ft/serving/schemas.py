@@ -140,7 +140,8 @@ class AdapterInfo(BaseModel):
     labels: list[str] | None = None
     run_dir: str
     resident: bool = Field(description="loaded now; false: unloaded by --max-adapters, reloaded on its next request")
-    mixes: bool = Field(description="its rows share forwards with other adapters of its base (LoRA without DoRA)")
+    mixes: bool = Field(description="its rows share forwards with another loaded adapter (LoRA without DoRA on the same "
+                                    "base, with the same labels and max_length)")
 
 
 class AdaptersResponse(BaseModel):

@@ -187,7 +187,9 @@ def run_serve(adapter_args: list[str], host: str, port: int, batch_size: int, de
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     # flushed at once: a script that started us with --port 0 reads the port from this line
-    print(f"serving {', '.join(adapters.names)} on {server.url}", flush=True)
+    unloaded = [n for n in server.library.known if n not in adapters.names]  # over --max-adapters: loaded on demand
+    later = f" ({', '.join(unloaded)} unloaded by --max-adapters {max_adapters}, loaded on first request)" if unloaded else ""
+    print(f"serving {', '.join(server.library.known)}{later} on {server.url}", flush=True)
     print(f"API documentation: {server.url}/docs", file=sys.stderr, flush=True)
     server.serve()  # uvicorn handles SIGTERM/SIGINT: stop accepting, close idle connections, finish requests in flight
     print("stopped", file=sys.stderr, flush=True)
