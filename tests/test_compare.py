@@ -52,8 +52,8 @@ def read_json(path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def in_process(variant, recipe_file, isolate=True, _real=runner.run_variant):
-    return _real(variant, recipe_file, isolate=False)
+def in_process(variant, recipe_file, isolate=True, resume=None, _real=runner.run_variant):
+    return _real(variant, recipe_file, isolate=False, resume=resume)
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +134,11 @@ def test_resume_after_an_interruption_skips_the_finished_runs(tmp_path, tiny_ber
     trained, interrupt = [], [True]
     real_run_variant = runner.run_variant
 
-    def interrupted_on_full(variant, recipe_file, isolate=True):
+    def interrupted_on_full(variant, recipe_file, isolate=True, resume=None):
         trained.append(variant.run_name)
         if variant.method == "full" and interrupt[0]:
             raise KeyboardInterrupt
-        return real_run_variant(variant, recipe_file, isolate=False)
+        return real_run_variant(variant, recipe_file, isolate=False, resume=resume)
 
     monkeypatch.setattr(runner, "run_variant", interrupted_on_full)
     with pytest.raises(KeyboardInterrupt):
@@ -199,6 +199,61 @@ def test_variants_and_learning_rates_are_checked_before_training(tmp_path, tiny_
     assert not (tmp_path / "runs").exists()  # nothing trained
 
 
+def test_resume_continues_a_killed_variant_from_its_checkpoint(tmp_path, tiny_bert, monkeypatch):
+    """A variant killed mid-run (SIGKILL after its first checkpoint) is continued by `--resume` in its own folder,
+    not trained again from the start in a new one."""
+    from helpers import run_killed
+
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    settings = ["train.batch_size=4", "train.checkpoint_every=2", "train.epochs=2"]
+
+    def killed(variant, recipe_file, isolate=True, resume=None):
+        return run_killed(recipe_file, after=1, cwd=tmp_path).returncode
+
+    monkeypatch.setattr(runner, "run_variant", killed)
+    with pytest.raises(PeftFtError, match="1 run\\(s\\) failed: lora-seed42"):
+        runner.compare([recipe], ["lora"], overrides=settings)
+    out = tmp_path / "runs" / "compare-sent"
+    (stopped,) = (out / "lora-seed42").iterdir()
+    assert not (stopped / "metrics.json").exists() and (stopped / "checkpoints").is_dir()
+
+    monkeypatch.setattr(runner, "run_variant", in_process)
+    runner.compare([recipe], ["lora"], overrides=settings, resume=True)
+    assert list((out / "lora-seed42").iterdir()) == [stopped] and finished_run(out, "lora-seed42") == stopped
+    assert "resumed from" in (stopped / "train.log").read_text()
+    assert read_json(stopped / "metrics.json")["train"]["steps"] == 12  # 2 epochs x 24 rows / 4
+
+
+def test_ctrl_c_in_a_terminal_stops_the_variant_with_a_checkpoint_and_no_traceback(tmp_path, tiny_bert):
+    """Ctrl-C reaches the whole foreground process group: compare and its variant's process. The variant stops after
+    its step with a checkpoint (compare waits for it), both exit without a traceback, compare with 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    out = tmp_path / "c"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "peft_ft", "compare", recipe, "--methods", "lora", "--out", str(out),
+         "--set", "train.epochs=500", "--set", "train.batch_size=4", "--set", "train.checkpoint_every=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # a shell started in the background (CI) ignores SIGINT, and children inherit that: give it back
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not list(out.glob("lora-seed42/*/checkpoints/step-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    said = " ".join((stdout + stderr).split())  # the console wraps long lines
+    assert "Traceback" not in said and "the same command with --resume to go on" in said, said[-3000:]
+    (stopped,) = (out / "lora-seed42").iterdir()
+    assert not (stopped / "metrics.json").exists() and list((stopped / "checkpoints").glob("step-*"))
+    assert "interrupted (SIGINT): checkpoint" in (stopped / "train.log").read_text()
+
+
 def test_a_set_key_of_another_compared_method_reaches_that_method_only(tmp_path, tiny_bert):
     """A LoRA recipe compared with prompt tuning: `--set adapter.num_virtual_tokens=4` is prompt tuning's key
     (validated on the LoRA recipe alone, it was refused)."""
@@ -247,7 +302,7 @@ def test_several_recipes_are_labelled_by_file(tmp_path, tiny_bert):
 
 def test_a_failed_variant_is_reported_and_the_others_tabulated(tmp_path, tiny_bert, monkeypatch):
     recipe = str(make_recipe(tmp_path, tiny_bert))
-    monkeypatch.setattr(runner, "run_variant", lambda v, f, isolate=True: 2 if v.method == "full" else in_process(v, f))
+    monkeypatch.setattr(runner, "run_variant", lambda v, f, isolate=True, resume=None: 2 if v.method == "full" else in_process(v, f))
     with pytest.raises(PeftFtError, match="1 run\\(s\\) failed: full-seed42"):
         runner.compare([recipe], ["lora", "full"])
     rows = {r["variant"]: r for r in read_csv(tmp_path / "runs" / "compare-sent" / "comparison.csv")}

@@ -11,7 +11,7 @@ from pathlib import Path
 from peft_ft.compare.variants import LATENCY_EXAMPLES, MEASURE_FILE
 from peft_ft.data.files import Split, resolve_data_dir
 from peft_ft.engine.device import setup_torch
-from peft_ft.engine.run import run
+from peft_ft.engine.run import resume, run
 from peft_ft.errors import PeftFtError
 from peft_ft.recipe.load import load_recipe
 from peft_ft.rundir.layout import read_metrics, read_recipe
@@ -53,13 +53,17 @@ def child_main(argv: list[str], shared_process: bool = False) -> int:
     parser = argparse.ArgumentParser(prog="python -m peft_ft.compare.child", description="one variant of peft-ft compare")
     parser.add_argument("recipe")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this variant's interrupted run folder")
     args = parser.parse_args(argv)
     try:
         import torch
 
         if shared_process and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # this run's peak, not an earlier one's
-        run_dir = run(load_recipe(args.recipe), data_dir=args.data_dir)
+        if args.resume:
+            run_dir = resume(args.resume, data_dir=args.data_dir)
+        else:
+            run_dir = run(load_recipe(args.recipe), data_dir=args.data_dir)
 
         metrics = read_metrics(run_dir)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -71,6 +75,11 @@ def child_main(argv: list[str], shared_process: bool = False) -> int:
     except PeftFtError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (or the parent's SIGTERM): the run wrote its checkpoint; no traceback
+        if shared_process:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     print(f"done: {run_dir}")
     return 0
 

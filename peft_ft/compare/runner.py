@@ -10,10 +10,11 @@ from pathlib import Path
 from peft_ft.compare.child import child_main
 from peft_ft.compare.report import print_table, write_comparison
 from peft_ft.compare.variants import ALL, Variant, budget_differences, build_variants, finished_run, load_base, parse_lrs
+from peft_ft.engine import checkpoint
 from peft_ft.errors import PeftFtError
 from peft_ft.log import setup_logging
 from peft_ft.methods import METHODS
-from peft_ft.rundir.layout import RECIPE
+from peft_ft.rundir.layout import METRICS, RECIPE
 from peft_ft.rundir.portable import portable_toml
 from peft_ft.storage import write_atomic
 
@@ -46,17 +47,42 @@ def check_resumable(compare_dir: Path, variants: list[Variant], resume: bool) ->
     return kept
 
 
-def run_variant(variant: Variant, recipe_file: Path, isolate: bool = True) -> int:
-    """Train one variant, in a subprocess of its own unless `isolate` is off; returns its exit status."""
-    args = [str(recipe_file)] + (["--data-dir", variant.data_dir] if variant.data_dir else [])
+def interrupted_run(compare_dir: Path, variant: Variant) -> Path | None:
+    """The variant's newest run folder that stopped with a checkpoint (Ctrl-C, killed) and was started from the
+    recipe the variant resolves to now: `--resume` continues it rather than training it again from the start."""
+    folders = sorted(p for p in (compare_dir / variant.run_name).glob("*") if p.is_dir())
+    if not folders or (folders[-1] / METRICS).is_file() or not checkpoint.listed(folders[-1]):
+        return None
+    recipe = folders[-1] / RECIPE
+    if not recipe.is_file() or _recipe_body(recipe.read_text(encoding="utf-8")) != _recipe_body(variant.toml):
+        log.warning("%s: %s stopped, but from another recipe than the variant now resolves to; training it anew",
+                    variant.run_name, folders[-1])
+        return None
+    return folders[-1]
+
+
+# After Ctrl-C the child (which got it too) finishes its step and writes a checkpoint: it is given this long
+CHILD_STOP_SECONDS = 60
+
+
+def run_variant(variant: Variant, recipe_file: Path, isolate: bool = True, resume: Path | None = None) -> int:
+    """Train one variant (or continue its interrupted run folder `resume`), in a subprocess of its own unless
+    `isolate` is off; returns its exit status."""
+    args = [str(recipe_file)] + (["--data-dir", variant.data_dir] if variant.data_dir else []) + \
+        (["--resume", str(resume)] if resume else [])
     if not isolate:  # quick (no second import of torch), but peak RSS is then this process's running maximum
         return child_main(args, shared_process=True)
     child = subprocess.Popen([sys.executable, "-m", "peft_ft.compare.child", *args])
     try:
         return child.wait()
     except KeyboardInterrupt:
-        child.terminate()  # it got the terminal's SIGINT too; make sure it is gone before we report
-        child.wait()
+        # It got the terminal's Ctrl-C too and stops after its step with a checkpoint (`--resume` continues from
+        # it): wait for that; a second Ctrl-C, or a child still running after CHILD_STOP_SECONDS, ends it now.
+        try:
+            child.wait(timeout=CHILD_STOP_SECONDS)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            child.kill()
+            child.wait()
         raise
 
 
@@ -90,9 +116,11 @@ def compare(recipes: list[str], methods: list[str] | None = None, seeds: int = 1
             continue
         recipe_file = compare_dir / "recipes" / f"{v.run_name}.toml"
         write_atomic(recipe_file, v.toml)
-        log.info("[%d/%d] %s: training (lr %g)", number, len(variants), v.run_name, v.lr)
+        stopped = interrupted_run(compare_dir, v) if resume else None
+        log.info("[%d/%d] %s: %s (lr %g)", number, len(variants), v.run_name,
+                 f"resuming {stopped} from its checkpoint" if stopped else "training", v.lr)
         try:
-            status = run_variant(v, recipe_file, isolate)
+            status = run_variant(v, recipe_file, isolate, resume=stopped)
         except KeyboardInterrupt:
             done = sum(finished_run(compare_dir, w.run_name) is not None for w in variants)
             log.warning("interrupted: %d finished run(s) kept in %s; run the same command with --resume to go on", done, compare_dir)
