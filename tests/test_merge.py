@@ -41,6 +41,11 @@ def test_merged_folder_is_plain_and_predicts_like_the_adapter(trained, tmp_path)
     info = json.loads((out / "peft_ft.json").read_text())
     assert info["is_adapter"] is False and info["merged_from"] == trained.resolve().name  # a name, no path of this machine
     assert "run_dir" not in info
+    # paths kept relative to the run folder now lead from the merged folder to the same places
+    from peft_ft.rundir.layout import read_info
+
+    assert read_info(out)["base_model"] == read_info(trained)["base_model"]
+    assert (out / info["data_dir"]).resolve() == (trained / json.loads((trained / "peft_ft.json").read_text())["data_dir"]).resolve()
 
 
 def test_merged_folder_loads_without_peft(trained, tmp_path):
@@ -135,6 +140,9 @@ def test_linear_combination_with_weights_one_and_zero_is_the_first_adapter(two_a
     config, first_config = (json.loads((d / "adapter_config.json").read_text()) for d in (out, first))
     assert config["base_model_name_or_path"] == first_config["base_model_name_or_path"] == first_config["base_model_name_or_path"].split("/")[-1]
     assert (out / "labels.json").read_text() == (first / "labels.json").read_text()
+    from peft_ft.rundir.layout import read_info
+
+    assert read_info(out)["base_model"] == read_info(first)["base_model"]  # the local base, found from here too
     for path in out.iterdir():
         if path.suffix != ".safetensors":
             assert str(tmp_path) not in path.read_text() and str(first.parent) not in path.read_text(), path.name

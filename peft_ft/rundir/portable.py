@@ -32,7 +32,7 @@ from peft_ft.models.loading import EMBEDDED_NAME
 from peft_ft.recipe.dump import to_toml, toml_value
 from peft_ft.recipe.load import build_recipe
 from peft_ft.recipe.schema import Recipe
-from peft_ft.rundir.layout import ADAPTER_CONFIG, LABELS, LOG, RECIPE, with_fingerprint
+from peft_ft.rundir.layout import ADAPTER_CONFIG, LABELS, LOG, RECIPE, read_info_raw, with_fingerprint
 from peft_ft.storage import write_atomic, write_json
 
 SOURCES = ("embedded", "hub", "local folder")
@@ -148,14 +148,16 @@ def portable_toml(text: str) -> str:
 SHORTENED = "# absolute paths of the training machine shortened to their last part: "
 
 
-def data_dir_of(run_dir: Path, info: dict) -> str | None:
-    """The data folder a run was trained on, from peft_ft.json's path relative to the run folder
-    (None when not recorded or no longer there)."""
-    relative = info.get("data_dir")
-    if not relative:
-        return None
-    path = (Path(run_dir) / relative).resolve()
-    return str(path) if path.is_dir() else None
+def moved_info(run_dir: Path, out: Path) -> dict:
+    """A run folder's peft_ft.json as a folder made from it elsewhere (merge, export, combine) writes it: the
+    paths kept relative to the run folder (a local base, the data folder) made relative to `out`, so that they
+    still lead there, and no run folder path."""
+    info = {k: v for k, v in read_info_raw(run_dir).items() if k != "run_dir"}
+    moved = ["data_dir"] + (["base_model"] if info.get("base_model_source") == "local folder" else [])
+    for key in moved:
+        if info.get(key) and not Path(info[key]).is_absolute():
+            info[key] = os.path.relpath((Path(run_dir) / info[key]).resolve(), Path(out).resolve())
+    return info
 
 
 def _source_name(source: str, run_dir: Path | None = None) -> str:

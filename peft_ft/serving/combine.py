@@ -30,7 +30,7 @@ from peft_ft.errors import PeftFtError
 from peft_ft.models.loading import quiet_transformers
 from peft_ft.models.safety import check_no_pickle, model_load_kwargs
 from peft_ft.rundir import portable
-from peft_ft.rundir.layout import ADAPTER_CONFIG, CARD, INFO, RECIPE, read_info, read_info_raw
+from peft_ft.rundir.layout import ADAPTER_CONFIG, CARD, INFO, RECIPE, read_info
 from peft_ft.rundir.load import base_location
 from peft_ft.serving.merge import check_out
 from peft_ft.storage import honour_umask_tree, write_atomic, write_json
@@ -226,7 +226,7 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
         trainable = sum(p.numel() for n, p in final.named_parameters() if "lora_" in n or "modules_to_save" in n)
         total_params = sum(p.numel() for n, p in final.named_parameters() if "original_module" not in n)
         weight_bytes = (staging / "adapter_model.safetensors").stat().st_size
-        info = {**_portable_info(parts[0][1], first, out), "run_name": out.name, "data": {}, "train": {},
+        info = {**portable.moved_info(parts[0][1], out), "run_name": out.name, "data": {}, "train": {},
                 # folder names, not this machine's paths: the combined folder travels without its sources
                 "combined_from": [{"name": n, "run": d.resolve().name, "weight": w} for n, d, w in parts],
                 "combination": {"how": how, "density": (density or DEFAULT_DENSITY) if how in PRUNING else None,
@@ -245,15 +245,6 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def _portable_info(run_dir: Path, info: dict, out: Path) -> dict:
-    """The first adapter's peft_ft.json as it travels with `out`: a local base's path relative to `out` (as
-    a trained run keeps it relative to itself), no data folder of the source run."""
-    raw = {k: v for k, v in read_info_raw(run_dir).items() if k not in ("run_dir", "data_dir")}
-    if info.get("base_model_source") == "local folder":
-        raw["base_model"] = os.path.relpath(info["base_model"], out.resolve())
-    return raw
 
 
 def _card(info: dict) -> str:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from peft_ft.errors import PeftFtError
 from peft_ft.models.safety import check_no_pickle
-from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info, read_info_raw
+from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info
+from peft_ft.rundir.portable import moved_info
 from peft_ft.rundir.load import load_run
 from peft_ft.serving.merge import check_mergeable, check_out, unwrap_heads
 from peft_ft.storage import honour_umask_tree, write_json
@@ -90,8 +91,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
         for name in (LABELS, RECIPE):
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, staging / name)
-        raw = read_info_raw(run_dir)
-        write_json(staging / INFO, {**raw, "is_adapter": False, "exported_from": run_dir.resolve().name, "format": "onnx"})
+        write_json(staging / INFO, {**moved_info(run_dir, out), "is_adapter": False, "exported_from": run_dir.resolve().name,
+                                    "format": "onnx"})
         write_json(staging / "export.json", report)
         check_out(out, "--onnx")
         if out.exists():

@@ -15,7 +15,8 @@ from pathlib import Path
 from peft_ft.errors import PeftFtError
 from peft_ft.models.integrity import read_json_object
 from peft_ft.models.safety import check_no_pickle
-from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info, read_info_raw
+from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info
+from peft_ft.rundir.portable import moved_info
 from peft_ft.rundir.load import check_run_folder, load_run
 from peft_ft.storage import honour_umask_tree, space_for, tensor_bytes, write_json
 
@@ -92,7 +93,7 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
         weights = sorted(p.name for p in staging.glob("*.safetensors"))
         # No paths of this machine: the merged folder is its own base and names its source run by name.
         write_json(staging / INFO, {
-            **{k: v for k, v in read_info_raw(run_dir).items() if k != "run_dir"}, "is_adapter": False, "merged_from": run_dir.resolve().name,
+            **moved_info(run_dir, out), "is_adapter": False, "merged_from": run_dir.resolve().name,
             "weight_files": weights, "weight_bytes": sum((staging / w).stat().st_size for w in weights),
         })
         check_out(out)  # again: something may have appeared there while we merged
