@@ -19,5 +19,5 @@ snap predict_ner $P predict --adapter ner=adapters/conll_lora /tmp/ner_rows.json
 printf '{"text": "What is a conductor?", "text_pair": "It lets electricity flow."}\n' > /tmp/grade_rows.jsonl
 snap predict_grade $P predict --adapter g=adapters/grading_lora /tmp/grade_rows.jsonl
 snap merge_missing $P merge /nonexistent --out /tmp/x
-snap export_missing $P export /nonexistent --out /tmp/x
+snap export_missing $P export /nonexistent --onnx /tmp/x
 snap run_missing $P run /nonexistent.toml

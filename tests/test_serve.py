@@ -430,6 +430,35 @@ def test_runtime_load_unload_inside_the_allow_list_only(adapters, runs, tmp_path
         srv.stop()
 
 
+def test_metrics_count_every_refusal_and_a_lone_surrogate_is_400_in_every_field(runs):
+    """Refusals made before a route runs (the key, the body size, the schema) count in /metrics like the route's own;
+    health probes, docs and /metrics itself do not."""
+    srv = start(AdapterSet({"pos": runs["pos"]}), api_key=KEY, max_body=2000)
+    try:
+        sent = [
+            call(f"{srv.url}/predict/pos", texts_body(["good"]), key=None)[0],  # 401
+            call(f"{srv.url}/predict/pos", json.dumps({"text": 5}).encode())[0],  # 422: not a string
+            call(f"{srv.url}/predict/pos", b"{not json")[0],  # 400
+            call(f"{srv.url}/predict/pos", texts_body(["x" * 3000]))[0],  # 413: over --max-body-bytes
+            call(f"{srv.url}/predict/nope", texts_body(["good"]))[0],  # 404
+            call(f"{srv.url}/predict/pos", texts_body(["good"]))[0],  # 200
+        ]
+        for body in (b'{"text": "\\ud800"}', b'{"texts": ["\\ud800"]}', b'{"inputs": [{"text": "\\ud800"}]}'):
+            status, answer = call(f"{srv.url}/predict/pos", body)
+            sent.append(status)
+            assert status == 400 and "lone UTF-16 surrogate" in answer["error"], (body, answer)
+        assert sent[:6] == [401, 422, 400, 413, 404, 200]
+        call(f"{srv.url}/health", key=None)
+        call(f"{srv.url}/openapi.json", key=None)
+        metrics = call(f"{srv.url}/metrics")[1]
+        assert metrics["requests"] == len(sent) == 9
+        assert metrics["errors"] == {"401": 1, "422": 1, "400": 4, "413": 1, "404": 1}
+        # per adapter: the requests its route answered (the 200 and two surrogates inside texts / inputs)
+        assert metrics["adapters"]["pos"]["requests"] == 3 and metrics["adapters"]["pos"]["errors"] == 2
+    finally:
+        srv.stop()
+
+
 def test_max_adapters_unloads_the_least_recently_used_and_reloads_it(runs, tmp_path):
     adapters = AdapterSet({"pos": runs["pos"], "flip": runs["flip"]})
     srv = start(adapters, api_key=KEY, admin_key=ADMIN, adapter_dir=str(runs["weak"].parent), max_adapters=2)

@@ -59,17 +59,21 @@ class Metrics:
     def _stats(self, name: str) -> dict:
         return self.adapters.setdefault(name, {"requests": 0, "errors": 0, "texts": 0, "batches": 0, "latency": deque(maxlen=LATENCY_WINDOW)})
 
-    def request(self, adapter: str | None, status: int, seconds: float, texts: int = 0) -> None:
+    def response(self, status: int) -> None:
+        """One answered request, whoever answered it (Guard's refusals and the schema's 422s included)."""
         with self._lock:
             self.requests += 1
             if status >= 400:
                 self.errors[str(status)] = self.errors.get(str(status), 0) + 1
-            if adapter is not None:
-                stats = self._stats(adapter)
-                stats["requests"] += 1
-                stats["errors"] += status >= 400
-                stats["texts"] += texts if status < 400 else 0
-                stats["latency"].append(seconds)
+
+    def request(self, adapter: str, status: int, seconds: float, texts: int = 0) -> None:
+        """One /predict request of a known adapter (its share of the counters and its latency)."""
+        with self._lock:
+            stats = self._stats(adapter)
+            stats["requests"] += 1
+            stats["errors"] += status >= 400
+            stats["texts"] += texts if status < 400 else 0
+            stats["latency"].append(seconds)
 
     def batch(self, names: list[str]) -> None:
         with self._lock:
@@ -96,8 +100,9 @@ DRAIN_SECONDS = 1.0  # how long a refused request's body is read before its conn
 class Guard:
     """ASGI middleware: Host, keys, body size and read timeout, OPTIONS; see the module docstring."""
 
-    def __init__(self, app, *, api_key: str | None, admin_key: str | None, max_body: int, body_timeout: float, bound_host: str):
-        self.app, self.max_body, self.body_timeout = app, max_body, body_timeout
+    def __init__(self, app, *, api_key: str | None, admin_key: str | None, max_body: int, body_timeout: float, bound_host: str,
+                 metrics: Metrics | None = None):
+        self.app, self.max_body, self.body_timeout, self.metrics = app, max_body, body_timeout, metrics
         self.api_key = f"Bearer {api_key}".encode() if api_key else None
         self.admin_key = f"Bearer {admin_key}".encode() if admin_key else None
         self.hosts = LOCAL_HOSTS | {bound_host.lower()}
@@ -106,6 +111,8 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.metrics is not None and scope["path"] not in UNCOUNTED:
+            send = _counted(send, self.metrics)
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
         refusal = self._refusal(scope, headers)
         if refusal is not None:  # a body left unread would be taken for the next request: such connections close
@@ -217,6 +224,19 @@ def _headers_only(send):
     return send_head
 
 
+# GET /metrics counts every request but these: probes and documentation pages would drown the traffic
+UNCOUNTED = OPEN_PATHS | {"/metrics"}
+
+
+def _counted(send, metrics: Metrics):
+    """`send` that counts the response's status once it starts (401, 411, 413 and 422 never reach a route)."""
+    async def send_counted(message):
+        if message["type"] == "http.response.start":
+            metrics.response(message["status"])
+        await send(message)
+    return send_counted
+
+
 def _host_name(host: bytes) -> str:
     text = host.decode("latin-1").strip().lower()
     if text.startswith("["):
@@ -242,6 +262,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     errors = exc.errors()
     if errors and errors[0].get("type") == "json_invalid":
         return 400, f"body is not valid JSON: {errors[0].get('ctx', {}).get('error', 'decode error')} at character {errors[0]['loc'][-1]}"
+    unicode = next((e for e in errors if e.get("type") == "string_unicode"), None)
+    if unicode is not None:  # pydantic's JSON parser refuses a lone UTF-16 surrogate in some fields: the same 400 as the others
+        where = ".".join(str(p) for p in unicode.get("loc", ()) if p != "body") or "body"
+        return 400, f"{where}: holds a lone UTF-16 surrogate, not text; send UTF-8 (a \\uD800-\\uDFFF escape must be one half of a pair)"
     parts = []
     for e in errors[:5]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
@@ -333,7 +357,8 @@ def create_app(library, scheduler, metrics: Metrics, *, max_texts: int, max_toke
         except Exception as e:  # a bug or a model failure: reported, and the server keeps serving
             log.exception("request /predict/%s failed", adapter)
             status, answer = 500, {"error": f"internal error ({type(e).__name__}); the server's log has the details"}
-        metrics.request(adapter if adapter in library.known else None, status, time.monotonic() - start, texts)
+        if adapter in library.known:
+            metrics.request(adapter, status, time.monotonic() - start, texts)
         return JSONResponse(answer, status_code=status)
 
     async def _predict(name: str, body: schemas.PredictRequest) -> tuple[int, dict]:

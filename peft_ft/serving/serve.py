@@ -140,7 +140,8 @@ def make_server(adapters, host: str = "127.0.0.1", port: int = 0, *, api_key: st
     scheduler = Scheduler(adapters, metrics, max_batch_tokens=max_batch_tokens, max_batch=max_batch, max_wait_ms=max_wait_ms, mix=mix)
     library.on_unload = scheduler.prune
     app = create_app(library, scheduler, metrics, max_texts=max_texts, max_tokens=max_tokens, deadline_s=request_timeout)
-    guarded = Guard(app, api_key=api_key, admin_key=admin_key, max_body=max_body, body_timeout=BODY_TIMEOUT, bound_host=host)
+    guarded = Guard(app, api_key=api_key, admin_key=admin_key, max_body=max_body, body_timeout=BODY_TIMEOUT, bound_host=host,
+                    metrics=metrics)
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=128)
     except OSError as e:
