@@ -94,6 +94,10 @@ class Method:
     # Checks that need the built model's modules, run on a weightless skeleton: (skeleton, recipe) -> None,
     # raising PeftFtError. Needed only when targets are named or the architecture has no default targets.
     skeleton_check: Callable | None = None
+    # State the method keeps outside the trainable weights and the optimizer, which a checkpoint must hold for
+    # an exact resume: (model) -> (tensors, JSON-able dict), and (model, tensors, dict) -> None to put it back.
+    training_state: Callable | None = None
+    restore_training_state: Callable | None = None
 
     @property
     def merges(self) -> bool:
@@ -563,6 +567,27 @@ def _start_adalora(model, recipe: Recipe, start: TrainingStart):
     return tuner.update_and_allocate
 
 
+_ALLOCATOR = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # peft's RankAllocator: the smoothed importance of each weight
+
+
+def _adalora_state(model) -> tuple[dict, dict]:
+    """AdaLoRA's rank allocator (importance scores smoothed over every step so far) and the rank pattern it
+    has settled on: without them a resumed run allocates from fresh scores, and one resumed after the budget
+    was final masks with no pattern at all."""
+    tuner = model.base_model
+    allocator = tuner.rankallocator
+    tensors = {f"{kind}/{name}": t.detach().contiguous() for kind in _ALLOCATOR for name, t in getattr(allocator, kind).items()}
+    return tensors, {"rank_pattern": tuner.peft_config[tuner.trainable_adapter_name].rank_pattern}
+
+
+def _restore_adalora(model, tensors: dict, saved: dict) -> None:
+    tuner = model.base_model
+    allocator = tuner.rankallocator
+    for kind in _ALLOCATOR:
+        setattr(allocator, kind, {name.split("/", 1)[1]: t for name, t in tensors.items() if name.startswith(f"{kind}/")})
+    tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = saved.get("rank_pattern")
+
+
 EVA_BATCHES = 16  # training batches EVA reads
 # peft cycles over those batches until every layer's SVD has settled, with no limit of its own. On real text
 # that takes a few passes (MiniLM on CoNLL: 30 forward passes over 16 batches of 16); on data whose layer inputs
@@ -841,6 +866,7 @@ register_method(Method(
     lr_reason="the top of BERT's fine-tuning range (2e-5..5e-5)"))
 register_method(Method(
     "adalora", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_adalora, validate=_validate_adalora, on_train_start=_start_adalora,
+    training_state=_adalora_state, restore_training_state=_restore_adalora,
     summary="LoRA in SVD form whose per-layer ranks are cut from init_r to r on average during training (the loop drives "
             "the budget schedule: tinit, tfinal, delta_t)",
     lr_reason="same parametrisation scale as LoRA: LoRA's default (the AdaLoRA paper used 5e-4..1e-3 on GLUE)"))

@@ -73,6 +73,37 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(setup):
     assert "resumed from" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.parametrize("after, resumed_from", [(5, "step-0000006"), (13, "step-0000014")])
+def test_adalora_resumes_exactly_with_its_rank_allocator(setup, tiny_bert, after, resumed_from):
+    """AdaLoRA keeps state outside its weights and the optimizer: the allocator's smoothed importance scores and the
+    rank pattern. Killed while allocating (step 7), or after the budget was final at step 13 (16 steps, tfinal 3:
+    the resumed run masks with the saved pattern; without it the resume crashed), it ends as the straight run."""
+    from helpers import recipe_text
+    from safetensors.torch import load_file
+
+    tmp = setup[0]
+    name = f"adalora-{after}"
+
+    def recipe(out: str) -> Path:
+        return write_recipe(tmp / f"{out}.toml", recipe_text(
+            tiny_bert, tmp / "data", model_opts={"max_length": 32}, adapter={"method": "adalora", "r": 4, "init_r": 8},
+            data={"validation": "valid.jsonl", "test": ["test.jsonl"]},
+            train_opts={"epochs": 2, "lr": 1e-2, "checkpoint_every": 2}, output={"dir": tmp / out, "name": "r"}))
+
+    assert main(["run", str(recipe(f"{name}-straight"))]) == 0
+    straight = next((tmp / f"{name}-straight" / "r").iterdir())
+    killed = run_killed(recipe(name), after=after, cwd=tmp)
+    assert killed.returncode == -9, killed.stderr
+    run_dir = next((tmp / name / "r").iterdir())
+    assert checkpoint.listed(run_dir)[-1].name == resumed_from
+    assert (checkpoint.listed(run_dir)[-1] / checkpoint.METHOD).is_file()
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    wa, wb = (load_file(str(p / "adapter_model.safetensors")) for p in (run_dir, straight))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= TOLERANCE
+    ca, cb = (json.loads((p / "adapter_config.json").read_text()) for p in (run_dir, straight))
+    assert ca["rank_pattern"] == cb["rank_pattern"] and cb["rank_pattern"]  # the pattern the budget settled on
+
+
 @pytest.mark.parametrize("sent", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches(setup, monkeypatch, sent):
     """Ctrl-C, or SIGTERM (what a batch scheduler sends before it kills), stops after the step with a checkpoint."""

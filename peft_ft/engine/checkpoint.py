@@ -28,6 +28,7 @@ OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 STATE = "state.json"
 FILES = (WEIGHTS, OPTIMIZER, RNG, STATE)
+METHOD = "method.safetensors"  # only for a method with state of its own (AdaLoRA's rank allocator)
 DAMAGED = "remove this folder to resume from the checkpoint before it, or start a new run"
 
 
@@ -45,8 +46,9 @@ def listed(run_dir: Path) -> list[Path]:
                   if p.is_dir() and p.name.startswith("step-") and all((p / f).is_file() for f in FILES))
 
 
-def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
-    """Write checkpoint `step-<step>` atomically; an existing one of the same step is replaced."""
+def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, method_state: tuple | None = None) -> Path:
+    """Write checkpoint `step-<step>` atomically; an existing one of the same step is replaced. `method_state`:
+    (tensors, JSON) the adapter method keeps outside its weights and the optimizer (Method.training_state)."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / CHECKPOINTS
@@ -55,15 +57,19 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> 
     weights = trainable_tensors(model)
     optim_tensors, optim_json = _flatten_optimizer(optimizer.state_dict())
     rng_tensors, rng_json = _rng_state()
-    needed = tensor_bytes([*weights.values(), *optim_tensors.values(), *rng_tensors.values()])
+    method_tensors, method_json = method_state or ({}, None)
+    needed = tensor_bytes([*weights.values(), *optim_tensors.values(), *rng_tensors.values(), *method_tensors.values()])
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".saving-"))
     try:
         with space_for(root, needed, f"checkpoint {final.name}"):
             save_file(weights, str(staging / WEIGHTS))
             save_file(optim_tensors, str(staging / OPTIMIZER))
             save_file(rng_tensors, str(staging / RNG))
+            if method_state is not None:
+                save_file(method_tensors, str(staging / METHOD))
             write_json(staging / STATE, {**state, "step": step, "optimizer": optim_json,
-                                         "scheduler": scheduler.state_dict(), "rng": rng_json})
+                                         "scheduler": scheduler.state_dict(), "rng": rng_json,
+                                         **({"method": method_json} if method_state is not None else {})})
         honour_umask_tree(staging)
         if final.exists():  # e.g. Ctrl-C on the last step of an epoch, then the epoch-end save
             old = Path(tempfile.mkdtemp(dir=root, prefix=".replaced-"))
@@ -78,8 +84,9 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> 
     return final
 
 
-def load(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states from a checkpoint; returns its state."""
+def load(path: Path, model, optimizer, scheduler, restore_method=None) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states from a checkpoint; returns its state. `restore_method`
+    (Method.restore_training_state) puts back the method's own state."""
     state = read_state(path, _TENSOR_STATE)  # the loop's position: checked in full by `--resume` before
     if state.get("best") and not (Path(path).parent / state["best"] / WEIGHTS).is_file():
         raise PeftFtError(f"{path}: the best evaluation's checkpoint {state['best']} is missing beside it; put it back, "
@@ -89,6 +96,11 @@ def load(path: Path, model, optimizer, scheduler) -> dict:
         optimizer.load_state_dict(_unflatten_optimizer(_tensors(Path(path) / OPTIMIZER), state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(_tensors(Path(path) / RNG), state["rng"])
+        if restore_method is not None:
+            if not (Path(path) / METHOD).is_file() or not isinstance(state.get("method"), dict):
+                raise PeftFtError(f"{path}: this checkpoint lacks {METHOD}, the adapter method's own training state "
+                                  f"(written by peft-ft before it saved that state); start a new run")
+            restore_method(model, _tensors(Path(path) / METHOD), state["method"])
     except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
         raise PeftFtError(f"{path}: damaged checkpoint (the optimizer, scheduler or RNG state does not load: {e}); {DAMAGED}") from None
     return state

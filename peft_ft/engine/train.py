@@ -228,7 +228,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     scheduler = make_scheduler(optimizer, t.scheduler, int(t.warmup * total), total)
     result, best_state, best_name, start_epoch, skip, losses, patience_used = TrainResult(best_metric=metric), None, None, 1, 0, [], 0
     if resume_from is not None:
-        state = checkpoint.load(resume_from, model, optimizer, scheduler)
+        state = checkpoint.load(resume_from, model, optimizer, scheduler, method.restore_training_state)
         try:
             result = TrainResult(**state["result"])
         except TypeError as e:
@@ -253,7 +253,8 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     def save(epoch: int, batches_done: int) -> Path:
         state = {"epoch": epoch, "batches_done": batches_done, "epoch_losses": losses, "best": best_name,
                  "patience_used": patience_used, "result": dataclasses.asdict(result), "run": run_state or {}}
-        path = checkpoint.save(run_dir, result.steps, model, optimizer.optimizer, scheduler, state)
+        path = checkpoint.save(run_dir, result.steps, model, optimizer.optimizer, scheduler, state,
+                               method.training_state(model) if method.training_state else None)
         checkpoint.prune(run_dir, t.keep_checkpoints, best_name)
         return path
 
