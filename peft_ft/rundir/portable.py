@@ -148,6 +148,16 @@ def portable_toml(text: str) -> str:
 SHORTENED = "# absolute paths of the training machine shortened to their last part: "
 
 
+def data_dir_of(run_dir: Path, info: dict) -> str | None:
+    """The data folder a run was trained on, from peft_ft.json's path relative to the run folder
+    (None when not recorded or no longer there)."""
+    relative = info.get("data_dir")
+    if not relative:
+        return None
+    path = (Path(run_dir) / relative).resolve()
+    return str(path) if path.is_dir() else None
+
+
 def moved_info(run_dir: Path, out: Path) -> dict:
     """A run folder's peft_ft.json as a folder made from it elsewhere (merge, export, combine) writes it: the
     paths kept relative to the run folder (a local base, the data folder) made relative to `out`, so that they
