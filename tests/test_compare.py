@@ -189,6 +189,8 @@ def test_variants_and_learning_rates_are_checked_before_training(tmp_path, tiny_
         parse_lrs(["ia3=1e-3"], ["lora", "full"])
     with pytest.raises(RecipeError, match="--methods"):
         parse_methods("lora,nope")
+    with pytest.raises(RecipeError, match="--methods: empty"):  # an unset shell variable, not the recipe's own
+        parse_methods("")
     with pytest.raises(RecipeError) as info:  # each bad item named
         parse_methods("lora,,ful,lora")
     assert info.value.problems[:3] == ["an empty item; separate methods by single commas",

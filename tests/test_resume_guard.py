@@ -130,7 +130,15 @@ DAMAGE = {
     "NaN weights": (_nan_weights, "trainable.safetensors: NaN or inf in"),
     "garbled optimizer": (lambda f: (f / checkpoint.OPTIMIZER).write_bytes(b"\x00" * 64), "optimizer.safetensors does not read"),
     "missing rng": (lambda f: (f / checkpoint.RNG).unlink(), "no complete checkpoint"),
+    "epoch past the recipe": (lambda f: _state(f, epoch=99), "epoch 99, batches done 3: out of this recipe's 2 epochs"),
+    "result of text": (lambda f: _state(f, result={"steps": "x", "history": "oops"}), "'result' lacks an integer 'steps'"),
+    "newer one incomplete": (lambda f: _newer_without_optimizer(f), "the newest checkpoint step-0000006 lacks optimizer.safetensors"),
 }
+
+
+def _newer_without_optimizer(folder: Path) -> None:
+    newer = shutil.copytree(folder, folder.parent / "step-0000006")
+    (newer / checkpoint.OPTIMIZER).unlink()
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))

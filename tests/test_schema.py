@@ -178,6 +178,7 @@ def test_keys_outside_sections_and_names_from_transformers_point_home(tmp_path):
     ("[output]\nname = 'x\\\\y'", "is not a plain folder name"),
     ("[output]\ndir = ''", "output.dir: empty"),
     ("[train]\nthreads = 5000", "train.threads: must be at most 1024"),
+    ("[output]\nname = '" + "x" * 300 + "'", "output.name: 300 bytes long"),
 ])
 def test_values_that_would_misplace_runs_or_classes_are_refused(tmp_path, extra, expected):
     text = GOOD.replace("[task]\n", "").replace("[data]\n", "") if extra.startswith(("[task]", "[data]")) else GOOD

@@ -171,7 +171,10 @@ def test_resume_continues_the_same_study(tmp_path, recipe):
         sweep(str(recipe()), str(space), out=str(sweep_dir), resume=True, study="other")
     with pytest.raises(Exception, match="study is stored in sqlite:///.*study.db, not sqlite:///.*elsewhere.db; pass the same --storage"):
         sweep(str(recipe()), str(space), out=str(sweep_dir), resume=True, storage=f"sqlite:///{tmp_path / 'elsewhere.db'}")
-    assert len(finished(sweep_dir).trials) == 3 and not (tmp_path / "elsewhere.db").exists()
+    other_db = tmp_path / "elsewhere" / "study.db"  # named like the default, but another sweep's file
+    with pytest.raises(Exception, match="pass the same --storage"):
+        sweep(str(recipe()), str(space), out=str(sweep_dir), resume=True, storage=f"sqlite:///{other_db}")
+    assert len(finished(sweep_dir).trials) == 3 and not (tmp_path / "elsewhere.db").exists() and not other_db.exists()
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test asks for trials by hand
@@ -302,6 +305,7 @@ def test_a_storage_that_cannot_be_opened_is_one_message(tmp_path, recipe, capsys
     (("", ""), ["--resume"], "holds no sweep (sweep.json missing); start it without --resume"),
     (("", ""), ["--workers", "0"], "--workers 0: give 1 to 64"),
     (("", ""), ["--workers", "1000"], "--workers 1000: give 1 to 64"),
+    (("", ""), ["--storage", ""], "--storage is empty"),
     (("", ""), ["--set", "train.device=cuda"], 'train.device: "cuda" asked for, but torch sees no CUDA GPU'),
     (('train = "train.jsonl"', 'train = "missing.jsonl"'), [], "data.train: file not found"),
 ])

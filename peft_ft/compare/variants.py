@@ -72,8 +72,10 @@ ALL = "all"  # --methods all: every registered method that applies to each recip
 
 def parse_methods(text: str | None) -> list[str] | None:
 
-    if not text:
+    if text is None:
         return None
+    if not text.strip():  # `--methods "$METHODS"` with the variable unset: not "the recipe's own"
+        raise RecipeError("--methods", ["empty; give `all` or methods separated by commas, or leave --methods out for each recipe's own"])
     if text.strip() == ALL:
         return [ALL]
     names = [m.strip() for m in text.split(",")]

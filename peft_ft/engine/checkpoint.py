@@ -122,6 +122,8 @@ def read_state(path: Path, types: dict = _STATE_TYPES) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PeftFtError(f"{path}: unreadable checkpoint ({e}); {DAMAGED}") from None
     problem = _state_problem(state, types)
+    if not problem and types is _STATE_TYPES and Path(path).name != name_of(state["step"]):
+        problem = f"'step' {state['step']} is not the step of its folder {Path(path).name}"
     if problem:
         raise PeftFtError(f"{path}: damaged checkpoint ({STATE}: {problem}); {DAMAGED}")
     return state
@@ -143,6 +145,11 @@ def _state_problem(state, types: dict) -> str | None:
         return f"'best' {state['best']!r} names no checkpoint"
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in state["epoch_losses"]):
         return "'epoch_losses' holds a non-number"
+    result = state["result"]
+    if not isinstance(result.get("steps"), int) or not isinstance(result.get("history"), list):
+        return "'result' lacks an integer 'steps' or a list 'history'"
+    if result["steps"] != state["step"]:
+        return f"'result' counts {result['steps']} steps, the checkpoint {state['step']}"
     return None
 
 

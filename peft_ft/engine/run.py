@@ -125,6 +125,11 @@ def _resume_locked(run_dir: Path, data_dir: str | None, trust_remote_code: bool)
                               f"back, or start the run again")
         raise PeftFtError(f"--resume {run_dir}: no checkpoint in {run_dir / CHECKPOINTS} (the run stopped before its "
                           f"first one: the end of epoch 1, or train.checkpoint_every steps); start it again instead")
+    newest = max((p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.is_dir()), key=lambda p: p.name)
+    if newest != saved[-1]:  # resuming from an older one would silently throw the steps since away
+        missing = [f for f in checkpoint.FILES if not (newest / f).is_file()]
+        raise PeftFtError(f"--resume {run_dir}: the newest checkpoint {newest.name} lacks {', '.join(missing)}; put the "
+                          f"files back, or remove {newest} to resume from {saved[-1].name} (the steps since are lost)")
     state = checkpoint.read_state(saved[-1])["run"]
     # Messages, relative data.dir and the run name refer to the recipe the run was started from.
     recipe = dataclasses.replace(load_recipe(run_dir / RECIPE), source=state.get("recipe_source", str(run_dir / RECIPE)))

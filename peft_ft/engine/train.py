@@ -235,6 +235,9 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
             raise PeftFtError(f"{resume_from}: damaged checkpoint (its 'result' does not fit: {e}); {checkpoint.DAMAGED}") from None
         start_epoch, skip, losses, best_name = state["epoch"], state["batches_done"], state["epoch_losses"], state["best"]
         patience_used = state.get("patience_used", 0)
+        if not (1 <= start_epoch <= t.epochs + 1 and 0 <= skip <= per_epoch):  # an edited state.json
+            raise PeftFtError(f"{resume_from}: damaged checkpoint (epoch {start_epoch}, batches done {skip}: out of this "
+                              f"recipe's {t.epochs} epochs of {per_epoch} steps); {checkpoint.DAMAGED}")
         best_state = checkpoint.load_weights(resume_from.parent / best_name) if best_name else None
         log.info("resumed from %s: epoch %d, step %d", resume_from, start_epoch, result.steps)
     fit_fsdp_wrapping(accelerator, model)

@@ -245,6 +245,8 @@ def _check_output(recipe: Recipe) -> list[str]:
     if name and (name.strip() in (".", "..") or any(c in name for c in "/\\") or not name.isprintable() or name != name.strip()):
         problems.append(f"output.name: {name!r} is not a plain folder name (no / or \\, not . or .., no spaces around "
                         f"it); runs are written to <output.dir>/<output.name>/<timestamp>")
+    if len(name.encode("utf-8")) > 200:  # a folder name past the file system's 255 bytes fails when the run starts
+        problems.append(f"output.name: {len(name.encode('utf-8'))} bytes long; keep it under 200")
     if "output.dir" in recipe.explicit and not recipe.output.dir.strip():
         problems.append('output.dir: empty; name the folder that holds run folders (default "runs")')
     return problems

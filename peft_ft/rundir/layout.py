@@ -56,7 +56,10 @@ def check_output_place(recipe: Recipe) -> None:
     """Before anything loads: run folders can be made under output.dir (the nearest folder that exists above
     them is a folder this user can write), so a typo in output.dir fails at once, and in `validate`."""
     parent = runs_parent(recipe)
-    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    try:
+        existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    except OSError as e:  # a part of the path too long for the file system
+        raise PeftFtError(f"{recipe.source}: output.dir: cannot use {parent} ({e.strerror}); choose a shorter output.dir / output.name") from None
     if existing is None:
         return
     why = f"{existing} is a file" if not existing.is_dir() else \

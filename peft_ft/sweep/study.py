@@ -133,6 +133,8 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
                           f"more machines join with the same --storage)")
     if trials is not None and trials < 1:
         raise PeftFtError("sweep: --trials must be at least 1")
+    if storage is not None and not storage.strip():  # `--storage "$URL"` with URL unset: not the local default
+        raise PeftFtError("--storage is empty; give the database URL, or leave --storage out for study.db in the sweep folder")
     recipe, base, space = load_parts(recipe_path, space_path, list(overrides))
     _check_files(recipe, data_dir)
     sweep_dir = Path(out) if out else Path(recipe.output.dir) / f"sweep-{Path(recipe_path).stem}"
@@ -146,7 +148,7 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
         workers=workers, fingerprint=fingerprint(recipe_path, space_path, list(overrides)),
     )
     if previous:
-        _check_same_study(previous, plan, sweep_dir)
+        _check_same_study(previous, plan, sweep_dir, given_storage=storage is not None)
     if storage:  # a database that cannot be reached is reported before any folder is made
         open_storage(storage).engine.dispose()
     (sweep_dir / TRIALS).mkdir(parents=True, exist_ok=True)
@@ -171,7 +173,7 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
     return sweep_dir
 
 
-def _check_same_study(previous: Plan, plan: Plan, sweep_dir: Path) -> None:
+def _check_same_study(previous: Plan, plan: Plan, sweep_dir: Path, given_storage: bool) -> None:
     """`--resume` goes on with the study it started: the same recipe, space and --set, the same study name in
     the same storage. Another --study, or a sweep on a database resumed without --storage, would otherwise
     start an empty study and report it as this sweep."""
@@ -184,7 +186,8 @@ def _check_same_study(previous: Plan, plan: Plan, sweep_dir: Path) -> None:
     def own_file(url: str) -> bool:  # the default: study.db in the sweep folder, wherever the folder now is
         return url.startswith("sqlite:///") and url.endswith(f"/{STUDY_DB}")
 
-    if previous.storage != plan.storage and not (own_file(previous.storage) and own_file(plan.storage)):
+    moved = not given_storage and own_file(previous.storage)  # a default study resumed without --storage
+    if previous.storage != plan.storage and not moved:
         raise PeftFtError(f"sweep --resume: {sweep_dir}'s study is stored in {previous.storage}, not {plan.storage}; "
                           f"pass the same --storage URL to resume it")
 
