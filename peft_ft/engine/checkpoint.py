@@ -87,7 +87,7 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, met
 def load(path: Path, model, optimizer, scheduler, restore_method=None) -> dict:
     """Restore weights, optimizer, scheduler and RNG states from a checkpoint; returns its state. `restore_method`
     (Method.restore_training_state) puts back the method's own state."""
-    state = read_state(path, _TENSOR_STATE)  # the loop's position: checked in full by `--resume` before
+    state = read_state(path, full=False)  # the loop's position: checked in full by `--resume` before
     if state.get("best") and not (Path(path).parent / state["best"] / WEIGHTS).is_file():
         raise PeftFtError(f"{path}: the best evaluation's checkpoint {state['best']} is missing beside it; put it back, "
                           f"or start a new run")
@@ -115,29 +115,30 @@ _STATE_TYPES = {"step": int, "epoch": int, "batches_done": int, "epoch_losses": 
 _TENSOR_STATE = {k: _STATE_TYPES[k] for k in ("optimizer", "scheduler", "rng")}
 
 
-def read_state(path: Path, types: dict = _STATE_TYPES) -> dict:
-    """state.json, its keys checked against the types the loop reads them as."""
+def read_state(path: Path, full: bool = True) -> dict:
+    """state.json, its keys checked against the types the loop reads them as (`full`: the loop's position too,
+    not only what `load` restores)."""
     try:
         state = json.loads((Path(path) / STATE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PeftFtError(f"{path}: unreadable checkpoint ({e}); {DAMAGED}") from None
-    problem = _state_problem(state, types)
-    if not problem and types is _STATE_TYPES and Path(path).name != name_of(state["step"]):
+    problem = _state_problem(state, full)
+    if not problem and full and Path(path).name != name_of(state["step"]):
         problem = f"'step' {state['step']} is not the step of its folder {Path(path).name}"
     if problem:
         raise PeftFtError(f"{path}: damaged checkpoint ({STATE}: {problem}); {DAMAGED}")
     return state
 
 
-def _state_problem(state, types: dict) -> str | None:
+def _state_problem(state, full: bool) -> str | None:
     if not isinstance(state, dict):
         return "not a JSON object"
-    for key, kind in types.items():
+    for key, kind in (_STATE_TYPES if full else _TENSOR_STATE).items():
         if key not in state:
             return f"no {key!r}"
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
             return f"{key!r} is {type(state[key]).__name__}"
-    if types is not _STATE_TYPES:
+    if not full:
         return None
     if state["step"] < 0 or state["epoch"] < 1 or state["batches_done"] < 0:
         return f"step {state['step']}, epoch {state['epoch']}, batches_done {state['batches_done']} out of range"

@@ -117,19 +117,16 @@ def _resume_locked(run_dir: Path, data_dir: str | None, trust_remote_code: bool)
     if (run_dir / METRICS).is_file():
         raise PeftFtError(f"--resume {run_dir}: this run finished (metrics.json exists); there is nothing to resume")
     saved = checkpoint.listed(run_dir)
+    folders = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.is_dir())
+    if folders and folders[-1] not in saved:  # resuming from an older one would silently throw the steps since away
+        missing = [f for f in checkpoint.FILES if not (folders[-1] / f).is_file()]
+        then = f"remove it to resume from {saved[-1].name} (the steps since are lost)" if saved else \
+            "start the run again (no complete checkpoint)"
+        raise PeftFtError(f"--resume {run_dir}: the newest checkpoint {folders[-1].name} lacks {', '.join(missing)}; put the "
+                          f"files back, or {then}")
     if not saved:
-        partial = sorted(p.name for p in (run_dir / CHECKPOINTS).glob("step-*") if p.is_dir())
-        if partial:
-            raise PeftFtError(f"--resume {run_dir}: no complete checkpoint in {run_dir / CHECKPOINTS}: {', '.join(partial[-3:])} "
-                              f"lack{'s' if len(partial) == 1 else ''} some of {', '.join(checkpoint.FILES)}; put the files "
-                              f"back, or start the run again")
         raise PeftFtError(f"--resume {run_dir}: no checkpoint in {run_dir / CHECKPOINTS} (the run stopped before its "
                           f"first one: the end of epoch 1, or train.checkpoint_every steps); start it again instead")
-    newest = max((p for p in (run_dir / CHECKPOINTS).glob("step-*") if p.is_dir()), key=lambda p: p.name)
-    if newest != saved[-1]:  # resuming from an older one would silently throw the steps since away
-        missing = [f for f in checkpoint.FILES if not (newest / f).is_file()]
-        raise PeftFtError(f"--resume {run_dir}: the newest checkpoint {newest.name} lacks {', '.join(missing)}; put the "
-                          f"files back, or remove {newest} to resume from {saved[-1].name} (the steps since are lost)")
     state = checkpoint.read_state(saved[-1])["run"]
     # Messages, relative data.dir and the run name refer to the recipe the run was started from.
     recipe = dataclasses.replace(load_recipe(run_dir / RECIPE), source=state.get("recipe_source", str(run_dir / RECIPE)))
