@@ -132,8 +132,15 @@ DAMAGE = {
     "missing rng": (lambda f: (f / checkpoint.RNG).unlink(), "no complete checkpoint"),
     "epoch past the recipe": (lambda f: _state(f, epoch=99), "epoch 99, batches done 3: out of this recipe's 2 epochs"),
     "result of text": (lambda f: _state(f, result={"steps": "x", "history": "oops"}), "'result' lacks an integer 'steps'"),
+    "NaN loss kept": (lambda f: _state(f, epoch_losses=[0.5, float("nan")]), "'epoch_losses' holds a non-number, NaN or inf"),
+    "schedule ahead": (lambda f: _scheduler_at(f, 50), "'scheduler' is at step 50, the checkpoint at 3"),
     "newer one incomplete": (lambda f: _newer_without_optimizer(f), "the newest checkpoint step-0000006 lacks optimizer.safetensors"),
 }
+
+
+def _scheduler_at(folder: Path, position: int) -> None:
+    scheduler = json.loads((folder / checkpoint.STATE).read_text())["scheduler"]
+    _state(folder, scheduler={**scheduler, "last_epoch": position})
 
 
 def _newer_without_optimizer(folder: Path) -> None:

@@ -14,6 +14,7 @@ the previous checkpoints as they were and no half-written one that looks complet
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -144,13 +145,18 @@ def _state_problem(state, full: bool) -> str | None:
         return f"step {state['step']}, epoch {state['epoch']}, batches_done {state['batches_done']} out of range"
     if state["best"] is not None and (not state["best"].startswith("step-") or "/" in state["best"] or "\\" in state["best"]):
         return f"'best' {state['best']!r} names no checkpoint"
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in state["epoch_losses"]):
-        return "'epoch_losses' holds a non-number"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in state["epoch_losses"]):
+        return "'epoch_losses' holds a non-number, NaN or inf"  # the loop stops before a non-finite loss is kept
     result = state["result"]
     if not isinstance(result.get("steps"), int) or not isinstance(result.get("history"), list):
         return "'result' lacks an integer 'steps' or a list 'history'"
     if result["steps"] != state["step"]:
         return f"'result' counts {result['steps']} steps, the checkpoint {state['step']}"
+    # the schedule steps once per optimizer step (fewer where fp16 loss scaling skipped one): a position past the
+    # checkpoint's step would resume with another learning rate than the straight run had
+    position = state["scheduler"].get("last_epoch")
+    if not isinstance(position, int) or isinstance(position, bool) or not 0 <= position <= state["step"]:
+        return f"'scheduler' is at step {position!r}, the checkpoint at {state['step']}"
     return None
 
 
