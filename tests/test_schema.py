@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from peft_ft.errors import RecipeError
+from peft_ft.errors import PeftFtError, RecipeError
 from peft_ft.recipe.dump import to_toml
 from peft_ft.recipe.explain import explain
 from peft_ft.recipe.load import load_recipe, parse_override
@@ -119,7 +119,7 @@ def test_explain_lists_every_field_with_type_default_and_help():
             assert f"  {f.name} : " in text
             assert f.metadata["help"] in text
     assert "lr : float = 0.0" in explain("train")
-    with pytest.raises(RecipeError, match="did you mean `train`"):
+    with pytest.raises(PeftFtError, match="did you mean `train`"):
         explain("trian")
 
 
@@ -161,7 +161,15 @@ def test_set_problems_name_what_was_typed_and_values_read_as_the_field_wants(tmp
     recipe = load_recipe(path, ["output.name=2024", "data.test=a.jsonl, b.jsonl", "train.fast_kernels=False", "model.revision=7"])
     assert recipe.output.name == "2024" and recipe.model.revision == "7"  # strings, as the fields want
     assert recipe.data.test == ["a.jsonl", "b.jsonl"] and recipe.train.fast_kernels is False
-    assert load_recipe(path, ["data.test=a.jsonl", "data.test="]).data.test == []  # the empty list clears a list key
+    assert load_recipe(path, ["data.test="]).data.test == []  # the empty list clears a list key
+    quoted = load_recipe(path, ['data.test=a.jsonl,"b c.jsonl", \'d.jsonl\'']).data.test
+    assert quoted == ["a.jsonl", "b c.jsonl", "d.jsonl"]  # quotes around an item are the shell user's, not the name's
+
+
+def test_a_key_set_twice_with_two_values_is_refused_naming_both(tmp_path):
+    problems = problems_of(tmp_path, GOOD, ["train.lr=1e-3", "train.lr=1e-4"])
+    assert "--set train.lr=1e-3 and --set train.lr=1e-4: two values for train.lr; give it once" in problems
+    assert load_recipe(tmp_path / "r.toml", ["train.lr=1e-3", "train.lr=1e-3"]).train.lr == 1e-3  # the same twice is one
 
 
 def test_keys_outside_sections_and_names_from_transformers_point_home(tmp_path):
@@ -195,6 +203,8 @@ def test_values_that_would_misplace_runs_or_classes_are_refused(tmp_path, extra,
 def test_explain_takes_one_key_a_bracketed_section_and_transformers_names():
     assert explain("train.lr").splitlines()[:2] == ["[train]", "  lr : float = 0.0"]
     assert explain("learning_rate") == explain("train.lr")
-    assert explain("[train]") == explain("train")
-    with pytest.raises(RecipeError, match="train.foo: unknown key"):
+    assert explain("[train]") == explain("train") == explain("TRAIN")  # a section in capitals, not data.train
+    with pytest.raises(PeftFtError, match=r"^explain train.foo: unknown key"):
         explain("train.foo")
+    with pytest.raises(PeftFtError, match=r"^explain '  ': give a section"):
+        explain("  ")

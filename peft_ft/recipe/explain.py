@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from peft_ft.errors import RecipeError
+from peft_ft.errors import PeftFtError
 from peft_ft.methods import explain_methods
 from peft_ft.recipe.dump import toml_value
 from peft_ft.recipe.schema import home_of, section_types, type_name, unknown_key
@@ -19,15 +19,20 @@ def explain(section: str | None = None) -> str:
     types = section_types()
     key = None
     if section is not None:
+        asked = section
         section = section.strip().strip("[]").strip()
-        if "." not in section and section not in types and home_of(section):
+        if not section:
+            raise PeftFtError(f"explain {asked!r}: give a section (train), a key (train.lr), or nothing for every field")
+        if section.lower() in types:
+            section = section.lower()  # TRAIN is the section, not data.train's key
+        elif "." not in section and home_of(section):
             section = home_of(section)  # learning_rate -> train.lr
         section, _, key = section.partition(".")
         if section not in types:
-            raise RecipeError("explain", [unknown_key(section, list(types), section, what="section")])
+            raise PeftFtError(f"explain {unknown_key(section, list(types), section, what='section')}")
         fields = [f.name for f in dataclasses.fields(types[section])]
         if key and key not in fields:
-            raise RecipeError("explain", [unknown_key(key, fields, f"{section}.{key}", section=section)])
+            raise PeftFtError(f"explain {unknown_key(key, fields, f'{section}.{key}', section=section)}")
     lines = []
     for name, cls in types.items():
         if section and name != section:

@@ -48,10 +48,16 @@ def override_value(raw: str, value: Any, tp) -> Any:
     if tp is str and not isinstance(value, str):
         return raw
     if typing.get_origin(tp) is list and isinstance(value, str):
-        return [part.strip() for part in value.split(",")] if value else []
+        return [_unquoted(part.strip()) for part in value.split(",")] if value else []
     if tp is bool and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     return value
+
+
+def _unquoted(item: str) -> str:
+    """One item of a comma list as the user meant it: `a.jsonl,"b c.jsonl"` quotes the item with a space (the
+    whole value is no TOML list, so TOML did not take the quotes off)."""
+    return item[1:-1] if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"" else item
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, dict[str, str], list[str]]:
@@ -65,6 +71,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> tuple[dict, dict[str, st
         if len(parts) != 2 or not all(parts):
             home = home_of(key) if len(parts) == 1 else None
             problems.append(f"--set {text}: expected section.key, for example train.lr" + (f" (did you mean `{home}`?)" if home else ""))
+            continue
+        if key in set_by and set_by[key] != text:  # which one wins is no guess to leave to argument order
+            problems.append(f"--set {set_by[key]} and --set {text}: two values for {key}; give it once")
             continue
         name, field_name = parts
         cls = types.get(name)
