@@ -93,6 +93,10 @@ def shown_url(url: str) -> str:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    authority = url.partition("://")[2].partition("/")[0]
+    if authority.count("@") > 1:  # sqlalchemy would take the password's tail for the host, and show it
+        raise PeftFtError("--storage: more than one '@' before the host; write an '@' inside the password as %40 "
+                          "(and ':' as %3A, '/' as %2F)")
     try:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):  # not shown back: a malformed URL may still hold a password
