@@ -226,6 +226,44 @@ def test_resume_continues_a_killed_variant_from_its_checkpoint(tmp_path, tiny_be
     assert read_json(stopped / "metrics.json")["train"]["steps"] == 12  # 2 epochs x 24 rows / 4
 
 
+def test_resume_measures_a_variant_finished_by_hand_rather_than_training_it_again(tmp_path, tiny_bert, monkeypatch):
+    """A stopped variant's message says `peft-ft run --resume RUN_DIR`; a user who did that has a finished run
+    without compare's measurements: `compare --resume` measures it in its folder, no second training."""
+    from helpers import run_killed
+
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    settings = ["train.batch_size=4", "train.checkpoint_every=2"]
+    monkeypatch.setattr(runner, "run_variant", lambda v, f, isolate=True, resume=None: run_killed(f, after=1, cwd=tmp_path).returncode)
+    with pytest.raises(PeftFtError, match="1 run\\(s\\) failed: lora-seed42"):
+        runner.compare([recipe], ["lora"], overrides=settings)
+    out = tmp_path / "runs" / "compare-sent"
+    (stopped,) = (out / "lora-seed42").iterdir()
+    assert main(["run", "--resume", str(stopped)]) == 0
+    trained = (stopped / "metrics.json").read_bytes()
+
+    monkeypatch.setattr(runner, "run_variant", in_process)
+    runner.compare([recipe], ["lora"], overrides=settings, resume=True)
+    assert list((out / "lora-seed42").iterdir()) == [stopped] and finished_run(out, "lora-seed42") == stopped
+    assert (stopped / "metrics.json").read_bytes() == trained  # measured, not trained again
+    measured = read_json(stopped / "compare.json")
+    assert measured["peak_memory_mib"] == read_json(stopped / "metrics.json")["train"]["peak_rss_mib"] > 0
+    assert read_csv(out / "comparison.csv")[0]["n_runs"] == "1"
+
+
+def test_a_variant_refused_before_training_is_not_started_again_for_each_seed(tmp_path, tiny_bert, monkeypatch):
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    started = []
+
+    def refuse_full(variant, recipe_file, isolate=True, resume=None):
+        started.append(variant.run_name)
+        return 2 if variant.method == "full" else in_process(variant, recipe_file)
+
+    monkeypatch.setattr(runner, "run_variant", refuse_full)
+    with pytest.raises(PeftFtError, match="3 run\\(s\\) failed: full-seed42, full-seed43, full-seed44"):
+        runner.compare([recipe], ["full", "lora"], seeds=3)
+    assert started == ["full-seed42", "lora-seed42", "lora-seed43", "lora-seed44"]
+
+
 def test_ctrl_c_in_a_terminal_stops_the_variant_with_a_checkpoint_and_no_traceback(tmp_path, tiny_bert):
     """Ctrl-C reaches the whole foreground process group: compare and its variant's process. The variant stops after
     its step with a checkpoint (compare waits for it), both exit without a traceback, compare with 130."""

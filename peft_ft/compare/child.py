@@ -14,7 +14,7 @@ from peft_ft.engine.device import setup_torch
 from peft_ft.engine.run import resume, run
 from peft_ft.errors import PeftFtError
 from peft_ft.recipe.load import load_recipe
-from peft_ft.rundir.layout import read_metrics, read_recipe
+from peft_ft.rundir.layout import METRICS, read_metrics, read_recipe
 from peft_ft.rundir.load import load_run
 from peft_ft.storage import write_json
 from peft_ft.tasks import TASKS
@@ -60,17 +60,19 @@ def child_main(argv: list[str], shared_process: bool = False) -> int:
 
         if shared_process and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()  # this run's peak, not an earlier one's
-        if args.resume:
+        if args.resume and (Path(args.resume) / METRICS).is_file():
+            run_dir = Path(args.resume)  # trained to its end outside compare (`peft-ft run --resume`): measured only
+        elif args.resume:
             run_dir = resume(args.resume, data_dir=args.data_dir)
         else:
             run_dir = run(load_recipe(args.recipe), data_dir=args.data_dir)
 
-        metrics = read_metrics(run_dir)
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            memory = {"peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1), "memory_kind": "cuda max allocated"}
+        train = read_metrics(run_dir)["train"]
+        if train.get("peak_cuda_mib"):  # torch.cuda.max_memory_allocated over training, measured by the loop
+            memory = {"peak_memory_mib": train["peak_cuda_mib"], "memory_kind": "cuda max allocated"}
         else:  # measured at the end of training, before the test splits and the latency run below
             kind = "peak RSS (shared process: cumulative)" if shared_process else "peak RSS"
-            memory = {"peak_memory_mib": metrics["train"]["peak_rss_mib"], "memory_kind": kind}
+            memory = {"peak_memory_mib": train["peak_rss_mib"], "memory_kind": kind}
         write_json(run_dir / MEASURE_FILE, {**memory, **measure_latency(run_dir, args.data_dir)})
     except PeftFtError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -47,11 +47,13 @@ def check_resumable(compare_dir: Path, variants: list[Variant], resume: bool) ->
     return kept
 
 
-def interrupted_run(compare_dir: Path, variant: Variant) -> Path | None:
-    """The variant's newest run folder that stopped with a checkpoint (Ctrl-C, killed) and was started from the
-    recipe the variant resolves to now: `--resume` continues it rather than training it again from the start."""
+def unfinished_run(compare_dir: Path, variant: Variant) -> Path | None:
+    """The variant's newest run folder that `--resume` completes rather than training the variant again: one that
+    stopped with a checkpoint (Ctrl-C, killed), or one trained to its end outside compare (`peft-ft run --resume`,
+    as its Ctrl-C message says) that lacks compare's measurements. Only one started from the recipe the variant
+    resolves to now."""
     folders = sorted(p for p in (compare_dir / variant.run_name).glob("*") if p.is_dir())
-    if not folders or (folders[-1] / METRICS).is_file() or not checkpoint.listed(folders[-1]):
+    if not folders or not ((folders[-1] / METRICS).is_file() or checkpoint.listed(folders[-1])):
         return None
     recipe = folders[-1] / RECIPE
     if not recipe.is_file() or _recipe_body(recipe.read_text(encoding="utf-8")) != _recipe_body(variant.toml):
@@ -59,6 +61,12 @@ def interrupted_run(compare_dir: Path, variant: Variant) -> Path | None:
                     variant.run_name, folders[-1])
         return None
     return folders[-1]
+
+
+def refused_before_training(compare_dir: Path, variant: Variant, status: int) -> bool:
+    """Exit 2 (a message for the user) with no run folder: the variant's recipe, model or data was refused, and
+    every other seed of it would be refused the same way."""
+    return status == 2 and not any(p.is_dir() for p in (compare_dir / variant.run_name).glob("*"))
 
 
 # After Ctrl-C the child (which got it too) finishes its step and writes a checkpoint: it is given this long
@@ -109,16 +117,22 @@ def compare(recipes: list[str], methods: list[str] | None = None, seeds: int = 1
         log.warning("recipes differ in %s: the comparison is not like for like", key)
     kept = check_resumable(compare_dir, variants, resume)
     (compare_dir / "recipes").mkdir(parents=True, exist_ok=True)
-    failed = []
+    failed, refused = [], set()
     for number, v in enumerate(variants, 1):
         if v.run_name in kept:
             log.info("[%d/%d] %s: finished in %s, skipped", number, len(variants), v.run_name, kept[v.run_name])
             continue
+        if v.label in refused:
+            log.error("[%d/%d] %s: not started (an earlier seed of %s was refused before training)",
+                      number, len(variants), v.run_name, v.label)
+            failed.append(v.run_name)
+            continue
         recipe_file = compare_dir / "recipes" / f"{v.run_name}.toml"
         write_atomic(recipe_file, v.toml)
-        stopped = interrupted_run(compare_dir, v) if resume else None
-        log.info("[%d/%d] %s: %s (lr %g)", number, len(variants), v.run_name,
-                 f"resuming {stopped} from its checkpoint" if stopped else "training", v.lr)
+        stopped = unfinished_run(compare_dir, v) if resume else None
+        doing = "training" if not stopped else f"measuring {stopped} (trained outside compare)" \
+            if (stopped / METRICS).is_file() else f"resuming {stopped} from its checkpoint"
+        log.info("[%d/%d] %s: %s (lr %g)", number, len(variants), v.run_name, doing, v.lr)
         try:
             status = run_variant(v, recipe_file, isolate, resume=stopped)
         except KeyboardInterrupt:
@@ -128,6 +142,8 @@ def compare(recipes: list[str], methods: list[str] | None = None, seeds: int = 1
         if status != 0 or finished_run(compare_dir, v.run_name) is None:
             log.error("%s failed (exit status %d); see its train.log under %s", v.run_name, status, compare_dir / v.run_name)
             failed.append(v.run_name)
+            if refused_before_training(compare_dir, v, status):
+                refused.add(v.label)
     rows = write_comparison(compare_dir, variants)
     print_table(rows)
     if failed:
