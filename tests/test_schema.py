@@ -186,6 +186,7 @@ def test_keys_outside_sections_and_names_from_transformers_point_home(tmp_path):
     ("[output]\nname = 'x\\\\y'", "is not a plain folder name"),
     ("[output]\ndir = ''", "output.dir: empty"),
     ("[train]\nthreads = 5000", "train.threads: must be at most 1024"),
+    ("[train]\nlr = 3e4", "train.lr: must be at most 10.0, got 30000.0"),  # 3e4 typed for 3e-4
     ("[output]\nname = '" + "x" * 300 + "'", "output.name: 300 bytes long"),
 ])
 def test_values_that_would_misplace_runs_or_classes_are_refused(tmp_path, extra, expected):

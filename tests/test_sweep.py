@@ -341,6 +341,7 @@ def test_a_sweep_where_no_trial_finishes_says_so(tmp_path, recipe, capsys):
     ("[train]\nlr = {low = 1e-2, high = 1e-3}\n", "low (0.01) must be below high (0.001)"),
     ("[train]\nlr = {low = 0.0, high = 1e-3, log = true}\n", "a log range needs low above 0"),
     ("[train]\nlr = {low = 1e-3, hi = 1e-2}\n", "train.lr.hi: unknown range key"),
+    ("[train]\nlr = {low = 1e-4, high = 1e10, log = true}\n", "train.lr.high: must be at most 10.0, got 10000000000.0"),
     ("[train]\nwarmup = [0.5, 1.5]\n", "train.warmup[1]: must be below 1.0, got 1.5"),
     ("[adapter]\nmethod = {low = 1, high = 2}\n", "adapter.method: a range needs a number field"),
     ("[adapter]\nmethod = [\"lora\", \"loar\"]\n", "adapter.method = 'loar' makes the recipe invalid: adapter.method: unknown value 'loar'"),

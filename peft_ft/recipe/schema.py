@@ -203,7 +203,9 @@ class AdapterSection:
 class TrainSection:
     epochs: int = opt(3, "Passes over the training data.", min=1)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = no cap); for quick runs.", min=0)
-    lr: float = opt(0.0, "Peak learning rate; 0 = the method's default (`peft-ft explain adapter` lists them with the reason).", min=0.0)
+    # at most 10: prompt tuning's large rates (0.3) fit; 3e4 typed for 3e-4 would diverge at the first steps
+    lr: float = opt(0.0, "Peak learning rate; 0 = the method's default (`peft-ft explain adapter` lists them with the reason).",
+                    min=0.0, max=10.0)
     batch_size: int = opt(32, "Rows per batch.", min=1)
     group_by_length: bool = opt(True, "Batch rows of similar length together (less padding, same rows per epoch).")
     warmup: float = opt(0.06, "Fraction of the steps spent warming the learning rate up linearly.", min=0.0, below=1.0)
