@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import TEXTS, train_ner, train_sentiment
-from peft_ft.errors import PeftFtError
+from peft_ft.errors import DataError, PeftFtError
 from peft_ft.recipe.load import build_recipe
 from peft_ft.rundir.load import label_kwargs
 from peft_ft.tasks import TASKS
@@ -112,6 +112,36 @@ def test_question_answerer_returns_a_span_of_the_context(tiny_bert):
         assert a["answer"] and a["answer"] == context[a["start"]:a["end"]] and 0 < a["score"] <= 1
         assert len(a["answer"].split()) <= recipe.task.max_answer_length
     assert TASKS["qa"].answers.to_answer(answers[0])["answer"] == answers[0]["answer"]
+
+
+def test_a_request_question_too_long_for_the_windows_names_its_row_and_what_to_shorten(tiny_bert):
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    model = AutoModelForQuestionAnswering.from_pretrained(tiny_bert).eval()
+    recipe = build_recipe({"model": {"max_length": 14}, "task": {"type": "qa", "doc_stride": 3}, "data": {"train": "t.json"}}, "test.toml")
+    qa = QuestionAnswerer(model, AutoTokenizer.from_pretrained(tiny_bert), recipe)
+    to_input = TASKS["qa"].answers.to_input
+    rows = [to_input({"question": q, "context": "john lives in paris ."}, recipe, f"in.jsonl: line {n}")
+            for n, q in ((1, "where ?"), (4, "where does john live and work and sleep ?"))]
+    with pytest.raises(DataError, match=r"^in\.jsonl: line 4: the question is \d+ tokens; .* room for 7: shorten the question"):
+        qa(rows, batch_size=2)
+
+
+def test_seq2seq_requests_are_text_and_say_when_the_encoder_cut_them(tmp_path):
+    from transformers import AutoTokenizer
+
+    from helpers import write_tiny_t5
+
+    tokenizer = AutoTokenizer.from_pretrained(write_tiny_t5(tmp_path / "t5"))
+    recipe = build_recipe({"model": {"max_length": 16}, "task": {"type": "seq2seq"}, "data": {"train": "t.json"}}, "test.toml")
+    answers = TASKS["seq2seq"].answers
+    for row, message in (({"question": 5, "context": None}, "row 1: field 'question' is int"),
+                         ({"text": 5}, "row 1: field 'text' is int"), ({"text": "a\ud800b"}, "lone UTF-16 surrogate"),
+                         ({"question": "who ?"}, r"names \{context\}, which the data lacks")):
+        with pytest.raises(DataError, match=message):
+            answers.to_input(row, recipe, "row 1")
+    short, long = "where is john ?", " ".join(["paris"] * 40)
+    assert [answers.truncated(tokenizer, answers.to_input({"text": t}, recipe, "row 1"), 16) for t in (short, long)] == [False, True]
 
 
 def test_generator_generates_with_the_run_settings(tmp_path):

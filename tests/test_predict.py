@@ -121,6 +121,44 @@ def test_input_formats_and_where_each_row_came_from(tmp_path):
         read_inputs(str(tmp_path / "missing.jsonl"))
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("stray.csv", 'text,id\n"Hello," he said,1\nok,2\n', r"stray\.csv: line 2: a quoted field has text after its closing quote"),
+    ("unclosed.csv", 'a,b,id\nx,"y,r1\nc,d,r2\n', r"unclosed\.csv: lines 2-3: 2 field\(s\) where the header has 3; a quote opened"),
+    ("extra.csv", "a,b\nx,y,z\n", r"extra\.csv: line 2: more fields than the header's 2"),
+    ("twice.csv", "text,text\na,b\n", r"twice\.csv: line 1: the header names column\(s\) 'text' more than once"),
+    ("quotes.tsv", 'text\tid\n"quoted\t3\nberlin\t4\n', r"quotes\.tsv: .*a quote opened"),
+    ("dup.jsonl", '{"text": "a", "text": "b"}\n', r"dup\.jsonl: line 1: the key 'text' appears twice in one object"),
+    ("nan.jsonl", '{"text": "a", "id": NaN}\n', r"nan\.jsonl: line 1: NaN is not a JSON value"),
+    ("empty.jsonl", "\n  \n", r"empty\.jsonl: no rows to answer"),
+])
+def test_input_rows_that_would_be_lost_or_changed_are_refused_naming_the_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        read_inputs(str(path))
+
+
+def test_inputs_split_at_newlines_only_and_stdin_is_read_as_files_are(tmp_path, monkeypatch):
+    texts = ["john lives\u2028in paris", "mary\x0cworks", "a\x85b"]
+    jsonl = write_jsonl(tmp_path / "u.jsonl", [{"text": t} for t in texts])  # json.dumps escapes them: write them raw
+    jsonl.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in texts), encoding="utf-8")
+    assert read_inputs(str(jsonl))[0] == [{"text": t} for t in texts]
+    lines = tmp_path / "u.txt"
+    lines.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    assert read_inputs(str(lines))[0] == [{"text": t} for t in texts]
+    big = tmp_path / "big.csv"
+    big.write_text('text\n"' + "john lives in paris . " * 7000 + '"\nmary\n', encoding="utf-8")
+    assert len(read_inputs(str(big))[0]) == 2  # a field over csv's default 128 KiB limit
+    # stdin with Excel's byte-order mark and CRLF: still JSON rows, and no mark inside the first word
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO('\ufeff{"text": "john lives"}\r\n{"text": "mary"}\r\n'.encode())))
+    assert read_inputs("-") == ([{"text": "john lives"}, {"text": "mary"}], ["<stdin>: line 1", "<stdin>: line 2"])
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"good\nbad \xff film\n")))
+    with pytest.raises(DataError, match=r"<stdin>: line 2: not UTF-8"):
+        read_inputs("-")
+    with pytest.raises(DataError, match="not a file"):
+        read_inputs(str(tmp_path))
+
+
 def test_routing_errors_name_the_row_and_the_choices():
     rows, where = [{"text": "a", "m": "x"}, {"text": "b", "m": "z"}], ["in.jsonl: line 1", "in.jsonl: line 2"]
     with pytest.raises(DataError, match=r"in\.jsonl: line 2: field 'm' is 'z'; expected one of the adapters: x, y"):

@@ -110,8 +110,9 @@ def test_each_adapter_answers_with_its_own_labels_single_text_and_batch(server, 
         assert [{k: p[k] for k in ("label", "score")} for p in answer["predictions"]] == expected[name]
     status, answer = call(f"{server}/predict/flip", json.dumps({"text": TEXTS[0]}).encode(), headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert status == 200 and [p["label"] for p in answer["predictions"]] == [expected["flip"][0]["label"]]  # `curl -d` works
-    status, answer = call(f"{server}/predict/flip", json.dumps({"inputs": [{"text": TEXTS[0]}, TEXTS[1]]}).encode())
+    status, answer = call(f"{server}/predict/flip", json.dumps({"inputs": [{"text": TEXTS[0], "id": "r1"}, TEXTS[1]]}).encode())
     assert status == 200 and [p["label"] for p in answer["predictions"]] == [e["label"] for e in expected["flip"][:2]]
+    assert answer["predictions"][0]["id"] == "r1" and "id" not in answer["predictions"][1]  # a row's id comes back
 
 
 def test_docs_openapi_head_and_options(server):
@@ -166,7 +167,9 @@ def test_bad_bodies_get_400_or_422_never_500(server):
                                   (b'{"rows": ["good"]}', 422, "rows: Extra inputs"), (b'{"texts": "good"}', 422, "texts"),
                                   (b'{"text": "a", "texts": ["b"]}', 422, "exactly one"), (b"[1]", 422, ""), (b"\xff\xfe", 400, "not valid JSON"),
                                   (b'{"inputs": [{"sentence": "good"}]}', 400, "inputs[0]: expected a text field 'text'"),
-                                  (b'{"texts": [[[["deep"]]]]}', 422, "texts.0")]:
+                                  (b'{"texts": [[[["deep"]]]]}', 422, "texts.0"),
+                                  (b'{"text": "a", "text": "b"}', 400, "body: the key 'text' appears twice in one object"),
+                                  (b'{"inputs": [{"text": "a", "id": NaN}]}', 400, "body: NaN is not a JSON value")]:
         got, error = call(f"{server}/predict/pos", body)
         assert got == status and message in error["error"], (body[:40], got, error)
     assert call(f"{server}/predict/pos", b'{"texts": ["good"]}')[0] == 200

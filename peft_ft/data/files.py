@@ -132,12 +132,35 @@ def unicode_text(text: str, where: str) -> str:
     return text
 
 
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """A JSON object whose keys are unique: with a key twice, json.loads keeps the last value and drops the
+    first without a word."""
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise ValueError(f"the key {twice!r} appears twice in one object; keep one")
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    """NaN and Infinity are no JSON (Python's json reads them, then writes them back as invalid JSON)."""
+    raise ValueError(f"{name} is not a JSON value; write null or a number")
+
+
+def strict_json(text: str | bytes):
+    """json.loads, refusing (ValueError, in words) what it would take silently: a key twice in one object, NaN
+    and Infinity."""
+    return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
 def json_record(line: str, where: str) -> dict:
     """One JSONL line as a record; `where` names the file and line in the error."""
     try:
-        row = json.loads(line)
+        row = strict_json(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    except ValueError as e:  # from the hooks: the problem in words
+        raise DataError(f"{where}: {e}") from None
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
     return row
@@ -160,7 +183,7 @@ def read_table(path: Path, fmt: str = "auto") -> list[dict]:
         return _read_delimited(path, text, "," if fmt == "csv" else "\t")
     if fmt == "jsonl":
         rows = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(lines_of(text), 1):
             if line.strip():
                 rows.append(json_record(line, f"{path}: line {number}"))
         return rows
@@ -178,19 +201,31 @@ def read_table(path: Path, fmt: str = "auto") -> list[dict]:
     raise DataError(f"{path}: unknown data.format {fmt!r}; use one of {', '.join(FORMATS_BY_SUFFIX.values())}")
 
 
+def lines_of(text: str) -> list[str]:
+    """A file's lines, split at "\n" (a "\r" before it dropped) only: `str.splitlines` also splits at U+2028,
+    U+0085, form feeds and other characters that JSON strings and texts may hold as they are."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def _read_delimited(path: Path, text: str, delimiter: str) -> list[dict]:
-    """CSV/TSV rows as dicts. Every row must have the header's fields: a short row is refused, not read as
-    unlabelled, because an unclosed quote makes one (it runs on to the next quote and swallows the lines between)."""
+    return [row for _, row in read_delimited(str(path), text, delimiter)]
+
+
+def read_delimited(source: str, text: str, delimiter: str) -> list[tuple[int, dict]]:
+    """CSV/TSV rows as (first line, dict). Every row must have the header's fields: a short row is refused, not read
+    as unlabelled, because an unclosed quote makes one (it runs on to the next quote and swallows the lines between).
+    A quoted field with text after its closing quote is refused too: the default reader drops the quotes silently."""
     import csv
     import io
 
     # The whole file is in memory already; csv's default 128 KiB field limit would refuse one long text.
     csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    _refuse_stray_quotes(source, text, delimiter)
     reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
     header = reader.fieldnames or []
     twice = sorted({name for name in header if header.count(name) > 1})
     if twice:
-        raise DataError(f"{path}: line 1: the header names column(s) {', '.join(map(repr, twice))} more than once; "
+        raise DataError(f"{source}: line 1: the header names column(s) {', '.join(map(repr, twice))} more than once; "
                         f"give every column its own name")
     rows, last = [], reader.line_num
     for row in reader:
@@ -201,23 +236,41 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> list[dict]:
         first, last = max(last + 1, reader.line_num - breaks), reader.line_num
         lines = f"line {first}" if first == last else f"lines {first}-{last}"
         if None in row:  # more fields than the header has
-            raise DataError(f"{path}: {lines}: more fields than the header's {len(header)}")
+            raise DataError(f"{source}: {lines}: more fields than the header's {len(header)}; quote a field that holds "
+                            f"the {'comma' if delimiter == ',' else 'tab'}")
         if None in row.values():
             if not any(v.strip() for v in values):
                 continue  # a line of spaces: as blank as an empty line
             quote = (f"; a quote opened there is not closed, so the field ran on over {last - first + 1} lines: close it, "
                      f"or double a quote inside a field (\"\")" if last > first else "")
-            raise DataError(f"{path}: {lines}: {len(values)} field(s) where the header has {len(header)}{quote}")
-        rows.append(row)
+            raise DataError(f"{source}: {lines}: {len(values)} field(s) where the header has {len(header)}{quote}")
+        rows.append((first, row))
     if rows and last > first and _ends_inside_quotes(text, delimiter):
-        raise DataError(f"{path}: {lines}: a quote opened on line {first} is never closed, so every line "
+        raise DataError(f"{source}: {lines}: a quote opened on line {first} is never closed, so every line "
                         f"after it was read into one field; close it, or double a quote inside a field (\"\")")
     return rows
 
 
+def _refuse_stray_quotes(source: str, text: str, delimiter: str) -> None:
+    """`"Hello," he said` reads as `Hello, he said`: a quoted field with text after its closing quote. A strict
+    reader says where (its other complaint, a quote never closed, is named with the row it swallowed)."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True)
+    try:
+        for _ in reader:
+            pass
+    except csv.Error as e:
+        if "expected after" in str(e):
+            raise DataError(f"{source}: line {reader.line_num}: a quoted field has text after its closing quote (as in "
+                            f"\"Hello,\" he said); quote the whole field and double the quotes inside it "
+                            f"(\"\"\"Hello,\"\" he said\"), or leave the field unquoted") from None
+
+
 def _ends_inside_quotes(text: str, delimiter: str) -> bool:
     """Whether the file ends inside a quoted field. Only a strict reader says so; the default reader quietly
-    takes the rest of the file as the field (and strict mode would also refuse files we read today)."""
+    takes the rest of the file as the field."""
     import csv
     import io
 

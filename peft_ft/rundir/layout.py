@@ -263,6 +263,9 @@ def read_metrics(run_dir: Path) -> dict:
 
 def read_recipe(run_dir: Path) -> Recipe:
     """The run's own recipe.toml, validated like any recipe."""
+    if not (Path(run_dir) / RECIPE).is_file():  # the recipe loader's advice (give a recipe's path) does not fit here
+        raise PeftFtError(f"{run_dir}: this run folder lacks its {RECIPE} (the task settings are read from it); copy "
+                          f"the whole folder again")
     return load_recipe(Path(run_dir) / RECIPE)
 
 

@@ -28,6 +28,7 @@ from fastapi.security import HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from peft_ft.data.files import strict_json
 from peft_ft.errors import PeftFtError
 from peft_ft.serving import schemas
 from peft_ft.serving.library import LibraryError
@@ -131,6 +132,9 @@ class Guard:
                 return await _answer(send, 413, f"body over this server's limit of {self.max_body} bytes (--max-body-bytes): split the request", close=True)
             if body is None:  # the client went away
                 return
+            problem = _json_problem(body)
+            if problem:
+                return await _answer(send, 400, problem)
             receive = _replay(body, receive)
             # Every body here is JSON: `curl -d` sends a form content type, and FastAPI would then not parse it.
             scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"] + [(b"content-type", b"application/json")]}
@@ -170,6 +174,18 @@ class Guard:
             if int(headers["content-length"]) > self.max_body:  # the HTTP parser let only digits through
                 return 413, f"body of {int(headers['content-length'])} bytes is over this server's limit of {self.max_body} bytes (--max-body-bytes): split the request"
         return None
+
+
+def _json_problem(body: bytes) -> str | None:
+    """What the JSON parser behind FastAPI would take silently: a key twice in one object (the last wins), NaN or
+    Infinity (answered back as invalid JSON). Bodies that are no JSON at all are FastAPI's to describe."""
+    try:
+        strict_json(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    except ValueError as e:
+        return f"body: {e}"
+    return None
 
 
 class _TooLarge(Exception):
@@ -386,6 +402,8 @@ def create_app(library, scheduler, metrics: Metrics, *, max_texts: int, max_toke
                 raise DeadlineExceeded() from None
         finally:
             library.done(name)
+        # a row's `id` is copied to its answer, as `predict` does: a client matching answers to its own records
+        results = [{**({"id": row["id"]} if "id" in row else {}), **answer} for row, answer in zip(rows, results)]
         return len(rows), {"adapter": name, "predictions": results}
 
     return app

@@ -11,10 +11,8 @@ complete models: each is a group of its own.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import io
 import json
 import os
 import re
@@ -25,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft_ft.data.files import TaskData, json_record, read_text
+from peft_ft.data.files import TaskData, json_record, lines_of, read_delimited, read_text
 from peft_ft.errors import DataError, PeftFtError
 from peft_ft.models.loading import quiet_transformers
 from peft_ft.recipe.schema import Recipe
@@ -306,21 +304,37 @@ def read_inputs(path: str, fmt: str = "auto") -> tuple[list[dict], list[str]]:
     """Rows (dicts) and where each came from (`file: line N`). A text line becomes {"text": line}."""
     name = "<stdin>" if path == "-" else path
     if path == "-":
-        text = sys.stdin.read()
-    elif not Path(path).is_file():
+        text = _stdin_text()
+    elif not Path(path).exists():
         raise DataError(f"{path}: input file not found")
+    elif not Path(path).is_file():
+        raise DataError(f"{path}: not a file (a folder or a device); give a JSONL, CSV, TSV or text file, or - for stdin")
     else:
         text = read_text(Path(path))
     fmt = _input_format(path, fmt, text)
-    lines = text.splitlines()
     if fmt == "text":
-        numbered = [(n, {"text": line}) for n, line in enumerate(lines, 1) if line.strip()]
+        numbered = [(n, {"text": line}) for n, line in enumerate(lines_of(text), 1) if line.strip()]
     elif fmt == "jsonl":
-        numbered = [(n, json_record(line, f"{name}: line {n}")) for n, line in enumerate(lines, 1) if line.strip()]
+        numbered = [(n, json_record(line, f"{name}: line {n}")) for n, line in enumerate(lines_of(text), 1) if line.strip()]
     else:
-        reader = csv.DictReader(io.StringIO(text), delimiter="," if fmt == "csv" else "\t")
-        numbered = [(reader.line_num, row) for row in reader]
+        numbered = read_delimited(name, text, "," if fmt == "csv" else "\t")
+    if not numbered:
+        raise DataError(f"{name}: no rows to answer (the input is empty or blank)")
     return [r for _, r in numbered], [f"{name}: line {n}" for n, _ in numbered]
+
+
+def _stdin_text() -> str:
+    """Standard input as UTF-8 (a byte-order mark dropped, as for files), read as bytes: the text layer would
+    turn bytes that are not UTF-8 into lone surrogates under some locales, or fail in its own words."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream with no bytes under it (a program embedding peft-ft, a test)
+        return sys.stdin.read().removeprefix("\ufeff")
+    data = stream.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"<stdin>: line {line}: not UTF-8 ({e.reason}); send UTF-8 text") from None
 
 
 def _input_format(path: str, fmt: str, text: str) -> str:
@@ -330,7 +344,7 @@ def _input_format(path: str, fmt: str, text: str) -> str:
     if suffix in (".jsonl", ".csv", ".tsv"):
         return suffix[1:]
     # stdin or another extension: JSON objects if the first line is one, else text lines
-    first = next((line for line in text.splitlines() if line.strip()), "")
+    first = next((line for line in lines_of(text) if line.strip()), "")
     return "jsonl" if first.lstrip().startswith("{") else "text"
 
 
@@ -366,7 +380,13 @@ def predict_rows(adapters: AdapterSet, rows: list[dict], where: list[str], route
 
 
 def check_writable(path: Path) -> None:
-    """--output must be a file (new or replaced) in an existing folder this process may write into."""
+    """--output must be a file (new or replaced) in an existing folder this process may write into, or a device or
+    pipe it may write to (/dev/stdout). A symbolic link is judged by what it leads to: it is written through."""
+    path = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if path.exists() and not path.is_file() and not path.is_dir():
+        if not os.access(path, os.W_OK):
+            raise PeftFtError(f"--output {path}: cannot write there (not writable); choose a path you can write")
+        return
     folder = path.parent if str(path.parent) else Path(".")
     why = ("it is a folder" if path.is_dir() else "its folder does not exist" if not folder.is_dir()
            else "its folder is on a read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY

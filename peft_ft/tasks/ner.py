@@ -287,6 +287,9 @@ def _words_input(row: dict, recipe: Recipe, where: str) -> Words:
             raise DataError(f"{where}: field {field!r} holds {type(odd[0]).__name__} {str(odd[0])[:40]!r}; expected a list of words (strings)")
         # offsets refer to the tokens joined by spaces
         return Words.of_tokens([unicode_text(t, f"{where}: field {field!r}") for t in tokens])
+    if "text" not in row and field in row and recipe.data.text_column not in row:
+        raise DataError(f"{where}: field {field!r} is {type(row[field]).__name__} {str(row[field])[:40]!r}; expected a list "
+                        f"of words (strings), or send the text in 'text'")
     return Words.of_text(request_text(row, ["text", recipe.data.text_column], where))
 
 

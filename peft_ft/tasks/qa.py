@@ -245,6 +245,7 @@ class QuestionAnswerer(FamilyAnswerer):
     def __call__(self, inputs: dict | list[dict], batch_size: int = 32) -> dict | list[dict]:
         rows = [inputs] if isinstance(inputs, dict) else inputs
         examples = [{"id": str(i), "question": r["question"], "context": r["context"]} for i, r in enumerate(rows)]
+        refuse_long_request_questions(rows, self.tokenizer, self.recipe)
         features, outputs = self.run_examples(examples, batch_size)
         t = self.recipe.task
         candidates: list[list] = [[] for _ in rows]
@@ -261,8 +262,22 @@ class QuestionAnswerer(FamilyAnswerer):
         return answers[0] if isinstance(inputs, dict) else answers
 
 
+def refuse_long_request_questions(rows: list[dict], tokenizer, recipe: Recipe) -> None:
+    """A request's question too long for this adapter's windows, named by its row (`where`, from `_qa_input`; else
+    its place in the call) with what the asker can change: the question, not the run's recipe."""
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    room = recipe.model.max_length - specials - recipe.task.doc_stride
+    lengths = [len(ids) for ids in tokenizer([r["question"].lstrip() for r in rows], add_special_tokens=False)["input_ids"]]
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        if n >= room:
+            raise DataError(f"{row.get('where') or f'input {i + 1}'}: the question is {n} tokens; this adapter's windows "
+                            f"({recipe.model.max_length} tokens, more than {recipe.task.doc_stride} of them context) leave "
+                            f"room for {room - 1}: shorten the question")
+
+
 def _qa_input(row: dict, recipe: Recipe, where: str) -> dict:
-    return {"question": request_text(row, ["question"], where), "context": request_text(row, ["context"], where)}
+    return {"question": request_text(row, ["question"], where), "context": request_text(row, ["context"], where),
+            "where": where}  # names the row if its question is too long for the windows
 
 
 def _cost(tokenizer, recipe: Recipe, item: dict) -> int:

@@ -125,12 +125,15 @@ class Generator(FamilyAnswerer):
 
 def _seq2seq_input(row: dict, recipe: Recipe, where: str) -> str:
     """The row's `text` as it is, else built as in training: the run's `task.input_template` filled
-    from the row's fields (SQuAD-style runs, or a changed template), or its `data.text_column`."""
-    if isinstance(row.get("text"), str):
-        return row["text"]
+    from the row's fields (SQuAD-style runs, or a changed template), or its `data.text_column`. Every field
+    read must hold text: a number or null would be rendered into the prompt as "5" or "None"."""
+    if "text" in row:
+        return request_text(row, ["text"], where)
     if recipe.data.target_column and not uses_template(recipe):
         return request_text(row, [recipe.data.text_column], where)
-    return render(recipe.task.input_template, row, where)
+    template = recipe.task.input_template
+    named = [n for n in dict.fromkeys(template_fields(template)) if n in row]
+    return render(template, {**row, **{n: request_text(row, [n], where) for n in named}}, where)
 
 
 def _cost(tokenizer, recipe: Recipe, item: str) -> int:
@@ -138,7 +141,13 @@ def _cost(tokenizer, recipe: Recipe, item: str) -> int:
     return min(token_count(tokenizer, item), recipe.model.max_length) + recipe.eval.max_new_tokens
 
 
-ANSWERS = Answers(build=Generator, to_input=_seq2seq_input, to_answer=lambda o: {"generated_text": o[0]["generated_text"]}, cost=_cost)
+def _truncated(tokenizer, item: str, max_length: int) -> bool:
+    """Whether the encoder reads only the start of the input (encoding cuts it to model.max_length)."""
+    return token_count(tokenizer, item) > max_length
+
+
+ANSWERS = Answers(build=Generator, to_input=_seq2seq_input, to_answer=lambda o: {"generated_text": o[0]["generated_text"]},
+                  cost=_cost, truncated=_truncated)
 
 
 CARD = Card(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from peft_ft.data.files import read_text, unicode_text
+from peft_ft.data.files import lines_of, read_text, unicode_text
 from peft_ft.errors import DataError
 
 DOCSTART = "-DOCSTART-"
@@ -35,7 +35,7 @@ def read_conll(path: Path | str, *, token_column: int = 0, tag_column: int = -1,
     sentences: list[dict] = []
     current: dict | None = None
     width = None
-    for number, line in enumerate(read_text(Path(path)).splitlines(), 1):
+    for number, line in enumerate(lines_of(read_text(Path(path))), 1):
         if comment_prefix and line.lstrip().startswith(comment_prefix):
             continue
         columns = _columns(line, separator) if line.strip() else []
@@ -112,7 +112,7 @@ def read_tagged_rows(rows: list[tuple[int, dict]], where: str, *, tokens_field: 
 def read_jsonl(path: Path | str, **fields) -> tuple[list[dict], int]:
     """Sentences of a JSONL file, one record per line (see `read_tagged_rows`); blank lines are skipped."""
     rows = []
-    for number, line in enumerate(read_text(Path(path)).splitlines(), 1):
+    for number, line in enumerate(lines_of(read_text(Path(path))), 1):
         if line.strip():
             try:
                 rows.append((number, json.loads(line)))
