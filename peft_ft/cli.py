@@ -9,6 +9,7 @@ import sys
 
 from peft_ft.engine.distributed import is_main, world
 from peft_ft.errors import PeftFtError
+from peft_ft.storage import machine_problem
 from peft_ft.version import __version__
 
 
@@ -333,3 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         # /dev/null so that Python's flush at exit does not raise a second time (Python's documented recipe).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:  # the machine's problem (disk full, read-only, a folder gone) met outside our own checks
+        problem = machine_problem(e)
+        if problem is None or args.debug:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        return 2

@@ -16,11 +16,36 @@ from peft_ft.errors import PeftFtError
 
 
 def disk_full(error: BaseException) -> bool:
-    """ENOSPC (or a quota) as Python raises it, or as safetensors' Rust writer reports it (SafetensorError)."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    """ENOSPC (or a quota, or the file size limit) as Python raises it, or as safetensors' Rust writer reports it
+    (SafetensorError)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # EFBIG: ulimit -f
         return True
     text = str(error)
-    return "No space left on device" in text or "code: 28" in text or "StorageFull" in text
+    return any(sign in text for sign in ("No space left on device", "code: 28", "StorageFull", "File too large", "code: 27"))
+
+
+# errno values that say something about the machine rather than a bug in peft-ft, with what the user can do
+_MACHINE_ADVICE = {
+    errno.ENOSPC: "free some space and run again", errno.EDQUOT: "free some space (the disk quota) and run again",
+    errno.EFBIG: "lift the file size limit (ulimit -f) and run again",
+    errno.EROFS: "the file system is read-only: choose a folder you can write",
+    errno.EACCES: "choose a folder you can write, or fix its permissions", errno.EPERM: "fix its permissions, or choose another folder",
+    errno.ENAMETOOLONG: "choose a shorter path", errno.ELOOP: "a symbolic link in the path leads back to itself: fix it",
+    errno.ENOENT: "a folder in the path is missing: was it moved or deleted while the command ran?",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: give a folder path",
+    errno.EIO: "the disk reported an input/output error: check it",
+}
+
+
+def machine_problem(error: BaseException) -> str | None:
+    """A message for an error of the machine (a full disk, a read-only or vanished folder) met outside the checks
+    that name it themselves; None for anything else, which stays a bug with its traceback."""
+    if disk_full(error) and not isinstance(error, OSError):  # safetensors' Rust writer
+        return f"the disk is full while writing ({str(error).splitlines()[0]}); free some space and run again"
+    if not isinstance(error, OSError) or error.errno not in _MACHINE_ADVICE:
+        return None
+    where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
+    return f"{where + ': ' if where else ''}{error.strerror}; {_MACHINE_ADVICE[error.errno]}"
 
 
 def no_space(folder: Path, needed: int, what: str) -> PeftFtError:
@@ -75,14 +100,25 @@ def honour_umask_tree(folder: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash leaves the old file or the new one."""
+    """Write to a temporary file beside `path`, then rename: a crash leaves the old file or the new one. A symbolic
+    link is written through (its target replaced, the link kept), an existing file keeps its permissions, and a
+    device or pipe (`--output /dev/stdout`) is written to as it is: renaming over it would replace it with a file."""
     data = text.encode("utf-8")
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        with open(path, "wb") as f:
+            f.write(data)
+        return
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else None
     with space_for(path.parent, len(data), path.name):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            honour_umask(Path(tmp))
+            if mode is None:
+                honour_umask(Path(tmp))
+            else:
+                os.chmod(tmp, mode)  # a private (0600) file stays private
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

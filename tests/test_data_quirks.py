@@ -137,6 +137,31 @@ def test_written_files_and_folders_honour_the_umask(tmp_path, mask):
     assert stat.S_IMODE((saved / checkpoint.STATE).stat().st_mode) == 0o666 & ~mask
 
 
+def test_an_atomic_write_goes_through_links_keeps_a_files_mode_and_writes_to_devices(tmp_path):
+    """`predict --output` names what the user has: a link to a file, a private file, a device. Renaming a new file
+    over the path replaced the link, the device node (as root, /dev/null itself) and the file's permissions."""
+    from peft_ft.storage import write_atomic
+
+    (tmp_path / "target.jsonl").write_text("old")
+    (tmp_path / "link.jsonl").symlink_to("target.jsonl")
+    write_atomic(tmp_path / "link.jsonl", "new\n")
+    assert (tmp_path / "link.jsonl").is_symlink() and (tmp_path / "target.jsonl").read_text() == "new\n"
+    private = tmp_path / "private.jsonl"
+    private.write_text("old")
+    private.chmod(0o600)
+    write_atomic(private, "new\n")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and private.read_text() == "new\n"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader waiting, as a shell's `| consumer` would be
+    try:
+        write_atomic(fifo, "through the pipe\n")
+        assert os.read(reader, 100) == b"through the pipe\n"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)  # still the pipe, not a file in its place
+
+
 def test_run_and_merged_folders_honour_the_umask(tmp_path, tiny_bert):
     from helpers import train_sentiment
     from peft_ft import storage as output

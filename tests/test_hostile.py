@@ -73,6 +73,13 @@ def nan_weights(folder: Path):
     save_file({k: v.clone().fill_(float("nan")) for k, v in tensors.items()}, folder / "adapter_model.safetensors")
 
 
+def _replace(path: Path, make) -> None:
+    """`path` removed and made again by `make` (a pipe, a link, a folder): reading a pipe hung, /dev/zero filled the
+    memory, a folder raised IsADirectoryError."""
+    path.unlink()
+    make(path)
+
+
 FOLDER_CASES = {
     "empty weights": (lambda f: (f / "adapter_model.safetensors").write_bytes(b""), ["adapter_model.safetensors", "too short"]),
     "truncated weights": (truncated, ["adapter_model.safetensors", "truncated", "the file has"]),
@@ -83,6 +90,10 @@ FOLDER_CASES = {
     "rank 20000 in adapter_config.json": (edit_json("adapter_config.json", r=20000), ["adapter_config.json", "r = 20000", "hidden size (32)"]),
     "rank 16 over rank-8 tensors": (edit_json("adapter_config.json", r=16), ["adapter_config.json", "r = 16", "tensors hold r 8"]),
     "NaN weights": (nan_weights, ["hold NaN or infinity", "the folder is damaged"]),
+    "weights file is a pipe": (lambda f: _replace(f / "adapter_model.safetensors", os.mkfifo), ["adapter_model.safetensors", "a pipe"]),
+    "weights file links to /dev/zero": (lambda f: _replace(f / "adapter_model.safetensors", lambda p: p.symlink_to("/dev/zero")),
+                                        ["adapter_model.safetensors", "a pipe, socket or device"]),
+    "config is a folder": (lambda f: _replace(f / "adapter_config.json", os.mkdir), ["adapter_config.json", "a folder, not a file"]),
     "max_length past the positions": (lambda f: (f / "recipe.toml").write_text((f / "recipe.toml").read_text().replace(
         "max_length = 256", "max_length = 4096")), ["recipe.toml", "model.max_length 4096", "512 positions"]),
 }
@@ -148,6 +159,53 @@ def test_predict_output_to_a_read_only_place(clean_run, tmp_path):
             mount([str(readonly)], "umount")
     # root writes through permission bits; /proc refuses new files to everyone
     refused(cli("predict", "--adapter", f"a={clean_run}", "--output", "/proc/peft-ft-out.jsonl", tmp_path / "in.txt"), "--output")
+
+
+def test_out_folders_that_cannot_be_made_are_refused_before_loading(clean_run, tmp_path):
+    """merge/export/combine stage OUT in a hidden folder beside it, then rename: a link, a file on the path or a
+    name too long to stage failed (a traceback) after the model was loaded and merged."""
+    from peft_ft.errors import PeftFtError
+    from peft_ft.serving.merge import check_out
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to("empty")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    (tmp_path / "afile").write_text("x")
+    for out, says in ((tmp_path / "link", "is a symbolic link"), (tmp_path / "dangling", "is a symbolic link"),
+                      (tmp_path / "afile" / "sub", "afile is a file"), (tmp_path / ("x" * 250), "too long to stage")):
+        with pytest.raises(PeftFtError, match=says):
+            check_out(out)
+    check_out(tmp_path / "new" / "deeper")  # a new folder under folders still to be made is fine
+
+
+@pytest.mark.parametrize("error, says", [
+    (OSError(errno.ENOSPC, "No space left on device", "runs/r/x/train.log"), "runs/r/x/train.log: No space left on device; free some space"),
+    (OSError(errno.EROFS, "Read-only file system", "out/.m.merging-1"), "Read-only file system; the file system is read-only"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "runs/r/x/checkpoints"), "was it moved or deleted while"),
+    (OSError(errno.EFBIG, "File too large", "a.safetensors"), "lift the file size limit"),
+])
+def test_the_machines_errors_met_anywhere_are_one_message_not_a_traceback(monkeypatch, capsys, error, says):
+    """A full or read-only disk, or a run folder moved away mid-run, met outside the checks that name it."""
+    import peft_ft.cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setitem(peft_ft.cli.COMMANDS, "validate", (fail, *peft_ft.cli.COMMANDS["validate"][1:]))
+    assert peft_ft.cli.main(["validate", "r.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and "Traceback" not in err, err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    import peft_ft.cli
+
+    def fail(args):
+        raise OSError(errno.EBADF, "Bad file descriptor")  # no advice for the user: a bug of ours
+
+    monkeypatch.setitem(peft_ft.cli.COMMANDS, "validate", (fail, *peft_ft.cli.COMMANDS["validate"][1:]))
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        peft_ft.cli.main(["validate", "r.toml"])
 
 
 @pytest.mark.parametrize("port", ["99999", "-1", "http"])
@@ -317,6 +375,34 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_ones(tmp_path,
         checkpoint.save(tmp_path, 2, model, optimizer, scheduler, {})
     assert [p.name for p in checkpoint.listed(tmp_path)] == ["step-0000001"]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000001"]
+
+
+def test_a_disk_that_fills_at_the_last_file_leaves_a_run_that_resume_finishes(tmp_path, tiny_bert, monkeypatch, capsys):
+    """metrics.json marks a run finished, so it is written last: a disk that filled at the model card before left a
+    "finished" folder without it, which --resume refused and nothing could complete."""
+    import peft_ft.engine.run
+    from peft_ft.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", sentiment_rows(16))
+    recipe = write_recipe(tmp_path / "r.toml", recipe_text(tiny_bert, data, task={"type": "classification"},
+                                                            output={"dir": tmp_path / "runs"}))
+    real = peft_ft.engine.run.write_json
+
+    def full_at_metrics(path, content):
+        if Path(path).name == "metrics.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, content)
+
+    monkeypatch.setattr(peft_ft.engine.run, "write_json", full_at_metrics)
+    assert main(["run", str(recipe)]) == 2
+    assert "metrics.json: No space left on device; free some space" in capsys.readouterr().err
+    (run_dir,) = (tmp_path / "runs" / "r").iterdir()
+    assert (run_dir / "README.md").is_file() and not (run_dir / "metrics.json").exists()
+    monkeypatch.setattr(peft_ft.engine.run, "write_json", real)
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    assert (run_dir / "metrics.json").is_file() and not (run_dir / "checkpoints").exists()
 
 
 def test_a_small_real_file_system_fills_up(clean_run, tmp_path):

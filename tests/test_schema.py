@@ -172,6 +172,28 @@ def test_a_key_set_twice_with_two_values_is_refused_naming_both(tmp_path):
     assert load_recipe(tmp_path / "r.toml", ["train.lr=1e-3", "train.lr=1e-3"]).train.lr == 1e-3  # the same twice is one
 
 
+@pytest.mark.parametrize("text", ["a\nb", "tab\there", "\x00\x1f\x7f", "cr\r\n", "sep\u2028\u2029\x85", 'q"\\', "plain é 日本"])
+def test_every_text_value_round_trips_through_the_written_recipe(text):
+    """recipe.toml is written after training: a newline in output.dir or a data file name made it invalid TOML
+    there (a traceback after the whole run, and a folder no loader could read)."""
+    import tomllib
+
+    from peft_ft.recipe.dump import toml_value
+
+    line = f"v = {toml_value(text)}"
+    assert len(line.splitlines()) == 1 and tomllib.loads(line)["v"] == text
+
+
+def test_names_that_are_not_utf8_are_refused_before_a_run_starts(tmp_path):
+    problems = problems_of(tmp_path, GOOD, ["output.dir=/tmp/runs\udcff"])
+    assert any("--set output.dir=/tmp/runs\udcff: '/tmp/runs\\\\xff' holds bytes that are not UTF-8" in p for p in problems), problems
+    recipe = tmp_path / "bad\udcffname.toml"
+    recipe.write_text(GOOD, encoding="utf-8")
+    with pytest.raises(RecipeError, match="named after the recipe file, whose name holds bytes that are not UTF-8"):
+        load_recipe(recipe)
+    assert load_recipe(recipe, ["output.name=fine"]).output.name == "fine"
+
+
 def test_keys_outside_sections_and_names_from_transformers_point_home(tmp_path):
     problems = problems_of(tmp_path, "lr = 1e-4\n" + GOOD + "[adapter]\nlora_alpha = 16\n[Output]\nname = 'x'\n")
     assert "lr: a key outside any section (did you mean `train.lr`? Write it under [train])" in problems

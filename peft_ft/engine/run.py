@@ -236,7 +236,10 @@ def _run_in(run_dir: Path, recipe: Recipe, task: Task, method, location: str, da
     finally:
         setup_logging(None)  # detach train.log so later log lines of this process do not land in it
         if distributed.is_main() and (run_dir / METRICS).is_file():
-            portable.scrub_log(run_dir, str(data_dir) if data_dir else None)
+            try:
+                portable.scrub_log(run_dir, str(data_dir) if data_dir else None)
+            except (PeftFtError, OSError) as e:  # a full disk: the error that stopped the run, if any, is the one to see
+                log.warning("%s keeps this machine's paths: %s", run_dir / "train.log", e)
 
 
 def build_model(recipe: Recipe, task: Task, method, location: str, data: TaskData, device):
@@ -379,9 +382,10 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
         portable.finish_adapter_config(run_dir, info)
     portable.write_labels(run_dir, data.labels)
     write_json(run_dir / INFO, info)
-    write_json(run_dir / METRICS, {**metrics, "train": info["train"], "params": params})
-    # The snippets name the folder as written (runs/NAME/<timestamp>): copied as it is, they run there.
+    # The snippets name the folder as written (runs/NAME/<timestamp>): copied as it is, they run there. Before
+    # metrics.json, which marks the run finished: a disk that fills here leaves a run `--resume` completes.
     write_atomic(run_dir / CARD, model_card(portable.portable_recipe(recipe), info, metrics, folder_name=run_dir.name))
+    write_json(run_dir / METRICS, {**metrics, "train": info["train"], "params": params})
     # Written in full while the run could be resumed; now without the machine's paths.
     write_atomic(run_dir / RECIPE, portable.recipe_text(recipe, run_dir))
     if info["base_model_source"] == "embedded":

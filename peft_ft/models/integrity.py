@@ -26,9 +26,18 @@ BLOCK_SIZED = ("OFT", "BOFT")
 DAMAGED = "the folder is damaged or was edited: copy it again from its source, or train it again"
 
 
+def check_regular(path: Path) -> None:
+    """A file of a folder must be a plain file: reading a pipe waits forever, a link to /dev/zero fills the memory,
+    and a folder of that name fails deep inside the loaders."""
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "a pipe, socket or device"
+        raise PeftFtError(f"{path}: {kind}, not a file; {DAMAGED}")
+
+
 def safetensors_header(path: Path) -> dict[str, dict]:
     """Tensor name -> {"dtype", "shape", "data_offsets"} of a safetensors file, read from its header only;
     a PeftFtError naming the file when it is empty, cut short, or not safetensors at all."""
+    check_regular(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
@@ -74,6 +83,7 @@ def check_weights(folder: Path) -> dict[str, dict]:
 
 def read_json_object(path: Path, what: str) -> dict:
     """A JSON file that must hold an object, or a PeftFtError naming it."""
+    check_regular(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

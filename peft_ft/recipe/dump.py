@@ -7,19 +7,38 @@ import dataclasses
 from peft_ft.recipe.schema import Recipe, section_fields
 
 
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _control(c: str) -> bool:
+    """Characters a TOML basic string must escape (controls), and line separators other than "\\n" that a reader
+    splitting lines (str.splitlines) would break a value at."""
+    return c < " " or c == "\x7f" or c in "\x85\u2028\u2029"
+
+
 def toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if _control(c) else c) for c in value) + '"'
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return repr(value)
 
 
+def comment_text(text: str) -> str:
+    """`text` fit for one comment line: controls escaped, bytes that are not UTF-8 (a file name's) as \\xNN."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name gives (\ud800, from JSON)
+        raw = text.encode("utf-8", "surrogatepass")
+    text = raw.decode("utf-8", "backslashreplace")
+    return toml_value(text)[1:-1]
+
+
 def to_toml(recipe: Recipe) -> str:
     """The fully resolved recipe, every field written out, so a run folder says exactly what ran."""
-    out = [f"# resolved from {recipe.source}"]
+    out = [f"# resolved from {comment_text(recipe.source)}"]
     for section in section_fields():
         out.append(f"\n[{section.name}]")
         for f in dataclasses.fields(getattr(recipe, section.name)):

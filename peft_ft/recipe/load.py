@@ -199,6 +199,7 @@ def _check_cross_field(recipe: Recipe) -> list[str]:
         problems.append("data.format: \"label_studio\" reads an exported file; remove data.hub and name the export in data.train")
     problems += _check_train(recipe)
     problems += _check_lists(recipe)
+    problems += _check_text(recipe)
     problems += _check_output(recipe)
     if task is not None:
         if recipe.data.format not in ("auto", *task.formats):
@@ -247,6 +248,24 @@ def _check_lists(recipe: Recipe) -> list[str]:
     return problems
 
 
+def _check_text(recipe: Recipe) -> list[str]:
+    """Text values must be writable as UTF-8: a name with bytes that are not (a folder made on another system, read
+    back by Python as lone surrogates) would stop the run when it writes recipe.toml, after training."""
+    problems = []
+    for section in section_fields():
+        for f in dataclasses.fields(getattr(recipe, section.name)):
+            value = recipe.get(f"{section.name}.{f.name}")
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and any("\ud800" <= c <= "\udfff" for c in item):
+                    shown = item.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    problems.append(f"{section.name}.{f.name}: {shown!r} holds bytes that are not UTF-8; rename that file or "
+                                    f"folder (or give another path)")
+    if not recipe.output.name and any("\ud800" <= c <= "\udfff" for c in Path(recipe.source).stem):
+        problems.append("output.name: unset, so runs are named after the recipe file, whose name holds bytes that are not "
+                        "UTF-8; rename the recipe, or set output.name")
+    return problems
+
+
 def _check_output(recipe: Recipe) -> list[str]:
     """output.name is one folder name under output.dir: `a/b`, `..` or `.` would put runs elsewhere (or
     above output.dir); an empty output.dir would mean the working directory without saying so."""
@@ -254,8 +273,8 @@ def _check_output(recipe: Recipe) -> list[str]:
     if name and (name.strip() in (".", "..") or any(c in name for c in "/\\") or not name.isprintable() or name != name.strip()):
         problems.append(f"output.name: {name!r} is not a plain folder name (no / or \\, not . or .., no spaces around "
                         f"it); runs are written to <output.dir>/<output.name>/<timestamp>")
-    if len(name.encode("utf-8")) > 200:  # a folder name past the file system's 255 bytes fails when the run starts
-        problems.append(f"output.name: {len(name.encode('utf-8'))} bytes long; keep it under 200")
+    if len(name.encode("utf-8", "surrogatepass")) > 200:  # a folder name past the file system's 255 bytes fails when the run starts
+        problems.append(f"output.name: {len(name.encode('utf-8', 'surrogatepass'))} bytes long; keep it under 200")
     if "output.dir" in recipe.explicit and not recipe.output.dir.strip():
         problems.append('output.dir: empty; name the folder that holds run folders (default "runs")')
     return problems

@@ -57,9 +57,21 @@ def unwrap_heads(model):
 
 
 def check_out(out: Path, flag: str = "--out") -> None:
+    """OUT must be a new or empty folder that can be made where it is named: checked before any model loads (and
+    again before the rename). The output is staged in a hidden folder beside it, then renamed into place."""
+    if out.is_symlink():  # the rename would replace the link (or fail on an empty target), not fill its target
+        raise PeftFtError(f"{flag} {out}: is a symbolic link; give the folder it leads to, or a new folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "is not an empty folder" if out.is_dir() else "is a file, not an empty folder"
         raise PeftFtError(f"{flag} {out}: already exists and {what}; it is kept as it is. Choose a new folder")
+    if len(f".{out.name}.exporting-12345678".encode("utf-8", "surrogatepass")) > 255:  # the staging folder's name
+        raise PeftFtError(f"{flag} {out}: the folder name is too long to stage the output beside it; choose a shorter name")
+    parent = next((p for p in [out.absolute().parent, *out.absolute().parents] if p.exists()), None)
+    why = ("is a file" if parent is not None and not parent.is_dir()
+           else "is on a read-only file system" if parent is not None and os.statvfs(parent).f_flag & os.ST_RDONLY
+           else "is not writable" if parent is not None and not os.access(parent, os.W_OK | os.X_OK) else None)
+    if why:
+        raise PeftFtError(f"{flag} {out}: cannot be made: {parent} {why}; choose a folder you can write")
 
 
 def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
