@@ -21,7 +21,8 @@ def disk_full(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # EFBIG: ulimit -f
         return True
     text = str(error)
-    return any(sign in text for sign in ("No space left on device", "code: 28", "StorageFull", "File too large", "code: 27"))
+    return any(sign in text for sign in ("No space left on device", "code: 28", "StorageFull", "File too large", "code: 27",
+                                         "database or disk is full"))
 
 
 # errno values that say something about the machine rather than a bug in peft-ft, with what the user can do
@@ -40,8 +41,12 @@ _MACHINE_ADVICE = {
 def machine_problem(error: BaseException) -> str | None:
     """A message for an error of the machine (a full disk, a read-only or vanished folder) met outside the checks
     that name it themselves; None for anything else, which stays a bug with its traceback."""
-    if disk_full(error) and not isinstance(error, OSError):  # safetensors' Rust writer
-        return f"the disk is full while writing ({str(error).splitlines()[0]}); free some space and run again"
+    chain = [error]
+    while len(chain) < 10 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    full = next((e for e in chain if disk_full(e) and not isinstance(e, OSError)), None)
+    if full is not None:  # safetensors' Rust writer; sqlite under Optuna (which ends in an AssertionError of its own)
+        return f"the disk is full while writing ({str(full).splitlines()[0]}); free some space and run again"
     if not isinstance(error, OSError) or error.errno not in _MACHINE_ADVICE:
         return None
     where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
@@ -123,6 +128,22 @@ def write_atomic(path: Path, text: str) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """A matplotlib figure saved as `write_atomic` saves text: a disk that fills leaves the old plot (or none) and a
+    message, not an empty PNG. The temporary file keeps the suffix: matplotlib picks the format from it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        with space_for(path.parent, 0, path.name):
+            fig.savefig(tmp, dpi=dpi)
+        honour_umask(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, data) -> None:

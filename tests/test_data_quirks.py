@@ -5,6 +5,7 @@ names matched whole."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -160,6 +161,29 @@ def test_an_atomic_write_goes_through_links_keeps_a_files_mode_and_writes_to_dev
     finally:
         os.close(reader)
     assert stat.S_ISFIFO(fifo.stat().st_mode)  # still the pipe, not a file in its place
+
+
+def test_a_plot_on_a_full_disk_leaves_the_old_one_and_a_message(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peft_ft.storage import save_figure
+
+    fig = plt.figure()
+    save_figure(fig, tmp_path / "plot.png", dpi=50)
+    old = (tmp_path / "plot.png").read_bytes()
+    assert old.startswith(b"\x89PNG")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fig, "savefig", full)
+    with pytest.raises(PeftFtError, match="not enough disk space to save plot.png"):
+        save_figure(fig, tmp_path / "plot.png", dpi=50)
+    plt.close(fig)
+    assert (tmp_path / "plot.png").read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
 
 
 def test_run_and_merged_folders_honour_the_umask(tmp_path, tiny_bert):

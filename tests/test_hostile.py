@@ -178,11 +178,19 @@ def test_out_folders_that_cannot_be_made_are_refused_before_loading(clean_run, t
     check_out(tmp_path / "new" / "deeper")  # a new folder under folders still to be made is fine
 
 
+def _raised_from(error: BaseException, cause: BaseException) -> BaseException:
+    """`error` as Optuna raises it after its storage failed: with `cause` as its context."""
+    error.__context__ = cause
+    return error
+
+
 @pytest.mark.parametrize("error, says", [
     (OSError(errno.ENOSPC, "No space left on device", "runs/r/x/train.log"), "runs/r/x/train.log: No space left on device; free some space"),
     (OSError(errno.EROFS, "Read-only file system", "out/.m.merging-1"), "Read-only file system; the file system is read-only"),
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "runs/r/x/checkpoints"), "was it moved or deleted while"),
     (OSError(errno.EFBIG, "File too large", "a.safetensors"), "lift the file size limit"),
+    (_raised_from(AssertionError("Should not reach."), Exception("(sqlite3.OperationalError) database or disk is full")),
+     "the disk is full while writing ((sqlite3.OperationalError) database or disk is full); free some space"),
 ])
 def test_the_machines_errors_met_anywhere_are_one_message_not_a_traceback(monkeypatch, capsys, error, says):
     """A full or read-only disk, or a run folder moved away mid-run, met outside the checks that name it."""

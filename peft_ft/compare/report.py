@@ -12,7 +12,7 @@ from pathlib import Path
 from peft_ft.compare.variants import LATENCY_EXAMPLES, MEASURE_FILE, Variant, finished_run
 from peft_ft.log import console
 from peft_ft.rundir.layout import read_metrics, read_recipe
-from peft_ft.storage import human_size, write_atomic
+from peft_ft.storage import human_size, save_figure, write_atomic
 from peft_ft.tasks import TASKS
 
 # Numbers of a run besides its task metrics: (column, where in metrics.json / compare.json).
@@ -187,7 +187,7 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
     axes[1].set_xscale("log")
     title = f"{rows[0]['task_metric']} by method (axis from {low:g})" if values else "no finished runs"
     fig.suptitle(title)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

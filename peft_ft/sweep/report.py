@@ -13,7 +13,7 @@ from pathlib import Path
 
 from peft_ft.recipe.dump import to_toml
 from peft_ft.recipe.load import build_recipe
-from peft_ft.storage import write_atomic
+from peft_ft.storage import save_figure, write_atomic
 from peft_ft.sweep.space import trial_raw
 
 log = logging.getLogger("peft_ft")
@@ -162,7 +162,7 @@ def plot_pareto(rows: list[dict], metric: str, path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{len(done)} finished trial(s)")
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
