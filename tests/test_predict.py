@@ -129,7 +129,6 @@ def test_input_formats_and_where_each_row_came_from(tmp_path):
     ("quotes.tsv", 'text\tid\n"quoted\t3\nberlin\t4\n', r"quotes\.tsv: .*a quote opened"),
     ("dup.jsonl", '{"text": "a", "text": "b"}\n', r"dup\.jsonl: line 1: the key 'text' appears twice in one object"),
     ("nan.jsonl", '{"text": "a", "id": NaN}\n', r"nan\.jsonl: line 1: NaN is not a JSON value"),
-    ("empty.jsonl", "\n  \n", r"empty\.jsonl: no rows to answer"),
 ])
 def test_input_rows_that_would_be_lost_or_changed_are_refused_naming_the_line(tmp_path, name, content, message):
     path = tmp_path / name
@@ -157,6 +156,8 @@ def test_inputs_split_at_newlines_only_and_stdin_is_read_as_files_are(tmp_path, 
         read_inputs("-")
     with pytest.raises(DataError, match="not a file"):
         read_inputs(str(tmp_path))
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    assert read_inputs(str(tmp_path / "blank.jsonl")) == ([], [])  # predict then answers nothing and says why
 
 
 def test_routing_errors_name_the_row_and_the_choices():

@@ -318,8 +318,6 @@ def read_inputs(path: str, fmt: str = "auto") -> tuple[list[dict], list[str]]:
         numbered = [(n, json_record(line, f"{name}: line {n}")) for n, line in enumerate(lines_of(text), 1) if line.strip()]
     else:
         numbered = read_delimited(name, text, "," if fmt == "csv" else "\t")
-    if not numbered:
-        raise DataError(f"{name}: no rows to answer (the input is empty or blank)")
     return [r for _, r in numbered], [f"{name}: line {n}" for n, _ in numbered]
 
 
@@ -407,10 +405,14 @@ def run_predict(adapter_args: list[str], input_path: str, fmt: str, use: str | N
         check_writable(Path(output))  # before any model loads: a wrong path costs no minutes
     rows, where = read_inputs(input_path, fmt)
     routes = route(rows, where, [*specs, *(name for name, _ in combined)], use, field_name)
-    with tempfile.TemporaryDirectory(prefix="peft-ft-combined-") as workdir:
-        specs |= build_inference_combinations(combined, how, density, Path(workdir), allow_pickle)
-        adapters = AdapterSet(specs, device, batch_size, allow_pickle, trust_remote_code)
-        answers = predict_rows(adapters, rows, where, routes)
+    answers = []
+    if not rows:  # empty answers for empty input, as other filters give, with a word why; no model loads
+        print(f"{'<stdin>' if input_path == '-' else input_path}: no rows to answer (the input is empty or blank)", file=sys.stderr)
+    else:
+        with tempfile.TemporaryDirectory(prefix="peft-ft-combined-") as workdir:
+            specs |= build_inference_combinations(combined, how, density, Path(workdir), allow_pickle)
+            adapters = AdapterSet(specs, device, batch_size, allow_pickle, trust_remote_code)
+            answers = predict_rows(adapters, rows, where, routes)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answers)
     if output:
         try:
