@@ -148,6 +148,10 @@ def test_paths_that_are_no_readable_file_are_named(tmp_path):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     with pytest.raises(DataError, match=r"data.train: .*loop is a symbolic link that leads to no file"):
         resolve_file(tmp_path, "loop", "data.train", "r.toml")
+    os.mkfifo(tmp_path / "pipe.jsonl")  # read, it waited forever for a writer; /dev/zero never ends
+    for name in ("pipe.jsonl", "/dev/zero"):
+        with pytest.raises(DataError, match=r"data.train: .* is a pipe, socket or device, not a file"):
+            resolve_file(tmp_path, name, "data.train", "r.toml")
     with pytest.raises(DataError, match=r"cannot read the file"):
         read_table(tmp_path / "train.csv", "csv")
     recipe = build_recipe({"data": {"dir": str(tmp_path / "loop"), "train": "t.csv"}}, str(tmp_path / "r.toml"))

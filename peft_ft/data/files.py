@@ -90,6 +90,8 @@ def resolve_file(data_dir: Path, name: str, key: str, source: str) -> Path:
             return path
         if path.is_dir():
             raise DataError(f"{source}: {key}: {path} is a folder; name a data file in it")
+        if path.exists():  # reading a pipe waits for a writer; a device never ends (/dev/zero)
+            raise DataError(f"{source}: {key}: {path} is a pipe, socket or device, not a file; name a data file")
         if path.is_symlink():  # a link whose target is missing, or a loop of links
             raise DataError(f"{source}: {key}: {path} is a symbolic link that leads to no file; fix the link or name the file")
         near = sorted(p.name for p in path.parent.glob("*"))[:20] if path.parent.is_dir() else []
