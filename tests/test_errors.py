@@ -159,6 +159,11 @@ def output_dir_is_a_file(c):
     return ["run", c.recipe()], ["output.dir", "runs", "is a file"]
 
 
+def output_dir_is_a_link_loop(c):
+    c.out.symlink_to(c.out)  # validate passed it; run then failed making the folder
+    return ["validate", c.recipe()], ["output.dir", "is a symbolic link that leads nowhere"]
+
+
 def validate_command_too(c):
     return ["validate", c.recipe(), "--set", "data.train=nope.jsonl"], ["data.train: file not found"]
 
@@ -169,7 +174,7 @@ CASES = [
     csv_missing_column, parquet_missing_column, empty_split, unseen_eval_label, data_not_utf8, bad_jsonl_line,
     conll_wrong_columns, squad_answer_start,
     model_without_weights, model_without_tokenizer, model_path_missing, hub_id_offline,
-    cuda_on_cpu, output_dir_is_a_file, validate_command_too,
+    cuda_on_cpu, output_dir_is_a_file, output_dir_is_a_link_loop, validate_command_too,
 ]
 
 

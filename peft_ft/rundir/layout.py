@@ -60,9 +60,14 @@ def check_output_place(recipe: Recipe) -> None:
         existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
     except OSError as e:  # a part of the path too long for the file system
         raise PeftFtError(f"{recipe.source}: output.dir: cannot use {parent} ({e.strerror}); choose a shorter output.dir / output.name") from None
+    dangling = next((p for p in (parent, *parent.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise PeftFtError(f"{recipe.source}: output.dir: cannot make run folders under {parent} ({dangling} is a symbolic "
+                          f"link that leads nowhere: a loop, or its target is missing); fix the link or set another output.dir")
     if existing is None:
         return
     why = f"{existing} is a file" if not existing.is_dir() else \
+        f"{existing} is on a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else \
         None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable by this user"
     if why:
         raise PeftFtError(f"{recipe.source}: output.dir: cannot make run folders under {parent} ({why}); "
