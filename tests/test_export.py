@@ -31,6 +31,7 @@ def test_export_answers_like_pytorch(ner_run, tmp_path, capsys):
     assert report["max_abs_diff"] <= report["tolerance"] == 1e-4 and report["inputs"][:2] == ["input_ids", "attention_mask"]
     assert {"model.onnx", "config.json", "labels.json", "peft_ft.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "config.json").read_text())["id2label"]["3"] == "B-PER"
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 32  # the run's model.max_length
     # onnxruntime on texts of its own, against the run loaded by peft-ft (adapter not merged)
     model, tokenizer, _ = load_run(ner_run)
     enc = tokenizer(["mary lives in berlin .", "john works at acme corp in paris and london ."], padding=True, return_tensors="pt")
@@ -65,3 +66,22 @@ def test_export_refuses_what_it_cannot_export(ner_run, tmp_path):
     (taken / "x").write_text("x")
     with pytest.raises(PeftFtError, match="already exists"):
         export_onnx(ner_run, taken)
+
+
+def test_the_onnx_file_holds_no_path_of_this_machine(ner_run, tmp_path):
+    """torch's exporter notes every node's Python stack trace (absolute paths to peft-ft and site-packages) in the
+    file: stripped before the check, so the file checked by onnxruntime is the one kept."""
+    import sys
+    from pathlib import Path
+
+    import onnxruntime
+
+    from peft_ft.serving.export import export_onnx
+
+    out = tmp_path / "onnx"
+    export_onnx(ner_run, out)
+    data = (out / "model.onnx").read_bytes()
+    for path in {str(Path.cwd()), sys.prefix, sys.base_prefix, str(ner_run), str(tmp_path), str(Path(__file__).resolve().parent.parent)}:
+        assert path.encode() not in data, path
+    assert b"stack_trace" not in data
+    onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])  # still a valid model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,10 @@ def test_merged_folder_is_plain_and_predicts_like_the_adapter(trained, tmp_path)
 
     assert read_info(out)["base_model"] == read_info(trained)["base_model"]
     assert (out / info["data_dir"]).resolve() == (trained / json.loads((trained / "peft_ft.json").read_text())["data_dir"]).resolve()
+    # the run's input length travels (the base's tokenizer says 1e30, "unset"): stock pipelines cut where the run did
+    from peft_ft.recipe.load import load_recipe
+
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == load_recipe(trained / "recipe.toml").model.max_length
 
 
 def test_merged_folder_loads_without_peft(trained, tmp_path):
@@ -150,6 +155,29 @@ def test_linear_combination_with_weights_one_and_zero_is_the_first_adapter(two_a
     assert [c["weight"] for c in info["combined_from"]] == [1.0, 0.0] and info["combination"]["how"] == "linear"
     assert torch.allclose(logits_of(out), logits_of(first), atol=1e-5, rtol=0)
     assert not torch.allclose(logits_of(out), logits_of(second), atol=1e-2)  # (the two adapters do differ)
+
+
+def test_a_combined_folder_has_a_card_whose_snippet_loads_it_with_stock_tools(two_adapters, tmp_path, tiny_bert):
+    import re
+
+    from peft_ft.serving.combine import combine_runs
+    from peft_ft.serving.pipelines import pipeline
+
+    first, second = two_adapters
+    out = combine_runs([("a", first, 1.0), ("b", second, 0.0)], "linear", tmp_path / "combined")
+    card = (out / "README.md").read_text()
+    # the local base by its folder name only, no path of this machine (relative or absolute)
+    assert f"base `{tiny_bert.name}`" in card and "../" not in card and str(tiny_bert.parent) not in card and str(tmp_path) not in card
+    assert "## Usage with transformers and peft" in card and "peft_ft.rundir" not in card
+    [code] = re.findall(r"```python\n(.*?)```", card, flags=re.S)  # a local base: PeftModel on the base folder
+    code = code.replace(f'"path/to/{tiny_bert.name}"', repr(str(tiny_bert))).replace("print(pipe(", "(pipe(")
+    check = ("import sys as _s, json as _j\nassert not [m for m in _s.modules if m.startswith('peft_ft')]\n"
+             f"print(_j.dumps([a['label'] for a in pipe({TEXTS!r})]))\n")
+    done = subprocess.run([sys.executable, "-c", code + check], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    labels = json.loads(done.stdout.strip().splitlines()[-1])
+    assert labels == [a["label"] for a in pipeline(first)(TEXTS)] and set(labels) == {"neg", "pos"}  # weights (1, 0): the first
 
 
 @pytest.mark.parametrize("how", ["ties", "dare_ties", "dare_linear", "cat"])

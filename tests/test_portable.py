@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import recipe_text, sentiment_rows, write_jsonl, write_recipe
+from helpers import FILLER, qa_rows, recipe_text, sentiment_rows, write_jsonl, write_recipe
 
 ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
 TINY_ID = "peft-ft-tests/tiny-bert"
@@ -174,11 +174,16 @@ def hub_runs(tmp_path_factory, tiny_bert):
             TINY_ID, data, train=f"{prefix}_train.jsonl", model_opts=model_opts, task={"type": task},
             data={"test": [f"{prefix}_test.jsonl"]}, train_opts={"epochs": 20, "batch_size": 16, "lr": 1e-2},
             output={"dir": root / "runs", "name": name}))
-        done = subprocess.run([sys.executable, "-m", "peft_ft", "run", str(recipe)], cwd=root, env=clean_env(cache),
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = Path(done.stdout.strip().splitlines()[-1].removeprefix("done: "))
+        runs[name] = run_offline(recipe, root, cache)
     return root, cache, runs
+
+
+def run_offline(recipe: Path, root: Path, cache: Path) -> Path:
+    """`peft-ft run RECIPE` in a subprocess with HF_HUB_OFFLINE=1 and the hub cache `cache`; the run folder."""
+    done = subprocess.run([sys.executable, "-m", "peft_ft", "run", str(recipe)], cwd=root, env=clean_env(cache),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Path(done.stdout.strip().splitlines()[-1].removeprefix("done: "))
 
 
 def test_a_run_folder_names_its_base_portably(hub_runs):
@@ -262,6 +267,171 @@ def test_card_front_matter(hub_runs):
         if name == "tiny_ner":
             f1 = next(m["value"] for m in result["metrics"] if m["name"] == "entity F1, conlleval rules")
             assert f1 == round(metrics[split]["conlleval_f1"], 4)
+
+
+# --- the snippets on inputs longer than the run's max_length ---------------------------------------------
+
+NER_EXAMPLE, SENTIMENT_EXAMPLE = '"John Smith flew from London to Berlin."', '"This is great."'
+QA_EXAMPLE = ('"Where does the Eiffel Tower stand?"', '"The Eiffel Tower stands in Paris, the capital of France."')
+# 65 words, far past tiny_ner's 32 tokens; the last sentence's entities lie beyond the first window
+LONG_NER = " ".join(["mary works in london ."] * 12 + ["john lives in paris ."])
+# 660 tokens: past the tiny BERT's 512 positions, which a stock pipeline without truncation fails on
+LONG_SENTIMENT = " ".join(["the plot was not bad and the acting was fine ."] * 60 + ["the movie was great"])
+
+# What the snippet's own pipeline call answered (`with_example` keeps it as RESULT).
+RESULT_CHECK = NOT_PEFT_FT + 'import json as _j\nprint("CHECK " + _j.dumps(RESULT, default=lambda x: x.item()))\n'
+QA_CHECK = NOT_PEFT_FT + 'import json as _j\nprint("CHECK " + _j.dumps(answer))\n'
+
+
+def with_example(code: str, *replacements: tuple[str, str]) -> str:
+    """The snippet with its example input replaced, its printed pipeline answer kept as RESULT."""
+    for old, new in replacements:
+        assert old in code, old
+        code = code.replace(old, new)
+    return code.replace("print(pipe(", "RESULT = (pipe(")
+
+
+def predict_offline(run_dir: Path, cache: Path, rows: list[dict], workdir: Path) -> list[dict]:
+    """`peft-ft predict` on `rows`, offline: what peft-ft answers."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(workdir / "in.jsonl", rows)
+    done = subprocess.run([sys.executable, "-m", "peft_ft", "predict", "--adapter", f"a={run_dir}", "in.jsonl", "--output", "out.jsonl"],
+                          cwd=workdir, env=clean_env(cache), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (workdir / "out.jsonl").read_text().splitlines()]
+
+
+def last_sentence_entities(entities: list[dict], text: str) -> set:
+    return {(e["entity_group"], e["word"]) for e in entities if e["start"] >= text.rindex("john")}
+
+
+@pytest.mark.parametrize("name", ["tiny_ner", "tiny_sentiment"])
+def test_card_snippets_read_a_text_longer_than_max_length(hub_runs, tmp_path, name):
+    """The base's tokenizer knows no max_length: the snippets cut (classification, as peft-ft does) or window (NER) at
+    the run's, where a stock pipeline would fail past the model's positions or read more than the run did."""
+    _, cache, runs = hub_runs
+    run_dir = runs[name]
+    text, example = (LONG_NER, NER_EXAMPLE) if name == "tiny_ner" else (LONG_SENTIMENT, SENTIMENT_EXAMPLE)
+    [ours] = predict_offline(run_dir, cache, [{"text": text}], tmp_path / "predict")
+    blocks = snippets((run_dir / "README.md").read_text())
+    assert len(blocks) == 2
+    for i, code in enumerate(blocks):
+        folder = copy_folder(run_dir, tmp_path / str(i), run_dir.name)
+        found = run_snippet(with_example(code, (example, json.dumps(text))), folder, cache, RESULT_CHECK)
+        if name == "tiny_sentiment":
+            [found] = found if isinstance(found, list) else [found]
+            assert found["label"] == ours["label"] and found["score"] == pytest.approx(ours["score"], abs=1e-5)
+        else:  # other windows than peft-ft's (answers may differ), but the whole text is read: the last sentence's entities
+            assert {("PER", "john"), ("LOC", "paris")} <= last_sentence_entities(found, text)
+            assert {("PER", "john"), ("LOC", "paris")} <= last_sentence_entities(ours["entities"], text)
+
+
+@pytest.fixture(scope="module")
+def hub_qa_run(tmp_path_factory, tiny_bert):
+    """A QA LoRA run on the tiny BERT by hub id, with short windows and non-default span settings."""
+    from peft_ft.models.hub_cache import register
+
+    root = tmp_path_factory.mktemp("portable-qa")
+    cache = root / "hub"
+    register(tiny_bert, TINY_ID, cache)
+    (root / "data").mkdir()
+    write_jsonl(root / "data" / "train.jsonl", qa_rows(48, seed=1))
+    recipe = write_recipe(root / "tiny_qa.toml", recipe_text(
+        TINY_ID, root / "data", model_opts={"max_length": 32}, task={"type": "qa", "doc_stride": 8, "n_best": 5, "max_answer_length": 4},
+        train_opts={"epochs": 4, "batch_size": 16, "lr": 1e-2}, output={"dir": root / "runs", "name": "tiny_qa"}))
+    return cache, run_offline(recipe, root, cache)
+
+
+def test_qa_card_snippets_answer_as_peft_ft_over_several_windows(hub_qa_run, tmp_path, tiny_bert):
+    from transformers import AutoTokenizer
+
+    cache, run_dir = hub_qa_run
+    card = (run_dir / "README.md").read_text()
+    assert "max_length=32, stride=8" in card and "[:5]" in card and "s + 4:" in card  # the run's settings
+    pairs = [("where is mary ?", " ".join(FILLER * 3 + ["mary lives in london ."] + FILLER * 2)),
+             ("who works at acme ?", " ".join(FILLER * 2 + ["john works at acme corp in paris ."] + FILLER * 3))]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    for question, context in pairs:
+        windows = tokenizer(question, context, truncation="only_second", max_length=32, stride=8, return_overflowing_tokens=True)
+        assert len(windows["input_ids"]) >= 4
+    ours = predict_offline(run_dir, cache, [{"question": q, "context": c} for q, c in pairs], tmp_path / "predict")
+    blocks = snippets(card)
+    assert len(blocks) == 2
+    for i, (code, (question, context), answer) in enumerate(zip(blocks, pairs, ours)):
+        folder = copy_folder(run_dir, tmp_path / str(i), run_dir.name)
+        code = with_example(code, (QA_EXAMPLE[0], json.dumps(question)), (QA_EXAMPLE[1], json.dumps(context)))
+        assert run_snippet(code, folder, cache, QA_CHECK) == answer["answer"] != ""
+
+
+FULL_DATA = {
+    "classification": (lambda: sentiment_rows(48, seed=1), {"lr": 2e-3}, SENTIMENT_EXAMPLE),
+    "ner": (lambda: ner_sentences(48, 0), {"lr": 2e-3, "epochs": 15}, NER_EXAMPLE),
+    "qa": (lambda: qa_rows(48, seed=1), {"lr": 2e-3}, None),
+}
+
+
+@pytest.mark.parametrize("task", list(FULL_DATA))
+def test_full_run_folders_keep_the_runs_max_length_and_their_snippet_reads_long_inputs(task, tmp_path, tiny_bert):
+    from peft_ft.engine.run import run
+    from peft_ft.recipe.load import load_recipe
+    from peft_ft.serving.pipelines import pipeline
+
+    rows, train_opts, example = FULL_DATA[task]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", rows())
+    opts = {"doc_stride": 8} if task == "qa" else {}
+    run_dir = run(load_recipe(write_recipe(tmp_path / "full.toml", recipe_text(
+        tiny_bert, data, model_opts={"max_length": 32}, task={"type": task, **opts}, adapter={"method": "full"},
+        train_opts={"epochs": 6, "batch_size": 16, **train_opts}, output={"dir": tmp_path / "runs", "name": f"full_{task}"}))))
+    assert json.loads((run_dir / "tokenizer_config.json").read_text())["model_max_length"] == 32
+    [code] = snippets((run_dir / "README.md").read_text())
+    folder = copy_folder(run_dir, tmp_path / "copy", run_dir.name)
+    ours = pipeline(run_dir)
+    if task == "qa":
+        question, context = "where is mary ?", " ".join(FILLER * 3 + ["mary lives in london ."] + FILLER * 2)
+        code = with_example(code, (QA_EXAMPLE[0], json.dumps(question)), (QA_EXAMPLE[1], json.dumps(context)))
+        assert run_snippet(code, folder, tmp_path / "hub", QA_CHECK) == ours({"question": question, "context": context})["answer"]
+        return
+    text = LONG_NER if task == "ner" else LONG_SENTIMENT
+    found = run_snippet(with_example(code, (example, json.dumps(text))), folder, tmp_path / "hub", RESULT_CHECK)
+    if task == "classification":  # cut at the folder tokenizer's model_max_length, as peft-ft cuts
+        [found] = found if isinstance(found, list) else [found]
+        [expected] = ours([text])
+        assert found["label"] == expected["label"] and found["score"] == pytest.approx(float(expected["score"]), abs=1e-5)
+    else:  # stock windows are not peft-ft's: both read the whole text
+        assert {("PER", "john"), ("LOC", "paris")} <= last_sentence_entities(found, text)
+        assert {("PER", "john"), ("LOC", "paris")} <= last_sentence_entities(ours(text), text)
+
+
+# --- prefix tuning on encoders -----------------------------------------------------------------------
+
+
+def test_prefix_tuning_cards_on_encoders_say_stock_tools_cannot_run_them(tmp_path, tiny_bert):
+    """peft 0.21 refuses the prefix on transformers 5.24's encoders (peft-ft patches it: methods.route_prefixes); the
+    card says so and points to peft-ft, and that claim holds: the card's own snippet loads, the forward raises."""
+    from helpers import TEXTS, train_sentiment
+    from peft_ft.recipe.load import build_recipe
+    from peft_ft.rundir.card import usage_section
+    from peft_ft.serving.pipelines import pipeline
+
+    run_dir = train_sentiment(tmp_path, tiny_bert, "prefix", method="prefix_tuning")
+    card = (run_dir / "README.md").read_text()
+    assert "does not run with stock transformers 5.24 and peft 0.21" in card
+    assert "`peft_ft.pipeline(DIR)`" in card and "`peft-ft predict DIR`" in card
+    assert {a["label"] for a in pipeline(run_dir)(TEXTS)} <= {"neg", "pos"}  # where the card points: it answers
+    [code] = snippets(card)
+    folder = copy_folder(run_dir, tmp_path, run_dir.name)
+    code = code.replace(f'"path/to/{tiny_bert.name}"', json.dumps(str(tiny_bert)))
+    check = ('import json as _j\ntry:\n    model(**tokenizer(["good film"], return_tensors="pt"))\n    print("CHECK null")\n'
+             'except ValueError as _e:\n    print("CHECK " + _j.dumps(str(_e)))\n')
+    assert "Model does not support past key values which are required for prefix tuning" in run_snippet(code, folder, tmp_path / "hub", check)
+    for task, note in [("ner", True), ("qa", True), ("seq2seq", False)]:
+        recipe = build_recipe({"task": {"type": task}, "adapter": {"method": "prefix_tuning"}, "data": {"train": "t.json"}}, "x.toml")
+        info = {"task": task, "method": "prefix_tuning", "is_adapter": True, "base_model": "org/base", "base_model_id": "org/base",
+                "base_model_source": "hub", "labels": ["O", "B-PER"] if task == "ner" else []}
+        text = "\n".join(usage_section(recipe, info, "DIR"))
+        assert ("does not run with stock transformers" in text) is note and "peft_ft.pipeline(DIR)" in text
 
 
 # --- the shipped adapters ---------------------------------------------------------------------------

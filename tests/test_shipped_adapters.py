@@ -46,6 +46,23 @@ def test_the_shipped_adapters_are_there_and_small():
         assert info["base_model"] == "embedded:all-MiniLM-L6-v2" and info["method"] == "lora"
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_cards_are_what_card_py_writes_now(name):
+    """The cards' snippets follow card.py (the QA answering rule, the run's max_length): regenerated, not retrained,
+    by scripts/make_portable.py, whose last step this repeats."""
+    import dataclasses
+
+    from peft_ft.recipe.load import load_recipe
+    from peft_ft.rundir.card import model_card
+
+    folder = ADAPTERS / name
+    source = (folder / "recipe.toml").read_text(encoding="utf-8").splitlines()[0].removeprefix("# resolved from ").strip()
+    recipe = dataclasses.replace(load_recipe(folder / "recipe.toml"), source=source)
+    info, metrics = (json.loads((folder / f).read_text()) for f in ("peft_ft.json", "metrics.json"))
+    assert (folder / "README.md").read_text() == model_card(recipe, info, metrics, folder_name=name), \
+        f"regenerate it: python scripts/make_portable.py adapters/{name}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_adapter_answers_sanely(name):

@@ -356,7 +356,8 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
     if not distributed.is_main():
         return
 
-    weight_files = save_model(accelerator.unwrap_model(model), tokenizer, method.is_adapter, run_dir, state_dict)
+    weight_files = save_model(accelerator.unwrap_model(model), tokenizer, method.is_adapter, run_dir, recipe.model.max_length,
+                              state_dict)
     info = {
         "peft_ft_version": __version__,
         "run_name": recipe.output.name or Path(recipe.source).stem,
@@ -416,10 +417,14 @@ def numbers(scores: dict) -> dict:
     return {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def save_model(model, tokenizer, is_adapter: bool, run_dir: Path, state_dict: dict | None = None) -> list[Path]:
+def save_model(model, tokenizer, is_adapter: bool, run_dir: Path, max_length: int, state_dict: dict | None = None) -> list[Path]:
     """Adapter methods: the adapter and its head only. Full: a complete model folder with tokenizer.
     `state_dict`: the full weights gathered from a sharded run (None: the model's own)."""
     files = save_pretrained_atomic(model, run_dir, state_dict)
     if not is_adapter:
+        # The run's input length travels with the folder: the base's model_max_length (often 1e30, "unset") would make
+        # a stock pipeline read more than the run did, or fail past the model's positions. The tokenizer is not used
+        # after saving.
+        tokenizer.model_max_length = max_length
         tokenizer.save_pretrained(run_dir)
     return [f for f in files if f.suffix == ".safetensors"]

@@ -70,7 +70,6 @@ def model_card(recipe: Recipe, info: dict, metrics: dict, folder_name: str | Non
     import yaml
 
     folder = folder_name or info["run_name"]
-    info = {**info, "example": TASKS[info["task"]].card.example(recipe)}  # the snippet's example input
     meta = yaml.safe_dump(front_matter(info, metrics), sort_keys=False, allow_unicode=True, width=200)
     lines = [
         "---", meta.rstrip(), "---", "",
@@ -95,8 +94,35 @@ def model_card(recipe: Recipe, info: dict, metrics: dict, folder_name: str | Non
     for split, m in metrics.items():
         if isinstance(m, dict) and split not in ("train", "params"):
             lines += [f"| {split} | {name} | {value:.4f} |" for _, name, value in metric_entries(info["task"], m, info["labels"])]
-    lines += ["", "## Usage with transformers and peft", "", *usage(info, folder), ""]
+    lines += ["", *usage_section(recipe, info, folder), ""]
     return "\n".join(lines)
+
+
+def usage_section(recipe: Recipe, info: dict, folder: str) -> list[str]:
+    """Markdown: the card's usage section (also the card of a `merge --combine` folder), the snippets filled in
+    with the run's own settings."""
+    info = {**info, "example": TASKS[info["task"]].card.example(recipe), "settings": snippet_settings(recipe)}
+    return ["## Usage with transformers and peft", "", *usage(info, folder)]
+
+
+def snippet_settings(recipe: Recipe) -> dict[str, str]:
+    """Placeholder -> value of the run's recipe, for the snippets: they cut, window and pick answers as the run did."""
+    return {
+        "{MAX_LENGTH}": str(recipe.model.max_length),
+        # The stock token-classification pipeline's overlap between its windows: well below the window, so each
+        # window adds new tokens (it refuses a stride of model_max_length or more).
+        "{STRIDE}": str(max(1, recipe.model.max_length // 4)),
+        "{DOC_STRIDE}": str(recipe.task.doc_stride),
+        "{N_BEST}": str(recipe.task.n_best),
+        "{MAX_ANSWER_LENGTH}": str(recipe.task.max_answer_length),
+    }
+
+
+def _fill(lines: list[str], info: dict) -> list[str]:
+    """The snippets' placeholders replaced by the run's values (str.replace: the code holds braces of its own)."""
+    for key, value in info.get("settings", {}).items():
+        lines = [line.replace(key, value) for line in lines]
+    return lines
 
 
 def _base_note(info: dict) -> str:
@@ -111,18 +137,16 @@ def _base_note(info: dict) -> str:
 
 
 def usage(info: dict, folder: str) -> list[str]:
-    """Markdown: one python block per loading path (each runs on its own)."""
+    """Markdown: one python block per loading path (each runs on its own), filled with `info["settings"]`."""
+    return _fill(_usage(info, folder), info)
+
+
+def _usage(info: dict, folder: str) -> list[str]:
     task = TASKS[info["task"]]
     if not info["is_adapter"]:
-        return _block(_full_snippet(info["task"], folder))
+        return _block(_full_snippet(info, folder))
     if METHODS[info["method"]].prompt_learning:
-        notes = ["Prompt-learning adapters prepend virtual tokens that stock pipelines do not strip: "
-                 "load the model as below and use `peft_ft.pipeline(DIR)` for answers."]
-        if info["method"] == "prefix_tuning" and info["task"] == "seq2seq":
-            # peft 0.21 hands the prefix over under the name transformers 5.24 renamed (peft_ft.methods.route_prefixes)
-            notes += ["", "Stock `generate` on this model drops the prefix with transformers 5.24 and peft 0.21 "
-                          "(it answers as the base model); `peft_ft.pipeline(DIR)` hands the prefix over."]
-        return [*notes, "", *_block(_peft_model_snippet(info, folder, pipeline=False))]
+        return [*_prompt_learning_notes(info), "", *_block(_peft_model_snippet(info, folder, pipeline=False))]
     blocks = []
     if info.get("base_model_source") == "local folder":
         pass  # AutoPeftModel loads the base named in adapter_config.json, which is no path here
@@ -135,6 +159,22 @@ def usage(info: dict, folder: str) -> list[str]:
     if task.card.note:
         blocks += ["", task.card.note]
     return blocks
+
+
+def _prompt_learning_notes(info: dict) -> list[str]:
+    # peft 0.21 hands the prefix over under the name transformers 5.24 renamed (peft_ft.methods.route_prefixes)
+    if info["method"] == "prefix_tuning" and info["task"] == "seq2seq":
+        return ["Prompt-learning adapters prepend virtual tokens that stock pipelines do not strip: "
+                "load the model as below and use `peft_ft.pipeline(DIR)` for answers.", "",
+                "Stock `generate` on this model drops the prefix with transformers 5.24 and peft 0.21 "
+                "(it answers as the base model); `peft_ft.pipeline(DIR)` hands the prefix over."]
+    if info["method"] == "prefix_tuning":
+        return ["**This prefix-tuning adapter does not run with stock transformers 5.24 and peft 0.21.** The snippet "
+                "below loads it, but calling the model raises `ValueError: Model does not support past key values "
+                "which are required for prefix tuning` (peft checks for an argument transformers renamed). Answer "
+                "with peft-ft instead: `peft_ft.pipeline(DIR)` in Python, or `peft-ft predict DIR` on the command line."]
+    return ["Prompt-learning adapters prepend virtual tokens that stock pipelines do not strip: "
+            "load the model as below and use `peft_ft.pipeline(DIR)` for answers."]
 
 
 def _block(code: str) -> list[str]:
@@ -167,6 +207,12 @@ def _base_expr(info: dict) -> tuple[str, str]:
     return "", repr(info.get("base_model_id") or info["base_model"])
 
 
+def _tokenizer_line(base: str) -> str:
+    # The base's tokenizer knows no length of the run (often 1e30, "unset"): stock pipelines would then read more
+    # than the run did, or fail past the model's positions.
+    return f"tokenizer = AutoTokenizer.from_pretrained({base}, model_max_length={{MAX_LENGTH}})  # the run's model.max_length\n"
+
+
 def _auto_snippet(info: dict, folder: str) -> str:
     auto, _ = _auto_classes(info["task"])
     labels_line, kwargs = _label_lines(info)
@@ -174,7 +220,7 @@ def _auto_snippet(info: dict, folder: str) -> str:
     code = (f"import json\n\nfrom peft import {auto}\nfrom transformers import AutoTokenizer, pipeline\n\n"
             f'DIR = "{folder}"  # this folder\n{labels_line}'
             f"model = {auto}.from_pretrained(DIR{', ' + kwargs if kwargs else ''}).eval()\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({base})\n{_pipe_code(info)}\n")
+            f"{_tokenizer_line(base)}{_pipe_code(info)}\n")
     return code
 
 
@@ -189,7 +235,7 @@ def _peft_model_snippet(info: dict, folder: str, pipeline: bool) -> str:
             f'DIR = "{folder}"  # this folder\n{base_line}{labels_line}'
             f"base = {auto}.from_pretrained({base}{', ' + kwargs if kwargs else ''})\n"
             f"model = PeftModel.from_pretrained(base, DIR).eval()\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({base})\n")
+            f"{_tokenizer_line(base)}")
     if answer:
         return code + answer
     return code + (_pipe_code(info) + "\n" if pipeline else "")
@@ -204,17 +250,19 @@ def _answer_snippet(info: dict, folder: str) -> str:
     return (f"import torch\nfrom peft import {auto}\nfrom transformers import AutoTokenizer\n\n"
             f'DIR = "{folder}"  # this folder\n'
             f"model = {auto}.from_pretrained(DIR).eval(){comment}\n"
-            f"tokenizer = AutoTokenizer.from_pretrained({base})\n{card.answer}")
+            f"{_tokenizer_line(base)}{card.answer}")
 
 
-def _full_snippet(task: str, folder: str) -> str:
-    family = TASKS[task]
+def _full_snippet(info: dict, folder: str) -> str:
+    """A complete model folder: its tokenizer holds the run's model.max_length (saved so by run, merge and export)."""
+    family = TASKS[info["task"]]
     if family.card.pipeline:
         return (f"from transformers import pipeline\n\n"
                 f'pipe = pipeline("{family.pipeline_task}", model="{folder}"{family.card.full_pipeline_options})  '
                 f'# a complete model folder with its labels\n'
-                f'print(pipe("John Smith flew from London to Berlin."))\n')
-    _, auto = _auto_classes(task)
-    return (f"from transformers import {auto}, AutoTokenizer\n\n"
+                f"print(pipe({info['example']}{family.card.full_call_options}))\n")
+    _, auto = _auto_classes(info["task"])
+    first = "import torch\n" if family.card.answer else ""  # the answering code needs it
+    return (f"{first}from transformers import {auto}, AutoTokenizer\n\n"
             f'model = {auto}.from_pretrained("{folder}").eval()  # a complete model folder\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{folder}")\n')
+            f'tokenizer = AutoTokenizer.from_pretrained("{folder}")\n{family.card.answer}')

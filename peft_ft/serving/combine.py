@@ -30,7 +30,8 @@ from peft_ft.errors import PeftFtError
 from peft_ft.models.loading import quiet_transformers
 from peft_ft.models.safety import check_no_pickle, model_load_kwargs
 from peft_ft.rundir import portable
-from peft_ft.rundir.layout import ADAPTER_CONFIG, CARD, INFO, RECIPE, read_info
+from peft_ft.rundir.card import usage_section
+from peft_ft.rundir.layout import ADAPTER_CONFIG, CARD, INFO, RECIPE, read_info, read_recipe
 from peft_ft.rundir.load import base_location
 from peft_ft.serving.merge import check_out
 from peft_ft.storage import honour_umask_tree, write_atomic, write_json
@@ -236,7 +237,7 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
         write_json(staging / INFO, info)
         portable.finish_adapter_config(staging, info)  # the base by its portable name, as a trained run's
         portable.write_labels(staging, info["labels"])
-        write_atomic(staging / CARD, _card(info))
+        write_atomic(staging / CARD, _card(info, read_recipe(staging), out.name))
         check_out(out)
         if out.exists():
             out.rmdir()
@@ -247,10 +248,13 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
     return out
 
 
-def _card(info: dict) -> str:
+def _card(info: dict, recipe, folder: str) -> str:
+    """README.md: what was combined how, and the run card's usage section (stock transformers + peft, labels.json)."""
     rows = "\n".join(f"| {c['name']} | `{c['run']}` | {c['weight']:g} |" for c in info["combined_from"])
     how = info["combination"]
     density = f", density {how['density']:g}" if how["density"] else ""
+    base = info.get("base_model_id") or info["base_model"]  # a local base by its folder name, not this machine's path
     return (f"# {info['run_name']}\n\nLoRA adapters combined with peft-ft (`peft-ft merge --combine`, how `{how['how']}`"
             f"{density}); task `{info['task']}`, base "
-            f"`{info['base_model']}`. Heads: {how['heads']}.\n\n| adapter | run folder | weight |\n|---|---|---|\n{rows}\n")
+            f"`{base}`. Heads: {how['heads']}.\n\n| adapter | run folder | weight |\n|---|---|---|\n{rows}\n\n"
+            + "\n".join(usage_section(recipe, info, folder)) + "\n")

@@ -26,7 +26,7 @@ from peft_ft.models.safety import check_no_pickle
 from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info
 from peft_ft.rundir.portable import moved_info
 from peft_ft.rundir.load import load_run
-from peft_ft.serving.merge import check_mergeable, check_out, unwrap_heads
+from peft_ft.serving.merge import check_mergeable, check_out, save_tokenizer, unwrap_heads
 from peft_ft.storage import honour_umask_tree, write_json
 from peft_ft.tasks import TASKS
 
@@ -87,7 +87,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
                               f"{report['max_abs_diff']:.3g} on {report['checked_texts']} texts, above the tolerance {tolerance:g}; "
                               f"nothing was written (raise --tolerance only if you accept that difference)")
         model.config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging, run_dir)  # with the run's model.max_length
         for name in (LABELS, RECIPE):
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, staging / name)
@@ -129,6 +129,7 @@ def _export(model, tokenizer, task: str, path: Path) -> dict:
         torch.onnx.export(wrapped, tuple(traced[n] for n in input_names), str(path), input_names=input_names,
                           output_names=output_names, dynamo=True, external_data=False,
                           dynamic_shapes=(tuple({0: batch, 1: sequence} for _ in input_names),))  # one entry: *tensors
+    strip_debug_metadata(path)  # before the check: the file checked is the file kept
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for texts in (CHECK, CHECK[:1], TRACE):  # other batch sizes and lengths than traced, and the traced ones
@@ -143,6 +144,36 @@ def _export(model, tokenizer, task: str, path: Path) -> dict:
         "opset": _opset(path), "max_abs_diff": worst, "checked_texts": len(CHECK) + 1 + len(TRACE),
         "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
     }
+
+
+def strip_debug_metadata(path: Path) -> None:
+    """Remove the exporter's debugging notes from the ONNX file: every node's source stack trace (this machine's
+    absolute paths to peft-ft and site-packages, hundreds per file), module names, FX nodes, the optimizer's notes on
+    values, the exported program's signature. onnxruntime reads none of them; the model-level metadata is kept."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    _strip_graph(model.graph)
+    for function in model.functions:
+        del function.metadata_props[:]
+        for node in function.node:
+            _strip_node(node)
+    onnx.save(model, str(path))
+
+
+def _strip_graph(graph) -> None:
+    del graph.metadata_props[:]
+    for value in [*graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+        del value.metadata_props[:]
+    for node in graph.node:
+        _strip_node(node)
+
+
+def _strip_node(node) -> None:
+    del node.metadata_props[:]
+    for attribute in node.attribute:  # the branches and bodies of If / Loop / Scan
+        for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            _strip_graph(graph)
 
 
 def _opset(path: Path) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from peft_ft.errors import PeftFtError
 from peft_ft.models.integrity import read_json_object
 from peft_ft.models.safety import check_no_pickle
-from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info
+from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info, read_recipe
 from peft_ft.rundir.portable import moved_info
 from peft_ft.rundir.load import check_run_folder, load_run
 from peft_ft.storage import honour_umask_tree, space_for, tensor_bytes, write_json
@@ -54,6 +54,13 @@ def unwrap_heads(model):
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, name.rsplit(".", 1)[-1], module.modules_to_save[module.active_adapter])
     return model
+
+
+def save_tokenizer(tokenizer, folder: Path, run_dir: Path) -> None:
+    """The tokenizer of a complete model folder, holding the run's model.max_length: the base's model_max_length
+    (often 1e30, "unset") would make a stock pipeline read more than the run did, or fail past the model's positions."""
+    tokenizer.model_max_length = read_recipe(run_dir).model.max_length
+    tokenizer.save_pretrained(folder)
 
 
 def check_out(out: Path, flag: str = "--out") -> None:
@@ -98,7 +105,7 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
     try:
         with space_for(out.parent, tensor_bytes(merged.parameters()), "the merged model"):
             merged.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging, run_dir)
         shutil.copyfile(run_dir / RECIPE, staging / RECIPE)
         if (run_dir / LABELS).is_file():
             shutil.copyfile(run_dir / LABELS, staging / LABELS)

@@ -35,10 +35,13 @@ class Card:
     pipeline: str = ""  # stock pipeline code over `model` and `tokenizer`, {TEXT} the example; empty: no pipeline
     example: Callable[[Recipe], str] = _plain_example  # the example input of `pipeline`, as Python source
     full_pipeline_options: str = ""  # extra arguments of pipeline(...) over a complete (full or merged) model folder
+    full_call_options: str = ""  # extra arguments of that pipeline's call on the example
     peft_auto_class: str = ""  # peft's AutoPeftModel class; empty: AutoPeftModelFor... after the family's auto_class
     peft_auto_comment: str = ""  # a remark on that line of the snippet
     answer: str = ""  # without a pipeline: code answering one example with `model`, `tokenizer` (torch imported)
     note: str = ""  # a closing remark under the snippets
+    # Code and notes may name the run's settings, filled in by peft_ft.rundir.card.snippet_settings: {MAX_LENGTH}
+    # (model.max_length), {STRIDE} (a window overlap for stock pipelines), {DOC_STRIDE}, {N_BEST}, {MAX_ANSWER_LENGTH}.
 
 
 class Task:

@@ -191,8 +191,11 @@ CARD = Card(
         "pearson": ("pearsonr", "Pearson correlation"),
         "spearman": ("spearmanr", "Spearman correlation"),
     },
-    pipeline='pipe = pipeline("text-classification", model=model, tokenizer=tokenizer)\nprint(pipe({TEXT}))',
+    # Cut as in training: the stock pipeline does not cut by itself, and a long text then fails or reads past max_length.
+    pipeline='pipe = pipeline("text-classification", model=model, tokenizer=tokenizer)\n'
+             'print(pipe({TEXT}, truncation=True, max_length={MAX_LENGTH}))',
     example=_card_example,
+    full_call_options=", truncation=True",  # a complete folder's tokenizer holds the run's max_length
 )
 
 

@@ -319,11 +319,16 @@ CARD = Card(
         "conlleval_recall": ("recall", "entity recall, conlleval rules"),
         "accuracy": ("accuracy", "word accuracy"),
     },
-    pipeline='pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="first")\n'
-             'print(pipe("John Smith flew from London to Berlin."))',
-    full_pipeline_options=', aggregation_strategy="first"',
-    note="Stock pipelines group subwords by their own rules (they split `AL-AIN` at the hyphen); `peft_ft.pipeline(DIR)` and "
-         "`peft-ft predict` answer per whitespace word with the label of its first subword, as the evaluation scores.",
+    # `stride`: the stock pipeline then reads a long text in overlapping windows of the tokenizer's model_max_length
+    # (the run's max_length) instead of cutting it (or failing past the model's positions).
+    pipeline='pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="first", stride={STRIDE})\n'
+             'print(pipe({TEXT}))',
+    example=lambda recipe: '"John Smith flew from London to Berlin."',
+    full_pipeline_options=', aggregation_strategy="first", stride={STRIDE}',
+    note="Stock pipelines group subwords by their own rules (they split `AL-AIN` at the hyphen), and with `stride` they read a "
+         "long text in overlapping windows of {MAX_LENGTH} tokens cut anywhere, merging the windows' entities their own way; "
+         "`peft_ft.pipeline(DIR)` and `peft-ft predict` cut a long text at word boundaries into windows that do not overlap "
+         "and answer per whitespace word with the label of its first subword, as the evaluation scores.",
 )
 
 

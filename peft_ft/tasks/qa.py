@@ -290,17 +290,29 @@ def _cost(tokenizer, recipe: Recipe, item: dict) -> int:
 ANSWERS = Answers(build=QuestionAnswerer, to_input=_qa_input, to_answer=lambda o: {**o, "score": round(o["score"], 6)}, cost=_cost)
 
 
-# How to answer without peft-ft (transformers 5 has no question-answering pipeline): the best span within the context.
+# How to answer without peft-ft (transformers 5 has no question-answering pipeline), by the evaluation's rule
+# (`encode_windows`, `unpack`, `window_candidates`, `best_answer`) with the run's settings filled in by the card.
 CARD_ANSWER = """question, context = "Where does the Eiffel Tower stand?", "The Eiffel Tower stands in Paris, the capital of France."
-inputs = tokenizer(question, context, return_tensors="pt", truncation="only_second", max_length=384)
+# As peft-ft answers: windows of {MAX_LENGTH} tokens overlapping by {DOC_STRIDE}; in each, the {N_BEST} best starts x
+# the {N_BEST} best ends inside the context, end not before start, at most {MAX_ANSWER_LENGTH} tokens; the highest
+# start + end logit over all windows wins
+inputs = tokenizer(question.lstrip(), context, truncation="only_second", max_length={MAX_LENGTH}, stride={DOC_STRIDE},
+                   return_overflowing_tokens=True, return_offsets_mapping=True, padding=True, return_tensors="pt")
+offsets = inputs.pop("offset_mapping").tolist()
+inputs.pop("overflow_to_sample_mapping")
 with torch.no_grad():
     out = model(**inputs)
-in_context = torch.tensor([s == 1 for s in inputs.sequence_ids(0)])  # the answer lies in the context
-start_logits = out.start_logits[0].masked_fill(~in_context, -1e9)
-end_logits = out.end_logits[0].masked_fill(~in_context, -1e9)
-start = int(start_logits.argmax())
-end = start + int(end_logits[start:start + 30].argmax())
-answer = context[inputs.token_to_chars(0, start).start:inputs.token_to_chars(0, end).end]
+candidates = []  # (score, start char, end char)
+for w in range(len(offsets)):
+    n = int(inputs["attention_mask"][w].sum())  # the window's own tokens: padding never competes
+    in_context = [s == 1 for s in inputs.sequence_ids(w)[:n]]
+    starts, ends = out.start_logits[w, :n], out.end_logits[w, :n]
+    for s in starts.argsort(descending=True)[:{N_BEST}].tolist():
+        for e in ends.argsort(descending=True)[:{N_BEST}].tolist():
+            if in_context[s] and in_context[e] and s <= e < s + {MAX_ANSWER_LENGTH}:
+                candidates.append((float(starts[s] + ends[e]), offsets[w][s][0], offsets[w][e][1]))
+_, start, end = max(candidates) if candidates else (0.0, 0, 0)
+answer = context[start:end]
 print(answer)
 """
 CARD = Card(
