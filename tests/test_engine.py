@@ -4,6 +4,7 @@ stopping, experiment trackers (TensorBoard, MLflow, W&B offline) and where the f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -73,13 +74,16 @@ def test_tensorboard_event_files_hold_the_expected_tags(tracked_bf16_run):
 
     events = list((tracked_bf16_run / "tracking").rglob("events.out.tfevents.*"))
     assert events, list((tracked_bf16_run / "tracking").rglob("*"))
-    scalars = {}
+    scalars, values = {}, {}
     for f in events:
         acc = EventAccumulator(str(f))
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             scalars[tag] = [e.step for e in acc.Scalars(tag)]
+            values[tag] = [e.value for e in acc.Scalars(tag)]
     assert scalars["train/loss"] == list(range(1, 11))  # every optimizer step
+    # the rate each step trained at (no warmup step here): the peak first, and the cosine not yet at 0 on the last
+    assert values["train/lr"][0] == max(values["train/lr"]) and values["train/lr"][-1] > 0
     assert scalars["train/lr"] == list(range(1, 11))
     assert scalars["train/tokens_per_second"] == list(range(1, 11))
     assert scalars["validation/macro_f1"] == scalars["validation/accuracy"] == [2, 4, 6, 8, 10]
@@ -149,6 +153,17 @@ def test_scheduler_names_are_transformers_names():
     from transformers import SchedulerType
 
     assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"scheduler": "cosine_with_restarts"}, "train.scheduler: 'cosine_with_restarts' would run as cosine (num_cycles stays 1)"),
+    ({"scheduler": "polynomial"}, "train.scheduler: 'polynomial' would run as linear (power stays 1)"),
+    ({"scheduler": "constant", "warmup": 0.5}, 'train.warmup: 0.5 with train.scheduler "constant", which has no warmup'),
+])
+def test_schedule_settings_that_would_change_nothing_are_refused(train, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        build_recipe({"data": {"train": "t.jsonl"}, "train": train}, "r.toml")
+    assert build_recipe({"data": {"train": "t.jsonl"}, "train": {"scheduler": "constant"}}, "r.toml")  # default warmup: fine
 
 
 def test_engine_keys_are_validated_together_and_explained():
@@ -440,3 +455,22 @@ def test_hooks_see_every_step_and_evaluation():
           metric="accuracy", hooks=hooks)
     assert seen["steps"] == [1, 2, 3, 4] and all(seen["grads"])
     assert [(e["epoch"], e["steps"]) for e in seen["evaluations"]] == [(1, 2), (2, 4)]
+
+
+def test_a_launcher_that_started_one_cpu_process_of_several_says_so(monkeypatch):
+    """`accelerate launch --num_processes 2 --cpu` leaves the processes to mpirun and starts one: it trained alone,
+    exit 0, without a word."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from peft_ft.engine.accelerator import notes
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    one = SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert "started one" in notes(one)[0] and "cpu_ddp.yaml" in notes(one)[0]
+    monkeypatch.delenv("MASTER_ADDR")  # `--num_processes 1 --cpu`: one asked, one started
+    assert notes(one) == []

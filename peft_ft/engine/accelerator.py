@@ -39,7 +39,8 @@ def make_accelerator(recipe: Recipe):
         AcceleratorState._reset_state()
         GradientState._reset_state()
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launcher_precision and launcher_precision != recipe.train.mixed_precision:
+    # "no" is every launcher's default (and the shipped configs' value): only a 16-bit request that differs is news
+    if launcher_precision not in (None, "no", recipe.train.mixed_precision) and distributed.is_main():
         log.warning("the launcher asks for mixed precision %r; the recipe's train.mixed_precision %r is used",
                     launcher_precision, recipe.train.mixed_precision)
     on_cpu = not use_cuda(recipe)
@@ -83,6 +84,12 @@ def skip_deepspeed_shm_build() -> None:
 def notes(accelerator) -> list[str]:
     """What the run log should say about the engine (the launcher's choices as accelerate applied them)."""
     kind = accelerator.distributed_type.value
+    if (accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ
+            and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"):
+        # `accelerate launch --num_processes 2 --cpu` hands several CPU processes to mpirun; without it one starts
+        return ["accelerate launch asked for several CPU processes but started one (its --cpu launcher leaves them to "
+                "mpirun): this run trains in one process. For data-parallel CPU training launch with "
+                "--config_file configs/accelerate/cpu_ddp.yaml"]
     if kind in ("FSDP", "DEEPSPEED"):
         return [f"accelerate: {kind} over {accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"]
     if distributed.deepspeed_launch():

@@ -306,8 +306,9 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
                                               padding)
                 if t.grad_clip:
                     accelerator.clip_grad_norm_(trainable, t.grad_clip)
+                lr_used = scheduler.get_last_lr()[0]  # this step's rate: the schedule moves on after it
                 if not math.isfinite(loss_value):  # checked before the step, so the weights stay finite
-                    raise _numerical_error(loss_value, result.steps + 1, epoch, scheduler.get_last_lr()[0], t, run_dir)
+                    raise _numerical_error(loss_value, result.steps + 1, epoch, lr_used, t, run_dir)
                 optimizer.step()
                 if method_after_step is not None:
                     method_after_step(result.steps)  # gradients still in place (AdaLoRA reads them)
@@ -321,7 +322,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
                 result.samples += len(indices)
                 result.tokens += sum(lengths[i] for i in indices)
                 elapsed = result.seconds + time.perf_counter() - epoch_start
-                track(accelerator, {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
+                track(accelerator, {"train/loss": loss_value, "train/lr": lr_used,
                                     "train/tokens_per_second": result.tokens / elapsed}, result.steps)
                 progress.update(bar, advance=1, description=f"epoch {epoch}", loss=loss_value, speed=result.tokens / elapsed)
                 epoch_done, last = done == len(batches), result.steps >= total

@@ -17,6 +17,7 @@ from peft_ft.errors import RecipeError
 from peft_ft.methods import METHODS
 from peft_ft.recipe.schema import (
     SCHEDULERS,
+    SCHEDULERS_WITHOUT_KEYS,
     TRACKERS,
     Recipe,
     check_range,
@@ -217,8 +218,14 @@ def _check_cross_field(recipe: Recipe) -> list[str]:
 def _check_train(recipe: Recipe) -> list[str]:
     """Choices of the training engine (peft_ft.engine.accelerator) that the types alone do not catch."""
     t, problems = recipe.train, []
-    if t.scheduler not in SCHEDULERS:
+    if t.scheduler in SCHEDULERS_WITHOUT_KEYS:
+        problems.append(f"train.scheduler: {t.scheduler!r} would run as {SCHEDULERS_WITHOUT_KEYS[t.scheduler]}: recipes have no "
+                        f"key for its setting; use {SCHEDULERS_WITHOUT_KEYS[t.scheduler].split()[0]!r}")
+    elif t.scheduler not in SCHEDULERS:
         problems.append(choice_error("train.scheduler", t.scheduler, list(SCHEDULERS)))
+    if t.scheduler == "constant" and "train.warmup" in recipe.explicit and t.warmup:
+        problems.append(f"train.warmup: {t.warmup:g} with train.scheduler \"constant\", which has no warmup; use "
+                        f"\"constant_with_warmup\", or remove train.warmup")
     for name in t.report_to:
         if name not in TRACKERS:
             problems.append(choice_error("train.report_to", name, list(TRACKERS)))

@@ -38,7 +38,9 @@ _LS = {"data.format": ("label_studio",)}
 # train.scheduler values: transformers' schedules that need nothing beyond warmup and total steps.
 # Left out: reduce_lr_on_plateau and greedy (driven by a metric each step), cosine_with_min_lr,
 # cosine_warmup_with_min_lr and warmup_stable_decay (settings a recipe has no key for).
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "inverse_sqrt")
+# transformers names whose shape comes from a setting a recipe has no key for: at its default each is another name here
+SCHEDULERS_WITHOUT_KEYS = {"cosine_with_restarts": "cosine (num_cycles stays 1)", "polynomial": "linear (power stays 1)"}
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
