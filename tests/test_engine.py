@@ -474,3 +474,23 @@ def test_a_launcher_that_started_one_cpu_process_of_several_says_so(monkeypatch)
     assert "started one" in notes(one)[0] and "cpu_ddp.yaml" in notes(one)[0]
     monkeypatch.delenv("MASTER_ADDR")  # `--num_processes 1 --cpu`: one asked, one started
     assert notes(one) == []
+
+
+def test_a_resumed_run_goes_on_in_its_own_tracker_run(tmp_path, tiny_bert, data):
+    """--resume after a kill reopens the MLflow run the killed process started (one run per training, FINISHED, its
+    loss curve to the last step), rather than a second run beside one left RUNNING forever."""
+    from mlflow.tracking import MlflowClient
+
+    from helpers import run_killed
+    from peft_ft.cli import main
+
+    recipe = recipe_file(tmp_path, tiny_bert, data, {"report_to": ["mlflow"], "checkpoint_every": 2, "batch_size": 8})
+    assert run_killed(recipe, after=1, cwd=tmp_path).returncode != 0
+    (run_dir,) = (tmp_path / "runs" / "e").iterdir()
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    client = MlflowClient(tracking_uri=(run_dir / "tracking" / "mlruns").resolve().as_uri())
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")}
+    assert steps == set(range(1, 11))  # 2 epochs x 5 steps, before and after the kill
+    assert runs[0].data.params["train.epochs"] == "2"  # logged once, at the start

@@ -12,8 +12,10 @@ What stays ours: the batches (peft_ft.data.batching), how a batch is shared betw
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from peft_ft.engine import distributed
@@ -22,6 +24,7 @@ from peft_ft.engine.precision import frozen_bf16
 from peft_ft.errors import PeftFtError
 from peft_ft.recipe.schema import Recipe
 from peft_ft.rundir.layout import TRACKING
+from peft_ft.storage import write_json
 
 log = logging.getLogger("peft_ft")
 
@@ -173,9 +176,11 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
 
     folder = run_dir / TRACKING
     name = recipe.output.name or Path(recipe.source).stem
+    ids = _tracker_ids(folder)  # a resumed run's: it goes on in the same tracker runs, not in new ones
     kwargs = {"tensorboard": {"logging_dir": str(folder / "tensorboard")},
-              "mlflow": {"logging_dir": str(folder / "mlflow-artifacts")},
-              "wandb": {"mode": os.environ.get("WANDB_MODE", "offline"), "dir": os.environ.get("WANDB_DIR", str(folder))}}
+              "mlflow": {"logging_dir": str(folder / "mlflow-artifacts"), **({"run_id": ids["mlflow"]} if "mlflow" in ids else {})},
+              "wandb": {"mode": os.environ.get("WANDB_MODE", "offline"), "dir": os.environ.get("WANDB_DIR", str(folder)),
+                        "id": ids.get("wandb") or secrets.token_hex(4), "resume": "allow"}}
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         if "mlflow" in recipe.train.report_to and "MLFLOW_TRACKING_URI" not in os.environ:
@@ -191,8 +196,33 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
     # Built here rather than named to Accelerator(log_with=...): accelerate wants the logging folder
     # when the Accelerator is made, before the main process has made the run folder.
     accelerator.log_with = [LOGGER_TYPE_TO_CLASS[n](name, **kwargs[n]) for n in recipe.train.report_to]
-    accelerator.init_trackers(name, config=_flat_config(recipe))
-    log.info("tracking: %s under %s", ", ".join(recipe.train.report_to), folder)
+    # The hyperparameters once: MLflow refuses a changed value (a resume that raised train.epochs) in a run it reopens.
+    accelerator.init_trackers(name, config=None if ids else _flat_config(recipe))
+    if accelerator.is_main_process:
+        _save_tracker_ids(accelerator, folder)
+    log.info("tracking: %s under %s%s", ", ".join(recipe.train.report_to), folder, " (continuing its runs)" if ids else "")
+
+
+TRACKER_IDS = "ids.json"  # under tracking/: the tracker runs of this run folder, which `--resume` continues
+
+
+def _tracker_ids(folder: Path) -> dict:
+    try:
+        ids = json.loads((folder / TRACKER_IDS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet (a new run), or unreadable: new tracker runs
+        return {}
+    return {k: v for k, v in ids.items() if isinstance(v, str)} if isinstance(ids, dict) else {}
+
+
+def _save_tracker_ids(accelerator, folder: Path) -> None:
+    ids = {}
+    for tracker in accelerator.trackers:
+        if tracker.name == "mlflow":
+            ids["mlflow"] = tracker.active_run.info.run_id
+        elif tracker.name == "wandb":
+            ids["wandb"] = tracker.run.id
+    if ids:
+        write_json(folder / TRACKER_IDS, ids)
 
 
 # The MLflow file store this process pointed MLflow at, if any. mlflow.set_tracking_uri also writes
@@ -201,11 +231,19 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
 _our_mlflow_uri: str | None = None
 
 
-def finish_tracking(accelerator) -> None:
-    """Close the trackers (not `end_training`: that also ends the process group, still needed to evaluate)."""
+def finish_tracking(accelerator, status: str = "FINISHED") -> None:
+    """Close the trackers (not `end_training`: that also ends the process group, still needed to evaluate).
+    `status`: FINISHED, KILLED (Ctrl-C, SIGTERM: `--resume` reopens the run) or FAILED, as MLflow names them."""
     global _our_mlflow_uri
     for tracker in accelerator.trackers:
-        tracker.finish()
+        if tracker.name == "mlflow" and status != "FINISHED":
+            import mlflow
+
+            mlflow.end_run(status=status)
+        elif tracker.name == "wandb" and status != "FINISHED":
+            tracker.run.finish(exit_code=1)
+        else:
+            tracker.finish()
     accelerator.trackers = []
     if _our_mlflow_uri is not None:
         import mlflow

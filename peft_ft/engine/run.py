@@ -284,10 +284,15 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
                          accelerator, resume_from: Path | None = None, run_state: dict | None = None,
                          hooks: TrainHooks | None = None) -> None:
     start_tracking(accelerator, recipe, run_dir)
+    status = "FAILED"
     try:
         _train_evaluate_save_tracked(recipe, task, method, location, data, run_dir, accelerator, resume_from, run_state, hooks)
+        status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stopped with a checkpoint, for `--resume` to go on with
+        status = "KILLED"
+        raise
     finally:
-        finish_tracking(accelerator)
+        finish_tracking(accelerator, status)
 
 
 def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,
