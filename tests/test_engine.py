@@ -494,3 +494,12 @@ def test_a_resumed_run_goes_on_in_its_own_tracker_run(tmp_path, tiny_bert, data)
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")}
     assert steps == set(range(1, 11))  # 2 epochs x 5 steps, before and after the kill
     assert runs[0].data.params["train.epochs"] == "2"  # logged once, at the start
+
+
+def test_settings_the_runs_step_count_leaves_idle_are_named_at_the_start(tmp_path, tiny_bert, data):
+    """Patience of 5 over 2 epoch-end evaluations could never stop the run: it trained to the end without a word."""
+    from peft_ft.engine.run import run
+
+    run_dir = run(load_recipe(recipe_file(tmp_path, tiny_bert, data, {"early_stopping_patience": 5})))
+    log = (run_dir / "train.log").read_text()
+    assert "train.early_stopping_patience 5 cannot stop this run: it evaluates 2 time(s) in 10 steps" in log

@@ -184,6 +184,19 @@ def steps_per_epoch(rows: int, t) -> int:
     return math.ceil(rows / (t.batch_size * t.gradient_accumulation_steps))
 
 
+def _idle_settings(t, total: int, per_epoch: int, validated: bool) -> list[str]:
+    """Settings that this run's step count (known once the data is read) leaves with nothing to do."""
+    evaluations = sum(evaluation_due(s, s % max(1, per_epoch) == 0, s == total, t.eval_every) for s in range(1, total + 1))
+    found = []
+    if t.early_stopping_patience and t.early_stopping_patience >= evaluations:
+        found.append(f"train.early_stopping_patience {t.early_stopping_patience} cannot stop this run: it evaluates "
+                     f"{evaluations} time(s) in {total} steps; lower it, or set train.eval_every")
+    if t.eval_every and not validated:
+        found.append("train.eval_every: there is no validation split to evaluate; every evaluation only records the "
+                     "training loss (set data.validation or data.validation_fraction)")
+    return found
+
+
 def evaluation_due(step: int, epoch_done: bool, last_step: bool, eval_every: int) -> bool:
     """Every `eval_every` steps (and after the last step), or at each epoch's end when 0."""
     if eval_every:
@@ -291,7 +304,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     log.info("effective batch %d rows per optimizer step (train.batch_size %d x gradient_accumulation_steps %d), "
              "split across %d process%s; %d steps; precision %s", step_rows, t.batch_size, t.gradient_accumulation_steps,
              accelerator.num_processes, "es" if accelerator.num_processes > 1 else "", total, precision_label(model, accelerator))
-    for note in notes(accelerator):
+    for note in [*notes(accelerator), *_idle_settings(t, total, per_epoch, validate is not None)]:
         log.warning(note)
     with _progress() as progress, _StopRequests(enabled=saving and distributed.world().size == 1) as stop:
         bar = progress.add_task("train", total=total, completed=result.steps, loss=float("nan"), speed=0.0)
