@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 from pathlib import Path
 
 from peft_ft.engine import distributed
@@ -180,7 +179,7 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
     kwargs = {"tensorboard": {"logging_dir": str(folder / "tensorboard")},
               "mlflow": {"logging_dir": str(folder / "mlflow-artifacts"), **({"run_id": ids["mlflow"]} if "mlflow" in ids else {})},
               "wandb": {"mode": os.environ.get("WANDB_MODE", "offline"), "dir": os.environ.get("WANDB_DIR", str(folder)),
-                        "id": ids.get("wandb") or secrets.token_hex(4), "resume": "allow"}}
+                        **({"id": ids["wandb"], "resume": "allow"} if "wandb" in ids else {})}}
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         if "mlflow" in recipe.train.report_to and "MLFLOW_TRACKING_URI" not in os.environ:
