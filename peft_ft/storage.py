@@ -114,36 +114,37 @@ def write_atomic(path: Path, text: str) -> None:
         with open(path, "wb") as f:
             f.write(data)
         return
-    mode = path.stat().st_mode & 0o7777 if path.is_file() else None
-    with space_for(path.parent, len(data), path.name):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            if mode is None:
-                honour_umask(Path(tmp))
-            else:
-                os.chmod(tmp, mode)  # a private (0600) file stays private
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    with _replacing(path, len(data)) as (fd, _):
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
 
 
 def save_figure(fig, path: Path, dpi: int) -> None:
     """A matplotlib figure saved as `write_atomic` saves text: a disk that fills leaves the old plot (or none) and a
-    message, not an empty PNG. The temporary file keeps the suffix: matplotlib picks the format from it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        with space_for(path.parent, 0, path.name):
-            fig.savefig(tmp, dpi=dpi)
-        honour_umask(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    message, not an empty PNG."""
+    with _replacing(Path(path), 0) as (fd, tmp):
+        os.close(fd)
+        fig.savefig(tmp, dpi=dpi, format=Path(path).suffix[1:])  # the temporary name ends .tmp
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, needed: int):
+    """A temporary file beside `path` (its open descriptor, which the caller closes, and its path), renamed over
+    `path` once written, with the permissions `path` has (a private 0600 file stays private) or a new file's."""
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else None
+    with space_for(path.parent, needed, path.name):
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # what a run cleans up
+        tmp = Path(name)
+        try:
+            yield fd, tmp
+            if mode is None:
+                honour_umask(tmp)
+            else:
+                os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def write_json(path: Path, data) -> None:

@@ -222,7 +222,11 @@ def read_delimited(source: str, text: str, delimiter: str) -> list[tuple[int, di
 
     # The whole file is in memory already; csv's default 128 KiB field limit would refuse one long text.
     csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
-    _refuse_stray_quotes(source, text, delimiter)
+    strict = _strict_error(text, delimiter)
+    if strict is not None and "expected after" in strict[0]:  # `"Hello," he said` would read as `Hello, he said`
+        raise DataError(f"{source}: line {strict[1]}: a quoted field has text after its closing quote (as in "
+                        f"\"Hello,\" he said); quote the whole field and double the quotes inside it "
+                        f"(\"\"\"Hello,\"\" he said\"), or leave the field unquoted")
     reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
     header = reader.fieldnames or []
     twice = sorted({name for name in header if header.count(name) > 1})
@@ -247,15 +251,15 @@ def read_delimited(source: str, text: str, delimiter: str) -> list[tuple[int, di
                      f"or double a quote inside a field (\"\")" if last > first else "")
             raise DataError(f"{source}: {lines}: {len(values)} field(s) where the header has {len(header)}{quote}")
         rows.append((first, row))
-    if rows and last > first and _ends_inside_quotes(text, delimiter):
+    if rows and last > first and strict is not None and "unexpected end of data" in strict[0]:
         raise DataError(f"{source}: {lines}: a quote opened on line {first} is never closed, so every line "
                         f"after it was read into one field; close it, or double a quote inside a field (\"\")")
     return rows
 
 
-def _refuse_stray_quotes(source: str, text: str, delimiter: str) -> None:
-    """`"Hello," he said` reads as `Hello, he said`: a quoted field with text after its closing quote. A strict
-    reader says where (its other complaint, a quote never closed, is named with the row it swallowed)."""
+def _strict_error(text: str, delimiter: str) -> tuple[str, int] | None:
+    """What a strict reader says of the file, and at which line: the default reader quietly drops the quotes of
+    `"Hello," he said` and takes the rest of a file whose quote never closes as one field."""
     import csv
     import io
 
@@ -264,24 +268,8 @@ def _refuse_stray_quotes(source: str, text: str, delimiter: str) -> None:
         for _ in reader:
             pass
     except csv.Error as e:
-        if "expected after" in str(e):
-            raise DataError(f"{source}: line {reader.line_num}: a quoted field has text after its closing quote (as in "
-                            f"\"Hello,\" he said); quote the whole field and double the quotes inside it "
-                            f"(\"\"\"Hello,\"\" he said\"), or leave the field unquoted") from None
-
-
-def _ends_inside_quotes(text: str, delimiter: str) -> bool:
-    """Whether the file ends inside a quoted field. Only a strict reader says so; the default reader quietly
-    takes the rest of the file as the field."""
-    import csv
-    import io
-
-    try:
-        for _ in csv.reader(io.StringIO(text), delimiter=delimiter, strict=True):
-            pass
-    except csv.Error as e:
-        return "unexpected end of data" in str(e)
-    return False
+        return str(e), reader.line_num
+    return None
 
 
 def read_hub_split(recipe: Recipe, split: str) -> list[dict]:

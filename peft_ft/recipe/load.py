@@ -263,14 +263,19 @@ def _check_text(recipe: Recipe) -> list[str]:
         for f in dataclasses.fields(getattr(recipe, section.name)):
             value = recipe.get(f"{section.name}.{f.name}")
             for item in value if isinstance(value, list) else [value]:
-                if isinstance(item, str) and any("\ud800" <= c <= "\udfff" for c in item):
+                if isinstance(item, str) and _not_utf8(item):
                     shown = item.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
                     problems.append(f"{section.name}.{f.name}: {shown!r} holds bytes that are not UTF-8; rename that file or "
                                     f"folder (or give another path)")
-    if not recipe.output.name and any("\ud800" <= c <= "\udfff" for c in Path(recipe.source).stem):
+    if not recipe.output.name and _not_utf8(Path(recipe.source).stem):
         problems.append("output.name: unset, so runs are named after the recipe file, whose name holds bytes that are not "
                         "UTF-8; rename the recipe, or set output.name")
     return problems
+
+
+def _not_utf8(text: str) -> bool:
+    """Lone surrogates: how Python reads back bytes of a file name that are not UTF-8."""
+    return any("\ud800" <= c <= "\udfff" for c in text)
 
 
 def _check_output(recipe: Recipe) -> list[str]:

@@ -219,3 +219,11 @@ def request_text(row: dict, names: list[str], where: str) -> str:
 def token_count(tokenizer, text: str, pair: str | None = None) -> int:
     """Tokens of a text (or pair) with the special tokens, untruncated."""
     return len(tokenizer(text, pair, truncation=False)["input_ids"])
+
+
+def longer_than(tokenizer, item, max_length: int) -> bool:
+    """`Answers.truncated` of families that cut their input at `max_length`: a text, or a {"text", "text_pair"} pair,
+    longer than that with its special tokens (the model sees only its start)."""
+    if isinstance(item, dict):
+        return token_count(tokenizer, item["text"], item.get("text_pair")) > max_length
+    return token_count(tokenizer, item) > max_length

@@ -20,7 +20,17 @@ from peft_ft.data.formats.label_studio import read_classification
 from peft_ft.errors import DataError
 from peft_ft.recipe.schema import DataSection, Recipe
 from peft_ft.storage import write_atomic
-from peft_ft.tasks.base import Answers, Card, Task, register_task, replace_loss, request_text, stock_pipeline, token_count
+from peft_ft.tasks.base import (
+    Answers,
+    Card,
+    Task,
+    longer_than,
+    register_task,
+    replace_loss,
+    request_text,
+    stock_pipeline,
+    token_count,
+)
 
 log = logging.getLogger("peft_ft")
 # A regression head has one output; its one "label" names it. One label <=> regression (a
@@ -153,13 +163,6 @@ def _classification_input(row: dict, recipe: Recipe, where: str):
     return {"text": text, "text_pair": request_text(row, ["text_pair", d.text_pair_column], where)}
 
 
-def _truncated(tokenizer, item, max_length: int) -> bool:
-    """Whether the model sees only the start of this input (over `max_length` tokens with its special tokens)."""
-    if isinstance(item, dict):
-        return token_count(tokenizer, item["text"], item.get("text_pair")) > max_length
-    return token_count(tokenizer, item) > max_length
-
-
 def _cost(tokenizer, recipe: Recipe, item) -> int:
     text, pair = (item.get("text", ""), item.get("text_pair")) if isinstance(item, dict) else (item, None)
     return min(token_count(tokenizer, text, pair), recipe.model.max_length)
@@ -170,7 +173,7 @@ ANSWERS = Answers(
     build=stock_pipeline("text-classification", lambda r: {"truncation": True, "max_length": r.model.max_length}),
     to_input=_classification_input,
     to_answer=lambda o: {"label": o["label"], "score": round(float(o["score"]), 6)},
-    cost=_cost, truncated=_truncated, mixes="rows",
+    cost=_cost, truncated=longer_than, mixes="rows",
 )
 
 

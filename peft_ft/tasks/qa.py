@@ -83,7 +83,7 @@ def check_questions_in_folder(splits: dict[str, Split], location: str, recipe: R
     tokenizer.no_padding()  # a tokenizer.json may pad or cut every encoding to a length (the embedded one: 128)
     tokenizer.no_truncation()
     specials = tokenizer.post_processor.num_special_tokens_to_add(True) if tokenizer.post_processor else 0
-    room = recipe.model.max_length - specials - recipe.task.doc_stride
+    room = question_room(recipe, specials)
     for split in splits.values():
         # Only questions that could be too long are tokenized: a token covers at least one UTF-8 byte (WordPiece,
         # byte-level BPE; SentencePiece adds one word-start piece), so a question of fewer bytes fits.
@@ -93,8 +93,14 @@ def check_questions_in_folder(splits: dict[str, Split], location: str, recipe: R
             refuse_long_questions([len(e.ids) for e in encoded], [e["id"] for e in maybe], specials, recipe, split.source)
 
 
+def question_room(recipe: Recipe, specials: int) -> int:
+    """A question must be shorter than this many tokens: a window holds it, the special tokens and more than
+    task.doc_stride context tokens."""
+    return recipe.model.max_length - specials - recipe.task.doc_stride
+
+
 def refuse_long_questions(lengths: list[int], ids: list[str], specials: int, recipe: Recipe, source: str) -> None:
-    room = recipe.model.max_length - specials - recipe.task.doc_stride
+    room = question_room(recipe, specials)
     long = [(qid, n) for qid, n in zip(ids, lengths) if n >= room]
     if long:
         shown = ", ".join(f"{qid} ({n} tokens)" for qid, n in long[:SHOWN_IDS])
@@ -265,8 +271,7 @@ class QuestionAnswerer(FamilyAnswerer):
 def refuse_long_request_questions(rows: list[dict], tokenizer, recipe: Recipe) -> None:
     """A request's question too long for this adapter's windows, named by its row (`where`, from `_qa_input`; else
     its place in the call) with what the asker can change: the question, not the run's recipe."""
-    specials = tokenizer.num_special_tokens_to_add(pair=True)
-    room = recipe.model.max_length - specials - recipe.task.doc_stride
+    room = question_room(recipe, tokenizer.num_special_tokens_to_add(pair=True))
     lengths = [len(ids) for ids in tokenizer([r["question"].lstrip() for r in rows], add_special_tokens=False)["input_ids"]]
     for i, (row, n) in enumerate(zip(rows, lengths)):
         if n >= room:

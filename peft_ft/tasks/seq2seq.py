@@ -18,7 +18,7 @@ from peft_ft.data.files import Split, TaskData, carve_validation, read_split_row
 from peft_ft.data.formats.squad import squad_metrics
 from peft_ft.errors import DataError
 from peft_ft.recipe.schema import Recipe, TaskSection
-from peft_ft.tasks.base import Answers, Card, FamilyAnswerer, Task, register_task, request_text, token_count
+from peft_ft.tasks.base import Answers, Card, FamilyAnswerer, Task, longer_than, register_task, request_text, token_count
 from peft_ft.tasks.qa import cap_examples, load_squad_splits, write_official_predictions
 
 # Fields of a SQuAD question that task.input_template may name.
@@ -141,13 +141,8 @@ def _cost(tokenizer, recipe: Recipe, item: str) -> int:
     return min(token_count(tokenizer, item), recipe.model.max_length) + recipe.eval.max_new_tokens
 
 
-def _truncated(tokenizer, item: str, max_length: int) -> bool:
-    """Whether the encoder reads only the start of the input (encoding cuts it to model.max_length)."""
-    return token_count(tokenizer, item) > max_length
-
-
 ANSWERS = Answers(build=Generator, to_input=_seq2seq_input, to_answer=lambda o: {"generated_text": o[0]["generated_text"]},
-                  cost=_cost, truncated=_truncated)
+                  cost=_cost, truncated=longer_than)  # encoding cuts the input to model.max_length
 
 
 CARD = Card(

@@ -7,10 +7,9 @@ each token, for messages). Every problem is a `DataError` naming the file and li
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from peft_ft.data.files import lines_of, read_text, unicode_text
+from peft_ft.data.files import json_record, lines_of, read_text, unicode_text
 from peft_ft.errors import DataError
 
 DOCSTART = "-DOCSTART-"
@@ -114,10 +113,7 @@ def read_jsonl(path: Path | str, **fields) -> tuple[list[dict], int]:
     rows = []
     for number, line in enumerate(lines_of(read_text(Path(path))), 1):
         if line.strip():
-            try:
-                rows.append((number, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+            rows.append((number, json_record(line, f"{path}: line {number}")))
     return read_tagged_rows(rows, str(path), **fields)
 
 
