@@ -53,6 +53,15 @@ def machine_problem(error: BaseException) -> str | None:
     return f"{where + ': ' if where else ''}{error.strerror}; {_MACHINE_ADVICE[error.errno]}"
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why new files cannot be made in `folder`, an existing path ("is a file", ...), or None when they can."""
+    if not folder.is_dir():
+        return "is a file"
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        return "is on a read-only file system"
+    return None if os.access(folder, os.W_OK | os.X_OK) else "is not writable by this user"
+
+
 def no_space(folder: Path, needed: int, what: str) -> PeftFtError:
     free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize if Path(folder).exists() else 0
     return PeftFtError(f"{folder}: not enough disk space to save {what}: it needs about {human_size(needed)}, "

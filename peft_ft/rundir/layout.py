@@ -29,7 +29,7 @@ from peft_ft.models.integrity import DAMAGED, read_json_object
 from peft_ft.recipe.dump import to_toml
 from peft_ft.recipe.load import load_recipe
 from peft_ft.recipe.schema import Recipe
-from peft_ft.storage import write_json
+from peft_ft.storage import unwritable, write_json
 from peft_ft.tasks import TASKS
 
 RECIPE = "recipe.toml"
@@ -66,11 +66,9 @@ def check_output_place(recipe: Recipe) -> None:
                           f"link that leads nowhere: a loop, or its target is missing); fix the link or set another output.dir")
     if existing is None:
         return
-    why = f"{existing} is a file" if not existing.is_dir() else \
-        f"{existing} is on a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else \
-        None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable by this user"
+    why = unwritable(existing)
     if why:
-        raise PeftFtError(f"{recipe.source}: output.dir: cannot make run folders under {parent} ({why}); "
+        raise PeftFtError(f"{recipe.source}: output.dir: cannot make run folders under {parent} ({existing} {why}); "
                           f"set output.dir to a folder you can write")
 
 

@@ -18,7 +18,7 @@ from peft_ft.models.safety import check_no_pickle
 from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info, read_recipe
 from peft_ft.rundir.portable import moved_info
 from peft_ft.rundir.load import check_run_folder, load_run
-from peft_ft.storage import honour_umask_tree, space_for, tensor_bytes, write_json
+from peft_ft.storage import honour_umask_tree, space_for, tensor_bytes, unwritable, write_json
 
 
 def check_mergeable(run_dir: Path, info: dict) -> None:
@@ -74,9 +74,7 @@ def check_out(out: Path, flag: str = "--out") -> None:
     if len(f".{out.name}.exporting-12345678".encode("utf-8", "surrogatepass")) > 255:  # the staging folder's name
         raise PeftFtError(f"{flag} {out}: the folder name is too long to stage the output beside it; choose a shorter name")
     parent = next((p for p in [out.absolute().parent, *out.absolute().parents] if p.exists()), None)
-    why = ("is a file" if parent is not None and not parent.is_dir()
-           else "is on a read-only file system" if parent is not None and os.statvfs(parent).f_flag & os.ST_RDONLY
-           else "is not writable" if parent is not None and not os.access(parent, os.W_OK | os.X_OK) else None)
+    why = unwritable(parent) if parent is not None else None
     if why:
         raise PeftFtError(f"{flag} {out}: cannot be made: {parent} {why}; choose a folder you can write")
 

@@ -31,7 +31,7 @@ from peft_ft.rundir.layout import ADAPTER_CONFIG, read_info, read_recipe
 from peft_ft.rundir.load import base_location, check_run_folder, load_run
 from peft_ft.serving import mixed
 from peft_ft.serving.combine import build_inference_combinations, parse_inference_combinations
-from peft_ft.storage import write_atomic
+from peft_ft.storage import unwritable, write_atomic
 from peft_ft.tasks import TASKS
 from peft_ft.tasks.base import Answers
 
@@ -386,9 +386,8 @@ def check_writable(path: Path) -> None:
             raise PeftFtError(f"--output {path}: cannot write there (not writable); choose a path you can write")
         return
     folder = path.parent if str(path.parent) else Path(".")
-    why = ("it is a folder" if path.is_dir() else "its folder does not exist" if not folder.is_dir()
-           else "its folder is on a read-only file system" if os.statvfs(folder).f_flag & os.ST_RDONLY
-           else "its folder is not writable" if not os.access(folder, os.W_OK | os.X_OK)
+    why = ("it is a folder" if path.is_dir() else "its folder does not exist" if not folder.exists()
+           else f"its folder {unwritable(folder)}" if unwritable(folder)
            else "the file is not writable" if path.exists() and not os.access(path, os.W_OK) else None)
     if why:
         raise PeftFtError(f"--output {path}: cannot write there ({why}); choose a path in a folder you can write")
