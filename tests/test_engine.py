@@ -478,16 +478,23 @@ def test_a_launcher_that_started_one_cpu_process_of_several_says_so(monkeypatch)
 
 def test_a_resumed_run_goes_on_in_its_own_tracker_run(tmp_path, tiny_bert, data):
     """--resume after a kill reopens the MLflow run the killed process started (one run per training, FINISHED, its
-    loss curve to the last step), rather than a second run beside one left RUNNING forever."""
+    loss curve to the last step), rather than a second run beside one left RUNNING forever. TensorBoard draws each
+    step once: the steps the killed process logged after its checkpoint are purged, not drawn twice."""
     from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from helpers import run_killed
     from peft_ft.cli import main
 
-    recipe = recipe_file(tmp_path, tiny_bert, data, {"report_to": ["mlflow"], "checkpoint_every": 2, "batch_size": 8})
-    assert run_killed(recipe, after=1, cwd=tmp_path).returncode != 0
+    recipe = recipe_file(tmp_path, tiny_bert, data, {"report_to": ["mlflow", "tensorboard"], "checkpoint_every": 2,
+                                                     "batch_size": 8})
+    assert run_killed(recipe, after=2, cwd=tmp_path).returncode != 0  # in step 4, after its checkpoint at step 2
     (run_dir,) = (tmp_path / "runs" / "e").iterdir()
+    tensorboard = next((run_dir / "tracking" / "tensorboard").iterdir())
+    killed = EventAccumulator(str(tensorboard)).Reload()
+    assert max(e.step for e in killed.Scalars("train/loss")) > 2  # logged past its checkpoint at step 2
     assert main(["run", "--resume", str(run_dir)]) == 0
+    assert [e.step for e in EventAccumulator(str(tensorboard)).Reload().Scalars("train/loss")] == list(range(1, 11))
     client = MlflowClient(tracking_uri=(run_dir / "tracking" / "mlruns").resolve().as_uri())
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert [r.info.status for r in runs] == ["FINISHED"]

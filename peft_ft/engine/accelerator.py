@@ -166,9 +166,10 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
 
 
-def start_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
+def start_tracking(accelerator, recipe: Recipe, run_dir: Path, resumed_at: int | None = None) -> None:
     """Open the recipe's trackers, writing under `<run>/tracking/` and offline unless the user's
-    environment says otherwise (MLFLOW_TRACKING_URI, WANDB_MODE / WANDB_DIR)."""
+    environment says otherwise (MLFLOW_TRACKING_URI, WANDB_MODE / WANDB_DIR). `resumed_at`: the step of the
+    checkpoint a `--resume` goes on from."""
     if not recipe.train.report_to:
         return
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
@@ -176,7 +177,10 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path) -> None:
     folder = run_dir / TRACKING
     name = recipe.output.name or Path(recipe.source).stem
     ids = _tracker_ids(folder)  # a resumed run's: it goes on in the same tracker runs, not in new ones
-    kwargs = {"tensorboard": {"logging_dir": str(folder / "tensorboard")},
+    # purge_step: TensorBoard drops what the killed process logged after the checkpoint (those steps run again),
+    # rather than drawing them twice.
+    kwargs = {"tensorboard": {"logging_dir": str(folder / "tensorboard"),
+                              **({"purge_step": resumed_at + 1} if resumed_at is not None else {})},
               "mlflow": {"logging_dir": str(folder / "mlflow-artifacts"), **({"run_id": ids["mlflow"]} if "mlflow" in ids else {})},
               "wandb": {"mode": os.environ.get("WANDB_MODE", "offline"), "dir": os.environ.get("WANDB_DIR", str(folder)),
                         **({"id": ids["wandb"], "resume": "allow"} if "wandb" in ids else {})}}

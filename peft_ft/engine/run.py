@@ -283,7 +283,8 @@ def use_fast_kernels(recipe: Recipe, device) -> bool:
 def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,
                          accelerator, resume_from: Path | None = None, run_state: dict | None = None,
                          hooks: TrainHooks | None = None) -> None:
-    start_tracking(accelerator, recipe, run_dir)
+    resumed_at = None if resume_from is None else checkpoint.read_state(resume_from)["step"]
+    start_tracking(accelerator, recipe, run_dir, resumed_at)
     status = "FAILED"
     try:
         _train_evaluate_save_tracked(recipe, task, method, location, data, run_dir, accelerator, resume_from, run_state, hooks)
