@@ -50,7 +50,32 @@ def machine_problem(error: BaseException) -> str | None:
     if not isinstance(error, OSError) or error.errno not in _MACHINE_ADVICE:
         return None
     where = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
-    return f"{where + ': ' if where else ''}{error.strerror}; {_MACHINE_ADVICE[error.errno]}"
+    return f"{where + ': ' if where else ''}{error.strerror}; {advice_for(error)}"
+
+
+def advice_for(error: OSError, path: Path | None = None, otherwise: str = "choose a folder you can write") -> str:
+    """What the user can do about `error`, met at `path` (else at the error's own file name)."""
+    at = path if path is not None else (Path(os.fsdecode(error.filename)) if error.filename is not None else None)
+    if error.errno == errno.ENOSPC and at is not None and out_of_inodes(at):
+        return NO_INODES
+    return _MACHINE_ADVICE.get(error.errno, otherwise)
+
+
+# ENOSPC also means a file system with bytes to spare but no inode left for one more file (many small files).
+NO_INODES = ("its file system has no free inodes (file entries) left, though it has free space: remove files you do not "
+             "need there (many small ones count as much as big ones), or use another file system, and run again")
+
+
+def out_of_inodes(path: Path) -> bool:
+    """The file system of `path` (or of its nearest existing folder) can make no more files."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return False
+    return stats.f_files > 0 and stats.f_favail == 0  # f_files 0: no inode accounting (btrfs, some network mounts)
 
 
 def unwritable(folder: Path) -> str | None:
@@ -64,6 +89,8 @@ def unwritable(folder: Path) -> str | None:
 
 def no_space(folder: Path, needed: int, what: str) -> PeftFtError:
     free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize if Path(folder).exists() else 0
+    if out_of_inodes(folder):
+        return PeftFtError(f"{folder}: no file can be made to save {what}: {NO_INODES}. Nothing was left half-written")
     return PeftFtError(f"{folder}: not enough disk space to save {what}: it needs about {human_size(needed)}, "
                        f"{human_size(free)} is free. Nothing was left half-written; free some space (or move "
                        f"output.dir) and run again")

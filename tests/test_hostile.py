@@ -426,6 +426,42 @@ def test_a_small_real_file_system_fills_up(clean_run, tmp_path):
         mount([str(small)], "umount")
 
 
+@pytest.mark.parametrize("inodes", [4, 6, 9])
+def test_a_file_system_out_of_inodes_is_named_and_left_as_it_was(tmp_path, tiny_bert, capsys, inodes):
+    """A disk with bytes to spare but no inode left gives ENOSPC too: it was reported as "free some space" (there
+    was space), and a run that met it at its first file left an empty run folder on each attempt."""
+    from peft_ft.cli import main
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if not mount(["-t", "tmpfs", "-o", f"size=8m,nr_inodes={inodes}", "tmpfs", str(small)]):
+        pytest.skip("needs root and mount for a small tmpfs")
+    try:
+        data = tmp_path / "data"
+        data.mkdir()
+        write_jsonl(data / "train.jsonl", sentiment_rows(16))
+        recipe = write_recipe(tmp_path / "r.toml", recipe_text(tiny_bert, data, task={"type": "classification"},
+                                                                output={"dir": small / "runs"}))
+        assert main(["run", str(recipe)]) == 2
+        err = capsys.readouterr().err
+        assert "no free inodes" in err and "Traceback" not in err, err
+        assert [p.name for p in small.rglob("*")] in ([], ["runs"]), list(small.rglob("*"))  # no empty run folder
+    finally:
+        mount([str(small)], "umount")
+
+
+def test_inodes_are_told_apart_from_bytes(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from peft_ft.storage import machine_problem, no_space
+
+    error = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "a" / "b.json"))
+    assert "free some space and run again" in machine_problem(error)
+    assert "not enough disk space" in str(no_space(tmp_path, 10, "x"))
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_files=100, f_favail=0, f_bavail=10**6, f_frsize=4096))
+    assert "no free inodes" in machine_problem(error) and "no free inodes" in str(no_space(tmp_path, 10, "x"))
+
+
 @pytest.mark.parametrize("tokens, says", [([["a", "b"], ["c"]], "holds list"), ([1, 2], "holds int"), (["ok", "\ud800"], "lone UTF-16 surrogate")])
 def test_ner_request_tokens_must_be_words(tokens, says):
     from peft_ft.errors import DataError

@@ -60,7 +60,7 @@ from peft_ft.rundir.layout import (
     record_splits,
     recorded_fingerprint,
 )
-from peft_ft.storage import folder_size, human_size, save_pretrained_atomic, write_atomic, write_json
+from peft_ft.storage import folder_size, human_size, machine_problem, save_pretrained_atomic, write_atomic, write_json
 from peft_ft.tasks import TASKS, Task
 from peft_ft.version import __version__
 
@@ -81,7 +81,11 @@ def run(recipe: Recipe, data_dir: str | None = None, hooks: TrainHooks | None = 
         for stale in clean_stale_siblings(recipe):
             log.info("removed %s, left by a save that was killed", stale)
         run_dir = create_run_dir(recipe)
-        write_atomic(run_dir / RECIPE, recipe_text(recipe))
+        try:
+            write_atomic(run_dir / RECIPE, recipe_text(recipe))
+        except BaseException:  # a full disk at the first file: no empty folder left for each attempt
+            _discard(run_dir)
+            raise
         return run_dir
 
     run_dir = distributed.on_main(new_run_dir)  # one folder, made by the main process, named to all
@@ -89,15 +93,24 @@ def run(recipe: Recipe, data_dir: str | None = None, hooks: TrainHooks | None = 
         try:
             _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=None,
                     accelerator=accelerator, hooks=hooks)
-        except PeftFtError:
-            # Refused before anything worth keeping (a model/method misfit found while building): no orphan
-            # folder holding only recipe.toml and train.log. With a checkpoint, the run can be resumed: kept.
+        except (PeftFtError, OSError) as e:
+            # Refused, or the disk failed, before anything worth keeping (a model/method misfit found while
+            # building): no orphan folder holding only recipe.toml and train.log. With a checkpoint, the run can be
+            # resumed: kept.
             if distributed.is_main() and not checkpoint.listed(run_dir) and not any(run_dir.glob("*.safetensors")):
-                shutil.rmtree(run_dir, ignore_errors=True)
-                with contextlib.suppress(OSError):  # <output.dir>/<name>/ too, when this run was all it held
-                    run_dir.parent.rmdir()
+                problem = machine_problem(e) if isinstance(e, OSError) else None  # told before the folder frees its inodes
+                _discard(run_dir)
+                if problem is not None:
+                    raise PeftFtError(problem) from e
             raise
     return run_dir
+
+
+def _discard(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing worth keeping, and <output.dir>/<name>/ when this run was all it held."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        run_dir.parent.rmdir()
 
 
 def resume(run_dir: str | Path, data_dir: str | None = None, trust_remote_code: bool = False) -> Path:

@@ -29,7 +29,7 @@ from peft_ft.models.integrity import DAMAGED, read_json_object
 from peft_ft.recipe.dump import to_toml
 from peft_ft.recipe.load import load_recipe
 from peft_ft.recipe.schema import Recipe
-from peft_ft.storage import unwritable, write_json
+from peft_ft.storage import advice_for, disk_full, unwritable, write_json
 from peft_ft.tasks import TASKS
 
 RECIPE = "recipe.toml"
@@ -89,8 +89,8 @@ def create_run_dir(recipe: Recipe, now: datetime.datetime | None = None) -> Path
     except OSError as e:
         blocking = next((p for p in (parent, *parent.parents) if p.is_file()), None)
         why = f"{blocking} is a file" if blocking else e.strerror
-        raise PeftFtError(f"{recipe.source}: output.dir: cannot make the run folder under {parent} ({why}); "
-                          f"set output.dir to a folder you can write") from None
+        advice = advice_for(e, parent) if disk_full(e) else "set output.dir to a folder you can write"
+        raise PeftFtError(f"{recipe.source}: output.dir: cannot make the run folder under {parent} ({why}); {advice}") from None
     raise PeftFtError(f"output: 999 run folders named {stamp} already exist under {parent}; set output.name")
 
 

@@ -18,7 +18,7 @@ from peft_ft.models.safety import check_no_pickle
 from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info, read_recipe
 from peft_ft.rundir.portable import moved_info
 from peft_ft.rundir.load import check_run_folder, load_run
-from peft_ft.storage import honour_umask_tree, space_for, tensor_bytes, unwritable, write_json
+from peft_ft.storage import advice_for, honour_umask_tree, space_for, tensor_bytes, unwritable, write_json
 
 
 def check_mergeable(run_dir: Path, info: dict) -> None:
@@ -99,7 +99,7 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
     except OSError as e:
-        raise PeftFtError(f"--out {out}: cannot create it ({e.strerror}); choose a folder you can write") from None
+        raise PeftFtError(f"--out {out}: cannot create it ({e.strerror}); {advice_for(e, out.parent)}") from None
     try:
         with space_for(out.parent, tensor_bytes(merged.parameters()), "the merged model"):
             merged.save_pretrained(staging)
