@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import json
 import os
@@ -219,3 +220,16 @@ def human_size(n: int) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+
+def lock_folder(folder: Path) -> int | None:
+    """An exclusive flock on `folder` itself, as an open descriptor (closing it releases the lock), or None when
+    another process holds it. On the folder, not a lock file: nothing is left behind, and a killed process's lock
+    goes with it."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

@@ -53,6 +53,24 @@ def test_merged_folder_is_plain_and_predicts_like_the_adapter(trained, tmp_path)
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == load_recipe(trained / "recipe.toml").model.max_length
 
 
+def test_what_a_killed_merge_left_beside_out_is_removed_by_the_next_one(trained, tmp_path):
+    """A SIGKILLed merge (or export, or combine) left its hidden staging folder, a model's size, for good; the next
+    command for the same --out removes it, but not a staging folder another process is building in (it holds a lock)."""
+    from peft_ft.storage import lock_folder
+
+    killed = [tmp_path / ".merged.merging-k1l2", tmp_path / ".merged.exporting-k3l4"]
+    busy, other = tmp_path / ".merged.combining-b5s6", tmp_path / ".other.merging-o7t8"
+    for folder in (*killed, busy, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    lock = lock_folder(busy)
+    try:
+        merge_run(trained, tmp_path / "merged")
+    finally:
+        os.close(lock)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.combining-b5s6", ".other.merging-o7t8", "merged"]
+
+
 def test_merged_folder_loads_without_peft(trained, tmp_path):
     out = merge_run(trained, tmp_path / "merged")
     # peft made unimportable: the folder must not need it

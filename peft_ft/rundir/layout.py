@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import json
 import logging
@@ -29,7 +28,7 @@ from peft_ft.models.integrity import DAMAGED, read_json_object
 from peft_ft.recipe.dump import to_toml
 from peft_ft.recipe.load import load_recipe
 from peft_ft.recipe.schema import Recipe
-from peft_ft.storage import advice_for, disk_full, unwritable, write_json
+from peft_ft.storage import advice_for, disk_full, lock_folder, unwritable, write_json
 from peft_ft.tasks import TASKS
 
 RECIPE = "recipe.toml"
@@ -165,14 +164,10 @@ class RunDirLock:
         self.run_dir, self.fd = Path(run_dir), None
 
     def __enter__(self):
-        self.fd = os.open(self.run_dir, os.O_RDONLY)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
+        self.fd = lock_folder(self.run_dir)
+        if self.fd is None:
             raise PeftFtError(f"{self.run_dir}: another peft-ft process is training in this run folder (it holds its lock); "
-                              f"wait for it to finish or stop it, then resume") from None
+                              f"wait for it to finish or stop it, then resume")
         return self
 
     def __exit__(self, *exc):

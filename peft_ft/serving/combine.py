@@ -20,9 +20,7 @@ average them; `linear` sums the A and the B matrices separately, which adds cros
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from peft_ft.data.files import TaskData
@@ -33,8 +31,8 @@ from peft_ft.rundir import portable
 from peft_ft.rundir.card import usage_section
 from peft_ft.rundir.layout import ADAPTER_CONFIG, CARD, INFO, RECIPE, read_info, read_recipe
 from peft_ft.rundir.load import base_location
-from peft_ft.serving.merge import check_out
-from peft_ft.storage import honour_umask_tree, write_atomic, write_json
+from peft_ft.serving.merge import check_out, staged
+from peft_ft.storage import write_atomic, write_json
 from peft_ft.tasks import TASKS
 
 HOWS = ("linear", "cat", "ties", "dare_ties", "dare_linear")
@@ -218,9 +216,7 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
     result = set_peft_model_state_dict(final, {**combined_state, **head_state})
     if result.unexpected_keys:  # a key peft did not place would silently leave that weight untrained
         raise PeftFtError(f"--combine: internal error: weights not placed: {', '.join(result.unexpected_keys[:5])}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.combining-"))
-    try:
+    with staged(out, "combining") as staging:
         final.save_pretrained(staging)
         (staging / CARD).unlink(missing_ok=True)
         shutil.copyfile(parts[0][1] / RECIPE, staging / RECIPE)
@@ -238,13 +234,6 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
         portable.finish_adapter_config(staging, info)  # the base by its portable name, as a trained run's
         portable.write_labels(staging, info["labels"])
         write_atomic(staging / CARD, _card(info, read_recipe(staging), out.name))
-        check_out(out)
-        if out.exists():
-            out.rmdir()
-        honour_umask_tree(staging)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

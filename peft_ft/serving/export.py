@@ -16,9 +16,7 @@ Text classification, NER and extractive QA models export; seq2seq generation and
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
@@ -26,8 +24,8 @@ from peft_ft.models.safety import check_no_pickle
 from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info
 from peft_ft.rundir.portable import moved_info
 from peft_ft.rundir.load import load_run
-from peft_ft.serving.merge import check_mergeable, check_out, save_tokenizer, unwrap_heads
-from peft_ft.storage import honour_umask_tree, write_json
+from peft_ft.serving.merge import check_mergeable, check_out, save_tokenizer, staged, unwrap_heads
+from peft_ft.storage import write_json
 from peft_ft.tasks import TASKS
 
 # What each family's model returns: ONNX output names, taken from the model output of the same name.
@@ -77,9 +75,7 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
     if info["is_adapter"]:
         model = unwrap_heads(model.merge_and_unload())  # the active adapter's trained head as a plain module
     model.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.exporting-"))
-    try:
+    with staged(out, "exporting", "--onnx") as staging:
         report = _export(model, tokenizer, info["task"], staging / "model.onnx")
         report["tolerance"] = tolerance
         if report["max_abs_diff"] > tolerance:
@@ -94,13 +90,6 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
         write_json(staging / INFO, {**moved_info(run_dir, out), "is_adapter": False, "exported_from": run_dir.resolve().name,
                                     "format": "onnx"})
         write_json(staging / "export.json", report)
-        check_out(out, "--onnx")
-        if out.exists():
-            out.rmdir()
-        honour_umask_tree(staging)  # mkdtemp made it private; it is an ordinary output folder
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return report
 
 

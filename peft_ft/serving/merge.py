@@ -7,6 +7,8 @@ config with the real label names, the tokenizer. It also keeps `peft_ft.json` (i
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -18,7 +20,9 @@ from peft_ft.models.safety import check_no_pickle
 from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info, read_recipe
 from peft_ft.rundir.portable import moved_info
 from peft_ft.rundir.load import check_run_folder, load_run
-from peft_ft.storage import advice_for, honour_umask_tree, space_for, tensor_bytes, unwritable, write_json
+from peft_ft.storage import advice_for, honour_umask_tree, lock_folder, space_for, tensor_bytes, unwritable, write_json
+
+log = logging.getLogger("peft_ft")
 
 
 def check_mergeable(run_dir: Path, info: dict) -> None:
@@ -79,6 +83,50 @@ def check_out(out: Path, flag: str = "--out") -> None:
         raise PeftFtError(f"{flag} {out}: cannot be made: {parent} {why}; choose a folder you can write")
 
 
+STAGING_VERBS = ("merging", "exporting", "combining")  # .<out name>.<verb>-XXXXXXXX: the hidden folders staged beside OUT
+
+
+@contextlib.contextmanager
+def staged(out: Path, verb: str, flag: str = "--out"):
+    """A hidden folder beside `out` to build the output in (one of STAGING_VERBS), renamed to `out` when the block
+    ends without an error and removed when it fails. It is locked while in use, so the next command for the same
+    `out` removes what a killed one left there, and never another process's work in progress."""
+    for stale in _stale_stagings(out):
+        shutil.rmtree(stale, ignore_errors=True)
+        log.info("removed %s, left by a command that was killed", stale)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{verb}-"))
+    except OSError as e:
+        raise PeftFtError(f"{flag} {out}: cannot create it ({e.strerror}); {advice_for(e, out.parent)}") from None
+    lock = lock_folder(staging)
+    try:
+        yield staging
+        check_out(out, flag)  # again: something may have appeared there meanwhile
+        if out.exists():
+            out.rmdir()
+        honour_umask_tree(staging)  # mkdtemp made it private; it is an ordinary output folder
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+
+
+def _stale_stagings(out: Path) -> list[Path]:
+    if not out.parent.is_dir():
+        return []
+    prefixes = tuple(f".{out.name}.{verb}-" for verb in STAGING_VERBS)
+    stale = []
+    for p in out.parent.iterdir():
+        if p.name.startswith(prefixes) and p.is_dir() and not p.is_symlink():
+            lock = lock_folder(p)
+            if lock is not None:  # nobody builds in it now
+                os.close(lock)
+                stale.append(p)
+    return stale
+
+
 def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """Merge the adapter of a run folder into its base and save the plain model in `out` (new or empty).
 
@@ -95,12 +143,7 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
     model, tokenizer, info = load_run(run_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     # merge_and_unload keeps the active adapter's head (modules_to_save) as a plain module
     merged = unwrap_heads(model.merge_and_unload())
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
-    except OSError as e:
-        raise PeftFtError(f"--out {out}: cannot create it ({e.strerror}); {advice_for(e, out.parent)}") from None
-    try:
+    with staged(out, "merging") as staging:
         with space_for(out.parent, tensor_bytes(merged.parameters()), "the merged model"):
             merged.save_pretrained(staging)
             save_tokenizer(tokenizer, staging, run_dir)
@@ -113,11 +156,4 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
             **moved_info(run_dir, out), "is_adapter": False, "merged_from": run_dir.resolve().name,
             "weight_files": weights, "weight_bytes": sum((staging / w).stat().st_size for w in weights),
         })
-        check_out(out)  # again: something may have appeared there while we merged
-        if out.exists():
-            out.rmdir()
-        honour_umask_tree(staging)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
