@@ -186,6 +186,35 @@ def test_shards_cover_every_row_once_with_equal_step_counts(n, batch_size, size)
             assert sorted(i for share in shares for i in share) == sorted(b)  # a step's shares make its global batch
 
 
+@gloo
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_two_processes_stopped_by_a_signal_say_where_to_resume(setup, tmp_path, sig):
+    """SIGTERM (a batch scheduler's stop, sent on by the launcher) or Ctrl-C (SIGINT to the whole process group) in a
+    2-process run: the processes vanished (SIGTERM) or stopped silently, with nothing in train.log saying which
+    checkpoint a one-process `--resume` goes on from."""
+    import time
+
+    _, recipe, _ = setup
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"),
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), "-m", "peft_ft", "run", str(recipe),
+           "--set", f"output.dir={tmp_path}", "--set", "train.checkpoint_every=2", "--set", "train.epochs=200"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as proc:
+        try:
+            deadline = time.monotonic() + 120
+            while not list(tmp_path.glob("dp/*/checkpoints/step-*")) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)  # Ctrl-C reaches the group
+            _, err = proc.communicate(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    (run_dir,) = (tmp_path / "dp").iterdir()
+    log = (run_dir / "train.log").read_text()
+    assert proc.returncode != 0 and "interrupted: the newest checkpoint is step-" in log, log[-2000:] + err[-2000:]
+    assert f"continue with `peft-ft run --resume {run_dir}` (in one process)" in log
+
+
 def test_world_defaults_to_one_process(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -20,7 +20,7 @@ from peft_ft.engine import checkpoint, distributed
 from peft_ft.engine.accelerator import finish_tracking, gathered_state_dict, is_sharded, make_accelerator, start_tracking
 from peft_ft.engine.device import check_device, setup_torch
 from peft_ft.engine.precision import FrozenBf16, frozen_bf16, native_bf16_cpu
-from peft_ft.engine.train import TrainHooks, track, train
+from peft_ft.engine.train import Checkpointed, TrainHooks, track, train
 from peft_ft.errors import PeftFtError
 from peft_ft.kernels import install
 from peft_ft.log import setup_logging
@@ -302,11 +302,21 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
     try:
         _train_evaluate_save_tracked(recipe, task, method, location, data, run_dir, accelerator, resume_from, run_state, hooks)
         status = "FINISHED"
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stopped with a checkpoint, for `--resume` to go on with
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: stopped, for `--resume` to go on from a checkpoint
         status = "KILLED"
+        if not isinstance(e, Checkpointed) and distributed.is_main():  # stopped at once: say where it can go on from
+            log.warning("interrupted: %s", _resume_hint(run_dir))
         raise
     finally:
         finish_tracking(accelerator, status)
+
+
+def _resume_hint(run_dir: Path) -> str:
+    saved = checkpoint.listed(run_dir)
+    if not saved:
+        return "no checkpoint had been written yet; start the run again"
+    return (f"the newest checkpoint is {saved[-1].name} (the steps after it are lost); continue with "
+            f"`peft-ft run --resume {run_dir}` (in one process)")
 
 
 def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: str, data: TaskData, run_dir: Path,

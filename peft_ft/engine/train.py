@@ -306,7 +306,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
              accelerator.num_processes, "es" if accelerator.num_processes > 1 else "", total, precision_label(model, accelerator))
     for note in [*notes(accelerator), *_idle_settings(t, total, per_epoch, validate is not None)]:
         log.warning(note)
-    with _progress() as progress, _StopRequests(enabled=saving and distributed.world().size == 1) as stop:
+    with _progress() as progress, _StopRequests(saving=saving and distributed.world().size == 1) as stop:
         bar = progress.add_task("train", total=total, completed=result.steps, loss=float("nan"), speed=0.0)
         for epoch in range(start_epoch, t.epochs + 1):
             if result.steps >= total or result.stopped_early:
@@ -396,23 +396,29 @@ def _numerical_error(value: float, step: int, epoch: int, lr: float, t, run_dir:
     )
 
 
+class Checkpointed(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM honoured after the checkpoint it asked for (already logged, with the `--resume` line)."""
+
+
 class _StopRequests:
     """While training, Ctrl-C (or SIGTERM, what a batch scheduler or `kill` sends before SIGKILL) asks the loop
-    to stop after the current step, which then writes a checkpoint; a second one stops at once. Signal
-    handlers exist only in the main thread."""
+    to stop after the current step, which then writes a checkpoint; a second one stops at once. With `saving`
+    off (several processes: they could not agree on the step to save at without one more exchange per step; or no
+    run folder) either stops at once, SIGTERM included, so the run still ends through its handlers (logged, its
+    tracker runs marked KILLED) rather than vanishing. Signal handlers exist only in the main thread."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.requested, self.previous = enabled, None, {}
+    def __init__(self, saving: bool):
+        self.saving, self.requested, self.previous = saving, None, {}
 
     def __enter__(self):
-        if self.enabled and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested or not self.saving:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
 
@@ -421,7 +427,7 @@ class _StopRequests:
         if self.requested:
             log.warning("interrupted (%s): checkpoint %s written; continue with `peft-ft run --resume %s`",
                         self.requested, saved, saved.parent.parent)
-            raise KeyboardInterrupt
+            raise Checkpointed
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
