@@ -334,6 +334,38 @@ def test_regression_reload_gives_the_same_scores(sts_run):
     assert np.abs(scores - np.array([r["predicted"] for r in rows])).max() < 1e-5
 
 
+def test_predict_reads_the_presets_second_sentence(sts_run, tmp_path, capsys):
+    """A GLUE pair run's recipe.toml keeps data.text_pair_column at its default (""): predict and serve answered
+    each pair from its first sentence alone, identical pairs and unrelated ones alike, and never asked for the second."""
+    from peft_ft.cli import main
+
+    _, run_dir = sts_run
+    rows = [json.loads(line) for line in (run_dir / "predictions_dev.jsonl").read_text().splitlines()][:6]
+    assert len({r["predicted"] for r in rows}) > 1
+    as_sent = tmp_path / "pairs.jsonl"
+    write_jsonl(as_sent, [{"text": r["text"], "text_pair": r["text_pair"]} for r in rows[:3]]
+                + [{"sentence1": r["text"], "sentence2": r["text_pair"]} for r in rows[3:]])  # GLUE's own field names
+    assert main(["predict", "--adapter", f"s={run_dir}", str(as_sent)]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["score"] for a in answers] == pytest.approx([r["predicted"] for r in rows], abs=1e-5)
+    write_jsonl(as_sent, [{"text": rows[0]["text"]}])
+    assert main(["predict", "--adapter", f"s={run_dir}", str(as_sent)]) == 2
+    assert "expected a text field 'text_pair' or 'sentence2'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("score", ["inf", "-Infinity", "1e999"])
+def test_a_regression_label_that_is_not_finite_names_its_row(tmp_path, score):
+    root = tmp_path / "glue_data"
+    rows = sts_rows(8, 1)
+    rows[3][-1] = score
+    _tsv(root / "STS-B" / "train.tsv", STSB_COLUMNS + ["score"], rows)
+    _tsv(root / "STS-B" / "dev.tsv", STSB_COLUMNS + ["score"], sts_rows(4, 2))
+    _tsv(root / "STS-B" / "test.tsv", STSB_COLUMNS, [r[:9] for r in sts_rows(4, 3)])
+    recipe = load_recipe(glue_recipe(tmp_path, "stsb", root))
+    with pytest.raises(DataError, match=rf"STS-B/train.tsv: row 4: label '{score}' is not a finite number"):
+        TASKS["classification"].load(recipe, root)
+
+
 def test_regression_on_a_users_score_column(tmp_path, tiny_bert):
     d = tmp_path / "data"
     d.mkdir()

@@ -9,6 +9,7 @@ Files listed in `data.predict` need no label column: they get predictions only (
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,12 +156,12 @@ def _is_unlabeled(value, regression: bool = False) -> bool:
 
 
 def _classification_input(row: dict, recipe: Recipe, where: str):
-    d = recipe.data
-    text = request_text(row, ["text", d.text_column], where)
-    if not d.text_pair_column:
+    s = settings(recipe)  # a GLUE preset's columns (sentence1/sentence2, ...): the recipe's own keys keep their defaults
+    text = request_text(row, ["text", s.text], where)
+    if not s.text_pair:
         return text
     # A pair model answers single texts too, but badly: ask for the second text instead.
-    return {"text": text, "text_pair": request_text(row, ["text_pair", d.text_pair_column], where)}
+    return {"text": text, "text_pair": request_text(row, ["text_pair", s.text_pair], where)}
 
 
 def _cost(tokenizer, recipe: Recipe, item) -> int:
@@ -401,7 +402,7 @@ def _examples(rows: list[dict], names: list[str], location: str, s: Settings, ex
         label = _score_value(value) if s.regression else label_id(value, names, explicit, where)
         if label is None:
             if s.regression:
-                raise DataError(f"{where}: label {value!r} is not a number; a regression label is a score such as 3.8")
+                raise DataError(f"{where}: label {value!r} is not a finite number; a regression label is a score such as 3.8")
             ids = ("; integer ids stand for names only when task.labels lists the names in id order"
                    if _as_index(value) is not None and not explicit else "")
             raise DataError(f"{where}: label {value!r} is not among the "
@@ -443,10 +444,12 @@ def _record(example: dict) -> dict:
 
 
 def _score_value(value) -> float | None:
+    """A regression label as a number; None when it is none (inf and NaN too: one such row makes every loss inf)."""
     try:
-        return float(value)
+        score = float(value)
     except (TypeError, ValueError):
         return None
+    return score if math.isfinite(score) else None
 
 
 def classification_metrics(gold, predicted, names: list[str]) -> dict:
