@@ -402,6 +402,24 @@ def test_ner_end_to_end_from_a_label_studio_export(tiny_bert, tmp_path):
     assert "test: 6 rows; entities: LOC 6, PER 6" in log
     records = [json.loads(line) for line in (run_dir / "predictions_test.jsonl").read_text().splitlines()]
     assert all(1 <= r["line"] <= 30 for r in records)  # the task ids
+    # A text to tag is split into the words the run trained on, punctuation apart: split at whitespace instead,
+    # "paris," was one word, and an entity's span swallowed the comma.
+    import peft_ft
+    from peft_ft.data.formats.label_studio import pre_tokenize
+
+    text = "mary smith, from paris."
+    answer = peft_ft.pipeline(run_dir)(text)
+    words = pre_tokenize(text)
+    assert len(answer.tags) == len(words) == 6  # mary smith , from paris .
+    assert {(e["start"], e["end"]) for e in answer} <= {(a, b) for a, _ in words for _, b in words}
+
+
+def test_runs_on_word_files_split_a_text_at_whitespace():
+    from peft_ft.tasks.ner import Words
+
+    conll = build_recipe({"task": {"type": "ner"}, "data": {"train": "train.txt"}}, "test.toml")
+    assert Words.of_text("Berlin, Germany.", conll).words == ("Berlin,", "Germany.")
+    assert Words.of_text("Berlin, Germany.", recipe()).words == ("Berlin", ",", "Germany", ".")
 
 
 def test_classification_end_to_end_from_json_min(tiny_bert, tmp_path):

@@ -10,8 +10,8 @@ them raises KeyError "has been removed from transformers"). Those two families a
 callables of their own (`QuestionAnswerer`, `Generator`), which run the family's `encode` / `predict`
 and take and return what the 4.x pipelines did.
 
-NER answers are `WordTagger`'s: whole words (a request's `tokens`, or a text's whitespace-separated
-words), each with the label of its first subword, every word of a long text (windows at word
+NER answers are `WordTagger`'s: whole words (a request's `tokens`, or a text's words, split as the run's
+training text was: at whitespace, or as Label Studio runs were), each with the label of its first subword, every word of a long text (windows at word
 boundaries), grouped into entities by conlleval's chunk rules: the decisions the evaluation scores.
 
 Using `transformers.pipeline(task, model=RUN_DIR)` directly on an adapter folder: transformers reads

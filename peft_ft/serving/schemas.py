@@ -107,7 +107,7 @@ class Entity(BaseModel):
 
 class EntitiesAnswer(_Answer):
     entities: list[Entity]
-    tags: list[str] = Field(description="one label per word (the row's tokens, or the text's whitespace-separated words), "
+    tags: list[str] = Field(description="one label per word (the row's tokens, or the text's words: whitespace-separated, punctuation apart for a Label Studio run), "
                                         "as the evaluation decides it: an entity may open with I-")
 
 

@@ -37,7 +37,7 @@ from peft_ft.data.formats.conll import (
     read_jsonl,
     read_tagged_rows,
 )
-from peft_ft.data.formats.label_studio import read_ner
+from peft_ft.data.formats.label_studio import pre_tokenize, read_ner
 from peft_ft.errors import DataError
 from peft_ft.methods import virtual_positions
 from peft_ft.recipe.schema import Recipe
@@ -204,17 +204,17 @@ def conll_text(records: list[dict]) -> str:
 
 @dataclass(frozen=True)
 class Words:
-    """A text to tag, as words with their character spans (a request row's `tokens`, or the text's
-    whitespace-separated words)."""
+    """A text to tag, as words with their character spans (a request row's `tokens`, or the text split as the run's
+    training text was: `word_spans`)."""
 
     text: str
     words: tuple[str, ...]
     spans: tuple[tuple[int, int], ...]
 
     @classmethod
-    def of_text(cls, text: str) -> "Words":
-        found = [(m.group(0), m.span()) for m in re.finditer(r"\S+", text)]
-        return cls(text, tuple(w for w, _ in found), tuple(s for _, s in found))
+    def of_text(cls, text: str, recipe: Recipe | None = None) -> "Words":
+        spans = word_spans(recipe)(text)
+        return cls(text, tuple(text[a:b] for a, b in spans), tuple(spans))
 
     @classmethod
     def of_tokens(cls, tokens: list[str]) -> "Words":
@@ -226,9 +226,20 @@ class Words:
         return cls(" ".join(tokens), tuple(tokens), tuple(spans))
 
 
+def _whitespace_words(text: str) -> list[tuple[int, int]]:
+    return [m.span() for m in re.finditer(r"\S+", text)]
+
+
+def word_spans(recipe: Recipe | None):
+    """How a run splits a request's text into words: as its training text was split. A Label Studio run trained on
+    `label_studio.pre_tokenize`'s words (punctuation apart: "Britain" "," ...); word files (CoNLL, BIO) come split
+    already, and their runs split a text at whitespace (send `tokens` to choose the words)."""
+    return pre_tokenize if recipe is not None and recipe.data.format == "label_studio" else _whitespace_words
+
+
 class Entities(list):
     """A text's entities, a list as stock pipelines return, with `tags`: each word's own label (the request's
-    tokens, or the text's whitespace-separated words), as the evaluation decides and scores it."""
+    tokens, or the text's words: `word_spans`), as the evaluation decides and scores it."""
 
     def __init__(self, found: list[dict], tags: list[str]):
         super().__init__(found)
@@ -248,7 +259,7 @@ class WordTagger(FamilyAnswerer):
     def __call__(self, inputs, batch_size: int = 32, adapter_names: list[str] | None = None):
         """`adapter_names` (one per input): each input's adapter, given to every window of it (mixed-adapter forwards)."""
         single = isinstance(inputs, (str, Words))
-        items = [_as_words(i) for i in ([inputs] if single else inputs)]
+        items = [i if isinstance(i, Words) else Words.of_text(i, self.recipe) for i in ([inputs] if single else inputs)]
         names = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
         tagged = [i for i, item in enumerate(items) if item.words]  # an empty text has no word to tag
         examples = [{"tokens": list(items[i].words), "tags": [0] * len(items[i].words), "line": i} for i in tagged]
@@ -263,10 +274,6 @@ class WordTagger(FamilyAnswerer):
         return answers[0] if single else answers
 
 
-def _as_words(item) -> Words:
-    return item if isinstance(item, Words) else Words.of_text(item)
-
-
 def entities(item: Words, tags: list[str], probs: list[float]) -> list[dict]:
     """Word tags -> entities (conlleval's chunks), with character offsets into the text."""
     found = []
@@ -278,7 +285,8 @@ def entities(item: Words, tags: list[str], probs: list[float]) -> list[dict]:
 
 
 def _words_input(row: dict, recipe: Recipe, where: str) -> Words:
-    """A NER row: its `tokens` (the run's `data.tokens_field`) as the words, else its text split at whitespace."""
+    """A NER row: its `tokens` (the run's `data.tokens_field`) as the words, else its text split as the run's
+    training text was (`word_spans`)."""
     field = recipe.data.tokens_field
     if "text" not in row and isinstance(row.get(field), list):
         tokens = row[field]
@@ -290,12 +298,12 @@ def _words_input(row: dict, recipe: Recipe, where: str) -> Words:
     if "text" not in row and field in row and recipe.data.text_column not in row:
         raise DataError(f"{where}: field {field!r} is {type(row[field]).__name__} {str(row[field])[:40]!r}; expected a list "
                         f"of words (strings), or send the text in 'text'")
-    return Words.of_text(request_text(row, ["text", recipe.data.text_column], where))
+    return Words.of_text(request_text(row, ["text", recipe.data.text_column], where), recipe)
 
 
 def _entities(output: Entities) -> dict:
     """The JSON answer: the entities, and `tags`, one label per word (a tokens request's tokens, else the text's
-    whitespace-separated words): what the evaluation's predictions_<split>.conll holds for the same words."""
+    words: `word_spans`): what the evaluation's predictions_<split>.conll holds for the same words."""
     keys = ("entity_group", "word", "start", "end")
     return {"entities": [{**{k: e[k] for k in keys}, "score": round(float(e["score"]), 6)} for e in output],
             "tags": list(output.tags)}
