@@ -209,7 +209,9 @@ def args_merge(p) -> None:
 def args_predict(p) -> None:
     adapters_args(p)
     p.add_argument("input", nargs="?", default="-", help="JSONL, CSV/TSV or text-lines file; - or nothing: stdin")
-    p.add_argument("--format", default="auto", choices=("auto", "jsonl", "csv", "tsv", "text"), help="input format (auto: from the extension, else JSONL if the first line is an object)")
+    p.add_argument("--format", default="auto", choices=("auto", "jsonl", "json", "csv", "tsv", "text"),
+                   help="input format (auto: from the extension, else JSONL if the first line is an object, a JSON list "
+                        "of records or Label Studio tasks if the input is one, else text lines)")
     p.add_argument("--use", default=None, metavar="NAME", help="answer every row with this adapter")
     p.add_argument("--adapter-field", default=None, metavar="FIELD", help="JSON/CSV field whose value names each row's adapter")
     p.add_argument("--output", default=None, help="write the JSONL answers here instead of stdout")

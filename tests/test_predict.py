@@ -106,6 +106,26 @@ def test_cli_reads_text_lines_from_stdin_and_csv(runs, tmp_path, monkeypatch, ca
     assert [a["label"] for a in answers] == [e["label"] for e in reference(runs["pos"], TEXTS[:2])]
 
 
+def test_a_json_list_is_read_as_records_not_as_text_lines(tmp_path):
+    """A `.json` list (a training file's format, or Label Studio tasks) was read as text lines: 2 records gave 1
+    answer for the whole line, and an indented export one answer per line of JSON ("[", "{", ...), exit 0."""
+    records = tmp_path / "in.json"
+    records.write_text(json.dumps([{"text": "The cat sleeps."}, {"text": "Dog the the."}]))
+    assert read_inputs(str(records)) == ([{"text": "The cat sleeps."}, {"text": "Dog the the."}],
+                                         [f"{records}: record 1", f"{records}: record 2"])
+    tasks = tmp_path / "tasks"  # no extension: the input itself says it is a JSON list
+    tasks.write_text(json.dumps([{"id": 7, "data": {"text": "John lives in Paris."}, "annotations": []}], indent=2))
+    assert read_inputs(str(tasks))[0] == [{"id": 7, "text": "John lives in Paris."}]
+    text = tmp_path / "news.txt"
+    text.write_text("[Breaking] storm ahead\nmore rain\n")  # opens with "[" but is no JSON: text lines
+    assert read_inputs(str(text))[0] == [{"text": "[Breaking] storm ahead"}, {"text": "more rain"}]
+    for content, says in (('{"text": "a"}', "expected a JSON list of records"), ('[{"text": "a"}, 3]', "record 2: expected a JSON object"),
+                          ('[{"text": "a", "text": "b"}]', "twice"), ('[{"text": "a"', "line 1: not valid JSON")):
+        records.write_text(content)
+        with pytest.raises(DataError, match=says):
+            read_inputs(str(records))
+
+
 def test_input_formats_and_where_each_row_came_from(tmp_path):
     jsonl = write_jsonl(tmp_path / "a.jsonl", [{"text": "good"}, {"text": "bad"}])
     rows, where = read_inputs(str(jsonl))

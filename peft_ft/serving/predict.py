@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft_ft.data.files import TaskData, json_record, lines_of, read_delimited, read_text
+from peft_ft.data.files import TaskData, json_record, lines_of, read_delimited, read_text, strict_json
 from peft_ft.errors import DataError, PeftFtError
 from peft_ft.models.loading import quiet_transformers
 from peft_ft.recipe.schema import Recipe
@@ -297,7 +297,7 @@ def activate(model, name: str, labels: list[str]) -> None:
 
 # Reading request rows: JSONL, CSV/TSV or plain text lines, from a file or stdin.
 
-INPUT_FORMATS = ("auto", "jsonl", "csv", "tsv", "text")
+INPUT_FORMATS = ("auto", "jsonl", "json", "csv", "tsv", "text")
 
 
 def read_inputs(path: str, fmt: str = "auto") -> tuple[list[dict], list[str]]:
@@ -316,9 +316,33 @@ def read_inputs(path: str, fmt: str = "auto") -> tuple[list[dict], list[str]]:
         numbered = [(n, {"text": line}) for n, line in enumerate(lines_of(text), 1) if line.strip()]
     elif fmt == "jsonl":
         numbered = [(n, json_record(line, f"{name}: line {n}")) for n, line in enumerate(lines_of(text), 1) if line.strip()]
+    elif fmt == "json":
+        records = _json_records(name, text)
+        return records, [f"{name}: record {n}" for n in range(1, len(records) + 1)]
     else:
         numbered = read_delimited(name, text, "," if fmt == "csv" else "\t")
     return [r for _, r in numbered], [f"{name}: line {n}" for n, _ in numbered]
+
+
+def _json_records(name: str, text: str) -> list[dict]:
+    """A JSON list of records (a training `.json` file), or of Label Studio tasks, whose `data` holds the fields
+    (their task `id` kept as the answers' `id`). Read whole, not as lines: each line of it is no row."""
+    try:
+        records = strict_json(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    except ValueError as e:  # from the hooks: the problem in words
+        raise DataError(f"{name}: {e}") from None
+    if not isinstance(records, list):
+        raise DataError(f"{name}: expected a JSON list of records ([{{\"text\": ...}}, ...]); for one record per line use JSONL")
+    rows = []
+    for n, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise DataError(f"{name}: record {n}: expected a JSON object, got {type(record).__name__}")
+        if isinstance(record.get("data"), dict) and "text" not in record:  # a Label Studio task
+            record = {**({"id": record["id"]} if "id" in record else {}), **record["data"]}
+        rows.append(record)
+    return rows
 
 
 def _stdin_text() -> str:
@@ -339,11 +363,21 @@ def _input_format(path: str, fmt: str, text: str) -> str:
     if fmt != "auto":
         return fmt
     suffix = Path(path).suffix.lower()
-    if suffix in (".jsonl", ".csv", ".tsv"):
+    if suffix in (".jsonl", ".json", ".csv", ".tsv"):
         return suffix[1:]
-    # stdin or another extension: JSON objects if the first line is one, else text lines
-    first = next((line for line in lines_of(text) if line.strip()), "")
-    return "jsonl" if first.lstrip().startswith("{") else "text"
+    # stdin or another extension: JSON objects if the first line is one, a JSON list if the whole input is one (a
+    # text line may well open with "["), else text lines
+    first = next((line for line in lines_of(text) if line.strip()), "").lstrip()
+    if first.startswith("{"):
+        return "jsonl"
+    return "json" if first.startswith("[") and _is_json_list(text) else "text"
+
+
+def _is_json_list(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), list)
+    except ValueError:
+        return False
 
 
 def route(rows: list[dict], where: list[str], names: list[str], use: str | None, field_name: str | None) -> list[str]:
