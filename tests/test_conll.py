@@ -62,6 +62,17 @@ def test_tag_first_tab_separated_with_comments(tmp_path):
     assert sentences[1]["lines"] == [7]
 
 
+def test_a_token_line_that_opens_with_the_comment_prefix_is_a_token(tmp_path):
+    """A tweet's `#NBA B-ORG` was skipped as a comment: its token left training and its entity left the scores."""
+    text = "# sent 1\nLoving\tO\nthe\tO\n#NBA\tB-ORG\nfinals\tO\n\n# sent 2: two words\n#1\tO\n"
+    sentences = read_conll(write(tmp_path, text), separator="tab", comment_prefix="#")
+    assert [s["tokens"] for s in sentences] == [["Loving", "the", "#NBA", "finals"], ["#1"]]
+    assert [s["tags"] for s in sentences] == [["O", "O", "B-ORG", "O"], ["O"]]
+    text = "# newdoc id = 3\nJohn B-PER\n# O\n# a comment here\n"  # whitespace columns: "# O" is a token, "# a ..." is not
+    (sentence,) = read_conll(write(tmp_path, text), comment_prefix="#")
+    assert sentence["tokens"] == ["John", "#"] and sentence["tags"] == ["B-PER", "O"]
+
+
 def test_space_separator(tmp_path):
     sentences = read_conll(write(tmp_path, "a NN O\nb NN B-X\n"), separator="space")
     assert sentences[0]["tags"] == ["O", "B-X"]

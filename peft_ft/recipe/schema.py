@@ -109,7 +109,8 @@ class DataSection:
     separator: Literal["whitespace", "tab", "space"] = opt(
         "whitespace", "NER (CoNLL/BIO files): column separator.", only=_NER
     )
-    comment_prefix: str = opt("", "NER (CoNLL/BIO files): lines starting with this are comments (empty = none).", only=_NER)
+    comment_prefix: str = opt("", "NER (CoNLL/BIO files): lines starting with this are comments (empty = none); "
+                                    "one with the file's columns and a tag (#NBA B-ORG) is a token.", only=_NER)
     tokens_field: str = opt("tokens", "NER (JSONL): field holding the list of tokens.", only=_NER)
     tags_field: str = opt("tags", "NER (JSONL): field holding the list of tags.", only=_NER)
     target_column: str = opt("", "Seq2seq: column holding the target text (empty = the first gold answer of a QA row).", only=_S2S)

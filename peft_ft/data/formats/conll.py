@@ -7,6 +7,7 @@ each token, for messages). Every problem is a `DataError` naming the file and li
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from peft_ft.data.files import json_record, lines_of, read_text, unicode_text
@@ -35,7 +36,7 @@ def read_conll(path: Path | str, *, token_column: int = 0, tag_column: int = -1,
     current: dict | None = None
     width = None
     for number, line in enumerate(lines_of(read_text(Path(path))), 1):
-        if comment_prefix and line.lstrip().startswith(comment_prefix):
+        if comment_prefix and line.lstrip().startswith(comment_prefix) and not _token_line(line, separator, width, tag_column):
             continue
         columns = _columns(line, separator) if line.strip() else []
         if not columns or DOCSTART in columns:
@@ -54,6 +55,16 @@ def read_conll(path: Path | str, *, token_column: int = 0, tag_column: int = -1,
         current["tags"].append(columns[tag_column])
         current["lines"].append(number)
     return sentences
+
+
+TAG_SHAPE = re.compile(r"O|[BIES]-\S+")
+
+
+def _token_line(line: str, separator: str, width: int | None, tag_column: int) -> bool:
+    """A line that opens with the comment prefix but is a token line: the file's columns and a tag in the tag column
+    (a tweet's `#NBA B-ORG`). Skipped as a comment, its token vanished from training and its entity from scoring."""
+    columns = _columns(line, separator)
+    return width is not None and len(columns) == width and TAG_SHAPE.fullmatch(columns[tag_column]) is not None
 
 
 def _blank_column(line: str, separator: str, width: int) -> str:
