@@ -106,6 +106,26 @@ def test_an_explicit_data_dir_wins_over_the_environment(tmp_path, monkeypatch):
     assert resolve_data_dir(explicit, str(tmp_path / "env")) == (tmp_path / "env").resolve()  # --data-dir first
 
 
+def test_files_named_by_full_path_need_no_data_folder(tmp_path, monkeypatch):
+    """A recipe whose every file is an absolute path was refused "data directory not found" where no default folder
+    existed, though the folder is never used; an explicit --data-dir that does not exist is still refused. The
+    message lists each folder it looked in once (from the repository root, the two defaults are one folder)."""
+    from peft_ft.data.files import resolve_data_dir
+    from peft_ft.errors import DataError
+
+    monkeypatch.delenv("PEFT_FT_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("peft_ft.data.files.PROJECT_ROOT", tmp_path)  # run from the repository root, no shared/ beside it
+    full = build_recipe({"data": {"train": str(tmp_path / "a" / "train.csv"), "test": [str(tmp_path / "b" / "t.csv")]}}, "r.toml")
+    assert resolve_data_dir(full) == tmp_path / "a"
+    with pytest.raises(DataError, match="--data-dir"):
+        resolve_data_dir(full, str(tmp_path / "nowhere"))
+    relative = build_recipe({"data": {"train": str(tmp_path / "a" / "train.csv"), "test": ["t.csv"]}}, "r.toml")
+    with pytest.raises(DataError, match="data directory not found") as refused:
+        resolve_data_dir(relative)
+    assert str(refused.value).count("(default)") == 1, refused.value
+
+
 def test_no_evaluation_split_is_a_warning_at_validate(tmp_path, tiny_bert):
     from helpers import recipe_text
 

@@ -58,8 +58,10 @@ def data_dir_candidates(recipe: Recipe, cli_dir: str | None = None) -> list[tupl
         return [(Path.cwd() / given, "data.dir"), (Path(recipe.source).resolve().parent / given, "data.dir")]
     if os.environ.get(DATA_DIR_ENV):
         return [(Path(os.environ[DATA_DIR_ENV]), f"${DATA_DIR_ENV}")]
-    # A checkout beside shared/ just works, whether run from the repo root or from elsewhere.
-    return [(Path.cwd() / "../shared/data", "default"), (PROJECT_ROOT / "../shared/data", "default")]
+    # A checkout beside shared/ just works, whether run from the repo root or from elsewhere (one entry when both
+    # are the same folder: the repo root is the working folder).
+    defaults = dict.fromkeys(os.path.abspath(p) for p in (Path.cwd() / "../shared/data", PROJECT_ROOT / "../shared/data"))
+    return [(Path(p), "default") for p in defaults]
 
 
 def _is_dir(path: Path) -> bool:
@@ -74,6 +76,12 @@ def resolve_data_dir(recipe: Recipe, cli_dir: str | None = None) -> Path:
     for path, _ in candidates:
         if _is_dir(path):
             return path.resolve()
+    d = recipe.data
+    files = [d.train, d.validation, *d.test, *d.predict]
+    if not cli_dir and all(Path(f).expanduser().is_absolute() for f in files if f):
+        # Every file named by its full path: no folder to look them up in is needed. The training file's folder
+        # stands for it (what the run folder records, relative to itself, so the run can find them again).
+        return Path(d.train).expanduser().parent
     # abspath, not resolve(): resolving a symlink loop raises instead of naming the path.
     looked = ", ".join(f"{os.path.abspath(p)} ({why})" for p, why in candidates)
     raise DataError(
