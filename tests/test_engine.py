@@ -510,3 +510,17 @@ def test_settings_the_runs_step_count_leaves_idle_are_named_at_the_start(tmp_pat
     run_dir = run(load_recipe(recipe_file(tmp_path, tiny_bert, data, {"early_stopping_patience": 5})))
     log = (run_dir / "train.log").read_text()
     assert "train.early_stopping_patience 5 cannot stop this run: it evaluates 2 time(s) in 10 steps" in log
+
+
+def test_a_plain_cpu_run_does_not_import_deepspeed(tmp_path, tiny_bert, data):
+    """accelerate's unwrap_model imports DeepSpeed whenever it is installed (the [test] extra), which printed
+    "[WARNING] ... Setting accelerator to CPU. If you have GPU ..." into every one-process run's output."""
+    import subprocess
+    import sys
+
+    recipe = recipe_file(tmp_path, tiny_bert, data, {"epochs": 1})
+    code = ("import sys; from peft_ft.cli import main; code = main(['run', sys.argv[1]]); "
+            "print('deepspeed imported:', 'deepspeed' in sys.modules); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "deepspeed imported: False" in done.stdout and "Setting accelerator" not in done.stdout + done.stderr

@@ -265,6 +265,13 @@ def _flat_config(recipe: Recipe) -> dict:
     return flat
 
 
+def unwrapped(accelerator, model):
+    """The model without accelerate's wrappers. In one plain process there are none, and accelerate's
+    `unwrap_model` would import DeepSpeed whenever it is installed (the [test] extra), which prints its
+    "Setting accelerator to CPU" warning into every CPU run's output."""
+    return model if accelerator.distributed_type.value == "NO" else accelerator.unwrap_model(model)
+
+
 def gathered_state_dict(accelerator, model) -> dict | None:
     """The whole model's weights, gathered from its shards (FSDP, DeepSpeed ZeRO-3) for saving; every
     process must call this. None when each process holds the whole model (one process, DDP)."""
