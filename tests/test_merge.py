@@ -245,6 +245,17 @@ def test_combining_refuses_other_tasks_methods_and_options(two_adapters, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("weight", ["nan", "inf", "-Infinity"])
+def test_a_weight_that_is_not_a_finite_number_is_refused(tmp_path, weight):
+    """NaN passed every check (NaN <= 0 is False): merge --combine wrote a folder of NaN weights, exit 0."""
+    from peft_ft.serving.combine import parse_combine, parse_inference_combine
+
+    with pytest.raises(PeftFtError, match="with a finite number as WEIGHT"):
+        parse_combine(f"a={tmp_path}:{weight},b={tmp_path}:1")
+    with pytest.raises(PeftFtError, match="with a finite number as WEIGHT"):
+        parse_inference_combine(f"avg=g:{weight},h:1", {"g": str(tmp_path), "h": str(tmp_path)})
+
+
 # --- stacking and averaging at inference (predict / serve --combine) ------------------------------------------
 
 

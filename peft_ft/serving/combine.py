@@ -20,6 +20,7 @@ average them; `linear` sums the A and the B matrices separately, which adds cros
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -48,12 +49,10 @@ def parse_combine(text: str) -> list[tuple[str, Path, float]]:
     for item in [s.strip() for s in text.split(",") if s.strip()]:
         name, eq, rest = item.partition("=")
         folder, colon, weight = rest.rpartition(":")
-        try:
-            value = float(weight)
-        except ValueError:
-            value = None
+        value = _weight(weight)
         if not (eq and colon and name and folder) or value is None:
-            problems.append(f"{item!r}: expected NAME=RUN_DIR:WEIGHT, e.g. seed1=runs/a/20261130-0800:0.5")
+            problems.append(f"{item!r}: expected NAME=RUN_DIR:WEIGHT with a finite number as WEIGHT, "
+                            f"e.g. seed1=runs/a/20261130-0800:0.5")
         else:
             parts.append((name, Path(folder), value))
     names = [p[0] for p in parts]
@@ -80,9 +79,9 @@ def parse_inference_combine(text: str, adapters: dict[str, str]) -> tuple[str, l
     unknown = [i.rpartition(":")[0] or i for i in items if (i.rpartition(":")[0] or i) not in adapters]
     if unknown:
         raise PeftFtError(f"--combine {text}: {', '.join(map(repr, unknown))} not given with --adapter (loaded: {', '.join(adapters)})")
-    bad = [i for i in items if not _is_number(i.rpartition(":")[2]) or not i.rpartition(":")[0]]
+    bad = [i for i in items if _weight(i.rpartition(":")[2]) is None or not i.rpartition(":")[0]]
     if bad:
-        raise PeftFtError(f"--combine {text}: {', '.join(map(repr, bad))}: expected ADAPTER:WEIGHT with a number as WEIGHT, "
+        raise PeftFtError(f"--combine {text}: {', '.join(map(repr, bad))}: expected ADAPTER:WEIGHT with a finite number as WEIGHT, "
                           f"e.g. avg=seed1:0.5,seed2:0.5")
     try:
         parts = parse_combine(",".join(f"{a}={adapters[a]}:{w}" for a, _, w in (i.rpartition(":") for i in items)))
@@ -91,12 +90,14 @@ def parse_inference_combine(text: str, adapters: dict[str, str]) -> tuple[str, l
     return name, parts
 
 
-def _is_number(text: str) -> bool:
+def _weight(text: str) -> float | None:
+    """A combination weight, or None: NaN and infinity pass float() and every sum check (NaN <= 0 is False), and
+    made a folder of NaN weights."""
     try:
-        float(text)
+        value = float(text)
     except ValueError:
-        return False
-    return True
+        return None
+    return value if math.isfinite(value) else None
 
 
 Combination = tuple[str, list[tuple[str, Path, float]]]  # (name, [(adapter name, run folder, weight), ...])
