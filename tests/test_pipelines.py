@@ -125,6 +125,11 @@ def test_a_request_question_too_long_for_the_windows_names_its_row_and_what_to_s
             for n, q in ((1, "where ?"), (4, "where does john live and work and sleep ?"))]
     with pytest.raises(DataError, match=r"^in\.jsonl: line 4: the question is \d+ tokens; .* room for 7: shorten the question"):
         qa(rows, batch_size=2)
+    # serve weighs a request (Answers.cost) before answering it: a question longer than a whole window made the
+    # tokenizer raise there ("Truncation error: Sequence to truncate too short"), a 500
+    longer = to_input({"question": "where is it " * 10, "context": "john lives in paris ."}, recipe, "inputs[0]")
+    with pytest.raises(DataError, match=r"^inputs\[0\]: the question is 40 tokens; .* shorten the question"):
+        TASKS["qa"].answers.cost(qa.tokenizer, recipe, longer)
 
 
 def test_seq2seq_requests_are_text_and_say_when_the_encoder_cut_them(tmp_path):

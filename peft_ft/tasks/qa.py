@@ -287,8 +287,12 @@ def _qa_input(row: dict, recipe: Recipe, where: str) -> dict:
 
 def _cost(tokenizer, recipe: Recipe, item: dict) -> int:
     """Every window of the context: all of them go through the model."""
-    enc = tokenizer(item["question"].lstrip(), item["context"], truncation="only_second", max_length=recipe.model.max_length,
-                    stride=recipe.task.doc_stride, return_overflowing_tokens=True)
+    try:
+        enc = tokenizer(item["question"].lstrip(), item["context"], truncation="only_second", max_length=recipe.model.max_length,
+                        stride=recipe.task.doc_stride, return_overflowing_tokens=True)
+    except Exception:  # tokenizers' own error for a question longer than a window: say it as the answering check does
+        refuse_long_request_questions([item], tokenizer, recipe)
+        raise
     return sum(len(ids) for ids in enc["input_ids"])
 
 
