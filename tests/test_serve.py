@@ -482,6 +482,51 @@ def test_max_adapters_unloads_the_least_recently_used_and_reloads_it(runs, tmp_p
         srv.stop()
 
 
+def test_max_adapters_holds_again_once_the_busy_adapter_is_done(tmp_path):
+    """A load while every other resident adapter was busy went over --max-adapters, and it stayed over for good:
+    only a load evicted, and never a busy adapter."""
+    from peft_ft.serving.library import Library
+
+    class Loaded:  # what the Library asks of an AdapterSet
+        def __init__(self):
+            self.adapters = {"a": tmp_path}
+
+        names = property(lambda self: list(self.adapters))
+
+        def add(self, name, run_dir):
+            self.adapters[name] = run_dir
+
+        def remove(self, name):
+            del self.adapters[name]
+
+    loaded = Loaded()
+    library = Library(loaded, {"a": str(tmp_path), "b": str(tmp_path)}, max_adapters=1)
+    library.use("a")  # a long request on a
+    library.use("b")  # b loads while a is busy: two resident
+    assert sorted(loaded.names) == ["a", "b"]
+    library.done("a")  # a, the least recently used, is idle now: unloaded
+    assert loaded.names == ["b"] and library.snapshot()["resident"] == 1
+    library.done("b")
+    assert loaded.names == ["b"]
+
+
+def test_a_request_whose_adapter_is_removed_while_it_waits_gets_404(runs):
+    """It got 400 "unknown adapter 'pos'; loaded: <the resident ones>", as if the request were malformed."""
+    adapters = AdapterSet({"pos": runs["pos"], "flip": runs["flip"]})
+    srv = start(adapters, api_key=KEY, admin_key=ADMIN, adapter_dir=str(runs["flip"].parent.parent), max_wait_ms=1500)
+    try:
+        answer = {}
+        asking = threading.Thread(target=lambda: answer.update(zip(("status", "body"), call(f"{srv.url}/predict/pos", texts_body(["good"])))))
+        asking.start()
+        time.sleep(0.5)  # the request waits for its batch to fill
+        assert call(f"{srv.url}/adapters/pos", method="DELETE", key=ADMIN)[0] == 200
+        asking.join(timeout=30)
+        assert answer["status"] == 404, answer
+        assert answer["body"]["error"] == "adapter 'pos' was removed (DELETE /adapters/pos) while this request waited; servable: flip"
+    finally:
+        srv.stop()
+
+
 def test_cli_sigterm_finishes_the_request_in_flight_and_exits_fast_with_idle_clients(runs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PEFT_FT_API_KEY": KEY}
     # a long batch wait keeps the request in flight while SIGTERM arrives

@@ -370,6 +370,9 @@ def create_app(library, scheduler, metrics: Metrics, *, max_texts: int, max_toke
             status, answer = 504, {"error": f"not answered within the request deadline of {deadline_s:g} s (--request-timeout); send fewer or shorter texts"}
         except PeftFtError as e:  # a row the adapter cannot read (a missing field...)
             status, answer = 400, {"error": str(e)}
+            if NAME.fullmatch(adapter) and adapter not in library.known:  # DELETE /adapters/NAME came while it waited
+                status, answer = 404, {"error": f"adapter {adapter!r} was removed (DELETE /adapters/{adapter}) while this request "
+                                                f"waited; servable: {', '.join(library.known) or 'none'}"}
         except Exception as e:  # a bug or a model failure: reported, and the server keeps serving
             log.exception("request /predict/%s failed", adapter)
             status, answer = 500, {"error": f"internal error ({type(e).__name__}); the server's log has the details"}

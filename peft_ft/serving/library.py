@@ -80,6 +80,8 @@ class Library:
     def done(self, name: str) -> None:
         with self.lock:
             self.busy[name] -= 1
+            if not self.busy[name]:  # a load that found every other adapter busy went over --max-adapters: back to it
+                self._evict_over_limit()
 
     def add(self, name: str, path: str) -> Path:
         """`POST /adapters`: load a run folder from inside --adapter-dir under a new name."""
