@@ -118,7 +118,9 @@ class Guard:
         refusal = self._refusal(scope, headers)
         if refusal is not None:  # a body left unread would be taken for the next request: such connections close
             close = scope["method"] in ("POST", "PUT", "PATCH", "DELETE")
-            if close:
+            # A client that waits for "100 Continue" (curl, for bodies over 1 MB) has sent no body: reading would make
+            # uvicorn invite it, and the refusal then closed on a body in flight ("Connection reset by peer").
+            if close and b"100-continue" not in headers.get("expect", b"").lower():
                 await self._drain(receive)
             return await _answer(send, *refusal, close=close)
         if scope["method"] in ("POST", "PUT", "PATCH"):
