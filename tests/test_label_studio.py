@@ -257,6 +257,18 @@ def test_unlabelled_predict_export_keeps_every_task(tmp_path):
     export = write_export(tmp_path / "export.json", [task(1, "great film", annotation([choice("pos")])), task(2, "new text")])
     rows, _ = read_classification(recipe("classification"), export, "label", unlabelled=True)
     assert [r["text"] for r in rows] == ["great film", "new text"] and all("label" not in r for r in rows)
+    # Label Studio's import format: tasks with their data and no `annotations` key at all. They were taken for
+    # JSON-MIN records, and the error asked for data.label_studio_control, then for a column named text.
+    imported = write_export(tmp_path / "import.json", [{"id": 900, "data": {"text": "to label"}}, {"id": 901, "data": {"text": "b"}}])
+    rows, _ = read_classification(recipe("classification"), imported, "label", unlabelled=True)
+    assert rows == [{"text": "to label"}, {"text": "b"}]
+
+
+@pytest.mark.parametrize("start, end, says", [(5, 5, "an empty span"), (10, 3, "start after end"), (40, 60, "outside the text")])
+def test_a_span_that_is_empty_or_reversed_is_called_so(start, end, says):
+    from peft_ft.data.formats.label_studio import span_offsets
+
+    assert span_offsets("John Smith lives in Paris.", {"start": start, "end": end}).startswith(says)
 
 
 # --- JSON-MIN -----------------------------------------------------------------------------------

@@ -93,6 +93,10 @@ def span_offsets(text: str, value: dict) -> tuple[int, int] | str:
         if s16 is None or e16 is None or text[s16:e16] != quoted:
             return f"its text {quoted!r} is not the task text at those offsets ({text[start:end]!r}); re-export the task"
         start, end = s16, e16
+    if start == end:
+        return "an empty span (start = end); remove it or select its text again"
+    if start > end:
+        return "start after end; re-export the task"
     if not 0 <= start < end <= len(text):
         return f"outside the text (length {len(text)})"
     return start, end
@@ -178,7 +182,9 @@ def load_export(path: Path) -> tuple[list[dict], bool]:
     bad = next((i for i, r in enumerate(records, 1) if not isinstance(r, dict)), None)
     if bad:
         raise DataError(f"{path}: record {bad} is not a JSON object; expected Label Studio tasks")
-    full = [("annotations" in r or "completions" in r) for r in records]  # `completions`: Label Studio before 1.0
+    # `completions`: Label Studio before 1.0; a task with its `data` and nothing else: Label Studio's import format
+    # (tasks not yet labelled), not JSON-MIN's flat records
+    full = [("annotations" in r or "completions" in r or isinstance(r.get("data"), dict)) for r in records]
     if any(full) and not all(full):
         raise DataError(f"{path}: record {full.index(False) + 1} has no `annotations` while others have; "
                         f"export the whole project in one format (JSON or JSON-MIN)")
