@@ -159,6 +159,8 @@ def test_body_limits_are_checked_from_the_headers_without_reading_the_body(serve
     assert answer.startswith(b"HTTP/1.1 413") and b"--max-body-bytes" in answer, answer[:200]
     answer = raw(server, b"POST /predict/pos HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 411")
+    status, error = call(f"{server}/predict/pos/", texts_body(["good"]))  # was an empty 307 to the path without the slash
+    assert status == 404 and error["error"].startswith("no such path /predict/pos/")
     status, error = call(f"{server}/predict/pos", texts_body([]))
     assert status == 422 and error["error"] == '"texts" is empty: send at least one'
     status, error = call(f"{server}/predict/pos", texts_body(["good"] * 9))

@@ -299,7 +299,9 @@ ANSWER_ERRORS = {401: {"model": schemas.ErrorResponse, "description": "no or wro
 
 def create_app(library, scheduler, metrics: Metrics, *, max_texts: int, max_tokens: int, deadline_s: float) -> FastAPI:
     """The FastAPI application: routes only; wrap it in `Guard` before serving."""
-    app = FastAPI(title="peft-ft serve", version="2", description=(
+    # redirect_slashes off: `/predict/ner/` got an empty 307 to the path without the slash (a client that does not
+    # follow it for a POST saw no answer); now the 404 below names the routes.
+    app = FastAPI(title="peft-ft serve", version="2", redirect_slashes=False, description=(
         "Trained peft-ft adapters over HTTP. `POST /predict/{adapter}` with `{\"text\": ...}`, `{\"texts\": [...]}` or "
         "`{\"inputs\": [{...}]}` (the fields of the adapter's task family: see the examples). Send `Authorization: Bearer KEY` "
         "when the server has a key. Errors are `{\"error\": \"...\"}`."))
