@@ -512,6 +512,22 @@ def test_settings_the_runs_step_count_leaves_idle_are_named_at_the_start(tmp_pat
     assert "train.early_stopping_patience 5 cannot stop this run: it evaluates 2 time(s) in 10 steps" in log
 
 
+def test_a_max_steps_past_the_epochs_and_a_batch_past_the_data_are_named():
+    """train.max_steps above epochs x steps did not extend the run, and nothing said so; a data set smaller than the
+    effective batch was reported as batches of the full size."""
+    from types import SimpleNamespace
+
+    from peft_ft.engine.train import _idle_settings
+
+    t = SimpleNamespace(max_steps=50, epochs=2, batch_size=16, gradient_accumulation_steps=2, early_stopping_patience=0,
+                        eval_every=0)
+    found = _idle_settings(t, total=2, per_epoch=1, validated=True, rows=20)
+    assert found == ["train.max_steps 50 only caps the run: train.epochs 2 x 1 steps make 2, where it ends; raise "
+                     "train.epochs to train longer",
+                     "the training data has 20 rows, fewer than the effective batch of 32: each step takes all 20"]
+    assert _idle_settings(SimpleNamespace(**{**vars(t), "max_steps": 2}), total=2, per_epoch=1, validated=True, rows=32) == []
+
+
 def test_a_plain_cpu_run_does_not_import_deepspeed(tmp_path, tiny_bert, data):
     """accelerate's unwrap_model imports DeepSpeed whenever it is installed (the [test] extra), which printed
     "[WARNING] ... Setting accelerator to CPU. If you have GPU ..." into every one-process run's output."""

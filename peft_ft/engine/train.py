@@ -184,10 +184,17 @@ def steps_per_epoch(rows: int, t) -> int:
     return math.ceil(rows / (t.batch_size * t.gradient_accumulation_steps))
 
 
-def _idle_settings(t, total: int, per_epoch: int, validated: bool) -> list[str]:
+def _idle_settings(t, total: int, per_epoch: int, validated: bool, rows: int) -> list[str]:
     """Settings that this run's step count (known once the data is read) leaves with nothing to do."""
     evaluations = sum(evaluation_due(s, s % max(1, per_epoch) == 0, s == total, t.eval_every) for s in range(1, total + 1))
     found = []
+    if t.max_steps and t.max_steps > per_epoch * t.epochs:
+        found.append(f"train.max_steps {t.max_steps} only caps the run: train.epochs {t.epochs} x {per_epoch} steps make "
+                     f"{per_epoch * t.epochs}, where it ends; raise train.epochs to train longer")
+    step_rows = t.batch_size * t.gradient_accumulation_steps
+    if rows < step_rows:
+        found.append(f"the training data has {rows} rows, fewer than the effective batch of {step_rows}: each step takes "
+                     f"all {rows}")
     if t.early_stopping_patience and t.early_stopping_patience >= evaluations:
         found.append(f"train.early_stopping_patience {t.early_stopping_patience} cannot stop this run: it evaluates "
                      f"{evaluations} time(s) in {total} steps; lower it, or set train.eval_every")
@@ -304,7 +311,7 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
     log.info("effective batch %d rows per optimizer step (train.batch_size %d x gradient_accumulation_steps %d), "
              "split across %d process%s; %d steps; precision %s", step_rows, t.batch_size, t.gradient_accumulation_steps,
              accelerator.num_processes, "es" if accelerator.num_processes > 1 else "", total, precision_label(model, accelerator))
-    for note in [*notes(accelerator), *_idle_settings(t, total, per_epoch, validate is not None)]:
+    for note in [*notes(accelerator), *_idle_settings(t, total, per_epoch, validate is not None, len(features))]:
         log.warning(note)
     with _progress() as progress, _StopRequests(saving=saving and distributed.world().size == 1) as stop:
         bar = progress.add_task("train", total=total, completed=result.steps, loss=float("nan"), speed=0.0)
