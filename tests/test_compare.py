@@ -388,3 +388,49 @@ def test_methods_all_picks_what_fits_the_task_and_model(tmp_path, tiny_bert, cap
         variants = build_variants([recipe], [ALL], 1, {}, ["model.max_length=500"], tmp_path / "c", None)
     assert not {"prompt_tuning", "p_tuning"} & {v.method for v in variants}
     assert "p_tuning left out: model.max_length (500) + adapter.num_virtual_tokens (20) exceeds the 512 positions" in caplog.text
+
+
+def test_resume_refuses_a_folder_of_another_comparison(compared, tmp_path):
+    """--resume into a folder that is no comparison (a sweep's), or that compares variants this command does not
+    plan, is refused before anything is written: its tables would otherwise lose the rows of its finished variants."""
+    recipe = str(compared.parent.parent / "sent.toml")
+    tables = {name: (compared / name).read_bytes() for name in ("comparison.csv", "comparison.md", "runs.csv")}
+    sweep_folder = tmp_path / "sw"
+    (sweep_folder / "trials").mkdir(parents=True)
+    (sweep_folder / "sweep.json").write_text("{}")
+    with pytest.raises(PeftFtError, match="holds no comparison \\(no recipes/ folder"):
+        runner.compare([recipe], ["lora"], out=str(sweep_folder), resume=True)
+    assert sorted(p.name for p in sweep_folder.iterdir()) == ["sweep.json", "trials"]
+    with pytest.raises(PeftFtError, match="compares variants this command does not plan \\(full-seed42\\); resume with"):
+        runner.compare([recipe], ["lora"], out=str(compared), resume=True)
+    with pytest.raises(PeftFtError, match="lora-seed42 was planned from a different recipe than it now resolves to"):
+        runner.compare([recipe], ["lora", "full"], lrs=["lora=3e-2"], out=str(compared), resume=True)
+    assert {name: (compared / name).read_bytes() for name in tables} == tables
+
+
+def test_resume_refuses_finished_runs_of_another_data_folder(compared, tmp_path):
+    """Seeds trained on other data would be averaged into one mean ± std."""
+    import shutil
+
+    recipe = str(compared.parent.parent / "sent.toml")
+    other = tmp_path / "other-data"
+    shutil.copytree(compared.parent.parent / "data", other)
+    before = (compared / "comparison.csv").read_bytes()
+    with pytest.raises(PeftFtError, match=f"was trained on the data in {compared.parent.parent / 'data'}, not {other}; "
+                                          f"resume with --data-dir"):
+        runner.compare([recipe], ["lora", "full"], out=str(compared), resume=True, data_dir=str(other))
+    assert (compared / "comparison.csv").read_bytes() == before
+
+
+def test_a_method_given_two_learning_rates_is_refused():
+    with pytest.raises(RecipeError, match="'lora=2e-3': two values for lora \\(0.001 and 0.002\\)"):
+        parse_lrs(["lora=1e-3", "lora=2e-3"], ["lora", "full"])
+
+
+def test_set_output_is_refused(tmp_path, tiny_bert, capsys):
+    """compare names and places every variant's run folder itself: `--set output.name=...` would change nothing."""
+    recipe = str(make_recipe(tmp_path, tiny_bert))
+    assert main(["compare", recipe, "--methods", "lora", "--set", "output.name=foo", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "--set output.name=foo: compare names and places each variant's run folder itself" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()

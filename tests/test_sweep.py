@@ -76,7 +76,7 @@ def test_four_trials_sqlite_reports_and_best_recipe(tmp_path, recipe):
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
     assert (sweep_dir / "study.db").is_file()
     for t in study.trials:
-        run_dir = Path(t.user_attrs["run_dir"])
+        run_dir = sweep_dir / t.user_attrs["run_dir"]  # relative to the sweep folder: it travels with it
         assert run_dir.parent.parent == sweep_dir / "trials" and run_dir.parent.name == f"trial-{t.number:04d}"
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["train"]["best_value"] == t.value == metrics["validation"]["macro_f1"]
@@ -106,7 +106,7 @@ def test_four_trials_sqlite_reports_and_best_recipe(tmp_path, recipe):
     assert again["validation"]["macro_f1"] == pytest.approx(study.best_value, abs=1e-9)
     assert "test" in again
     # Same training, not just the same score: every validation probability matches the best trial's.
-    trial_dir = Path(study.best_trial.user_attrs["run_dir"])
+    trial_dir = sweep_dir / study.best_trial.user_attrs["run_dir"]
     probs = [[json.loads(line)["probabilities"] for line in (d / "predictions_validation.jsonl").read_text().splitlines()]
              for d in (trial_dir, again_dir)]
     assert probs[0] == probs[1]
@@ -142,9 +142,9 @@ enqueue = [{"train.seed" = 2}, {"train.seed" = 3}, {"train.seed" = 4}]
     assert [dict(t.intermediate_values) for t in trials] == [dict(zip((1, 2, 3), curves[2])), dict(zip((1, 2, 3), curves[3])), {1: 0.1}]
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
     for t in trials[:2]:  # what the loop reported is what the run folder recorded
-        history = json.loads((Path(t.user_attrs["run_dir"]) / "metrics.json").read_text())["train"]["history"]
+        history = json.loads((sweep_dir / t.user_attrs["run_dir"] / "metrics.json").read_text())["train"]["history"]
         assert [h["validation_macro_f1"] for h in history] == [t.intermediate_values[e] for e in (1, 2, 3)]
-    pruned_dir = Path(trials[2].user_attrs["run_dir"])
+    pruned_dir = sweep_dir / trials[2].user_attrs["run_dir"]
     assert not (pruned_dir / "metrics.json").exists() and not (pruned_dir / "checkpoints").exists()
     log = (pruned_dir / "train.log").read_text()
     assert "epoch 1:" in log and "epoch 2:" not in log
@@ -219,7 +219,7 @@ def _two_workers(tmp_path, recipe, storage: str | None) -> list:
     pids = {t.user_attrs["pid"] for t in trials}
     assert len(pids) == 2 and os.getpid() not in pids  # both workers took trials
     run_dirs = [t.user_attrs["run_dir"] for t in trials]
-    assert len(set(run_dirs)) == 4 and all((Path(d) / "metrics.json").is_file() for d in run_dirs)
+    assert len(set(run_dirs)) == 4 and all((tmp_path / "sw" / d / "metrics.json").is_file() for d in run_dirs)
     assert len({json.dumps(t.params, sort_keys=True) for t in trials}) == 4  # no trial drawn twice
     return trials
 
@@ -307,6 +307,11 @@ def test_a_storage_that_cannot_be_opened_is_one_message(tmp_path, recipe, capsys
     (("", ""), ["--workers", "0"], "--workers 0: give 1 to 64"),
     (("", ""), ["--workers", "1000"], "--workers 1000: give 1 to 64"),
     (("", ""), ["--storage", ""], "--storage is empty"),
+    (("", ""), ["--storage", "sqlite://"], "an in-memory database cannot hold a study shared by trials/workers; give a file"),
+    (("", ""), ["--storage", "sqlite:///:memory:"], "an in-memory database cannot hold a study"),
+    (("", ""), ["--study", ""], "--study is empty; give the study's name"),
+    (("", ""), ["--study", " "], "--study is empty"),
+    (("", ""), ["--set", "train.lr=1e-3"], "--set train.lr=1e-3: train.lr is swept by"),
     (("", ""), ["--set", "train.device=cuda"], 'train.device: "cuda" asked for, but torch sees no CUDA GPU'),
     (('train = "train.jsonl"', 'train = "missing.jsonl"'), [], "data.train: file not found"),
 ])
@@ -321,12 +326,55 @@ def test_sweep_refusals_are_one_message(tmp_path, recipe, capsys, change, extra,
     assert not (tmp_path / "sw").exists()
 
 
-def test_a_sweep_where_no_trial_finishes_says_so(tmp_path, recipe, capsys):
-    space = space_file(tmp_path, f"[model]\nname = [\"{tmp_path / 'no-such-model'}\"]\n")
+def test_a_sweep_where_no_trial_finishes_says_so(tmp_path, recipe, capsys, monkeypatch):
+    """Every trial fails (here the run refuses it): the message does not promise that --resume mends what only a
+    new space or recipe can."""
+    import peft_ft.sweep.study
+    from peft_ft.errors import PeftFtError
+
+    def refused(recipe, data_dir=None, hooks=None):
+        raise PeftFtError(f"{recipe.source}: refused by the model")
+
+    monkeypatch.setattr(peft_ft.sweep.study, "run", refused)
+    space = space_file(tmp_path, LR_AND_RANK)
     assert main(["sweep", str(recipe()), "--space", str(space), "--trials", "2", "--out", str(tmp_path / "sw")]) == 2
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
     assert "sweep: no trial finished (2 failed, 0 pruned)" in err and "Traceback" not in err
+    assert "start a new sweep with another --out (or remove" in err and "fix it and run again with --resume" not in err
     assert [r["state"] for r in trials_csv(tmp_path / "sw")] == ["fail", "fail"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[adapter]\nr = [4, 64]\n", "adapter.r = 64 does not fit the model or machine: adapter.r: 64 is more than this bert "
+                                  "model's hidden size (32)"),
+    ("[model]\nmax_length = [32, 1024]\n", "model.max_length = 1024 does not fit the model or machine: model.max_length: "
+                                           "1024 is more than the 512 positions"),
+    # an IA3 recipe: adapter.r applies only in trials that draw lora, and is checked with it
+    ("[adapter]\nmethod = [\"ia3\", \"lora\"]\nr = [4, 64]\n", "adapter.r = 64 does not fit the model or machine"),
+])
+def test_values_the_model_cannot_take_are_refused_before_any_folder(tmp_path, recipe, capsys, text, message):
+    """A value only the model can refuse is checked as `peft-ft validate` checks a recipe, before the folder and
+    study are made (otherwise every trial drawing it fails, and --resume cannot mend the space)."""
+    space = space_file(tmp_path, text)
+    recipe_file = recipe()
+    if "ia3" in text:
+        recipe_file.write_text(recipe_file.read_text().replace('method = "lora"\nr = 4\nalpha = 8', 'method = "ia3"'))
+    assert main(["sweep", str(recipe_file), "--space", str(space), "--trials", "1", "--out", str(tmp_path / "sw")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and f"{space}: " in err and "Traceback" not in err
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_device_only_some_trials_ask_for_is_refused_before_any_folder(tmp_path, recipe, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    space = space_file(tmp_path, "[train]\ndevice = [\"cpu\", \"cuda\"]\n")
+    assert main(["sweep", str(recipe()), "--space", str(space), "--out", str(tmp_path / "sw")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert 'train.device = \'cuda\' does not fit the model or machine: train.device: "cuda" asked for' in err
+    assert "Traceback" not in err and not (tmp_path / "sw").exists()
 
 
 # --- the space file is checked like a recipe ----------------------------------------------------
@@ -352,6 +400,12 @@ def test_a_sweep_where_no_trial_finishes_says_so(tmp_path, recipe, capsys):
     ("[sweep]\nenqueue = [{\"train.lr\" = 9.0}]\n[train]\nlr = {low = 1e-3, high = 1e-2}\n", "sweep.enqueue[0]: train.lr = 9.0 is outside its range"),
     ("[train]\nlr = 1e-3\n", "train.lr: expected a list of choices or a range"),
     ("[sweep]\nseed = 1\n", "no recipe keys to sweep"),
+    ("[sweep]\nenqueue = [{\"train.epochs\" = 1.5}]\n[train]\nepochs = {low = 1, high = 3}\n",
+     "sweep.enqueue[0]: train.epochs = 1.5 is not an integer"),
+    ("[sweep]\nenqueue = [{\"train.lr\" = 1.5e-3}]\n[train]\nlr = {low = 1e-3, high = 3e-3, step = 1e-3}\n",
+     "sweep.enqueue[0]: train.lr = 0.0015 is not on its range's steps"),
+    ("[sweep]\nenqueue = [{\"train.lr\" = 5e-3}, 3]\n[train]\nlr = [5e-3, 1e-2]\n", "sweep.enqueue[1]: expected a table"),
+    ("[train]\nlr = [0, 0.0, 0.1]\n", "train.lr: the choices repeat a value"),
 ])
 def test_space_errors_name_the_file_and_key(tmp_path, recipe, text, message, capsys):
     space = space_file(tmp_path, text)
@@ -427,3 +481,126 @@ def test_shipped_spaces_are_valid_for_their_recipes(space):
     recipe_file = space.parent.parent / "recipes" / space.name
     _, _, loaded = load_parts(str(recipe_file), str(space), [])
     assert loaded.params
+
+
+# --- refusals that leave nothing behind, and --resume that finds its own study -------------------
+
+
+def test_recipe_and_space_with_a_byte_order_mark_are_read(tmp_path, recipe):
+    """An editor's UTF-8 byte-order mark: `peft-ft validate` reads such a recipe, so must the sweep (and its space)."""
+    from peft_ft.sweep.study import load_parts
+
+    recipe_file = recipe()
+    recipe_file.write_bytes(b"\xef\xbb\xbf" + recipe_file.read_bytes())
+    space = space_file(tmp_path, LR_AND_RANK)
+    space.write_bytes(b"\xef\xbb\xbf" + space.read_bytes())
+    loaded, base, parsed = load_parts(str(recipe_file), str(space), [])
+    assert base["adapter"]["r"] == 4 and [p.key for p in parsed.params] == ["train.lr", "adapter.r"]
+
+
+def test_a_quoted_dotted_key_is_the_recipe_key(tmp_path, recipe):
+    from peft_ft.sweep.study import load_parts
+
+    space = space_file(tmp_path, '"train.lr" = [1e-3, 2e-3]\n[adapter]\nr = [2, 4]\n')
+    _, _, parsed = load_parts(str(recipe()), str(space), [])
+    assert [(p.key, p.choices) for p in parsed.params] == [("train.lr", (1e-3, 2e-3)), ("adapter.r", (2, 4))]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"recipe": "r.toml", "spa', "sweep.json: damaged, not JSON"),
+    ("[1, 2]", "sweep.json: damaged, expected a JSON object"),
+    ('{"recipe": "r.toml", "colour": 1}', "sweep.json: damaged (unknown key(s) 'colour'; missing key(s) 'space'"),
+])
+def test_a_damaged_sweep_json_is_one_message(tmp_path, recipe, capsys, text, message):
+    sweep_dir = tmp_path / "sw"
+    (sweep_dir / "trials").mkdir(parents=True)
+    (sweep_dir / "sweep.json").write_text(text)
+    args = ["sweep", str(recipe()), "--space", str(space_file(tmp_path, LR_AND_RANK)), "--out", str(sweep_dir), "--resume"]
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and "start a new sweep with another --out" in err and "Traceback" not in err
+
+
+def test_a_study_of_another_space_is_refused_before_the_folder_is_made(tmp_path, recipe, capsys):
+    """The suggested fix (--study S2) then works: no sweep.json or trials/ left to refuse it."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    optuna.create_study(storage=url, study_name="sent").set_user_attr("fingerprint", "another space")
+    args = ["sweep", str(recipe()), "--space", str(space_file(tmp_path, LR_AND_RANK)), "--trials", "1",
+            "--out", str(tmp_path / "sw"), "--storage", url]
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "was started from another recipe, space or --set (or another metric); name a new study with --study" in err
+    assert not (tmp_path / "sw").exists()
+    assert main(args + ["--study", "S2"]) == 0
+    assert [t.state.name for t in open_study(url, "S2").trials] == ["COMPLETE"]
+
+
+def test_resume_finds_the_same_study_and_data_from_any_directory(tmp_path, recipe, monkeypatch, capsys):
+    """A relative sqlite:/// path is recorded as the file it named; --resume refuses another file, another data
+    folder and a study that is gone, rather than starting an empty study; run_dir is relative to the sweep folder."""
+    here, elsewhere = tmp_path / "a", tmp_path / "b"
+    here.mkdir()
+    elsewhere.mkdir()
+    db = here / "relative.db"
+    command = ["sweep", str(recipe()), "--space", str(space_file(tmp_path, LR_AND_RANK)), "--trials", "1"]
+    monkeypatch.chdir(here)
+    assert main(command + ["--out", "sw", "--storage", "sqlite:///relative.db"]) == 0
+    sweep_dir = here / "sw"
+    assert json.loads((sweep_dir / "sweep.json").read_text())["storage"] == f"sqlite:///{db}"
+    (row,) = trials_csv(sweep_dir)
+    assert row["run_dir"].startswith("trials/trial-0000/") and (sweep_dir / row["run_dir"] / "metrics.json").is_file()
+    reports = (sweep_dir / "trials.csv").read_bytes()
+    capsys.readouterr()
+
+    monkeypatch.chdir(elsewhere)  # the same relative URL names another file here
+    assert main(command + ["--out", str(sweep_dir), "--resume", "--storage", "sqlite:///relative.db"]) == 2
+    assert f"stored in sqlite:///{db}, not sqlite:///{elsewhere / 'relative.db'}" in capsys.readouterr().err
+    assert not (elsewhere / "relative.db").exists()
+
+    other_data = tmp_path / "other-data"
+    shutil.copytree(tmp_path / "data", other_data)
+    assert main(command + ["--out", str(sweep_dir), "--resume", "--storage", f"sqlite:///{db}", "--data-dir", str(other_data)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"trials train on the data in {tmp_path / 'data'}, not {other_data}" in err and "Traceback" not in err
+
+    db.rename(tmp_path / "moved.db")
+    assert main(command + ["--out", str(sweep_dir), "--resume", "--storage", f"sqlite:///{db}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"the study 'sent' of {sweep_dir} is not found: no database file {db}" in err and "Traceback" not in err
+    assert not db.exists() and (sweep_dir / "trials.csv").read_bytes() == reports
+
+
+def test_a_trial_stopped_by_ctrl_c_is_reported_as_interrupted(tmp_path, recipe, monkeypatch, capsys):
+    """Not a failure, not an ended trial; its run folder named and its checkpoints removed (its rerun starts anew);
+    the sweep's --resume is what the user is told, not the run's `peft-ft run --resume`."""
+    import logging
+
+    import peft_ft.sweep.study
+
+    real_run = peft_ft.sweep.study.run
+
+    def stopped(recipe, data_dir=None, hooks=None):
+        run_dir = Path(recipe.output.dir) / recipe.output.name / "20260101-000000"
+        (run_dir / "checkpoints" / "step-2").mkdir(parents=True)
+        logging.getLogger("peft_ft").warning("interrupted (SIGINT): checkpoint written; continue with `peft-ft run --resume %s`", run_dir)
+        raise KeyboardInterrupt
+
+    space, sweep_dir = space_file(tmp_path, LR_AND_RANK), tmp_path / "sw"
+    monkeypatch.setattr(peft_ft.sweep.study, "run", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(str(recipe()), str(space), trials=1, out=str(sweep_dir))
+    said = " ".join(capsys.readouterr().out.split())
+    assert "peft-ft run --resume" not in said and "run the same command with --resume to go on" in said
+    (trial,) = finished(sweep_dir).trials
+    assert trial.user_attrs["run_dir"] == "trials/trial-0000/20260101-000000"
+    assert (sweep_dir / trial.user_attrs["run_dir"]).is_dir() and not (sweep_dir / trial.user_attrs["run_dir"] / "checkpoints").exists()
+
+    monkeypatch.setattr(peft_ft.sweep.study, "run", real_run)
+    sweep(str(recipe()), str(space), trials=1, out=str(sweep_dir), resume=True)
+    said = " ".join(capsys.readouterr().out.split())
+    assert "failed" not in said
+    assert [(r["trial"], r["state"]) for r in trials_csv(sweep_dir)] == [("1", "complete"), ("0", "interrupted, rerun as trial 1")]
+    md = (sweep_dir / "sweep.md").read_text()
+    assert "1 trial(s) ended of 1" in md and "| 0 | interrupted, rerun as trial 1 |" in md

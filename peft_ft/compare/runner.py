@@ -14,8 +14,8 @@ from peft_ft.engine import checkpoint
 from peft_ft.errors import PeftFtError
 from peft_ft.log import setup_logging
 from peft_ft.methods import METHODS
-from peft_ft.rundir.layout import METRICS, RECIPE
-from peft_ft.rundir.portable import portable_toml
+from peft_ft.rundir.layout import METRICS, RECIPE, read_info_raw
+from peft_ft.rundir.portable import data_dir_of, portable_toml
 from peft_ft.storage import write_atomic
 
 log = logging.getLogger("peft_ft")
@@ -35,6 +35,8 @@ def check_resumable(compare_dir: Path, variants: list[Variant], resume: bool) ->
             raise PeftFtError(f"compare: {compare_dir} already holds a comparison; pass --resume to continue it "
                               f"(finished runs are skipped), or choose another folder with --out")
         return {}
+    if compare_dir.exists() and any(compare_dir.iterdir()):
+        _check_same_comparison(compare_dir, variants)
     kept = {}
     for v in variants:
         run_dir = finished_run(compare_dir, v.run_name)
@@ -43,8 +45,41 @@ def check_resumable(compare_dir: Path, variants: list[Variant], resume: bool) ->
         if _recipe_body((run_dir / RECIPE).read_text(encoding="utf-8")) != _recipe_body(v.toml):
             raise PeftFtError(f"compare --resume: the finished run {run_dir} was trained from a different recipe than "
                               f"{v.run_name} now resolves to; compare into a new folder with --out, or remove that run folder")
+        _check_same_data(run_dir, v)
         kept[v.run_name] = run_dir
     return kept
+
+
+def _check_same_comparison(compare_dir: Path, variants: list[Variant]) -> None:
+    """`--resume` continues the comparison in the folder: the variants it planned (recipes/, written before any
+    training) must be among this command's, each resolving to the same recipe. A folder of other recipes, methods,
+    seeds or settings would have its tables rewritten without the rows of its finished variants."""
+    planned = compare_dir / "recipes"
+    if not planned.is_dir():
+        raise PeftFtError(f"compare --resume: {compare_dir} holds no comparison (no recipes/ folder, which compare writes "
+                          f"before training); give the folder a comparison was made in, or compare into a new folder with --out")
+    names = {v.run_name for v in variants}
+    others = sorted(p.stem for p in planned.glob("*.toml") if p.stem not in names)
+    if others:
+        raise PeftFtError(f"compare --resume: {compare_dir} compares variants this command does not plan "
+                          f"({', '.join(others)}); resume with the recipes, --methods and --seeds it was started with, "
+                          f"or compare into a new folder with --out")
+    for v in variants:
+        recorded = planned / f"{v.run_name}.toml"
+        if recorded.is_file() and _recipe_body(recorded.read_text(encoding="utf-8")) != _recipe_body(v.toml):
+            raise PeftFtError(f"compare --resume: {v.run_name} was planned from a different recipe than it now resolves to "
+                              f"(another recipe file, --set or --lr; see {recorded}); resume with the same recipes and "
+                              f"settings, or compare into a new folder with --out")
+
+
+def _check_same_data(run_dir: Path, variant: Variant) -> None:
+    """Seeds of one variant make one mean ± std: a finished run trained on another data folder (--data-dir) must not
+    be averaged with runs trained now."""
+    recorded = data_dir_of(run_dir, read_info_raw(run_dir))
+    if variant.data_dir and recorded and Path(recorded) != Path(variant.data_dir).resolve():
+        raise PeftFtError(f"compare --resume: the finished run {run_dir} was trained on the data in {recorded}, not "
+                          f"{variant.data_dir}; resume with --data-dir {recorded}, or compare the other data into a new "
+                          f"folder with --out")
 
 
 def unfinished_run(compare_dir: Path, variant: Variant) -> Path | None:

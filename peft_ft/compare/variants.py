@@ -60,6 +60,8 @@ def parse_lrs(items: list[str], methods: list[str]) -> dict[str, float]:
             problems.append(f"{item!r}: {name!r} is not among the compared methods ({', '.join(methods)})")
         elif lr <= 0:
             problems.append(f"{item!r}: expected METHOD=LEARNING_RATE with a positive number, e.g. lora=1e-3")
+        elif name in lrs:  # which one wins is no guess to leave to argument order
+            problems.append(f"{item!r}: two values for {name} ({lrs[name]:g} and {lr:g}); give --lr {name}=... once")
         else:
             lrs[name] = lr
     if problems:
@@ -188,6 +190,15 @@ def check_overrides_reach(overrides: list[str], methods: list[str]) -> None:
                                     for t in idle])
 
 
+def check_overrides_kept(overrides: list[str]) -> None:
+    """`--set output.*` would be overwritten in every variant (compare names and places each run folder itself)."""
+    idle = [t for t in overrides if _key(t).split(".")[0] == "output"]
+    if idle:
+        raise RecipeError("--set", [f"--set {t}: compare names and places each variant's run folder itself "
+                                    f"(<--out>/<variant>-seed<N>/); remove it, and give the comparison's folder with --out"
+                                    for t in idle])
+
+
 def with_overrides(raw: dict, overrides: list[str]) -> dict:
     """A copy of the raw recipe with the `--set` values in, read as their fields want (their problems are
     load_recipe's to report)."""
@@ -198,6 +209,7 @@ def build_variants(recipes: list[str], methods: list[str] | None, seeds: int, lr
                    overrides: list[str], out_dir: Path, data_dir: str | None) -> list[Variant]:
     """Every (recipe, method, seed), each validated by the schema before anything trains."""
 
+    check_overrides_kept(overrides)
     stems = [Path(r).stem for r in recipes]
     if len(set(stems)) != len(stems):
         raise PeftFtError(f"compare: several recipes share a file name ({', '.join(recipes)}); runs are named by it, rename one")

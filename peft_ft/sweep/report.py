@@ -25,6 +25,7 @@ def trial_rows(study) -> list[dict]:
     from optuna.trial import TrialState
 
     params = list(dict.fromkeys(k for t in study.trials for k in t.params))
+    reruns = {t.system_attrs["failed_trial"]: t.number for t in study.trials if "failed_trial" in t.system_attrs}
     rows = []
     for t in study.trials:
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
@@ -32,7 +33,7 @@ def trial_rows(study) -> list[dict]:
         last = max(t.intermediate_values) if t.intermediate_values else None
         rows.append({
             "trial": t.number,
-            "state": t.state.name.lower(),
+            "state": _state(t, reruns),
             "value": t.value,
             **{k: t.params.get(k) for k in params},
             "epochs": t.user_attrs.get("epochs_run", last),
@@ -49,6 +50,25 @@ def trial_rows(study) -> list[dict]:
         for r in rows:
             r[f"front_{x}"] = r["trial"] in front
     return rows
+
+
+INTERRUPTED = "interrupted"
+
+
+def _state(trial, reruns: dict[int, int]) -> str:
+    """complete, pruned, fail; or interrupted (Ctrl-C): not a result of its values, and --resume runs it again as
+    another trial, so it neither counts as ended nor as failed."""
+    from optuna.trial import TrialState
+
+    if trial.state != TrialState.FAIL or not trial.user_attrs.get("interrupted"):
+        return trial.state.name.lower()
+    rerun = reruns.get(trial.number)
+    return f"{INTERRUPTED}, rerun as trial {rerun}" if rerun is not None else f"{INTERRUPTED}, runs again on --resume"
+
+
+def ended(rows: list[dict]) -> int:
+    """Trials that count towards --trials: all but the interrupted ones (their reruns count)."""
+    return sum(1 for r in rows if not r["state"].startswith(INTERRUPTED))
 
 
 def pareto_front(rows: list[dict], x: str) -> set[int]:
@@ -106,7 +126,7 @@ def sweep_markdown(rows: list[dict], plan, ranking: dict[str, float], why_no_ran
     lines = [
         f"# Sweep of `{plan.recipe}`",
         "",
-        f"Space `{plan.space}`; study `{plan.study}` in `{plan.storage}`; {len(rows)} trial(s) ended of {plan.trials}. "
+        f"Space `{plan.space}`; study `{plan.study}` in `{plan.storage}`; {ended(rows)} trial(s) ended of {plan.trials}. "
         f"Value: the best epoch's validation {plan.metric} (test splits are left out of every trial).",
         "",
         "| " + " | ".join(header) + " |",
@@ -132,6 +152,9 @@ def sweep_markdown(rows: list[dict], plan, ranking: dict[str, float], why_no_ran
         else "No trial finished.",
         "",
         "- pruned: stopped after the epoch shown, its validation value below the median of earlier trials at that epoch",
+        "- interrupted: stopped by Ctrl-C; not counted, and `peft-ft sweep --resume` runs it again with its values as "
+        "the trial named",
+        "- run_dir (trials.csv): the trial's run folder, relative to the sweep folder",
         "- trainable, train s: the trial's trainable parameters and training-loop seconds (no evaluation), from its metrics.json",
         "- Pareto: no other finished trial has a higher value with at most as many parameters (or as little time)",
         "",
@@ -192,5 +215,5 @@ def write_reports(sweep_dir: Path, study, plan, base: dict, space) -> None:
     write_atomic(sweep_dir / "trials.csv", rows_csv(rows))
     write_atomic(sweep_dir / "sweep.md", sweep_markdown(rows, plan, ranking, why, best_file))
     plot_pareto(rows, plan.metric, sweep_dir / "pareto.png")
-    log.info("sweep %s: %d trial(s); tables trials.csv, sweep.md; plot pareto.png%s", sweep_dir, len(rows),
+    log.info("sweep %s: %d trial(s); tables trials.csv, sweep.md; plot pareto.png%s", sweep_dir, ended(rows),
              f"; best recipe {best_file}" if best_file else "")

@@ -115,6 +115,25 @@ class Space:
         return values
 
 
+    def probes(self, base: dict) -> list[tuple[str, Any, dict]]:
+        """(key, value, trial values) for each choice and each end of each range; a key that applies only with
+        another swept value (adapter.r with adapter.method) comes with the first choice of it that takes the key."""
+        by_key, out = {p.key: p for p in self.params}, []
+        for p in self.params:
+            needs = {}
+            for other, allowed in p.only:
+                if current_value(base, {}, other) in allowed:
+                    continue
+                swept = by_key.get(other)
+                enabling = [c for c in swept.choices if c in allowed] if swept and swept.kind == "choice" else []
+                if not enabling:
+                    break  # never applies: refused by the space check
+                needs[other] = enabling[0]
+            else:
+                out += [(p.key, value, {**needs, p.key: value}) for value in (p.choices if p.kind == "choice" else (p.low, p.high))]
+        return out
+
+
 def _as_choice(value):
     return ",".join(value) if isinstance(value, list) else value
 
@@ -160,12 +179,13 @@ def load_space(path: str | Path, recipe: Recipe, base: dict) -> Space:
     if not path.is_file():
         raise SpaceError(source, ["file not found (give the path of a .toml space file; see `peft-ft sweep --help`)"])
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: an editor's byte-order mark, as in recipes
     except UnicodeDecodeError as e:
         raise SpaceError(source, [f"not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8"])
     except tomllib.TOMLDecodeError as e:
         raise SpaceError(source, [f"not valid TOML: {e}"])
     problems: list[str] = []
+    raw = _nest_dotted_keys(raw)
     sweep_raw = raw.pop("sweep", {})
     if not isinstance(sweep_raw, dict):
         problems.append(f"sweep: expected a [sweep] section, got {sweep_raw!r}")
@@ -182,6 +202,21 @@ def load_space(path: str | Path, recipe: Recipe, base: dict) -> Space:
     if problems:
         raise SpaceError(source, problems)
     return Space(source, params, settings, enqueue)
+
+
+def _nest_dotted_keys(raw: dict) -> dict:
+    """A quoted dotted key at the top ("train.lr" = [...]) is the key train.lr, as the bare train.lr = [...] is
+    (TOML nests that one itself)."""
+    nested: dict = {}
+    for key, value in raw.items():
+        section, dot, name = key.partition(".")
+        if dot and section and name and isinstance(nested.get(section, {}), dict):
+            nested.setdefault(section, {})[name] = value
+        elif isinstance(value, dict) and isinstance(nested.get(key), dict):
+            nested[key] = {**nested[key], **value}
+        else:
+            nested[key] = value
+    return nested
 
 
 def _read_params(raw: dict, problems: list[str]) -> list[Param]:
@@ -270,12 +305,16 @@ def _read_choices(key: str, spec: list, tp, meta: dict, only: tuple, problems: l
             error = "names in a list choice cannot contain commas"
         if error:
             errors.append(f"{key}[{i}]: {error}")
-    if len({repr(v) for v in spec}) != len(spec):
+    if len({repr(float(v) if tp is float and _is_number(v) else v) for v in spec}) != len(spec):  # 0 and 0.0 are one rate
         errors.append(f"{key}: the choices repeat a value")
     if errors:
         problems.extend(errors)
         return None
     return Param(key, "choice", choices=tuple(float(v) if tp is float else v for v in spec), only=only)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_conditions(params: list[Param], by_key: dict[str, Param], base: dict) -> list[str]:
@@ -311,11 +350,14 @@ def _probe(params: list[Param], recipe: Recipe, base: dict) -> list[str]:
 
 def _read_enqueue(items, by_key: dict[str, Param], problems: list[str]) -> list[dict]:
     """`[sweep] enqueue = [{"train.lr" = 1e-3}, ...]`: trials run first, with these values (the rest sampled)."""
-    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        problems.append('sweep.enqueue: expected a list of tables, e.g. enqueue = [{"train.lr" = 1e-3}]')
+    if not isinstance(items, list):
+        problems.append(f'sweep.enqueue: expected a list of tables, e.g. enqueue = [{{"train.lr" = 1e-3}}], got {items!r}')
         return []
     out = []
     for n, item in enumerate(items):
+        if not isinstance(item, dict):
+            problems.append(f'sweep.enqueue[{n}]: expected a table of swept keys, e.g. {{"train.lr" = 1e-3}}, got {item!r}')
+            continue
         flat = _flatten(item)
         for key, value in flat.items():
             p = by_key.get(key)
@@ -325,6 +367,11 @@ def _read_enqueue(items, by_key: dict[str, Param], problems: list[str]) -> list[
                 problems.append(f"sweep.enqueue[{n}]: {key} = {value!r} is not one of its choices ({p.describe()})")
             elif p.kind != "choice" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not p.low <= value <= p.high):
                 problems.append(f"sweep.enqueue[{n}]: {key} = {value!r} is outside its range ({p.describe()})")
+            elif p.kind == "int" and not isinstance(value, int):  # Optuna would warn and run another value
+                problems.append(f"sweep.enqueue[{n}]: {key} = {value!r} is not an integer; its range ({p.describe()}) holds integers")
+            elif p.step and not math.isclose((value - p.low) / p.step, round((value - p.low) / p.step), abs_tol=1e-9):
+                problems.append(f"sweep.enqueue[{n}]: {key} = {value!r} is not on its range's steps ({p.describe()}): "
+                                f"give low plus a whole number of steps")
         out.append({k: _as_choice(v) for k, v in flat.items()})
     return out
 

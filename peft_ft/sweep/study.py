@@ -21,7 +21,6 @@ import random
 import shutil
 import socket
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -31,14 +30,15 @@ from peft_ft.data.files import resolve_data_dir, split_sources
 from peft_ft.engine.device import check_device
 from peft_ft.engine.run import run
 from peft_ft.engine.train import TrainHooks
-from peft_ft.errors import PeftFtError
+from peft_ft.errors import PeftFtError, RecipeError
 from peft_ft.log import setup_logging
-from peft_ft.models.loading import resolve_model, settle_hub_mode
-from peft_ft.recipe.load import build_recipe, load_recipe
+from peft_ft.methods import METHODS
+from peft_ft.models.loading import check_model_config, resolve_model, settle_hub_mode
+from peft_ft.recipe.load import build_recipe, load_recipe, read_recipe_file
 from peft_ft.rundir.layout import CHECKPOINTS, read_metrics
 from peft_ft.storage import write_json
 from peft_ft.sweep.report import write_reports
-from peft_ft.sweep.space import current_value, load_space, trial_raw
+from peft_ft.sweep.space import SpaceError, current_value, load_space, trial_raw
 from peft_ft.tasks import TASKS
 
 log = logging.getLogger("peft_ft")
@@ -67,17 +67,49 @@ class Plan:
 
     @classmethod
     def read(cls, sweep_dir: Path) -> "Plan":
-        return cls(**json.loads((sweep_dir / SWEEP_FILE).read_text(encoding="utf-8")))
+        """sweep.json as written; a damaged one (cut short by a full disk, edited by hand) is one message."""
+        path = sweep_dir / SWEEP_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PeftFtError(f"{path}: damaged, not JSON ({e}); {DAMAGED_HINT}") from None
+        except OSError as e:
+            raise PeftFtError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(data, dict):
+            raise PeftFtError(f"{path}: damaged, expected a JSON object with the keys {', '.join(names)}; {DAMAGED_HINT}")
+        unknown, missing = [k for k in data if k not in names], [k for k in names if k not in data]
+        if unknown or missing:
+            said = "; ".join(([f"unknown key(s) {', '.join(map(repr, unknown))}"] if unknown else []) +
+                             ([f"missing key(s) {', '.join(map(repr, missing))}"] if missing else []))
+            raise PeftFtError(f"{path}: damaged ({said}); {DAMAGED_HINT}")
+        return cls(**data)
+
+
+# sweep.json records what the sweep is; without it, a sweep cannot be resumed or reported
+DAMAGED_HINT = ("put back the sweep.json this sweep wrote, or start a new sweep with another --out "
+                "(or remove the folder)")
 
 
 def load_parts(recipe_path: str, space_path: str, overrides: list[str]) -> tuple:
     """The base recipe (validated), its raw TOML with overrides, and the space checked against it."""
     recipe = load_recipe(recipe_path, overrides)
-    base = with_overrides(tomllib.loads(Path(recipe_path).read_text(encoding="utf-8")), overrides)
+    base = with_overrides(read_recipe_file(recipe_path), overrides)  # read as every recipe is (a byte-order mark...)
     if not (recipe.data.validation or recipe.data.validation_fraction or recipe.data.hub):
         raise PeftFtError(f"{recipe_path}: a sweep picks trials by their validation score, and the recipe has no "
                           f"validation data; set data.validation or data.validation_fraction")
-    return recipe, base, load_space(space_path, recipe, base)
+    space = load_space(space_path, recipe, base)
+    _check_overrides_not_swept(overrides, space)
+    return recipe, base, space
+
+
+def _check_overrides_not_swept(overrides: list[str], space) -> None:
+    """A `--set` of a swept key would be overridden in every trial by the sampled value: refuse it, not ignore it."""
+    swept = {p.key for p in space.params}
+    idle = [t for t in overrides if t.split("=", 1)[0].strip() in swept]
+    if idle:
+        raise RecipeError("--set", [f"--set {t}: {t.split('=', 1)[0].strip()} is swept by {space.source}, which sets "
+                                    f"it in every trial; remove it from --set, or from the space" for t in idle])
 
 
 def fingerprint(recipe_path: str, space_path: str, overrides: list[str]) -> str:
@@ -87,6 +119,35 @@ def fingerprint(recipe_path: str, space_path: str, overrides: list[str]) -> str:
 
 def storage_url(sweep_dir: Path, given: str | None) -> str:
     return given or f"sqlite:///{(sweep_dir / STUDY_DB).resolve()}"
+
+
+def sqlite_file(url: str) -> str | None:
+    """The database file of a SQLite URL; None for another database or a malformed URL (shown_url reports it)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    return (parsed.database or "") if parsed.get_backend_name() == "sqlite" else None
+
+
+def absolute_storage(url: str) -> str:
+    """--storage as one place whatever the working directory: sqlite:///relative.db resolved to an absolute
+    file (from another directory, `--resume` would otherwise open, or create, another file). An in-memory
+    SQLite is refused: it dies with the process that made it, and trials and workers open their own."""
+    from sqlalchemy.engine import make_url
+
+    path = sqlite_file(url)
+    if path is None:
+        return url
+    if path in ("", ":memory:") or make_url(url).query.get("mode") == "memory":
+        raise PeftFtError(f"--storage {url}: an in-memory database cannot hold a study shared by trials/workers; give a "
+                          f"file (sqlite:///path.db) or a server, or leave --storage out for study.db in the sweep folder")
+    if path.startswith("file:"):  # a SQLite URI filename: left as written
+        return url
+    return make_url(url).set(database=str(Path(path).expanduser().resolve())).render_as_string(hide_password=False)
 
 
 def shown_url(url: str) -> str:
@@ -139,26 +200,41 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
         raise PeftFtError("sweep: --trials must be at least 1")
     if storage is not None and not storage.strip():  # `--storage "$URL"` with URL unset: not the local default
         raise PeftFtError("--storage is empty; give the database URL, or leave --storage out for study.db in the sweep folder")
+    if study is not None and not study.strip():  # `--study "$NAME"` with NAME unset: not the default name
+        raise PeftFtError("--study is empty; give the study's name, or leave --study out for the recipe's file name")
+    storage = absolute_storage(storage) if storage else storage
     recipe, base, space = load_parts(recipe_path, space_path, list(overrides))
-    _check_files(recipe, data_dir)
     sweep_dir = Path(out) if out else Path(recipe.output.dir) / f"sweep-{Path(recipe_path).stem}"
     previous = _check_folder(sweep_dir, resume)
+    if previous and data_dir is None:  # as `run --resume`: the data the sweep started on, wherever this runs from
+        data_dir = previous.data_dir
+    _check_files(recipe, data_dir)
+    check_values_fit_model(recipe, base, space)
+    url = storage_url(sweep_dir, storage)
     plan = Plan(
         recipe=str(Path(recipe_path).resolve()), space=str(Path(space_path).resolve()), overrides=list(overrides),
         study=study or (previous.study if previous else Path(recipe_path).stem),
         trials=trials or (previous.trials if previous else DEFAULT_TRIALS),
         data_dir=None if recipe.data.hub else str(resolve_data_dir(recipe, data_dir)),
-        metric=recipe.eval.metric or _default_metric(recipe), storage=shown_url(storage_url(sweep_dir, storage)),
+        metric=recipe.eval.metric or _default_metric(recipe), storage=shown_url(url),
         workers=workers, fingerprint=fingerprint(recipe_path, space_path, list(overrides)),
     )
     if previous:
         _check_same_study(previous, plan, sweep_dir, given_storage=storage is not None)
-    if storage:  # a database that cannot be reached is reported before any folder is made
-        open_storage(storage).engine.dispose()
-    (sweep_dir / TRIALS).mkdir(parents=True, exist_ok=True)
-    write_json(sweep_dir / SWEEP_FILE, dataclasses.asdict(plan))
-    url = storage_url(sweep_dir, storage)
-    created = create_study(url, plan, space)
+    # Everything that can refuse the study (a database that cannot be reached, a study of another space under
+    # this name, a resumed study that is not there) is asked before any folder is made: the fix the message
+    # suggests (--study S2, --storage) must then work, not meet a half-made folder.
+    if storage or previous:
+        _check_storage(url, plan, sweep_dir, resume=previous is not None)
+    made = not sweep_dir.exists()
+    try:
+        (sweep_dir / TRIALS).mkdir(parents=True, exist_ok=True)
+        write_json(sweep_dir / SWEEP_FILE, dataclasses.asdict(plan))
+        created = create_study(url, plan, space)
+    except BaseException:
+        if made:  # a refused new sweep leaves nothing that blocks running it again
+            shutil.rmtree(sweep_dir, ignore_errors=True)
+        raise
     log.info("sweep %s: study %r in %s (%s), %d trial(s) in all, %d worker(s) here",
              sweep_dir, plan.study, plan.storage, "new" if created else "joined", plan.trials, workers)
     if resume:
@@ -175,6 +251,36 @@ def sweep(recipe_path: str, space_path: str, trials: int | None = None, storage:
     write_reports(sweep_dir, study_now, plan, base, space)
     _check_finished(study_now, sweep_dir)
     return sweep_dir
+
+
+def _check_storage(url: str, plan: Plan, sweep_dir: Path, resume: bool) -> None:
+    """The storage opens; on --resume it holds the sweep's study (else Optuna would start an empty one, numbered
+    from 0, and the reports would hold only its trials); a study already there was started from this sweep's
+    recipe, space and --set."""
+    import optuna
+
+    path = sqlite_file(url)
+    if resume and path is not None and not Path(path).is_file():  # opening it would make an empty database
+        raise PeftFtError(f"sweep --resume: the study {plan.study!r} of {sweep_dir} is not found: no database file {path}; "
+                          f"put the file back (or pass the --storage it is in), or start a new sweep with another --out")
+    storage = open_storage(url)
+    try:
+        names = optuna.study.get_all_study_names(storage)
+        if resume and plan.study not in names:
+            raise PeftFtError(f"sweep --resume: the study {plan.study!r} of {sweep_dir} is not found in {plan.storage} "
+                              f"(it holds {', '.join(map(repr, names)) or 'no study'}); pass the --storage it is in, or "
+                              f"start a new sweep with another --out")
+        if plan.study in names:
+            check_study_fits(optuna.load_study(storage=storage, study_name=plan.study), plan)
+    finally:
+        storage.engine.dispose()  # no pooled connection for forked workers to inherit
+
+
+def check_study_fits(study, plan: Plan) -> None:
+    """A study joined or resumed must be this sweep's: the same recipe, space, --set and metric."""
+    if study.user_attrs.get("fingerprint") != plan.fingerprint or study.user_attrs.get("metric") != plan.metric:
+        raise PeftFtError(f"sweep: the study {plan.study!r} in {plan.storage} was started from another recipe, space "
+                          f"or --set (or another metric); name a new study with --study")
 
 
 def _check_same_study(previous: Plan, plan: Plan, sweep_dir: Path, given_storage: bool) -> None:
@@ -194,6 +300,33 @@ def _check_same_study(previous: Plan, plan: Plan, sweep_dir: Path, given_storage
     if previous.storage != plan.storage and not moved:
         raise PeftFtError(f"sweep --resume: {sweep_dir}'s study is stored in {previous.storage}, not {plan.storage}; "
                           f"pass the same --storage URL to resume it")
+    if previous.data_dir != plan.data_dir:  # as `run --resume`: trials of one study train on the same data
+        raise PeftFtError(f"sweep --resume: {sweep_dir}'s trials train on the data in {previous.data_dir}, not "
+                          f"{plan.data_dir}; leave --data-dir out (or give {previous.data_dir}) to resume, or start a "
+                          f"new sweep on the other data with another --out")
+
+
+def check_values_fit_model(recipe, base: dict, space) -> None:
+    """What `peft-ft validate` asks of the model's config.json and of this machine, for each choice and range end
+    (an adapter.r above the model's width, a model.max_length past its positions, a device it lacks): otherwise it
+    passes the space check and fails every trial that draws it, in a sweep that --resume cannot mend."""
+    locations, problems = {recipe.model.name: resolve_model(recipe)}, []
+    for key, value, values in space.probes(base):
+        try:
+            trial = build_recipe(trial_raw(base, values), recipe.source)
+        except RecipeError:
+            continue  # a combination the space check does not make (it probed each value alone)
+        try:
+            check_device(trial)
+            if trial.model.name not in locations:
+                locations[trial.model.name] = resolve_model(trial)
+            check_model_config(locations[trial.model.name], trial, TASKS[trial.task.type].auto_class,
+                               METHODS[trial.adapter.method].config_check)
+        except PeftFtError as e:  # check_model_config names the recipe on each line: the key is what matters here
+            problems += [f"{key} = {value!r} does not fit the model or machine: {line.removeprefix(f'{recipe.source}: ')}"
+                         for line in str(e).splitlines()]
+    if problems:
+        raise SpaceError(space.source, problems)
 
 
 def _check_files(recipe, data_dir: str | None) -> None:
@@ -207,13 +340,18 @@ def _check_files(recipe, data_dir: str | None) -> None:
 def _check_finished(study, sweep_dir: Path) -> None:
     from optuna.trial import TrialState
 
-    states = [t.state for t in study.get_trials(deepcopy=False)]
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    failed = sum(1 for t in trials if t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))
     if TrialState.COMPLETE not in states:
-        raise PeftFtError(f"sweep: no trial finished ({states.count(TrialState.FAIL)} failed, "
-                          f"{states.count(TrialState.PRUNED)} pruned); the reason of each failure is logged above and in "
-                          f"its train.log under {sweep_dir / TRIALS}; fix it and run again with --resume")
-    if TrialState.FAIL in states:
-        log.warning("sweep: %d trial(s) failed; see trials.csv and their train.log", states.count(TrialState.FAIL))
+        # --resume keeps the recipe, space and --set (their fingerprint): it mends only a cause outside them
+        raise PeftFtError(f"sweep: no trial finished ({failed} failed, {states.count(TrialState.PRUNED)} pruned); the "
+                          f"reason of each failure is logged above and in its train.log under {sweep_dir / TRIALS}. If "
+                          f"the recipe, the space or --set must change, start a new sweep with another --out (or remove "
+                          f"{sweep_dir}); if the cause was elsewhere (a full disk, a busy GPU), fix it and run the same "
+                          f"command with --resume")
+    if failed:
+        log.warning("sweep: %d trial(s) failed; see trials.csv and their train.log", failed)
 
 
 def _default_metric(recipe) -> str:
@@ -241,10 +379,7 @@ def create_study(url: str, plan: Plan, space) -> bool:
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=plan.study)
         storage.engine.dispose()  # no pooled connection for forked workers to inherit
-        theirs = study.user_attrs.get("fingerprint")
-        if theirs != plan.fingerprint or study.user_attrs.get("metric") != plan.metric:
-            raise PeftFtError(f"sweep: the study {plan.study!r} in {plan.storage} was started from another recipe, space "
-                              f"or --set (or another metric); name a new study with --study") from None
+        check_study_fits(study, plan)  # asked before the folder was made; again for a study made since
         return False
     study.set_user_attr("fingerprint", plan.fingerprint)
     study.set_user_attr("metric", plan.metric)
@@ -417,23 +552,25 @@ def run_trial(trial, sweep_dir: Path, plan: Plan, base: dict, space) -> float:
             where = f"step {at}" if recipe.train.eval_every else f"epoch {at}"
             raise optuna.TrialPruned(f"{where}: validation {plan.metric} {value:.4f} is below the median of earlier trials")
 
+    hint_filter = _NoRunResumeHint()
+    log.addFilter(hint_filter)
     try:
         run_dir = run(recipe, plan.data_dir, hooks=TrainHooks(on_evaluation=on_evaluation))
     except (optuna.TrialPruned, PeftFtError) as e:
-        folders = sorted((sweep_dir / TRIALS / f"trial-{trial.number:04d}").glob("*"))
-        if folders:
-            trial.set_user_attr("run_dir", str(folders[-1]))
-            shutil.rmtree(folders[-1] / CHECKPOINTS, ignore_errors=True)  # nothing will resume a stopped trial
+        _keep_stopped_run(trial, sweep_dir)
         if isinstance(e, optuna.TrialPruned):
             log.info("trial %d pruned: %s", trial.number, e)
         else:
             log.warning("trial %d failed: %s", trial.number, e)
         raise
     except KeyboardInterrupt:
-        trial.set_user_attr("interrupted", True)  # --resume runs it again
+        trial.set_user_attr("interrupted", True)  # --resume runs it again, as a new trial from its first step
+        _keep_stopped_run(trial, sweep_dir)
         raise
+    finally:
+        log.removeFilter(hint_filter)
     metrics = read_metrics(run_dir)
-    trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("run_dir", run_dir_in_sweep(run_dir, sweep_dir))
     trial.set_user_attr("trainable_params", metrics["params"]["trainable_params"])
     trial.set_user_attr("train_seconds", metrics["train"]["seconds"])
     trial.set_user_attr("epochs_run", metrics["train"]["epochs_run"])
@@ -441,6 +578,30 @@ def run_trial(trial, sweep_dir: Path, plan: Plan, base: dict, space) -> float:
     value = metrics["train"]["best_value"]
     log.info("trial %d: validation %s %.4f", trial.number, plan.metric, value)
     return value
+
+
+def run_dir_in_sweep(run_dir: Path, sweep_dir: Path) -> str:
+    """A trial's run folder relative to the sweep folder (trials/trial-0003/<timestamp>), as compare's tables name
+    theirs: the same from any working directory, and still right when the sweep folder is moved."""
+    return os.path.relpath(Path(run_dir).resolve(), sweep_dir.resolve())
+
+
+def _keep_stopped_run(trial, sweep_dir: Path) -> None:
+    """A pruned, failed or interrupted trial: its run folder recorded, its checkpoints removed (nothing resumes a
+    trial's run: --resume runs an interrupted trial again from its first step, as a new trial)."""
+    folders = sorted((sweep_dir / TRIALS / f"trial-{trial.number:04d}").glob("*"))
+    if folders:
+        trial.set_user_attr("run_dir", run_dir_in_sweep(folders[-1], sweep_dir))
+        shutil.rmtree(folders[-1] / CHECKPOINTS, ignore_errors=True)
+
+
+class _NoRunResumeHint(logging.Filter):
+    """Drops the run's own Ctrl-C hints (`peft-ft run --resume RUN_DIR`, or "start the run again"): they would
+    finish or restart the trial outside its study. The sweep says instead to run the sweep again with --resume."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "peft-ft run --resume" not in message and not message.startswith("interrupted: ")
 
 
 def worker_main(argv: list[str], url: str | None = None) -> int:
