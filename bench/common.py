@@ -7,6 +7,7 @@ libraries are imported inside functions so `--help` answers at once.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import re
@@ -45,6 +46,7 @@ max_train_samples = {max_train_samples}
 """,
 }
 TASK_TYPE = {"scientsbank": "classification", "conll": "ner"}
+DATA_FILES = {"scientsbank": "scientsbank/train.parquet", "conll": "conll2003/train.txt"}  # what each data set reads
 
 
 @dataclass
@@ -114,16 +116,100 @@ class Measured:
         return dataclasses.asdict(self)
 
 
+# --- the command line ----------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count (steps, clients, repeats, threads...): 0 or less would run nothing, or
+    (a warm-up of 0 = peft-ft's `max_steps = 0`) run without a cap, so argparse refuses it with exit 2."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count where 0 means "off" or "all" (`--max-train-samples 0`)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type of a duration that must be above 0 (`--seconds`)."""
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type of a duration where 0 means "no cap" (`--max-seconds 0`)."""
+    value = _float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):  # nan and inf parse, but bound nothing
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def run_main(main, argv=None) -> None:
+    """Run a script's `main(argv)` and exit with its status. A problem the user can fix (peft-ft's own
+    error types: a missing data folder, a bad recipe) is one `error: ...` line and exit 2, as the
+    `peft-ft` CLI prints it; anything else is a bug and keeps its traceback."""
+    from peft_ft.errors import PeftFtError
+
+    try:
+        status = main(argv)
+    except PeftFtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(status if isinstance(status, int) else 0)
+
+
+def check_data_dir(data_dir: str, datasets, option: str = "--data-dir", given: bool = True) -> None:
+    """Refuse a data folder that lacks a file the chosen data sets read, naming `option`, before anything
+    runs: later the error would blame the temporary recipe a script writes for peft-ft, a file the user
+    never wrote. `given=False`: the folder is peft-ft's default, which `option` replaces."""
+    from peft_ft.errors import DataError
+
+    folder = Path(data_dir).expanduser()
+    named = f"{option} {data_dir}" if given else f"{data_dir} (the default data folder: $PEFT_FT_DATA_DIR or ../shared/data)"
+    wanted = " and ".join(DATA_FILES[name].split("/")[0] + "/" for name in datasets) or "the recipe's data files"
+    hint = f"give {option} the data folder that holds {wanted}"
+    if not folder.is_dir():
+        raise DataError(f"{named}: {'is not a folder' if folder.exists() else 'does not exist'}; {hint}")
+    for name in datasets:
+        if not (folder / DATA_FILES[name]).is_file():
+            raise DataError(f"{named}: no {DATA_FILES[name]} in it (the {name} training file); {hint}")
+
+
 def add_option_arguments(parser, steps: int, warmup: int) -> None:
     """The command-line options every script shares (they fill `Options`)."""
-    parser.add_argument("--steps", type=int, default=steps, help=f"timed optimizer steps per configuration (default {steps})")
-    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed steps before them (default {warmup})")
-    parser.add_argument("--max-seconds", type=float, default=0.0,
+    parser.add_argument("--steps", type=positive_int, default=steps, help=f"timed optimizer steps per configuration (default {steps})")
+    parser.add_argument("--warmup", type=positive_int, default=warmup, help=f"untimed steps before them (default {warmup})")
+    parser.add_argument("--max-seconds", type=non_negative_float, default=0.0,
                         help="cap on the timed part of one configuration; slower ones then run fewer steps (reported)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-train-samples", type=int, default=0, help="use only the first N training rows (0 = all)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--max-train-samples", type=non_negative_int, default=0, help="use only the first N training rows (0 = all)")
     parser.add_argument("--model", default="", help="model folder (default: the embedded MiniLM-L6)")
     parser.add_argument("--data-dir", default="", help="data folder holding scientsbank/ and conll2003/ (default: peft-ft's)")
     parser.add_argument("--lora-dropout", type=float, default=LORA["dropout"],
@@ -134,8 +220,11 @@ def add_option_arguments(parser, steps: int, warmup: int) -> None:
                         help="bf16 for every runner: peft-ft's train.mixed_precision, the Trainer's bf16=True (CPU autocast)")
 
 
-def options_from(args) -> Options:
-    return Options(model_dir=args.model, data_dir=args.data_dir or default_data_dir(), batch_size=args.batch_size,
+def options_from(args, datasets) -> Options:
+    """`Options` from the parsed arguments; the data folder is checked for the `datasets` first."""
+    data_dir = args.data_dir or default_data_dir()
+    check_data_dir(data_dir, datasets, given=bool(args.data_dir))
+    return Options(model_dir=args.model, data_dir=data_dir, batch_size=args.batch_size,
                    steps=args.steps, warmup=args.warmup, max_seconds=args.max_seconds, threads=args.threads,
                    device=args.device, max_train_samples=args.max_train_samples,
                    lora_dropout=args.lora_dropout, activation_checkpointing=args.activation_checkpointing,
@@ -151,11 +240,13 @@ def model_root(opts: Options) -> str:
 
 
 def default_data_dir() -> str:
-    """peft-ft's own default (../shared/data beside the checkout, or $PEFT_FT_DATA_DIR)."""
-    from peft_ft.data.files import resolve_data_dir
+    """peft-ft's own default ($PEFT_FT_DATA_DIR, or ../shared/data beside the checkout): the first folder
+    of peft-ft's list that exists, else the first of the list, for `check_data_dir` to name."""
+    from peft_ft.data.files import data_dir_candidates
     from peft_ft.recipe.schema import Recipe
 
-    return str(resolve_data_dir(Recipe(source="bench")))
+    candidates = [path for path, _ in data_dir_candidates(Recipe(source="bench"))]
+    return str(next((p.resolve() for p in candidates if p.is_dir()), candidates[0]))
 
 
 def ner_registered() -> bool:

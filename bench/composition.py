@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import check_data_dir, default_data_dir, positive_int, run_main
+
 REPO = Path(__file__).resolve().parent.parent
 SPLITS = ("test_ua", "test_uq", "test_ud")
 COMBINATIONS = [("avg (cat 0.5/0.5)", "cat", 0.5, None), ("stack (cat 1/1)", "cat", 1.0, None),
@@ -107,10 +109,12 @@ def table(results: dict[str, dict[str, dict]], notes: dict[str, str]) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="working folder: data halves, runs, combined adapters, the table")
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", default="", help="data folder holding scientsbank/ (default: peft-ft's, ../shared/data)")
+    parser.add_argument("--epochs", type=positive_int, default=6)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args(argv)
+    data_dir = args.data_dir or default_data_dir()
+    check_data_dir(data_dir, ["scientsbank"], given=bool(args.data_dir))  # before OUT gets anything
 
     import json
 
@@ -118,7 +122,7 @@ def main(argv: list[str]) -> int:
 
     out = Path(args.out).resolve()
     data = out / "data"
-    sizes = split_data(Path(args.data_dir), data)
+    sizes = split_data(Path(data_dir), data)
     print(f"rows: {sizes}", file=sys.stderr)
     runs = {name: train(name, data, out / "runs", args.epochs, args.threads) for name in ("half_a", "half_b", "joint")}
     folders = {"A (half_a alone)": runs["half_a"], "B (half_b alone)": runs["half_b"]}
@@ -145,4 +149,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    run_main(main, sys.argv[1:])

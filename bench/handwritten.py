@@ -32,6 +32,7 @@ from common import (
     model_root,
     options_from,
     parameter_counts,
+    run_main,
     setup_torch,
     sync,
     write_smoke_inputs,
@@ -216,7 +217,7 @@ def main(argv=None) -> None:
         if args.smoke:
             args.model, args.data_dir = write_smoke_inputs(Path(tmp))
             args.steps, args.warmup, args.batch_size = min(args.steps, 2), 1, 8
-        opts = options_from(args)
+        opts = options_from(args, [args.data])
         cfg = Config(args.data, "trainer", args.method, args.batching)
         m = run_trainer(cfg, opts, Path(tmp))
     print(json.dumps({
@@ -227,4 +228,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,13 +30,22 @@ import argparse
 import datetime
 import gc
 import math
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from common import Options, machine_line, setup_torch, show_table, sync
+from common import (
+    Options,
+    check_data_dir,
+    machine_line,
+    non_negative_int,
+    positive_int,
+    run_main,
+    setup_torch,
+    show_table,
+    sync,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = {"conll": ROOT / "adapters" / "conll_lora", "grading": ROOT / "adapters" / "grading_lora"}
@@ -387,18 +396,20 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
                         help="LoRA-type run folders to time (repeatable; default: adapters/conll_lora and adapters/grading_lora)")
-    parser.add_argument("--rows", type=int, default=256, help="rows of the test split used (default 256)")
-    parser.add_argument("--requests", type=int, default=100, help="timed one-text requests per model (default 100)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed requests before them (default 5)")
-    parser.add_argument("--repeats", type=int, default=3, help="passes over the rows per batch size; the best counts (default 3)")
-    parser.add_argument("--reloads", type=int, default=5, help="timed loads from disk, after one untimed (default 5)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--rows", type=positive_int, default=256, help="rows of the test split used (default 256)")
+    parser.add_argument("--requests", type=positive_int, default=100, help="timed one-text requests per model (default 100)")
+    parser.add_argument("--warmup", type=non_negative_int, default=5, help="untimed requests before them (default 5)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="passes over the rows per batch size; the best counts (default 3)")
+    parser.add_argument("--reloads", type=positive_int, default=5, help="timed loads from disk, after one untimed (default 5)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--data-dir", default="", help="data folder holding conll2003/ and scientsbank/ (default: peft-ft's)")
     parser.add_argument("--note", action="append", default=[], help="a line added to the notes (e.g. what else ran on the machine)")
     parser.add_argument("--out", help="also write the tables as markdown to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny BERT adapters trained here (pos, flip, ner), few rows and requests, the ONNX row for the first only (about a minute)")
     args = parser.parse_args(argv)
+    if args.data_dir:  # each adapter's recipe names its files; the folder itself is checked before any loading
+        check_data_dir(args.data_dir, [])
     if args.smoke:
         args.rows, args.requests, args.warmup, args.repeats, args.reloads = 24, 6, 1, 1, 1
     return args
@@ -473,9 +484,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from peft_ft.errors import PeftFtError
-
-    try:
-        main()
-    except PeftFtError as e:  # a bad --adapter or data folder: the message says what to fix
-        sys.exit(f"inference.py: {e}")
+    run_main(main)  # a bad --adapter or data folder: one `error:` line saying what to fix, exit 2

@@ -42,6 +42,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from common import non_negative_float, non_negative_int, positive_float, positive_int, run_main
+
 HOST = "127.0.0.1"  # never anything else: this script loads a machine on purpose
 SCORE_TOLERANCE = 1e-4
 IDLE_SECONDS = 2.0  # wait after the load before the idle RSS sample
@@ -423,23 +425,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="train tiny BERT adapters here (pos, flip, ner; with --compare also pos2, flip2) and use them")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR", help="adapters to serve (repeatable; one folder may be given under several names)")
     parser.add_argument("--compare", action="store_true", help="three runs on fresh servers: mixed over the adapters, one adapter, --no-mix; one table")
-    parser.add_argument("--repeats", type=int, default=1, help="with --compare: run the three loads this many times, every other time in reverse order")
-    parser.add_argument("--forwards", type=int, default=0, metavar="N", help="instead of a load: time N mixed vs per-adapter vs single forwards in process")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="with --compare: run the three loads this many times, every other time in reverse order")
+    parser.add_argument("--forwards", type=non_negative_int, default=0, metavar="N", help="instead of a load: time N mixed vs per-adapter vs single forwards in process")
     parser.add_argument("--pair", action="store_true", help="with --forwards: the adapters are pair classifiers (send text_pair)")
     parser.add_argument("--no-mix", action="store_true", help="start the server with --no-mix (each forward one adapter)")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent client threads")
-    parser.add_argument("--seconds", type=float, default=20.0, help="upper bound on each load phase")
-    parser.add_argument("--max-requests", type=int, default=5000, help="upper bound on requests in each load phase")
-    parser.add_argument("--bad", type=float, default=0.1, help="share of malformed requests")
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--clients", type=positive_int, default=8, help="concurrent client threads")
+    parser.add_argument("--seconds", type=positive_float, default=20.0, help="upper bound on each load phase")
+    parser.add_argument("--max-requests", type=positive_int, default=5000, help="upper bound on requests in each load phase")
+    parser.add_argument("--bad", type=non_negative_float, default=0.1, help="share of malformed requests")
+    parser.add_argument("--max-batch", type=positive_int, default=32)
+    parser.add_argument("--max-wait-ms", type=non_negative_float, default=5.0)
     parser.add_argument("--device", default="cpu", help="the server's --device (cuda: where one forward of many rows costs "
                         "about what one of few rows does, which is what mixing adapters is for)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads of the server (OMP_NUM_THREADS)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rss-every", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--rss-every", type=positive_float, default=None, metavar="SECONDS",
                         help="how often the server's RSS is sampled during the load (default: --seconds / 8)")
     args = parser.parse_args(argv)
+    if args.bad > 1:
+        parser.error(f"argument --bad: a share of the requests, 0 to 1; got {args.bad:g}")
+    for spec in args.adapter:  # checked here: a server that fails to start says only "see its log"
+        if "=" not in spec:
+            parser.error(f"argument --adapter: expected NAME=RUN_DIR, got {spec!r}")
+        if not Path(spec.split("=", 1)[1]).is_dir():
+            parser.error(f"argument --adapter {spec}: {spec.split('=', 1)[1]} is not a folder; give a run folder")
     if args.smoke:
         args.seconds, args.max_requests = min(args.seconds, 10.0), min(args.max_requests, 1500)
     elif not args.adapter:
@@ -482,4 +491,4 @@ def merge_runs(runs: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -27,6 +27,7 @@ from common import (
     machine_line,
     ner_registered,
     options_from,
+    run_main,
     show_table,
     write_smoke_inputs,
 )
@@ -42,16 +43,22 @@ PRELOAD = ["torch", "transformers", "transformers.trainer", "peft", "datasets", 
 
 def run_one(cfg: dict, opts: dict, result_file: str) -> None:
     """In the configuration's own process: train it, write what it measured as JSON."""
+    from peft_ft.errors import PeftFtError
+
     cfg, opts = Config(**cfg), Options(**opts)
-    with tempfile.TemporaryDirectory() as tmp:
-        if cfg.runner == "peft-ft":
-            from common import run_peft_ft
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if cfg.runner == "peft-ft":
+                from common import run_peft_ft
 
-            measured = run_peft_ft(cfg, opts, Path(tmp))
-        else:
-            from handwritten import run_trainer
+                measured = run_peft_ft(cfg, opts, Path(tmp))
+            else:
+                from handwritten import run_trainer
 
-            measured = run_trainer(cfg, opts, Path(tmp))
+                measured = run_trainer(cfg, opts, Path(tmp))
+    except PeftFtError as e:  # the user's to fix (a bad data file): the parent prints it as one line, no traceback
+        Path(result_file).write_text(json.dumps({"error": str(e)}), encoding="utf-8")
+        return
     Path(result_file).write_text(json.dumps(measured.to_dict()), encoding="utf-8")
 
 
@@ -71,7 +78,12 @@ def run_in_child(context, cfg: Config, opts: Options, workdir: Path) -> Measured
     child.join()
     if child.exitcode != 0 or not result.is_file():
         raise SystemExit(f"{cfg.label}: its process failed (exit code {child.exitcode}; its traceback is above)")
-    return Measured(**json.loads(result.read_text(encoding="utf-8")))
+    measured = json.loads(result.read_text(encoding="utf-8"))
+    if "error" in measured:
+        from peft_ft.errors import PeftFtError
+
+        raise PeftFtError(measured["error"])
+    return Measured(**measured)
 
 
 def table_rows(results: list[tuple[Config, Measured]]) -> list[list]:
@@ -105,7 +117,7 @@ def main(argv=None) -> None:
             args.steps, args.batch_size = 2, 8
         args.max_train_samples = args.steps * args.batch_size  # one epoch of `steps` batches
         args.warmup, args.max_seconds = 1, 0.0
-        opts = options_from(args)
+        opts = options_from(args, args.data)
         results, context = [], process_context()
         for data in args.data:
             for runner, method in CONFIGS:
@@ -133,4 +145,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

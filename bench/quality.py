@@ -25,7 +25,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import write_smoke_inputs
+from common import non_negative_int, positive_int, run_main, write_smoke_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
@@ -173,14 +173,16 @@ class Run:
 def find_run_folders(paths: list[str]) -> list[Path]:
     """Each path is a finished run folder, or a folder holding some below it (a compare folder,
     runs/<name>): every folder with metrics.json, peft_ft.json and recipe.toml counts."""
+    from peft_ft.errors import PeftFtError
+
     found = []
     for path in map(Path, paths):
-        if not path.is_dir():
-            raise SystemExit(f"error: --collect {path}: not a folder")
+        if not path.is_dir():  # the user's to fix: `error:` and exit 2 (run_main)
+            raise PeftFtError(f"--collect {path}: not a folder")
         here = [p.parent for p in sorted(path.rglob("peft_ft.json"))
                 if (p.parent / "metrics.json").is_file() and (p.parent / "recipe.toml").is_file()]
         if not here:
-            raise SystemExit(f"error: --collect {path}: no finished run folder (metrics.json + peft_ft.json + recipe.toml) in it")
+            raise PeftFtError(f"--collect {path}: no finished run folder (metrics.json + peft_ft.json + recipe.toml) in it")
         found += here
     return list(dict.fromkeys(found))
 
@@ -457,8 +459,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated (default {','.join(METHODS)})")
     parser.add_argument("--out-dir", default="", help="run folders go to OUT_DIR/<data>/<method>-seed42/<time>/ "
                         "(default bench/quality_runs; with --smoke a new temporary folder)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: the machine is shared)")
-    parser.add_argument("--epochs", type=int, default=0, help="override train.epochs of every run (default: the recipes' 3)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads per run (default 1: the machine is shared)")
+    parser.add_argument("--epochs", type=non_negative_int, default=0, help="override train.epochs of every run (default: the recipes' 3)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override for every run")
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                         help="learning rate of one method (default: recipes/<data>_<method>.toml's, else the method's default)")
@@ -506,4 +508,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    run_main(main, sys.argv[1:])

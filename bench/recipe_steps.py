@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import check_data_dir, positive_int, run_main, write_smoke_inputs
+
 
 def measure(recipe_path: str, steps: int, every: int, overrides: list[str], data_dir: str | None) -> dict:
     from peft_ft.data.files import resolve_data_dir
@@ -52,12 +54,14 @@ def measure(recipe_path: str, steps: int, every: int, overrides: list[str], data
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", nargs="?", help="a recipe file (not with --smoke)")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--every", type=int, default=50, help="print the time of every N steps")
+    parser.add_argument("--steps", type=positive_int, default=200)
+    parser.add_argument("--every", type=positive_int, default=50, help="print the time of every N steps")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     parser.add_argument("--data-dir", help="as `peft-ft run --data-dir`")
     parser.add_argument("--smoke", action="store_true", help="a tiny BERT and a tiny file built here, 2 steps (seconds)")
     args = parser.parse_args(argv)
+    if args.data_dir:  # the recipe names its files; the folder itself is checked before any setup
+        check_data_dir(args.data_dir, [])
     with tempfile.TemporaryDirectory() as tmp:
         recipe = args.recipe
         if args.smoke:
@@ -69,8 +73,6 @@ def main(argv=None) -> None:
 
 
 def smoke_recipe(root: Path) -> str:
-    from common import write_smoke_inputs
-
     model, data = write_smoke_inputs(root)
     (root / "smoke.toml").write_text(f'''
 [model]
@@ -87,4 +89,4 @@ threads = 1
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PeakMemory
+from common import PeakMemory, non_negative_int, positive_int, run_main
 
 GOAL = 0.7  # the project's goal: LoRA's peak memory at most 0.7x full fine-tuning's
 MODELS = {
@@ -227,12 +227,12 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=[m for m in MODELS if m != "tiny"], default=["minilm", "bert-base", "bert-large"])
-    parser.add_argument("--seq-lens", nargs="+", type=int, default=[64, 128, 256, 512])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32])
+    parser.add_argument("--seq-lens", nargs="+", type=positive_int, default=[64, 128, 256, 512])
+    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[8, 32])
     parser.add_argument("--variants", nargs="*", choices=["checkpointing", "bf16"], default=["checkpointing", "bf16"])
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per cell")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (inside the memory window)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed optimizer steps per cell")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps before them (inside the memory window)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", help="also write the table as markdown to this file")
     parser.add_argument("--plot", help="write the PNG plot to this file")
@@ -240,6 +240,8 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny BERT config, 2 short sequence lengths, 1 step, "
                         "all in this process (seconds; not a measurement)")
     args = parser.parse_args(argv)
+    if args.replot and not Path(args.replot).is_file():
+        parser.error(f"argument --replot: {args.replot}: no such file; give a table this script wrote with --out")
     if args.replot:
         plot(results_from_table(args.replot), args.plot or str(Path(args.replot).with_suffix(".png")))
         return
@@ -273,4 +275,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

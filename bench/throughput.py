@@ -31,6 +31,8 @@ from common import (
     matmul_peak,
     ner_registered,
     options_from,
+    positive_float,
+    run_main,
     run_peft_ft,
     show_table,
     train_flops,
@@ -94,7 +96,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", nargs="+", choices=["scientsbank", "conll"], default=["scientsbank", "conll"])
     parser.add_argument("--only", default="", help="regular expression on 'data runner method batches', e.g. 'lora'")
-    parser.add_argument("--peak-seconds", type=float, default=1.0, help="length of each matmul peak measurement")
+    parser.add_argument("--peak-seconds", type=positive_float, default=1.0, help="length of each matmul peak measurement")
     parser.add_argument("--out", help="also write the table as markdown to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny BERT and tiny data built in code, 2 steps each (seconds)")
     add_option_arguments(parser, steps=20, warmup=2)
@@ -103,7 +105,7 @@ def main(argv=None) -> None:
         if args.smoke:
             args.model, args.data_dir = write_smoke_inputs(Path(tmp))
             args.steps, args.warmup, args.batch_size, args.peak_seconds = 2, 1, 8, 0.05
-        opts = options_from(args)
+        opts = options_from(args, args.data)
         chosen, notes = configs(args.data, args.only)
         # The peak is measured before every configuration and after the last: the machine's peak is
         # the best of them, and a wide spread says other work competed for the CPU meanwhile.
@@ -132,4 +134,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

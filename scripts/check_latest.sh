@@ -11,6 +11,25 @@
 # suite passes, raise the caps in pyproject.toml to those versions and run scripts/lock.sh. torch stays at the local
 # CPU wheel (2.13.0): a newer torch from the registry is a multi-GB CUDA build.
 set -euo pipefail
+
+usage() {
+  cat <<'TXT'
+usage: scripts/check_latest.sh [--uncapped] [PYTEST_ARGS...]
+
+Does the suite pass on the newest releases? Installs them into a throwaway venv (network, minutes) and runs
+the tests there; prints every installed version that differs from requirements.lock and every direct
+dependency not at the registry's newest release. torch stays at the local CPU wheel (2.13.0).
+  (no option)   the newest versions pyproject's ranges allow (what `pip install peft-ft` gets today)
+  --uncapped    the newest releases on the registry, past our upper bounds (must come first)
+  PYTEST_ARGS   everything else goes to pytest, e.g. scripts/check_latest.sh --uncapped tests/test_methods.py -x
+-h/--help prints this and installs nothing (pytest's own help: .venv/bin/python -m pytest --help).
+TXT
+}
+
+# Before anything is installed: the venv and the downloads take minutes, and --help wants none of them.
+for arg in "$@"; do
+  case "$arg" in -h|--help) usage; exit 0 ;; esac
+done
 cd "$(dirname "$0")/.."
 uncapped=0
 if [ "${1:-}" = "--uncapped" ]; then uncapped=1; shift; fi

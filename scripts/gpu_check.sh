@@ -14,6 +14,22 @@
 #        "int8-base"), LIMIT (seconds per step, 300), DEVICE=cpu with STEPS=2 for a dry run of this script itself.
 # Status: run once on one H200 (2026-11-30); its numbers are in bench/RESULTS.md ("GPU check").
 set -uo pipefail
+
+usage() {
+  cat <<'TXT'
+usage: scripts/gpu_check.sh [OUT_DIR]
+
+GPU check of training (LoRA fp32/bf16/fp16, full fp32/bf16, accelerate launch single GPU / FSDP / ZeRO-3,
+an 8-bit base, DDP on 2+ GPUs) and serving (bench/loadtest.py --compare, bench/scaling.py): one table at the
+end; logs and run folders in OUT_DIR (default gpu_check_runs). Minutes on one machine with a CUDA GPU.
+env: PYTHON (default .venv/bin/python), PEFT_FT_DATA_DIR, STEPS (300), ONLY (names of the rows to run, e.g.
+     "int8-base"), LIMIT (seconds per step, 300), DEVICE=cpu with STEPS=2 for a dry run of this script itself.
+TXT
+}
+
+# Arguments first, before anything starts: --help is not a folder name.
+case "${1:-}" in -h|--help) usage; exit 0 ;; -*) echo "gpu_check.sh: OUT_DIR '$1' starts with '-'; write ./$1 to mean a folder of that name" >&2; usage >&2; exit 2 ;; esac
+if [ $# -gt 1 ]; then echo "gpu_check.sh: one OUT_DIR at most, got $#: $*" >&2; usage >&2; exit 2; fi
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${1:-gpu_check_runs}
@@ -21,7 +37,7 @@ STEPS=${STEPS:-300}
 DEVICE=${DEVICE:-cuda}
 LIMIT=${LIMIT:-300}
 ONLY=${ONLY:-}
-mkdir -p "$OUT"
+mkdir -p -- "$OUT" 2>/dev/null || { echo "gpu_check.sh: cannot create OUT_DIR $OUT; give a folder you can write" >&2; exit 2; }
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 if [ "$DEVICE" = cuda ] && [ "$GPUS" -lt 1 ]; then echo "no CUDA GPU visible to torch: nothing to check" >&2; exit 2; fi
 COMMON=(--set train.device="$DEVICE" --set train.max_steps="$STEPS" --set train.epochs=1 --set data.max_eval_samples=1000

@@ -16,14 +16,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from peft_ft.data.files import PROJECT_ROOT
+from peft_ft.data.files import data_dir_candidates
 from peft_ft.data.formats.conll import read_conll
 from peft_ft.data.formats.label_studio import bio_to_spans
+from peft_ft.recipe.schema import Recipe
 
 EXPORT = "label_studio_example/export.json"  # relative to the data directory; the recipe's data.train
-DEFAULT_CONLL = PROJECT_ROOT.parent / "shared/data/conll2003/train.txt"
+CONLL = "conll2003/train.txt"  # relative to peft-ft's data directory
+
+
+def default_conll() -> Path:
+    """CoNLL-2003's train.txt in the data folder peft-ft itself would use ($PEFT_FT_DATA_DIR, else
+    ../shared/data), so the script finds the same data as `peft-ft run`; the first place looked when
+    none holds it, for the error to name."""
+    places = [folder / CONLL for folder, _ in data_dir_candidates(Recipe(source="make_label_studio_example.py"))]
+    return next((p for p in places if p.is_file()), places[0])
+
+
+def fail(message: str) -> None:
+    print(f"make_label_studio_example.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def stamp(minute: int) -> str:
@@ -42,7 +57,8 @@ def make_tasks(sentences: list[dict], count: int) -> list[dict]:
     """`count` annotated tasks from sentences with at least one entity, then four special ones."""
     with_entities = [s for s in sentences if any(t != "O" for t in s["tags"])]
     if len(with_entities) < count + 4:
-        raise SystemExit(f"only {len(with_entities)} sentences with entities; ask for fewer (--sentences)")
+        fail(f"--sentences {count}: the file has only {len(with_entities)} sentences with entities, and four go to the "
+             f"special tasks; ask for at most {max(0, len(with_entities) - 4)}")
     tasks, number = [], 0
     for task_id, sentence in enumerate(with_entities[: count + 4], 1):
         text, spans = bio_to_spans(sentence["tokens"], sentence["tags"])
@@ -68,12 +84,17 @@ def make_tasks(sentences: list[dict], count: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data_dir", type=Path, help="data directory to write label_studio_example/export.json into")
-    parser.add_argument("--conll", type=Path, default=DEFAULT_CONLL, help=f"CoNLL-2003 file to read (default {DEFAULT_CONLL})")
+    parser.add_argument("--conll", type=Path, help=f"CoNLL-2003 file to read (default: {CONLL} in peft-ft's data folder, "
+                        "$PEFT_FT_DATA_DIR, else ../shared/data)")
     parser.add_argument("--sentences", type=int, default=400, help="annotated tasks, besides four special ones (default 400)")
     args = parser.parse_args(argv)
-    if not args.conll.is_file():
-        raise SystemExit(f"{args.conll}: not found; pass --conll PATH to CoNLL-2003's train.txt")
-    tasks = make_tasks(read_conll(args.conll), args.sentences)
+    if args.sentences < 0:  # a negative count would slice from the end: thousands of tasks
+        parser.error(f"argument --sentences: expected a whole number of 0 or more, got {args.sentences}")
+    conll = args.conll or default_conll()
+    if not conll.is_file():
+        how = "" if args.conll else " (the default; set $PEFT_FT_DATA_DIR to the data folder)"
+        fail(f"--conll {conll}: not found{how}; pass --conll PATH to CoNLL-2003's train.txt")
+    tasks = make_tasks(read_conll(conll), args.sentences)
     out = args.data_dir / EXPORT
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(tasks, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

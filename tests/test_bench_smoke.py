@@ -3,9 +3,12 @@ print a table with every configuration and positive numbers. No timings are asse
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from peft_ft.tasks import TASKS
 
@@ -94,3 +97,93 @@ def test_recipe_steps_smoke():
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("bf16: 2 steps in "), last
     assert number(last.rsplit(", ", 1)[1].split()[0]) > 0
+
+
+# --- bad input: one `error:` line, exit 2, no traceback (no model is loaded: each takes well under a second) -------
+
+ROOT = BENCH.parent
+SCRIPTS = ROOT / "scripts"
+
+
+def run_script(path: Path, *args: str, cwd: Path | None = None, timeout: int = 60) -> subprocess.CompletedProcess:
+    command = ["bash", str(path)] if path.suffix == ".sh" else [sys.executable, str(path)]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def assert_refused(proc: subprocess.CompletedProcess, *named: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for text in named:
+        assert text in proc.stderr, (text, proc.stderr)
+
+
+@pytest.mark.parametrize("script, args", [
+    ("throughput.py", []), ("memory.py", []), ("handwritten.py", []), ("inference.py", []),
+    ("recipe_steps.py", [str(ROOT / "recipes" / "conll_lora.toml")]), ("composition.py", ["--out", "OUT"]),
+])
+def test_a_missing_data_dir_is_named_not_a_temporary_recipe(script, args, tmp_path):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    proc = run_script(BENCH / script, "--data-dir", "/nonexistent", *args)
+    assert_refused(proc, "error: --data-dir /nonexistent: does not exist")
+    assert "tmp" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_data_dir_without_the_training_file_is_refused(tmp_path):
+    (tmp_path / "conll2003").mkdir()
+    (tmp_path / "conll2003" / "train.txt").write_text("EU B-ORG\n", encoding="utf-8")
+    assert_refused(run_script(BENCH / "throughput.py", "--data-dir", str(tmp_path)), "--data-dir", "scientsbank/train.parquet")
+
+
+def test_a_missing_recipe_is_one_error_line():
+    assert_refused(run_script(BENCH / "recipe_steps.py", "/nonexistent.toml"), "error: ", "/nonexistent.toml: file not found")
+
+
+@pytest.mark.parametrize("script, args", [
+    ("loadtest.py", ["--clients", "0"]), ("loadtest.py", ["--smoke", "--repeats", "-1"]),
+    ("throughput.py", ["--steps", "0"]), ("memory.py", ["--batch-size", "0"]), ("scaling.py", ["--seq-lens", "64", "0"]),
+    ("inference.py", ["--requests", "0"]), ("recipe_steps.py", ["--smoke", "--steps", "0"]),
+])
+def test_counts_below_one_are_refused_by_argparse(script, args):
+    assert_refused(run_script(BENCH / script, *args), f"argument {next(a for a in args if a.startswith('--') and a != '--smoke')}")
+
+
+def test_loadtest_refuses_an_adapter_folder_that_is_not_there():
+    assert_refused(run_script(BENCH / "loadtest.py", "--adapter", "a=/nonexistent"), "--adapter a=/nonexistent")
+
+
+@pytest.mark.parametrize("script", ["accelerate_overhead.py", "loop_ab.py"])
+def test_help_prints_help_and_runs_nothing(script):
+    proc = run_script(BENCH / script, "--help", timeout=30)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: ") and proc.stderr == "", proc
+    assert " us  accelerate " not in proc.stdout and "ms/step" not in proc.stdout  # no benchmark line
+
+
+def test_loop_ab_names_a_missing_data_dir():
+    assert_refused(run_script(BENCH / "loop_ab.py", "/nonexistent"), "DATA_DIR /nonexistent")
+
+
+def test_conll_predict_check_refuses_a_missing_file():
+    assert_refused(run_script(SCRIPTS / "conll_predict_check.py", "/nonexistent.conll", str(ROOT / "adapters" / "conll_lora")),
+                   "/nonexistent.conll")
+    assert_refused(run_script(SCRIPTS / "conll_predict_check.py"), "RUN_FILE")
+
+
+def test_cli_snapshot_without_arguments_writes_nothing(tmp_path):
+    proc = run_script(SCRIPTS / "cli_snapshot.sh", cwd=tmp_path)
+    assert_refused(proc, "usage: ")
+    help_ = run_script(SCRIPTS / "cli_snapshot.sh", "--help", cwd=tmp_path)
+    assert help_.returncode == 0 and help_.stdout.startswith("usage: "), help_
+    no_venv = tmp_path / "repo"
+    no_venv.mkdir()
+    assert_refused(run_script(SCRIPTS / "cli_snapshot.sh", str(no_venv), "out", cwd=tmp_path), ".venv/bin/peft-ft")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no OUT folder, no snapshot files
+
+
+def test_gpu_check_help_starts_nothing(tmp_path):
+    runs = ROOT / "gpu_check_runs"
+    existed = runs.exists()
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--help"], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHON": "false"})  # a python it would call fails loudly
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: ") and proc.stderr == "", proc
+    assert runs.exists() == existed and not (ROOT / "--help").exists()
+    assert_refused(run_script(SCRIPTS / "gpu_check.sh", "-x"), "OUT_DIR '-x'")
