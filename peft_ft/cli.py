@@ -4,6 +4,7 @@ Each command imports its module when it runs (see COMMANDS), so that `--help`, `
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -147,6 +148,31 @@ def port_number(text: str) -> int:
     return value
 
 
+def count(text: str) -> int:
+    """A whole number of 1 or more (rows, texts, tokens, bytes); 0 or less would serve or answer nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
+def number_at_least(low: float, above: bool = False):
+    """argparse type of a finite number >= `low` (> `low` when `above`): NaN and infinity parse, but a NaN
+    timeout crashed the server's start and a NaN tolerance passes every comparison."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"{text}: give a finite number {'above' if above else 'of at least'} {low:g}")
+        return value
+    return parse
+
+
 def recipe_args(p, nargs=None) -> None:
     p.add_argument("recipe", nargs=nargs, help="path of a TOML recipe, e.g. recipes/scientsbank_lora.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. train.lr=3e-4 (repeatable)")
@@ -175,9 +201,9 @@ def adapters_args(p) -> None:
                         "with --how cat, weights 1,1 stack them and 0.5,0.5 average them (same base, task and labels)")
     p.add_argument("--how", default="cat", choices=("linear", "cat", "ties", "dare_ties", "dare_linear"),
                    help="with --combine: how the LoRA matrices combine (default cat: exactly the weighted sum of the updates)")
-    p.add_argument("--density", type=float, default=None,
+    p.add_argument("--density", type=number_at_least(0, above=True), default=None,
                    help="with --how ties/dare_ties/dare_linear: fraction of each adapter's update kept (default 0.5)")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    p.add_argument("--batch-size", type=count, default=32, help="rows per forward pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1...")
     loader_args(p)
 
@@ -201,7 +227,7 @@ def args_merge(p) -> None:
                         "on different data or seeds")
     p.add_argument("--how", default="linear", choices=("linear", "cat", "ties", "dare_ties", "dare_linear"),
                    help="with --combine: how the LoRA matrices combine (peft's combination_type; default linear)")
-    p.add_argument("--density", type=float, default=None,
+    p.add_argument("--density", type=number_at_least(0, above=True), default=None,
                    help="with --how ties/dare_ties/dare_linear: fraction of each adapter's update kept (default 0.5)")
     loader_args(p)
 
@@ -222,13 +248,13 @@ def args_serve(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; set an API key before binding others)")
     p.add_argument("--port", type=port_number, default=8000, help="port; 0 picks a free one (printed at start)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $PEFT_FT_API_KEY; the variable keeps the key out of `ps`)")
-    p.add_argument("--max-body-bytes", type=int, default=1024 * 1024, help="larger request bodies get 413 (default 1 MiB)")
-    p.add_argument("--max-texts", type=int, default=256, help="more texts in one request get 422 (default 256)")
-    p.add_argument("--max-batch", type=int, default=32, help="rows of concurrent requests answered in one forward (default 32)")
-    p.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens in one forward; a big request is answered over several (default 4096)")
-    p.add_argument("--max-tokens", type=int, default=8192, help="tokens in one request after tokenization (texts up to max_length, QA windows); more get 413 (default 8192)")
-    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request may take; later: 504 and its remaining rows are dropped (default 30)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default 5)")
+    p.add_argument("--max-body-bytes", type=count, default=1024 * 1024, help="larger request bodies get 413 (default 1 MiB)")
+    p.add_argument("--max-texts", type=count, default=256, help="more texts in one request get 422 (default 256)")
+    p.add_argument("--max-batch", type=count, default=32, help="rows of concurrent requests answered in one forward (default 32)")
+    p.add_argument("--max-batch-tokens", type=count, default=4096, help="tokens in one forward; a big request is answered over several (default 4096)")
+    p.add_argument("--max-tokens", type=count, default=8192, help="tokens in one request after tokenization (texts up to max_length, QA windows); more get 413 (default 8192)")
+    p.add_argument("--request-timeout", type=number_at_least(0, above=True), default=30.0, help="seconds a request may take; later: 504 and its remaining rows are dropped (default 30)")
+    p.add_argument("--max-wait-ms", type=number_at_least(0), default=5.0, help="how long a batch waits for more requests (default 5)")
     p.add_argument("--no-mix", action="store_true", help="run each adapter's rows in forwards of their own (switching adapters) instead of mixing LoRA adapters of one base per row")
     p.add_argument("--adapter-dir", default=None, metavar="DIR", help="allow-listed folder: with the admin key, POST /adapters loads run folders from inside it")
     p.add_argument("--admin-key", default=None, help="key for POST/DELETE /adapters (default: $PEFT_FT_ADMIN_KEY); without it runtime loading is off")
@@ -238,7 +264,7 @@ def args_serve(p) -> None:
 def args_export(p) -> None:
     p.add_argument("run_dir", help="run folder (adapter, full or merged run) of text classification, NER or extractive QA")
     p.add_argument("--onnx", required=True, metavar="OUT", help="new (or empty) folder for model.onnx, tokenizer and config")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--tolerance", type=number_at_least(0, above=True), default=1e-4,
                    help="largest |logit difference| to PyTorch accepted (default 1e-4); above it nothing is written")
     loader_args(p)
 

@@ -223,3 +223,18 @@ def test_output_into_a_closed_pipe_is_no_error():
     proc.stdout.close()  # closed before the first write: every write meets a broken pipe
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["predict", "--adapter", "a=x", "--batch-size", "0"], "argument --batch-size: 0: give 1 or more"),
+    (["serve", "--adapter", "a=x", "--max-texts", "-1"], "argument --max-texts: -1: give 1 or more"),
+    (["serve", "--adapter", "a=x", "--request-timeout", "nan"], "argument --request-timeout: nan: give a finite number above 0"),
+    (["serve", "--adapter", "a=x", "--max-wait-ms", "-5"], "argument --max-wait-ms: -5: give a finite number of at least 0"),
+    (["export", "x", "--onnx", "o", "--tolerance", "inf"], "argument --tolerance: inf: give a finite number above 0"),
+])
+def test_numeric_options_out_of_range_are_refused_by_the_parser(argv, says, capsys):
+    """A NaN --request-timeout crashed serve's start with a traceback; --batch-size 0, --max-texts -1 and a negative
+    --max-wait-ms were taken silently."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and says in capsys.readouterr().err

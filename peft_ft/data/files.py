@@ -163,14 +163,19 @@ def strict_json(text: str | bytes):
     return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
 
 
-def json_record(line: str, where: str) -> dict:
-    """One JSONL line as a record; `where` names the file and line in the error."""
+def parsed_json(text: str, where: str, document: bool = False):
+    """strict_json, its problems a DataError naming `where` (a `document` of many lines: and the line)."""
     try:
-        row = strict_json(line)
+        return strict_json(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        raise DataError(f"{where}: {f'line {e.lineno}: ' if document else ''}not valid JSON ({e.msg})") from None
     except ValueError as e:  # from the hooks: the problem in words
         raise DataError(f"{where}: {e}") from None
+
+
+def json_record(line: str, where: str) -> dict:
+    """One JSONL line as a record; `where` names the file and line in the error."""
+    row = parsed_json(line, where)
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
     return row

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft_ft.data.files import TaskData, json_record, lines_of, read_delimited, read_text, strict_json
+from peft_ft.data.files import TaskData, json_record, lines_of, parsed_json, read_delimited, read_text
 from peft_ft.errors import DataError, PeftFtError
 from peft_ft.models.loading import quiet_transformers
 from peft_ft.recipe.schema import Recipe
@@ -327,12 +327,7 @@ def read_inputs(path: str, fmt: str = "auto") -> tuple[list[dict], list[str]]:
 def _json_records(name: str, text: str) -> list[dict]:
     """A JSON list of records (a training `.json` file), or of Label Studio tasks, whose `data` holds the fields
     (their task `id` kept as the answers' `id`). Read whole, not as lines: each line of it is no row."""
-    try:
-        records = strict_json(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{name}: line {e.lineno}: not valid JSON ({e.msg})") from None
-    except ValueError as e:  # from the hooks: the problem in words
-        raise DataError(f"{name}: {e}") from None
+    records = parsed_json(text, name, document=True)
     if not isinstance(records, list):
         raise DataError(f"{name}: expected a JSON list of records ([{{\"text\": ...}}, ...]); for one record per line use JSONL")
     rows = []
