@@ -381,5 +381,5 @@ def test_regression_on_a_users_score_column(tmp_path, tiny_bert):
     assert len(data.splits["validation"].examples) == 4
     assert [e["index"] for e in data.splits["new"].examples] == [0, 1, 2] and data.splits["new"].submission == ""
     write_jsonl(d / "train.jsonl", [{"text": "good", "rating": "high"}])
-    with pytest.raises(DataError, match=r"train.jsonl: row 1: label 'high' is not a number"):
+    with pytest.raises(DataError, match=r"train.jsonl: row 1: label 'high' is not a finite number"):
         CLS.load(recipe, d)

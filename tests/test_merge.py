@@ -329,7 +329,7 @@ def test_predict_combine_refusals_name_the_problem(two_adapters, tmp_path):
         ("--combine", "avg=a:0.5,c:0.5"): "'c' not given with --adapter",
         ("--combine", "a=a:0.5,b:0.5"): "'a' already names an --adapter",
         ("--combine", "avg"): "expected NAME=ADAPTER:WEIGHT",
-        ("--combine", "avg=a:x,b:1"): "'a:x': expected ADAPTER:WEIGHT with a number as WEIGHT",
+        ("--combine", "avg=a:x,b:1"): "'a:x': expected ADAPTER:WEIGHT with a finite number as WEIGHT",
         ("--how", "ties"): "--how and --density apply to --combine",
     }
     for extra, message in cases.items():
