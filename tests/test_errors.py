@@ -238,3 +238,14 @@ def test_numeric_options_out_of_range_are_refused_by_the_parser(argv, says, caps
     with pytest.raises(SystemExit) as stopped:
         main(argv)
     assert stopped.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["x=y", "my model", "org/", "a" * 100])
+def test_a_model_name_that_is_no_folder_nor_hub_id_is_one_message(name):
+    """huggingface_hub's own id check raised HFValidationError from inside the cache lookup: a traceback, exit 1."""
+    from peft_ft.errors import PeftFtError
+    from peft_ft.models.loading import resolve_model
+    from peft_ft.recipe.load import build_recipe
+
+    with pytest.raises(PeftFtError, match=r"r\.toml: model\.name: .* is neither a model folder nor a valid hub id"):
+        resolve_model(build_recipe({"model": {"name": name}, "data": {"train": "t.jsonl"}}, "r.toml"))

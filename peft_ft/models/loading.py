@@ -128,10 +128,24 @@ def settle_hub_offline() -> None:
 
 def require_cached(name: str, revision: str, where: str, fix: str = "point it at a local model folder") -> None:
     """Offline, a hub id must be in the local cache: refused at once, naming where it looked, instead of ~25 s of retries."""
+    _check_hub_id(name, where)
     if hub_offline() and not _in_hub_cache(name, revision):
         raise PeftFtError(f"{where}: {name!r} is a hub id, the hub cannot be reached (no network, or HF_HUB_OFFLINE=1) and "
                           f"the model is not in the local cache ({_hub_cache_dir()}). Download it where you have internet "
                           f"(it is then cached), or {fix}.")
+
+
+def _check_hub_id(name: str, where: str) -> None:
+    """A name that is no folder must be a well-formed hub id: huggingface_hub's own check raised a traceback
+    ("Repo id must use alphanumeric chars...") from deep inside the cache lookup."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        raise PeftFtError(f"{where}: {name!r} is neither a model folder nor a valid hub id ({str(e).split(':')[0]}); give "
+                          f"the path of a local model folder, or a hub id such as org/model") from None
 
 
 def resolve_model(recipe: Recipe) -> str:
