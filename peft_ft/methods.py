@@ -146,6 +146,15 @@ def _check_names_exist(model, names: list[str], key: str, recipe: Recipe) -> Non
     if missing:
         raise PeftFtError(f"{recipe.source}: {key}: no module named {', '.join(map(repr, missing))} in this "
                           f"{model.config.model_type} model; its linear layers: {', '.join(linear_layer_names(model))}")
+    backbone = getattr(model, "base_model_prefix", "")
+    if key == "adapter.target_modules" and backbone and getattr(model, backbone, model) is not model:
+        # The task head (classifier, qa_outputs) is outside the backbone and trains in full beside the adapter
+        # (modules_to_save): peft then finds no module to adapt and raised NoMatchingPeftModuleError, a traceback.
+        head = [t for t in names if not any((m == t or m.endswith("." + t)) and m.startswith(backbone + ".") for m in modules)]
+        if head:
+            raise PeftFtError(f"{recipe.source}: {key}: {', '.join(map(repr, head))} is the task head, which trains in "
+                              f"full beside the adapter; target the base model's layers (such as "
+                              f"{', '.join(LORA_TARGETS.get(model.config.model_type, ['query', 'value']))})")
 
 
 def lora_targets(model, recipe: Recipe) -> list[str]:
@@ -191,7 +200,7 @@ def check_rank(model, targets: list[str] | str, recipe: Recipe) -> None:
 
 
 def _wrap_lora(model, recipe: Recipe, heads: list[str], peft_task_type: str | None):
-    from peft import EvaConfig, LoraConfig, get_peft_model
+    from peft import EvaConfig, LoraConfig
 
     a = recipe.adapter
     targets = lora_targets(model, recipe)
@@ -213,7 +222,7 @@ def _wrap_lora(model, recipe: Recipe, heads: list[str], peft_task_type: str | No
     )
     # EVA: A starts as usual and is replaced by `_start_eva` from activations once the loop has the data
     # (not left empty on the meta device: the model is moved to its device before that).
-    return get_peft_model(model, config)
+    return _get_peft_model(model, config, recipe)
 
 
 # `adapter.init` -> peft's `init_lora_weights`. PiSSA and OLoRA take A and B from a factorisation of
@@ -223,12 +232,12 @@ LORA_INITS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora"
 
 
 def _wrap_ia3(model, recipe: Recipe, heads: list[str], peft_task_type: str | None):
-    from peft import IA3Config, get_peft_model
+    from peft import IA3Config
 
     targets, feedforward = ia3_targets(model, recipe)
     config = IA3Config(task_type=peft_task_type, target_modules=targets, feedforward_modules=feedforward,
                        modules_to_save=list(heads))
-    return get_peft_model(model, config)
+    return _get_peft_model(model, config, recipe)
 
 
 def _prompt_task_type(model, peft_task_type: str | None) -> str:

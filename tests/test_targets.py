@@ -158,3 +158,15 @@ def test_an_architecture_without_an_entry_lists_its_linear_layers(method):
     with pytest.raises(PeftFtError, match=r"adapter.target_modules: no default for model type 'albert'.*"
                                           r"linear layers: .*ffn_output.*query.*value"):
         METHODS[method].wrap(model, recipe(method), ["classifier"], "SEQ_CLS")
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_targeting_the_task_head_is_refused_naming_the_base_layers(method):
+    """The head trains in full beside the adapter: targeted alone, peft adapted nothing and raised
+    NoMatchingPeftModuleError, a traceback after validate had passed (and had advised lowering adapter.r)."""
+    model, _ = tiny_model("bert")
+    extra = {"feedforward_modules": []} if method == "ia3" else {}
+    targets = lora_targets if method == "lora" else ia3_targets
+    with pytest.raises(PeftFtError, match=r"adapter.target_modules: 'classifier' is the task head, .* \(such as query, key"):
+        targets(model, recipe(method, target_modules=["classifier"], **extra))
+    assert targets(model, recipe(method, target_modules=["query"], **extra))  # a base layer is fine
