@@ -540,3 +540,35 @@ def test_a_plain_cpu_run_does_not_import_deepspeed(tmp_path, tiny_bert, data):
     done = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "deepspeed imported: False" in done.stdout and "Setting accelerator" not in done.stdout + done.stderr
+
+
+def test_weights_left_infinite_by_training_are_never_saved():
+    """weight_decay = 1e308 (now refused: max 10) trained to exit 0 and saved 75 of 76 tensors non-finite; the
+    loss, checked before each step, never saw it."""
+    import torch
+
+    from peft_ft.engine.run import check_finite_weights
+    from peft_ft.errors import PeftFtError
+
+    recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"weight_decay": 0.5}}, "r.toml")
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    check_finite_weights(model, recipe)
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("inf")
+    with pytest.raises(PeftFtError, match=r"r\.toml: training left 1 trained weight tensor\(s\) with NaN or infinity \(1\.weight"):
+        check_finite_weights(model, recipe)
+    model[1].weight.requires_grad_(False)  # frozen weights are the base's, not this training's
+    check_finite_weights(model, recipe)
+    with pytest.raises(Exception, match="train.weight_decay"):
+        build_recipe({"data": {"train": "t.jsonl"}, "train": {"weight_decay": 1e308}}, "r.toml")
+
+
+def test_the_learning_rate_a_run_used_is_in_its_metrics(tmp_path, tiny_bert, data):
+    """recipe.toml keeps train.lr = 0 ("the method's default"): the rate the run trained at was written nowhere."""
+    import json
+
+    from peft_ft.engine.run import run
+    from peft_ft.methods import METHODS
+
+    run_dir = run(load_recipe(recipe_file(tmp_path, tiny_bert, data, {"epochs": 1}), ["train.lr=0"]))
+    assert json.loads((run_dir / "metrics.json").read_text())["train"]["lr"] == METHODS["lora"].default_lr

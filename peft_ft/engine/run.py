@@ -312,6 +312,16 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
         finish_tracking(accelerator, status)
 
 
+def check_finite_weights(model, recipe: Recipe) -> None:
+    """The loss is checked before each step is applied; a step can still leave weights that are not finite (an
+    extreme weight decay): such an adapter is never evaluated or saved as if it were trained."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not p.detach().isfinite().all()]
+    if bad:
+        raise PeftFtError(f"{recipe.source}: training left {len(bad)} trained weight tensor(s) with NaN or infinity "
+                          f"({bad[0]}, ...); nothing was saved. Lower train.lr (now {recipe.train.lr or 'the default'}) or "
+                          f"train.weight_decay (now {recipe.train.weight_decay}), and start a new run")
+
+
 def _resume_hint(run_dir: Path) -> str:
     saved = checkpoint.listed(run_dir)
     if not saved:
@@ -360,11 +370,14 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
         # every process gets the same scores, so all pick the same best evaluation and stop together
         return distributed.broadcast_object(None if scored is None else numbers(scored[0]))
 
+    lr = recipe.train.lr or method.default_lr  # recipe.toml keeps 0 ("the method's default"): metrics.json says which
     result = train(
-        model, features["train"], recipe, lr=recipe.train.lr or method.default_lr, pad_id=pad_id, device=device,
+        model, features["train"], recipe, lr=lr, pad_id=pad_id, device=device,
         validate=validate if "validation" in data.splits else None, metric=metric,
         run_dir=run_dir, resume_from=resume_from, run_state=run_state, accelerator=accelerator, hooks=hooks,
     )
+    if not is_sharded(accelerator):  # every process holds the same whole weights: all refuse alike
+        check_finite_weights(model, recipe)
     FrozenBf16.detach(model)  # a bf16 base: scored and saved as users will load it, on the float32 base
     metrics = {}
     for name in data.eval_names:
@@ -406,7 +419,7 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
         "trainable_percent": 100 * trainable / total,
         "weight_files": [p.name for p in weight_files],
         "weight_bytes": folder_size(weight_files),
-        "train": result.summary(),
+        "train": {"lr": lr, **result.summary()},
     }
     params = {k: info[k] for k in ("trainable_params", "total_params", "trainable_percent", "weight_bytes")}
     if method.is_adapter:

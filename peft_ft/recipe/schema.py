@@ -212,7 +212,9 @@ class TrainSection:
     batch_size: int = opt(32, "Rows per batch.", min=1)
     group_by_length: bool = opt(True, "Batch rows of similar length together (less padding, same rows per epoch).")
     warmup: float = opt(0.06, "Fraction of the steps spent warming the learning rate up linearly.", min=0.0, below=1.0)
-    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).", min=0.0)
+    # at most 10: each step multiplies the weights by (1 - lr x weight_decay); 1e308 made every weight infinite
+    # while the logged loss (taken before the step) still looked fine
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and LayerNorm).", min=0.0, max=10.0)
     grad_clip: float = opt(1.0, "Clip the gradient norm to this value (0 = off).", min=0.0)
     # 2**32 - 1: numpy's seed limit (a larger seed failed mid-run, after the run folder was made)
     seed: int = opt(42, "Seed for data order, initialisation and dropout.", min=0, max=2**32 - 1)
