@@ -210,3 +210,30 @@ def test_shipped_t5_recipe_offline_says_where_it_looked(tmp_path, monkeypatch):
     with pytest.raises(PeftFtError, match=r"model\.name: 'google/flan-t5-small' is a hub id.*not in the local cache \(.+\).*set model\.name to a local model folder"):
         run(recipe)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_cards_stock_code_generates_what_peft_ft_answers(trained, tiny_t5):
+    """The card stopped after loading the tokenizer: stock generate() then used transformers' defaults (0 of 18
+    answers equal to `peft-ft predict`), and without truncation some inputs ran past model.max_length."""
+    import re
+    import subprocess
+    import sys
+
+    import peft_ft
+
+    method = json.loads((trained / "peft_ft.json").read_text())["method"]
+    if method == "prefix_tuning":
+        pytest.skip("the card says stock generate drops the prefix (test above)")
+    card = (trained / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = re.sub(r'^DIR = .*$', f"DIR = {str(trained)!r}", code, flags=re.M)
+    code = re.sub(r'^BASE = .*$', f"BASE = {str(tiny_t5)!r}", code, flags=re.M)
+    code += "import sys; assert 'peft_ft' not in sys.modules\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=trained.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    question, context = "Where does the Eiffel Tower stand?", "The Eiffel Tower stands in Paris, the capital of France."
+    expected = peft_ft.pipeline(trained)(f"question: {question} context: {context}")[0]["generated_text"]
+    assert done.stdout.rstrip("\n").rsplit("\n", 1)[-1] == expected  # the answer may be empty (a tiny model)
+    recipe = load_recipe(trained / "recipe.toml")
+    assert f"num_beams={recipe.eval.num_beams}, max_new_tokens={recipe.eval.max_new_tokens}" in code
+    assert f"truncation=True, max_length={recipe.model.max_length}" in code

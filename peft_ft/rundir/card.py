@@ -115,6 +115,9 @@ def snippet_settings(recipe: Recipe) -> dict[str, str]:
         "{DOC_STRIDE}": str(recipe.task.doc_stride),
         "{N_BEST}": str(recipe.task.n_best),
         "{MAX_ANSWER_LENGTH}": str(recipe.task.max_answer_length),
+        "{NUM_BEAMS}": str(recipe.eval.num_beams),
+        "{MAX_NEW_TOKENS}": str(recipe.eval.max_new_tokens),
+        "{EXAMPLE}": TASKS[recipe.task.type].card.example(recipe),  # the family's example input, as Python source
     }
 
 

@@ -41,7 +41,8 @@ class Card:
     answer: str = ""  # without a pipeline: code answering one example with `model`, `tokenizer` (torch imported)
     note: str = ""  # a closing remark under the snippets
     # Code and notes may name the run's settings, filled in by peft_ft.rundir.card.snippet_settings: {MAX_LENGTH}
-    # (model.max_length), {STRIDE} (a window overlap for stock pipelines), {DOC_STRIDE}, {N_BEST}, {MAX_ANSWER_LENGTH}.
+    # (model.max_length), {STRIDE} (a window overlap for stock pipelines), {DOC_STRIDE}, {N_BEST}, {MAX_ANSWER_LENGTH},
+    # {NUM_BEAMS}, {MAX_NEW_TOKENS} (eval.*), {EXAMPLE} (`example`, as Python source).
 
 
 class Task:

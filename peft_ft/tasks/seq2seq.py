@@ -145,9 +145,32 @@ ANSWERS = Answers(build=Generator, to_input=_seq2seq_input, to_answer=lambda o: 
                   cost=_cost, truncated=longer_than)  # encoding cuts the input to model.max_length
 
 
+def _card_example(recipe: Recipe) -> str:
+    """The card's example input, as Python source, built as this run builds its inputs (`_seq2seq_input`): its
+    task.input_template filled in, or a text of its own for a run on a text column."""
+    if recipe.data.target_column and not uses_template(recipe):
+        return repr("Your input text, as in the training column " + recipe.data.text_column)
+    values = {"question": "Where does the Eiffel Tower stand?", "context": "The Eiffel Tower stands in Paris, the capital of France.",
+              "title": "Eiffel Tower", "id": "1"}
+    fields = [f for f in dict.fromkeys(template_fields(recipe.task.input_template)) if f]
+    return f"{recipe.task.input_template!r}.format({', '.join(f'{f}={values.get(f, chr(46) * 3)!r}' for f in fields)})"
+
+
+# Without the text2text-generation pipeline (transformers 5 removed it): the input built, cut and generated from as
+# peft-ft does, with the run's own settings filled in by the card.
+CARD_ANSWER = """text = {EXAMPLE}
+# As peft-ft answers: the input cut to {MAX_LENGTH} tokens, {NUM_BEAMS} beam(s), at most {MAX_NEW_TOKENS} new tokens
+inputs = tokenizer(text, truncation=True, max_length={MAX_LENGTH}, return_tensors="pt")
+with torch.no_grad():
+    generated = model.generate(**inputs, num_beams={NUM_BEAMS}, max_new_tokens={MAX_NEW_TOKENS})
+print(tokenizer.decode(generated[0], skip_special_tokens=True).strip())
+"""
+
 CARD = Card(
     metrics={"exact_match": ("exact_match", "exact match, SQuAD v1.1 script rules (percent)"),
              "f1": ("f1", "token F1, SQuAD v1.1 script rules (percent)")},
+    example=_card_example,
+    answer=CARD_ANSWER,
 )
 
 
