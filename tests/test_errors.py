@@ -249,3 +249,8 @@ def test_a_model_name_that_is_no_folder_nor_hub_id_is_one_message(name):
 
     with pytest.raises(PeftFtError, match=r"r\.toml: model\.name: .* is neither a model folder nor a valid hub id"):
         resolve_model(build_recipe({"model": {"name": name}, "data": {"train": "t.jsonl"}}, "r.toml"))
+
+
+def test_a_recipe_path_that_is_a_folder_says_so(tmp_path, capsys):
+    assert main(["validate", str(tmp_path)]) == 2
+    assert "is a folder, not a recipe file" in capsys.readouterr().err

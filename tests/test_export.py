@@ -41,6 +41,10 @@ def test_export_answers_like_pytorch(ner_run, tmp_path, capsys):
         expected = model(**enc).logits.numpy()
     assert np.abs(logits - expected).max() < 1e-4
     assert (logits.argmax(-1) == expected.argmax(-1)).all()
+    # predict (or merge, export) on the export folder: said what it is, not "no model.safetensors ... set model.name"
+    (tmp_path / "in.jsonl").write_text('{"text": "mary lives in berlin ."}\n')
+    assert main(["predict", "--adapter", f"o={out}", str(tmp_path / "in.jsonl")]) == 2
+    assert "an ONNX export (peft-ft export --onnx of" in capsys.readouterr().err
 
 
 def test_export_refused_above_the_tolerance_writes_nothing(ner_run, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import typing
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def read_recipe_file(path: str | Path) -> dict:
     """A recipe file's TOML as a dict; an unreadable file is a RecipeError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(str(path), ["is a folder, not a recipe file (give the path of a .toml recipe, e.g. "
+                                      "recipes/scientsbank_lora.toml)"])
     if not path.is_file():
         raise RecipeError(str(path), ["file not found (give the path of a .toml recipe, e.g. recipes/scientsbank_lora.toml)"])
     try:
@@ -249,7 +253,7 @@ def _check_lists(recipe: Recipe) -> list[str]:
             if any(not item.strip() for item in value):
                 problems.append(f"{dotted}: an empty item in {value!r}; remove it")
     labels = recipe.task.labels
-    twice = sorted({label for label in labels if labels.count(label) > 1})
+    twice = sorted(label for label, n in Counter(labels).items() if n > 1)  # not labels.count each: 40,000 labels took 89 s
     if twice:
         problems.append(f"task.labels: {', '.join(map(repr, twice))} listed twice; each label once, in id order")
     return problems

@@ -239,7 +239,12 @@ def read_info(run_dir: str | Path) -> dict:
             f"{run_dir}: not a peft-ft run folder: it {what} no peft_ft.json (the task, base model and label names "
             f"are read from it). Point at a folder written by `peft-ft run` or `peft-ft merge`."
         )
-    return resolve_base(check_info(path, read_json_object(path, "a run folder holds peft_ft.json")), Path(run_dir))
+    info = check_info(path, read_json_object(path, "a run folder holds peft_ft.json"))
+    if info.get("format") == "onnx":  # its weights are model.onnx: no torch loader reads it (it was asked for a base)
+        raise PeftFtError(f"{run_dir}: an ONNX export (peft-ft export --onnx of {info.get('exported_from', 'a run')}): "
+                          f"answer with onnxruntime (model.onnx and its tokenizer are in it); predict, serve, merge and "
+                          f"export take the run folder it came from, or a merged folder")
+    return resolve_base(info, Path(run_dir))
 
 
 def resolve_base(info: dict, run_dir: Path) -> dict:
