@@ -197,7 +197,7 @@ def test_names_that_are_not_utf8_are_refused_before_a_run_starts(tmp_path):
 def test_keys_outside_sections_and_names_from_transformers_point_home(tmp_path):
     problems = problems_of(tmp_path, "lr = 1e-4\n" + GOOD + "[adapter]\nlora_alpha = 16\n[Output]\nname = 'x'\n")
     assert "lr: a key outside any section (did you mean `train.lr`? Write it under [train])" in problems
-    assert "adapter.lora_alpha: unknown key (did you mean `alpha`?)" in problems
+    assert "adapter.lora_alpha: unknown key (did you mean `adapter.alpha`?)" in problems
     assert "[Output]: unknown section (did you mean `output`?)" in problems
 
 
@@ -231,3 +231,16 @@ def test_explain_takes_one_key_a_bracketed_section_and_transformers_names():
         explain("train.foo")
     with pytest.raises(PeftFtError, match=r"^explain '  ': give a section"):
         explain("  ")
+
+
+def test_peft_names_and_case_only_typos_get_the_right_suggestion():
+    """`lora_r` was steered to `vera_r` (a key of another method); "LoRA" and "NER" got no suggestion at all."""
+    from peft_ft.errors import RecipeError
+    from peft_ft.recipe.load import build_recipe
+
+    for raw, says in (({"adapter": {"lora_r": 8}}, "adapter.lora_r: unknown key (did you mean `adapter.r`?)"),
+                      ({"adapter": {"method": "LoRA"}}, "unknown value 'LoRA' (did you mean 'lora'?)"),
+                      ({"task": {"type": "NER"}}, "unknown value 'NER' (did you mean 'ner'?)")):
+        with pytest.raises(RecipeError) as refused:
+            build_recipe({"data": {"train": "t.jsonl"}, **raw}, "r.toml")
+        assert says in str(refused.value), str(refused.value)

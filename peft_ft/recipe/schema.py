@@ -404,13 +404,14 @@ def did_you_mean(word: str, known: list[str]) -> str | None:
 
 def unknown_key(key: str, known: list[str], where: str, section: str | None = None, what: str = "key") -> str:
     """`where`: unknown key, with the closest name in the section, else where it lives elsewhere, else the list."""
-    close = did_you_mean(key, known)
+    # peft's or the Trainer's own name first (`lora_r` is adapter.r): a fuzzy match would send it to `vera_r`
+    close = ALIASES.get(key.lower()) or did_you_mean(key, known)
     home = None if close else home_of(key, section)
     hint = f" (did you mean `{close}`?)" if close else f" (did you mean `{home}`?)" if home else f" (known: {', '.join(known)})"
     return f"{where}: unknown {what}{hint}"
 
 
 def choice_error(key: str, value: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(value, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    close = did_you_mean(value, known)  # case aside: "LoRA" -> 'lora'
+    hint = f" (did you mean {close!r}?)" if close else ""
     return f"{key}: unknown value {value!r}{hint}; choose one of: {', '.join(known)}"
