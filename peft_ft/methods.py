@@ -824,6 +824,20 @@ def _ia3_skeleton_check(skeleton, recipe: Recipe) -> None:
     ia3_targets(skeleton, recipe)
 
 
+def _targets_skeleton_check(skeleton, recipe: Recipe) -> None:
+    """The methods that adapt LoRA's target layers: the named targets exist and are not the task head (validate passed
+    a LoHa target that does not exist, and run refused it after loading the model)."""
+    lora_targets(skeleton, recipe)
+
+
+def _validate_vblora(recipe: Recipe) -> list[str]:
+    a, problems = recipe.adapter, _validate_8bit(recipe)
+    if a.topk > a.num_vectors:  # known from the recipe alone: run refused it only after loading the model
+        problems.append(f"adapter.topk ({a.topk}) exceeds adapter.num_vectors ({a.num_vectors}): each vector is mixed "
+                        f"from the top k of the bank; lower adapter.topk or raise adapter.num_vectors")
+    return problems
+
+
 def _validate_prefix_tuning(recipe: Recipe) -> list[str]:
     problems = _validate_8bit(recipe)
     if recipe.train.activation_checkpointing:
@@ -875,28 +889,34 @@ register_method(Method(
     lr_reason="the top of BERT's fine-tuning range (2e-5..5e-5)"))
 register_method(Method(
     "adalora", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_adalora, validate=_validate_adalora, on_train_start=_start_adalora,
+    skeleton_check=_targets_skeleton_check,
     training_state=_adalora_state, restore_training_state=_restore_adalora,
     summary="LoRA in SVD form whose per-layer ranks are cut from init_r to r on average during training (the loop drives "
             "the budget schedule: tinit, tfinal, delta_t)",
     lr_reason="same parametrisation scale as LoRA: LoRA's default (the AdaLoRA paper used 5e-4..1e-3 on GLUE)"))
 register_method(Method(
     "vera", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-3, wrap=_wrap_vera, validate=_validate_8bit,
+    skeleton_check=_targets_skeleton_check,
     summary="frozen random low-rank projections shared by every layer (rank vera_r), trained per-layer scaling vectors",
     lr_reason="trains scaling vectors like IA3, so IA3's rate (the VeRA paper used 4e-3..1e-2 on GLUE); untuned here"))
 register_method(Method(
     "loha", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_loha, validate=_validate_8bit,
+    skeleton_check=_targets_skeleton_check,
     summary="low-rank Hadamard product update (two LoRA pairs multiplied elementwise) on each target layer",
     lr_reason="LoRA-like factors at the same rank and scale: LoRA's default; untuned here"))
 register_method(Method(
     "lokr", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_lokr, validate=_validate_8bit,
+    skeleton_check=_targets_skeleton_check,
     summary="Kronecker-product update (a small factor x a low-rank factor) on each target layer",
     lr_reason="LoRA-like factors at the same rank and scale: LoRA's default; untuned here"))
 register_method(Method(
     "oft", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_oft, validate=_validate_8bit,
+    skeleton_check=_targets_skeleton_check,
     summary="block-diagonal orthogonal rotation of each target layer's input (blocks of oft_block_size)",
     lr_reason="no encoder default we could verify; LoRA's rate, untuned here"))
 register_method(Method(
     "boft", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_boft, validate=_validate_8bit,
+    skeleton_check=_targets_skeleton_check,
     summary="orthogonal rotation built from butterfly factors of small blocks (boft_block_size, boft_butterfly_factor)",
     lr_reason="no encoder default we could verify; LoRA's rate, untuned here"))
 register_method(Method(
@@ -905,11 +925,13 @@ register_method(Method(
     lr_reason="gains and biases near 1 and 0, like IA3's vectors: IA3's rate; untuned here"))
 register_method(Method(
     "fourierft", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-2, wrap=_wrap_fourierft, validate=_validate_8bit,
+    skeleton_check=_targets_skeleton_check,
     summary="n_frequency learned spectral coefficients per layer at fixed random frequencies; the update is their inverse 2-D DFT",
     lr_reason="few coefficients with a large scale need large rates: the FourierFT paper's GLUE range (5e-2..1e-1 for "
               "RoBERTa-base, scaling 100-150); untuned here"))
 register_method(Method(
-    "vblora", is_adapter=True, targets=LORA_TARGETS, default_lr=1e-3, wrap=_wrap_vblora, validate=_validate_8bit,
+    "vblora", is_adapter=True, targets=LORA_TARGETS, default_lr=1e-3, wrap=_wrap_vblora, validate=_validate_vblora,
+    skeleton_check=_targets_skeleton_check,
     summary="every layer's low-rank factors are mixed (top-k) from one shared bank of vectors",
     lr_reason="between LoRA's rate and the higher one VB-LoRA's bank usually gets; untuned here"))
 register_method(Method(

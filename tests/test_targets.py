@@ -170,3 +170,21 @@ def test_targeting_the_task_head_is_refused_naming_the_base_layers(method):
     with pytest.raises(PeftFtError, match=r"adapter.target_modules: 'classifier' is the task head, .* \(such as query, key"):
         targets(model, recipe(method, target_modules=["classifier"], **extra))
     assert targets(model, recipe(method, target_modules=["query"], **extra))  # a base layer is fine
+
+
+@pytest.mark.parametrize("method", ["adalora", "vera", "loha", "lokr", "oft", "boft", "fourierft", "vblora"])
+def test_methods_on_lora_targets_check_named_targets_on_the_skeleton(method):
+    """validate ran no skeleton check for these methods: a target that does not exist (or the head) passed it, and run
+    refused it only after loading the model."""
+    model, _ = tiny_model("bert")
+    with pytest.raises(PeftFtError, match=r"adapter.target_modules: no module named 'nope'"):
+        METHODS[method].skeleton_check(model, recipe(method, target_modules=["nope"]))
+    with pytest.raises(PeftFtError, match="is the task head"):
+        METHODS[method].skeleton_check(model, recipe(method, target_modules=["classifier"]))
+
+
+def test_a_vblora_topk_above_the_bank_is_a_recipe_error():
+    from peft_ft.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"adapter.topk \(300\) exceeds adapter.num_vectors \(4\)"):
+        recipe("vblora", topk=300, num_vectors=4)
