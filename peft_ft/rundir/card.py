@@ -101,7 +101,7 @@ def model_card(recipe: Recipe, info: dict, metrics: dict, folder_name: str | Non
 def usage_section(recipe: Recipe, info: dict, folder: str) -> list[str]:
     """Markdown: the card's usage section (also the card of a `merge --combine` folder), the snippets filled in
     with the run's own settings."""
-    info = {**info, "example": TASKS[info["task"]].card.example(recipe), "settings": snippet_settings(recipe)}
+    info = {**info, "settings": snippet_settings(recipe)}
     return ["## Usage with transformers and peft", "", *usage(info, folder)]
 
 
@@ -117,7 +117,7 @@ def snippet_settings(recipe: Recipe) -> dict[str, str]:
         "{MAX_ANSWER_LENGTH}": str(recipe.task.max_answer_length),
         "{NUM_BEAMS}": str(recipe.eval.num_beams),
         "{MAX_NEW_TOKENS}": str(recipe.eval.max_new_tokens),
-        "{EXAMPLE}": TASKS[recipe.task.type].card.example(recipe),  # the family's example input, as Python source
+        "{TEXT}": TASKS[recipe.task.type].card.example(recipe),  # the family's example input, as Python source
     }
 
 
@@ -200,7 +200,7 @@ def _label_lines(info: dict) -> tuple[str, str]:
 
 
 def _pipe_code(info: dict) -> str:
-    return TASKS[info["task"]].card.pipeline.replace("{TEXT}", info["example"])
+    return TASKS[info["task"]].card.pipeline  # {TEXT}, the example, filled in with the other settings (_fill)
 
 
 def _base_expr(info: dict) -> tuple[str, str]:
@@ -263,7 +263,7 @@ def _full_snippet(info: dict, folder: str) -> str:
         return (f"from transformers import pipeline\n\n"
                 f'pipe = pipeline("{family.pipeline_task}", model="{folder}"{family.card.full_pipeline_options})  '
                 f'# a complete model folder with its labels\n'
-                f"print(pipe({info['example']}{family.card.full_call_options}))\n")
+                f"print(pipe({{TEXT}}{family.card.full_call_options}))\n")
     _, auto = _auto_classes(info["task"])
     first = "import torch\n" if family.card.answer else ""  # the answering code needs it
     return (f"{first}from transformers import {auto}, AutoTokenizer\n\n"

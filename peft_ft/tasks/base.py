@@ -42,7 +42,7 @@ class Card:
     note: str = ""  # a closing remark under the snippets
     # Code and notes may name the run's settings, filled in by peft_ft.rundir.card.snippet_settings: {MAX_LENGTH}
     # (model.max_length), {STRIDE} (a window overlap for stock pipelines), {DOC_STRIDE}, {N_BEST}, {MAX_ANSWER_LENGTH},
-    # {NUM_BEAMS}, {MAX_NEW_TOKENS} (eval.*), {EXAMPLE} (`example`, as Python source).
+    # {NUM_BEAMS}, {MAX_NEW_TOKENS} (eval.*), {TEXT} (`example`, as Python source).
 
 
 class Task:

@@ -153,12 +153,13 @@ def _card_example(recipe: Recipe) -> str:
     values = {"question": "Where does the Eiffel Tower stand?", "context": "The Eiffel Tower stands in Paris, the capital of France.",
               "title": "Eiffel Tower", "id": "1"}
     fields = [f for f in dict.fromkeys(template_fields(recipe.task.input_template)) if f]
-    return f"{recipe.task.input_template!r}.format({', '.join(f'{f}={values.get(f, chr(46) * 3)!r}' for f in fields)})"
+    filled = ", ".join(f"{f}={values.get(f, '...')!r}" for f in fields)
+    return f"{recipe.task.input_template!r}.format({filled})"
 
 
 # Without the text2text-generation pipeline (transformers 5 removed it): the input built, cut and generated from as
 # peft-ft does, with the run's own settings filled in by the card.
-CARD_ANSWER = """text = {EXAMPLE}
+CARD_ANSWER = """text = {TEXT}
 # As peft-ft answers: the input cut to {MAX_LENGTH} tokens, {NUM_BEAMS} beam(s), at most {MAX_NEW_TOKENS} new tokens
 inputs = tokenizer(text, truncation=True, max_length={MAX_LENGTH}, return_tensors="pt")
 with torch.no_grad():
