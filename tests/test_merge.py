@@ -296,11 +296,16 @@ def test_cat_with_weights_one_one_is_both_adapters_active_at_once(two_adapters, 
     assert torch.allclose(logits_of(stacked), both_active, atol=1e-5, rtol=0)
 
 
-def test_predict_answers_under_a_combination_beside_the_adapters(two_adapters, tmp_path, capsys):
+def test_predict_answers_under_a_combination_beside_the_adapters(two_adapters, tmp_path, capsys, monkeypatch):
+    import tempfile
+
     from peft_ft.cli import main
 
     first, second = two_adapters
-    before = set(Path(tempfile_dir()).glob("peft-ft-combined-*"))  # another process's (or a killed one's) are not ours
+    # A temp folder of this test's own: tests in other workers combine adapters in the shared one at the same time.
+    own_tmp = tmp_path / "tmp"
+    own_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(own_tmp))
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"text": t, "adapter": name}) + "\n" for name in ("a", "b", "first_only", "avg")
                             for t in TEXTS))
@@ -311,13 +316,7 @@ def test_predict_answers_under_a_combination_beside_the_adapters(two_adapters, t
     assert [a["label"] for a in by["first_only"]] == [a["label"] for a in by["a"]]  # weights (1, 0): adapter a itself
     assert [a["score"] for a in by["first_only"]] == pytest.approx([a["score"] for a in by["a"]], abs=1e-5)
     assert [a["score"] for a in by["avg"]] != pytest.approx([a["score"] for a in by["a"]], abs=1e-3)
-    assert set(Path(tempfile_dir()).glob("peft-ft-combined-*")) == before  # the combined folders are gone
-
-
-def tempfile_dir() -> str:
-    import tempfile
-
-    return tempfile.gettempdir()
+    assert list(own_tmp.iterdir()) == []  # the combined folders are gone
 
 
 def test_predict_combine_refusals_name_the_problem(two_adapters, tmp_path):
