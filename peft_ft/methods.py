@@ -77,6 +77,9 @@ class Method:
     # Checks that need the model's architecture (location, recipe, task), run by `run` and `validate` before a run
     # folder exists: (location, recipe, auto_class, peft_task_type) -> None, raising PeftFtError.
     preflight: Callable | None = None
+    # Model types the pre-flight passes on the locked versions (tests/test_methods.py runs it on each): `validate`
+    # skips it for them, as it costs the torch, transformers and peft imports (seconds); `run` always runs it.
+    preflight_passes: frozenset[str] = frozenset()
     summary: str = ""  # what it wraps and trains (for `peft-ft explain adapter`)
     lr_reason: str = ""  # why default_lr
     # Called once the loop knows its data and step count: (model, recipe, TrainingStart) -> a callback run
@@ -94,6 +97,12 @@ class Method:
     # Checks that need the built model's modules, run on a weightless skeleton: (skeleton, recipe) -> None,
     # raising PeftFtError. Needed only when targets are named or the architecture has no default targets.
     skeleton_check: Callable | None = None
+    # A rule on the sizes of the layers the method adapts: (shapes as (layer, in, out), recipe, model type) -> problems. Asked of
+    # config.json for default targets (validate, no torch), of the skeleton for named ones, and of the model at wrap.
+    size_check: Callable | None = None
+    # A check of the run's step count, (recipe, total steps) raising PeftFtError (what it returns is not used): at the start of training,
+    # and at validate when train.max_steps fixes the count.
+    steps_check: Callable | None = None
     # State the method keeps outside the trainable weights and the optimizer, which a checkpoint must hold for
     # an exact resume: (model) -> (tensors, JSON-able dict), and (model, tensors, dict) -> None to put it back.
     training_state: Callable | None = None
@@ -524,12 +533,6 @@ def targeted_linears(model, targets: list[str], heads: list[str]) -> list[tuple[
     return found
 
 
-def _size_error(recipe: Recipe, key: str, value: int, rule: str, bad: list[str], model) -> PeftFtError:
-    return PeftFtError(f"{recipe.source}: adapter.{key} = {value}: {rule}, which {', '.join(bad[:4])}"
-                       f"{' ...' if len(bad) > 4 else ''} of this {model.config.model_type} model do not allow; "
-                       f"choose another value or narrow adapter.target_modules")
-
-
 def _get_peft_model(model, config, recipe: Recipe, **kwargs):
     """peft's own shape checks (block sizes, ranks) raise ValueError: said as a recipe error instead."""
     from peft import get_peft_model
@@ -700,20 +703,93 @@ def _wrap_lokr(model, recipe: Recipe, heads: list[str], peft_task_type: str | No
     return _get_peft_model(model, config, recipe)
 
 
-def _check_divides(model, recipe: Recipe, heads: list[str], key: str, size: int, *, outputs: bool = False) -> None:
-    targets = lora_targets(model, recipe)
-    bad = [f"{n} ({i}{f' x {o}' if outputs else ''})" for n, i, o in targeted_linears(model, targets, heads)
-           if i % size or (outputs and o % size)]
-    if bad:
-        rule = "must divide every adapted layer's input" + (" and output sizes" if outputs else " size")
-        raise _size_error(recipe, key, size, rule, bad, model)
+# --- layer sizes: one rule per method, asked of the loaded model (run), the skeleton (named targets) and config.json --
+
+
+# The linear layers LoRA's default targets adapt, as (layer, input size, output size) from config.json's keys, by
+# `config.model_type`: validate checks a block size or frequency count against them without building a model (torch
+# alone is seconds). tests/test_methods.py compares every entry with the real model's layers.
+_BERT_LAYERS = lambda c: [("query/key/value/dense", c["hidden_size"], c["hidden_size"]),
+                          ("intermediate.dense", c["hidden_size"], c["intermediate_size"]),
+                          ("output.dense", c["intermediate_size"], c["hidden_size"])]
+DEFAULT_TARGET_SHAPES: dict[str, Callable[[dict], list[tuple[str, int, int]]]] = {
+    **{t: _BERT_LAYERS for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta-v2")},
+    "distilbert": lambda c: [("q_lin/k_lin/v_lin/out_lin", c["dim"], c["dim"]), ("lin1", c["dim"], c["hidden_dim"]),
+                             ("lin2", c["hidden_dim"], c["dim"])],
+    **{t: (lambda c: [("q/v", c["d_model"], c["num_heads"] * c["d_kv"])]) for t in ("t5", "mt5")},
+}
+
+
+def default_target_shapes(config: dict, model_type: str) -> list[tuple[str, int, int]] | None:
+    """The default targets' layer shapes from config.json; None when the table does not know the architecture or
+    its config lacks a size (then the model answers, at run)."""
+    try:
+        return DEFAULT_TARGET_SHAPES[model_type](config) if model_type in DEFAULT_TARGET_SHAPES else None
+    except (KeyError, TypeError):
+        return None
+
+
+def _divides(key: str, size: int, *, outputs: bool = False):
+    """A rule: `size` (adapter.<key>) divides every adapted layer's input (and output) size."""
+    def rule(shapes, recipe: Recipe, kind: str) -> list[str]:
+        bad = [f"{n} ({i}{f' x {o}' if outputs else ''})" for n, i, o in shapes if i % size(recipe) or (outputs and o % size(recipe))]
+        return _size_problem(key, size(recipe), "must divide every adapted layer's input" + (" and output sizes" if outputs else " size"),
+                             bad, kind)
+    return rule
+
+
+def _fourierft_sizes(shapes, recipe: Recipe, kind: str) -> list[str]:
+    n = recipe.adapter.n_frequency
+    return _size_problem("n_frequency", n, "must be at most each adapted layer's input x output size",
+                         [f"{name} ({i} x {o})" for name, i, o in shapes if i * o < n], kind)
+
+
+def _vblora_sizes(shapes, recipe: Recipe, kind: str) -> list[str]:
+    if recipe.adapter.vector_length:
+        return _divides("vector_length", lambda r: r.adapter.vector_length, outputs=True)(shapes, recipe, kind)
+    if vector_length_for(shapes) is None:
+        sizes = sorted({s for _, i, o in shapes for s in (i, o)})
+        return [f"adapter.vector_length: no length of 8 or more divides every adapted layer's sizes "
+                f"({', '.join(map(str, sizes))}); set adapter.vector_length or adapter.target_modules"]
+    return []
+
+
+def _size_problem(key: str, value: int, rule: str, bad: list[str], kind: str) -> list[str]:
+    if not bad:
+        return []
+    return [f"adapter.{key} = {value}: {rule}, which {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} of this {kind} "
+            f"model do not allow; choose another value or narrow adapter.target_modules"]
+
+
+def _check_sizes(model, recipe: Recipe, heads: list[str]) -> None:
+    """The method's size rule on the layers the adapter will wrap (run, and the skeleton for named targets)."""
+    rule = METHODS[recipe.adapter.method].size_check
+    problems = rule(targeted_linears(model, lora_targets(model, recipe), heads), recipe, model.config.model_type)
+    if problems:
+        raise PeftFtError(f"{recipe.source}: " + f"\n{recipe.source}: ".join(problems))
+
+
+def _sizes_fit(config: dict, recipe: Recipe, kind: str) -> list[str]:
+    """The method's size rule against config.json, for the default targets of an architecture the table knows."""
+    shapes = None if recipe.adapter.target_modules else default_target_shapes(config, kind)
+    if shapes is None:
+        return []
+    return METHODS[recipe.adapter.method].size_check(shapes, recipe, kind)
+
+
+def _sized_skeleton_check(skeleton, recipe: Recipe) -> None:
+    """Named targets exist, are not the head, and fit the method's size rule (the head: the task model's children
+    beside its backbone, as a load finds them freshly made)."""
+    backbone = getattr(skeleton, skeleton.base_model_prefix, None)
+    heads = [n for n, m in skeleton.named_children() if m is not backbone] if backbone is not None else []
+    _check_sizes(skeleton, recipe, heads)
 
 
 def _wrap_oft(model, recipe: Recipe, heads: list[str], peft_task_type: str | None):
     from peft import OFTConfig
 
     a = recipe.adapter
-    _check_divides(model, recipe, heads, "oft_block_size", a.oft_block_size)
+    _check_sizes(model, recipe, heads)
     config = OFTConfig(task_type=peft_task_type, r=0, oft_block_size=a.oft_block_size, target_modules=lora_targets(model, recipe),
                        modules_to_save=list(heads))
     return _get_peft_model(model, config, recipe)
@@ -723,7 +799,7 @@ def _wrap_boft(model, recipe: Recipe, heads: list[str], peft_task_type: str | No
     from peft import BOFTConfig
 
     a = recipe.adapter
-    _check_divides(model, recipe, heads, "boft_block_size", a.boft_block_size)
+    _check_sizes(model, recipe, heads)
     config = BOFTConfig(task_type=peft_task_type, boft_block_size=a.boft_block_size, boft_n_butterfly_factor=a.boft_butterfly_factor,
                         target_modules=lora_targets(model, recipe), modules_to_save=list(heads))
     return _get_peft_model(model, config, recipe)
@@ -740,38 +816,27 @@ def _wrap_fourierft(model, recipe: Recipe, heads: list[str], peft_task_type: str
     from peft import FourierFTConfig
 
     a = recipe.adapter
-    targets = lora_targets(model, recipe)
-    bad = [f"{n} ({i} x {o})" for n, i, o in targeted_linears(model, targets, heads) if i * o < a.n_frequency]
-    if bad:
-        raise _size_error(recipe, "n_frequency", a.n_frequency, "must be at most each adapted layer's input x output size", bad, model)
+    _check_sizes(model, recipe, heads)
     config = FourierFTConfig(task_type=peft_task_type, n_frequency=a.n_frequency, scaling=a.fourier_scaling,
-                             target_modules=targets, modules_to_save=list(heads))
+                             target_modules=lora_targets(model, recipe), modules_to_save=list(heads))
     return _get_peft_model(model, config, recipe)
 
 
-def vblora_vector_length(model, recipe: Recipe, heads: list[str]) -> int:
-    """The recipe's, or the largest of 256, 128, ..., 8 dividing every adapted layer's input and output sizes."""
-    if recipe.adapter.vector_length:
-        return recipe.adapter.vector_length
-    sizes = {s for _, i, o in targeted_linears(model, lora_targets(model, recipe), heads) for s in (i, o)}
-    for length in (256, 128, 64, 32, 16, 8):
-        if all(s % length == 0 for s in sizes):
-            return length
-    raise PeftFtError(f"{recipe.source}: adapter.vector_length: no length of 8 or more divides every adapted layer's sizes "
-                      f"({', '.join(map(str, sorted(sizes)))}); set adapter.vector_length or adapter.target_modules")
+def vector_length_for(shapes) -> int | None:
+    """The largest of 256, 128, ..., 8 dividing every adapted layer's input and output sizes; None if none does."""
+    sizes = {s for _, i, o in shapes for s in (i, o)}
+    return next((length for length in (256, 128, 64, 32, 16, 8) if all(s % length == 0 for s in sizes)), None)
 
 
 def _wrap_vblora(model, recipe: Recipe, heads: list[str], peft_task_type: str | None):
     from peft import VBLoRAConfig
 
     a = recipe.adapter
-    length = vblora_vector_length(model, recipe, heads)
-    if a.vector_length:
-        _check_divides(model, recipe, heads, "vector_length", length, outputs=True)
-    if a.topk > a.num_vectors:
-        raise PeftFtError(f"{recipe.source}: adapter.topk ({a.topk}) exceeds adapter.num_vectors ({a.num_vectors})")
+    _check_sizes(model, recipe, heads)  # also: some automatic vector length fits
+    targets = lora_targets(model, recipe)
+    length = a.vector_length or vector_length_for(targeted_linears(model, targets, heads))
     config = VBLoRAConfig(task_type=peft_task_type, r=a.r, num_vectors=a.num_vectors, vector_length=length, topk=a.topk,
-                          target_modules=lora_targets(model, recipe), modules_to_save=list(heads))
+                          target_modules=targets, modules_to_save=list(heads))
     return _get_peft_model(model, config, recipe)
 
 
@@ -876,6 +941,7 @@ register_method(Method(
 register_method(Method(
     "prefix_tuning", is_adapter=True, default_lr=1e-2, wrap=_wrap_prefix_tuning, validate=_validate_prefix_tuning, prompt_learning=True,
     preflight=check_prefixes, config_check=_positions_fit,
+    preflight_passes=frozenset({"bert", "roberta", "xlm-roberta", "electra", "t5"}),
     summary="trained key/value prefixes in every attention layer",
     lr_reason="prefixes, like prompts, need larger rates than weights; below prompt tuning's as they act in every layer"))
 register_method(Method(
@@ -889,7 +955,7 @@ register_method(Method(
     lr_reason="the top of BERT's fine-tuning range (2e-5..5e-5)"))
 register_method(Method(
     "adalora", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_adalora, validate=_validate_adalora, on_train_start=_start_adalora,
-    skeleton_check=_targets_skeleton_check,
+    skeleton_check=_targets_skeleton_check, steps_check=adalora_schedule,
     training_state=_adalora_state, restore_training_state=_restore_adalora,
     summary="LoRA in SVD form whose per-layer ranks are cut from init_r to r on average during training (the loop drives "
             "the budget schedule: tinit, tfinal, delta_t)",
@@ -911,12 +977,14 @@ register_method(Method(
     lr_reason="LoRA-like factors at the same rank and scale: LoRA's default; untuned here"))
 register_method(Method(
     "oft", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_oft, validate=_validate_8bit,
-    skeleton_check=_targets_skeleton_check,
+    size_check=_divides("oft_block_size", lambda r: r.adapter.oft_block_size),
+    skeleton_check=_sized_skeleton_check, config_check=_sizes_fit,
     summary="block-diagonal orthogonal rotation of each target layer's input (blocks of oft_block_size)",
     lr_reason="no encoder default we could verify; LoRA's rate, untuned here"))
 register_method(Method(
     "boft", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_boft, validate=_validate_8bit,
-    skeleton_check=_targets_skeleton_check,
+    size_check=_divides("boft_block_size", lambda r: r.adapter.boft_block_size),
+    skeleton_check=_sized_skeleton_check, config_check=_sizes_fit,
     summary="orthogonal rotation built from butterfly factors of small blocks (boft_block_size, boft_butterfly_factor)",
     lr_reason="no encoder default we could verify; LoRA's rate, untuned here"))
 register_method(Method(
@@ -925,13 +993,15 @@ register_method(Method(
     lr_reason="gains and biases near 1 and 0, like IA3's vectors: IA3's rate; untuned here"))
 register_method(Method(
     "fourierft", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-2, wrap=_wrap_fourierft, validate=_validate_8bit,
-    skeleton_check=_targets_skeleton_check,
+    size_check=_fourierft_sizes,
+    skeleton_check=_sized_skeleton_check, config_check=_sizes_fit,
     summary="n_frequency learned spectral coefficients per layer at fixed random frequencies; the update is their inverse 2-D DFT",
     lr_reason="few coefficients with a large scale need large rates: the FourierFT paper's GLUE range (5e-2..1e-1 for "
               "RoBERTa-base, scaling 100-150); untuned here"))
 register_method(Method(
     "vblora", is_adapter=True, targets=LORA_TARGETS, default_lr=1e-3, wrap=_wrap_vblora, validate=_validate_vblora,
-    skeleton_check=_targets_skeleton_check,
+    size_check=_vblora_sizes,
+    skeleton_check=_sized_skeleton_check, config_check=_sizes_fit,
     summary="every layer's low-rank factors are mixed (top-k) from one shared bank of vectors",
     lr_reason="between LoRA's rate and the higher one VB-LoRA's bank usually gets; untuned here"))
 register_method(Method(

@@ -403,6 +403,38 @@ def test_prefix_tuning_on_a_model_without_past_key_values_is_refused_before_trai
     assert out.returncode == 2 and re.search(refusal, out.stderr) and "Traceback" not in out.stderr
 
 
+# Small configs of each model type prefix tuning's pre-flight is known to pass (validate skips the forward for them).
+_PREFIX_CONFIGS = {
+    "t5": dict(vocab_size=100, d_model=32, d_kv=16, d_ff=37, num_layers=1, num_heads=2),
+}
+_ENCODER_DIMS = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+
+
+def test_the_model_types_validate_does_not_probe_take_prefixes_on_the_installed_versions():
+    """validate trusts METHODS["prefix_tuning"].preflight_passes instead of a forward; each entry is proven here, on
+    every head it serves, so a transformers or peft release that breaks one fails CI instead of misleading validate."""
+    import transformers
+
+    from peft_ft.methods import METHODS, prefix_problem
+
+    for model_type in sorted(METHODS["prefix_tuning"].preflight_passes):
+        config = transformers.AutoConfig.for_model(model_type, **_PREFIX_CONFIGS.get(model_type, _ENCODER_DIMS))
+        heads = ({"AutoModelForSeq2SeqLM": "SEQ_2_SEQ_LM"} if config.is_encoder_decoder else
+                 {"AutoModelForSequenceClassification": "SEQ_CLS", "AutoModelForTokenClassification": "TOKEN_CLS",
+                  "AutoModelForQuestionAnswering": "QUESTION_ANS"})
+        for auto_class, task_type in heads.items():
+            model = getattr(transformers, auto_class).from_config(config)
+            assert prefix_problem(model, task_type) is None, (model_type, auto_class)
+
+
+def test_validate_of_prefix_tuning_on_a_known_architecture_imports_no_torch(tmp_path, tiny_bert, family_data):
+    recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", "prefix_tuning")
+    code = ("import sys; from peft_ft.cli import main; rc = main(['validate', sys.argv[1]]); "
+            "print('RC', rc, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, recipe.source], capture_output=True, text=True, timeout=120)
+    assert "RC 0 False" in done.stdout, done.stdout + done.stderr
+
+
 def test_virtual_tokens_beyond_the_position_table_are_refused(tmp_path, tiny_bert, family_data):
     # the tiny BERT has 512 positions: 500 tokens + 20 virtual ones do not fit
     recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", "prompt_tuning",
@@ -544,22 +576,56 @@ def test_8bit_is_refused_for_the_newer_methods(monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["adapter.oft_block_size=24"], r"adapter.oft_block_size = 24: must divide every adapted layer's input size, which .*query \(32\)"),
+    (["adapter.oft_block_size=24"], r"adapter.oft_block_size = 24: must divide every adapted layer's input size, which .*query.* \(32\)"),
+    (["adapter.boft_block_size=5"], r"adapter.boft_block_size = 5: must divide every adapted layer's input size, which .*query.* \(32\)"),
     (["adapter.n_frequency=5000"], r"adapter.n_frequency = 5000: must be at most each adapted layer's input x output size"),
     (["adapter.vector_length=48"], r"adapter.vector_length = 48: must divide every adapted layer's input and output sizes"),
 ])
-def test_sizes_the_model_cannot_take_are_refused_before_training(overrides, message, tmp_path, tiny_bert, family_data):
-    method = {"oft_block_size": "oft", "n_frequency": "fourierft", "vector_length": "vblora"}[overrides[0].split(".")[1].split("=")[0]]
-    recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", method, overrides)
+@pytest.mark.parametrize("targets", [[], ['adapter.target_modules=["query", "value"]']], ids=["default", "named"])
+def test_sizes_the_model_cannot_take_are_refused_by_validate_and_run(overrides, message, targets, tmp_path, tiny_bert, family_data,
+                                                                      capsys):
+    """validate answers from config.json (default targets) or the skeleton (named ones), run from the model: the same."""
+    from peft_ft.cli import main
+
+    key = overrides[0].split(".")[1].split("=")[0]
+    method = {"oft_block_size": "oft", "boft_block_size": "boft", "n_frequency": "fourierft", "vector_length": "vblora"}[key]
+    recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", method, overrides + targets)
+    assert main(["validate", recipe.source, *(a for o in overrides + targets for a in ("--set", o))]) == 2
+    assert re.search(message, capsys.readouterr().err)
     with pytest.raises(PeftFtError, match=message):
         build(recipe, "classification", tiny_bert, family_data["classification"])
 
 
+def test_the_layer_shapes_validate_reads_from_config_json_are_the_models():
+    """DEFAULT_TARGET_SHAPES stands in for the model at validate: for every architecture it knows, the (input, output)
+    sizes it derives from a config are those of the layers LoRA's default targets match in the built model."""
+    import torch
+    import transformers
+
+    from peft_ft.methods import DEFAULT_TARGET_SHAPES, LORA_TARGETS, default_target_shapes, targeted_linears
+
+    dims = {"t5": _PREFIX_CONFIGS["t5"], "mt5": _PREFIX_CONFIGS["t5"],
+            "distilbert": dict(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=48)}
+    for model_type in sorted(DEFAULT_TARGET_SHAPES):
+        config = transformers.AutoConfig.for_model(model_type, **dims.get(model_type, {**_ENCODER_DIMS, "intermediate_size": 48}))
+        with torch.device("meta"):
+            model = transformers.AutoModel.from_config(config)
+        found = {(i, o) for _, i, o in targeted_linears(model, LORA_TARGETS[model_type], [])}
+        assert {(i, o) for _, i, o in default_target_shapes(config.to_dict(), model_type)} == found, model_type
+
+
 def test_adalora_schedule_without_room_for_the_budget_phase_is_refused(tmp_path, monkeypatch, tiny_bert, family_data):
+    from peft_ft.cli import main
+
     recipe = recipe_for(tmp_path, tiny_bert, family_data["classification"], "classification", "adalora",
                         ["train.max_steps=2", "adapter.tinit=0.6", "adapter.tfinal=0.3"])
-    with pytest.raises(PeftFtError, match=r"adapter.tinit \(0.6\) and adapter.tfinal \(0.3\) leave no step of 2 for AdaLoRA"):
+    refusal = r"adapter.tinit \(0.6\) and adapter.tfinal \(0.3\) leave no step of 2 for AdaLoRA"
+    with pytest.raises(PeftFtError, match=refusal):
         run(recipe)
+    assert not (tmp_path / "runs").exists()  # refused before any run folder is made
+    sets = ["--set", "train.max_steps=2", "--set", "adapter.tinit=0.6", "--set", "adapter.tfinal=0.3"]
+    assert main(["validate", recipe.source, *sets]) == 2  # validate knows it too: max_steps fixes the step count
+    assert main(["validate", recipe.source, *sets[:2], "--set", "adapter.tinit=0.3", "--set", "adapter.tfinal=0.3"]) == 0
 
 
 def test_adalora_budget_is_allocated_after_every_step_and_saved(tmp_path, monkeypatch, tiny_bert, family_data):

@@ -21,7 +21,7 @@ from peft_ft.engine.accelerator import (finish_tracking, gathered_state_dict, is
                                         unwrapped)
 from peft_ft.engine.device import check_device, setup_torch
 from peft_ft.engine.precision import FrozenBf16, frozen_bf16, native_bf16_cpu
-from peft_ft.engine.train import Checkpointed, TrainHooks, track, train
+from peft_ft.engine.train import Checkpointed, TrainHooks, steps_per_epoch, track, train
 from peft_ft.errors import PeftFtError
 from peft_ft.kernels import install
 from peft_ft.log import setup_logging
@@ -201,11 +201,12 @@ def check_same_data(run_dir: Path, state: dict, data: TaskData) -> None:
                           f"continue on other rows. Put the files (or --data-dir) back as they were, or start a new run")
 
 
-def preflight(recipe: Recipe, data_dir: str | None, new_run: bool = True):
+def preflight(recipe: Recipe, data_dir: str | None, new_run: bool = True, quick: bool = False):
     """Everything knowable before a run folder is made, and all that `peft-ft validate` checks: where run
     folders go (`new_run`), the model folder and its config.json (task fit, bounds), the device, the data files,
     rows and labels. Returns (model location, the loaded data, the data folder). torch is imported only for a
-    CUDA recipe."""
+    CUDA recipe, for named targets, and for a method's own pre-flight: `quick` (validate) skips that one on the
+    model types it is known to pass."""
     task = TASKS[recipe.task.type]
     if new_run:
         check_output_place(recipe)
@@ -213,7 +214,10 @@ def preflight(recipe: Recipe, data_dir: str | None, new_run: bool = True):
     location = resolve_model(recipe)
     method = METHODS[recipe.adapter.method]
     check_model_config(location, recipe, task.auto_class, method.config_check)
-    if method.preflight:  # what only the architecture can answer (prefix tuning: a real forward with a prefix)
+    config = base_config(location)
+    model_type = (config or {}).get("model_type")
+    if method.preflight and not (quick and model_type in method.preflight_passes):
+        # what only the architecture can answer (prefix tuning: a real forward with a prefix)
         method.preflight(location, recipe, task.auto_class, task.peft_task_type)
 
     check_device(recipe)
@@ -223,8 +227,12 @@ def preflight(recipe: Recipe, data_dir: str | None, new_run: bool = True):
     if not any(getattr(data.splits[n], "capped", True) for n in data.eval_names):  # predict splits (capped False) have no labels
         log.warning("%s: no validation or test split: nothing will be evaluated, and the last epoch is kept (no best "
                     "epoch to pick). Set data.validation (or data.validation_fraction) to measure the run", recipe.source)
-    config = base_config(location)
-    if needs_skeleton(recipe, (config or {}).get("model_type")):
+    t = recipe.train
+    if method.steps_check and t.max_steps and steps_per_epoch(len(data.splits["train"].examples), t) * t.epochs >= t.max_steps:
+        # Every row gives at least one batch row, so the run's step count is exactly train.max_steps: its check
+        # (AdaLoRA's schedule) answers now rather than after the model is loaded.
+        method.steps_check(recipe, t.max_steps)
+    if needs_skeleton(recipe, model_type):
         check_on_skeleton(location, recipe, task.auto_class, task.model_kwargs(data))
     return location, data, resolved_dir
 

@@ -18,11 +18,16 @@ SEPARATORS = {"whitespace": None, "tab": "\t", "space": " "}  # None: str.split(
 
 
 def _columns(line: str, separator: str) -> list[str]:
-    stripped = line.strip()  # trailing spaces, tabs and \r are never part of a tag
+    return _splitter(separator)(line)
+
+
+def _splitter(separator: str):
+    """The function that cuts a line into its columns; no columns for a blank line. Trailing spaces, tabs and \r
+    are never part of a tag."""
     sep = SEPARATORS[separator]
     if sep is None:
-        return stripped.split()
-    return [c.strip() for c in stripped.split(sep)]
+        return str.split  # splits at any run of whitespace and drops it at both ends, in C (the CoNLL-2003 case)
+    return lambda line: [c.strip() for c in line.strip().split(sep)] if line.strip() else []
 
 
 def read_conll(path: Path | str, *, token_column: int = 0, tag_column: int = -1, separator: str = "whitespace",
@@ -31,29 +36,33 @@ def read_conll(path: Path | str, *, token_column: int = 0, tag_column: int = -1,
 
     `-DOCSTART-` lines (CoNLL-2003 document breaks) end a sentence and are dropped. Every line of a
     file must have the same number of columns as its first token line.
+
+    The loop is kept tight (one split per line, the sentence's lists held locally): CoNLL-2003's training file has
+    300,000 lines, and `validate` reads all of them within its second.
     """
     sentences: list[dict] = []
-    current: dict | None = None
+    tokens = tags = lines = None  # the open sentence's lists; None between sentences
     width = None
+    split = _splitter(separator)
     for number, line in enumerate(lines_of(read_text(Path(path))), 1):
-        if comment_prefix and line.lstrip().startswith(comment_prefix) and not _token_line(line, separator, width, tag_column):
+        columns = split(line)
+        if comment_prefix and columns and line.lstrip().startswith(comment_prefix) and not _token_line(line, separator, width, tag_column):
             continue
-        columns = _columns(line, separator) if line.strip() else []
         if not columns or DOCSTART in columns:
-            current = None
+            tokens = None
             continue
-        if width is None:
+        if len(columns) != width:
+            if width is not None:
+                raise DataError(f"{path}: line {number}: {len(columns)} column(s) where the file's first line has {width} "
+                                f"({line.strip()!r}){_blank_column(line, separator, width)}; every token line needs the same "
+                                f"columns (data.separator = {separator!r})")
             width = _check_width(path, number, columns, token_column, tag_column, separator)
-        elif len(columns) != width:
-            raise DataError(f"{path}: line {number}: {len(columns)} column(s) where the file's first line has {width} "
-                            f"({line.strip()!r}){_blank_column(line, separator, width)}; every token line needs the same "
-                            f"columns (data.separator = {separator!r})")
-        if current is None:
-            current = {"tokens": [], "tags": [], "line": number, "lines": []}
-            sentences.append(current)
-        current["tokens"].append(columns[token_column])
-        current["tags"].append(columns[tag_column])
-        current["lines"].append(number)
+        if tokens is None:
+            tokens, tags, lines = [], [], []
+            sentences.append({"tokens": tokens, "tags": tags, "line": number, "lines": lines})
+        tokens.append(columns[token_column])
+        tags.append(columns[tag_column])
+        lines.append(number)
     return sentences
 
 
@@ -150,13 +159,11 @@ def check_bio_tags(sentences: list[dict], where: str) -> None:
                                 f"convert the file to BIO tags")
 
 
-def opens_entity(previous: str | None, tag: str) -> bool:
-    """An I- tag that does not continue an entity of its own type (the IOB1 way of starting one)."""
-    return tag.startswith("I-") and (previous is None or previous == "O" or previous[2:] != tag[2:])
-
-
 def iob1_positions(tags: list[str]) -> list[int]:
-    return [i for i, tag in enumerate(tags) if opens_entity(tags[i - 1] if i else None, tag)]
+    """Where an I- tag opens an entity (the IOB1 way of starting one): it does not continue an entity of its own
+    type. One comprehension, no call per tag: this runs on every tag of every file that `validate` reads."""
+    return [i for i, tag in enumerate(tags)
+            if tag.startswith("I-") and (i == 0 or tags[i - 1] == "O" or tags[i - 1][2:] != tag[2:])]
 
 
 def to_bio2(tags: list[str]) -> list[str]:
