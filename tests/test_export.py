@@ -89,3 +89,92 @@ def test_the_onnx_file_holds_no_path_of_this_machine(ner_run, tmp_path):
         assert path.encode() not in data, path
     assert b"stack_trace" not in data
     onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])  # still a valid model
+
+
+# --- the export's README: onnxruntime alone answers as peft-ft does ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory, tiny_bert, ner_run):
+    """A run of each family that exports: the NER run above, a classification and a QA run (briefly trained: the
+    comparison is between two ways of answering, not of quality)."""
+    from helpers import qa_rows, recipe_text, sentiment_rows, write_jsonl, write_recipe
+    from peft_ft.engine.run import run
+    from peft_ft.recipe.load import load_recipe
+
+    root = tmp_path_factory.mktemp("export-families")
+    runs = {"ner": ner_run}
+    for family, rows, task in (("classification", sentiment_rows(32, seed=1), {}),
+                               ("qa", qa_rows(32, seed=1), {"type": "qa", "doc_stride": 8, "n_best": 5, "max_answer_length": 4})):
+        data = root / f"data-{family}"
+        data.mkdir()
+        write_jsonl(data / "train.jsonl", rows)
+        recipe = write_recipe(root / f"{family}.toml", recipe_text(
+            tiny_bert, data, model_opts={"max_length": 64}, task=task, train_opts={"epochs": 2, "batch_size": 16, "lr": 1e-2},
+            output={"dir": root / "runs", "name": family}))
+        runs[family] = run(load_recipe(recipe))
+    return runs
+
+
+# What each README snippet answers, as `peft-ft predict` on the run folder answers the same input.
+PREDICT_INPUT = {
+    "classification": {"text": "This is great."},
+    "ner": {"text": "John Smith flew from London to Berlin."},
+    "qa": {"question": "Where does the Eiffel Tower stand?", "context": "The Eiffel Tower stands in Paris, the capital of France."},
+}
+
+
+@pytest.mark.parametrize("family", ["classification", "ner", "qa"])
+def test_the_export_readme_answers_with_onnxruntime_as_predict_does(family, family_runs, tmp_path, capsys):
+    import ast
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from peft_ft.cli import main
+
+    run_dir, out = family_runs[family], tmp_path / "onnx"
+    assert main(["export", str(run_dir), "--onnx", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "past the model's position table onnxruntime fails" in card and "{" not in card.split("```python")[0]
+    [code] = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    # a fresh interpreter in the export's parent folder, then which of peft-ft and peft it imported (none)
+    check = "\nimport sys\nprint('IMPORTED', [m for m in ('peft_ft', 'peft') if m in sys.modules])\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PEFT_FT"))}
+    done = subprocess.run([sys.executable, "-c", code + check], cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, code + "\n---\n" + done.stderr[-3000:]
+    *_, printed, imported = done.stdout.strip().splitlines()
+    assert imported == "IMPORTED []"
+    rows = tmp_path / "in.jsonl"
+    rows.write_text(json.dumps(PREDICT_INPUT[family]) + "\n")
+    capsys.readouterr()
+    assert main(["predict", "--adapter", f"run={run_dir}", str(rows)]) == 0
+    [answer] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    if family == "classification":
+        said = ast.literal_eval(printed)
+        assert said["label"] == answer["label"] and said["score"] == pytest.approx(answer["score"], abs=1e-4)
+    elif family == "ner":
+        assert [tag for _, tag in ast.literal_eval(printed)] == answer["tags"]
+    else:
+        assert printed == answer["answer"] or (printed == "" and answer["answer"] == "")
+
+
+def test_a_merged_folder_has_a_card_that_stock_transformers_runs(ner_run, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from peft_ft.cli import main
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(ner_run), "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert f"The peft-ft run `{ner_run.name}`" in card
+    [code] = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PEFT_FT"))}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "entity_group" in done.stdout, code + "\n---\n" + done.stderr[-3000:]

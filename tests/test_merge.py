@@ -29,7 +29,8 @@ def test_merged_folder_is_plain_and_predicts_like_the_adapter(trained, tmp_path)
 
     out = merge_run(trained, tmp_path / "merged")
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "labels.json", "model.safetensors", "peft_ft.json", "recipe.toml", "tokenizer.json", "tokenizer_config.json",
+        "README.md", "config.json", "labels.json", "model.safetensors", "peft_ft.json", "recipe.toml", "tokenizer.json",
+        "tokenizer_config.json",
     ]
     assert not list(tmp_path.glob(".merged.merging-*"))  # the staging folder is gone
     adapter, tokenizer, _ = load_run(trained)
@@ -69,6 +70,25 @@ def test_what_a_killed_merge_left_beside_out_is_removed_by_the_next_one(trained,
     finally:
         os.close(lock)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.combining-b5s6", ".other.merging-o7t8", "merged"]
+
+
+def test_a_staging_folder_that_cannot_be_opened_is_left_and_the_merge_goes_on(trained, tmp_path, monkeypatch):
+    """Another user's killed merge (or a folder whose mode changed): opening it to lock it fails. It is not ours to
+    remove; the merge must not end on a PermissionError traceback."""
+    import peft_ft.serving.merge as merge
+
+    theirs = tmp_path / ".merged.merging-u1v2"
+    theirs.mkdir()
+    real = merge.lock_folder
+
+    def lock(folder):
+        if folder == theirs:
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(folder)
+
+    monkeypatch.setattr(merge, "lock_folder", lock)
+    merge_run(trained, tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.merging-u1v2", "merged"]
 
 
 def test_merged_folder_loads_without_peft(trained, tmp_path):
@@ -320,8 +340,6 @@ def test_predict_answers_under_a_combination_beside_the_adapters(two_adapters, t
 
 
 def test_predict_combine_refusals_name_the_problem(two_adapters, tmp_path):
-    from peft_ft.cli import main
-
     first, second = two_adapters
     (tmp_path / "in.txt").write_text("good film\n")
     cases = {

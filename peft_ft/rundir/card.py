@@ -269,3 +269,43 @@ def _full_snippet(info: dict, folder: str) -> str:
     return (f"{first}from transformers import {auto}, AutoTokenizer\n\n"
             f'model = {auto}.from_pretrained("{folder}").eval()  # a complete model folder\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{folder}")\n{family.card.answer}')
+
+
+# --- the folders made from a run: merged (a complete model) and ONNX export -------------------------------
+
+
+def merged_card(recipe: Recipe, info: dict, folder: str) -> str:
+    """README.md of `peft-ft merge`'s folder: what it was merged from, and the stock-transformers snippet of a
+    complete model folder (its tokenizer holds the run's max_length)."""
+    base = info.get("base_model_id") or info["base_model"]
+    lines = [f"# {folder}", "",
+             f"The peft-ft run `{info['merged_from']}` ({info['method']} on `{base}`, task `{info['task']}`) with its adapter "
+             f"merged into the base weights: a complete {info['model_type']} model, loaded by transformers alone.", "",
+             *usage_section(recipe, info, folder), ""]
+    return "\n".join(lines)
+
+
+def onnx_card(recipe: Recipe, info: dict, report: dict, folder: str) -> str:
+    """README.md of `peft-ft export --onnx`'s folder: what the graph takes and gives, how closely it answers as
+    PyTorch did, and the family's answering code over onnxruntime (no torch, no peft, no peft-ft)."""
+    settings = snippet_settings(recipe)
+    labels_line, _ = _label_lines(info)
+    code = ("import json\n\nimport numpy as np\nimport onnxruntime\nfrom transformers import AutoTokenizer\n\n"
+            f'DIR = "{folder}"  # this folder\n'
+            'session = onnxruntime.InferenceSession(f"{DIR}/model.onnx", providers=["CPUExecutionProvider"])\n'
+            "INPUTS = [i.name for i in session.get_inputs()]\n"
+            "tokenizer = AutoTokenizer.from_pretrained(DIR)  # with the run's model.max_length, {MAX_LENGTH}\n"
+            f"{labels_line}\n{TASKS[info['task']].card.onnx(info)}")
+    lines = [f"# {folder}", "",
+             f"ONNX export of the peft-ft run `{info['exported_from']}` ({info['method']} on "
+             f"`{info.get('base_model_id') or info['base_model']}`, task `{info['task']}`), the adapter merged into the "
+             f"base: `model.onnx`, opset {report['opset']}.", "",
+             f"- inputs: {', '.join(f'`{n}`' for n in report['inputs'])} (int64, batch x sequence, both axes dynamic)",
+             f"- outputs: {', '.join(f'`{n}`' for n in report['outputs'])}",
+             f"- checked when exported: onnxruntime {report['onnxruntime']} against torch {report['torch']} on "
+             f"{report['checked_texts']} texts of other lengths and batch sizes than traced, max |logit difference| "
+             f"{report['max_abs_diff']:.2g} (tolerance {report['tolerance']:g}; `export.json`)",
+             "- cut inputs at the run's model.max_length ({MAX_LENGTH} tokens, `truncation=True`), as training did: "
+             "the graph takes any length, but past the model's position table onnxruntime fails",
+             "", "## Usage with onnxruntime", "", *_block(code), ""]
+    return "\n".join(_fill(lines, {"settings": settings}))

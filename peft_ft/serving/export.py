@@ -9,7 +9,8 @@ traced the attention mask's shape handling of transformers 5 into constants and 
 the tiny test BERT: that is the failure this check exists for.
 
 OUT (new or empty) holds `model.onnx`, the tokenizer, `config.json` (label names), `labels.json`,
-`peft_ft.json` and `export.json` (inputs, outputs, opset, tolerance and the measured difference).
+`peft_ft.json`, `export.json` (inputs, outputs, opset, tolerance and the measured difference) and README.md
+(onnxruntime code answering as peft-ft does).
 Text classification, NER and extractive QA models export; seq2seq generation and prompt-learning adapters
 (nothing to merge) are refused with the reason.
 """
@@ -21,11 +22,12 @@ from pathlib import Path
 
 from peft_ft.errors import PeftFtError
 from peft_ft.models.safety import check_no_pickle
-from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info
+from peft_ft.rundir.card import onnx_card
+from peft_ft.rundir.layout import CARD, INFO, LABELS, RECIPE, read_info, read_recipe
 from peft_ft.rundir.portable import moved_info
 from peft_ft.rundir.load import load_run
 from peft_ft.serving.merge import check_mergeable, check_out, save_tokenizer, staged, unwrap_heads
-from peft_ft.storage import write_json
+from peft_ft.storage import write_atomic, write_json
 from peft_ft.tasks import TASKS
 
 # What each family's model returns: ONNX output names, taken from the model output of the same name.
@@ -90,6 +92,8 @@ def export_onnx(run_dir: str | Path, out: str | Path, tolerance: float = 1e-4, a
         write_json(staging / INFO, {**moved_info(run_dir, out), "is_adapter": False, "exported_from": run_dir.resolve().name,
                                     "format": "onnx"})
         write_json(staging / "export.json", report)
+        exported = {**info, "exported_from": run_dir.resolve().name}
+        write_atomic(staging / CARD, onnx_card(read_recipe(run_dir), exported, report, out.name))
     return report
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from peft_ft.errors import PeftFtError
 from peft_ft.models.integrity import read_json_object
 from peft_ft.models.safety import check_no_pickle
-from peft_ft.rundir.layout import INFO, LABELS, RECIPE, read_info, read_recipe
+from peft_ft.rundir.card import merged_card
+from peft_ft.rundir.layout import CARD, INFO, LABELS, RECIPE, read_info, read_recipe
 from peft_ft.rundir.portable import moved_info
 from peft_ft.rundir.load import check_run_folder, load_run
-from peft_ft.storage import advice_for, honour_umask_tree, lock_folder, space_for, tensor_bytes, unwritable, write_json
+from peft_ft.storage import advice_for, honour_umask_tree, lock_folder, space_for, tensor_bytes, unwritable, write_atomic, write_json
 
 log = logging.getLogger("peft_ft")
 
@@ -120,7 +121,10 @@ def _stale_stagings(out: Path) -> list[Path]:
     stale = []
     for p in out.parent.iterdir():
         if p.name.startswith(prefixes) and p.is_dir() and not p.is_symlink():
-            lock = lock_folder(p)
+            try:
+                lock = lock_folder(p)
+            except OSError:  # one we cannot open (another user's, or its mode changed): not ours to remove
+                continue
             if lock is not None:  # nobody builds in it now
                 os.close(lock)
                 stale.append(p)
@@ -152,8 +156,10 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
             shutil.copyfile(run_dir / LABELS, staging / LABELS)
         weights = sorted(p.name for p in staging.glob("*.safetensors"))
         # No paths of this machine: the merged folder is its own base and names its source run by name.
-        write_json(staging / INFO, {
+        merged_info = {
             **moved_info(run_dir, out), "is_adapter": False, "merged_from": run_dir.resolve().name,
             "weight_files": weights, "weight_bytes": sum((staging / w).stat().st_size for w in weights),
-        })
+        }
+        write_json(staging / INFO, merged_info)
+        write_atomic(staging / CARD, merged_card(read_recipe(staging), merged_info, out.name))
     return out

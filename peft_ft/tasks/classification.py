@@ -184,6 +184,18 @@ def _card_example(recipe: Recipe) -> str:
     return '"This is great."'
 
 
+def _onnx_answer(info: dict) -> str:
+    """Text (or pair) in, label and probability out; a regression head's one output as it is."""
+    code = ("inputs = {TEXT}\n"
+            "pair = inputs if isinstance(inputs, dict) else {\"text\": inputs}\n"
+            "enc = tokenizer(**pair, truncation=True, return_tensors=\"np\")  # cut at the run's max_length, as in training\n"
+            "[logits] = session.run([\"logits\"], {name: enc[name] for name in INPUTS})\n")
+    if len(info["labels"]) == 1:  # regression: one number
+        return code + f"print({{{info['labels'][0]!r}: float(logits[0, 0])}})\n"
+    return code + ("probs = np.exp(logits[0] - logits[0].max())\nprobs /= probs.sum()\n"
+                   "print({\"label\": labels[int(probs.argmax())], \"score\": float(probs.max())})\n")
+
+
 CARD = Card(
     metrics={
         "accuracy": ("accuracy", "accuracy"),
@@ -200,6 +212,7 @@ CARD = Card(
              'print(pipe({TEXT}, truncation=True, max_length={MAX_LENGTH}))',
     example=_card_example,
     full_call_options=", truncation=True",  # a complete folder's tokenizer holds the run's max_length
+    onnx=_onnx_answer,
 )
 
 

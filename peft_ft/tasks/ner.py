@@ -317,6 +317,19 @@ def _cost(tokenizer, recipe: Recipe, item: Words) -> int:
 ANSWERS = Answers(build=WordTagger, to_input=_words_input, to_answer=_entities, cost=_cost, mixes="argument")
 
 
+# Each word's label is its first subword's, as the evaluation scores (peft-ft answers a text longer than
+# {MAX_LENGTH} tokens window by window; here the words past it are cut off).
+ONNX_ANSWER = """words = {TEXT}.split()  # or your own list of words
+enc = tokenizer(words, is_split_into_words=True, truncation=True, return_tensors="np")
+[logits] = session.run(["logits"], {name: enc[name] for name in INPUTS})
+first = {}  # word -> its first subword's position
+for position, word in enumerate(enc.word_ids()):
+    if word is not None:
+        first.setdefault(word, position)
+print([(words[w], labels[int(logits[0, p].argmax())]) for w, p in first.items()])
+"""
+
+
 CARD = Card(
     metrics={
         "f1": ("f1", "entity F1, {seqeval}"),
@@ -337,6 +350,7 @@ CARD = Card(
          "long text in overlapping windows of {MAX_LENGTH} tokens cut anywhere, merging the windows' entities their own way; "
          "`peft_ft.pipeline(DIR)` and `peft-ft predict` cut a long text at word boundaries into windows that do not overlap "
          "and answer per whitespace word with the label of its first subword, as the evaluation scores.",
+    onnx=lambda info: ONNX_ANSWER,
 )
 
 

@@ -324,11 +324,32 @@ _, start, end = max(candidates) if candidates else (0.0, 0, 0)
 answer = context[start:end]
 print(answer)
 """
+# The same rule over an ONNX export's outputs (numpy arrays).
+ONNX_ANSWER = """question, context = "Where does the Eiffel Tower stand?", "The Eiffel Tower stands in Paris, the capital of France."
+# As peft-ft answers: windows of {MAX_LENGTH} tokens overlapping by {DOC_STRIDE}; in each, the {N_BEST} best starts x
+# the {N_BEST} best ends inside the context, end not before start, at most {MAX_ANSWER_LENGTH} tokens; the highest
+# start + end logit over all windows wins
+enc = tokenizer(question.lstrip(), context, truncation="only_second", max_length={MAX_LENGTH}, stride={DOC_STRIDE},
+                return_overflowing_tokens=True, return_offsets_mapping=True, padding=True, return_tensors="np")
+start_logits, end_logits = session.run(["start_logits", "end_logits"], {name: enc[name] for name in INPUTS})
+candidates = []  # (score, start char, end char)
+for w, offsets in enumerate(enc["offset_mapping"]):
+    n = int(enc["attention_mask"][w].sum())  # the window's own tokens: padding never competes
+    in_context = [s == 1 for s in enc.sequence_ids(w)[:n]]
+    starts, ends = start_logits[w, :n], end_logits[w, :n]
+    for s in np.argsort(-starts)[:{N_BEST}]:
+        for e in np.argsort(-ends)[:{N_BEST}]:
+            if in_context[s] and in_context[e] and s <= e < s + {MAX_ANSWER_LENGTH}:
+                candidates.append((float(starts[s] + ends[e]), int(offsets[s][0]), int(offsets[e][1])))
+_, start, end = max(candidates) if candidates else (0.0, 0, 0)
+print(context[start:end])
+"""
 CARD = Card(
     metrics={"exact_match": ("exact_match", "exact match, SQuAD v1.1 script rules (percent)"),
              "f1": ("f1", "token F1, SQuAD v1.1 script rules (percent)")},
     peft_auto_class="AutoPeftModel", peft_auto_comment="the generic PeftModel passes token_type_ids on",
     answer=CARD_ANSWER,
+    onnx=lambda info: ONNX_ANSWER,
 )
 
 
