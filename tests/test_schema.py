@@ -244,3 +244,29 @@ def test_peft_names_and_case_only_typos_get_the_right_suggestion():
         with pytest.raises(RecipeError) as refused:
             build_recipe({"data": {"train": "t.jsonl"}, **raw}, "r.toml")
         assert says in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("family, unread, read", [
+    ("qa", ["task.labels", "data.text_column", "data.text_pair_column", "data.label_column"], []),
+    ("ner", ["data.text_pair_column", "data.label_column"], ["data.text_column"]),
+    ("seq2seq", ["task.labels", "data.text_pair_column", "data.label_column"], ["data.text_column"]),
+])
+def test_generic_keys_a_family_never_reads_are_refused_and_left_out_of_the_resolved_copy(family, unread, read, tmp_path):
+    """A QA recipe with data.label_column trained as if the key were not there: now it says so. The resolved copy a run
+    folder keeps (to_toml) leaves those keys out, so it loads again."""
+    from peft_ft.recipe.dump import to_toml
+
+    value = {"task.labels": '["a"]'}
+    text = f'[task]\ntype = "{family}"\n[data]\ntrain = "train.jsonl"\n'
+    problems = problems_of(tmp_path, text, [f"{k}={value.get(k, 'x')}" for k in unread])
+    said = f"the {family} family does not read it (it would be ignored); remove the key"
+    assert len(problems) == len(unread) and all(k in p and p.endswith(said) for k, p in zip(unread, problems)), problems
+    recipe = load_recipe(write(tmp_path / "ok.toml", text), [f"{k}=x" for k in read])
+    again = write(tmp_path / "again.toml", to_toml(recipe))
+    assert load_recipe(again).to_dict() == recipe.to_dict()
+    assert not any(line.split(" = ")[0] in {k.split(".")[1] for k in unread} for line in again.read_text().splitlines())
+
+
+def write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from peft_ft.recipe.schema import Recipe, section_fields
+from peft_ft.tasks import TASKS
 
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
@@ -39,10 +40,13 @@ def comment_text(text: str) -> str:
 def to_toml(recipe: Recipe) -> str:
     """The fully resolved recipe, every field written out, so a run folder says exactly what ran."""
     out = [f"# resolved from {comment_text(recipe.source)}"]
+    task = TASKS.get(recipe.task.type)
+    unread = set(task.unread_keys) if task is not None else set()
     for section in section_fields():
         out.append(f"\n[{section.name}]")
         for f in dataclasses.fields(getattr(recipe, section.name)):
             # Keys of other methods / task families are left out: they would not apply (and are rejected).
-            if all(recipe.get(other) in allowed for other, allowed in f.metadata["only"].items()):
+            if f"{section.name}.{f.name}" not in unread and all(
+                    recipe.get(other) in allowed for other, allowed in f.metadata["only"].items()):
                 out.append(f"{f.name} = {toml_value(recipe.get(section.name + '.' + f.name))}")
     return "\n".join(out) + "\n"

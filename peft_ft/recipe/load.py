@@ -213,6 +213,8 @@ def _check_cross_field(recipe: Recipe) -> list[str]:
             problems.append(choice_error("eval.metric", recipe.eval.metric, list(task.metrics)))
         if recipe.data.predict and not getattr(task, "predicts_unlabelled", False):
             problems.append(f"data.predict: the {task.name} family does not read unlabelled splits; remove data.predict")
+        problems += [f"{key}: the {task.name} family does not read it (it would be ignored); remove the key"
+                     for key in task.unread_keys if key in recipe.explicit]
         problems += task.validate(recipe)
     if method is not None:
         problems += method.validate(recipe)

@@ -63,6 +63,9 @@ class Task:
     card: Card = Card()  # what its model card says
     onnx_outputs: tuple[str, ...] = ()  # the model's outputs `peft-ft export` checks; empty: not exportable
     onnx_pairs: bool = False  # export traces text pairs (question, context) rather than single texts
+    # Generic recipe keys this family never reads: set in a recipe they would be ignored in silence, so they are
+    # refused (keys of one family alone say so in the schema, `only=`).
+    unread_keys: tuple[str, ...] = ()
 
     def validate(self, recipe: Recipe) -> list[str]:
         """Recipe checks specific to this family, without reading data (runs in `validate`)."""

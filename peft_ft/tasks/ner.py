@@ -365,6 +365,7 @@ class Ner(Task):
     pipeline_task = "token-classification"
     answers = ANSWERS
     card = CARD
+    unread_keys = ("data.text_pair_column", "data.label_column")
     onnx_outputs = ("logits",)
 
     def validate(self, recipe: Recipe) -> list[str]:

@@ -366,6 +366,7 @@ class ExtractiveQA(Task):
     pipeline_task = "question-answering"
     answers = ANSWERS
     card = CARD
+    unread_keys = ("task.labels", "data.text_column", "data.text_pair_column", "data.label_column")
     onnx_outputs = ("start_logits", "end_logits")
     onnx_pairs = True  # question, then a context
 

@@ -186,6 +186,7 @@ class Seq2Seq(Task):
     pipeline_task = "text2text-generation"
     answers = ANSWERS
     card = CARD
+    unread_keys = ("task.labels", "data.text_pair_column", "data.label_column")
 
     def validate(self, recipe: Recipe) -> list[str]:
         problems = []
