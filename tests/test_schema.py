@@ -265,6 +265,15 @@ def test_generic_keys_a_family_never_reads_are_refused_and_left_out_of_the_resol
     again = write(tmp_path / "again.toml", to_toml(recipe))
     assert load_recipe(again).to_dict() == recipe.to_dict()
     assert not any(line.split(" = ")[0] in {k.split(".")[1] for k in unread} for line in again.read_text().splitlines())
+    # at its default the key changes nothing: the resolved copies of run folders made before this check hold them all
+    load_recipe(write(tmp_path / "old.toml", text + 'label_column = "label"\ntext_pair_column = ""\n'))
+
+
+def test_the_shipped_adapters_recipes_still_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parent.parent / "adapters").glob("*/recipe.toml")):
+        load_recipe(path)
 
 
 def write(path, text: str):

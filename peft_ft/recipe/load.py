@@ -213,8 +213,11 @@ def _check_cross_field(recipe: Recipe) -> list[str]:
             problems.append(choice_error("eval.metric", recipe.eval.metric, list(task.metrics)))
         if recipe.data.predict and not getattr(task, "predicts_unlabelled", False):
             problems.append(f"data.predict: the {task.name} family does not read unlabelled splits; remove data.predict")
+        # Only a value other than the default: run folders made before the check hold every key at its default.
+        default = Recipe().to_dict()
         problems += [f"{key}: the {task.name} family does not read it (it would be ignored); remove the key"
-                     for key in task.unread_keys if key in recipe.explicit]
+                     for key in task.unread_keys
+                     if key in recipe.explicit and recipe.get(key) != default[key.split(".")[0]][key.split(".")[1]]]
         problems += task.validate(recipe)
     if method is not None:
         problems += method.validate(recipe)
