@@ -198,7 +198,8 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path, resumed_at: int |
             mlflow.set_tracking_uri(_our_mlflow_uri)
     # Built here rather than named to Accelerator(log_with=...): accelerate wants the logging folder
     # when the Accelerator is made, before the main process has made the run folder.
-    accelerator.log_with = [LOGGER_TYPE_TO_CLASS[n](name, **kwargs[n]) for n in recipe.train.report_to]
+    classes = {**LOGGER_TYPE_TO_CLASS, **({"mlflow": _reopened_mlflow()} if "mlflow" in ids else {})}
+    accelerator.log_with = [classes[n](name, **kwargs[n]) for n in recipe.train.report_to]
     # The hyperparameters once: MLflow refuses a changed value (a resume that raised train.epochs) in a run it reopens.
     accelerator.init_trackers(name, config=None if ids else _flat_config(recipe))
     if accelerator.is_main_process:
@@ -207,6 +208,32 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path, resumed_at: int |
 
 
 TRACKER_IDS = "ids.json"  # under tracking/: the tracker runs of this run folder, which `--resume` continues
+
+
+def _reopened_mlflow():
+    """accelerate's MLflow tracker for a resumed run, leaving out the steps the reopened MLflow run holds already.
+
+    The killed process logged steps past its last checkpoint; the resume trains them again, from that checkpoint,
+    to the same values. TensorBoard purges them (purge_step); MLflow cannot delete a metric's points, and logged
+    twice they made its charts run back and forth."""
+    from accelerate.tracking import MLflowTracker
+
+    class ReopenedMLflow(MLflowTracker):
+        logged_until = 0
+
+        def start(self):
+            super().start()
+            import mlflow
+
+            client, run_id = mlflow.MlflowClient(), self.active_run.info.run_id
+            self.logged_until = max((m.step for key in client.get_run(run_id).data.metrics
+                                     for m in client.get_metric_history(run_id, key)), default=0)
+
+        def log(self, values: dict, step: int | None = None, **kwargs):
+            if step is None or step > self.logged_until:
+                super().log(values, step=step, **kwargs)
+
+    return ReopenedMLflow
 
 
 def _tracker_ids(folder: Path) -> dict:
