@@ -445,8 +445,10 @@ def write_section(path: Path, section_text: str, section: str = "") -> None:
         start, stop = text.index(begin), text.index(end) + len(end)
         text = text[:start] + section_text.rstrip("\n") + text[stop:]
     else:
-        raise SystemExit(f"error: {path}: expected one {begin} line followed by one {end} line "
-                         f"(found {begins} and {ends}); fix the file by hand")
+        from peft_ft.errors import PeftFtError
+
+        raise PeftFtError(f"{path}: expected one {begin} line followed by one {end} line (found {begins} and {ends}); "
+                          f"fix the file by hand")  # run_main: one line, exit 2
     path.write_text(text, encoding="utf-8")
 
 

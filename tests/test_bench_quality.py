@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from peft_ft.errors import PeftFtError
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import quality  # noqa: E402  (bench scripts import their neighbours by name)
@@ -126,7 +128,7 @@ def test_section_is_appended_to_a_file_without_markers_and_refused_with_broken_o
     quality.write_section(path, new.replace("new", "newer"))  # the second write replaces the first
     assert path.read_text(encoding="utf-8") == BEFORE.rstrip("\n") + "\n\n" + new.replace("new", "newer")
     path.write_text(BEFORE + quality.BEGIN + "\n", encoding="utf-8")
-    with pytest.raises(SystemExit, match="expected one"):
+    with pytest.raises(PeftFtError, match="expected one"):
         quality.write_section(path, new)
 
 
