@@ -233,6 +233,17 @@ def test_explain_takes_one_key_a_bracketed_section_and_transformers_names():
         explain("  ")
 
 
+def test_explain_answers_a_key_name_of_several_sections_and_points_a_misspelt_word_at_a_key():
+    """`explain dir` said "unknown section" and `explain rank` "did you mean `train`?"; `explain .` named a blank."""
+    assert explain("dir") == explain("data.dir") + "\n\n" + explain("output.dir")
+    assert explain("rank") == explain("adapter.r")
+    for word, says in (("lrr", "did you mean `train.lr`?"), ("tarin", "did you mean `train`?"),
+                       ("zzz", "(sections: model, task, data, adapter, train, eval, output)"), (".", "give a section")):
+        with pytest.raises(PeftFtError) as refused:
+            explain(word)
+        assert says in str(refused.value), (word, str(refused.value))
+
+
 def test_peft_names_and_case_only_typos_get_the_right_suggestion():
     """`lora_r` was steered to `vera_r` (a key of another method); "LoRA" and "NER" got no suggestion at all."""
     from peft_ft.errors import RecipeError

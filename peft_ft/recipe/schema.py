@@ -381,6 +381,7 @@ ALIASES = {
     "output_dir": "output.dir", "run_name": "output.name", "model_name_or_path": "model.name",
     "max_seq_length": "model.max_length", "lora_r": "adapter.r", "lora_alpha": "adapter.alpha",
     "lora_dropout": "adapter.dropout", "peft_type": "adapter.method", "task_type": "task.type",
+    "rank": "adapter.r",
 }
 
 
@@ -390,9 +391,14 @@ def home_of(key: str, section: str | None = None) -> str | None:
     name = key.lower()
     if name in ALIASES:
         return ALIASES[name]
-    homes = [f"{s.name}.{f.name}" for s in section_fields() if s.name != section
-             for f in dataclasses.fields(section_types()[s.name]) if f.name == name]
+    homes = homes_of(name, section)
     return homes[0] if len(homes) == 1 else None
+
+
+def homes_of(name: str, section: str | None = None) -> list[str]:
+    """Every `section.key` with this key name (`dir`: data.dir and output.dir), `section` left out."""
+    return [f"{s.name}.{f.name}" for s in section_fields() if s.name != section
+            for f in dataclasses.fields(section_types()[s.name]) if f.name == name]
 
 
 def did_you_mean(word: str, known: list[str]) -> str | None:
