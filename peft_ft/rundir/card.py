@@ -195,7 +195,7 @@ def _label_lines(info: dict) -> tuple[str, str]:
     if not info["labels"]:
         return "", ""
     extra = ', problem_type="regression"' if len(info["labels"]) == 1 else ""
-    return (f'labels = json.load(open(f"{{DIR}}/labels.json"))  # label names in id order\n',
+    return ('labels = json.load(open(f"{DIR}/labels.json"))  # label names in id order\n',
             f"id2label=dict(enumerate(labels)), label2id={{n: i for i, n in enumerate(labels)}}{extra}")
 
 
@@ -295,7 +295,7 @@ def onnx_card(recipe: Recipe, info: dict, report: dict, folder: str) -> str:
             'session = onnxruntime.InferenceSession(f"{DIR}/model.onnx", providers=["CPUExecutionProvider"])\n'
             "INPUTS = [i.name for i in session.get_inputs()]\n"
             "tokenizer = AutoTokenizer.from_pretrained(DIR)  # with the run's model.max_length, {MAX_LENGTH}\n"
-            f"{labels_line}\n{TASKS[info['task']].card.onnx(info)}")
+            f"{labels_line}\n{TASKS[info['task']].card.onnx(info, recipe)}")
     lines = [f"# {folder}", "",
              f"ONNX export of the peft-ft run `{info['exported_from']}` ({info['method']} on "
              f"`{info.get('base_model_id') or info['base_model']}`, task `{info['task']}`), the adapter merged into the "

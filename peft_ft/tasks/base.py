@@ -42,8 +42,8 @@ class Card:
     note: str = ""  # a closing remark under the snippets
     # An ONNX export's answering code (`peft-ft export --onnx`): over `session` (onnxruntime), `tokenizer` (the
     # folder's, cutting at the run's max_length), `labels` and INPUTS (the graph's input names); numpy as np.
-    # (info) -> code, as it may differ by the run (a regression head has one output). Empty: not exportable.
-    onnx: Callable[[dict], str] | None = None
+    # (info, recipe) -> code, as it may differ by the run (a regression head has one output). None: not exportable.
+    onnx: Callable[[dict, Recipe], str] | None = None
     # Code and notes may name the run's settings, filled in by peft_ft.rundir.card.snippet_settings: {MAX_LENGTH}
     # (model.max_length), {STRIDE} (a window overlap for stock pipelines), {DOC_STRIDE}, {N_BEST}, {MAX_ANSWER_LENGTH},
     # {NUM_BEAMS}, {MAX_NEW_TOKENS} (eval.*), {TEXT} (`example`, as Python source).

@@ -184,11 +184,11 @@ def _card_example(recipe: Recipe) -> str:
     return '"This is great."'
 
 
-def _onnx_answer(info: dict) -> str:
+def _onnx_answer(info: dict, recipe: Recipe) -> str:
     """Text (or pair) in, label and probability out; a regression head's one output as it is."""
-    code = ("inputs = {TEXT}\n"
-            "pair = inputs if isinstance(inputs, dict) else {\"text\": inputs}\n"
-            "enc = tokenizer(**pair, truncation=True, return_tensors=\"np\")  # cut at the run's max_length, as in training\n"
+    inputs = ("example = {TEXT}\nenc = tokenizer(example[\"text\"], example[\"text_pair\"]"
+              if settings(recipe).text_pair else "enc = tokenizer({TEXT}")
+    code = (f"{inputs}, truncation=True, return_tensors=\"np\")  # cut at the run's max_length, as in training\n"
             "[logits] = session.run([\"logits\"], {name: enc[name] for name in INPUTS})\n")
     if len(info["labels"]) == 1:  # regression: one number
         return code + f"print({{{info['labels'][0]!r}: float(logits[0, 0])}})\n"

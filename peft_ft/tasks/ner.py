@@ -350,7 +350,7 @@ CARD = Card(
          "long text in overlapping windows of {MAX_LENGTH} tokens cut anywhere, merging the windows' entities their own way; "
          "`peft_ft.pipeline(DIR)` and `peft-ft predict` cut a long text at word boundaries into windows that do not overlap "
          "and answer per whitespace word with the label of its first subword, as the evaluation scores.",
-    onnx=lambda info: ONNX_ANSWER,
+    onnx=lambda info, recipe: ONNX_ANSWER,
 )
 
 

@@ -349,7 +349,7 @@ CARD = Card(
              "f1": ("f1", "token F1, SQuAD v1.1 script rules (percent)")},
     peft_auto_class="AutoPeftModel", peft_auto_comment="the generic PeftModel passes token_type_ids on",
     answer=CARD_ANSWER,
-    onnx=lambda info: ONNX_ANSWER,
+    onnx=lambda info, recipe: ONNX_ANSWER,
 )
 
 
