@@ -434,8 +434,7 @@ def check_on_skeleton(location: str, recipe: Recipe, auto_class: str, model_kwar
     import torch
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(location, trust_remote_code=recipe.model.trust_remote_code,
-                                                     revision=recipe.model.revision or None, **model_kwargs)
+    config = load_config(location, recipe, **model_kwargs)  # its failures (a misspelt hub id, custom code) as messages
     with torch.device("meta"):
         skeleton = getattr(transformers, auto_class).from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     METHODS[recipe.adapter.method].skeleton_check(skeleton, recipe)

@@ -146,6 +146,42 @@ def hub_id_offline(c):
         "recipe.toml: model.name: 'peft-ft-test/no-such-model' is a hub id, the hub cannot be reached", "local model folder"]
 
 
+def _model_copy(c, name: str, **config_changes) -> Path:
+    """A copy of the tiny BERT whose config.json is changed (a key set to None is removed)."""
+    import json
+
+    folder = c.tmp / name
+    shutil.copytree(c.model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return folder
+
+
+def model_config_without_type(c):
+    # a named target needs the skeleton: its config load raised transformers' ValueError as a traceback
+    folder = _model_copy(c, "notype", model_type=None)
+    return ["validate", c.recipe(model=folder), "--set", 'adapter.target_modules=["query"]'], [
+        "model.name: cannot load the config", "Should have a `model_type` key"]
+
+
+def model_with_custom_code(c):
+    folder = _model_copy(c, "custom", model_type="xbert", auto_map={"AutoConfig": "configuration_x.XConfig"})
+    (folder / "configuration_x.py").write_text("raise SystemExit('custom code ran')\n")
+    return ["validate", c.recipe(model=folder)], ["the model needs Python code shipped with it", "model.trust_remote_code = true"]
+
+
+def model_path_a_link_loop(c):
+    (c.tmp / "loop").symlink_to(c.tmp / "loop")  # resolving it for the message raised RuntimeError
+    return ["validate", c.recipe(model=c.tmp / "loop")], ["model.name: a symbolic link that leads to no folder at", "loop"]
+
+
+def model_tokenizer_not_json(c):
+    folder = _model_copy(c, "badtok")
+    (folder / "tokenizer.json").write_text("{not json")  # validate passed it; run crashed, leaving a run folder
+    return ["validate", c.recipe(model=folder)], ["tokenizer.json is not valid JSON (line 1", "copy the model folder again"]
+
+
 def cuda_on_cpu(c):
     import torch
 
@@ -174,6 +210,7 @@ CASES = [
     csv_missing_column, parquet_missing_column, empty_split, unseen_eval_label, data_not_utf8, bad_jsonl_line,
     conll_wrong_columns, squad_answer_start,
     model_without_weights, model_without_tokenizer, model_path_missing, hub_id_offline,
+    model_config_without_type, model_with_custom_code, model_path_a_link_loop, model_tokenizer_not_json,
     cuda_on_cpu, output_dir_is_a_file, output_dir_is_a_link_loop, validate_command_too,
 ]
 
@@ -254,3 +291,106 @@ def test_a_model_name_that_is_no_folder_nor_hub_id_is_one_message(name):
 def test_a_recipe_path_that_is_a_folder_says_so(tmp_path, capsys):
     assert main(["validate", str(tmp_path)]) == 2
     assert "is a folder, not a recipe file" in capsys.readouterr().err
+
+
+def test_offline_is_read_as_huggingface_hub_reads_it(monkeypatch):
+    """HF_HUB_OFFLINE=ON (or TRANSFORMERS_OFFLINE=1) keeps the hub libraries offline; peft-ft read only 1/true/yes,
+    took the hub for reachable and let transformers' connection error end in a traceback."""
+    from peft_ft.models.loading import hub_offline
+
+    for env, offline in (({"HF_HUB_OFFLINE": "ON"}, True), ({"TRANSFORMERS_OFFLINE": "1"}, True), ({"HF_HUB_OFFLINE": "yes"}, True),
+                         ({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}, False), ({}, False)):
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert hub_offline() is offline, env
+
+
+@pytest.fixture
+def fake_hub():
+    """A local HTTP server answering 404 Repository Not Found to everything, as the hub does for a misspelt id."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            body = b'{"error": "Repository Not Found"}'
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_the_hub_probe_asks_the_endpoints_own_port_over_its_own_scheme(fake_hub, monkeypatch):
+    """A mirror at http://host:PORT was probed on port 443 (declared unreachable, never asked); an endpoint that accepts
+    TCP but fails TLS was declared reachable, and the hub libraries then retried for ~30 s."""
+    from peft_ft.models.loading import hub_reachable
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://{fake_hub}")
+    assert hub_reachable.__wrapped__(timeout=5)  # a 404 is an answer
+    monkeypatch.setenv("HF_ENDPOINT", f"https://{fake_hub}")  # plain HTTP behind https://: the TLS handshake fails
+    assert not hub_reachable.__wrapped__(timeout=5)
+
+
+def test_a_misspelt_hub_id_with_the_hub_reachable_is_one_message(fake_hub, tmp_path, tiny_bert):
+    """Named targets build the skeleton, whose config load bypassed the message: transformers' OSError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    c = Case(tmp_path, tiny_bert)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))},
+           "HF_ENDPOINT": f"http://{fake_hub}", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-m", "peft_ft", "validate", c.recipe(model="peft-ft-test/no-such-modle"),
+                           "--set", 'adapter.target_modules=["query"]'], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "model.name: cannot load the config 'peft-ft-test/no-such-modle'" in done.stderr
+
+
+def test_a_run_on_a_pinned_hub_revision_finds_its_base_offline_at_that_revision(tmp_path, monkeypatch):
+    """A base downloaded at a commit has no refs/main in the cache: predict and merge looked for `main` and said the
+    base was not cached, on the machine that had just trained on it."""
+    from huggingface_hub import constants
+
+    from peft_ft.errors import PeftFtError
+    from peft_ft.rundir.load import base_location
+
+    commit = "1" * 40
+    snapshot = tmp_path / "hub" / "models--org--pinned" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    info = {"base_model": "org/pinned", "base_model_source": "hub", "base_model_revision": commit}
+    assert base_location(info) == "org/pinned"
+    with pytest.raises(PeftFtError, match="'org/pinned' is a hub id, .* not in the local cache"):
+        base_location({**info, "base_model_revision": ""})
+
+
+def test_a_config_that_contradicts_the_backbone_weights_is_refused_not_trained_on(tmp_path, tiny_bert, capsys):
+    """An edited vocab_size: ignore_mismatched_sizes (meant for heads) made the word embeddings fresh and random, and
+    the run trained them as a "head" and finished with exit 0."""
+    import json
+
+    c = Case(tmp_path, tiny_bert)
+    vocab = json.loads((tiny_bert / "config.json").read_text())["vocab_size"]
+    folder = _model_copy(c, "edited", vocab_size=vocab + 7)
+    assert main(["run", c.recipe(model=folder)]) == 2
+    err = capsys.readouterr().err
+    assert "config.json does not fit the weights: bert.embeddings.word_embeddings.weight is [" in err, err
+    assert "replaced by a random one" in err and "Traceback" not in err
+    assert not list(c.out.rglob("*.json"))  # no run folder left behind

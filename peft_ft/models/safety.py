@@ -34,8 +34,15 @@ def pickle_files(folder: str | Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
 
 
-def check_no_pickle(folder: str | Path, what: str, allow_pickle: bool = False) -> None:
-    """Refuse `folder` if it holds a pickle file, saying which and why; with `allow_pickle`, warn instead."""
+ALLOW_PICKLE = "pass --allow-pickle (allow_pickle=True in Python)"
+# `peft-ft run` and `validate` have no such flag: a recipe's base is converted once, where it is trusted.
+CONVERT_PICKLE = ("convert the folder once, where you trust it: AutoModel.from_pretrained(FOLDER, use_safetensors=False)"
+                  ".save_pretrained(NEW_FOLDER) writes model.safetensors; set model.name to NEW_FOLDER")
+
+
+def check_no_pickle(folder: str | Path, what: str, allow_pickle: bool = False, escape: str = ALLOW_PICKLE) -> None:
+    """Refuse `folder` if it holds a pickle file, saying which and why (`escape`: how a user who trusts it goes on);
+    with `allow_pickle`, warn instead."""
     found = pickle_files(folder)
     if not found:
         return
@@ -45,7 +52,7 @@ def check_no_pickle(folder: str | Path, what: str, allow_pickle: bool = False) -
     raise PeftFtError(
         f"{what} {folder}: refused: it holds pickle file(s) {', '.join(found)}. Loading a pickle can run any code "
         f"hidden in it, and peft-ft writes only safetensors. Convert them to .safetensors, delete them if unused, "
-        f"or, if you trust where the folder came from, pass --allow-pickle (allow_pickle=True in Python)"
+        f"or, if you trust where the folder came from, {escape}"
     )
 
 
@@ -100,4 +107,5 @@ def remote_code_refusal(error: Exception, where: str) -> PeftFtError | None:
         return None
     return PeftFtError(f"{where}: the model needs Python code shipped with it (its config.json has `auto_map`), and remote "
                        f"code runs only when you say so: read that code first, then pass --trust-remote-code "
-                       f"(trust_remote_code=True in Python). transformers said: {text.splitlines()[0]}")
+                       f"(`peft-ft run` and `validate`: model.trust_remote_code = true in the recipe; trust_remote_code=True "
+                       f"in Python). transformers said: {text.splitlines()[0]}")

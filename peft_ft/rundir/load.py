@@ -34,13 +34,14 @@ def base_location(info: dict, where: str = "base model") -> str:
         return str(embedded_model_dir())
     if info.get("base_model_source") == "local folder" and not Path(info["base_model"]).is_dir():
         raise PeftFtError(
-            f"base model: this run was trained on a local model folder named {info['base_model_id']!r}, recorded relative to "
-            f"the run folder; it is not at {info['base_model']} (the run folder was copied or moved without it). Keep the run "
-            f"folder where the base folder is found at the same relative path, or load it with peft: "
+            f"{where}: this run was trained on a local model folder named {info['base_model_id']!r}, recorded relative to "
+            f"the run folder; it is not at {info['base_model']} (the run folder or the base folder was moved, or copied "
+            f"without the other). Put them back at the same relative places, or load it with peft: "
             f"PeftModel.from_pretrained(AutoModelFor...from_pretrained(PATH_OF_{info['base_model_id']}), RUN_DIR)")
     if info.get("base_model_source") == "hub":
         settle_hub_offline()
-        require_cached(info["base_model"], "", f"{where} (peft_ft.json's base_model)")
+        # at the revision it was trained on: a cache holding only that commit has no `main` to find
+        require_cached(info["base_model"], info.get("base_model_revision", ""), f"{where} (peft_ft.json's base_model)")
     return info["base_model"]
 
 
