@@ -199,10 +199,10 @@ if __name__ == "__main__":
     inputs = [answers.to_input(row, saved, f"request {i}") for i, row in enumerate(rows, 1)]
     answerer = answers.build(model, tokenizer, saved)
     direct = [answers.to_answer(o) for o in answerer(inputs, batch_size=8)]
-    # peft_ft.pipeline(RUN_DIR): the same builder, over its own load_run
+    # peft_ft.pipeline(RUN_DIR): the same builder, over its own load_run, taking the request rows as predict does
     from peft_ft.serving.pipelines import pipeline
 
-    piped = [answers.to_answer(o) for o in pipeline(run_dir)(inputs, batch_size=8)]
+    piped = [answers.to_answer(o) for o in pipeline(run_dir)(rows, batch_size=8)]
     # and as `peft-ft predict` / `serve` answer: an AdapterSet of named runs
     adapter_set = AdapterSet({"kw": run_dir}, batch_size=8)
     served = adapter_set.answer("kw", rows)

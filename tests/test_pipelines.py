@@ -29,7 +29,7 @@ def test_pipeline_from_a_run_folder_has_real_label_names(trained):
     import peft_ft
 
     pipe = peft_ft.pipeline(trained)
-    assert isinstance(pipe, transformers.TextClassificationPipeline)
+    assert isinstance(pipe.answerer, transformers.TextClassificationPipeline)
     answers = pipe(TEXTS)
     assert {a["label"] for a in answers} == {"neg", "pos"}
     assert pipe.model.config.id2label == {0: "neg", 1: "pos"}
@@ -40,9 +40,58 @@ def test_ner_pipeline_groups_entities_with_real_tag_names(tmp_path, tiny_bert):
     from peft_ft.tasks.ner import WordTagger
 
     pipe = pipeline(train_ner(tmp_path, tiny_bert))
-    assert isinstance(pipe, WordTagger)
+    assert isinstance(pipe.answerer, WordTagger)
     found = {(e["entity_group"], e["word"], e["start"], e["end"]) for e in pipe("john works in berlin .")}
     assert ("PER", "john", 0, 4) in found and ("LOC", "berlin", 14, 20) in found
+
+
+def test_the_pipeline_takes_the_rows_predict_takes(trained, tmp_path, tiny_bert):
+    """A dict row was iterated as a list of words: the NER pipeline tagged its keys ("tokens", "text"), seq2seq
+    generated from each key. Rows now go through the family's own to_input, as in predict."""
+    import peft_ft
+
+    ner = peft_ft.pipeline(train_ner(tmp_path, tiny_bert))
+    by_text = ner("john works in berlin .")
+    assert ner({"text": "john works in berlin ."}) == by_text
+    assert ner({"tokens": ["john", "works", "in", "berlin", "."]}).tags == by_text.tags == ["B-PER", "O", "O", "B-LOC", "O"]
+    assert ner(["john works in berlin .", {"text": "mary lives in paris ."}])[0] == by_text
+    pipe = peft_ft.pipeline(trained)
+    assert pipe({"text": TEXTS[0]}) == pipe(TEXTS[0]) and pipe([{"text": t} for t in TEXTS]) == pipe(TEXTS)
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([], "inputs: expected a text, a dict of fields or a non-empty list of them, got list []"),
+    (None, "got NoneType None"),
+    (5, "got int 5"),
+    ([["john"]], "input 1: expected a text or a dict of fields, got list ['john']"),
+    ([{"sentence": "good"}], "input 1: expected a text field 'text'; got fields 'sentence'"),
+])
+def test_the_pipeline_refuses_malformed_inputs_naming_them(trained, inputs, message):
+    """These were IndexError, TypeError and transformers' own ValueError from deep inside."""
+    import peft_ft
+
+    with pytest.raises(PeftFtError) as refused:
+        peft_ft.pipeline(trained)(inputs)
+    assert message in str(refused.value), str(refused.value)
+
+
+def test_the_pipeline_switches_take_booleans_and_the_device_is_checked_before_loading(trained, monkeypatch):
+    """allow_pickle="false" is a truthy string and switched pickle loading on; device="cuda" on a CPU-only torch was
+    torch's AssertionError after the whole model had loaded."""
+    import peft_ft
+    import peft_ft.rundir.load
+
+    with pytest.raises(PeftFtError, match=r"allow_pickle='false'; it takes True or False"):
+        peft_ft.pipeline(trained, allow_pickle="false")
+    with pytest.raises(PeftFtError, match=r"trust_remote_code='no'; it takes True or False"):
+        peft_ft.pipeline(trained, trust_remote_code="no")
+    with pytest.raises(PeftFtError, match=r"batch_size=0: give a whole number of 1 or more"):
+        peft_ft.pipeline(trained)(TEXTS, batch_size=0)
+    with pytest.raises(PeftFtError, match=r"run_dir is ''"):
+        peft_ft.pipeline("")
+    monkeypatch.setattr(peft_ft.rundir.load, "check_run_folder", lambda *a: pytest.fail("checked the folder before the device"))
+    with pytest.raises(PeftFtError, match=r"device 'mps': peft-ft answers on cpu or cuda"):
+        peft_ft.pipeline(trained, device="mps")
 
 
 NER_LABELS = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]

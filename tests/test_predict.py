@@ -157,6 +157,30 @@ def test_input_rows_that_would_be_lost_or_changed_are_refused_naming_the_line(tm
         read_inputs(str(path))
 
 
+@pytest.mark.parametrize("name, content, hint", [
+    ("lines.json", '{"text": "a"}\n{"text": "b"}\n', "one JSON object per line is JSONL: pass --format jsonl"),
+    ("list.jsonl", '[{"text": "a"}]\n', "it holds a JSON list: pass --format json"),
+    ("notes.txt", "{draft}\nhello\n", "read as JSONL as its first line opens with '{': pass --format text"),
+    ("texts.json", '["a", "b"]', "a list of plain texts: give objects"),
+])
+def test_a_format_mistake_says_how_the_format_was_chosen_and_what_to_pass(tmp_path, name, content, hint):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as refused:
+        read_inputs(str(path))
+    assert str(refused.value).startswith(f"{path}: ") and hint in str(refused.value), str(refused.value)
+
+
+def test_output_onto_the_input_file_is_refused_and_the_input_kept(runs, tmp_path, capsys):
+    """`--output rows.jsonl rows.jsonl` exited 0 with the rows replaced by their answers."""
+    from peft_ft.cli import main
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "good"}\n')
+    assert main(["predict", "--adapter", f"pos={runs['pos']}", str(rows), "--output", str(rows)]) == 2
+    assert "is the input file" in capsys.readouterr().err and rows.read_text() == '{"text": "good"}\n'
+
+
 def test_inputs_split_at_newlines_only_and_stdin_is_read_as_files_are(tmp_path, monkeypatch):
     texts = ["john lives\u2028in paris", "mary\x0cworks", "a\x85b"]
     jsonl = write_jsonl(tmp_path / "u.jsonl", [{"text": t} for t in texts])  # json.dumps escapes them: write them raw
@@ -188,6 +212,8 @@ def test_routing_errors_name_the_row_and_the_choices():
         route(rows, where, ["x", "y"], None, None)
     with pytest.raises(PeftFtError, match="--use q: no adapter of that name"):
         route(rows, where, ["x", "y"], "q", None)
+    with pytest.raises(DataError, match=r"in\.jsonl: line 1: no field 'q' \(--adapter-field\) to pick the adapter by"):
+        route(rows, where, ["x", "y"], None, "q")  # was "field 'q' is None"
     assert route(rows, where, ["x"], None, None) == ["x", "x"]
     assert route(rows, where, ["x", "y"], "y", None) == ["y", "y"]
 

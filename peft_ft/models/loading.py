@@ -357,3 +357,26 @@ def _hub_call(fn, location: str, recipe: Recipe, what: str, *, where: str = "", 
         raise PeftFtError(f"{where or f'{recipe.source}: model.name'}: cannot load the {what} {location!r}: "
                           f"{str(e).splitlines()[0].rstrip('.') if str(e) else type(e).__name__}. Check the folder's "
                           f"files (config.json, tokenizer files), or copy the model again") from None
+
+
+def check_answer_device(device, flag: str = "--device") -> None:
+    """The device `predict`, `serve` and `peft_ft.pipeline` answer on, checked before any model loads: torch's own
+    refusals ("Torch not compiled with CUDA enabled", "Expected one of cpu, cuda ... device type") came as tracebacks
+    after the whole model had been read."""
+    if isinstance(device, str) and device.split(":")[0] == "cpu" and device[4:].isdigit() or device == "cpu":
+        return  # the default, answered without importing torch: a refused folder is still named in a fraction of a second
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PeftFtError(f"{flag} {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise PeftFtError(f"{flag} {device!r}: {why}; use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise PeftFtError(f"{flag} {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type != "cpu":
+        raise PeftFtError(f"{flag} {device!r}: peft-ft answers on cpu or cuda; use one of them")

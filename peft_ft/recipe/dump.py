@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 from peft_ft.recipe.schema import Recipe, section_fields
-from peft_ft.tasks import TASKS
 
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
@@ -40,13 +39,11 @@ def comment_text(text: str) -> str:
 def to_toml(recipe: Recipe) -> str:
     """The fully resolved recipe, every field written out, so a run folder says exactly what ran."""
     out = [f"# resolved from {comment_text(recipe.source)}"]
-    task = TASKS.get(recipe.task.type)
-    unread = set(task.unread_keys) if task is not None else set()
     for section in section_fields():
         out.append(f"\n[{section.name}]")
         for f in dataclasses.fields(getattr(recipe, section.name)):
-            # Keys of other methods / task families are left out: they would not apply (and are rejected).
-            if f"{section.name}.{f.name}" not in unread and all(
-                    recipe.get(other) in allowed for other, allowed in f.metadata["only"].items()):
+            # Keys of other methods / task families are left out: they would not apply (and are rejected). A family's
+            # unread keys (Task.unread_keys) stay: at their defaults, as a loaded recipe has them, they load again.
+            if all(recipe.get(other) in allowed for other, allowed in f.metadata["only"].items()):
                 out.append(f"{f.name} = {toml_value(recipe.get(section.name + '.' + f.name))}")
     return "\n".join(out) + "\n"

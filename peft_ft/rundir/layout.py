@@ -237,7 +237,7 @@ def read_info(run_dir: str | Path) -> dict:
         what = "has adapter_config.json but" if (Path(run_dir) / ADAPTER_CONFIG).is_file() else "has"
         raise PeftFtError(
             f"{run_dir}: not a peft-ft run folder: it {what} no peft_ft.json (the task, base model and label names "
-            f"are read from it). Point at a folder written by `peft-ft run` or `peft-ft merge`."
+            f"are read from it). Point at a folder written by `peft-ft run` or `peft-ft merge`{_runs_inside(Path(run_dir))}."
         )
     info = check_info(path, read_json_object(path, "a run folder holds peft_ft.json"))
     if info.get("format") == "onnx":  # its weights are model.onnx: no torch loader reads it (it was asked for a base)
@@ -245,6 +245,18 @@ def read_info(run_dir: str | Path) -> dict:
                           f"answer with onnxruntime (model.onnx and its tokenizer are in it); predict, serve, merge and "
                           f"export take the run folder it came from, or a merged folder")
     return resolve_base(info, Path(run_dir))
+
+
+def _runs_inside(folder: Path) -> str:
+    """A recipe's folder (runs/<name>/) holds its timestamped runs: name them, the newest last."""
+    try:
+        runs = sorted(p.name for p in folder.iterdir() if (p / INFO).is_file())
+    except OSError:
+        return ""
+    if not runs:
+        return ""
+    shown = ", ".join(runs[-3:])
+    return f"; it holds run folder(s) {'... ' if len(runs) > 3 else ''}{shown}: give one of them, e.g. {folder / runs[-1]}"
 
 
 def resolve_base(info: dict, run_dir: Path) -> dict:

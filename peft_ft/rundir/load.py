@@ -14,6 +14,7 @@ from peft_ft.models.integrity import base_config, check_adapter, check_weights, 
 from peft_ft.models.loading import (
     EMBEDDED_NAME,
     _hub_call,
+    check_answer_device,
     check_model_folder,
     embedded_model_dir,
     load_tokenizer,
@@ -50,7 +51,8 @@ def check_run_folder(run_dir: Path, allow_pickle: bool = False, what: str = "") 
     no pickle, peft_ft.json and recipe.toml readable, every safetensors file whole, the base model folder
     complete, and adapter_config.json's sizes those of its tensors (peft would allocate what it claims)."""
     if not run_dir.is_dir():
-        raise PeftFtError(f"{what}{run_dir}: no such folder; give a run folder written by `peft-ft run` or `peft-ft merge`")
+        found = "is a file, not a folder" if run_dir.exists() else "no such folder"
+        raise PeftFtError(f"{what}{run_dir}: {found}; give a run folder written by `peft-ft run` or `peft-ft merge`")
     check_no_pickle(run_dir, f"{what}run folder", allow_pickle)
     info = read_info(run_dir)
     recipe = read_recipe(run_dir)
@@ -117,6 +119,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = Fals
     from peft import PeftModel
 
     run_dir = Path(run_dir)
+    check_answer_device(device, "device")
     if not checked:
         check_run_folder(run_dir, allow_pickle, what)
     info = read_info(run_dir)

@@ -86,7 +86,8 @@ def parse_inference_combine(text: str, adapters: dict[str, str]) -> tuple[str, l
     try:
         parts = parse_combine(",".join(f"{a}={adapters[a]}:{w}" for a, _, w in (i.rpartition(":") for i in items)))
     except PeftFtError as e:  # fewer than two adapters, a name twice, weights adding up to 0
-        raise PeftFtError(f"--combine {text}: {str(e).removeprefix('--combine: ')}") from None
+        said = str(e).removeprefix("--combine: ").replace("NAME=RUN_DIR:WEIGHT", "ADAPTER:WEIGHT")  # merge's syntax, not ours
+        raise PeftFtError(f"--combine {text}: {said}") from None
     return name, parts
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft_ft.errors import PeftFtError
 from peft_ft.rundir.layout import read_recipe
 from peft_ft.rundir.load import load_run
 from peft_ft.tasks import TASKS
@@ -37,11 +38,61 @@ def pipeline(run_dir: str | Path, device: str = "cpu", **kwargs):
 
     `text-classification` runs get a stock transformers pipeline; NER runs get `WordTagger` (whole
     words, every word of a long text, as the evaluation decides them); QA and seq2seq runs get
-    `QuestionAnswerer` / `Generator`, because transformers 5 no longer has those pipelines. `kwargs` go
-    to `transformers.pipeline` (stock pipelines only), except `allow_pickle=True`, which lets a folder
-    holding pickle files load (see peft_ft.models.safety), and `trust_remote_code=True`, which lets the base
-    model's own Python code run (the run's recipe.toml cannot).
+    `QuestionAnswerer` / `Generator`, because transformers 5 no longer has those pipelines. Each is wrapped in
+    `RunPipeline`, which takes the inputs `peft-ft predict` takes. `kwargs` go to `transformers.pipeline` (stock
+    pipelines only), except `allow_pickle=True`, which lets a folder holding pickle files load (see
+    peft_ft.models.safety), and `trust_remote_code=True`, which lets the base model's own Python code run (the
+    run's recipe.toml cannot).
     """
-    model, tokenizer, info = load_run(run_dir, device, allow_pickle=kwargs.pop("allow_pickle", False),
-                                      trust_remote_code=kwargs.pop("trust_remote_code", False))
-    return TASKS[info["task"]].answers.build(model, tokenizer, read_recipe(Path(run_dir)), **kwargs)
+    if not isinstance(run_dir, (str, Path)) or not str(run_dir).strip():
+        raise PeftFtError(f"peft_ft.pipeline: run_dir is {run_dir!r}; give the path of a run folder")
+    switches = {key: kwargs.pop(key, False) for key in ("allow_pickle", "trust_remote_code")}
+    for key, value in switches.items():  # a safety switch only on a real True: the string "false" is truthy
+        if not isinstance(value, bool):
+            raise PeftFtError(f"peft_ft.pipeline: {key}={value!r}; it takes True or False")
+    model, tokenizer, info = load_run(run_dir, device, **switches)
+    recipe = read_recipe(Path(run_dir))
+    answers = TASKS[info["task"]].answers
+    try:
+        answerer = answers.build(model, tokenizer, recipe, **kwargs)
+    except TypeError as e:  # an option the family's callable does not take
+        raise PeftFtError(f"peft_ft.pipeline: {e}; the {info['task']} family takes no such option") from None
+    return RunPipeline(answerer, answers, recipe)
+
+
+class RunPipeline:
+    """A run's answering callable, taking what `peft-ft predict` takes: a text, a dict of a row's fields (`text`,
+    `text_pair` or the run's own column names, `tokens`, `question` and `context`...), or a list of them; each is
+    checked and turned into the family's input by the family's own `to_input`, so a malformed one is a PeftFtError
+    naming it. The answers are the family callable's own (a stock pipeline's `{"label", "score"}`, NER entities, QA
+    `{"answer", "score", "start", "end"}`, `[{"generated_text"}]`), for one input as for a list."""
+
+    def __init__(self, answerer, answers, recipe):
+        self.answerer, self.answers, self.recipe = answerer, answers, recipe
+
+    def __call__(self, inputs, batch_size: int = 32, **kwargs):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise PeftFtError(f"batch_size={batch_size!r}: give a whole number of 1 or more")
+        single = isinstance(inputs, (str, dict))
+        items = [inputs] if single else inputs
+        if not isinstance(items, (list, tuple)) or not items:
+            raise PeftFtError(f"inputs: expected a text, a dict of fields or a non-empty list of them, got {_shown(inputs)}")
+        converted = [self._input(item, f"input {i}") for i, item in enumerate(items, 1)]
+        # one input goes in alone: the family callable answers it in its own single-input shape (a stock
+        # text-classification pipeline gives [dict] for one text, as users of transformers expect)
+        return self.answerer(converted[0] if single else converted, batch_size=batch_size, **kwargs)
+
+    def _input(self, item, where: str):
+        if isinstance(item, str):
+            item = {"text": item}  # a plain text is the row {"text": ...}, as a text-lines file gives predict
+        if not isinstance(item, dict):
+            raise PeftFtError(f"{where}: expected a text or a dict of fields, got {_shown(item)}")
+        return self.answers.to_input(item, self.recipe, where)
+
+    def __getattr__(self, name):  # the family callable's own attributes (model, tokenizer, task ...)
+        return getattr(self.answerer, name)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from peft_ft.data.files import TaskData, json_record, lines_of, parsed_json, read_delimited, read_text
 from peft_ft.errors import DataError, PeftFtError
-from peft_ft.models.loading import quiet_transformers
+from peft_ft.models.loading import check_answer_device, quiet_transformers
 from peft_ft.recipe.schema import Recipe
 from peft_ft.rundir.layout import ADAPTER_CONFIG, read_info, read_recipe
 from peft_ft.rundir.load import base_location, check_run_folder, load_run
@@ -86,6 +86,7 @@ class AdapterSet:
         """`allow_pickle` and `trust_remote_code` are the caller's say-so (command-line flags), never read
         from the folders being loaded (peft_ft.models.safety)."""
         self.device, self.batch_size, self.allow_pickle = device, batch_size, allow_pickle
+        check_answer_device(device)
         for name, run_dir in adapters.items():  # every folder checked (no torch yet) before any model loads
             self._check(name, run_dir)
         quiet_transformers()
@@ -311,7 +312,17 @@ def read_inputs(path: str, fmt: str = "auto") -> tuple[list[dict], list[str]]:
         raise DataError(f"{path}: not a file (a folder or a device); give a JSONL, CSV, TSV or text file, or - for stdin")
     else:
         text = read_text(Path(path))
-    fmt = _input_format(path, fmt, text)
+    chosen = _input_format(path, fmt, text)
+    if path == "-" and fmt == "auto" and chosen == "text":  # stdin has no name to tell a table by: say what was assumed
+        print("<stdin>: read as text lines, one text each (a CSV or TSV table: pass --format csv or --format tsv)",
+              file=sys.stderr)
+    try:
+        return _parse_inputs(name, chosen, text)
+    except DataError as e:  # say how the format was chosen, and the other one the content looks like
+        raise DataError(f"{e}{_format_hint(path, fmt, chosen, text)}") from None
+
+
+def _parse_inputs(name: str, fmt: str, text: str) -> tuple[list[dict], list[str]]:
     if fmt == "text":
         numbered = [(n, {"text": line}) for n, line in enumerate(lines_of(text), 1) if line.strip()]
     elif fmt == "jsonl":
@@ -322,6 +333,20 @@ def read_inputs(path: str, fmt: str = "auto") -> tuple[list[dict], list[str]]:
     else:
         numbered = read_delimited(name, text, "," if fmt == "csv" else "\t")
     return [r for _, r in numbered], [f"{name}: line {n}" for n, _ in numbered]
+
+
+def _format_hint(path: str, given: str, chosen: str, text: str) -> str:
+    first = next((line for line in lines_of(text) if line.strip()), "").lstrip()
+    objects = sum(1 for line in lines_of(text) if line.lstrip().startswith("{"))
+    if chosen == "jsonl" and first.startswith("["):
+        return " (it holds a JSON list: pass --format json, or name the file .json)"
+    if chosen == "json" and objects > 1 and not first.startswith("["):
+        return " (one JSON object per line is JSONL: pass --format jsonl, or name the file .jsonl)"
+    if chosen == "json" and first.startswith("[") and re.match(r'\[\s*"', text.lstrip()):
+        return ' (a list of plain texts: give objects, [{"text": ...}, ...], or one text per line with --format text)'
+    if chosen == "jsonl" and given == "auto" and Path(path).suffix.lower() != ".jsonl":
+        return " (read as JSONL as its first line opens with '{': pass --format text to read each line as a text)"
+    return ""
 
 
 def _json_records(name: str, text: str) -> list[dict]:
@@ -388,7 +413,10 @@ def route(rows: list[dict], where: list[str], names: list[str], use: str | None,
         raise PeftFtError(f"{len(names)} adapters loaded ({', '.join(names)}): pick one with --use NAME, or per row with --adapter-field FIELD")
     picked = []
     for row, w in zip(rows, where):
-        value = row.get(field_name)
+        if field_name not in row:
+            raise DataError(f"{w}: no field {field_name!r} (--adapter-field) to pick the adapter by; give every row one of: "
+                            f"{', '.join(names)}")
+        value = row[field_name]
         if value not in names:
             raise DataError(f"{w}: field {field_name!r} is {value!r}; expected one of the adapters: {', '.join(names)}")
         picked.append(value)
@@ -431,6 +459,8 @@ def run_predict(adapter_args: list[str], input_path: str, fmt: str, use: str | N
     combined = parse_inference_combinations(list(combine), specs, how, density)  # names known before the rows are routed
     if output:
         check_writable(Path(output))  # before any model loads: a wrong path costs no minutes
+        if input_path != "-" and Path(output).is_file() and Path(input_path).is_file() and os.path.samefile(output, input_path):
+            raise PeftFtError(f"--output {output}: is the input file; the answers would replace the rows. Choose another path")
     rows, where = read_inputs(input_path, fmt)
     routes = route(rows, where, [*specs, *(name for name, _ in combined)], use, field_name)
     answers = []
@@ -444,7 +474,11 @@ def run_predict(adapter_args: list[str], input_path: str, fmt: str, use: str | N
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answers)
     if output:
         try:
-            write_atomic(Path(output), text)
+            if Path(output).exists() and not Path(output).is_file():  # /dev/stdout, a named pipe: written through, in place
+                with open(output, "w", encoding="utf-8") as stream:
+                    stream.write(text)
+            else:
+                write_atomic(Path(output), text)
         except OSError as e:
             raise PeftFtError(f"--output {output}: cannot write it ({e.strerror or e}); choose a path in a folder you can write") from None
     else:
