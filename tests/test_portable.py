@@ -114,14 +114,23 @@ def test_register_makes_a_hub_id_resolve_offline_and_keeps_real_copies(tmp_path,
     moved = shutil.copytree(tiny_bert, tmp_path / "moved")
     snapshot2, what = register(moved, TINY_ID, cache)
     assert what == "registered" and snapshot2 == snapshot and (snapshot / "config.json").resolve() == (moved / "config.json").resolve()
-    # a real cached copy (refs/main naming another snapshot) is left alone
+    # a real cached copy (refs/main naming another snapshot that loads) is left alone
     other = tmp_path / "hub2"
-    ref = other / f"models--{TINY_ID.replace('/', '--')}" / "refs" / "main"
-    ref.parent.mkdir(parents=True)
-    ref.write_text("a" * 40)
+    repo = other / f"models--{TINY_ID.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    shutil.copytree(tiny_bert, repo / "snapshots" / ("a" * 40))
     kept, what = register(tiny_bert, TINY_ID, other)
-    assert what.startswith("kept") and kept.name == "a" * 40 and not kept.exists()
-    assert ref.read_text() == "a" * 40
+    assert what.startswith("kept") and kept.name == "a" * 40
+    assert (repo / "refs" / "main").read_text() == "a" * 40
+    # one that loads nothing (links into a package since removed) is replaced: it was kept, and the id stayed broken
+    for f in (repo / "snapshots" / ("a" * 40)).iterdir():
+        f.unlink()
+        f.symlink_to(tmp_path / "gone" / f.name)
+    snapshot3, what = register(tiny_bert, TINY_ID, other)
+    assert what == f"registered (in place of snapshot {'a' * 12}, which held no loadable model)"
+    assert (repo / "refs" / "main").read_text() == snapshot3.name != "a" * 40
+    assert try_to_load_from_cache(TINY_ID, "config.json", cache_dir=other) == str(snapshot3 / "config.json")
 
 
 def test_register_embedded_command(tmp_path, monkeypatch, capsys):

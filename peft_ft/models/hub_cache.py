@@ -53,25 +53,38 @@ def snapshot_revision(folder: Path) -> str:
 
 def register(folder: Path, repo_id: str, cache_dir: Path | None = None) -> tuple[Path, str]:
     """Make `repo_id` resolve to the files of `folder` in the hub cache. Returns (snapshot folder,
-    what happened: "registered", "up to date" or "kept: ..." when a real cached copy is there)."""
+    what happened: "registered" (or "registered (in place of ...)" over a snapshot nothing loads from), "up to date",
+    or "kept: ..." when a real cached copy is there)."""
     cache_dir = Path(cache_dir or hub_cache_dir())
     repo = repo_folder(repo_id, cache_dir)
     revision = snapshot_revision(folder)
     ref = repo / "refs" / "main"
+    replacing = None
     if ref.is_file() and ref.read_text().strip() != revision:
         current = ref.read_text().strip()
-        return repo / "snapshots" / current, f"kept: {repo_id} is already cached (snapshot {current[:12]}), not ours to replace"
+        if _loads(repo / "snapshots" / current):
+            return repo / "snapshots" / current, f"kept: {repo_id} is already cached (snapshot {current[:12]}), not ours to replace"
+        # links into a package that is gone (an older install), or an interrupted download: nothing loads from it
+        replacing = current
     snapshot = repo / "snapshots" / revision
     try:
         changed = _link_files(folder, snapshot)
         ref.parent.mkdir(parents=True, exist_ok=True)
-        if not ref.is_file():
+        if not ref.is_file() or replacing:
             _write_atomic(ref, revision)
             changed = True
     except OSError as e:
         raise PeftFtError(f"cannot register {repo_id} in the hub cache {cache_dir} ({e.strerror or e}); "
                           f"set HF_HUB_CACHE (or HF_HOME) to a folder you can write") from None
+    if replacing:
+        return snapshot, f"registered (in place of snapshot {replacing[:12]}, which held no loadable model)"
     return snapshot, "registered" if changed else "up to date"
+
+
+def _loads(snapshot: Path) -> bool:
+    """A snapshot a model loads from: its config.json and safetensors weights are there (symlinks followed)."""
+    return (snapshot / "config.json").is_file() and any((snapshot / f).is_file() for f in
+                                                         ("model.safetensors", "model.safetensors.index.json"))
 
 
 def _link_files(folder: Path, snapshot: Path) -> bool:
