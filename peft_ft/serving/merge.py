@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
+from peft_ft.methods import METHODS
 from peft_ft.models.integrity import read_json_object
 from peft_ft.models.safety import check_no_pickle
 from peft_ft.rundir.card import merged_card
@@ -36,13 +37,13 @@ def check_mergeable(run_dir: Path, info: dict) -> None:
             f"a plain transformers model (config.json, model.safetensors, tokenizer); load it with "
             f"{info['auto_class']}.from_pretrained or copy it, there is no adapter to merge"
         )
-    from peft import PeftConfig
-
-    read_json_object(run_dir / "adapter_config.json", "an adapter run folder holds adapter_config.json")  # peft's own reader raises bare JSON errors
-    config = PeftConfig.from_pretrained(str(run_dir))
-    if config.is_prompt_learning:
+    config = read_json_object(run_dir / "adapter_config.json", "an adapter run folder holds adapter_config.json")
+    # The method's registry entry, not peft's config class: importing peft (seconds) delayed every refusal after it,
+    # a missing base among them, by that much.
+    method = METHODS.get(info["method"])
+    if method is not None and method.prompt_learning:
         raise PeftFtError(
-            f"{run_dir}: method {info['method']!r} ({getattr(config.peft_type, 'value', config.peft_type)}) cannot be merged: it learns virtual tokens that are "
+            f"{run_dir}: method {info['method']!r} ({config.get('peft_type', '?')}) cannot be merged: it learns virtual tokens that are "
             f"fed to the model with every input, not a change to existing weights, so there is nothing to fold into the base. "
             f"Serve it as an adapter (peft-ft predict / serve) instead"
         )
