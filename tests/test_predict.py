@@ -171,6 +171,20 @@ def test_a_format_mistake_says_how_the_format_was_chosen_and_what_to_pass(tmp_pa
     assert str(refused.value).startswith(f"{path}: ") and hint in str(refused.value), str(refused.value)
 
 
+def test_a_named_pipe_is_read_as_a_file(tmp_path):
+    """`predict <(zcat rows.jsonl.gz)` gives a pipe's path: it was refused as "a folder or a device"."""
+    import os
+    import threading
+
+    fifo = tmp_path / "rows"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text('{"text": "good"}\n{"text": "bad"}\n'))
+    writer.start()
+    rows, where = read_inputs(str(fifo))
+    writer.join()
+    assert rows == [{"text": "good"}, {"text": "bad"}] and where == [f"{fifo}: line 1", f"{fifo}: line 2"]
+
+
 def test_output_onto_the_input_file_is_refused_and_the_input_kept(runs, tmp_path, capsys):
     """`--output rows.jsonl rows.jsonl` exited 0 with the rows replaced by their answers."""
     from peft_ft.cli import main

@@ -308,7 +308,7 @@ def read_inputs(path: str, fmt: str = "auto") -> tuple[list[dict], list[str]]:
         text = _stdin_text()
     elif not Path(path).exists():
         raise DataError(f"{path}: input file not found")
-    elif not Path(path).is_file():
+    elif not Path(path).is_file() and not Path(path).is_fifo():  # a pipe is read as a file: `predict <(zcat rows.gz)`
         raise DataError(f"{path}: not a file (a folder or a device); give a JSONL, CSV, TSV or text file, or - for stdin")
     else:
         text = read_text(Path(path))
