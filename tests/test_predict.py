@@ -247,3 +247,5 @@ def test_not_a_run_folder_is_named(tmp_path):
         AdapterSet({"x": tmp_path})
     with pytest.raises(PeftFtError, match="name 'a.b' may use only"):
         parse_adapter_args([f"a.b={tmp_path}"])
+    with pytest.raises(PeftFtError, match="--adapter g=: no run folder after '='"):
+        parse_adapter_args(["g="])

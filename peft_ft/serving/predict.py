@@ -70,6 +70,8 @@ def parse_adapter_args(values: list[str]) -> dict[str, str]:
             name, path = read_info(value).get("run_name", Path(value).name), value
         if not NAME.fullmatch(name):  # fullmatch: `$` would let a trailing newline through
             raise PeftFtError(f"--adapter {value}: name {name!r} may use only letters, digits, '_' and '-'")
+        if not path.strip():  # Path("") is ".", which was then named as the folder that is no run folder
+            raise PeftFtError(f"--adapter {value}: no run folder after '='; give NAME=RUN_DIR")
         if name in adapters:
             raise PeftFtError(f"--adapter {value}: the name {name!r} is given twice; give each adapter its own NAME=DIR")
         adapters[name] = path
