@@ -504,6 +504,23 @@ def test_a_resumed_run_goes_on_in_its_own_tracker_run(tmp_path, tiny_bert, data)
     assert runs[0].data.params["train.epochs"] == "2"  # logged once, at the start
 
 
+def test_a_reopened_mlflow_run_skips_only_the_points_it_already_holds(monkeypatch):
+    """Skipping every value at or below the highest step logged lost a killed process's last evaluation: it logged
+    step 8's loss, died evaluating step 8, and the resume's validation numbers at 8 (and its best/ scores) were dropped."""
+    from accelerate.tracking import MLflowTracker
+
+    from peft_ft.engine.accelerator import _reopened_mlflow
+
+    logged = []
+    monkeypatch.setattr(MLflowTracker, "log", lambda self, values, step=None, **kwargs: logged.append((values, step)))
+    tracker = object.__new__(_reopened_mlflow())
+    tracker.logged_until = {"train/loss": 8, "validation/f1": 4}
+    tracker.log({"train/loss": 0.5, "validation/f1": 0.7}, step=8)
+    tracker.log({"train/loss": 0.4}, step=7)
+    tracker.log({"train/loss": 0.3, "best/test/f1": 0.6}, step=9)
+    assert logged == [({"validation/f1": 0.7}, 8), ({"train/loss": 0.3, "best/test/f1": 0.6}, 9)]
+
+
 def test_settings_the_runs_step_count_leaves_idle_are_named_at_the_start(tmp_path, tiny_bert, data):
     """Patience of 5 over 2 epoch-end evaluations could never stop the run: it trained to the end without a word."""
     from peft_ft.engine.run import run

@@ -219,19 +219,22 @@ def _reopened_mlflow():
     from accelerate.tracking import MLflowTracker
 
     class ReopenedMLflow(MLflowTracker):
-        logged_until = 0
+        logged_until: dict = {}  # metric -> the last step the reopened run holds it at
 
         def start(self):
             super().start()
             import mlflow
 
             client, run_id = mlflow.MlflowClient(), self.active_run.info.run_id
-            self.logged_until = max((m.step for key in client.get_run(run_id).data.metrics
-                                     for m in client.get_metric_history(run_id, key)), default=0)
+            self.logged_until = {key: max(m.step for m in client.get_metric_history(run_id, key))
+                                 for key in client.get_run(run_id).data.metrics}
 
         def log(self, values: dict, step: int | None = None, **kwargs):
-            if step is None or step > self.logged_until:
-                super().log(values, step=step, **kwargs)
+            # per metric: the killed process may have logged step S's loss and died in S's evaluation, whose
+            # numbers the resume must still log
+            fresh = values if step is None else {k: v for k, v in values.items() if step > self.logged_until.get(k, -1)}
+            if fresh:
+                super().log(fresh, step=step, **kwargs)
 
     return ReopenedMLflow
 
