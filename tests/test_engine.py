@@ -521,6 +521,35 @@ def test_a_reopened_mlflow_run_skips_only_the_points_it_already_holds(monkeypatc
     assert logged == [({"validation/f1": 0.7}, 8), ({"train/loss": 0.3, "best/test/f1": 0.6}, 9)]
 
 
+def test_trackers_that_cannot_start_are_refused_before_the_run_folder(tmp_path, monkeypatch):
+    """An MLflow server that is down took MLflow four minutes of retries, then a traceback and a half-made run folder;
+    wandb online without a key and a user's own MLflow file store (refused by MLflow 3) were tracebacks too."""
+    import socket
+
+    from peft_ft.engine.accelerator import _local_store, _tracker_failure, check_tracking
+    from peft_ft.errors import PeftFtError
+
+    recipe = build_recipe({"data": {"train": "t.jsonl"}, "train": {"report_to": ["mlflow", "wandb"]}}, "r.toml")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(PeftFtError, match=rf"r.toml: train.report_to: the MLflow server at MLFLOW_TRACKING_URI=http://127.0.0.1:{port} does not answer"):
+        check_tracking(recipe)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    (tmp_path / "netrc").write_text("")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(PeftFtError, match=r"WANDB_MODE=online, but no wandb API key"):
+        check_tracking(recipe)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    check_tracking(recipe)
+    assert _local_store("./mlruns") and _local_store("file:///tmp/m") and not _local_store("http://host:5000") and not _local_store(None)
+    assert _tracker_failure(RuntimeError("boom"), recipe).startswith("r.toml: train.report_to: a tracker (mlflow, wandb) could not start (boom)")
+
+
 def test_settings_the_runs_step_count_leaves_idle_are_named_at_the_start(tmp_path, tiny_bert, data):
     """Patience of 5 over 2 epoch-end evaluations could never stop the run: it trained to the end without a word."""
     from peft_ft.engine.run import run

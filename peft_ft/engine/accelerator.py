@@ -186,6 +186,9 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path, resumed_at: int |
                         **({"id": ids["wandb"], "resume": "allow"} if "wandb" in ids else {})}}
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
+        if "mlflow" in recipe.train.report_to and _local_store(os.environ.get("MLFLOW_TRACKING_URI")):
+            # the user's own file store: MLflow 3 refuses it as it would ours, unless this opt-out is set
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         if "mlflow" in recipe.train.report_to and "MLFLOW_TRACKING_URI" not in os.environ:
             import mlflow
 
@@ -199,15 +202,74 @@ def start_tracking(accelerator, recipe: Recipe, run_dir: Path, resumed_at: int |
     # Built here rather than named to Accelerator(log_with=...): accelerate wants the logging folder
     # when the Accelerator is made, before the main process has made the run folder.
     classes = {**LOGGER_TYPE_TO_CLASS, **({"mlflow": _reopened_mlflow()} if "mlflow" in ids else {})}
-    accelerator.log_with = [classes[n](name, **kwargs[n]) for n in recipe.train.report_to]
-    # The hyperparameters once: MLflow refuses a changed value (a resume that raised train.epochs) in a run it reopens.
-    accelerator.init_trackers(name, config=None if ids else _flat_config(recipe))
+    try:
+        accelerator.log_with = [classes[n](name, **kwargs[n]) for n in recipe.train.report_to]
+        # The hyperparameters once: MLflow refuses a changed value (a resume that raised train.epochs) in a run it reopens.
+        accelerator.init_trackers(name, config=None if ids else _flat_config(recipe))
+    except Exception as e:  # a server down, no wandb login, a store MLflow refuses: said before any training
+        raise PeftFtError(_tracker_failure(e, recipe)) from None
     if accelerator.is_main_process:
         _save_tracker_ids(accelerator, folder)
     log.info("tracking: %s under %s%s", ", ".join(recipe.train.report_to), folder, " (continuing its runs)" if ids else "")
 
 
 TRACKER_IDS = "ids.json"  # under tracking/: the tracker runs of this run folder, which `--resume` continues
+
+
+def check_tracking(recipe: Recipe) -> None:
+    """What keeps a tracker from starting, found before a run folder exists (`run` and `validate`): an MLflow server
+    that does not answer (MLflow retried for four minutes before failing), wandb online without an API key."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if "mlflow" in recipe.train.report_to and uri.startswith(("http://", "https://")) and not _answers(uri):
+        raise PeftFtError(f"{recipe.source}: train.report_to: the MLflow server at MLFLOW_TRACKING_URI={uri} does not "
+                          f"answer; start it, or unset MLFLOW_TRACKING_URI to log into the run folder")
+    if ("wandb" in recipe.train.report_to and os.environ.get("WANDB_MODE", "offline") == "online"
+            and not os.environ.get("WANDB_API_KEY") and not _wandb_login()):
+        raise PeftFtError(f"{recipe.source}: train.report_to: WANDB_MODE=online, but no wandb API key (WANDB_API_KEY, or "
+                          f"`wandb login`); log in, or leave WANDB_MODE unset to log offline into the run folder")
+
+
+def _answers(url: str, timeout: float = 3.0) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout).close()
+        return True
+    except urllib.error.HTTPError:  # any status is an answer
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _wandb_login() -> bool:
+    """wandb keeps its key in ~/.netrc (or $NETRC) under its API host."""
+    import netrc
+
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _local_store(uri: str | None) -> bool:
+    """A tracking URI that names a folder (a path, or file://) rather than a server or a database."""
+    return bool(uri) and ("://" not in uri or uri.startswith("file:"))
+
+
+def _tracker_failure(error: Exception, recipe: Recipe) -> str:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    module = type(error).__module__.split(".")[0]
+    if module == "mlflow" or (module != "wandb" and recipe.train.report_to == ["mlflow"]):
+        where = os.environ.get("MLFLOW_TRACKING_URI")
+        hint = (f"check MLFLOW_TRACKING_URI (now {where}): the server must be up, or unset it to log into the run folder"
+                if where else "check that the run folder is writable")
+        return f"{recipe.source}: train.report_to: MLflow could not start ({first}); {hint}"
+    if module == "wandb" or recipe.train.report_to == ["wandb"]:
+        return (f"{recipe.source}: train.report_to: wandb could not start ({first}); WANDB_MODE=offline (peft-ft's "
+                f"default when it is unset) logs without an account, or run `wandb login`")
+    return f"{recipe.source}: train.report_to: a tracker ({', '.join(recipe.train.report_to)}) could not start ({first})"
 
 
 def _reopened_mlflow():

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from peft_ft.data.files import TaskData, resolve_data_dir
 from peft_ft.engine import checkpoint, distributed
-from peft_ft.engine.accelerator import (finish_tracking, gathered_state_dict, is_sharded, make_accelerator, start_tracking,
-                                        unwrapped)
+from peft_ft.engine.accelerator import (check_tracking, finish_tracking, gathered_state_dict, is_sharded, make_accelerator,
+                                        start_tracking, unwrapped)
 from peft_ft.engine.device import check_device, setup_torch
 from peft_ft.engine.precision import FrozenBf16, frozen_bf16, native_bf16_cpu
 from peft_ft.engine.train import Checkpointed, TrainHooks, steps_per_epoch, track, train
@@ -221,6 +221,7 @@ def preflight(recipe: Recipe, data_dir: str | None, new_run: bool = True, quick:
         method.preflight(location, recipe, task.auto_class, task.peft_task_type)
 
     check_device(recipe)
+    check_tracking(recipe)
     resolved_dir = None if recipe.data.hub else resolve_data_dir(recipe, data_dir)
     data = task.load(recipe, resolved_dir)
     task.check_tokens(data, location, recipe)
