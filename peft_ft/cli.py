@@ -9,26 +9,29 @@ import os
 import sys
 
 from peft_ft.engine.distributed import is_main, world
-from peft_ft.errors import PeftFtError
+from peft_ft.errors import PeftFtError, Terminated
 from peft_ft.storage import machine_problem
 from peft_ft.version import __version__
 
 
 def cmd_run(args) -> int:
     from peft_ft.engine.run import resume, run
+    from peft_ft.engine.train import sigterm_as_interrupt
     from peft_ft.recipe.load import load_recipe
 
     if args.resume:
         if args.recipe or args.set:
             raise PeftFtError("--resume RUN_DIR continues with the run's own recipe.toml: give no recipe and no --set")
-        run_dir = resume(args.resume, data_dir=args.data_dir, trust_remote_code=args.trust_remote_code)
+        with sigterm_as_interrupt():  # SIGTERM while loading or saving ends through the run's handlers, as Ctrl-C
+            run_dir = resume(args.resume, data_dir=args.data_dir, trust_remote_code=args.trust_remote_code)
     elif not args.recipe:
         raise PeftFtError("give a recipe (peft-ft run recipes/NAME.toml) or --resume RUN_DIR")
     elif args.trust_remote_code:  # a new run follows its recipe's key; a flag doing nothing would mislead
         raise PeftFtError("--trust-remote-code is for --resume; a new run follows the recipe: set model.trust_remote_code = true "
                           "in it (or --set model.trust_remote_code=true)")
     else:
-        run_dir = run(load_recipe(args.recipe, args.set), data_dir=args.data_dir)
+        with sigterm_as_interrupt():
+            run_dir = run(load_recipe(args.recipe, args.set), data_dir=args.data_dir)
     if is_main():  # under torchrun every process returns here; one line is enough
         print(f"done: {run_dir}")
     return 0
@@ -355,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number, as the shell reports it
     except BrokenPipeError:
         # The reader of our output went away (`peft-ft explain | head`): not an error of ours. Point stdout at
         # /dev/null so that Python's flush at exit does not raise a second time (Python's documented recipe).

@@ -22,3 +22,10 @@ class RecipeError(PeftFtError):
 
 class DataError(PeftFtError):
     """A data file is missing, unreadable, or has a bad row."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's, `kill`'s) while a run loads, evaluates or saves: it unwinds as Ctrl-C does, so
+    the run ends through its handlers (logged, its tracker runs marked KILLED, a folder with nothing in it removed)
+    instead of vanishing; the CLI then exits 143, as a process ended by SIGTERM does. In the training loop itself
+    SIGTERM asks for a checkpoint first (peft_ft.engine.train)."""

@@ -550,6 +550,25 @@ def test_trackers_that_cannot_start_are_refused_before_the_run_folder(tmp_path, 
     assert _tracker_failure(RuntimeError("boom"), recipe).startswith("r.toml: train.report_to: a tracker (mlflow, wandb) could not start (boom)")
 
 
+@pytest.mark.parametrize("signal_name, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_while_the_model_loads_ends_the_run_through_its_handlers_and_leaves_no_folder(tmp_path, tiny_bert, data,
+                                                                                            signal_name, code):
+    """SIGTERM outside the training loop killed the process at once (tracker runs RUNNING for good, nothing logged);
+    Ctrl-C there left a folder with only recipe.toml and train.log, which --resume could never go on from."""
+    import subprocess
+    import sys
+
+    recipe = recipe_file(tmp_path, tiny_bert, data, {"report_to": ["mlflow"]})
+    script = ("import os, signal, sys, time\nimport peft_ft.engine.run as run\nfrom peft_ft.cli import main\n"
+              "def loading(*args, **kwargs):\n"
+              f"    os.kill(os.getpid(), signal.{signal_name})\n    time.sleep(30)\n"
+              "run.build_model = loading\nsys.exit(main(['run', sys.argv[1]]))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(recipe)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == code, done.stderr[-2000:]
+    assert "interrupted: no checkpoint had been written yet; start the run again" in done.stdout + done.stderr
+    assert not (tmp_path / "runs" / "e").exists()  # the folder, and the recipe's folder it alone was in, are gone
+
+
 def test_settings_the_runs_step_count_leaves_idle_are_named_at_the_start(tmp_path, tiny_bert, data):
     """Patience of 5 over 2 epoch-end evaluations could never stop the run: it trained to the end without a word."""
     from peft_ft.engine.run import run

@@ -94,10 +94,10 @@ def run(recipe: Recipe, data_dir: str | None = None, hooks: TrainHooks | None = 
         try:
             _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=None,
                     accelerator=accelerator, hooks=hooks)
-        except (PeftFtError, OSError) as e:
-            # Refused, or the disk failed, before anything worth keeping (a model/method misfit found while
-            # building): no orphan folder holding only recipe.toml and train.log. With a checkpoint, the run can be
-            # resumed: kept.
+        except (PeftFtError, OSError, KeyboardInterrupt) as e:
+            # Refused, the disk failed, or Ctrl-C / SIGTERM came, before anything worth keeping (a model/method misfit
+            # found while building; an interrupted model load): no orphan folder holding only recipe.toml and
+            # train.log, which --resume could never go on from. With a checkpoint, the run can be resumed: kept.
             if distributed.is_main() and not checkpoint.listed(run_dir) and not any(run_dir.glob("*.safetensors")):
                 problem = machine_problem(e) if isinstance(e, OSError) else None  # told before the folder frees its inodes
                 _discard(run_dir)

@@ -28,7 +28,7 @@ import resource
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,7 +37,7 @@ from peft_ft.data.batching import pad_batch, train_batches
 from peft_ft.engine import checkpoint, distributed
 from peft_ft.engine.accelerator import fit_deepspeed_batch, fit_deepspeed_dtypes, fit_fsdp_wrapping, is_sharded, make_accelerator, notes
 from peft_ft.engine.precision import precision_label
-from peft_ft.errors import PeftFtError
+from peft_ft.errors import PeftFtError, Terminated
 from peft_ft.kernels.allocator import keep_freed_memory, release_freed_memory
 from peft_ft.log import console
 from peft_ft.methods import METHODS, TrainingStart
@@ -401,6 +401,24 @@ def _numerical_error(value: float, step: int, epoch: int, lr: float, t, run_dir:
         f"applied and {kept}. Hint: lower train.lr (or raise train.warmup, now {t.warmup}), keep train.grad_clip on "
         f"(now {t.grad_clip}), and look for empty or extreme rows in the training data; then start a new run."
     )
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises `Terminated` for the duration (main thread only: signal handlers live there); the training
+    loop's own handler takes over inside it and gives this one back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Checkpointed(KeyboardInterrupt):
