@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -154,7 +152,9 @@ def test_prune_keeps_the_newest_and_never_the_best(tmp_path):
     removed = checkpoint.prune(tmp_path, keep=2, protect="step-0000003")
     assert removed == ["step-0000006", "step-0000008"]
     assert [p.name for p in checkpoint.listed(tmp_path)] == ["step-0000003", "step-0000009", "step-0000012"]
-    checkpoint.clean_partial(tmp_path)
+    from peft_ft.rundir.layout import clean_stale_saves
+
+    assert clean_stale_saves(tmp_path) == ["checkpoints/.saving-x"]
     assert not (tmp_path / "checkpoints" / ".saving-x").exists()
 
 

@@ -5,7 +5,6 @@ killed save left behind is cleaned."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -197,10 +196,14 @@ def test_a_new_run_cleans_stale_saves_of_earlier_runs_not_in_use(tmp_path):
     for folder in (idle, busy):
         (folder / ".saving-abc").mkdir(parents=True)
         (folder / "adapter_model.safetensors").write_bytes(b"x")
+    killed = tmp_path / "r" / "20260101-000002"  # killed while writing a checkpoint: its partial one was kept for good
+    (killed / "checkpoints" / ".saving-xyz").mkdir(parents=True)
+    (killed / "checkpoints" / "step-0000002").mkdir()
     with RunDirLock(busy):
         removed = clean_stale_siblings(recipe)
-    assert removed == [f"{idle}/.saving-abc"]
+    assert removed == [f"{idle}/.saving-abc", f"{killed}/checkpoints/.saving-xyz"]
     assert (busy / ".saving-abc").is_dir() and (idle / "adapter_model.safetensors").is_file()
+    assert (killed / "checkpoints" / "step-0000002").is_dir()
 
 
 def test_a_key_newer_than_the_run_counts_as_unchanged_at_its_default():
@@ -215,3 +218,18 @@ def test_a_key_newer_than_the_run_counts_as_unchanged_at_its_default():
     assert recipe_changes(recorded, recipe) == []
     changed = build_recipe({"data": {"train": "t.jsonl"}, "train": {"pad_to_multiple_of": 8}}, "r.toml")
     assert recipe_changes(recorded, changed) == ["train.pad_to_multiple_of: was None, now 8"]
+
+
+def test_resume_after_the_data_folder_moved_asks_for_its_new_place(killed, tmp_path):
+    """The message named the original recipe file (a resume does not read it), said "(--data-dir)" though none was
+    given, and began with advice that fails (data.dir in the run's recipe.toml is refused as a change)."""
+    run_dir = copy_of(killed, tmp_path)
+    newest = checkpoint.listed(run_dir)[-1]
+    state = json.loads((newest / checkpoint.STATE).read_text())
+    _state(newest, run={**state["run"], "data_dir": str(tmp_path / "moved-away")})
+    done = resume_cli(run_dir)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert (f"--resume {run_dir}: the data folder this run trained on, {tmp_path / 'moved-away'}, is not there any more; "
+            f"give its new place with --data-dir") in done.stderr, done.stderr
+    data = shutil.copytree(killed.parent.parent.parent / "data", tmp_path / "data")
+    assert resume_with_data(run_dir, data).returncode == 0

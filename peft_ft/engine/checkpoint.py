@@ -216,14 +216,6 @@ def prune(run_dir: Path, keep: int, protect: str | None) -> list[str]:
     return removed
 
 
-def clean_partial(run_dir: Path) -> None:
-    """Remove hidden folders a killed save left behind."""
-    root = Path(run_dir) / CHECKPOINTS
-    for p in root.glob(".*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-
-
 # --- optimizer and RNG state as safetensors + JSON (no pickles) ---------------------------------
 
 

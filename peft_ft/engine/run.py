@@ -147,10 +147,14 @@ def _resume_locked(run_dir: Path, data_dir: str | None, trust_remote_code: bool)
     check_unchanged(run_dir, recipe, state)
     recipe = remote_code(recipe, trust_remote_code, str(run_dir))
     task, method = TASKS[recipe.task.type], METHODS[recipe.adapter.method]
-    location, data, resolved_dir = preflight(recipe, data_dir or state.get("data_dir"), new_run=False)
+    saved_dir = state.get("data_dir")
+    if not data_dir and saved_dir and not Path(saved_dir).is_dir():
+        # the run's own data folder, recorded at its start: its recipe's data.dir cannot be changed (check_unchanged)
+        raise PeftFtError(f"--resume {run_dir}: the data folder this run trained on, {saved_dir}, is not there any more; "
+                          f"give its new place with --data-dir (the files must be the same)")
+    location, data, resolved_dir = preflight(recipe, data_dir or saved_dir, new_run=False)
     check_same_data(run_dir, state, data)
-    checkpoint.clean_partial(run_dir)
-    for stale in clean_stale_saves(run_dir):
+    for stale in clean_stale_saves(run_dir):  # partial checkpoints and saves a killed process left
         log.info("removed %s, left by a save that was killed", stale)
     _run_in(run_dir, recipe, task, method, location, data, resolved_dir, resume_from=saved[-1],
             accelerator=make_accelerator(recipe))

@@ -187,17 +187,24 @@ def in_use(run_dir: Path) -> bool:
         return False
 
 
+def _stale(run_dir: Path) -> list[Path]:
+    """What a killed save left: hidden `.saving-*` folders (a save_pretrained cut short), `.NAME.*.tmp` files (a
+    write_atomic cut short), and hidden folders in checkpoints/ (a checkpoint cut short: with full fine-tuning, a
+    model and its optimizer state)."""
+    found = [p for p in Path(run_dir).glob(".*") if (p.is_dir() and p.name.startswith(".saving-"))
+             or (p.is_file() and p.name.endswith(".tmp"))]
+    return found + [p for p in (Path(run_dir) / CHECKPOINTS).glob(".*") if p.is_dir()]
+
+
 def clean_stale_saves(run_dir: Path) -> list[str]:
-    """Remove what a killed save left in a run folder nobody works in: hidden `.saving-*` folders (a
-    save_pretrained cut short) and `.NAME.*.tmp` files (a write_atomic cut short). Returns their names."""
+    """Remove what a killed save left (`_stale`) in a run folder nobody works in. Returns their paths in it."""
     removed = []
-    for p in Path(run_dir).glob(".*"):
-        if p.is_dir() and p.name.startswith(".saving-"):
+    for p in _stale(run_dir):
+        if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-        elif p.is_file() and p.name.endswith(".tmp"):
+        else:
             p.unlink(missing_ok=True)
-            removed.append(p.name)
+        removed.append(str(p.relative_to(run_dir)))
     return removed
 
 
@@ -207,7 +214,7 @@ def clean_stale_siblings(recipe: Recipe) -> list[str]:
     removed = []
     if parent.is_dir():
         for run_dir in sorted(p for p in parent.iterdir() if p.is_dir()):
-            if any(run_dir.glob(".saving-*")) and not in_use(run_dir):
+            if _stale(run_dir) and not in_use(run_dir):
                 removed += [f"{run_dir}/{name}" for name in clean_stale_saves(run_dir)]
     return removed
 
