@@ -594,13 +594,16 @@ def test_a_max_steps_past_the_epochs_and_a_batch_past_the_data_are_named():
     assert _idle_settings(SimpleNamespace(**{**vars(t), "max_steps": 2}), total=2, per_epoch=1, validated=True, rows=32) == []
 
 
-def test_a_plain_cpu_run_does_not_import_deepspeed(tmp_path, tiny_bert, data):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_plain_cpu_run_does_not_import_deepspeed(tmp_path, tiny_bert, data, method):
     """accelerate's unwrap_model imports DeepSpeed whenever it is installed (the [test] extra), which printed
-    "[WARNING] ... Setting accelerator to CPU. If you have GPU ..." into every one-process run's output."""
+    "[WARNING] ... Setting accelerator to CPU. If you have GPU ..." into every one-process run's output; a full
+    fine-tuning's save reached it through transformers' save_pretrained."""
     import subprocess
     import sys
 
     recipe = recipe_file(tmp_path, tiny_bert, data, {"epochs": 1})
+    recipe.write_text(recipe.read_text() + f'\n[adapter]\nmethod = "{method}"\n')  # recipe_file writes no [adapter]
     code = ("import sys; from peft_ft.cli import main; code = main(['run', sys.argv[1]]); "
             "print('deepspeed imported:', 'deepspeed' in sys.modules); sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -12,9 +12,11 @@ What stays ours: the batches (peft_ft.data.batching), how a batch is shared betw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from peft_ft.engine import distributed
@@ -362,6 +364,25 @@ def unwrapped(accelerator, model):
     `unwrap_model` would import DeepSpeed whenever it is installed (the [test] extra), which prints its
     "Setting accelerator to CPU" warning into every CPU run's output."""
     return model if accelerator.distributed_type.value == "NO" else accelerator.unwrap_model(model)
+
+
+@contextlib.contextmanager
+def deepspeed_left_out(accelerator):
+    """transformers' `save_pretrained` (a full fine-tuning's save) unwraps the model through accelerate's
+    `extract_model_from_parallel`, which imports DeepSpeed whenever it is installed, for its engine class, and
+    DeepSpeed prints "Setting accelerator to CPU" on import. A run that is not under DeepSpeed holds no such engine:
+    for the save, accelerate is told DeepSpeed is not there."""
+    import accelerate.utils.other as other
+
+    if accelerator.distributed_type.value == "DEEPSPEED" or "deepspeed" in sys.modules:
+        yield
+        return
+    real = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = real
 
 
 def gathered_state_dict(accelerator, model) -> dict | None:

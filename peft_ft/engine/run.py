@@ -17,8 +17,8 @@ from pathlib import Path
 
 from peft_ft.data.files import TaskData, resolve_data_dir
 from peft_ft.engine import checkpoint, distributed
-from peft_ft.engine.accelerator import (check_tracking, finish_tracking, gathered_state_dict, is_sharded, make_accelerator,
-                                        start_tracking, unwrapped)
+from peft_ft.engine.accelerator import (check_tracking, deepspeed_left_out, finish_tracking, gathered_state_dict, is_sharded,
+                                        make_accelerator, start_tracking, unwrapped)
 from peft_ft.engine.device import check_device, setup_torch
 from peft_ft.engine.precision import FrozenBf16, frozen_bf16, native_bf16_cpu
 from peft_ft.engine.train import Checkpointed, TrainHooks, steps_per_epoch, track, train
@@ -412,8 +412,9 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
     if not distributed.is_main():
         return
 
-    weight_files = save_model(unwrapped(accelerator, model), tokenizer, method.is_adapter, run_dir, recipe.model.max_length,
-                              state_dict)
+    with deepspeed_left_out(accelerator):
+        weight_files = save_model(unwrapped(accelerator, model), tokenizer, method.is_adapter, run_dir, recipe.model.max_length,
+                                  state_dict)
     info = {
         "peft_ft_version": __version__,
         "run_name": recipe.output.name or Path(recipe.source).stem,
