@@ -48,6 +48,8 @@ def test_ner_pipeline_groups_entities_with_real_tag_names(tmp_path, tiny_bert):
 def test_the_pipeline_takes_the_rows_predict_takes(trained, tmp_path, tiny_bert):
     """A dict row was iterated as a list of words: the NER pipeline tagged its keys ("tokens", "text"), seq2seq
     generated from each key. Rows now go through the family's own to_input, as in predict."""
+    import copy
+
     import peft_ft
 
     ner = peft_ft.pipeline(train_ner(tmp_path, tiny_bert))
@@ -57,6 +59,7 @@ def test_the_pipeline_takes_the_rows_predict_takes(trained, tmp_path, tiny_bert)
     assert ner(["john works in berlin .", {"text": "mary lives in paris ."}])[0] == by_text
     pipe = peft_ft.pipeline(trained)
     assert pipe({"text": TEXTS[0]}) == pipe(TEXTS[0]) and pipe([{"text": t} for t in TEXTS]) == pipe(TEXTS)
+    assert copy.copy(pipe).model is pipe.model  # the stock pipeline's attributes reach through, copies included
 
 
 @pytest.mark.parametrize("inputs, message", [

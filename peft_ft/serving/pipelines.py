@@ -90,6 +90,8 @@ class RunPipeline:
         return self.answers.to_input(item, self.recipe, where)
 
     def __getattr__(self, name):  # the family callable's own attributes (model, tokenizer, task ...)
+        if name == "answerer":  # not set yet (copy and pickle make the object without __init__): no recursion
+            raise AttributeError(name)
         return getattr(self.answerer, name)
 
 
