@@ -559,7 +559,9 @@ def test_a_signal_while_the_model_loads_ends_the_run_through_its_handlers_and_le
     import sys
 
     recipe = recipe_file(tmp_path, tiny_bert, data, {"report_to": ["mlflow"]})
-    script = ("import os, signal, sys, time\nimport peft_ft.engine.run as run\nfrom peft_ft.cli import main\n"
+    # SIGINT's Python handler, as in a terminal: a process started under pytest-xdist inherits SIGINT ignored
+    script = ("import os, signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              "import peft_ft.engine.run as run\nfrom peft_ft.cli import main\n"
               "def loading(*args, **kwargs):\n"
               f"    os.kill(os.getpid(), signal.{signal_name})\n    time.sleep(30)\n"
               "run.build_model = loading\nsys.exit(main(['run', sys.argv[1]]))\n")
