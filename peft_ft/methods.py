@@ -728,11 +728,12 @@ def default_target_shapes(config: dict, model_type: str) -> list[tuple[str, int,
         return None
 
 
-def _divides(key: str, size: int, *, outputs: bool = False):
-    """A rule: `size` (adapter.<key>) divides every adapted layer's input (and output) size."""
+def _divides(key: str, *, outputs: bool = False):
+    """A rule: adapter.<key> divides every adapted layer's input (and output) size."""
     def rule(shapes, recipe: Recipe, kind: str) -> list[str]:
-        bad = [f"{n} ({i}{f' x {o}' if outputs else ''})" for n, i, o in shapes if i % size(recipe) or (outputs and o % size(recipe))]
-        return _size_problem(key, size(recipe), "must divide every adapted layer's input" + (" and output sizes" if outputs else " size"),
+        size = getattr(recipe.adapter, key)
+        bad = [f"{n} ({i}{f' x {o}' if outputs else ''})" for n, i, o in shapes if i % size or (outputs and o % size)]
+        return _size_problem(key, size, "must divide every adapted layer's input" + (" and output sizes" if outputs else " size"),
                              bad, kind)
     return rule
 
@@ -745,7 +746,7 @@ def _fourierft_sizes(shapes, recipe: Recipe, kind: str) -> list[str]:
 
 def _vblora_sizes(shapes, recipe: Recipe, kind: str) -> list[str]:
     if recipe.adapter.vector_length:
-        return _divides("vector_length", lambda r: r.adapter.vector_length, outputs=True)(shapes, recipe, kind)
+        return _divides("vector_length", outputs=True)(shapes, recipe, kind)
     if vector_length_for(shapes) is None:
         sizes = sorted({s for _, i, o in shapes for s in (i, o)})
         return [f"adapter.vector_length: no length of 8 or more divides every adapted layer's sizes "
@@ -976,13 +977,13 @@ register_method(Method(
     lr_reason="LoRA-like factors at the same rank and scale: LoRA's default; untuned here"))
 register_method(Method(
     "oft", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_oft, validate=_validate_8bit,
-    size_check=_divides("oft_block_size", lambda r: r.adapter.oft_block_size),
+    size_check=_divides("oft_block_size"),
     skeleton_check=_sized_skeleton_check, config_check=_sizes_fit,
     summary="block-diagonal orthogonal rotation of each target layer's input (blocks of oft_block_size)",
     lr_reason="no encoder default we could verify; LoRA's rate, untuned here"))
 register_method(Method(
     "boft", is_adapter=True, targets=LORA_TARGETS, default_lr=5e-4, wrap=_wrap_boft, validate=_validate_8bit,
-    size_check=_divides("boft_block_size", lambda r: r.adapter.boft_block_size),
+    size_check=_divides("boft_block_size"),
     skeleton_check=_sized_skeleton_check, config_check=_sizes_fit,
     summary="orthogonal rotation built from butterfly factors of small blocks (boft_block_size, boft_butterfly_factor)",
     lr_reason="no encoder default we could verify; LoRA's rate, untuned here"))

@@ -23,6 +23,7 @@ from peft_ft.engine import distributed
 from peft_ft.engine.device import use_cuda
 from peft_ft.engine.precision import frozen_bf16
 from peft_ft.errors import PeftFtError
+from peft_ft.models.loading import url_answers
 from peft_ft.recipe.schema import Recipe
 from peft_ft.rundir.layout import TRACKING
 from peft_ft.storage import write_json
@@ -222,26 +223,13 @@ def check_tracking(recipe: Recipe) -> None:
     """What keeps a tracker from starting, found before a run folder exists (`run` and `validate`): an MLflow server
     that does not answer (MLflow retried for four minutes before failing), wandb online without an API key."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if "mlflow" in recipe.train.report_to and uri.startswith(("http://", "https://")) and not _answers(uri):
+    if "mlflow" in recipe.train.report_to and uri.startswith(("http://", "https://")) and not url_answers(uri):
         raise PeftFtError(f"{recipe.source}: train.report_to: the MLflow server at MLFLOW_TRACKING_URI={uri} does not "
                           f"answer; start it, or unset MLFLOW_TRACKING_URI to log into the run folder")
     if ("wandb" in recipe.train.report_to and os.environ.get("WANDB_MODE", "offline") == "online"
             and not os.environ.get("WANDB_API_KEY") and not _wandb_login()):
         raise PeftFtError(f"{recipe.source}: train.report_to: WANDB_MODE=online, but no wandb API key (WANDB_API_KEY, or "
                           f"`wandb login`); log in, or leave WANDB_MODE unset to log offline into the run folder")
-
-
-def _answers(url: str, timeout: float = 3.0) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout).close()
-        return True
-    except urllib.error.HTTPError:  # any status is an answer
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 def _wandb_login() -> bool:

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
-from peft_ft.models.loading import embedded_model_dir
+from peft_ft.models.loading import SAFE_WEIGHT_FILES, embedded_model_dir
 
 EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -83,8 +83,7 @@ def register(folder: Path, repo_id: str, cache_dir: Path | None = None) -> tuple
 
 def _loads(snapshot: Path) -> bool:
     """A snapshot a model loads from: its config.json and safetensors weights are there (symlinks followed)."""
-    return (snapshot / "config.json").is_file() and any((snapshot / f).is_file() for f in
-                                                         ("model.safetensors", "model.safetensors.index.json"))
+    return (snapshot / "config.json").is_file() and any((snapshot / f).is_file() for f in SAFE_WEIGHT_FILES)
 
 
 def _link_files(folder: Path, snapshot: Path) -> bool:

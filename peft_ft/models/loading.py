@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
@@ -124,16 +125,20 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the hub answers HTTP(S) at all (any status): through the environment's proxies, and over TLS as the
     hub libraries connect. A bare TCP connect said yes to a TLS-intercepting proxy or captive portal, and to a wrong
     port; the libraries then retried for ~30 s before failing."""
+    return url_answers(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout)
+
+
+def url_answers(url: str, timeout: float = 3.0) -> bool:
+    """Whether a server answers a HEAD request to `url` with any status, through the environment's proxies."""
     import urllib.error
     import urllib.request
 
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
         return True
-    except urllib.error.HTTPError:  # an answer, if not a 200: the hub is there
+    except urllib.error.HTTPError:  # an answer, if not a 200: the server is there
         return True
-    except (OSError, ValueError):  # no route, refused, timed out, TLS failure, or an endpoint that is no URL
+    except (OSError, ValueError):  # no route, refused, timed out, TLS failure, or no URL at all
         return False
 
 
@@ -371,7 +376,7 @@ def check_answer_device(device, flag: str = "--device") -> None:
     """The device `predict`, `serve` and `peft_ft.pipeline` answer on, checked before any model loads: torch's own
     refusals ("Torch not compiled with CUDA enabled", "Expected one of cpu, cuda ... device type") came as tracebacks
     after the whole model had been read."""
-    if isinstance(device, str) and device.split(":")[0] == "cpu" and device[4:].isdigit() or device == "cpu":
+    if isinstance(device, str) and re.fullmatch(r"cpu(:\d+)?", device):
         return  # the default, answered without importing torch: a refused folder is still named in a fraction of a second
     import torch
 

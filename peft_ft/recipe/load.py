@@ -214,10 +214,8 @@ def _check_cross_field(recipe: Recipe) -> list[str]:
         if recipe.data.predict and not getattr(task, "predicts_unlabelled", False):
             problems.append(f"data.predict: the {task.name} family does not read unlabelled splits; remove data.predict")
         # Only a value other than the default: run folders made before the check hold every key at its default.
-        default = Recipe().to_dict()
         problems += [f"{key}: the {task.name} family does not read it (it would be ignored); remove the key"
-                     for key in task.unread_keys
-                     if key in recipe.explicit and recipe.get(key) != default[key.split(".")[0]][key.split(".")[1]]]
+                     for key in task.unread_keys if key in recipe.explicit and recipe.get(key) != Recipe().get(key)]
         problems += task.validate(recipe)
     if method is not None:
         problems += method.validate(recipe)
