@@ -159,6 +159,12 @@ def test_the_export_readme_answers_with_onnxruntime_as_predict_does(family, fami
         assert [tag for _, tag in ast.literal_eval(printed)] == answer["tags"]
     else:
         assert printed == answer["answer"] or (printed == "" and answer["answer"] == "")
+        # a question longer than a window holds: the snippet's own message, where the tokenizer would panic
+        long = code.replace(PREDICT_INPUT["qa"]["question"], " ".join(["where does mary live"] * 16))
+        done = subprocess.run([sys.executable, "-c", long], cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and "panicked" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1].startswith("ValueError: the question is too long for these windows")
 
 
 def test_a_merged_folder_has_a_card_that_stock_transformers_runs(ner_run, tmp_path):

@@ -372,6 +372,21 @@ def test_qa_card_snippets_answer_as_peft_ft_over_several_windows(hub_qa_run, tmp
         assert run_snippet(code, folder, cache, QA_CHECK) == answer["answer"] != ""
 
 
+def test_qa_card_snippets_refuse_a_question_too_long_for_the_windows(hub_qa_run, tmp_path):
+    """32-token windows overlapping by 8 hold a question of at most 20 tokens: longer, the tokenizer panics (a Rust
+    PanicException naming no cause). The snippet says what to change instead, as peft-ft does."""
+    cache, run_dir = hub_qa_run
+    question = " ".join(["where does mary live"] * 6)  # 24 words, each one token of the tiny vocabulary
+    for i, code in enumerate(snippets((run_dir / "README.md").read_text())):
+        folder = copy_folder(run_dir, tmp_path / str(i), run_dir.name)
+        code = with_example(code, (QA_EXAMPLE[0], json.dumps(question)))
+        done = subprocess.run([sys.executable, "-c", code], cwd=folder.parent, env=clean_env(cache), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 1 and "panicked" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == ("ValueError: the question is too long for these windows: "
+                                                        "shorten it to under 21 tokens")
+
+
 FULL_DATA = {
     "classification": (lambda: sentiment_rows(48, seed=1), {"lr": 2e-3}, SENTIMENT_EXAMPLE),
     "ner": (lambda: ner_sentences(48, 0), {"lr": 2e-3, "epochs": 15}, NER_EXAMPLE),

@@ -305,6 +305,9 @@ CARD_ANSWER = """question, context = "Where does the Eiffel Tower stand?", "The 
 # As peft-ft answers: windows of {MAX_LENGTH} tokens overlapping by {DOC_STRIDE}; in each, the {N_BEST} best starts x
 # the {N_BEST} best ends inside the context, end not before start, at most {MAX_ANSWER_LENGTH} tokens; the highest
 # start + end logit over all windows wins
+room = {MAX_LENGTH} - {DOC_STRIDE} - tokenizer.num_special_tokens_to_add(pair=True)  # a window keeps more than {DOC_STRIDE} context tokens
+if len(tokenizer(question.lstrip(), add_special_tokens=False)["input_ids"]) >= room:  # the tokenizer would panic
+    raise ValueError(f"the question is too long for these windows: shorten it to under {room} tokens")
 inputs = tokenizer(question.lstrip(), context, truncation="only_second", max_length={MAX_LENGTH}, stride={DOC_STRIDE},
                    return_overflowing_tokens=True, return_offsets_mapping=True, padding=True, return_tensors="pt")
 offsets = inputs.pop("offset_mapping").tolist()
@@ -329,6 +332,9 @@ ONNX_ANSWER = """question, context = "Where does the Eiffel Tower stand?", "The 
 # As peft-ft answers: windows of {MAX_LENGTH} tokens overlapping by {DOC_STRIDE}; in each, the {N_BEST} best starts x
 # the {N_BEST} best ends inside the context, end not before start, at most {MAX_ANSWER_LENGTH} tokens; the highest
 # start + end logit over all windows wins
+room = {MAX_LENGTH} - {DOC_STRIDE} - tokenizer.num_special_tokens_to_add(pair=True)  # a window keeps more than {DOC_STRIDE} context tokens
+if len(tokenizer(question.lstrip(), add_special_tokens=False)["input_ids"]) >= room:  # the tokenizer would panic
+    raise ValueError(f"the question is too long for these windows: shorten it to under {room} tokens")
 enc = tokenizer(question.lstrip(), context, truncation="only_second", max_length={MAX_LENGTH}, stride={DOC_STRIDE},
                 return_overflowing_tokens=True, return_offsets_mapping=True, padding=True, return_tensors="np")
 start_logits, end_logits = session.run(["start_logits", "end_logits"], {name: enc[name] for name in INPUTS})
