@@ -259,7 +259,8 @@ def train(model, features: list[dict], recipe: Recipe, *, lr: float, pad_id: int
             raise PeftFtError(f"{resume_from}: damaged checkpoint (epoch {start_epoch}, batches done {skip}: out of this "
                               f"recipe's {t.epochs} epochs of {per_epoch} steps); {checkpoint.DAMAGED}")
         best_state = checkpoint.load_weights(resume_from.parent / best_name) if best_name else None
-        log.info("resumed from %s: epoch %d, step %d", resume_from, start_epoch, result.steps)
+        where = f"epoch {start_epoch}" if start_epoch <= t.epochs else f"all {t.epochs} epochs trained"  # saved at the last epoch's end
+        log.info("resumed from %s: %s, step %d", resume_from, where, result.steps)
     fit_fsdp_wrapping(accelerator, model)
     fit_deepspeed_batch(accelerator, t.batch_size)
     fit_deepspeed_dtypes(accelerator, model)
