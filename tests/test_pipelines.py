@@ -35,11 +35,17 @@ def test_pipeline_from_a_run_folder_has_real_label_names(trained):
     assert pipe.model.config.id2label == {0: "neg", 1: "pos"}
 
 
-def test_ner_pipeline_groups_entities_with_real_tag_names(tmp_path, tiny_bert):
+def test_ner_pipeline_groups_entities_with_real_tag_names(tmp_path, tiny_bert, monkeypatch):
+    import peft_ft.serving.pipelines
     from peft_ft.serving.pipelines import pipeline
     from peft_ft.tasks.ner import WordTagger
 
-    pipe = pipeline(train_ner(tmp_path, tiny_bert))
+    run_dir = train_ner(tmp_path, tiny_bert)
+    with monkeypatch.context() as patched:  # an option the family's callable does not take: refused before loading
+        patched.setattr(peft_ft.serving.pipelines, "load_run", lambda *a, **k: pytest.fail("loaded the model first"))
+        with pytest.raises(PeftFtError, match=r"unexpected keyword argument 'aggregation_strategy'; the ner family takes no such option"):
+            pipeline(run_dir, aggregation_strategy="first")
+    pipe = pipeline(run_dir)
     assert isinstance(pipe.answerer, WordTagger)
     found = {(e["entity_group"], e["word"], e["start"], e["end"]) for e in pipe("john works in berlin .")}
     assert ("PER", "john", 0, 4) in found and ("LOC", "berlin", 14, 20) in found
@@ -82,7 +88,7 @@ def test_the_pipeline_switches_take_booleans_and_the_device_is_checked_before_lo
     """allow_pickle="false" is a truthy string and switched pickle loading on; device="cuda" on a CPU-only torch was
     torch's AssertionError after the whole model had loaded."""
     import peft_ft
-    import peft_ft.rundir.load
+    import peft_ft.serving.pipelines
 
     with pytest.raises(PeftFtError, match=r"allow_pickle='false'; it takes True or False"):
         peft_ft.pipeline(trained, allow_pickle="false")
@@ -92,7 +98,7 @@ def test_the_pipeline_switches_take_booleans_and_the_device_is_checked_before_lo
         peft_ft.pipeline(trained)(TEXTS, batch_size=0)
     with pytest.raises(PeftFtError, match=r"run_dir is ''"):
         peft_ft.pipeline("")
-    monkeypatch.setattr(peft_ft.rundir.load, "check_run_folder", lambda *a: pytest.fail("checked the folder before the device"))
+    monkeypatch.setattr(peft_ft.serving.pipelines, "check_run_folder", lambda *a: pytest.fail("checked the folder before the device"))
     with pytest.raises(PeftFtError, match=r"device 'mps': peft-ft answers on cpu or cuda"):
         peft_ft.pipeline(trained, device="mps")
 

@@ -25,11 +25,13 @@ make transformers treat the folder as a full model): pass `model_kwargs=peft_ft.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
+from peft_ft.models.loading import check_answer_device
 from peft_ft.rundir.layout import read_recipe
-from peft_ft.rundir.load import load_run
+from peft_ft.rundir.load import check_run_folder, load_run
 from peft_ft.tasks import TASKS
 
 
@@ -50,14 +52,22 @@ def pipeline(run_dir: str | Path, device: str = "cpu", **kwargs):
     for key, value in switches.items():  # a safety switch only on a real True: the string "false" is truthy
         if not isinstance(value, bool):
             raise PeftFtError(f"peft_ft.pipeline: {key}={value!r}; it takes True or False")
-    model, tokenizer, info = load_run(run_dir, device, **switches)
-    recipe = read_recipe(Path(run_dir))
+    check_answer_device(device, "device")  # before the folder's checks: a device this torch lacks needs no folder read
+    info = check_run_folder(Path(run_dir), switches["allow_pickle"])
     answers = TASKS[info["task"]].answers
+    _check_options(answers.build, kwargs, info["task"])  # before the model loads: a misspelt option costs no seconds
+    model, tokenizer, info = load_run(run_dir, device, **switches, checked=True)
+    recipe = read_recipe(Path(run_dir))
+    return RunPipeline(answers.build(model, tokenizer, recipe, **kwargs), answers, recipe)
+
+
+def _check_options(build, kwargs: dict, task: str) -> None:
+    """The options a family's callable takes by its signature; a stock pipeline's builder takes any (**kwargs), and
+    transformers checks those itself."""
     try:
-        answerer = answers.build(model, tokenizer, recipe, **kwargs)
-    except TypeError as e:  # an option the family's callable does not take
-        raise PeftFtError(f"peft_ft.pipeline: {e}; the {info['task']} family takes no such option") from None
-    return RunPipeline(answerer, answers, recipe)
+        inspect.signature(build).bind(None, None, None, **kwargs)  # model, tokenizer, recipe
+    except TypeError as e:
+        raise PeftFtError(f"peft_ft.pipeline: {e}; the {task} family takes no such option") from None
 
 
 class RunPipeline:
