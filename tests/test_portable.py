@@ -546,5 +546,9 @@ def test_a_run_on_a_local_base_names_it_by_folder_and_says_when_it_is_gone(tmp_p
     assert f'BASE = "path/to/{tiny_bert.name}"' in card and "AutoPeftModel" not in card  # no hub id to load by
     load_run(run_dir)  # where it was trained: found through the relative path
     moved = shutil.copytree(run_dir, tmp_path / "a" / "b" / "c" / "d" / "e" / "copy")
-    with pytest.raises(PeftFtError, match=f"trained on a local model folder named '{tiny_bert.name}'.*PeftModel.from_pretrained"):
+    with pytest.raises(PeftFtError, match=f"trained on a local model folder named '{tiny_bert.name}'.*set base_model in the "
+                       f"run folder's peft_ft.json.*PeftModel.from_pretrained"):
+        load_run(moved)
+    for base in (str(tiny_bert.resolve()), os.path.relpath(tiny_bert, moved)):  # what the message offers, both ways
+        (moved / "peft_ft.json").write_text(json.dumps({**info, "base_model": base}))
         load_run(moved)

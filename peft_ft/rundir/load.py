@@ -38,7 +38,8 @@ def base_location(info: dict, where: str = "base model") -> str:
         raise PeftFtError(
             f"{where}: this run was trained on a local model folder named {info['base_model_id']!r}, recorded relative to "
             f"the run folder; it is not at {info['base_model']} (the run folder or the base folder was moved, or copied "
-            f"without the other). Put them back at the same relative places, or load it with peft: "
+            f"without the other). Put them back at the same relative places, or set base_model in the run folder's "
+            f"peft_ft.json to the base folder's path (absolute, or relative to the run folder), or load it with peft: "
             f"PeftModel.from_pretrained(AutoModelFor...from_pretrained(PATH_OF_{info['base_model_id']}), RUN_DIR)")
     if info.get("base_model_source") == "hub" and not Path(info["base_model"]).is_dir():  # a folder: a local copy put there
         settle_hub_offline()
