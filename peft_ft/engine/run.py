@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from peft_ft.data.files import TaskData, resolve_data_dir
@@ -412,9 +413,10 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
     if not distributed.is_main():
         return
 
-    with deepspeed_left_out(accelerator):
-        weight_files = save_model(unwrapped(accelerator, model), tokenizer, method.is_adapter, run_dir, recipe.model.max_length,
-                                  state_dict)
+    saved_model = unwrapped(accelerator, model)
+    expected = method.expected_save_warnings(saved_model) if method.expected_save_warnings else {}
+    with deepspeed_left_out(accelerator), expected_warnings(expected):
+        weight_files = save_model(saved_model, tokenizer, method.is_adapter, run_dir, recipe.model.max_length, state_dict)
     info = {
         "peft_ft_version": __version__,
         "run_name": recipe.output.name or Path(recipe.source).stem,
@@ -472,6 +474,16 @@ def count_parameters(model) -> tuple[int, int]:
 def numbers(scores: dict) -> dict:
     """The plain numbers of a split's scores (per-label tables left out): what trackers and callbacks take."""
     return {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@contextlib.contextmanager
+def expected_warnings(expected: dict[str, str]):
+    """Warnings the method expects of this save (`Method.expected_save_warnings`) ignored, their notes logged instead."""
+    with warnings.catch_warnings():
+        for pattern, note in expected.items():
+            warnings.filterwarnings("ignore", message=pattern)
+            log.info("%s", note)
+        yield
 
 
 def save_model(model, tokenizer, is_adapter: bool, run_dir: Path, max_length: int, state_dict: dict | None = None) -> list[Path]:
