@@ -49,6 +49,32 @@ def test_each_adapter_gives_its_own_answers_after_any_sequence_of_switches(runs,
     assert compared == len(base)
 
 
+@pytest.mark.parametrize("second", ["lora", "a"])
+def test_an_adapter_named_inside_peft_prefix_loads_its_own_weights_without_peft_warning(runs, second, recwarn):
+    """peft warns that a name inside "lora_" "may lead to reinitialization of the adapter weights during loading";
+    `check_loaded` checks the weights after every load instead, so users' names (`--adapter lora=...`) work quietly."""
+    adapters = AdapterSet({"pos": runs["pos"], second: runs["flip"]})
+    assert len({id(a.group) for a in adapters.adapters.values()}) == 1
+    assert [{k: a[k] for k in ("label", "score")} for a in adapters.answer(second, [{"text": t} for t in TEXTS])] == \
+        reference(runs["flip"], TEXTS)
+    assert not [w for w in recwarn if "should not be contained in the prefix" in str(w.message)]
+
+
+def test_weights_peft_did_not_load_as_saved_are_refused(runs):
+    import torch
+
+    from peft_ft.rundir.load import check_loaded, load_run
+
+    model, _, _ = load_run(runs["pos"], adapter_name="pos")
+    check_loaded(model, runs["pos"], "pos", "here")  # as loaded: passes
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B.pos" in n)
+    with torch.no_grad():
+        lora_b.zero_()  # what a load that left the adapter at its initial values holds
+    with pytest.raises(PeftFtError, match=r"here: peft did not load this adapter's weights as saved under the name 'pos' "
+                                          r"\(.*lora_B.weight\); load it under another name"):
+        check_loaded(model, runs["pos"], "pos", "here")
+
+
 def test_answers_come_back_in_input_order_when_batched_by_length(runs):
     # run_inputs sorts inputs by length into batches: answers must still line up with the inputs
     texts = ["great", "the plot of the film was long and the acting was awful", "bad", "the movie was good", "fine"]

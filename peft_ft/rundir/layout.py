@@ -39,6 +39,7 @@ LABELS = "labels.json"
 LOG = "train.log"
 CARD = "README.md"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file of an adapter (and its trained heads)
 CHECKPOINTS = "checkpoints"  # resumable checkpoints while training (peft_ft.engine.checkpoint writes inside)
 TRACKING = "tracking"  # where each tracker writes (so a run folder carries its own curves)
 log = logging.getLogger("peft_ft")

@@ -5,6 +5,8 @@ the one loader every command uses.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 from peft_ft.data.files import TaskData
@@ -25,7 +27,7 @@ from peft_ft.models.loading import (
     settle_hub_offline,
 )
 from peft_ft.models.safety import check_no_pickle, model_load_kwargs, remote_code
-from peft_ft.rundir.layout import INFO, RECIPE, read_info, read_recipe
+from peft_ft.rundir.layout import ADAPTER_WEIGHTS, INFO, RECIPE, read_info, read_recipe
 from peft_ft.tasks import TASKS
 
 
@@ -137,15 +139,47 @@ def load_run(run_dir: str | Path, device: str = "cpu", allow_pickle: bool = Fals
         return model.to(device).eval(), load_tokenizer(str(run_dir), recipe), info
     base = base_location(info)
     if onto is not None:
-        attach(run_dir, base, lambda: onto.load_adapter(run_dir, adapter_name=adapter_name))
+        with _name_in_prefix_checked():
+            attach(run_dir, base, lambda: onto.load_adapter(run_dir, adapter_name=adapter_name))
         check_finite(((n, p) for n, p in onto.named_parameters() if f".{adapter_name}." in n), f"{what}{run_dir}")
+        check_loaded(onto, run_dir, adapter_name, f"{what}{run_dir}")
         return onto.to(device).eval(), None, info
     where = f"{what}{run_dir / INFO}: base_model"  # a hub base that does not load: named as the folder names it
-    model = route_prefixes(attach(run_dir, base, lambda: PeftModel.from_pretrained(
-        _hub_call(cls.from_pretrained, base, recipe, "model", dtype=torch.float32, where=where, **base_kwargs(info, allow_pickle)),
-        run_dir, adapter_name=adapter_name)))
+    with _name_in_prefix_checked():
+        model = route_prefixes(attach(run_dir, base, lambda: PeftModel.from_pretrained(
+            _hub_call(cls.from_pretrained, base, recipe, "model", dtype=torch.float32, where=where, **base_kwargs(info, allow_pickle)),
+            run_dir, adapter_name=adapter_name)))
     check_finite(model.named_parameters(), f"{what}{run_dir}")
+    check_loaded(model, run_dir, adapter_name, f"{what}{run_dir}")
     return model.to(device).eval(), load_tokenizer(base, recipe), info
+
+
+@contextlib.contextmanager
+def _name_in_prefix_checked():
+    """peft warns that an adapter named inside its method's parameter prefix ("a" or "lora" in "lora_") "may lead to
+    reinitialization of the adapter weights during loading". `check_loaded` checks exactly that after every load, so
+    the warning (which names users' own adapters: `predict --adapter lora=...`) is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Adapter name '.*' should not be contained in the prefix")
+        yield
+
+
+def check_loaded(model, run_dir: Path, adapter_name: str, where: str) -> None:
+    """The weights peft holds for `adapter_name` are the folder's: every tensor of its adapter file that peft's state
+    dict names has the file's values. A load that left some at their initial values (peft's own warning case above)
+    is refused, naming the first one."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    with warnings.catch_warnings():  # its check for saves (ungathered ZeRO-3 shards) reads AdaLoRA's rank-0 layers so
+        warnings.filterwarnings("ignore", message=r".*LoRA tensor\(s\) have invalid shape")
+        held = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)  # "auto" asks the Hub
+    saved = load_file(str(Path(run_dir) / ADAPTER_WEIGHTS))
+    differ = [k for k, t in saved.items() if k in held and not torch.equal(held[k].detach().cpu(), t.to(held[k].dtype))]
+    if differ or not held.keys() & saved.keys():
+        raise PeftFtError(f"{where}: peft did not load this adapter's weights as saved under the name {adapter_name!r} "
+                          f"({differ[0] if differ else 'no tensor of the file was matched'}); load it under another name")
 
 
 def check_finite(named_parameters, where: str) -> None:

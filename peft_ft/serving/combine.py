@@ -30,7 +30,7 @@ from peft_ft.models.loading import quiet_transformers
 from peft_ft.models.safety import check_no_pickle, model_load_kwargs
 from peft_ft.rundir import portable
 from peft_ft.rundir.card import usage_section
-from peft_ft.rundir.layout import ADAPTER_CONFIG, CARD, INFO, RECIPE, read_info, read_recipe
+from peft_ft.rundir.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, INFO, RECIPE, read_info, read_recipe
 from peft_ft.rundir.load import base_location
 from peft_ft.serving.merge import check_out, staged
 from peft_ft.storage import write_atomic, write_json
@@ -160,7 +160,7 @@ def _split_state(run_dir: Path, heads: list[str]) -> tuple[dict, dict]:
     """(LoRA tensors, head tensors) of a saved adapter file, keys as peft saves them."""
     from safetensors.torch import load_file
 
-    state = load_file(str(run_dir / "adapter_model.safetensors"))
+    state = load_file(str(run_dir / ADAPTER_WEIGHTS))
     head = {k: v for k, v in state.items() if set(k.split(".")) & set(heads)}
     return {k: v for k, v in state.items() if k not in head}, head
 
@@ -224,14 +224,14 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
         shutil.copyfile(parts[0][1] / RECIPE, staging / RECIPE)
         trainable = sum(p.numel() for n, p in final.named_parameters() if "lora_" in n or "modules_to_save" in n)
         total_params = sum(p.numel() for n, p in final.named_parameters() if "original_module" not in n)
-        weight_bytes = (staging / "adapter_model.safetensors").stat().st_size
+        weight_bytes = (staging / ADAPTER_WEIGHTS).stat().st_size
         info = {**portable.moved_info(parts[0][1], out), "run_name": out.name, "data": {}, "train": {},
                 # folder names, not this machine's paths: the combined folder travels without its sources
                 "combined_from": [{"name": n, "run": d.resolve().name, "weight": w} for n, d, w in parts],
                 "combination": {"how": how, "density": (density or DEFAULT_DENSITY) if how in PRUNING else None,
                                 "heads": "weighted average of the heads' weights, sum(w_i * head_i) / sum(w_i)"},
                 "trainable_params": trainable, "total_params": total_params, "trainable_percent": 100 * trainable / total_params,
-                "weight_files": ["adapter_model.safetensors"], "weight_bytes": weight_bytes}
+                "weight_files": [ADAPTER_WEIGHTS], "weight_bytes": weight_bytes}
         write_json(staging / INFO, info)
         portable.finish_adapter_config(staging, info)  # the base by its portable name, as a trained run's
         portable.write_labels(staging, info["labels"])
