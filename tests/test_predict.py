@@ -175,6 +175,8 @@ def test_input_formats_and_where_each_row_came_from(tmp_path):
     ("quotes.tsv", 'text\tid\n"quoted\t3\nberlin\t4\n', r"quotes\.tsv: .*a quote opened"),
     ("dup.jsonl", '{"text": "a", "text": "b"}\n', r"dup\.jsonl: line 1: the key 'text' appears twice in one object"),
     ("nan.jsonl", '{"text": "a", "id": NaN}\n', r"nan\.jsonl: line 1: NaN is not a JSON value"),
+    ("inf.jsonl", '{"text": "a", "id": -1e400}\n', r"inf\.jsonl: line 1: the number -1e400 is out of the range of a float"),
+    ("lone.jsonl", '{"text": "a"}\n{"text": "b", "id": "x\\udc00"}\n', r"lone\.jsonl: line 2: field 'id': character 1 is a lone UTF-16 surrogate"),
 ])
 def test_input_rows_that_would_be_lost_or_changed_are_refused_naming_the_line(tmp_path, name, content, message):
     path = tmp_path / name

@@ -7,7 +7,9 @@ row or line) on anything it cannot read. Task families turn rows into their own 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,11 +147,12 @@ def unicode_text(text: str, where: str) -> str:
 def _unique_keys(pairs: list[tuple]) -> dict:
     """A JSON object whose keys are unique: with a key twice, json.loads keeps the last value and drops the
     first without a word."""
-    keys = [k for k, _ in pairs]
-    twice = next((k for k in keys if keys.count(k) > 1), None)
-    if twice is not None:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):  # a set, not keys.count per key: an object of 100,000 keys is a second, not an hour
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"the key {twice!r} appears twice in one object; keep one")
-    return dict(pairs)
+    return obj
 
 
 def _no_constant(name: str):
@@ -157,10 +160,60 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON value; write null or a number")
 
 
+def _finite_float(text: str) -> float:
+    """A number past float's range (1e999) would be read as infinity, and written back as invalid JSON."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of the range of a float; write a smaller one, or a string")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    """An integer of more digits than Python converts (sys.get_int_max_str_digits), refused in words for the sender."""
+    if len(text.lstrip("-")) > INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits is too long (at most {INT_DIGITS}); send it as a string")
+    return int(text)
+
+
+INT_DIGITS = 4300  # Python's default limit on int() of a string
+LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how JSON spells a UTF-16 surrogate (raw UTF-8 cannot hold one)
+
+
+def _lone_surrogate(value, path: str = "") -> tuple[str, str] | None:
+    """(path, the string) of the first string, value or key, holding a lone UTF-16 surrogate (`inputs[0].id`)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "the document", value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            found = _lone_surrogate(key, f"{inner} (its name)") or _lone_surrogate(item, inner)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def strict_json(text: str | bytes):
-    """json.loads, refusing (ValueError, in words) what it would take silently: a key twice in one object, NaN
-    and Infinity."""
-    return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    """json.loads, refusing (ValueError, in words) what it would take silently, or what could not be written back: a
+    key twice in one object, NaN and Infinity, numbers past float's range or int's digits, lone UTF-16 surrogates."""
+    value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite_float,
+                       parse_int=_bounded_int)
+    raw = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
+    if LONE_SURROGATE_ESCAPE.search(raw):  # only a \uD800-\uDFFF escape can make one: no walk for other texts
+        found = _lone_surrogate(value)
+        if found:
+            try:
+                unicode_text(found[1], f"field {found[0]!r}")
+            except DataError as e:  # its words, as the ValueError of strict_json's other refusals
+                raise ValueError(str(e)) from None
+    return value
 
 
 def parsed_json(text: str, where: str, document: bool = False):

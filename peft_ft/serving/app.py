@@ -387,7 +387,7 @@ def create_app(library, scheduler, metrics: Metrics, *, max_texts: int, max_toke
     async def _predict(name: str, body: schemas.PredictRequest) -> tuple[int, dict]:
         # Matched against the table of known adapters, never decoded or joined to a path.
         if not NAME.fullmatch(name) or name not in library.known:
-            raise LibraryError(404, f"unknown adapter {name!r}; loaded: {', '.join(library.known)}")
+            raise LibraryError(404, f"unknown adapter {name!r}; loaded: {', '.join(library.known) or 'none'}")
         rows, where = body.rows()
         kind = "texts" if body.texts is not None else "inputs"
         if not rows:

@@ -58,6 +58,8 @@ class Library:
         self.busy: dict[str, int] = {}
         self.reloads: dict[str, list[float]] = {}
         self.lock = threading.RLock()  # loads and unloads, one at a time
+        self.idle = threading.Condition(self.lock)  # a DELETE waits on it for the requests already using its adapter
+        self.leaving: set[str] = set()  # deleted, unloaded once their last request is done
         self.on_unload = lambda: None  # the scheduler ends the workers of unloaded models
         self._evict_over_limit()
 
@@ -65,7 +67,7 @@ class Library:
         """Mark `name` as used by a request (loading it again if it was unloaded); pair with `done`."""
         with self.lock:
             if name not in self.known:
-                raise LibraryError(404, f"unknown adapter {name!r}; loaded: {', '.join(self.adapters.names)}")
+                raise LibraryError(404, f"unknown adapter {name!r}; loaded: {', '.join(self.adapters.names) or 'none'}")
             self.busy[name] = self.busy.get(name, 0) + 1
             try:
                 if name not in self.adapters.adapters:
@@ -81,6 +83,7 @@ class Library:
         with self.lock:
             self.busy[name] -= 1
             if not self.busy[name]:  # a load that found every other adapter busy went over --max-adapters: back to it
+                self.idle.notify_all()
                 self._evict_over_limit()
 
     def add(self, name: str, path: str) -> Path:
@@ -89,22 +92,29 @@ class Library:
             raise LibraryError(403, "runtime loading is off: start the server with --adapter-dir DIR (and an --admin-key)")
         run_dir = allowed_run_dir(self.root, path)
         with self.lock:
-            if name in self.known:
-                raise LibraryError(409, f"an adapter named {name!r} is already known; DELETE /adapters/{name} first or pick another name")
+            if name in self.known or name in self.leaving:
+                raise LibraryError(409, f"an adapter named {name!r} is already known{' (being unloaded)' * (name in self.leaving)}; "
+                                        f"DELETE /adapters/{name} first or pick another name")
             self._load(name, run_dir)
             self.known[name] = run_dir
         return run_dir
 
     def remove(self, name: str) -> None:
-        """`DELETE /adapters/NAME`: unload it and forget it."""
+        """`DELETE /adapters/NAME`: forget it at once (new requests get 404), and unload it once the requests already
+        using it are answered: unloading under them took their model and tokenizer away mid-request."""
         with self.lock:
             if name not in self.known:
                 raise LibraryError(404, f"unknown adapter {name!r}")
-            if name in self.adapters.adapters:
-                self.adapters.remove(name)
-                self.on_unload()
             del self.known[name]
             self.recent.pop(name, None)
+            self.leaving.add(name)
+            try:
+                self.idle.wait_for(lambda: not self.busy.get(name))  # releases the lock while it waits
+                if name in self.adapters.adapters:
+                    self.adapters.remove(name)
+                    self.on_unload()
+            finally:
+                self.leaving.discard(name)
 
     def _load(self, name: str, run_dir: Path) -> None:
         self.adapters.add(name, run_dir)
