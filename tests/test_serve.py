@@ -506,6 +506,19 @@ def test_max_adapters_unloads_the_least_recently_used_and_reloads_it(runs, tmp_p
         srv.stop()
 
 
+def test_a_link_loop_in_a_runtime_folder_is_the_requests_problem(tmp_path):
+    """Path.resolve raised RuntimeError("Symlink loop"): POST /adapters answered a plain-text 500."""
+    from peft_ft.serving.library import LibraryError, allowed_run_dir
+
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "loopy").symlink_to(tmp_path / "loop" / "loopy")
+    (tmp_path / "self").symlink_to(tmp_path / "self")
+    for path, shown in (("loop", "loopy"), ("self", "self")):
+        with pytest.raises(LibraryError, match=rf"path '{path}': {shown} cannot be followed .*; fix or remove that link") as refused:
+            allowed_run_dir(tmp_path, path)
+        assert refused.value.status == 422
+
+
 def test_max_adapters_holds_again_once_the_busy_adapter_is_done(tmp_path):
     """A load while every other resident adapter was busy went over --max-adapters, and it stayed over for good:
     only a load evicted, and never a busy adapter."""

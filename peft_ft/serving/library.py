@@ -35,15 +35,23 @@ def allowed_run_dir(root: Path, path: str) -> Path:
     if not parts or PurePosixPath(path).is_absolute() or Path(path).is_absolute() or ".." in parts or "\x00" in path:
         raise LibraryError(403, f"path {path!r} is refused: give a folder relative to --adapter-dir, without '..'")
     root = root.resolve()
-    target = (root / path).resolve()
+    target = _resolved(root / path, path, path)
     if not target.is_relative_to(root):
         raise LibraryError(403, f"path {path!r} leads outside --adapter-dir (a symbolic link?): refused")
     if not target.is_dir():
         raise LibraryError(404, f"path {path!r}: no such folder inside --adapter-dir")
     for file in target.rglob("*"):
-        if not file.resolve().is_relative_to(root):
+        if not _resolved(file, path, file.relative_to(target)).is_relative_to(root):
             raise LibraryError(403, f"path {path!r}: {file.relative_to(target)} links outside --adapter-dir: refused")
     return target
+
+
+def _resolved(file: Path, path: str, shown) -> Path:
+    """`file` with its links followed; a link loop (or a path the system cannot follow) is the request's problem."""
+    try:
+        return file.resolve(strict=False)
+    except (RuntimeError, OSError) as e:  # RuntimeError: "Symlink loop" (Python 3.11)
+        raise LibraryError(422, f"path {path!r}: {shown} cannot be followed ({e}); fix or remove that link") from None
 
 
 class Library:
