@@ -159,6 +159,12 @@ def test_resume_after_an_interruption_skips_the_finished_runs(tmp_path, tiny_ber
     with pytest.raises(PeftFtError, match="different recipe"):
         runner.compare([recipe], ["lora", "full"], overrides=["train.epochs=2"], resume=True)
 
+    # The same folder spelled another way (relative here, absolute before) is the same comparison: nothing to train
+    trained.clear()
+    monkeypatch.chdir(tmp_path)
+    runner.compare([recipe], ["lora", "full"], out="runs/compare-sent", resume=True)
+    assert trained == []
+
 
 def test_seeds_give_mean_and_std(tmp_path, tiny_bert):
     recipe = str(make_recipe(tmp_path, tiny_bert))
@@ -434,3 +440,23 @@ def test_set_output_is_refused(tmp_path, tiny_bert, capsys):
     err = capsys.readouterr().err
     assert "--set output.name=foo: compare names and places each variant's run folder itself" in err and "Traceback" not in err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("damaged, content, message", [
+    ("lora-seed42/*/recipe.toml", b"\xff\xfe not utf-8", r"recipe.toml: unreadable .*; remove .*lora-seed42/.* to train that run again"),
+    ("recipes/full-seed42.toml", b"[train\n", r"full-seed42.toml: unreadable .*; remove it \(compare writes it again before training\)"),
+    ("lora-seed42/*/compare.json", b"{", r"compare.json: unreadable .*; the folder is damaged or was edited"),
+    ("full-seed42/*/metrics.json", b"[1]", r"metrics.json: expected a JSON object, got list"),
+    ("lora-seed42/*/peft_ft.json", b"{", r"peft_ft.json: unreadable"),
+])
+def test_resume_names_a_damaged_file_of_the_comparison(compared, tmp_path, damaged, content, message, monkeypatch):
+    """Each was a traceback (UnicodeDecodeError, JSONDecodeError, TypeError); the files are left as they were."""
+    import shutil
+
+    copy = shutil.copytree(compared, tmp_path / "copy")
+    [path] = copy.glob(damaged)
+    path.write_bytes(content)
+    monkeypatch.setattr(runner, "run_variant", lambda *a, **k: pytest.fail("trained a variant"))
+    with pytest.raises(PeftFtError, match=message):
+        runner.compare([str(compared.parent.parent / "sent.toml")], ["lora", "full"], out=str(copy), resume=True)
+    assert path.read_bytes() == content

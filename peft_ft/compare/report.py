@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 from pathlib import Path
 
 from peft_ft.compare.variants import LATENCY_EXAMPLES, MEASURE_FILE, Variant, finished_run
 from peft_ft.log import console
+from peft_ft.models.integrity import read_json_object
 from peft_ft.rundir.layout import read_metrics, read_recipe
 from peft_ft.storage import human_size, save_figure, write_atomic
 from peft_ft.tasks import TASKS
 
 # Numbers of a run besides its task metrics: (column, where in metrics.json / compare.json).
+MEASURED = "compare writes it (its measurements) when a run ends: remove that run folder to train it again"
 RUN_NUMBERS = {
     "trainable_params": ("params", "trainable_params"),
     "trainable_percent": ("params", "trainable_percent"),
@@ -30,7 +31,7 @@ RUN_NUMBERS = {
 def run_numbers(run_dir: Path, task_metrics: tuple[str, ...]) -> dict[str, float]:
     """One run's numbers, read from its own metrics.json and compare.json."""
     metrics = read_metrics(run_dir)
-    sources = {**metrics, "measure": json.loads((run_dir / MEASURE_FILE).read_text(encoding="utf-8"))}
+    sources = {**metrics, "measure": read_json_object(run_dir / MEASURE_FILE, MEASURED)}
     numbers = {}
     for split, values in metrics.items():
         if split in ("train", "params", "validation") or not isinstance(values, dict):
@@ -55,7 +56,7 @@ def aggregate(variants: list[Variant], compare_dir: Path) -> list[dict]:
         if runs:
             task = TASKS[read_recipe(runs[0][1]).task.type]
             per_run = [run_numbers(d, task.metrics) for _, d in runs]
-            measure = json.loads((runs[0][1] / MEASURE_FILE).read_text(encoding="utf-8"))
+            measure = read_json_object(runs[0][1] / MEASURE_FILE, MEASURED)
             row.update({"memory_kind": measure["memory_kind"], "device": measure["device"], "task_metric": task.default_metric,
                         "run_dirs": " ".join(str(d.relative_to(compare_dir)) for _, d in runs)})
             for column in per_run[0]:
@@ -108,7 +109,7 @@ def comparison_markdown(rows: list[dict], variants: list[Variant]) -> str:
         "|" + "---|" * len(header),
         *["| " + " | ".join(cells) + " |" for cells in body],
         "",
-        f"- metrics: each test split of the run folders' `metrics.json` (validation only when there is no test split)",
+        "- metrics: each test split of the run folders' `metrics.json` (validation only when there is no test split)",
         "- trainable: parameters that received gradients; saved: the weight files on disk (adapter + head, or the whole model for `full`)",
         "- train s, samples/s: the training loop only (no evaluation), from `metrics.json`",
         f"- peak MiB: {' / '.join(kinds) or '-'} (CPU: the peak RSS of the run's own process at the end of training; GPU: torch.cuda.max_memory_allocated)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from peft_ft.compare.child import child_main
@@ -21,11 +22,20 @@ from peft_ft.storage import write_atomic
 log = logging.getLogger("peft_ft")
 
 
-def _recipe_body(text: str) -> str:
+def _recipe_body(text: str) -> dict:
+    """The values in the form a finished run writes them (machine paths shortened), without [output]: compare sets it
+    itself (--out, the run name), and the same folder may be spelled another way on resume (relative, absolute)."""
+    values = tomllib.loads(portable_toml(text))
+    values.pop("output", None)
+    return values
 
-    # the values in the form a finished run writes them (machine paths shortened), without the header
-    # comments ("# resolved from ...", the run folder's "# fingerprint: ...")
-    return "\n".join(line for line in portable_toml(text).splitlines() if not line.startswith("#"))
+
+def _recipe_file(path: Path, fix: str) -> dict:
+    """`_recipe_body` of a recipe file compare wrote (or a run folder's), a damaged one named with what to do."""
+    try:
+        return _recipe_body(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise PeftFtError(f"compare --resume: {path}: unreadable ({e}); {fix}") from None
 
 
 def check_resumable(compare_dir: Path, variants: list[Variant], resume: bool) -> dict[str, Path]:
@@ -42,7 +52,7 @@ def check_resumable(compare_dir: Path, variants: list[Variant], resume: bool) ->
         run_dir = finished_run(compare_dir, v.run_name)
         if run_dir is None:
             continue
-        if _recipe_body((run_dir / RECIPE).read_text(encoding="utf-8")) != _recipe_body(v.toml):
+        if _recipe_file(run_dir / RECIPE, f"remove {run_dir} to train that run again") != _recipe_body(v.toml):
             raise PeftFtError(f"compare --resume: the finished run {run_dir} was trained from a different recipe than "
                               f"{v.run_name} now resolves to; compare into a new folder with --out, or remove that run folder")
         _check_same_data(run_dir, v)
@@ -66,7 +76,7 @@ def _check_same_comparison(compare_dir: Path, variants: list[Variant]) -> None:
                           f"or compare into a new folder with --out")
     for v in variants:
         recorded = planned / f"{v.run_name}.toml"
-        if recorded.is_file() and _recipe_body(recorded.read_text(encoding="utf-8")) != _recipe_body(v.toml):
+        if recorded.is_file() and _recipe_file(recorded, "remove it (compare writes it again before training)") != _recipe_body(v.toml):
             raise PeftFtError(f"compare --resume: {v.run_name} was planned from a different recipe than it now resolves to "
                               f"(another recipe file, --set or --lr; see {recorded}); resume with the same recipes and "
                               f"settings, or compare into a new folder with --out")
@@ -91,7 +101,7 @@ def unfinished_run(compare_dir: Path, variant: Variant) -> Path | None:
     if not folders or not ((folders[-1] / METRICS).is_file() or checkpoint.listed(folders[-1])):
         return None
     recipe = folders[-1] / RECIPE
-    if not recipe.is_file() or _recipe_body(recipe.read_text(encoding="utf-8")) != _recipe_body(variant.toml):
+    if not recipe.is_file() or _recipe_file(recipe, f"remove {folders[-1]} to train that run again") != _recipe_body(variant.toml):
         log.warning("%s: %s stopped, but from another recipe than the variant now resolves to; training it anew",
                     variant.run_name, folders[-1])
         return None

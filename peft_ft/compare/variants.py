@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 

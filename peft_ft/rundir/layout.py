@@ -277,11 +277,11 @@ def resolve_base(info: dict, run_dir: Path) -> dict:
 
 def read_info_raw(run_dir: Path) -> dict:
     """peft_ft.json as written (read_info resolves a local base's relative path for loading)."""
-    return json.loads((Path(run_dir) / INFO).read_text(encoding="utf-8"))
+    return read_json_object(Path(run_dir) / INFO, "a run folder holds peft_ft.json")
 
 
 def read_metrics(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / METRICS).read_text(encoding="utf-8"))
+    return read_json_object(Path(run_dir) / METRICS, "a finished run folder holds metrics.json")
 
 
 def read_recipe(run_dir: Path) -> Recipe:
