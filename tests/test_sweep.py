@@ -351,6 +351,9 @@ def test_a_sweep_where_no_trial_finishes_says_so(tmp_path, recipe, capsys, monke
                                            "1024 is more than the 512 positions"),
     # an IA3 recipe: adapter.r applies only in trials that draw lora, and is checked with it
     ("[adapter]\nmethod = [\"ia3\", \"lora\"]\nr = [4, 64]\n", "adapter.r = 64 does not fit the model or machine"),
+    # a module the model does not have: validate's check of the weightless model, for the drawn value
+    ("[adapter]\ntarget_modules = [[\"query\", \"value\"], [\"nonexistent_mod\"]]\n",
+     "adapter.target_modules = ['nonexistent_mod'] does not fit the model or machine: adapter.target_modules"),
 ])
 def test_values_the_model_cannot_take_are_refused_before_any_folder(tmp_path, recipe, capsys, text, message):
     """A value only the model can refuse is checked as `peft-ft validate` checks a recipe, before the folder and
@@ -506,10 +509,20 @@ def test_a_quoted_dotted_key_is_the_recipe_key(tmp_path, recipe):
     assert [(p.key, p.choices) for p in parsed.params] == [("train.lr", (1e-3, 2e-3)), ("adapter.r", (2, 4))]
 
 
+PLAN = {"recipe": "r.toml", "space": "s.toml", "overrides": [], "study": "s", "trials": 2, "data_dir": None, "metric": "m",
+        "storage": "sqlite:///x.db", "workers": 1, "fingerprint": "f"}
+
+
 @pytest.mark.parametrize("text, message", [
     ('{"recipe": "r.toml", "spa', "sweep.json: damaged, not JSON"),
     ("[1, 2]", "sweep.json: damaged, expected a JSON object"),
     ('{"recipe": "r.toml", "colour": 1}', "sweep.json: damaged (unknown key(s) 'colour'; missing key(s) 'space'"),
+    # keys all there, values of the wrong type (tracebacks, after the bad value had been written back)
+    (json.dumps({**PLAN, "trials": "abc"}), 'sweep.json: damaged (trials: expected a whole number, got "abc")'),
+    (json.dumps({**PLAN, "data_dir": 7, "storage": 5}), "sweep.json: damaged (data_dir: expected a string or null, got 7; "
+                                                         "storage: expected a string, got 5)"),
+    (json.dumps({**PLAN, "overrides": [1]}), "sweep.json: damaged (overrides: expected a list of strings, got [1])"),
+    (json.dumps({**PLAN, "workers": 0}), "sweep.json: damaged (workers: expected 1 or more, got 0)"),
 ])
 def test_a_damaged_sweep_json_is_one_message(tmp_path, recipe, capsys, text, message):
     sweep_dir = tmp_path / "sw"
@@ -519,6 +532,8 @@ def test_a_damaged_sweep_json_is_one_message(tmp_path, recipe, capsys, text, mes
     assert main(args) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "start a new sweep with another --out" in err and "Traceback" not in err
+    assert (sweep_dir / "sweep.json").read_text() == text  # left as it was
+
 
 
 def test_a_study_of_another_space_is_refused_before_the_folder_is_made(tmp_path, recipe, capsys):

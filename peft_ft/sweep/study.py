@@ -21,6 +21,8 @@ import random
 import shutil
 import socket
 import sys
+import types
+import typing
 import warnings
 from pathlib import Path
 
@@ -32,7 +34,8 @@ from peft_ft.engine.run import run
 from peft_ft.engine.train import TrainHooks
 from peft_ft.errors import PeftFtError, RecipeError
 from peft_ft.log import setup_logging
-from peft_ft.methods import METHODS
+from peft_ft.methods import METHODS, check_on_skeleton, needs_skeleton
+from peft_ft.models.integrity import base_config
 from peft_ft.models.loading import check_model_config, resolve_model, settle_hub_mode
 from peft_ft.recipe.load import build_recipe, load_recipe, read_recipe_file
 from peft_ft.rundir.layout import CHECKPOINTS, read_metrics
@@ -83,7 +86,27 @@ class Plan:
             said = "; ".join(([f"unknown key(s) {', '.join(map(repr, unknown))}"] if unknown else []) +
                              ([f"missing key(s) {', '.join(map(repr, missing))}"] if missing else []))
             raise PeftFtError(f"{path}: damaged ({said}); {DAMAGED_HINT}")
+        hints = typing.get_type_hints(cls)
+        wrong = [f"{k}: expected {_type_name(hints[k])}, got {json.dumps(v)[:40]}" for k, v in data.items() if not _fits(v, hints[k])]
+        wrong += [f"{k}: expected 1 or more, got {data[k]}" for k in ("trials", "workers") if not wrong and data[k] < 1]
+        if wrong:
+            raise PeftFtError(f"{path}: damaged ({'; '.join(wrong)}); {DAMAGED_HINT}")
         return cls(**data)
+
+
+def _fits(value, hint) -> bool:
+    """`value` read from JSON is of the type `hint` (str, int, list[str], str | None)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    return isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+
+
+def _type_name(hint) -> str:
+    return {str: "a string", int: "a whole number", list[str]: "a list of strings", str | None: "a string or null"}.get(hint, str(hint))
 
 
 # sweep.json records what the sweep is; without it, a sweep cannot be resumed or reported
@@ -310,7 +333,7 @@ def check_values_fit_model(recipe, base: dict, space) -> None:
     """What `peft-ft validate` asks of the model's config.json and of this machine, for each choice and range end
     (an adapter.r above the model's width, a model.max_length past its positions, a device it lacks): otherwise it
     passes the space check and fails every trial that draws it, in a sweep that --resume cannot mend."""
-    locations, problems = {recipe.model.name: resolve_model(recipe)}, []
+    locations, problems, built = {recipe.model.name: resolve_model(recipe)}, [], set()
     for key, value, values in space.probes(base):
         try:
             trial = build_recipe(trial_raw(base, values), recipe.source)
@@ -320,8 +343,13 @@ def check_values_fit_model(recipe, base: dict, space) -> None:
             check_device(trial)
             if trial.model.name not in locations:
                 locations[trial.model.name] = resolve_model(trial)
-            check_model_config(locations[trial.model.name], trial, TASKS[trial.task.type].auto_class,
-                               METHODS[trial.adapter.method].config_check)
+            location, auto_class = locations[trial.model.name], TASKS[trial.task.type].auto_class
+            check_model_config(location, trial, auto_class, METHODS[trial.adapter.method].config_check)
+            # named target modules exist (validate's question of the weightless model), once per model, method and names
+            what = (location, trial.adapter.method, tuple(trial.adapter.target_modules or ()), auto_class)
+            if what not in built and needs_skeleton(trial, (base_config(location) or {}).get("model_type")):
+                built.add(what)
+                check_on_skeleton(location, trial, auto_class, {})
         except PeftFtError as e:  # check_model_config names the recipe on each line: the key is what matters here
             problems += [f"{key} = {value!r} does not fit the model or machine: {line.removeprefix(f'{recipe.source}: ')}"
                          for line in str(e).splitlines()]
