@@ -409,6 +409,12 @@ def test_a_device_only_some_trials_ask_for_is_refused_before_any_folder(tmp_path
      "sweep.enqueue[0]: train.lr = 0.0015 is not on its range's steps"),
     ("[sweep]\nenqueue = [{\"train.lr\" = 5e-3}, 3]\n[train]\nlr = [5e-3, 1e-2]\n", "sweep.enqueue[1]: expected a table"),
     ("[train]\nlr = [0, 0.0, 0.1]\n", "train.lr: the choices repeat a value"),
+    ("[train]\nlr = {low = 1e-4, high = 2e-4, step = 1e300}\n", "train.lr: step (1e+300) is larger than high - low (0.0001); only low"),
+    ("[train]\nepochs = {low = 1, high = 9223372036854775807}\n", "train.epochs.high: must be at most 10000"),
+    # a key both ways: one of the two won without a word
+    ('"train.lr" = [1e-3]\n[train]\nlr = [2e-3]\n', 'train.lr is given twice (as "train.lr" and in [train]); keep one'),
+    ('[sweep]\nenqueue = [{"train.lr" = 1e-3, train = {lr = 2e-3}}]\n[train]\nlr = [1e-3, 2e-3]\n',
+     "sweep.enqueue[0]: train.lr is given twice (dotted and in a table); keep one"),
 ])
 def test_space_errors_name_the_file_and_key(tmp_path, recipe, text, message, capsys):
     space = space_file(tmp_path, text)

@@ -204,8 +204,9 @@ class AdapterSection:
 
 @dataclass
 class TrainSection:
-    epochs: int = opt(3, "Passes over the training data.", min=1)
-    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = no cap); for quick runs.", min=0)
+    # The upper bounds catch a typo (or a sweep range's end) that would plan a run of billions of steps and hang.
+    epochs: int = opt(3, "Passes over the training data.", min=1, max=10_000)
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = no cap); for quick runs.", min=0, max=10**9)
     # at most 10: prompt tuning's large rates (0.3) fit; 3e4 typed for 3e-4 would diverge at the first steps
     lr: float = opt(0.0, "Peak learning rate; 0 = the method's default (`peft-ft explain adapter` lists them with the reason).",
                     min=0.0, max=10.0)

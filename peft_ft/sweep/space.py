@@ -185,7 +185,7 @@ def load_space(path: str | Path, recipe: Recipe, base: dict) -> Space:
     except tomllib.TOMLDecodeError as e:
         raise SpaceError(source, [f"not valid TOML: {e}"])
     problems: list[str] = []
-    raw = _nest_dotted_keys(raw)
+    raw = _nest_dotted_keys(raw, problems)
     sweep_raw = raw.pop("sweep", {})
     if not isinstance(sweep_raw, dict):
         problems.append(f"sweep: expected a [sweep] section, got {sweep_raw!r}")
@@ -204,18 +204,22 @@ def load_space(path: str | Path, recipe: Recipe, base: dict) -> Space:
     return Space(source, params, settings, enqueue)
 
 
-def _nest_dotted_keys(raw: dict) -> dict:
+def _nest_dotted_keys(raw: dict, problems: list[str]) -> dict:
     """A quoted dotted key at the top ("train.lr" = [...]) is the key train.lr, as the bare train.lr = [...] is
-    (TOML nests that one itself)."""
+    (TOML nests that one itself). The same key both ways is a problem: one of the two would win without a word."""
     nested: dict = {}
     for key, value in raw.items():
         section, dot, name = key.partition(".")
         if dot and section and name and isinstance(nested.get(section, {}), dict):
-            nested.setdefault(section, {})[name] = value
+            entries = {name: value}
         elif isinstance(value, dict) and isinstance(nested.get(key), dict):
-            nested[key] = {**nested[key], **value}
+            section, entries = key, value
         else:
             nested[key] = value
+            continue
+        table = nested.setdefault(section, {})
+        problems += [f"{section}.{k} is given twice (as \"{section}.{k}\" and in [{section}]); keep one" for k in entries if k in table]
+        table.update(entries)
     return nested
 
 
@@ -283,6 +287,8 @@ def _read_param(key: str, spec, tp, meta: dict, problems: list[str]) -> Param | 
         problems.append(f"{key}: a range is either log or stepped, not both; remove `log` or `step`")
     elif log and low <= 0:
         problems.append(f"{key}: a log range needs low above 0, got {low}")
+    elif step is not None and step > high - low:  # 0 steps fit: every trial would draw low
+        problems.append(f"{key}: step ({step:g}) is larger than high - low ({high - low:g}); only low would be drawn")
     elif step is not None and not math.isclose((high - low) / step, round((high - low) / step), abs_tol=1e-9):
         problems.append(f"{key}: high - low ({high - low:g}) must be a whole number of steps of {step}")
     else:
@@ -358,7 +364,9 @@ def _read_enqueue(items, by_key: dict[str, Param], problems: list[str]) -> list[
         if not isinstance(item, dict):
             problems.append(f'sweep.enqueue[{n}]: expected a table of swept keys, e.g. {{"train.lr" = 1e-3}}, got {item!r}')
             continue
-        flat = _flatten(item)
+        twice: list[str] = []
+        flat = _flatten(item, twice)
+        problems += [f"sweep.enqueue[{n}]: {key} is given twice (dotted and in a table); keep one" for key in twice]
         for key, value in flat.items():
             p = by_key.get(key)
             if p is None:
@@ -376,12 +384,11 @@ def _read_enqueue(items, by_key: dict[str, Param], problems: list[str]) -> list[
     return out
 
 
-def _flatten(item: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} and {"train.lr": 1} both become {"train.lr": 1}."""
+def _flatten(item: dict, twice: list[str], prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} and {"train.lr": 1} both become {"train.lr": 1}; a key given both ways goes to `twice`."""
     flat = {}
     for k, v in item.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
+        inner = _flatten(v, twice, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        twice += [key for key in inner if key in flat]
+        flat.update(inner)
     return flat
