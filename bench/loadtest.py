@@ -390,14 +390,14 @@ def compare_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def time_forwards(adapters: dict[str, str], repeats: int) -> list[str]:
+def time_forwards(adapters: dict[str, str], repeats: int, device: str = "cpu") -> list[str]:
     """In process, no HTTP: 16 rows spread over the first four adapters answered in one mixed forward
     (`AdapterSet.run_mixed`), in one forward per adapter (`run_inputs`, switching), and all 16 by the
     first adapter in one forward. Interleaved `repeats` times; median and best of each."""
     from peft_ft.serving.predict import AdapterSet
 
     names = list(adapters)[:4]
-    loaded = AdapterSet({n: adapters[n] for n in names}, device=args.device, batch_size=32)
+    loaded = AdapterSet({n: adapters[n] for n in names}, device=device, batch_size=32)
     texts = TEXTS[:4] * 4
     routes = [names[i % len(names)] for i in range(len(texts))]
     inputs = [loaded.inputs(n, [{"text": t, "text_pair": PAIR_TEXT}] if n in PAIRED else [{"text": t}])[0] for n, t in zip(routes, texts)]
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.forwards:
         if args.pair:
             PAIRED.update(adapters)
-        print("\n".join(time_forwards({n: d for n, d in adapters.items() if n != "ner"}, args.forwards)))
+        print("\n".join(time_forwards({n: d for n, d in adapters.items() if n != "ner"}, args.forwards, args.device)))
         return 0
     if not args.compare:
         result = run_phase(adapters, args, workdir)

@@ -265,7 +265,7 @@ def main(argv=None) -> None:
     notes = [
         f"{args.device}, {args.threads} thread(s); each cell in its own process: {args.warmup} warm-up + {args.steps} timed "
         f"steps of peft-ft's loop on synthetic rows of exactly seq-len tokens; memory: {what}, start = model built",
-        f"LoRA r 8, alpha 16, dropout 0, targets query/key/value/dense, head trained; full: every weight; AdamW",
+        "LoRA r 8, alpha 16, dropout 0, targets query/key/value/dense, head trained; full: every weight; AdamW",
         f"LoRA peak <= {GOAL}x full's in: " + ("; ".join(reached) if reached else "no cell of this run"),
     ] + (["SMOKE: tiny config, every cell in one process (peaks not separated): not a measurement"] if args.smoke else [])
     show_table("LoRA vs full fine-tuning as the work grows", columns, rows, notes, args.out)

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import recipe_text, reload_difference, write_jsonl, write_recipe
 from peft_ft.engine.run import run
-from peft_ft.errors import DataError, PeftFtError
+from peft_ft.errors import DataError
 from peft_ft.recipe.load import load_recipe
 from peft_ft.tasks import TASKS
 from peft_ft.tasks.classification import classification_metrics

@@ -282,7 +282,7 @@ def postgres():
 
 
 def test_two_workers_share_one_postgres_study(tmp_path, recipe, postgres):
-    trials = _two_workers(tmp_path, recipe, postgres)
+    _two_workers(tmp_path, recipe, postgres)
     assert not (tmp_path / "sw" / "study.db").exists()
     assert "sweeper@127.0.0.1" in json.loads((tmp_path / "sw" / "sweep.json").read_text())["storage"]
 
