@@ -431,6 +431,9 @@ def test_resume_refuses_finished_runs_of_another_data_folder(compared, tmp_path)
 def test_a_method_given_two_learning_rates_is_refused():
     with pytest.raises(RecipeError, match="'lora=2e-3': two values for lora \\(0.001 and 0.002\\)"):
         parse_lrs(["lora=1e-3", "lora=2e-3"], ["lora", "full"])
+    for value in ("nan", "inf", "-1", "fast"):  # nan and inf were taken, and refused later as the recipe's train.lr
+        with pytest.raises(RecipeError, match=f"--lr: 'lora={value}': expected METHOD=LEARNING_RATE with a positive number"):
+            parse_lrs([f"lora={value}"], ["lora"])
 
 
 def test_set_output_is_refused(tmp_path, tiny_bert, capsys):

@@ -17,6 +17,7 @@ import pytest
 
 from helpers import recipe_text, sentiment_rows, write_jsonl, write_recipe
 from peft_ft.cli import main
+from peft_ft.errors import PeftFtError
 from peft_ft.recipe.load import load_recipe
 from peft_ft.sweep.space import SpaceError
 from peft_ft.sweep.study import open_study, storage_url, sweep
@@ -299,6 +300,16 @@ def test_a_storage_that_cannot_be_opened_is_one_message(tmp_path, recipe, capsys
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and "secret" not in err and "cret" not in err
     assert not (tmp_path / "sw").exists()
+
+
+def test_a_damaged_study_db_is_named_as_the_file_not_as_storage_the_user_never_gave(tmp_path):
+    from peft_ft.sweep.study import open_storage
+
+    db = tmp_path / "study.db"
+    db.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(PeftFtError, match=rf"^{db}: cannot open this study database \(DatabaseError: .*\); it is damaged or "
+                                          r"no SQLite database: put back the file the sweep wrote, or start a new sweep"):
+        open_storage(f"sqlite:///{db}")
 
 
 @pytest.mark.parametrize("change, extra, message", [

@@ -57,7 +57,7 @@ def parse_lrs(items: list[str], methods: list[str]) -> dict[str, float]:
             lr = -1.0
         if name not in methods:
             problems.append(f"{item!r}: {name!r} is not among the compared methods ({', '.join(methods)})")
-        elif lr <= 0:
+        elif not lr > 0 or lr == float("inf"):  # nan and inf are floats too: named here, not as the recipe's train.lr
             problems.append(f"{item!r}: expected METHOD=LEARNING_RATE with a positive number, e.g. lora=1e-3")
         elif name in lrs:  # which one wins is no guess to leave to argument order
             problems.append(f"{item!r}: two values for {name} ({lrs[name]:g} and {lr:g}); give --lr {name}=... once")

@@ -202,9 +202,13 @@ def open_storage(url: str):
         return RDBStorage(url, heartbeat_interval=30, grace_period=120,
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
     except Exception as e:  # sqlalchemy: bad URL, server down, driver missing; all the user's to fix
-        raise PeftFtError(f"--storage {shown_url(url)}: cannot open the study storage ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0]}). Use an RDB URL such as postgresql+psycopg://user:pass@host/db "
-                          f"(pip install 'peft-ft[postgres]') or sqlite:///path/study.db") from None
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        file = sqlite_file(url)
+        if file and Path(file).is_file():  # the URL is right, the file is not (the sweep folder's own study.db, often)
+            raise PeftFtError(f"{file}: cannot open this study database ({why}); it is damaged or no SQLite database: "
+                              f"put back the file the sweep wrote, or start a new sweep with another --out") from None
+        raise PeftFtError(f"--storage {shown_url(url)}: cannot open the study storage ({why}). Use an RDB URL such as "
+                          f"postgresql+psycopg://user:pass@host/db (pip install 'peft-ft[postgres]') or sqlite:///path/study.db") from None
 
 
 # --- starting and resuming ----------------------------------------------------------------------
