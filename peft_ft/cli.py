@@ -219,7 +219,8 @@ def args_run(p) -> None:
 
 
 def args_explain(p) -> None:
-    p.add_argument("section", nargs="?", help="one section: model, task, data, adapter, train, eval, output")
+    p.add_argument("section", nargs="?", help="a section (model, task, data, adapter, train, eval, output), one key "
+                   "(train.lr), or a name from another tool (learning_rate)")
 
 
 def args_merge(p) -> None:
@@ -297,7 +298,7 @@ def args_sweep(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue the sweep in its folder: stopped trials run again, then new ones up to --trials")
     p.add_argument("--out", default=None, help="sweep folder (default: <output.dir>/sweep-<recipe name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value in every trial (repeatable)")
-    p.add_argument("--data-dir", default=None, help="data directory (overrides $PEFT_FT_DATA_DIR and data.dir)")
+    p.add_argument("--data-dir", default=None, help="data directory (overrides data.dir and $PEFT_FT_DATA_DIR)")
 
 
 def no_args(p) -> None:
@@ -331,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
         add_arguments(p)
+        # also after the command (`peft-ft run R --debug`); SUPPRESS: absent there, it leaves the top level's value
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
     return parser
 
 

@@ -238,6 +238,9 @@ def test_debug_shows_the_traceback(tmp_path, tiny_bert):
 
     with pytest.raises(DataError, match="data.train: file not found"):
         main(["--debug", "run", c.recipe(), "--set", "data.train=nope.jsonl"])
+    with pytest.raises(DataError, match="data.train: file not found"):  # after the command, where users put it
+        main(["run", c.recipe(), "--set", "data.train=nope.jsonl", "--debug"])
+    assert main(["run", c.recipe(), "--set", "data.train=nope.jsonl"]) == 2  # and off without it
 
 
 def test_error_exits_non_zero_from_the_console_script(tmp_path):
