@@ -354,3 +354,19 @@ def test_predict_combine_refusals_name_the_problem(two_adapters, tmp_path):
                                *extra, str(tmp_path / "in.txt")], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert message in done.stderr, (extra, done.stderr)
+
+
+def test_merge_and_combine_print_only_their_result(two_adapters, tmp_path):
+    """A merge imported DeepSpeed through transformers' save (it prints "Setting accelerator to CPU"), and a combine
+    passed users' names ("a") to peft, which warned that they lie inside its "lora_" prefix, and the base's path, which
+    peft warned had replaced the config's name."""
+    import subprocess
+    import sys
+
+    first, second = two_adapters
+    code = "import sys; from peft_ft.cli import main; code = main(sys.argv[1:]); print('deepspeed', 'deepspeed' in sys.modules); sys.exit(code)"
+    for args in (["merge", str(first), "--out", str(tmp_path / "merged")],
+                 ["merge", "--combine", f"a={first}:0.5,lora={second}:0.5", "--out", str(tmp_path / "combined")]):
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.splitlines()[-1] == "deepspeed False" and done.stderr == "", done.stderr[-2000:]

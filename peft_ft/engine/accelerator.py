@@ -16,14 +16,13 @@ import contextlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 from peft_ft.engine import distributed
 from peft_ft.engine.device import use_cuda
 from peft_ft.engine.precision import frozen_bf16
 from peft_ft.errors import PeftFtError
-from peft_ft.models.loading import url_answers
+from peft_ft.models.loading import deepspeed_unused, url_answers
 from peft_ft.recipe.schema import Recipe
 from peft_ft.rundir.layout import TRACKING
 from peft_ft.storage import write_json
@@ -356,21 +355,12 @@ def unwrapped(accelerator, model):
 
 @contextlib.contextmanager
 def deepspeed_left_out(accelerator):
-    """transformers' `save_pretrained` (a full fine-tuning's save) unwraps the model through accelerate's
-    `extract_model_from_parallel`, which imports DeepSpeed whenever it is installed, for its engine class, and
-    DeepSpeed prints "Setting accelerator to CPU" on import. A run that is not under DeepSpeed holds no such engine:
-    for the save, accelerate is told DeepSpeed is not there."""
-    import accelerate.utils.other as other
-
-    if accelerator.distributed_type.value == "DEEPSPEED" or "deepspeed" in sys.modules:
+    """`deepspeed_unused` around a save, unless the run is under DeepSpeed (its engine must be unwrapped then)."""
+    if accelerator.distributed_type.value == "DEEPSPEED":
         yield
         return
-    real = other.is_deepspeed_available
-    other.is_deepspeed_available = lambda: False
-    try:
+    with deepspeed_unused():
         yield
-    finally:
-        other.is_deepspeed_available = real
 
 
 def gathered_state_dict(accelerator, model) -> dict | None:

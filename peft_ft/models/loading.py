@@ -6,10 +6,12 @@ tokenizer, is the hub reachable) is checked first, so a bad `model.name` fails b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 
 from peft_ft.errors import PeftFtError
@@ -320,6 +322,25 @@ def float_modules(model) -> list[str]:
         return []
     heads = [n for n, m in model.named_children() if m is not backbone and any(True for _ in m.parameters())]
     return heads + [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] == "pooler" and n not in heads]
+
+
+@contextlib.contextmanager
+def deepspeed_unused():
+    """transformers' `save_pretrained` unwraps the model through accelerate's `extract_model_from_parallel`, which
+    imports DeepSpeed whenever it is installed, for its engine class, and DeepSpeed prints "Setting accelerator to
+    CPU" on import. A model that is not under DeepSpeed holds no such engine: for the save, accelerate is told
+    DeepSpeed is not there (a merge, an export, a run without DeepSpeed)."""
+    import accelerate.utils.other as other
+
+    if "deepspeed" in sys.modules:  # imported already: nothing to spare
+        yield
+        return
+    real = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = real
 
 
 def quiet_transformers():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from peft_ft.data.files import TaskData
 from peft_ft.errors import PeftFtError
-from peft_ft.models.loading import quiet_transformers
+from peft_ft.models.loading import deepspeed_unused, quiet_transformers
 from peft_ft.models.safety import check_no_pickle, model_load_kwargs
 from peft_ft.rundir import portable
 from peft_ft.rundir.card import usage_section
@@ -187,20 +187,26 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
         return cls.from_pretrained(base_location(first), dtype=torch.float32, **kwargs)
 
     # 1. the LoRA parts alone (peft refuses to combine adapters that carry heads), combined by peft
-    model, heads, weights, task_type = None, first["heads"], [w for _, _, w in parts], None
-    for name, run_dir, _ in parts:
+    # Inside peft the parts are part0, part1...: a user's name such as "a" or "lora" lies inside peft's parameter
+    # prefix "lora_", which peft warns may reinitialise the weights on loading.
+    model, heads, weights, task_type, names = None, first["heads"], [w for _, _, w in parts], None, []
+    for i, (_, run_dir, _) in enumerate(parts):
         config = LoraConfig.from_pretrained(str(run_dir))
-        # no task type either: peft's task wrappers would add the head to modules_to_save by themselves
-        task_type, config.task_type, config.modules_to_save = config.task_type, None, None
+        # no task type either: peft's task wrappers would add the head to modules_to_save by themselves; no base
+        # name: the base loads from this machine's path, and peft would warn that the config's name was replaced
+        task_type, config.task_type, config.modules_to_save, config.base_model_name_or_path = config.task_type, None, None, None
         lora_state, _ = _split_state(run_dir, heads)
+        names.append(f"part{i}")
         if model is None:
-            model = get_peft_model(base(), config, adapter_name=name)
+            model = get_peft_model(base(), config, adapter_name=names[-1])
         else:
-            model.add_adapter(name, config)
-        set_peft_model_state_dict(model, lora_state, adapter_name=name)
+            model.add_adapter(names[-1], config)
+        placed = set_peft_model_state_dict(model, lora_state, adapter_name=names[-1])
+        if placed.unexpected_keys:  # as for the combined adapter below: a weight left at its initial value
+            raise PeftFtError(f"--combine: internal error: weights of {run_dir} not placed: {', '.join(placed.unexpected_keys[:5])}")
     torch.manual_seed(0)  # DARE drops entries at random: the same command gives the same folder
     try:
-        model.add_weighted_adapter([n for n, _, _ in parts], weights, "combined", combination_type=how,
+        model.add_weighted_adapter(names, weights, "combined", combination_type=how,
                                    density=(density or DEFAULT_DENSITY) if how in PRUNING else None)
     except (ValueError, TypeError) as e:
         raise PeftFtError(f"--combine: peft cannot combine these adapters with --how {how}: {e}") from None
@@ -219,7 +225,8 @@ def combine_runs(parts: list[tuple[str, Path, float]], how: str, out: str | Path
     if result.unexpected_keys:  # a key peft did not place would silently leave that weight untrained
         raise PeftFtError(f"--combine: internal error: weights not placed: {', '.join(result.unexpected_keys[:5])}")
     with staged(out, "combining") as staging:
-        final.save_pretrained(staging)
+        with deepspeed_unused():
+            final.save_pretrained(staging)
         (staging / CARD).unlink(missing_ok=True)
         shutil.copyfile(parts[0][1] / RECIPE, staging / RECIPE)
         trainable = sum(p.numel() for n, p in final.named_parameters() if "lora_" in n or "modules_to_save" in n)

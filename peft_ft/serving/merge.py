@@ -17,6 +17,7 @@ from pathlib import Path
 from peft_ft.errors import PeftFtError
 from peft_ft.methods import METHODS
 from peft_ft.models.integrity import read_json_object
+from peft_ft.models.loading import deepspeed_unused
 from peft_ft.models.safety import check_no_pickle
 from peft_ft.rundir.card import merged_card
 from peft_ft.rundir.layout import CARD, INFO, LABELS, RECIPE, read_info, read_recipe
@@ -149,7 +150,7 @@ def merge_run(run_dir: str | Path, out: str | Path, allow_pickle: bool = False, 
     # merge_and_unload keeps the active adapter's head (modules_to_save) as a plain module
     merged = unwrap_heads(model.merge_and_unload())
     with staged(out, "merging") as staging:
-        with space_for(out.parent, tensor_bytes(merged.parameters()), "the merged model"):
+        with space_for(out.parent, tensor_bytes(merged.parameters()), "the merged model"), deepspeed_unused():
             merged.save_pretrained(staging)
             save_tokenizer(tokenizer, staging, run_dir)
         shutil.copyfile(run_dir / RECIPE, staging / RECIPE)
