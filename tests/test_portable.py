@@ -441,7 +441,7 @@ def test_prefix_tuning_cards_on_encoders_say_stock_tools_cannot_run_them(tmp_pat
 
     run_dir = train_sentiment(tmp_path, tiny_bert, "prefix", method="prefix_tuning")
     card = (run_dir / "README.md").read_text()
-    assert "does not run with stock transformers 5.24 and peft 0.21" in card
+    assert "does not run with stock transformers 5.24 and 5.25 and peft 0.21" in card
     assert "`peft_ft.pipeline(DIR)`" in card and "`peft-ft predict DIR`" in card
     assert {a["label"] for a in pipeline(run_dir)(TEXTS)} <= {"neg", "pos"}  # where the card points: it answers
     [code] = snippets(card)

@@ -169,10 +169,10 @@ def _prompt_learning_notes(info: dict) -> list[str]:
     if info["method"] == "prefix_tuning" and info["task"] == "seq2seq":
         return ["Prompt-learning adapters prepend virtual tokens that stock pipelines do not strip: "
                 "load the model as below and use `peft_ft.pipeline(DIR)` for answers.", "",
-                "Stock `generate` on this model drops the prefix with transformers 5.24 and peft 0.21 "
+                "Stock `generate` on this model drops the prefix with transformers 5.24 and 5.25 and peft 0.21 "
                 "(it answers as the base model); `peft_ft.pipeline(DIR)` hands the prefix over."]
     if info["method"] == "prefix_tuning":
-        return ["**This prefix-tuning adapter does not run with stock transformers 5.24 and peft 0.21.** The snippet "
+        return ["**This prefix-tuning adapter does not run with stock transformers 5.24 and 5.25 and peft 0.21.** The snippet "
                 "below loads it, but calling the model raises `ValueError: Model does not support past key values "
                 "which are required for prefix tuning` (peft checks for an argument transformers renamed). Answer "
                 "with peft-ft instead: `peft_ft.pipeline(DIR)` in Python, or `peft-ft predict DIR` on the command line."]
