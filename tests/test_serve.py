@@ -126,8 +126,13 @@ def test_docs_openapi_head_and_options(server):
         assert response.status == 200 and b"swagger" in response.read().lower()
     with urllib.request.urlopen(urllib.request.Request(f"{server}/health", method="HEAD"), timeout=10) as response:
         assert response.status == 200 and response.read() == b""
-    answer = raw(server, b"OPTIONS /predict/pos HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 204") and b"allow: get, head, post, delete, options" in answer.lower()
+    # each path's own methods (it was one list for every path)
+    for path, allow in (("/predict/pos", b"post, options"), ("/health", b"get, head, options"),
+                        ("/adapters", b"get, head, post, options"), ("/adapters/pos", b"delete, options")):
+        answer = raw(server, b"OPTIONS " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 204") and b"allow: " + allow + b"\r\n" in answer.lower(), (path, answer)
+    answer = raw(server, b"OPTIONS /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 404") and b"no route /nowhere" in answer
 
 
 def test_without_the_right_key_401_and_nothing_computed(server):

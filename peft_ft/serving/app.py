@@ -5,7 +5,7 @@ read: the Host check (without an API key only this machine's names are answered,
 page cannot reach the server through DNS rebinding), the keys (401, compared in constant time), the
 body's size (411 without a Content-Length, 413 over --max-body-bytes; a negative or non-numeric
 Content-Length never gets this far: the HTTP parser answers 400) and its read timeout (408), and
-OPTIONS (204 with the allowed methods). Everything else is FastAPI's: request bodies are checked
+OPTIONS (204 with the methods of that path, 404 for no route). Everything else is FastAPI's: request bodies are checked
 against `schemas` (422 naming the field), and the same models make `/openapi.json` and `/docs`.
 Every error is JSON `{"error": "..."}`.
 """
@@ -154,13 +154,26 @@ class Guard:
         except (_Slow, _TooLarge):
             pass
 
+    def _allowed(self, path: str) -> list[str]:
+        """The methods the routes matching `path` take (HEAD with GET, as __call__ answers it), in a fixed order."""
+        methods = set()
+        for route in getattr(self.app, "routes", []):
+            if getattr(route, "methods", None) and route.path_regex.match(path):
+                methods |= route.methods
+        if "GET" in methods:
+            methods.add("HEAD")
+        return [m for m in ("GET", "HEAD", "POST", "DELETE") if m in methods]
+
     def _refusal(self, scope, headers: dict) -> tuple | None:
         method, path = scope["method"], scope["path"]
         # Without an API key the predict routes are open: only to pages and programs addressing this machine.
         if self.api_key is None and _host_name(headers.get("host", b"")) not in self.hosts:
             return 403, "this server answers only requests addressed to this machine (Host: localhost or 127.0.0.1); set an API key to serve other names"
         if method == "OPTIONS":
-            return 204, None, {"allow": "GET, HEAD, POST, DELETE, OPTIONS"}
+            allowed = self._allowed(path)
+            if not allowed:
+                return 404, f"no route {path}: see /openapi.json for the routes"
+            return 204, None, {"allow": ", ".join([*allowed, "OPTIONS"])}
         given = headers.get("authorization", b"")
         admin = self.admin_key is not None and hmac.compare_digest(given, self.admin_key)
         if path.rstrip("/") == "/adapters" and method == "POST" or path.startswith("/adapters/") and method == "DELETE":
