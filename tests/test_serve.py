@@ -122,8 +122,17 @@ def test_docs_openapi_head_and_options(server):
     assert {"PredictRequest", "QuestionRow", "PairRow", "TokensRow", "LabelAnswer", "EntitiesAnswer", "SpanAnswer", "GeneratedAnswer"} <= set(schemas)
     examples = spec["paths"]["/predict/{adapter}"]["post"]["requestBody"]["content"]["application/json"]["examples"]
     assert {"classification", "qa", "ner_tokens", "pair", "seq2seq"} <= set(examples)
-    with urllib.request.urlopen(f"{server}/docs", timeout=10) as response:
-        assert response.status == 200 and b"swagger" in response.read().lower()
+    # /docs and /redoc load their scripts from this server, never a CDN (they rendered blank offline), without a key
+    for page, assets in (("/docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("/redoc", ("redoc.standalone.js",))):
+        with urllib.request.urlopen(f"{server}{page}", timeout=10) as response:
+            html = response.read().decode()
+        assert response.status == 200 and "http" not in html.replace("http-equiv", ""), html
+        for asset in assets:
+            assert f"/docs-assets/{asset}" in html
+            with urllib.request.urlopen(f"{server}/docs-assets/{asset}", timeout=10) as response:
+                assert response.status == 200 and len(response.read()) > 100_000
+    with urllib.request.urlopen(f"{server}/docs-assets/swagger-ui-bundle.js", timeout=10) as response:
+        assert b"3.1" in response.read()  # Swagger UI 5: FastAPI's schema is OpenAPI 3.1, which Swagger UI 4 cannot show
     with urllib.request.urlopen(urllib.request.Request(f"{server}/health", method="HEAD"), timeout=10) as response:
         assert response.status == 200 and response.read() == b""
     # each path's own methods (it was one list for every path)

@@ -25,6 +25,7 @@ from fastapi import Body, FastAPI, Path, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -38,6 +39,13 @@ log = logging.getLogger("peft_ft")
 LATENCY_WINDOW = 10_000  # latencies kept per adapter for p50/p99: memory stays flat under load
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 OPEN_PATHS = {"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}  # answered without a key
+# The scripts and styles of /docs and /redoc, served from the fastapi-offline package: FastAPI's own pages fetch them
+# from cdn.jsdelivr.net, and rendered blank wherever the browser has no internet.
+DOCS_ASSETS = "/docs-assets"
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(DOCS_ASSETS + "/")
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
@@ -112,7 +120,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.metrics is not None and scope["path"] not in UNCOUNTED:
+        if self.metrics is not None and scope["path"] not in UNCOUNTED and not _open(scope["path"]):
             send = _counted(send, self.metrics)
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
         refusal = self._refusal(scope, headers)
@@ -181,7 +189,7 @@ class Guard:
                 return 403, "runtime loading is off: start the server with --admin-key (or $PEFT_FT_ADMIN_KEY) and --adapter-dir"
             if not admin:
                 return 401, "missing or wrong admin key: send the header 'Authorization: Bearer ADMIN_KEY'", {"www-authenticate": "Bearer"}
-        elif path not in OPEN_PATHS and self.api_key is not None and not admin and not hmac.compare_digest(given, self.api_key):
+        elif not _open(path) and self.api_key is not None and not admin and not hmac.compare_digest(given, self.api_key):
             return 401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'", {"www-authenticate": "Bearer"}
         if method in ("POST", "PUT", "PATCH"):
             if b"chunked" in headers.get("transfer-encoding", b"").lower() or "content-length" not in headers:
@@ -314,7 +322,7 @@ def create_app(library, scheduler, metrics: Metrics, *, max_texts: int, max_toke
     """The FastAPI application: routes only; wrap it in `Guard` before serving."""
     # redirect_slashes off: `/predict/ner/` got an empty 307 to the path without the slash (a client that does not
     # follow it for a POST saw no answer); now the 404 below names the routes.
-    app = FastAPI(title="peft-ft serve", version="2", redirect_slashes=False, description=(
+    app = FastAPIOffline(static_url=DOCS_ASSETS, title="peft-ft serve", version="2", redirect_slashes=False, description=(
         "Trained peft-ft adapters over HTTP. `POST /predict/{adapter}` with `{\"text\": ...}`, `{\"texts\": [...]}` or "
         "`{\"inputs\": [{...}]}` (the fields of the adapter's task family: see the examples). Send `Authorization: Bearer KEY` "
         "when the server has a key. Errors are `{\"error\": \"...\"}`."))
