@@ -238,14 +238,15 @@ def test_validate_prints_what_the_reader_dropped(tmp_path, tiny_bert):
 
 
 def test_a_lone_surrogate_in_training_text_names_its_row(tmp_path):
-    # JSON can spell half a UTF-16 pair; the tokenizer raised a TypeError on it in the middle of `run`
+    # JSON can spell half a UTF-16 pair; the tokenizer raised a TypeError on it in the middle of `run`.
+    # The JSON reader refuses it now, naming the line and field, before any row reader sees it.
     rows = [{"text": t, "label": ["neg", "pos"][i % 2]} for i, t in enumerate(TEXTS)]
     rows[2]["text"] = "caf\ud800"
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(DataError, match=r"train.jsonl: row 3: column 'text': character 3 is a lone UTF-16 surrogate"):
+    with pytest.raises(DataError, match=r"train.jsonl: line 3: field 'text': character 3 is a lone UTF-16 surrogate"):
         classify(tmp_path, "train.jsonl")
     (tmp_path / "n.jsonl").write_text(json.dumps({"tokens": ["EU", "\udfff"], "tags": ["B-ORG", "O"]}) + "\n")
-    with pytest.raises(DataError, match=r"n.jsonl: line 1: token 2: character 0 is a lone UTF-16 surrogate"):
+    with pytest.raises(DataError, match=r"n.jsonl: line 1: field 'tokens\[1\]': character 0 is a lone UTF-16 surrogate"):
         conll.read_jsonl(tmp_path / "n.jsonl")
     path = squad_file(tmp_path / "s.json", [{"id": "q1", "question": "Capital\ud800?", "answers": [{"text": "Paris", "answer_start": 25}]}])
     with pytest.raises(DataError, match=r"question q1: question: character 7 is a lone UTF-16 surrogate"):
