@@ -8,13 +8,20 @@ import math
 import os
 import sys
 
-from peft_ft.engine.distributed import is_main, world
+from peft_ft.engine.distributed import finish, is_main, world
 from peft_ft.errors import PeftFtError, Terminated
 from peft_ft.storage import machine_problem
 from peft_ft.version import __version__
 
 
 def cmd_run(args) -> int:
+    try:
+        return _run_or_resume(args)
+    finally:
+        finish()
+
+
+def _run_or_resume(args) -> int:
     from peft_ft.engine.run import resume, run
     from peft_ft.engine.train import sigterm_as_interrupt
     from peft_ft.recipe.load import load_recipe
