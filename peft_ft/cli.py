@@ -9,16 +9,19 @@ import os
 import sys
 
 from peft_ft.engine.distributed import finish, is_main, world
-from peft_ft.errors import PeftFtError, Terminated
+from peft_ft.errors import PeerLost, PeftFtError, Terminated
 from peft_ft.storage import machine_problem
 from peft_ft.version import __version__
 
 
 def cmd_run(args) -> int:
+    ended = False
     try:
-        return _run_or_resume(args)
+        code = _run_or_resume(args)
+        ended = True
+        return code
     finally:
-        finish()
+        finish(together=ended)
 
 
 def _run_or_resume(args) -> int:
@@ -368,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PeerLost as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130  # 128 + the signal's number, as the shell reports it

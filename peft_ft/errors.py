@@ -29,3 +29,9 @@ class Terminated(KeyboardInterrupt):
     the run ends through its handlers (logged, its tracker runs marked KILLED, a folder with nothing in it removed)
     instead of vanishing; the CLI then exits 143, as a process ended by SIGTERM does. In the training loop itself
     SIGTERM asks for a checkpoint first (peft_ft.engine.train)."""
+
+
+class PeerLost(KeyboardInterrupt):
+    """Another process of a data-parallel run is gone (a signal that reached it first, a kill, a crash) and this
+    one's collective failed for it: the run unwinds as an interrupted one does (logged with its `--resume` line,
+    its tracker runs marked KILLED) rather than with gloo's or NCCL's traceback. The CLI exits 1."""

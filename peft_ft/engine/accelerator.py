@@ -133,12 +133,38 @@ def fit_fsdp_wrapping(accelerator, model) -> None:
         log.info("FSDP2 shards these blocks one by one: %s", ", ".join(plugin.transformer_cls_names_to_wrap) or "none")
 
 
+@contextlib.contextmanager
+def zero3_init_as_configured(accelerator):
+    """Load the model whole unless the launcher's config sets `zero3_init_flag: true`.
+
+    accelerate (1.16) hands transformers its DeepSpeed config whatever that flag says, and transformers then loads
+    every ZeRO-3 model partitioned (`deepspeed.zero.Init`). On a GPU that happens on the device, where a fresh task
+    head is drawn from the CUDA generator rather than the CPU's: the same seed gave another head than a plain run
+    (an H200, dropout off: step-1 loss 2.195 against 2.257, test F1 after 200 steps 0.775 against 0.788). Loaded
+    whole, the model starts from the weights every other mode starts from, and DeepSpeed partitions it in
+    `accelerator.prepare`. Models too large to load whole in each process set the flag to true."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if accelerator.distributed_type.value != "DEEPSPEED" or plugin is None or plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # as accelerate left it, for what reads it later
+
+
 def fit_deepspeed_dtypes(accelerator, model) -> None:
     """Under DeepSpeed with bf16/fp16, the model's own weights in that 16-bit type before `accelerator.prepare`.
 
-    DeepSpeed keeps float32 master copies in its optimizer and wants the module's weights 16-bit. Under ZeRO-3 the
-    base is loaded partitioned and already 16-bit, while peft makes the adapter's weights (and the head's copy)
-    float32 afterwards; ZeRO-3 then refuses the mixed dtypes (`defragment`: "assert len(set(t.dtype ...)) == 1",
+    DeepSpeed keeps float32 master copies in its optimizer and wants the module's weights 16-bit. Under ZeRO-3 with
+    `zero3_init_flag: true` the base is loaded partitioned and already 16-bit, while peft makes the adapter's weights
+    (and the head's copy) float32 afterwards; ZeRO-3 then refuses the mixed dtypes (`defragment`: "assert len(set(t.dtype ...)) == 1",
     deepspeedai/DeepSpeed#8072). Saved weights are float32 again (`gathered_state_dict`)."""
     import torch
 

@@ -19,11 +19,12 @@ from pathlib import Path
 from peft_ft.data.files import TaskData, resolve_data_dir
 from peft_ft.engine import checkpoint, distributed
 from peft_ft.engine.accelerator import (check_tracking, deepspeed_left_out, finish_tracking, gathered_state_dict, is_sharded,
-                                        make_accelerator, start_tracking, unwrapped)
+                                        make_accelerator, start_tracking, unwrapped,
+                                        zero3_init_as_configured)
 from peft_ft.engine.device import check_device, setup_torch
 from peft_ft.engine.precision import FrozenBf16, frozen_bf16, native_bf16_cpu
 from peft_ft.engine.train import Checkpointed, TrainHooks, steps_per_epoch, track, train
-from peft_ft.errors import PeftFtError
+from peft_ft.errors import PeerLost, PeftFtError
 from peft_ft.kernels import install
 from peft_ft.log import setup_logging
 from peft_ft.methods import METHODS, check_on_skeleton, needs_skeleton
@@ -322,6 +323,16 @@ def _train_evaluate_save(recipe: Recipe, task: Task, method, location: str, data
         if not isinstance(e, Checkpointed) and distributed.is_main():  # stopped at once: say where it can go on from
             log.warning("interrupted: %s", _resume_hint(run_dir))
         raise
+    except RuntimeError as e:
+        if not distributed.lost_peer(e):
+            raise
+        # A signal (or a kill, a crash) stopped another process first, while this one waited for it in a collective.
+        status, hint = "KILLED", "see the main process's log"  # only the main process has the run folder
+        if distributed.is_main():
+            hint = _resume_hint(run_dir)
+            log.warning("another process of this run stopped: %s", str(e).strip().splitlines()[0][:300])
+            log.warning("interrupted: %s", hint)
+        raise PeerLost(f"another process of this run stopped; {hint}") from e
     finally:
         finish_tracking(accelerator, status)
 
@@ -352,7 +363,8 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
     setup_torch(recipe)
     device = accelerator.device
     # DDP copies the main process's weights to the others when it wraps the model (peft_ft.engine.train).
-    model, tokenizer, heads = build_model(recipe, task, method, location, data, device)
+    with zero3_init_as_configured(accelerator):
+        model, tokenizer, heads = build_model(recipe, task, method, location, data, device)
     task.prepare_training(model, recipe, data)
     if distributed.world().size > 1:
         log.info("data-parallel over %d processes: each trains on its share of every batch of %d",
@@ -413,10 +425,12 @@ def _train_evaluate_save_tracked(recipe: Recipe, task: Task, method, location: s
     if not distributed.is_main():
         return
 
-    saved_model = unwrapped(accelerator, model)
-    expected = method.expected_save_warnings(saved_model) if method.expected_save_warnings else {}
-    with deepspeed_left_out(accelerator), expected_warnings(expected):
-        weight_files = save_model(saved_model, tokenizer, method.is_adapter, run_dir, recipe.model.max_length, state_dict)
+    with deepspeed_left_out(accelerator):  # unwrapping a DDP model imported DeepSpeed for seconds, the others waiting
+        saved_model = unwrapped(accelerator, model)
+        expected = method.expected_save_warnings(saved_model) if method.expected_save_warnings else {}
+        with expected_warnings(expected):
+            weight_files = save_model(saved_model, tokenizer, method.is_adapter, run_dir, recipe.model.max_length,
+                                      state_dict)
     info = {
         "peft_ft_version": __version__,
         "run_name": recipe.output.name or Path(recipe.source).stem,
@@ -466,7 +480,7 @@ def _register_embedded() -> None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    # DeepSpeed ZeRO-3 loads the base partitioned: each parameter's own size is in ds_numel, numel() is 0.
+    # A base DeepSpeed ZeRO-3 loaded partitioned (zero3_init_flag): each parameter's size is in ds_numel, numel() 0.
     sizes = [(p.requires_grad, getattr(p, "ds_numel", p.numel())) for p in model.parameters()]
     return sum(n for trains, n in sizes if trains), sum(n for _, n in sizes)
 
