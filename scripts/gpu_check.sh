@@ -12,7 +12,7 @@
 # Usage: scripts/gpu_check.sh [OUT_DIR]
 #   env: PYTHON (default .venv/bin/python), PEFT_FT_DATA_DIR, STEPS (300), ONLY (names of the rows to run, e.g.
 #        "int8-base"), LIMIT (seconds per step, 300), DEVICE=cpu with STEPS=2 for a dry run of this script itself.
-# Status: run once on one H200 (2026-11-30); its numbers are in bench/RESULTS.md ("GPU check").
+# Status: run on one H200 on 2026-11-30 and 2026-12-04 (every row but ddp: one GPU); bench/RESULTS.md, "GPU check".
 set -uo pipefail
 
 usage() {
