@@ -533,24 +533,27 @@ def test_a_link_loop_in_a_runtime_folder_is_the_requests_problem(tmp_path):
         assert refused.value.status == 422
 
 
+class LoadedSet:
+    """What the Library asks of an AdapterSet: names, add and remove, with no model behind them."""
+
+    def __init__(self, adapters: dict):
+        self.adapters = dict(adapters)
+
+    names = property(lambda self: list(self.adapters))
+
+    def add(self, name, run_dir):
+        self.adapters[name] = run_dir
+
+    def remove(self, name):
+        del self.adapters[name]
+
+
 def test_max_adapters_holds_again_once_the_busy_adapter_is_done(tmp_path):
     """A load while every other resident adapter was busy went over --max-adapters, and it stayed over for good:
     only a load evicted, and never a busy adapter."""
     from peft_ft.serving.library import Library
 
-    class Loaded:  # what the Library asks of an AdapterSet
-        def __init__(self):
-            self.adapters = {"a": tmp_path}
-
-        names = property(lambda self: list(self.adapters))
-
-        def add(self, name, run_dir):
-            self.adapters[name] = run_dir
-
-        def remove(self, name):
-            del self.adapters[name]
-
-    loaded = Loaded()
+    loaded = LoadedSet({"a": tmp_path})
     library = Library(loaded, {"a": str(tmp_path), "b": str(tmp_path)}, max_adapters=1)
     library.use("a")  # a long request on a
     library.use("b")  # b loads while a is busy: two resident
@@ -592,19 +595,7 @@ def test_a_delete_unloads_only_once_the_last_request_using_it_is_done(tmp_path):
     (500, TypeError). The name is forgotten at once; the unload waits for the requests already using it."""
     from peft_ft.serving.library import Library, LibraryError
 
-    class Loaded:  # what the Library asks of an AdapterSet
-        def __init__(self):
-            self.adapters = {"x": tmp_path}
-
-        names = property(lambda self: list(self.adapters))
-
-        def add(self, name, run_dir):
-            self.adapters[name] = run_dir
-
-        def remove(self, name):
-            del self.adapters[name]
-
-    loaded = Loaded()
+    loaded = LoadedSet({"x": tmp_path})
     (tmp_path / "run").mkdir()
     library = Library(loaded, {"x": str(tmp_path)}, adapter_dir=str(tmp_path))
     library.use("x")  # a request is using x
