@@ -147,12 +147,9 @@ def zero3_init_as_configured(accelerator):
     if accelerator.distributed_type.value != "DEEPSPEED" or plugin is None or plugin.zero3_init_flag:
         yield
         return
-    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+    from transformers.integrations import unset_hf_deepspeed_config
 
-    if not is_deepspeed_zero3_enabled():
-        yield
-        return
-    unset_hf_deepspeed_config()
+    unset_hf_deepspeed_config()  # ZeRO-1/2 configs too: accelerate forces their flag false, and they load whole anyway
     try:
         yield
     finally:
@@ -164,8 +161,8 @@ def fit_deepspeed_dtypes(accelerator, model) -> None:
 
     DeepSpeed keeps float32 master copies in its optimizer and wants the module's weights 16-bit. Under ZeRO-3 with
     `zero3_init_flag: true` the base is loaded partitioned and already 16-bit, while peft makes the adapter's weights
-    (and the head's copy) float32 afterwards; ZeRO-3 then refuses the mixed dtypes (`defragment`: "assert len(set(t.dtype ...)) == 1",
-    deepspeedai/DeepSpeed#8072). Saved weights are float32 again (`gathered_state_dict`)."""
+    (and the head's copy) float32 afterwards; ZeRO-3 then refuses the mixed dtypes (`defragment`:
+    "assert len(set(t.dtype ...)) == 1", deepspeedai/DeepSpeed#8072). Saved weights are float32 again (`gathered_state_dict`)."""
     import torch
 
     if accelerator.distributed_type.value != "DEEPSPEED" or accelerator.mixed_precision not in ("bf16", "fp16"):
